@@ -1,0 +1,37 @@
+//! Tandem's shared library: everything both daemons need to agree on.
+//!
+//! - [`lsn`]: `LogPosition`, the one way positions are expressed.
+//! - [`logfile`]: BDB's log file format and the record walker.
+//! - [`envlayout`]: which files make up an environment and where they live.
+//! - [`pages`]: reading database pages without shipping a torn one.
+//! - [`wirepath`]: accepting file names from the network safely.
+//! - [`durable`]: fsync discipline and checksummed control files.
+//! - [`tls`]: mutual TLS for both ends, and certificate generation.
+//! - [`bdb`]: the Berkeley DB command-line tools Tandem runs.
+//! - [`wire`]: the generated gRPC protocol.
+
+pub mod bdb;
+pub mod durable;
+pub mod envlayout;
+pub mod logfile;
+pub mod lsn;
+pub mod pages;
+pub mod telemetry;
+pub mod tls;
+pub mod wirepath;
+
+pub use lsn::LogPosition;
+pub use tandem_proto as wire;
+
+/// Largest gRPC message either side accepts. Chunks are at most
+/// [`MAX_CHUNK`] bytes, so this leaves room for the envelope only.
+pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK + 64 * 1024;
+/// Largest payload of one file or log chunk.
+pub const MAX_CHUNK: usize = 1 << 20;
+
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
