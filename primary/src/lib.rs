@@ -1,1 +1,14 @@
+//! `tandem-primary`: runs beside the production environment and streams its
+//! database files and its log, as it grows, to standbys.
+//!
+//! - [`identity`]: the environment identity and epoch, and the lock that
+//!   keeps a second primary off the same environment.
+//! - [`log_watch`]: follows the end of the verified log.
+//! - [`session`]: one standby's stream: base copy, log shipping, acks.
+//! - [`server`]: the gRPC service and the listener.
 
+pub mod identity;
+pub mod log_watch;
+pub mod metrics;
+pub mod server;
+pub mod session;

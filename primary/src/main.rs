@@ -1,1 +1,217 @@
-fn main() {}
+//! `tandem-primary`: parses flags and config, then hands over to the library.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tandem_primary::server::{serve, PrimaryConfig};
+use tandem_shared::telemetry::{self, LogFormat};
+use tandem_shared::tls::TlsFiles;
+
+#[derive(Parser)]
+#[command(name = "tandem-primary", version, about = "Stream a live Berkeley DB environment to Tandem standbys over mutual TLS.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the environment to standbys until SIGTERM or Ctrl-C.
+    ///
+    /// Ships every database file (read in whole pages, each read twice until
+    /// stable) and every log record from the base boundary on, then follows
+    /// the log as BDB writes it. Changes nothing in the environment: it only
+    /// reads, and runs `db_archive` to find the base boundary.
+    Run(RunArgs),
+    /// Write a CA and certificates for a primary/standby pair.
+    ///
+    /// Writes ca.pem, primary.pem, primary-key.pem, standby.pem and
+    /// standby-key.pem into --out. Both certificates name every --name, so
+    /// use the host name (or IP address) standbys will dial.
+    Certs {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names or IP addresses for the certificates (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+    },
+    /// Show the primary's end of log and its standbys, from a running primary.
+    Status(StatusArgs),
+}
+
+/// Every `run` option; each can also come from the TOML file given with
+/// --config (same names, e.g. `listen = "0.0.0.0:7400"`). Flags win.
+#[derive(Args, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RunArgs {
+    /// TOML file with any of these options.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// The Berkeley DB environment home to serve.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    env: Option<PathBuf>,
+    /// Address to listen on for standbys, e.g. 0.0.0.0:7400 (port 0 picks a free port).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    /// This primary's certificate (PEM).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert: Option<PathBuf>,
+    /// This primary's private key (PEM).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<PathBuf>,
+    /// CA that standby certificates must chain to (PEM).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<PathBuf>,
+    /// Where the primary keeps its identity and lock [default: ENV/.tandem-primary].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_dir: Option<PathBuf>,
+    /// How often to look for new log records, in milliseconds [default: 2].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    poll_interval_ms: Option<u64>,
+    /// How often to tell standbys the primary's end of log, in milliseconds [default: 500].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_interval_ms: Option<u64>,
+    /// How often to look for newly created database files, in milliseconds [default: 2000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rescan_interval_ms: Option<u64>,
+    /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9400.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format: human or json [default: human].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+    /// Testing only: corrupt the digest of the Nth chunk sent.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    fault_corrupt_chunk: Option<u64>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The primary to ask, e.g. https://primary.example:7400.
+    #[arg(long)]
+    primary: String,
+    /// Client certificate (PEM), e.g. the standby's.
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    ca: PathBuf,
+    /// Name in the primary's certificate [default: the host of --primary].
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tandem-primary: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem-primary: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Run(args) => run(args).await,
+        Command::Certs { out, names } => {
+            tandem_shared::tls::generate(&out, &names)?;
+            println!("wrote {} into {}", tandem_shared::tls::GENERATED.join(", "), out.display());
+            Ok(())
+        }
+        Command::Status(args) => status(args).await,
+    }
+}
+
+async fn run(flags: RunArgs) -> Result<()> {
+    let fault = flags.fault_corrupt_chunk;
+    let a: RunArgs = tandem_shared::config::merge_with_file(&flags, flags.config.as_deref())?;
+    telemetry::init(a.log_format.unwrap_or_default());
+    let need = |v: Option<PathBuf>, name: &str| v.with_context(|| format!("--{name} is required (or `{name}` in the config file)"));
+    let env = need(a.env, "env")?;
+    let cfg = PrimaryConfig {
+        state_dir: a.state_dir.unwrap_or_else(|| env.join(".tandem-primary")),
+        listen: a.listen.context("--listen is required (or `listen` in the config file)")?,
+        tls: TlsFiles { cert: need(a.cert, "cert")?, key: need(a.key, "key")?, ca: need(a.ca, "ca")? },
+        poll_interval: Duration::from_millis(a.poll_interval_ms.unwrap_or(2).max(1)),
+        heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms.unwrap_or(500).max(10)),
+        rescan_interval: Duration::from_millis(a.rescan_interval_ms.unwrap_or(2000).max(10)),
+        metrics_listen: a.metrics_listen,
+        corrupt_chunk: fault,
+        env,
+    };
+    serve(cfg, tandem_shared::shutdown_signal(), |_| {}).await
+}
+
+async fn status(a: StatusArgs) -> Result<()> {
+    let tls = TlsFiles { cert: a.cert, key: a.key, ca: a.ca };
+    let mut client = tandem_shared::client::connect(&a.primary, a.server_name.as_deref(), &tls, Duration::from_secs(5)).await?;
+    let s = client.status(tandem_shared::wire::StatusRequest {}).await.context("asking for status")?.into_inner();
+    if a.json {
+        let standbys: Vec<_> = s
+            .standbys
+            .iter()
+            .map(|b| {
+                let acked = b.acked.unwrap_or_default();
+                serde_json::json!({
+                    "name": b.name, "peer": b.peer, "connected": b.connected,
+                    "acked_lsn": {"file": acked.file, "offset": acked.offset},
+                    "lag_bytes": b.lag_bytes, "last_contact_unix_ms": b.last_contact_unix_ms, "base_id": b.base_id,
+                })
+            })
+            .collect();
+        let end = s.end.unwrap_or_default();
+        let v = serde_json::json!({
+            "role": "primary", "env_id": s.env_id, "epoch": s.epoch,
+            "end_lsn": {"file": end.file, "offset": end.offset}, "standbys": standbys,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let end: tandem_shared::LogPosition = s.end.unwrap_or_default().into();
+    println!("role:        primary\nenvironment: {}\nepoch:       {}\nend of log:  {end}", s.env_id, s.epoch);
+    if s.standbys.is_empty() {
+        println!("standbys:    none has connected");
+    }
+    for b in &s.standbys {
+        let acked: tandem_shared::LogPosition = b.acked.unwrap_or_default().into();
+        println!(
+            "standby {}: {} from {}, durable at {acked}, lag {} bytes",
+            b.name,
+            if b.connected { "connected" } else { "disconnected" },
+            b.peer,
+            b.lag_bytes
+        );
+    }
+    Ok(())
+}

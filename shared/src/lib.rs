@@ -11,9 +11,12 @@
 //! - [`wire`]: the generated gRPC protocol.
 
 pub mod bdb;
+pub mod client;
+pub mod config;
 pub mod durable;
 pub mod envlayout;
 pub mod logfile;
+pub mod metrics;
 pub mod lsn;
 pub mod pages;
 pub mod telemetry;
@@ -34,4 +37,25 @@ pub fn now_unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
 }

@@ -1,0 +1,90 @@
+//! Follows the end of the environment's verified log: the newest log file,
+//! walked record by record (BDB.md §2: the file size says nothing). One
+//! watcher per primary publishes the end on a `watch` channel; sessions wake
+//! on it instead of polling the disk themselves.
+
+use std::fs::File;
+use std::time::Duration;
+use tandem_shared::envlayout::EnvLayout;
+use tandem_shared::logfile::{read_verified, walk_file};
+use tandem_shared::LogPosition;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogEnd {
+    /// Just past the last verified record of the newest log file.
+    pub end: LogPosition,
+    /// From the newest file's persist record; 0 until one was read.
+    pub lg_max: u32,
+}
+
+struct Tail {
+    file_no: u32,
+    file: File,
+    end: u32,
+    last_record: Option<u32>,
+    lg_max: u32,
+}
+
+fn open_tail(layout: &EnvLayout, file_no: u32, prev: Option<u32>) -> std::io::Result<Tail> {
+    let file = File::open(layout.log_path(file_no))?;
+    let w = walk_file(&file, prev)?;
+    Ok(Tail { file_no, file, end: w.end, last_record: w.last_record, lg_max: w.header.map_or(0, |h| h.lg_max) })
+}
+
+/// Starts the watcher. The channel holds `LogEnd::default()` until a log
+/// file exists.
+pub fn spawn(layout: EnvLayout, poll: Duration) -> watch::Receiver<LogEnd> {
+    let (tx, rx) = watch::channel(LogEnd::default());
+    std::thread::Builder::new()
+        .name("log-watch".into())
+        .spawn(move || {
+            let mut tail: Option<Tail> = None;
+            let mut warned = false;
+            while !tx.is_closed() {
+                if let Err(e) = step(&layout, &mut tail, &tx) {
+                    if !warned {
+                        tracing::warn!(error = %e, "reading the end of the log failed; retrying");
+                        warned = true;
+                    }
+                    tail = None;
+                } else {
+                    warned = false;
+                }
+                std::thread::sleep(poll);
+            }
+        })
+        .expect("spawning a thread at start-up");
+    rx
+}
+
+fn step(layout: &EnvLayout, tail: &mut Option<Tail>, tx: &watch::Sender<LogEnd>) -> std::io::Result<()> {
+    let t = match tail {
+        Some(t) => t,
+        None => {
+            let files = layout.log_files().map_err(std::io::Error::other)?;
+            let Some(&newest) = files.last() else { return Ok(()) };
+            tail.insert(open_tail(layout, newest, None)?)
+        }
+    };
+    // A newer file means BDB finished this one: read it to its end once
+    // more, then follow the new one.
+    if layout.log_path(t.file_no + 1).exists() {
+        let w = walk_file(&t.file, None)?;
+        let next = open_tail(layout, t.file_no + 1, w.last_record)?;
+        *t = next;
+    } else {
+        let r = read_verified(&t.file, t.end, t.last_record, tandem_shared::MAX_CHUNK)?;
+        if r.walk.records > 0 {
+            t.end = r.walk.end;
+            t.last_record = r.walk.last_record;
+        }
+    }
+    let now = LogEnd { end: LogPosition::new(t.file_no, t.end), lg_max: t.lg_max };
+    tx.send_if_modified(|cur| {
+        let changed = *cur != now;
+        *cur = now;
+        changed
+    });
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! The primary's Prometheus metrics.
+
+use crate::server::Shared;
+use std::sync::atomic::Ordering;
+use tandem_shared::metrics::PromText;
+
+pub use tandem_shared::metrics::serve;
+
+pub fn render(shared: &Shared) -> String {
+    let c = &shared.counters;
+    let status = shared.status();
+    let lag: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), s.lag_bytes as f64)).collect();
+    let connected: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), f64::from(u8::from(s.connected)))).collect();
+    let end = status.end.unwrap_or_default();
+    PromText::default()
+        .counter("tandem_primary_file_bytes_sent_total", "Database file bytes sent to standbys.", c.file_bytes.load(Ordering::Relaxed))
+        .counter("tandem_primary_log_bytes_sent_total", "Log bytes sent to standbys.", c.log_bytes.load(Ordering::Relaxed))
+        .counter("tandem_primary_chunks_sent_total", "File and log chunks sent.", c.chunks.load(Ordering::Relaxed))
+        .counter("tandem_primary_sessions_total", "Standby sessions started (connects and reconnects).", c.sessions.load(Ordering::Relaxed))
+        .gauge("tandem_primary_log_end_file", "Log file number of the primary's end of verified log.", f64::from(end.file))
+        .gauge("tandem_primary_log_end_offset_bytes", "Offset of the primary's end of verified log.", f64::from(end.offset))
+        .gauge("tandem_primary_epoch", "The primary's epoch (fencing token).", shared.identity.epoch as f64)
+        .gauge_by("tandem_primary_standby_lag_bytes", "Log bytes not yet acknowledged durable, per standby.", "standby", &lag)
+        .gauge_by("tandem_primary_standby_connected", "1 while the standby is connected.", "standby", &connected)
+        .finish()
+}

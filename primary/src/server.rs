@@ -1,0 +1,192 @@
+//! The primary's gRPC service: accepts standbys over mutual TLS and runs a
+//! session for each; answers status requests.
+
+use crate::identity::{PrimaryIdentity, PrimaryState};
+use crate::log_watch::{self, LogEnd};
+use crate::session;
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem_shared::bdb::BdbTools;
+use tandem_shared::envlayout::EnvLayout;
+use tandem_shared::tls::TlsFiles;
+use tandem_shared::wire::replication_server::{Replication, ReplicationServer};
+use tandem_shared::wire::{PrimaryMessage, PrimaryStatus, StandbyInfo, StandbyMessage, StatusRequest};
+use tandem_shared::{LogPosition, MAX_MESSAGE_BYTES};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Everything `tandem-primary run` needs, after flags and config file are
+/// merged.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    pub env: PathBuf,
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    pub state_dir: PathBuf,
+    pub poll_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub rescan_interval: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Test-only: corrupt the digest of the Nth chunk sent.
+    pub corrupt_chunk: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub file_bytes: AtomicU64,
+    pub log_bytes: AtomicU64,
+    pub chunks: AtomicU64,
+    pub sessions: AtomicU64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct StandbyRecord {
+    peer: String,
+    connected: bool,
+    base_id: String,
+    acked: LogPosition,
+    last_contact_unix_ms: u64,
+}
+
+/// State shared by every session of one primary.
+pub struct Shared {
+    pub layout: EnvLayout,
+    pub identity: PrimaryIdentity,
+    pub log_end: watch::Receiver<LogEnd>,
+    pub tools: BdbTools,
+    pub heartbeat_interval: Duration,
+    pub rescan_interval: Duration,
+    pub corrupt_chunk: Option<u64>,
+    pub counters: Counters,
+    standbys: Mutex<BTreeMap<String, StandbyRecord>>,
+}
+
+impl Shared {
+    fn with_standby(&self, name: &str, f: impl FnOnce(&mut StandbyRecord)) {
+        if let Ok(mut map) = self.standbys.lock() {
+            f(map.entry(name.to_owned()).or_default());
+        }
+    }
+
+    pub fn standby_connected(&self, name: &str, peer: &str, base_id: &str, from: LogPosition) {
+        self.counters.sessions.fetch_add(1, Ordering::Relaxed);
+        self.with_standby(name, |r| {
+            r.peer = peer.to_owned();
+            r.connected = true;
+            r.base_id = base_id.to_owned();
+            r.acked = from;
+            r.last_contact_unix_ms = tandem_shared::now_unix_ms();
+        });
+    }
+
+    pub fn standby_acked(&self, name: &str, at: LogPosition) {
+        self.with_standby(name, |r| {
+            r.acked = at;
+            r.last_contact_unix_ms = tandem_shared::now_unix_ms();
+        });
+    }
+
+    pub fn standby_disconnected(&self, name: &str) {
+        self.with_standby(name, |r| r.connected = false);
+    }
+
+    pub fn status(&self) -> PrimaryStatus {
+        let end = *self.log_end.borrow();
+        let standbys = self
+            .standbys
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(name, r)| StandbyInfo {
+                        name: name.clone(),
+                        peer: r.peer.clone(),
+                        connected: r.connected,
+                        acked: Some(r.acked.into()),
+                        lag_bytes: r.acked.bytes_until(end.end, end.lg_max),
+                        last_contact_unix_ms: r.last_contact_unix_ms,
+                        base_id: r.base_id.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        PrimaryStatus { env_id: self.identity.env_id.clone(), epoch: self.identity.epoch, end: Some(end.end.into()), standbys }
+    }
+}
+
+struct Service {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Replication for Service {
+    type StreamStream = ReceiverStream<Result<PrimaryMessage, Status>>;
+
+    async fn stream(&self, request: Request<Streaming<StandbyMessage>>) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(session::run(self.shared.clone(), peer, request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<PrimaryStatus>, Status> {
+        Ok(Response::new(self.shared.status()))
+    }
+}
+
+/// Runs the primary until `shutdown` resolves. `on_bound` learns the
+/// listening address (useful with port 0).
+pub async fn serve(
+    cfg: PrimaryConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let layout = EnvLayout::open(&cfg.env).with_context(|| format!("opening environment {}", cfg.env.display()))?;
+    let state = PrimaryState::open(&cfg.state_dir, 0)?;
+    let tls = cfg.tls.server_config().context("loading TLS files")?;
+    let log_end = log_watch::spawn(layout.clone(), cfg.poll_interval);
+    let shared = Arc::new(Shared {
+        layout,
+        identity: state.identity.clone(),
+        log_end,
+        tools: BdbTools::default(),
+        heartbeat_interval: cfg.heartbeat_interval,
+        rescan_interval: cfg.rescan_interval,
+        corrupt_chunk: cfg.corrupt_chunk,
+        counters: Counters::default(),
+        standbys: Mutex::new(BTreeMap::new()),
+    });
+    let incoming = tonic::transport::server::TcpIncoming::bind(cfg.listen)
+        .with_context(|| format!("listening on {}", cfg.listen))?
+        .with_nodelay(Some(true));
+    let bound = incoming.local_addr().context("local address")?;
+    if let Some(addr) = cfg.metrics_listen {
+        let shared = shared.clone();
+        let bound = crate::metrics::serve(addr, move || crate::metrics::render(&shared)).await?;
+        tracing::info!(%bound, "serving metrics");
+    }
+    tracing::info!(
+        listen = %bound, env = %cfg.env.display(), env_id = %state.identity.env_id, epoch = state.identity.epoch,
+        "tandem-primary listening"
+    );
+    on_bound(bound);
+    let service = ReplicationServer::new(Service { shared })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .tls_config(tls)
+        .context("TLS configuration")?
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("serving")?;
+    drop(state);
+    Ok(())
+}

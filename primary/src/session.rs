@@ -1,0 +1,419 @@
+//! One standby's stream. The standby says what it holds (`Hello`); the
+//! session either continues from there or starts a new base, then runs
+//! three duties side by side until the standby goes away:
+//!
+//! - the base copy: every database file (and `DB_CONFIG`), read in stable
+//!   pages, then a rescan now and then for databases created later;
+//! - the log: every verified record from the base boundary or the resume
+//!   point on, following the live tail;
+//! - heartbeats carrying the primary's end of log, for lag.
+//!
+//! All three feed one bounded channel, so a slow standby slows the readers
+//! instead of filling memory.
+
+use crate::log_watch::LogEnd;
+use crate::server::Shared;
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_shared::envlayout::DB_CONFIG;
+use tandem_shared::logfile::{read_verified, walk_file};
+use tandem_shared::pages::read_stable_pages;
+use tandem_shared::wire::{
+    primary_message::Kind, standby_message, BaseFilesDone, BaseStart, FileChunk, FileEnd, FileKind, FileStart, Heartbeat, Hello,
+    LogChunk, PrimaryMessage, StandbyMessage, Welcome,
+};
+use tandem_shared::{LogPosition, MAX_CHUNK};
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+
+pub type Outbox = mpsc::Sender<Result<PrimaryMessage, Status>>;
+
+/// How long a standby has to say Hello after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the log stream starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Plan {
+    Resume { from: LogPosition, prev: Option<u32> },
+    NewBase { reason: String },
+}
+
+fn msg(kind: Kind) -> Result<PrimaryMessage, Status> {
+    Ok(PrimaryMessage { kind: Some(kind) })
+}
+
+async fn send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
+    tx.send(msg(kind)).await.map_err(|_| Status::cancelled("standby went away"))
+}
+
+fn io_status(what: &str, e: io::Error) -> Status {
+    Status::internal(format!("{what}: {e}"))
+}
+
+pub async fn run(shared: Arc<Shared>, peer: String, mut inbound: Streaming<StandbyMessage>, tx: Outbox) {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        Ok(Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::Hello(h)) }))) => h,
+        Ok(Ok(_)) => {
+            let _ = tx.send(Err(Status::invalid_argument("the first message must be Hello"))).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "standby stream failed before Hello");
+            return;
+        }
+        Err(_) => {
+            let _ = tx.send(Err(Status::deadline_exceeded("no Hello within 10 s"))).await;
+            return;
+        }
+    };
+    let name = if hello.standby_name.is_empty() { peer.clone() } else { hello.standby_name.clone() };
+    match start(&shared, &name, &peer, &hello, &tx).await {
+        Ok(tasks) => {
+            follow_acks(&shared, &name, &mut inbound).await;
+            for t in tasks {
+                t.abort();
+            }
+        }
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+    shared.standby_disconnected(&name);
+    tracing::info!(standby = %name, %peer, "standby disconnected");
+}
+
+/// Checks the Hello, decides where to start, and starts the duties.
+async fn start(
+    shared: &Arc<Shared>,
+    name: &str,
+    peer: &str,
+    hello: &Hello,
+    tx: &Outbox,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, Status> {
+    let id = &shared.identity;
+    if hello.protocol_version != tandem_shared::wire::PROTOCOL_VERSION {
+        return Err(Status::failed_precondition(format!(
+            "protocol version {} is not supported (this primary speaks {})",
+            hello.protocol_version,
+            tandem_shared::wire::PROTOCOL_VERSION
+        )));
+    }
+    if hello.epoch > id.epoch {
+        tracing::error!(
+            standby = %name, standby_epoch = hello.epoch, our_epoch = id.epoch,
+            "FENCED: this standby has seen a newer epoch: a standby was promoted past this primary. \
+             Not shipping to it. Stop the application on this machine; it is no longer the primary."
+        );
+        return Err(Status::failed_precondition(format!(
+            "fenced: the standby has seen epoch {} but this primary is at epoch {}; a newer primary exists",
+            hello.epoch, id.epoch
+        )));
+    }
+    if !hello.env_id.is_empty() && hello.env_id != id.env_id {
+        return Err(Status::failed_precondition(format!(
+            "environment mismatch: the standby's directory belongs to environment {}, this primary serves {}",
+            hello.env_id, id.env_id
+        )));
+    }
+    let plan = tokio::task::block_in_place(|| plan(shared, hello));
+    let (base_id, from, prev, complete, files_done) = match plan {
+        Plan::Resume { from, prev } => {
+            tracing::info!(standby = %name, %peer, %from, "standby connected; resuming");
+            send(tx, welcome(shared, true)).await?;
+            let complete: BTreeSet<String> = hello.complete_files.iter().cloned().collect();
+            (hello.base_id.clone(), from, prev, complete, hello.base_files_done)
+        }
+        Plan::NewBase { reason } => {
+            let from = tokio::task::block_in_place(|| base_boundary(shared))?;
+            let base_id = crate::identity::random_id();
+            tracing::info!(standby = %name, %peer, %reason, base = %base_id, boundary = %from, "standby connected; starting a new base");
+            send(tx, welcome(shared, false)).await?;
+            send(tx, Kind::BaseStart(BaseStart { base_id: base_id.clone(), log_start: Some(from.into()), reason })).await?;
+            (base_id, from, None, BTreeSet::new(), false)
+        }
+    };
+    shared.standby_connected(name, peer, &base_id, from);
+
+    let mut tasks = Vec::new();
+    {
+        let (shared, tx) = (shared.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(status) = ship_log(&shared, &tx, from, prev).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        }));
+    }
+    {
+        let (shared, tx) = (shared.clone(), tx.clone());
+        tasks.push(tokio::task::spawn_blocking(move || {
+            if let Err(status) = ship_base(&shared, &tx, complete, files_done) {
+                let _ = tx.blocking_send(Err(status));
+            }
+        }));
+    }
+    {
+        let (shared, tx) = (shared.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move { heartbeats(&shared, &tx).await }));
+    }
+    Ok(tasks)
+}
+
+fn welcome(shared: &Shared, resume: bool) -> Kind {
+    Kind::Welcome(Welcome {
+        env_id: shared.identity.env_id.clone(),
+        epoch: shared.identity.epoch,
+        log_dir: tandem_shared::envlayout::rel_name(&shared.layout.log_dir_rel()),
+        resume,
+    })
+}
+
+async fn follow_acks(shared: &Shared, name: &str, inbound: &mut Streaming<StandbyMessage>) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::Ack(ack)) })) => {
+                if let Some(p) = ack.durable {
+                    shared.standby_acked(name, p.into());
+                }
+            }
+            Ok(Some(_)) => tracing::warn!(standby = %name, "unexpected message from standby; ignored"),
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(standby = %name, error = %e, "standby stream ended");
+                return;
+            }
+        }
+    }
+}
+
+/// Can the standby's log be continued, or does it need a new base?
+fn plan(shared: &Shared, hello: &Hello) -> Plan {
+    let new_base = |reason: String| Plan::NewBase { reason };
+    if hello.base_id.is_empty() {
+        return new_base("the standby holds no base yet".into());
+    }
+    let d: LogPosition = hello.durable.unwrap_or_default().into();
+    if d.file == 0 {
+        return new_base("the standby holds no log position".into());
+    }
+    let files = match shared.layout.log_files() {
+        Ok(f) => f,
+        Err(e) => return new_base(format!("cannot list the primary's log files: {e}")),
+    };
+    let newest = files.last().copied().unwrap_or(0);
+    let missing: Vec<u32> = (d.file..=newest.max(d.file)).filter(|n| files.binary_search(n).is_err()).collect();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().take(5).map(|n| shared.layout.log_name(*n)).collect();
+        return new_base(format!(
+            "log files the standby needs to continue from {d} are gone from the primary ({}{}); they were removed before \
+             they were shipped, so the standby's copy cannot be continued",
+            names.join(", "),
+            if missing.len() > 5 { ", ..." } else { "" }
+        ));
+    }
+    if d.offset == 0 {
+        return Plan::Resume { from: d, prev: None };
+    }
+    let check = || -> io::Result<Plan> {
+        let f = File::open(shared.layout.log_path(d.file))?;
+        let r = read_verified(&f, 0, None, d.offset as usize)?;
+        if r.walk.end != d.offset {
+            return Ok(new_base(format!("the standby's log ends at {d}, which is not a record boundary of the primary's log")));
+        }
+        let last = r.walk.last_record.unwrap_or(0) as usize;
+        if !hello.last_record_digest.is_empty() && blake3::hash(&r.bytes[last..]).as_bytes()[..] != hello.last_record_digest[..] {
+            return Ok(new_base(format!("the standby's last log record before {d} differs from the primary's")));
+        }
+        Ok(Plan::Resume { from: d, prev: r.walk.last_record })
+    };
+    match check() {
+        Ok(p) => p,
+        Err(e) => new_base(format!("cannot read the primary's log at {d}: {e}")),
+    }
+}
+
+/// The first log file a base copy taken now needs: the one holding the last
+/// checkpoint's `ckp_lsn`, i.e. the first file `db_archive` does not list
+/// (BDB.md §7). Without a checkpoint, every log file is needed.
+fn base_boundary(shared: &Shared) -> Result<LogPosition, Status> {
+    let files = shared.layout.log_files().map_err(|e| Status::internal(e.to_string()))?;
+    let Some(&newest) = files.last() else {
+        return Err(Status::unavailable(format!(
+            "no log files in {}: is this a transactional Berkeley DB environment?",
+            shared.layout.log_dir().display()
+        )));
+    };
+    let inactive = shared.tools.inactive_logs(&shared.layout.home).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "db_archive failed; the base will include every log file");
+        Vec::new()
+    });
+    let first = files.iter().copied().find(|n| !inactive.contains(n)).unwrap_or(newest);
+    Ok(LogPosition::new(first, 0))
+}
+
+/// Ships the log from `pos` on, following the live tail.
+async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: Option<u32>) -> Result<(), Status> {
+    let mut ends = shared.log_end.clone();
+    let mut open: Option<(u32, File, u64)> = None;
+    loop {
+        if open.as_ref().map(|o| o.0) != Some(pos.file) {
+            match File::open(shared.layout.log_path(pos.file)) {
+                Ok(f) => {
+                    let size = f.metadata().map_err(|e| io_status("stat log file", e))?.len();
+                    open = Some((pos.file, f, size));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let newest = shared.layout.log_files().map_err(|e| Status::internal(e.to_string()))?.last().copied();
+                    if newest.is_some_and(|n| n > pos.file) {
+                        let name = shared.layout.log_name(pos.file);
+                        tracing::error!(file = %name, "log gap: a log file was removed before it was shipped");
+                        return Err(Status::data_loss(format!(
+                            "log gap: {name} was removed from the primary before it was shipped; a new base is needed"
+                        )));
+                    }
+                    wait_for_log(&mut ends).await;
+                    continue;
+                }
+                Err(e) => return Err(io_status("open log file", e)),
+            }
+        }
+        let Some((_, file, size)) = open.as_ref() else { continue };
+        let r = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, MAX_CHUNK)).map_err(|e| io_status("read log", e))?;
+        if !r.bytes.is_empty() {
+            let data = bytes::Bytes::from(r.bytes);
+            shared.counters.log_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            let chunk = LogChunk { file: pos.file, offset: pos.offset, blake3: digest(shared, &data), data, file_size: *size };
+            send(tx, Kind::LogChunk(chunk)).await?;
+            pos.offset = r.walk.end;
+            prev = r.walk.last_record;
+            continue;
+        }
+        // BDB finishes a file before it creates the next, so once the next
+        // exists and this one reads no further, this one is complete.
+        if shared.layout.log_path(pos.file + 1).exists() {
+            let again = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, MAX_CHUNK)).map_err(|e| io_status("read log", e))?;
+            if again.bytes.is_empty() {
+                pos = LogPosition::new(pos.file + 1, 0);
+            }
+            continue;
+        }
+        wait_for_log(&mut ends).await;
+    }
+}
+
+/// Waits for the watcher to see new log, or a little while at most (the
+/// watcher may be behind a file switch this session already saw).
+async fn wait_for_log(ends: &mut watch::Receiver<LogEnd>) {
+    let _ = tokio::time::timeout(Duration::from_millis(20), ends.changed()).await;
+}
+
+fn digest(shared: &Shared, data: &[u8]) -> bytes::Bytes {
+    let mut d = blake3::hash(data).as_bytes().to_vec();
+    // Test-only fault injection: corrupt the digest of the Nth chunk so the
+    // standby sees a chunk whose bytes do not match (as if flipped in
+    // transit, below TLS).
+    let n = shared.counters.chunks.fetch_add(1, Ordering::Relaxed) + 1;
+    if shared.corrupt_chunk == Some(n) {
+        tracing::warn!(chunk = n, "fault injection: corrupting this chunk's digest");
+        d[0] ^= 0xff;
+    }
+    bytes::Bytes::from(d)
+}
+
+/// Ships the database files the standby does not have, then rescans for
+/// databases created later.
+fn ship_base(shared: &Shared, tx: &Outbox, mut sent: BTreeSet<String>, files_done: bool) -> Result<(), Status> {
+    let list = |sent: &BTreeSet<String>| -> Result<Vec<(String, FileKind, u32)>, Status> {
+        let mut out = Vec::new();
+        if shared.layout.home.join(DB_CONFIG).is_file() && !sent.contains(DB_CONFIG) {
+            out.push((DB_CONFIG.to_owned(), FileKind::Config, 4096));
+        }
+        for f in shared.layout.database_files().map_err(|e| Status::internal(e.to_string()))? {
+            if !sent.contains(&f.name) {
+                out.push((f.name, FileKind::Database, f.page_size));
+            }
+        }
+        Ok(out)
+    };
+    if !files_done {
+        let started = std::time::Instant::now();
+        let mut bytes = 0;
+        for (name, kind, page_size) in list(&sent)? {
+            bytes += ship_file(shared, tx, &name, kind, page_size)?;
+            sent.insert(name);
+        }
+        // Read after the copy: WAL puts every copied page's log record
+        // before this point.
+        let consistent_at = current_log_end(shared).map_err(|e| io_status("read end of log", e))?;
+        tracing::info!(files = sent.len(), bytes, secs = started.elapsed().as_secs_f64(), %consistent_at, "base copy sent");
+        blocking_send(tx, Kind::BaseFilesDone(BaseFilesDone { consistent_at: Some(consistent_at.into()) }))?;
+    }
+    loop {
+        std::thread::sleep(shared.rescan_interval);
+        if tx.is_closed() {
+            return Ok(());
+        }
+        for (name, kind, page_size) in list(&sent)? {
+            tracing::info!(file = %name, "new database file; shipping it");
+            ship_file(shared, tx, &name, kind, page_size)?;
+            sent.insert(name);
+        }
+    }
+}
+
+fn blocking_send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
+    tx.blocking_send(msg(kind)).map_err(|_| Status::cancelled("standby went away"))
+}
+
+/// Ships one file in stable, page-aligned chunks. Returns the bytes sent.
+fn ship_file(shared: &Shared, tx: &Outbox, name: &str, kind: FileKind, page_size: u32) -> Result<u64, Status> {
+    let path = shared.layout.home.join(name);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        // Removed since it was listed: nothing to ship.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_status(&format!("open {}", path.display()), e)),
+    };
+    let size = file.metadata().map_err(|e| io_status("stat", e))?.len();
+    blocking_send(tx, Kind::FileStart(FileStart { name: name.to_owned(), size, kind: kind as i32, page_size }))?;
+    let page = page_size.max(512) as usize;
+    let chunk_len = (MAX_CHUNK / page).max(1) * page;
+    let mut offset = 0u64;
+    while offset < size {
+        let want = chunk_len.min((size - offset) as usize);
+        let data = read_stable_pages(&file, offset, want, page).map_err(|e| io_status(&format!("read {name}"), e))?;
+        if data.is_empty() {
+            break; // the file shrank while we read it
+        }
+        let data = bytes::Bytes::from(data);
+        shared.counters.file_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let len = data.len() as u64;
+        blocking_send(tx, Kind::FileChunk(FileChunk { name: name.to_owned(), offset, blake3: digest(shared, &data), data }))?;
+        offset += len;
+    }
+    blocking_send(tx, Kind::FileEnd(FileEnd { name: name.to_owned(), size: offset }))?;
+    Ok(offset)
+}
+
+/// Walks the newest log file now (not the watcher's possibly older view).
+fn current_log_end(shared: &Shared) -> io::Result<LogPosition> {
+    let files = shared.layout.log_files().map_err(io::Error::other)?;
+    let Some(&newest) = files.last() else { return Ok(LogPosition::ZERO) };
+    let w = walk_file(&File::open(shared.layout.log_path(newest))?, None)?;
+    Ok(LogPosition::new(newest, w.end))
+}
+
+async fn heartbeats(shared: &Shared, tx: &Outbox) {
+    let mut tick = tokio::time::interval(shared.heartbeat_interval);
+    loop {
+        tick.tick().await;
+        let end = shared.log_end.borrow().end;
+        let hb = Heartbeat { primary_end: Some(end.into()), unix_ms: tandem_shared::now_unix_ms() };
+        if send(tx, Kind::Heartbeat(hb)).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Dialing a primary over mutual TLS.
+
+use crate::tls::{TlsError, TlsFiles};
+use crate::wire::replication_client::ReplicationClient;
+use crate::MAX_MESSAGE_BYTES;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("bad primary address {url:?}: {why} (expected https://HOST:PORT)")]
+    BadUrl { url: String, why: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot connect to {url}: {source}")]
+    Connect { url: String, source: tonic::transport::Error },
+}
+
+/// Connects to `url` (`https://HOST:PORT`). The primary's certificate must
+/// chain to `tls.ca` and name `server_name` (default: the URL's host).
+pub async fn connect(
+    url: &str,
+    server_name: Option<&str>,
+    tls: &TlsFiles,
+    timeout: Duration,
+) -> Result<ReplicationClient<Channel>, ConnectError> {
+    let bad = |why: &str| ConnectError::BadUrl { url: url.to_owned(), why: why.to_owned() };
+    if !url.starts_with("https://") {
+        return Err(bad("Tandem only speaks TLS"));
+    }
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(&e.to_string()))?;
+    let host = endpoint.uri().host().ok_or_else(|| bad("no host"))?.trim_matches(|c| c == '[' || c == ']').to_owned();
+    let name = server_name.unwrap_or(&host);
+    let endpoint = endpoint
+        .tls_config(tls.client_config(name)?)
+        .map_err(|source| ConnectError::Connect { url: url.to_owned(), source })?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let channel = endpoint.connect().await.map_err(|source| ConnectError::Connect { url: url.to_owned(), source })?;
+    Ok(ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+}

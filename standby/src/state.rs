@@ -1,0 +1,145 @@
+//! The standby's durable state, kept in `DIR/.tandem/state` (BDB ignores
+//! the hidden directory): which environment it mirrors, the highest epoch it
+//! has seen, the base it holds and whether it was promoted. The log position
+//! is not stored here: it is read from the log files themselves (the end of
+//! their verified record chain), so it can never disagree with them.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use tandem_shared::durable::{ControlFile, ControlFileError};
+use tandem_shared::LogPosition;
+
+pub const META_DIR: &str = ".tandem";
+const STATE_FILE: &str = "state";
+const LOCK_FILE: &str = "lock";
+pub const STATUS_FILE: &str = "status.json";
+pub const INCOMING_DIR: &str = "incoming";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StandbyState {
+    /// The environment this directory mirrors; set on first contact.
+    pub env_id: Option<String>,
+    /// Highest epoch seen (from the primary, or made by a promotion).
+    pub epoch: u64,
+    /// Log directory relative to the home, from the primary's `DB_CONFIG`.
+    pub log_dir: String,
+    pub base: Option<BaseState>,
+    pub promoted: Option<Promotion>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BaseState {
+    pub base_id: String,
+    /// First log position the base needs (BDB.md §7).
+    pub log_start: LogPosition,
+    /// Files of the base that are complete, fsynced and under their name.
+    pub complete_files: BTreeSet<String>,
+    /// Every file present when the base started has arrived.
+    pub files_done: bool,
+    /// With the log up to here, the base is recoverable.
+    pub consistent_at: Option<LogPosition>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Promotion {
+    pub epoch: u64,
+    pub unix_ms: u64,
+    pub kind: String,
+    pub recovered_to: Option<LogPosition>,
+}
+
+/// Paths inside a standby directory.
+#[derive(Debug, Clone)]
+pub struct StandbyDir {
+    pub root: PathBuf,
+}
+
+impl StandbyDir {
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_path_buf() }
+    }
+    pub fn meta(&self) -> PathBuf {
+        self.root.join(META_DIR)
+    }
+    pub fn state_path(&self) -> PathBuf {
+        self.meta().join(STATE_FILE)
+    }
+    pub fn status_path(&self) -> PathBuf {
+        self.meta().join(STATUS_FILE)
+    }
+    pub fn incoming(&self) -> PathBuf {
+        self.meta().join(INCOMING_DIR)
+    }
+    pub fn log_dir(&self, state: &StandbyState) -> PathBuf {
+        self.root.join(&state.log_dir)
+    }
+
+    pub fn load_state(&self) -> Result<StandbyState, ControlFileError> {
+        Ok(ControlFile::load(&self.state_path(), FORMAT_VERSION)?.unwrap_or_default())
+    }
+
+    pub fn store_state(&self, state: &StandbyState) -> Result<(), ControlFileError> {
+        ControlFile::store(&self.state_path(), FORMAT_VERSION, state)
+    }
+
+    /// Creates the directory and its metadata directory if needed.
+    pub fn create(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.incoming())
+    }
+
+    /// Takes the directory's exclusive lock (held by `run` and `promote`).
+    /// Errors name the holder's pid when there is one.
+    pub fn lock(&self) -> Result<DirLock, LockError> {
+        self.create().map_err(LockError::Io)?;
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(self.meta().join(LOCK_FILE))
+            .map_err(LockError::Io)?;
+        let mut fl = flock_struct(libc::F_WRLCK as i16);
+        // SAFETY: fcntl with a valid fd and a properly initialised flock.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &mut fl) } != 0 {
+            return Err(LockError::Held { pid: self.lock_holder() });
+        }
+        Ok(DirLock { _file: file })
+    }
+
+    /// The pid of the process holding the lock, if any (F_GETLK: asks
+    /// without taking it, so `status` never gets in `run`'s way).
+    pub fn lock_holder(&self) -> Option<u32> {
+        let file = File::open(self.meta().join(LOCK_FILE)).ok()?;
+        let mut fl = flock_struct(libc::F_WRLCK as i16);
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) } != 0 {
+            return None;
+        }
+        (fl.l_type != libc::F_UNLCK as i16).then_some(fl.l_pid as u32)
+    }
+}
+
+fn flock_struct(kind: i16) -> libc::flock {
+    // SAFETY: flock is plain data; zero is a valid value for every field.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl
+}
+
+/// Held while a process owns the standby directory.
+pub struct DirLock {
+    _file: File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("the standby directory is in use by another tandem-standby process{}", .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Held { pid: Option<u32> },
+    #[error("cannot lock the standby directory: {0}")]
+    Io(std::io::Error),
+}

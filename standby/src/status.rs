@@ -1,0 +1,148 @@
+//! What `tandem-standby status` reports. A running standby rewrites
+//! `.tandem/status.json` several times a second; when no standby runs, the
+//! status is computed from the directory itself (state file and log files),
+//! so it works either way.
+
+use crate::mirror::{is_recoverable, scan_tail};
+use crate::state::{StandbyDir, StandbyState};
+use serde::{Deserialize, Serialize};
+use tandem_shared::LogPosition;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StandbyStatus {
+    /// "standby", or "promoted" once promoted.
+    pub role: String,
+    /// A `tandem-standby run` process holds the directory.
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub connected: bool,
+    pub primary: Option<String>,
+    pub env_id: Option<String>,
+    pub epoch: u64,
+    /// "no base", "copying base", "catching up", "streaming", "promoted".
+    pub phase: String,
+    pub base_id: Option<String>,
+    /// The directory holds a complete base and the log it needs.
+    pub recoverable: bool,
+    pub primary_end_lsn: LogPosition,
+    pub durable_lsn: LogPosition,
+    pub lag_bytes: u64,
+    /// Seconds since the standby last held everything the primary had
+    /// (0 when caught up).
+    pub lag_seconds: f64,
+    pub last_contact_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    pub log_bytes_received: u64,
+    pub file_bytes_received: u64,
+    pub digest_failures: u64,
+    pub rejected_messages: u64,
+    pub reconnects: u64,
+    /// Log file size (BDB's lg_max), for lag arithmetic.
+    pub lg_max: u32,
+    pub last_error: Option<String>,
+    pub promotion: Option<crate::state::Promotion>,
+}
+
+impl StandbyStatus {
+    pub fn phase_of(state: &StandbyState, durable: LogPosition, primary_end: LogPosition) -> &'static str {
+        match &state.base {
+            _ if state.promoted.is_some() => "promoted",
+            None => "no base",
+            Some(b) if !b.files_done => "copying base",
+            Some(_) if !is_recoverable(state, durable) || durable < primary_end => "catching up",
+            Some(_) => "streaming",
+        }
+    }
+
+    pub fn fill_from_state(&mut self, state: &StandbyState) {
+        self.role = if state.promoted.is_some() { "promoted" } else { "standby" }.into();
+        self.env_id = state.env_id.clone();
+        self.epoch = state.epoch;
+        self.base_id = state.base.as_ref().map(|b| b.base_id.clone());
+        self.recoverable = is_recoverable(state, self.durable_lsn);
+        self.phase = Self::phase_of(state, self.durable_lsn, self.primary_end_lsn).into();
+        self.promotion = state.promoted.clone();
+    }
+
+    pub fn compute_lag(&mut self) {
+        self.lag_bytes = self.durable_lsn.bytes_until(self.primary_end_lsn, self.lg_max);
+    }
+}
+
+/// The status of the standby directory, whether or not a standby runs.
+pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
+    let last: Option<StandbyStatus> = std::fs::read(dir.status_path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(pid) = dir.lock_holder() {
+        if let Some(mut s) = last.clone() {
+            s.running = true;
+            s.pid = Some(pid);
+            return Ok(s);
+        }
+    }
+    if !dir.state_path().exists() && !dir.meta().exists() {
+        anyhow::bail!("{} is not a Tandem standby directory (no .tandem inside)", dir.root.display());
+    }
+    let state = dir.load_state()?;
+    let tail = scan_tail(dir, &state)?;
+    let mut s = last.unwrap_or_default();
+    s.running = false;
+    s.pid = None;
+    s.connected = false;
+    s.durable_lsn = tail.durable;
+    s.compute_lag();
+    s.fill_from_state(&state);
+    Ok(s)
+}
+
+/// Text for people.
+pub fn render(s: &StandbyStatus) -> String {
+    let when = |ms: u64| {
+        if ms == 0 {
+            "never".to_owned()
+        } else {
+            let ago = tandem_shared::now_unix_ms().saturating_sub(ms) as f64 / 1000.0;
+            format!("{ago:.1} s ago")
+        }
+    };
+    let mut out = format!(
+        "role:         {}{}\nphase:        {}\nprimary:      {} ({})\nenvironment:  {}\nepoch:        {}\nprimary end:  {}\ndurable:      {}\nlag:          {} bytes, {:.1} s\nrecoverable:  {}\nlast contact: {}\n",
+        s.role,
+        if s.running { format!(" (running, pid {})", s.pid.unwrap_or(0)) } else { " (not running)".into() },
+        s.phase,
+        s.primary.as_deref().unwrap_or("-"),
+        if s.connected { "connected" } else { "not connected" },
+        s.env_id.as_deref().unwrap_or("-"),
+        s.epoch,
+        s.primary_end_lsn,
+        s.durable_lsn,
+        s.lag_bytes,
+        s.lag_seconds,
+        if s.recoverable { "yes" } else { "no" },
+        when(s.last_contact_unix_ms),
+    );
+    if let Some(e) = &s.last_error {
+        out.push_str(&format!("last error:   {e}\n"));
+    }
+    if let Some(p) = &s.promotion {
+        out.push_str(&format!("promoted:     {} at epoch {}, recovered to {}\n", p.kind, p.epoch, p.recovered_to.map(|l| l.to_string()).unwrap_or("-".into())));
+    }
+    out
+}
+
+/// Prometheus text for a running standby.
+pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
+    let Ok(s) = live.lock().map(|s| s.clone()) else { return String::new() };
+    tandem_shared::metrics::PromText::default()
+        .counter("tandem_standby_log_bytes_received_total", "Log bytes received, verified and written.", s.log_bytes_received)
+        .counter("tandem_standby_file_bytes_received_total", "Database file bytes received, verified and written.", s.file_bytes_received)
+        .counter("tandem_standby_chunk_verification_failures_total", "Chunks whose blake3 digest did not match.", s.digest_failures)
+        .counter("tandem_standby_rejected_messages_total", "Messages from the primary that were refused.", s.rejected_messages)
+        .counter("tandem_standby_reconnects_total", "Reconnections to the primary.", s.reconnects)
+        .gauge("tandem_standby_connected", "1 while connected to the primary.", f64::from(u8::from(s.connected)))
+        .gauge("tandem_standby_lag_bytes", "Log bytes the primary has that the standby does not hold durably.", s.lag_bytes as f64)
+        .gauge("tandem_standby_lag_seconds", "Seconds since the standby last held everything the primary had.", s.lag_seconds)
+        .gauge("tandem_standby_recoverable", "1 when the directory holds a complete base and the log it needs.", f64::from(u8::from(s.recoverable)))
+        .gauge("tandem_standby_epoch", "Highest epoch seen.", s.epoch as f64)
+        .gauge("tandem_standby_last_contact_timestamp_seconds", "When the primary was last heard from.", s.last_contact_unix_ms as f64 / 1000.0)
+        .finish()
+}
