@@ -101,6 +101,10 @@ struct RunArgs {
     #[arg(long, hide = true)]
     #[serde(skip)]
     fault_corrupt_chunk: Option<u64>,
+    /// Write the address actually bound (useful with port 0) to this file.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bound_addr_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -170,7 +174,15 @@ async fn run(flags: RunArgs) -> Result<()> {
         corrupt_chunk: fault,
         env,
     };
-    serve(cfg, tandem_shared::shutdown_signal(), |_| {}).await
+    let addr_file = a.bound_addr_file;
+    serve(cfg, tandem_shared::shutdown_signal(), move |bound| {
+        if let Some(path) = addr_file {
+            if let Err(e) = tandem_shared::durable::write_file_atomic(&path, bound.to_string().as_bytes()) {
+                tracing::error!(error = %e, path = %path.display(), "cannot write the bound address");
+            }
+        }
+    })
+    .await
 }
 
 async fn status(a: StatusArgs) -> Result<()> {

@@ -12,7 +12,7 @@ pub enum ConnectError {
     BadUrl { url: String, why: String },
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}: {}", chain(.source))]
     Connect { url: String, source: tonic::transport::Error },
 }
 
@@ -40,4 +40,20 @@ pub async fn connect(
         .keep_alive_timeout(Duration::from_secs(20));
     let channel = endpoint.connect().await.map_err(|source| ConnectError::Connect { url: url.to_owned(), source })?;
     Ok(ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The error and its causes on one line: tonic's own message ("transport
+/// error") says little without them.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
 }

@@ -75,18 +75,18 @@ pub fn generate(out: &Path, names: &[String]) -> Result<(), TlsError> {
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
-    let leaf = |role: &str, usage: ExtendedKeyUsagePurpose| -> Result<(String, String), TlsError> {
+    // Each leaf can serve and dial, so a promoted standby can become a
+    // primary with the same files.
+    let leaf = |role: &str| -> Result<(String, String), TlsError> {
         let mut p = CertificateParams::new(names.to_vec())?;
         p.distinguished_name.push(DnType::CommonName, format!("tandem {role}"));
-        p.extended_key_usages = vec![usage];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate()?;
         let cert = p.signed_by(&key, &issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
-    // Each leaf can serve and dial, so a promoted standby can become a
-    // primary with the same files.
-    let (p_cert, p_key) = leaf("primary", ExtendedKeyUsagePurpose::Any)?;
-    let (s_cert, s_key) = leaf("standby", ExtendedKeyUsagePurpose::Any)?;
+    let (p_cert, p_key) = leaf("primary")?;
+    let (s_cert, s_key) = leaf("standby")?;
     for (name, body, secret) in [
         ("ca.pem", ca_cert.pem(), false),
         ("primary.pem", p_cert, false),

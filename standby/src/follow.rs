@@ -143,6 +143,7 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
     let mut client = tandem_shared::client::connect(&cfg.primary, cfg.server_name.as_deref(), &cfg.tls, Duration::from_secs(5))
         .await
         .map_err(retry)?;
+    mirror.begin_session();
     let (tx, rx) = mpsc::channel::<StandbyMessage>(64);
     let _ = tx.try_send(StandbyMessage { kind: Some(standby_message::Kind::Hello(hello(cfg, mirror))) });
     let mut inbound = match client.stream(ReceiverStream::new(rx)).await {

@@ -158,6 +158,14 @@ impl Mirror {
         f.sync_data()
     }
 
+    /// Forgets a file that was being received when the last connection
+    /// ended: the primary sends it again from its start.
+    pub fn begin_session(&mut self) {
+        if let Some(inc) = self.incoming.take() {
+            let _ = std::fs::remove_file(&inc.temp);
+        }
+    }
+
     fn log_path(&self, number: u32) -> PathBuf {
         self.dir.log_dir(&self.state).join(logfile::log_file_name(number))
     }

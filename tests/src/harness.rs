@@ -1,0 +1,279 @@
+//! Running the real binaries on loopback for tests, the demo and the
+//! benchmarks: certificates, a primary on a free port, standbys, status, and
+//! waiting on conditions (never on fixed sleeps).
+
+use crate::bdb;
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tandem_shared::envlayout::EnvLayout;
+use tandem_shared::logfile::walk_file;
+use tandem_shared::LogPosition;
+
+/// Path of a workspace binary (`tandem-primary`, `tandem-standby`), next to
+/// the running executable (tests live in `target/<profile>/deps`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+fn check_bin(path: &Path) -> Result<()> {
+    if !path.exists() {
+        bail!("{} is missing: build the binaries first (cargo build --workspace --bins)", path.display());
+    }
+    Ok(())
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match cond() {
+            Ok(true) => return Ok(()),
+            Ok(false) => last_err = None,
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!("timed out after {timeout:?} waiting for {what}{}", last_err.map(|e| format!(" (last error: {e:#})")).unwrap_or_default()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A CA and certificates for 127.0.0.1 / localhost.
+#[derive(Debug, Clone)]
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    pub fn generate(dir: &Path) -> Result<Self> {
+        tandem_shared::tls::generate(dir, &["localhost".into(), "127.0.0.1".into()])?;
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    fn args(&self, role: &str) -> Vec<String> {
+        let p = |f: &str| self.dir.join(f).display().to_string();
+        vec!["--cert".into(), p(&format!("{role}.pem")), "--key".into(), p(&format!("{role}-key.pem")), "--ca".into(), p("ca.pem")]
+    }
+}
+
+/// A child process that is killed when dropped; its output goes to a file.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let out = File::create(log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env("NO_COLOR", "1")
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self { name: name.into(), child, log: log.into() })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_exit(timeout)
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}; its log:\n{}", self.name, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `tandem-primary`.
+pub struct Primary {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub env: PathBuf,
+}
+
+impl Primary {
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+}
+
+/// Starts `tandem-primary run` for `env` on `listen` (port 0 = any) and
+/// waits until it listens.
+pub fn start_primary(work: &Path, env: &Path, certs: &Certs, listen: &str, extra: &[&str]) -> Result<Primary> {
+    let exe = bin("tandem-primary");
+    check_bin(&exe)?;
+    let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
+    let addr_file = work.join(format!("primary-{n}.addr"));
+    let mut cmd = Command::new(&exe);
+    cmd.arg("run").arg("--env").arg(env).args(["--listen", listen]).args(certs.args("primary")).arg("--bound-addr-file").arg(&addr_file).args(extra);
+    let mut proc = Proc::spawn("tandem-primary", cmd, &work.join(format!("primary-{n}.log")))?;
+    let mut addr = None;
+    wait_for("the primary to listen", Duration::from_secs(30), || {
+        if !proc.is_running() {
+            bail!("tandem-primary exited: {}", proc.log_text());
+        }
+        addr = std::fs::read_to_string(&addr_file).ok().and_then(|s| s.trim().parse().ok());
+        Ok(addr.is_some())
+    })?;
+    Ok(Primary { proc, addr: addr.context("bound address")?, env: env.into() })
+}
+
+/// Starts `tandem-standby run` for `dir` following `url`.
+pub fn start_standby(work: &Path, dir: &Path, url: &str, certs: &Certs, extra: &[&str]) -> Result<Proc> {
+    let exe = bin("tandem-standby");
+    check_bin(&exe)?;
+    let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
+    let mut cmd = Command::new(&exe);
+    cmd.arg("run").arg("--dir").arg(dir).args(["--primary", url, "--name", "test-standby"]).args(certs.args("standby")).args(extra);
+    Proc::spawn("tandem-standby", cmd, &work.join(format!("standby-{n}.log")))
+}
+
+/// `tandem-standby status --json`.
+pub fn standby_status(dir: &Path) -> Result<serde_json::Value> {
+    let out = Command::new(bin("tandem-standby")).arg("status").arg("--dir").arg(dir).arg("--json").output()?;
+    if !out.status.success() {
+        bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+pub fn lsn_of(v: &serde_json::Value) -> LogPosition {
+    LogPosition::new(v["file"].as_u64().unwrap_or(0) as u32, v["offset"].as_u64().unwrap_or(0) as u32)
+}
+
+/// The end of the verified log of an environment, read from its files.
+pub fn primary_log_end(env: &Path) -> Result<LogPosition> {
+    let layout = EnvLayout::open(env)?;
+    let Some(&newest) = layout.log_files()?.last() else { return Ok(LogPosition::ZERO) };
+    let w = walk_file(&File::open(layout.log_path(newest))?, None)?;
+    Ok(LogPosition::new(newest, w.end))
+}
+
+/// Waits until the standby holds the primary's whole log durably.
+pub fn wait_caught_up(standby_dir: &Path, env: &Path, timeout: Duration) -> Result<()> {
+    wait_for("the standby to catch up", timeout, || {
+        let s = standby_status(standby_dir)?;
+        Ok(s["recoverable"] == true && lsn_of(&s["durable_lsn"]) == primary_log_end(env)?)
+    })
+}
+
+/// Copies the standby's environment (without `.tandem`) to `dest`, runs
+/// catastrophic recovery there and returns the checker's M. Fails on any
+/// recovery error: a checker OK alone proves nothing.
+pub fn recover_copy(standby_dir: &Path, dest: &Path) -> Result<u64> {
+    copy_env(standby_dir, dest)?;
+    bdb::recover_catastrophic(dest)?;
+    bdb::check(dest)
+}
+
+pub fn copy_env(from: &Path, to: &Path) -> Result<()> {
+    let status = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    if !status.success() {
+        bail!("cp -a {} {} failed", from.display(), to.display());
+    }
+    let _ = std::fs::remove_dir_all(to.join(".tandem"));
+    let _ = std::fs::remove_dir_all(to.join(".tandem-primary"));
+    Ok(())
+}
+
+/// blake3 of every file under `dir` (relative path -> digest), to prove a
+/// directory did not change.
+pub fn dir_digest(dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let p = e.path();
+            let rel = p.strip_prefix(dir)?.display().to_string();
+            if e.file_type()?.is_dir() {
+                stack.push(p);
+            } else if rel != ".tandem/status.json" && rel != ".tandem/lock" {
+                out.insert(rel, blake3::hash(&std::fs::read(&p)?).to_hex().to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A test's scratch area: a temp dir with certificates, kept on failure
+/// when TANDEM_KEEP=1.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+    pub certs: Certs,
+}
+
+impl Scratch {
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir()?;
+        let certs = Certs::generate(&dir.path().join("certs"))?;
+        Ok(Self { dir, certs })
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("TANDEM_KEEP").is_some() {
+            let kept = self.dir.path().to_path_buf();
+            eprintln!("keeping {}", kept.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
+        }
+    }
+}
