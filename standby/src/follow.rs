@@ -7,7 +7,7 @@ use crate::mirror::{ApplyError, Mirror};
 use crate::state::{DirLock, StandbyDir};
 use crate::status::StandbyStatus;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem_shared::tls::TlsFiles;
 use tandem_shared::wire::{primary_message::Kind, standby_message, Ack, Hello, StandbyMessage, PROTOCOL_VERSION};
 use tandem_shared::{now_unix_ms, LogPosition};
@@ -155,7 +155,6 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
         s.connected = true;
         s.last_contact_unix_ms = now_unix_ms();
     });
-    let mut caught_up_at = Instant::now();
     loop {
         let first = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -205,10 +204,6 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
             s.durable_lsn = durable;
             s.last_contact_unix_ms = now_unix_ms();
             s.compute_lag();
-            if s.lag_bytes == 0 {
-                caught_up_at = Instant::now();
-            }
-            s.lag_seconds = if s.lag_bytes == 0 { 0.0 } else { caught_up_at.elapsed().as_secs_f64() };
             s.fill_from_state(&mirror.state);
         });
     }
@@ -217,8 +212,9 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
 fn note_heartbeat(live: &Live, kind: &Kind) {
     match kind {
         Kind::Heartbeat(h) => update(live, |s| {
-            s.primary_end_lsn = h.primary_end.unwrap_or_default().into();
+            s.primary_end_lsn = s.primary_end_lsn.max(h.primary_end.unwrap_or_default().into());
             s.last_contact_unix_ms = now_unix_ms();
+            s.compute_lag();
         }),
         Kind::LogChunk(c) => update(live, |s| {
             s.lg_max = (c.file_size as u32).saturating_add(1);

@@ -37,6 +37,8 @@ pub struct StandbyStatus {
     pub digest_failures: u64,
     pub rejected_messages: u64,
     pub reconnects: u64,
+    /// When the standby last held everything the primary had.
+    pub caught_up_unix_ms: u64,
     /// Log file size (BDB's lg_max), for lag arithmetic.
     pub lg_max: u32,
     pub last_error: Option<String>,
@@ -66,6 +68,15 @@ impl StandbyStatus {
 
     pub fn compute_lag(&mut self) {
         self.lag_bytes = self.durable_lsn.bytes_until(self.primary_end_lsn, self.lg_max);
+        let now = tandem_shared::now_unix_ms();
+        if self.lag_bytes == 0 {
+            self.caught_up_unix_ms = now;
+        }
+        self.lag_seconds = if self.lag_bytes == 0 || self.caught_up_unix_ms == 0 {
+            0.0
+        } else {
+            now.saturating_sub(self.caught_up_unix_ms) as f64 / 1000.0
+        };
     }
 }
 

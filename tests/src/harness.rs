@@ -35,13 +35,12 @@ fn check_bin(path: &Path) -> Result<()> {
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;
-    let mut last_err = None;
     loop {
-        match cond() {
+        let last_err = match cond() {
             Ok(true) => return Ok(()),
-            Ok(false) => last_err = None,
-            Err(e) => last_err = Some(e),
-        }
+            Ok(false) => None,
+            Err(e) => Some(e),
+        };
         if Instant::now() > deadline {
             return Err(anyhow!("timed out after {timeout:?} waiting for {what}{}", last_err.map(|e| format!(" (last error: {e:#})")).unwrap_or_default()));
         }
