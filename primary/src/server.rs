@@ -147,7 +147,7 @@ pub async fn serve(
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<()> {
     let layout = EnvLayout::open(&cfg.env).with_context(|| format!("opening environment {}", cfg.env.display()))?;
-    let state = PrimaryState::open(&cfg.state_dir, 0)?;
+    let state = PrimaryState::open(&cfg.state_dir, promoted_epoch(&cfg.env))?;
     let tls = cfg.tls.server_config().context("loading TLS files")?;
     let log_end = log_watch::spawn(layout.clone(), cfg.poll_interval);
     let shared = Arc::new(Shared {
@@ -189,4 +189,15 @@ pub async fn serve(
         .context("serving")?;
     drop(state);
     Ok(())
+}
+
+/// The epoch of a promoted standby directory, when a primary is started on
+/// one: the new primary must be ahead of the one it replaced, so standbys
+/// that have seen it refuse the old one.
+fn promoted_epoch(env: &std::path::Path) -> u64 {
+    let path = env.join(".tandem").join("state");
+    match tandem_shared::durable::ControlFile::load::<serde_json::Value>(&path, u32::MAX) {
+        Ok(Some(v)) => v["promoted"]["epoch"].as_u64().unwrap_or(0),
+        _ => 0,
+    }
 }

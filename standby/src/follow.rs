@@ -22,6 +22,8 @@ pub struct StandbyConfig {
     pub tls: TlsFiles,
     pub name: String,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often to prove the mirror recovers (None: never).
+    pub check_interval: Option<Duration>,
 }
 
 /// Why `run` stopped for good.
@@ -67,7 +69,11 @@ pub async fn run(cfg: StandbyConfig, shutdown: impl std::future::Future<Output =
         durable_lsn: mirror.tail.durable,
         ..Default::default()
     }));
-    update(&live, |s| s.fill_from_state(&mirror.state));
+    update(&live, |s| {
+        s.lg_max = mirror.tail.lg_max;
+        s.last_check = crate::readiness::last_check(&dir);
+        s.fill_from_state(&mirror.state);
+    });
     let writer = tokio::spawn(write_status_forever(dir.clone(), live.clone()));
     if let Some(addr) = cfg.metrics_listen {
         let live = live.clone();
@@ -75,6 +81,7 @@ pub async fn run(cfg: StandbyConfig, shutdown: impl std::future::Future<Output =
         tracing::info!(%bound, "serving metrics");
     }
 
+    let checker = cfg.check_interval.map(|every| tokio::spawn(check_forever(dir.clone(), live.clone(), every)));
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let result = loop {
@@ -109,6 +116,9 @@ pub async fn run(cfg: StandbyConfig, shutdown: impl std::future::Future<Output =
         s.durable_lsn = mirror.tail.durable;
     });
     writer.abort();
+    if let Some(c) = checker {
+        c.abort();
+    }
     write_status(&dir, &live);
     drop(lock);
     result
@@ -170,9 +180,13 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
             for m in batch.drain(..) {
                 let Some(kind) = m.kind else { continue };
                 note_heartbeat(live, &kind);
+                let welcome = matches!(kind, Kind::Welcome(_));
                 let applied = tokio::task::block_in_place(|| mirror.apply(kind));
                 match applied {
                     Ok(a) => {
+                        if welcome {
+                            remember_follow_config(&mirror.dir, cfg);
+                        }
                         pending += a.log_bytes;
                         update(live, |s| {
                             s.log_bytes_received += a.log_bytes;
@@ -271,5 +285,44 @@ fn write_status(dir: &StandbyDir, live: &Live) {
     let tmp = dir.meta().join("status.json.tmp");
     if std::fs::write(&tmp, bytes).is_ok() {
         let _ = std::fs::rename(&tmp, dir.status_path());
+    }
+}
+
+/// Readiness checks on a timer, once the mirror is recoverable. A failure
+/// is logged, shown in status and metrics, and streaming goes on.
+async fn check_forever(dir: StandbyDir, live: Live, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let recoverable = live.lock().map(|s| s.recoverable).unwrap_or(false);
+        if !recoverable {
+            continue;
+        }
+        let d = dir.clone();
+        if let Ok(report) = tokio::task::spawn_blocking(move || crate::readiness::run_check(&d)).await {
+            update(&live, |s| s.last_check = Some(report));
+        }
+    }
+}
+
+/// Where this directory follows from, so `promote` can catch up even when
+/// no `run` is running.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct FollowConfig {
+    pub primary: String,
+    pub server_name: Option<String>,
+    pub tls: TlsFiles,
+    pub name: String,
+}
+
+pub const FOLLOW_CONFIG_FILE: &str = "follow.json";
+
+fn remember_follow_config(dir: &StandbyDir, cfg: &StandbyConfig) {
+    let fc = FollowConfig { primary: cfg.primary.clone(), server_name: cfg.server_name.clone(), tls: cfg.tls.clone(), name: cfg.name.clone() };
+    if let Ok(bytes) = serde_json::to_vec_pretty(&fc) {
+        if let Err(e) = tandem_shared::durable::write_file_atomic(&dir.meta().join(FOLLOW_CONFIG_FILE), &bytes) {
+            tracing::warn!(error = %e, "cannot record the follow configuration");
+        }
     }
 }

@@ -9,5 +9,6 @@
 pub mod follow;
 pub mod mirror;
 pub mod promote;
+pub mod readiness;
 pub mod state;
 pub mod status;

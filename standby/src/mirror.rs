@@ -97,6 +97,8 @@ pub struct LogTail {
     pub last_record: Option<u32>,
     /// blake3 of the last record, for the resume handshake.
     pub last_record_digest: Vec<u8>,
+    /// The log file size from the newest file's header (0 if unknown).
+    pub lg_max: u32,
 }
 
 /// What applying a message changed.
@@ -320,7 +322,7 @@ impl Mirror {
         self.incoming = None;
         self.open_log = None;
         self.dirty = false;
-        self.tail = LogTail { written: log_start, durable: log_start, last_record: None, last_record_digest: Vec::new() };
+        self.tail = LogTail { written: log_start, durable: log_start, ..Default::default() };
         self.state.base = Some(BaseState { base_id, log_start, ..Default::default() });
         self.save()
     }
@@ -510,5 +512,5 @@ pub fn scan_tail(dir: &StandbyDir, state: &StandbyState) -> io::Result<LogTail> 
         }
         None => Vec::new(),
     };
-    Ok(LogTail { written: end, durable: end, last_record: w.last_record, last_record_digest: digest })
+    Ok(LogTail { written: end, durable: end, last_record: w.last_record, last_record_digest: digest, lg_max: w.header.map_or(0, |h| h.lg_max) })
 }

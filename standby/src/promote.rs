@@ -113,27 +113,47 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
 }
 
 /// Waits for a running, connected standby to catch up, then stops it.
-/// Returns "switchover" when it held everything the primary had, otherwise
-/// "failover".
+/// When none runs but the directory knows its primary, one is started just
+/// for the catch-up. Returns "switchover" when the standby held everything
+/// the primary had, otherwise "failover".
 fn stop_follower(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, LogPosition)> {
-    let Some(pid) = dir.lock_holder() else {
-        let last = crate::status::read(dir).ok();
-        let end = last.map(|s| s.primary_end_lsn).unwrap_or_default();
-        tracing::warn!("no standby is running on this directory: promoting with what is durable (failover)");
-        return Ok(("failover".into(), end));
+    let since = tandem_shared::now_unix_ms();
+    let mut child = None;
+    let pid = match dir.lock_holder() {
+        Some(pid) => pid,
+        None => match spawn_catch_up(dir)? {
+            Some(c) => {
+                let pid = c.id();
+                child = Some(c);
+                pid
+            }
+            None => {
+                tracing::warn!("no standby runs on this directory and no primary is recorded: promoting with what is durable (failover)");
+                let end = crate::status::read(dir).map(|s| s.primary_end_lsn).unwrap_or_default();
+                return Ok(("failover".into(), end));
+            }
+        },
     };
     let deadline = Instant::now() + opts.catch_up_timeout;
     let mut kind = "failover".to_owned();
     let mut end = LogPosition::ZERO;
     // Caught up = nothing left to fetch, and the primary's end has not
-    // moved across two heartbeats (the application on it has stopped).
+    // moved for over a second (the application on it has stopped).
     let mut stable_since: Option<(LogPosition, Instant)> = None;
     while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
         let s: StandbyStatus = crate::status::read(dir)?;
+        // Only a status written by that process since promote began counts.
+        if s.pid != Some(pid) || s.updated_unix_ms < since {
+            continue;
+        }
         end = s.primary_end_lsn;
         if !s.connected {
-            tracing::warn!("the standby is not connected to its primary: promoting with what is durable (failover)");
-            break;
+            if child.is_none() || s.last_error.is_some() {
+                tracing::warn!(error = s.last_error.as_deref().unwrap_or("-"), "the standby is not connected to its primary: promoting with what is durable (failover)");
+                break;
+            }
+            continue;
         }
         if s.lag_bytes == 0 && s.durable_lsn >= s.primary_end_lsn {
             match stable_since {
@@ -147,7 +167,6 @@ fn stop_follower(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, Log
         } else {
             stable_since = None;
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
     if kind != "switchover" && Instant::now() >= deadline {
         tracing::warn!("the standby did not catch up within the timeout: promoting with what is durable (failover)");
@@ -161,5 +180,32 @@ fn stop_follower(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, Log
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    if let Some(mut c) = child {
+        let _ = c.wait();
+    }
     Ok((kind, end))
+}
+
+/// Starts `tandem-standby run` with the configuration the directory last
+/// followed with, to fetch what the primary still has.
+fn spawn_catch_up(dir: &StandbyDir) -> Result<Option<std::process::Child>> {
+    let Ok(bytes) = std::fs::read(dir.meta().join(crate::follow::FOLLOW_CONFIG_FILE)) else { return Ok(None) };
+    let fc: crate::follow::FollowConfig = serde_json::from_slice(&bytes).context("reading .tandem/follow.json")?;
+    let log = File::create(dir.meta().join("promote-catch-up.log"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("run").arg("--dir").arg(&dir.root).args(["--primary", &fc.primary, "--name", &fc.name, "--check-interval-secs", "0"]);
+    cmd.arg("--cert").arg(&fc.tls.cert).arg("--key").arg(&fc.tls.key).arg("--ca").arg(&fc.tls.ca);
+    if let Some(n) = &fc.server_name {
+        cmd.args(["--server-name", n]);
+    }
+    tracing::info!(primary = %fc.primary, "no standby runs on this directory: starting one to fetch what the primary still has");
+    let child = cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn().context("starting the catch-up standby")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dir.lock_holder() != Some(child.id()) {
+        if Instant::now() > deadline {
+            bail!("the catch-up standby did not start; see {}", dir.meta().join("promote-catch-up.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some(child))
 }

@@ -43,7 +43,17 @@ pub struct StandbyStatus {
     pub lg_max: u32,
     pub last_error: Option<String>,
     pub promotion: Option<crate::state::Promotion>,
+    /// The last readiness check (clone, recover, verify).
+    pub last_check: Option<crate::readiness::CheckReport>,
+    /// Log bytes a promotion would replay now (from the base's first log).
+    pub replay_log_bytes: u64,
+    /// Estimated recovery time of a promotion now, from the last check's
+    /// replay rate (or 100 MB/s, BDB.md §5, before the first check).
+    pub replay_estimate_seconds: f64,
 }
+
+/// Catastrophic recovery's replay rate before any check measured one.
+const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
 
 impl StandbyStatus {
     pub fn phase_of(state: &StandbyState, durable: LogPosition, primary_end: LogPosition) -> &'static str {
@@ -64,6 +74,12 @@ impl StandbyStatus {
         self.recoverable = is_recoverable(state, self.durable_lsn);
         self.phase = Self::phase_of(state, self.durable_lsn, self.primary_end_lsn).into();
         self.promotion = state.promoted.clone();
+        self.replay_log_bytes = state.base.as_ref().map_or(0, |b| b.log_start.bytes_until(self.durable_lsn, self.lg_max));
+        let rate = match &self.last_check {
+            Some(c) if c.ok && c.recovery_seconds > 0.05 && c.log_bytes > 0 => c.log_bytes as f64 / c.recovery_seconds,
+            _ => DEFAULT_REPLAY_BYTES_PER_SEC,
+        };
+        self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
     }
 
     pub fn compute_lag(&mut self) {
@@ -100,6 +116,10 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     s.pid = None;
     s.connected = false;
     s.durable_lsn = tail.durable;
+    if s.lg_max == 0 {
+        s.lg_max = tail.lg_max;
+    }
+    s.last_check = crate::readiness::last_check(dir).or(s.last_check);
     s.compute_lag();
     s.fill_from_state(&state);
     Ok(s)
@@ -131,6 +151,17 @@ pub fn render(s: &StandbyStatus) -> String {
         if s.recoverable { "yes" } else { "no" },
         when(s.last_contact_unix_ms),
     );
+    out.push_str(&format!("promotion:    would replay {} bytes of log, about {:.1} s\n", s.replay_log_bytes, s.replay_estimate_seconds));
+    match &s.last_check {
+        Some(c) if c.ok => out.push_str(&format!(
+            "last check:   passed {}, recovered to {} in {:.2} s\n",
+            when(c.unix_ms),
+            c.recovered_to.map(|l| l.to_string()).unwrap_or("-".into()),
+            c.recovery_seconds
+        )),
+        Some(c) => out.push_str(&format!("last check:   FAILED {}: {}\n", when(c.unix_ms), c.error.as_deref().unwrap_or("?"))),
+        None => out.push_str("last check:   none yet\n"),
+    }
     if let Some(e) = &s.last_error {
         out.push_str(&format!("last error:   {e}\n"));
     }
@@ -154,6 +185,11 @@ pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
         .gauge("tandem_standby_lag_seconds", "Seconds since the standby last held everything the primary had.", s.lag_seconds)
         .gauge("tandem_standby_recoverable", "1 when the directory holds a complete base and the log it needs.", f64::from(u8::from(s.recoverable)))
         .gauge("tandem_standby_epoch", "Highest epoch seen.", s.epoch as f64)
+        .gauge("tandem_standby_promotion_replay_bytes", "Log bytes a promotion would replay now.", s.replay_log_bytes as f64)
+        .gauge("tandem_standby_promotion_replay_estimate_seconds", "Estimated recovery time of a promotion now.", s.replay_estimate_seconds)
+        .gauge("tandem_standby_readiness_check_ok", "1 if the last readiness check passed, 0 if it failed or none ran.", f64::from(u8::from(s.last_check.as_ref().is_some_and(|c| c.ok))))
+        .gauge("tandem_standby_readiness_check_duration_seconds", "Duration of the last readiness check.", s.last_check.as_ref().map_or(0.0, |c| c.seconds))
+        .gauge("tandem_standby_readiness_check_timestamp_seconds", "When the last readiness check ran.", s.last_check.as_ref().map_or(0.0, |c| c.unix_ms as f64 / 1000.0))
         .gauge("tandem_standby_last_contact_timestamp_seconds", "When the primary was last heard from.", s.last_contact_unix_ms as f64 / 1000.0)
         .finish()
 }
