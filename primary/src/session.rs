@@ -13,7 +13,7 @@
 
 use crate::log_watch::LogEnd;
 use crate::server::Shared;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -23,8 +23,8 @@ use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::logfile::{read_verified, walk_file};
 use tandem_shared::pages::read_stable_pages;
 use tandem_shared::wire::{
-    primary_message::Kind, standby_message, BaseFilesDone, BaseStart, FileChunk, FileEnd, FileKind, FileStart, Heartbeat, Hello,
-    LogChunk, PrimaryMessage, StandbyMessage, Welcome,
+    primary_message::Kind, standby_message, BaseFilesDone, BaseStart, FileChunk, FileEnd, FileKind, FileSame, FileStart, Heartbeat,
+    Hello, LogChunk, PageDigests, PrimaryMessage, StandbyMessage, Welcome,
 };
 use tandem_shared::{LogPosition, MAX_CHUNK};
 use tokio::sync::{mpsc, watch};
@@ -63,6 +63,10 @@ pub async fn run(shared: Arc<Shared>, peer: String, mut inbound: Streaming<Stand
         }
         Ok(Err(e)) => {
             tracing::warn!(%peer, error = %e, "standby stream failed before Hello");
+            // Tell the standby why (e.g. its message was over the size limit
+            // or could not be decoded); otherwise it sees the stream end
+            // without a word. If it is gone, this goes nowhere.
+            let _ = tx.send(Err(e)).await;
             return;
         }
         Err(_) => {
@@ -72,8 +76,8 @@ pub async fn run(shared: Arc<Shared>, peer: String, mut inbound: Streaming<Stand
     };
     let name = if hello.standby_name.is_empty() { peer.clone() } else { hello.standby_name.clone() };
     match start(&shared, &name, &peer, &hello, &tx).await {
-        Ok(tasks) => {
-            follow_acks(&shared, &name, &mut inbound).await;
+        Ok((tasks, commands)) => {
+            follow_acks(&shared, &name, &mut inbound, commands).await;
             for t in tasks {
                 t.abort();
             }
@@ -93,7 +97,7 @@ async fn start(
     peer: &str,
     hello: &Hello,
     tx: &Outbox,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, Status> {
+) -> Result<(Vec<tokio::task::JoinHandle<()>>, std::sync::mpsc::Sender<BaseCommand>), Status> {
     let id = &shared.identity;
     if hello.protocol_version != tandem_shared::wire::PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
@@ -132,13 +136,14 @@ async fn start(
             let base_id = crate::identity::random_id();
             tracing::info!(standby = %name, %peer, %reason, base = %base_id, boundary = %from, "standby connected; starting a new base");
             send(tx, welcome(shared, false)).await?;
-            send(tx, Kind::BaseStart(BaseStart { base_id: base_id.clone(), log_start: Some(from.into()), reason })).await?;
+            send(tx, Kind::BaseStart(BaseStart { base_id: base_id.clone(), log_start: Some(from.into()), reason, rebase: false })).await?;
             (base_id, from, None, BTreeSet::new(), false)
         }
     };
     shared.standby_connected(name, peer, &base_id, from);
 
     let mut tasks = Vec::new();
+    let (commands, base_commands) = std::sync::mpsc::channel();
     {
         let (shared, tx) = (shared.clone(), tx.clone());
         tasks.push(tokio::spawn(async move {
@@ -150,7 +155,7 @@ async fn start(
     {
         let (shared, tx) = (shared.clone(), tx.clone());
         tasks.push(tokio::task::spawn_blocking(move || {
-            if let Err(status) = ship_base(&shared, &tx, complete, files_done) {
+            if let Err(status) = ship_base(&shared, &tx, complete, files_done, base_commands) {
                 let _ = tx.blocking_send(Err(status));
             }
         }));
@@ -159,7 +164,7 @@ async fn start(
         let (shared, tx) = (shared.clone(), tx.clone());
         tasks.push(tokio::spawn(async move { heartbeats(&shared, &tx).await }));
     }
-    Ok(tasks)
+    Ok((tasks, commands))
 }
 
 fn welcome(shared: &Shared, resume: bool) -> Kind {
@@ -171,13 +176,27 @@ fn welcome(shared: &Shared, resume: bool) -> Kind {
     })
 }
 
-async fn follow_acks(shared: &Shared, name: &str, inbound: &mut Streaming<StandbyMessage>) {
+/// What the standby asks of the base task.
+pub enum BaseCommand {
+    Digests(PageDigests),
+    /// With where the standby's current base starts.
+    Rebase(LogPosition),
+}
+
+async fn follow_acks(shared: &Shared, name: &str, inbound: &mut Streaming<StandbyMessage>, commands: std::sync::mpsc::Sender<BaseCommand>) {
     loop {
         match inbound.message().await {
             Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::Ack(ack)) })) => {
                 if let Some(p) = ack.durable {
                     shared.standby_acked(name, p.into());
                 }
+            }
+            Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::PageDigests(d)) })) => {
+                let _ = commands.send(BaseCommand::Digests(d));
+            }
+            Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::RebaseRequest(r)) })) => {
+                tracing::info!(standby = %name, "standby asked for a rebase");
+                let _ = commands.send(BaseCommand::Rebase(r.log_start.unwrap_or_default().into()));
             }
             Ok(Some(_)) => tracing::warn!(standby = %name, "unexpected message from standby; ignored"),
             Ok(None) => return,
@@ -324,78 +343,162 @@ fn digest(shared: &Shared, data: &[u8]) -> bytes::Bytes {
 }
 
 /// Ships the database files the standby does not have, then rescans for
-/// databases created later.
-fn ship_base(shared: &Shared, tx: &Outbox, mut sent: BTreeSet<String>, files_done: bool) -> Result<(), Status> {
-    let list = |sent: &BTreeSet<String>| -> Result<Vec<(String, FileKind, u32)>, Status> {
-        let mut out = Vec::new();
-        if shared.layout.home.join(DB_CONFIG).is_file() && !sent.contains(DB_CONFIG) {
-            out.push((DB_CONFIG.to_owned(), FileKind::Config, 4096));
-        }
-        for f in shared.layout.database_files().map_err(|e| Status::internal(e.to_string()))? {
-            if !sent.contains(&f.name) {
-                out.push((f.name, FileKind::Database, f.page_size));
-            }
-        }
-        Ok(out)
-    };
+/// databases created later and serves rebase requests.
+fn ship_base(
+    shared: &Shared,
+    tx: &Outbox,
+    mut sent: BTreeSet<String>,
+    files_done: bool,
+    commands: std::sync::mpsc::Receiver<BaseCommand>,
+) -> Result<(), Status> {
     if !files_done {
-        let started = std::time::Instant::now();
-        let mut bytes = 0;
-        for (name, kind, page_size) in list(&sent)? {
-            bytes += ship_file(shared, tx, &name, kind, page_size)?;
-            sent.insert(name);
-        }
-        // Read after the copy: WAL puts every copied page's log record
-        // before this point.
-        let consistent_at = current_log_end(shared).map_err(|e| io_status("read end of log", e))?;
-        tracing::info!(files = sent.len(), bytes, secs = started.elapsed().as_secs_f64(), %consistent_at, "base copy sent");
-        blocking_send(tx, Kind::BaseFilesDone(BaseFilesDone { consistent_at: Some(consistent_at.into()) }))?;
+        ship_files(shared, tx, &mut sent, &BTreeMap::new())?;
     }
+    // Page digests of the standby's files, collected for a rebase.
+    let mut theirs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     loop {
-        std::thread::sleep(shared.rescan_interval);
+        match commands.recv_timeout(shared.rescan_interval) {
+            Ok(BaseCommand::Digests(d)) => {
+                let at = d.first_page as usize * tandem_shared::pages::PAGE_DIGEST_LEN;
+                let v = theirs.entry(d.name).or_default();
+                if v.len() < at + d.digests.len() {
+                    v.resize(at + d.digests.len(), 0);
+                }
+                v[at..at + d.digests.len()].copy_from_slice(&d.digests);
+                continue;
+            }
+            Ok(BaseCommand::Rebase(current)) => {
+                let log_start = base_boundary(shared)?;
+                if log_start.file <= current.file {
+                    tracing::warn!(
+                        boundary = %log_start, current = %current,
+                        "rebase requested but BDB still needs the log from the standby's current base on \
+                         (no checkpoint since, or a long-running transaction): not rebasing"
+                    );
+                    theirs.clear();
+                    continue;
+                }
+                let base_id = crate::identity::random_id();
+                tracing::info!(base = %base_id, %log_start, "rebase: sending a fresh base, only pages the standby lacks");
+                blocking_send(
+                    tx,
+                    Kind::BaseStart(BaseStart { base_id, log_start: Some(log_start.into()), reason: "rebase requested by the standby".into(), rebase: true }),
+                )?;
+                let mut fresh = BTreeSet::new();
+                ship_files(shared, tx, &mut fresh, &theirs)?;
+                sent = fresh;
+                theirs.clear();
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
         if tx.is_closed() {
             return Ok(());
         }
-        for (name, kind, page_size) in list(&sent)? {
+        for (name, kind, page_size) in list_unsent(shared, &sent)? {
             tracing::info!(file = %name, "new database file; shipping it");
-            ship_file(shared, tx, &name, kind, page_size)?;
+            ship_file(shared, tx, &name, kind, page_size, None)?;
             sent.insert(name);
         }
     }
+}
+
+/// Database files (and DB_CONFIG) not in `sent`.
+fn list_unsent(shared: &Shared, sent: &BTreeSet<String>) -> Result<Vec<(String, FileKind, u32)>, Status> {
+    let mut out = Vec::new();
+    if shared.layout.home.join(DB_CONFIG).is_file() && !sent.contains(DB_CONFIG) {
+        out.push((DB_CONFIG.to_owned(), FileKind::Config, 4096));
+    }
+    for f in shared.layout.database_files().map_err(|e| Status::internal(e.to_string()))? {
+        if !sent.contains(&f.name) {
+            out.push((f.name, FileKind::Database, f.page_size));
+        }
+    }
+    Ok(out)
+}
+
+/// A base's file copy: every file not yet sent, then BaseFilesDone.
+fn ship_files(shared: &Shared, tx: &Outbox, sent: &mut BTreeSet<String>, theirs: &BTreeMap<String, Vec<u8>>) -> Result<(), Status> {
+    let started = std::time::Instant::now();
+    let (mut bytes, mut skipped) = (0, 0);
+    for (name, kind, page_size) in list_unsent(shared, sent)? {
+        let (b, s) = ship_file(shared, tx, &name, kind, page_size, theirs.get(&name).map(Vec::as_slice))?;
+        bytes += b;
+        skipped += s;
+        sent.insert(name);
+    }
+    // Read after the copy: WAL puts every copied page's log record
+    // before this point.
+    let consistent_at = current_log_end(shared).map_err(|e| io_status("read end of log", e))?;
+    tracing::info!(files = sent.len(), bytes, skipped, secs = started.elapsed().as_secs_f64(), %consistent_at, "base copy sent");
+    blocking_send(tx, Kind::BaseFilesDone(BaseFilesDone { consistent_at: Some(consistent_at.into()) }))
 }
 
 fn blocking_send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
     tx.blocking_send(msg(kind)).map_err(|_| Status::cancelled("standby went away"))
 }
 
-/// Ships one file in stable, page-aligned chunks. Returns the bytes sent.
-fn ship_file(shared: &Shared, tx: &Outbox, name: &str, kind: FileKind, page_size: u32) -> Result<u64, Status> {
+/// Ships one file in stable, page-aligned chunks. Pages whose digest
+/// matches the standby's copy (`theirs`, during a rebase) are sent as
+/// FileSame instead of bytes. Returns (bytes sent, bytes skipped).
+fn ship_file(shared: &Shared, tx: &Outbox, name: &str, kind: FileKind, page_size: u32, theirs: Option<&[u8]>) -> Result<(u64, u64), Status> {
     let path = shared.layout.home.join(name);
     let file = match File::open(&path) {
         Ok(f) => f,
         // Removed since it was listed: nothing to ship.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
         Err(e) => return Err(io_status(&format!("open {}", path.display()), e)),
     };
     let size = file.metadata().map_err(|e| io_status("stat", e))?.len();
     blocking_send(tx, Kind::FileStart(FileStart { name: name.to_owned(), size, kind: kind as i32, page_size }))?;
     let page = page_size.max(512) as usize;
     let chunk_len = (MAX_CHUNK / page).max(1) * page;
-    let mut offset = 0u64;
+    let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);
     while offset < size {
         let want = chunk_len.min((size - offset) as usize);
         let data = read_stable_pages(&file, offset, want, page).map_err(|e| io_status(&format!("read {name}"), e))?;
         if data.is_empty() {
             break; // the file shrank while we read it
         }
-        let data = bytes::Bytes::from(data);
-        shared.counters.file_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         let len = data.len() as u64;
-        blocking_send(tx, Kind::FileChunk(FileChunk { name: name.to_owned(), offset, blake3: digest(shared, &data), data }))?;
+        for (run_offset, run_len, same) in runs(&data, offset, page, theirs) {
+            if same {
+                blocking_send(tx, Kind::FileSame(FileSame { name: name.to_owned(), offset: run_offset, len: run_len as u64 }))?;
+                skipped += run_len as u64;
+            } else {
+                let start = (run_offset - offset) as usize;
+                let bytes = bytes::Bytes::copy_from_slice(&data[start..start + run_len]);
+                shared.counters.file_bytes.fetch_add(run_len as u64, Ordering::Relaxed);
+                blocking_send(tx, Kind::FileChunk(FileChunk { name: name.to_owned(), offset: run_offset, blake3: digest(shared, &bytes), data: bytes }))?;
+                sent += run_len as u64;
+            }
+        }
         offset += len;
     }
     blocking_send(tx, Kind::FileEnd(FileEnd { name: name.to_owned(), size: offset }))?;
-    Ok(offset)
+    Ok((sent, skipped))
+}
+
+/// Splits a chunk read at `offset` into runs of pages that are the same as
+/// the standby's (`true`) or not, as (file offset, length, same).
+fn runs(data: &[u8], offset: u64, page: usize, theirs: Option<&[u8]>) -> Vec<(u64, usize, bool)> {
+    use tandem_shared::pages::{page_digests, PAGE_DIGEST_LEN};
+    let Some(theirs) = theirs else { return vec![(offset, data.len(), false)] };
+    let ours = page_digests(data, page);
+    let first_page = (offset / page as u64) as usize;
+    let mut out: Vec<(u64, usize, bool)> = Vec::new();
+    for (i, chunk) in data.chunks(page).enumerate() {
+        let d = &ours[i * PAGE_DIGEST_LEN..(i + 1) * PAGE_DIGEST_LEN];
+        let at = (first_page + i) * PAGE_DIGEST_LEN;
+        // A short last page is never "the same": its length may differ.
+        let same = chunk.len() == page && theirs.get(at..at + PAGE_DIGEST_LEN) == Some(d);
+        match out.last_mut() {
+            Some(last) if last.2 == same => last.1 += chunk.len(),
+            _ => out.push((offset + (i * page) as u64, chunk.len(), same)),
+        }
+    }
+    out
 }
 
 /// Walks the newest log file now (not the watcher's possibly older view).
@@ -415,5 +518,22 @@ async fn heartbeats(shared: &Shared, tx: &Outbox) {
         if send(tx, Kind::Heartbeat(hb)).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+    use tandem_shared::pages::page_digests;
+
+    #[test]
+    fn runs_skip_pages_the_standby_has() {
+        let mut data = vec![1u8; 4096 * 4];
+        let theirs = page_digests(&data, 4096);
+        data[4096 * 2 + 7] = 9; // page 2 changed
+        assert_eq!(runs(&data, 0, 4096, Some(&theirs)), vec![(0, 8192, true), (8192, 4096, false), (12288, 4096, true)]);
+        assert_eq!(runs(&data, 0, 4096, None), vec![(0, 16384, false)]);
+        // The same pages later in the file are compared with their own index.
+        assert_eq!(runs(&data[8192..], 8192, 4096, Some(&theirs)), vec![(8192, 4096, false), (12288, 4096, true)]);
     }
 }

@@ -39,6 +39,19 @@ pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize)
     Ok(first)
 }
 
+/// Bytes of blake3 kept per page when comparing pages for a rebase: 128
+/// bits, ample against accidental collisions.
+pub const PAGE_DIGEST_LEN: usize = 16;
+
+/// Concatenated per-page digests of `data` (the last page may be short).
+pub fn page_digests(data: &[u8], page_size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len().div_ceil(page_size.max(1)) * PAGE_DIGEST_LEN);
+    for page in data.chunks(page_size.max(1)) {
+        out.extend_from_slice(&blake3::hash(page).as_bytes()[..PAGE_DIGEST_LEN]);
+    }
+    out
+}
+
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {

@@ -9,7 +9,7 @@ use crate::status::StandbyStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_shared::tls::TlsFiles;
-use tandem_shared::wire::{primary_message::Kind, standby_message, Ack, Hello, StandbyMessage, PROTOCOL_VERSION};
+use tandem_shared::wire::{primary_message::Kind, standby_message, Ack, Hello, RebaseRequest, StandbyMessage, PROTOCOL_VERSION};
 use tandem_shared::{now_unix_ms, LogPosition};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +24,11 @@ pub struct StandbyConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How often to prove the mirror recovers (None: never).
     pub check_interval: Option<Duration>,
+    /// Ask for a rebase when the log since the base passes this many bytes
+    /// (0: never) ...
+    pub rebase_after_bytes: u64,
+    /// ... or when the base is older than this many seconds (0: never).
+    pub rebase_after_secs: u64,
 }
 
 /// Why `run` stopped for good.
@@ -161,6 +166,7 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
         Err(status) => return Err(classify(status)),
     };
     tracing::info!(primary = %cfg.primary, durable = %mirror.tail.durable, "connected to the primary");
+    let mut rebase_asked: Option<std::time::Instant> = None;
     update(live, |s| {
         s.connected = true;
         s.last_contact_unix_ms = now_unix_ms();
@@ -214,6 +220,18 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
         if pending > 0 {
             let _ = tx.try_send(StandbyMessage { kind: Some(standby_message::Kind::Ack(Ack { durable: Some(durable.into()) })) });
         }
+        if let Some(report) = tokio::task::block_in_place(|| mirror.finish_rebase()).map_err(|e| rejected(e, live, mirror))? {
+            update(live, |s| {
+                s.rebases += 1;
+                s.last_rebase = Some(report);
+            });
+            rebase_asked = None;
+        }
+        let retry_due = rebase_asked.is_none_or(|at: std::time::Instant| at.elapsed() > REBASE_RETRY);
+        if retry_due && mirror.rebase.is_none() && mirror.rebase_due(cfg.rebase_after_bytes, cfg.rebase_after_secs) {
+            rebase_asked = Some(std::time::Instant::now());
+            request_rebase(mirror, &tx).await.map_err(|e| rejected(e, live, mirror))?;
+        }
         update(live, |s| {
             s.durable_lsn = durable;
             s.last_contact_unix_ms = now_unix_ms();
@@ -221,6 +239,24 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
             s.fill_from_state(&mirror.state);
         });
     }
+}
+
+/// A rebase request not answered by then is asked again.
+const REBASE_RETRY: Duration = Duration::from_secs(120);
+
+/// Sends the page digests of the mirror's files, then the request.
+async fn request_rebase(mirror: &Mirror, tx: &mpsc::Sender<StandbyMessage>) -> Result<(), ApplyError> {
+    let base = mirror.state.base.as_ref().map(|b| b.base_id.clone()).unwrap_or_default();
+    let log_start = mirror.state.base.as_ref().map(|b| b.log_start).unwrap_or_default();
+    let digests = tokio::task::block_in_place(|| mirror.page_digests())?;
+    tracing::info!(base = %base, durable = %mirror.tail.durable, "the log since the base passed the threshold: asking for a rebase");
+    for d in digests {
+        if tx.send(StandbyMessage { kind: Some(standby_message::Kind::PageDigests(d)) }).await.is_err() {
+            return Ok(());
+        }
+    }
+    let _ = tx.send(StandbyMessage { kind: Some(standby_message::Kind::RebaseRequest(RebaseRequest { base_id: base, log_start: Some(log_start.into()) })) }).await;
+    Ok(())
 }
 
 fn note_heartbeat(live: &Live, kind: &Kind) {

@@ -117,6 +117,17 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     check_interval_secs: Option<u64>,
+    /// Ask the primary for a fresh base once the log a promotion would
+    /// replay passes this many MiB, so promotion time stays bounded; only
+    /// pages that changed are sent; 0 turns it off [default: 1024].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebase_after_mib: Option<u64>,
+    /// Also rebase when the base is older than this many seconds; 0 turns
+    /// it off [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebase_after_secs: Option<u64>,
     /// Log format: human or json [default: human].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -220,6 +231,8 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
             0 => None,
             n => Some(Duration::from_secs(n)),
         },
+        rebase_after_bytes: a.rebase_after_mib.unwrap_or(1024) << 20,
+        rebase_after_secs: a.rebase_after_secs.unwrap_or(0),
     })
 }
 

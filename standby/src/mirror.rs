@@ -65,10 +65,14 @@ impl ApplyError {
     }
 }
 
+fn is_disk_full(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
     let what = what.into();
     move |source| {
-        if source.raw_os_error() == Some(libc::ENOSPC) || source.raw_os_error() == Some(libc::EDQUOT) {
+        if is_disk_full(&source) {
             ApplyError::DiskFull(what)
         } else {
             ApplyError::Io { what, source }
@@ -101,6 +105,27 @@ pub struct LogTail {
     pub lg_max: u32,
 }
 
+/// A rebase in progress.
+#[derive(Debug, Clone, Default)]
+pub struct Rebase {
+    pub base: BaseState,
+    /// Bytes received over the network for the new base.
+    pub sent_bytes: u64,
+    /// Bytes copied from the standby's own files (FileSame).
+    pub reused_bytes: u64,
+}
+
+/// A finished rebase, for logs and status.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct RebaseReport {
+    pub base_id: String,
+    pub log_start: LogPosition,
+    pub sent_bytes: u64,
+    pub reused_bytes: u64,
+    pub removed_log_files: usize,
+    pub unix_ms: u64,
+}
+
 /// What applying a message changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
@@ -112,9 +137,14 @@ pub struct Mirror {
     pub dir: StandbyDir,
     pub state: StandbyState,
     pub tail: LogTail,
+    /// A rebase being received: the new base, staged beside the current one.
+    pub rebase: Option<Rebase>,
     incoming: Option<Incoming>,
     open_log: Option<(u32, File)>,
     dirty: bool,
+    /// `tail` as of the last fsync (or open, or new base): where the next
+    /// session resumes (see `begin_session`).
+    synced_tail: LogTail,
 }
 
 impl Mirror {
@@ -125,8 +155,13 @@ impl Mirror {
         let state = dir.load_state()?;
         let tail = scan_tail(&dir, &state).map_err(io_err("reading the standby's log"))?;
         clear_incoming(&dir).map_err(io_err("clearing incoming files"))?;
-        let m = Self { dir, state, tail, incoming: None, open_log: None, dirty: false };
+        let mut m = Self { dir, state, synced_tail: tail.clone(), tail, rebase: None, incoming: None, open_log: None, dirty: false };
         m.zero_past_end().map_err(io_err("clearing a partial log write"))?;
+        if let Some(new) = m.state.pending_swap.clone() {
+            tracing::warn!(base = %new.base_id, "finishing an interrupted rebase swap");
+            m.swap_in(new)?;
+        }
+        let _ = std::fs::remove_dir_all(m.dir.rebase_dir());
         Ok(m)
     }
 
@@ -135,7 +170,7 @@ impl Mirror {
         if end.file == 0 || self.state.base.is_none() {
             return Ok(());
         }
-        let path = self.log_path(end.file);
+        let path = self.checked_log_path(end.file).map_err(io::Error::other)?;
         let Ok(f) = OpenOptions::new().read(true).write(true).open(&path) else { return Ok(()) };
         let mut probe = [0u8; 16];
         let n = f.read_at(&mut probe, u64::from(end.offset))?;
@@ -166,14 +201,48 @@ impl Mirror {
         if let Some(inc) = self.incoming.take() {
             let _ = std::fs::remove_file(&inc.temp);
         }
+        if self.rebase.take().is_some() {
+            tracing::info!("abandoning an unfinished rebase; the standby will ask again");
+            let _ = std::fs::remove_dir_all(self.dir.rebase_dir());
+        }
+        // A session that ended early (a refused message, a broken stream)
+        // may have written verified records after the last fsync without
+        // acknowledging them. The Hello must describe one point: its durable
+        // position *and* the digest of the record before it, but
+        // `last_record_digest` belongs to `written`. With the two apart the
+        // primary sees "a different history" and starts a new base (deleting
+        // this one), or, at the start of a file, resumes at `durable` and
+        // every chunk is refused as a gap, forever. Go back to the last
+        // fsync, as the refusal says ("nothing after the last acknowledged
+        // position was kept"); the primary sends the rest again.
+        if self.tail.written != self.tail.durable {
+            self.tail = self.synced_tail.clone();
+            self.open_log = None;
+            self.dirty = false;
+        }
     }
 
-    fn log_path(&self, number: u32) -> PathBuf {
-        self.dir.log_dir(&self.state).join(logfile::log_file_name(number))
+    /// The path of log file `number`, refusing a symlink anywhere on the
+    /// way (the log directory or the file): a link planted in the directory
+    /// must not redirect a write, or the zeroing of a torn tail, out of it.
+    fn checked_log_path(&self, number: u32) -> Result<PathBuf, PathError> {
+        let name = logfile::log_file_name(number);
+        let rel = if self.state.log_dir.is_empty() { name } else { format!("{}/{}", self.state.log_dir, name) };
+        wirepath::resolve_under(&self.dir.root, &rel)
     }
 
-    fn save(&self) -> Result<(), ApplyError> {
-        Ok(self.dir.store_state(&self.state)?)
+    fn save(&mut self) -> Result<(), ApplyError> {
+        let Err(e) = self.dir.store_state(&self.state) else { return Ok(()) };
+        // Not stored: go back to what is, so that nothing (a Hello, the
+        // status) claims a state that is not on disk, e.g. "base files done"
+        // after a BaseFilesDone that met a full disk.
+        if let Ok(stored) = self.dir.load_state() {
+            self.state = stored;
+        }
+        match e {
+            ControlFileError::Io { source, .. } if is_disk_full(&source) => Err(ApplyError::DiskFull("saving the standby's state".into())),
+            e => Err(e.into()),
+        }
     }
 
     /// Applies one message from the primary.
@@ -216,7 +285,19 @@ impl Mirror {
                 if self.state.env_id.is_none() {
                     return Err(ApplyError::Protocol("BaseStart before Welcome".into()));
                 }
-                self.start_base(b.base_id, start)?;
+                if b.rebase {
+                    if !self.state.base.as_ref().is_some_and(|cur| cur.files_done) {
+                        return Err(ApplyError::Protocol("a rebase needs a complete current base".into()));
+                    }
+                    let _ = std::fs::remove_dir_all(self.dir.rebase_dir());
+                    std::fs::create_dir_all(self.dir.rebase_dir()).map_err(io_err("creating the rebase directory"))?;
+                    tracing::info!(base = %b.base_id, log_start = %start, "rebase started: staging a new base beside the current one");
+                    let base = BaseState { base_id: b.base_id, log_start: start, started_unix_ms: tandem_shared::now_unix_ms(), ..Default::default() };
+                    self.rebase = Some(Rebase { base, ..Default::default() });
+                } else {
+                    self.rebase = None;
+                    self.start_base(b.base_id, start)?;
+                }
                 Ok(Applied::default())
             }
             Kind::FileStart(f) => {
@@ -263,7 +344,33 @@ impl Mirror {
                 }
                 inc.file.write_all_at(&c.data, c.offset).map_err(io_err(format!("writing {}", inc.name)))?;
                 inc.written += len;
+                if let Some(r) = self.rebase.as_mut() {
+                    r.sent_bytes += len;
+                }
                 Ok(Applied { file_bytes: len, log_bytes: 0 })
+            }
+            Kind::FileSame(f) => {
+                let Some(inc) = self.incoming.as_mut().filter(|i| i.name == f.name) else {
+                    return Err(ApplyError::UnknownFile(f.name));
+                };
+                let Some(rebase) = self.rebase.as_mut() else {
+                    return Err(ApplyError::Protocol("FileSame outside a rebase".into()));
+                };
+                if f.offset != inc.written {
+                    return Err(ApplyError::OutOfOrder { name: f.name, expected: inc.written, got: f.offset });
+                }
+                if f.offset + f.len > inc.size || f.len > tandem_shared::MAX_CHUNK as u64 * 64 {
+                    return Err(ApplyError::PastDeclaredSize { name: f.name, offset: f.offset, len: f.len, size: inc.size });
+                }
+                let source = wirepath::resolve_under(&self.dir.root, &f.name)?;
+                let mut buf = vec![0u8; f.len as usize];
+                File::open(&source)
+                    .and_then(|src| src.read_exact_at(&mut buf, f.offset))
+                    .map_err(|e| ApplyError::Protocol(format!("FileSame for {} [{}..+{}] is not in the standby's copy: {e}", f.name, f.offset, f.len)))?;
+                inc.file.write_all_at(&buf, f.offset).map_err(io_err(format!("writing {}", inc.name)))?;
+                inc.written += f.len;
+                rebase.reused_bytes += f.len;
+                Ok(Applied::default())
             }
             Kind::FileEnd(e) => {
                 let Some(inc) = self.incoming.take_if(|i| i.name == e.name) else {
@@ -272,11 +379,21 @@ impl Mirror {
                 if e.size != inc.written {
                     return Err(ApplyError::Protocol(format!("{} ended at {} bytes but {} arrived", e.name, e.size, inc.written)));
                 }
-                self.install(inc)?;
+                if self.rebase.is_some() {
+                    self.stage(inc)?;
+                } else {
+                    self.install(inc)?;
+                }
                 Ok(Applied::default())
             }
             Kind::BaseFilesDone(d) => {
                 let at: LogPosition = d.consistent_at.unwrap_or_default().into();
+                if let Some(r) = self.rebase.as_mut() {
+                    r.base.files_done = true;
+                    r.base.consistent_at = Some(at);
+                    tracing::info!(consistent_at = %at, sent = r.sent_bytes, reused = r.reused_bytes, "rebase files complete");
+                    return Ok(Applied::default());
+                }
                 let base = self.base_mut()?;
                 base.files_done = true;
                 base.consistent_at = Some(at);
@@ -299,6 +416,13 @@ impl Mirror {
 
     /// Drops the old base (its files and logs) and records the new one.
     fn start_base(&mut self, base_id: String, log_start: LogPosition) -> Result<(), ApplyError> {
+        // Old logs are removed by listing the log directory: refuse, before
+        // anything changes, one reached through a symlink (it would delete
+        // log files outside the standby directory).
+        let log_dir = match self.state.log_dir.as_str() {
+            "" => self.dir.root.clone(),
+            rel => wirepath::resolve_under(&self.dir.root, rel)?,
+        };
         if let Some(old) = self.state.base.take() {
             tracing::warn!(old = %old.base_id, new = %base_id, "replacing the standby's base: it is not recoverable until the new base is complete");
             // Record "no base" first: a crash midway must not leave a state
@@ -309,7 +433,6 @@ impl Mirror {
                     remove_if_exists(&p).map_err(io_err(format!("removing {name}")))?;
                 }
             }
-            let log_dir = self.dir.log_dir(&self.state);
             if let Ok(entries) = std::fs::read_dir(&log_dir) {
                 for e in entries.flatten() {
                     if e.file_name().to_str().and_then(parse_log_file_name).is_some() {
@@ -323,8 +446,129 @@ impl Mirror {
         self.open_log = None;
         self.dirty = false;
         self.tail = LogTail { written: log_start, durable: log_start, ..Default::default() };
-        self.state.base = Some(BaseState { base_id, log_start, ..Default::default() });
+        self.synced_tail = self.tail.clone();
+        self.state.base = Some(BaseState { base_id, log_start, started_unix_ms: tandem_shared::now_unix_ms(), ..Default::default() });
         self.save()
+    }
+
+    /// Makes a received file of a rebase durable under `.tandem/rebase/`.
+    fn stage(&mut self, inc: Incoming) -> Result<(), ApplyError> {
+        inc.file.sync_all().map_err(io_err(format!("fsync of {}", inc.name)))?;
+        drop(inc.file);
+        let staged = wirepath::resolve_under(&self.dir.rebase_dir(), &inc.name)?;
+        let parent = staged.parent().unwrap_or(&self.dir.rebase_dir()).to_path_buf();
+        create_dirs_durably(&self.dir.rebase_dir(), &parent).map_err(io_err("creating a rebase directory"))?;
+        std::fs::rename(&inc.temp, &staged).map_err(io_err(format!("staging {}", inc.name)))?;
+        fsync_dir(&parent).map_err(io_err("fsync of a directory"))?;
+        if let Some(r) = self.rebase.as_mut() {
+            r.base.complete_files.insert(inc.name);
+        }
+        Ok(())
+    }
+
+    /// Swaps a complete rebase in once the log covers it. Every moment of
+    /// the swap is recoverable: files copied at different times recover
+    /// with the log from the earliest base boundary (BDB.md §7), and the
+    /// old base's logs are removed only after the last file is in place.
+    pub fn finish_rebase(&mut self) -> Result<Option<RebaseReport>, ApplyError> {
+        let ready = self.rebase.as_ref().is_some_and(|r| r.base.files_done && r.base.consistent_at.is_some_and(|c| self.tail.durable >= c));
+        if !ready {
+            return Ok(None);
+        }
+        let Some(r) = self.rebase.take() else { return Ok(None) };
+        self.state.pending_swap = Some(r.base.clone());
+        self.save()?;
+        let removed = self.swap_in(r.base.clone())?;
+        let report = RebaseReport {
+            base_id: r.base.base_id,
+            log_start: r.base.log_start,
+            sent_bytes: r.sent_bytes,
+            reused_bytes: r.reused_bytes,
+            removed_log_files: removed,
+            unix_ms: tandem_shared::now_unix_ms(),
+        };
+        tracing::info!(base = %report.base_id, log_start = %report.log_start, sent = report.sent_bytes, reused = report.reused_bytes,
+            removed_logs = removed, "rebase complete");
+        Ok(Some(report))
+    }
+
+    /// Moves the staged files into place (idempotent), records the new
+    /// base, then drops what it no longer needs. Returns log files removed.
+    fn swap_in(&mut self, new: BaseState) -> Result<usize, ApplyError> {
+        for name in &new.complete_files {
+            let staged = wirepath::resolve_under(&self.dir.rebase_dir(), name)?;
+            if !staged.exists() {
+                continue; // moved before an interruption
+            }
+            let path = wirepath::resolve_under(&self.dir.root, name)?;
+            let parent = path.parent().unwrap_or(&self.dir.root).to_path_buf();
+            create_dirs_durably(&self.dir.root, &parent).map_err(io_err(format!("creating the directory of {name}")))?;
+            std::fs::rename(&staged, &path).map_err(io_err(format!("moving {name} into place")))?;
+            fsync_dir(&parent).map_err(io_err("fsync of a directory"))?;
+        }
+        let old = self.state.base.replace(new.clone());
+        self.state.pending_swap = None;
+        self.save()?;
+        if let Some(old) = old {
+            for name in old.complete_files.difference(&new.complete_files) {
+                if let Ok(p) = wirepath::resolve_under(&self.dir.root, name) {
+                    remove_if_exists(&p).map_err(io_err(format!("removing {name}")))?;
+                }
+            }
+        }
+        let log_dir = self.dir.log_dir(&self.state);
+        let mut removed = 0;
+        if let Ok(entries) = std::fs::read_dir(&log_dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_str().and_then(parse_log_file_name).is_some_and(|n| n < new.log_start.file) {
+                    remove_if_exists(&e.path()).map_err(io_err("removing a log file the new base does not need"))?;
+                    removed += 1;
+                }
+            }
+        }
+        fsync_dir(&log_dir).map_err(io_err("fsync of the log directory"))?;
+        let _ = std::fs::remove_dir_all(self.dir.rebase_dir());
+        Ok(removed)
+    }
+
+    /// Is it time to ask for a rebase? (The base is complete, none is under
+    /// way, and the log since the base or its age passed a threshold.)
+    pub fn rebase_due(&self, after_bytes: u64, after_secs: u64) -> bool {
+        let Some(base) = self.state.base.as_ref().filter(|b| b.files_done) else { return false };
+        if self.rebase.is_some() || !self.recoverable() || base.log_start.file >= self.tail.durable.file {
+            return false;
+        }
+        let bytes = base.log_start.bytes_until(self.tail.durable, self.tail.lg_max.max(1));
+        let age_ms = tandem_shared::now_unix_ms().saturating_sub(base.started_unix_ms);
+        (after_bytes > 0 && bytes >= after_bytes) || (after_secs > 0 && base.started_unix_ms > 0 && age_ms >= after_secs * 1000)
+    }
+
+    /// Page digests of the base's database files, for a RebaseRequest.
+    pub fn page_digests(&self) -> Result<Vec<tandem_shared::wire::PageDigests>, ApplyError> {
+        let mut out = Vec::new();
+        let Some(base) = &self.state.base else { return Ok(out) };
+        for name in base.complete_files.iter().filter(|n| *n != DB_CONFIG) {
+            let path = wirepath::resolve_under(&self.dir.root, name)?;
+            let Some(meta) = tandem_shared::envlayout::read_db_meta(&path).map_err(io_err(format!("reading {name}")))? else { continue };
+            let f = File::open(&path).map_err(io_err(format!("opening {name}")))?;
+            let page = meta.page_size as usize;
+            let per_message = (tandem_shared::MAX_CHUNK / 2 / tandem_shared::pages::PAGE_DIGEST_LEN).max(1);
+            let mut buf = vec![0u8; page * per_message];
+            let mut first_page = 0u64;
+            loop {
+                let n = read_up_to(&f, &mut buf, first_page * page as u64).map_err(io_err(format!("reading {name}")))?;
+                if n == 0 {
+                    break;
+                }
+                let digests = tandem_shared::pages::page_digests(&buf[..n], page);
+                out.push(tandem_shared::wire::PageDigests { name: name.clone(), page_size: meta.page_size, first_page, digests: digests.into() });
+                first_page += n.div_ceil(page) as u64;
+                if n < buf.len() {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Makes a received file durable and gives it its name.
@@ -380,6 +624,9 @@ impl Mirror {
             self.dirty = true;
         }
         let last = w.last_record.unwrap_or(offset);
+        if let Some(h) = w.header {
+            self.tail.lg_max = h.lg_max;
+        }
         self.tail.written = LogPosition::new(file_no, w.end);
         self.tail.last_record = Some(last);
         self.tail.last_record_digest = blake3::hash(&data[(last - offset) as usize..]).as_bytes().to_vec();
@@ -414,7 +661,7 @@ impl Mirror {
 
     fn log_file(&mut self, file_no: u32) -> Result<&File, ApplyError> {
         if self.open_log.as_ref().map(|o| o.0) != Some(file_no) {
-            let path = self.log_path(file_no);
+            let path = self.checked_log_path(file_no)?;
             let f = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(format!("opening {}", path.display())))?;
             self.open_log = Some((file_no, f));
         }
@@ -430,6 +677,7 @@ impl Mirror {
             self.dirty = false;
         }
         self.tail.durable = self.tail.written;
+        self.synced_tail = self.tail.clone();
         Ok(self.tail.durable)
     }
 
@@ -441,6 +689,19 @@ impl Mirror {
 
 pub fn is_recoverable(state: &StandbyState, durable: LogPosition) -> bool {
     state.base.as_ref().is_some_and(|b| b.files_done && b.consistent_at.is_some_and(|c| durable >= c))
+}
+
+fn read_up_to(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 fn remove_if_exists(p: &Path) -> io::Result<()> {
@@ -514,3 +775,5 @@ pub fn scan_tail(dir: &StandbyDir, state: &StandbyState) -> io::Result<LogTail> 
     };
     Ok(LogTail { written: end, durable: end, last_record: w.last_record, last_record_digest: digest, lg_max: w.header.map_or(0, |h| h.lg_max) })
 }
+#[cfg(test)]
+#[path = "mirror_tests.rs"] mod tests;

@@ -28,6 +28,10 @@ pub struct StandbyState {
     /// Log directory relative to the home, from the primary's `DB_CONFIG`.
     pub log_dir: String,
     pub base: Option<BaseState>,
+    /// A rebase whose files are all staged in `.tandem/rebase/` and are
+    /// being moved into place; finished on restart if interrupted.
+    #[serde(default)]
+    pub pending_swap: Option<BaseState>,
     pub promoted: Option<Promotion>,
 }
 
@@ -42,6 +46,9 @@ pub struct BaseState {
     pub files_done: bool,
     /// With the log up to here, the base is recoverable.
     pub consistent_at: Option<LogPosition>,
+    /// When the base started (for the rebase age threshold).
+    #[serde(default)]
+    pub started_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -73,6 +80,10 @@ impl StandbyDir {
     }
     pub fn incoming(&self) -> PathBuf {
         self.meta().join(INCOMING_DIR)
+    }
+    /// Where a rebase stages its files until it is complete.
+    pub fn rebase_dir(&self) -> PathBuf {
+        self.meta().join("rebase")
     }
     pub fn log_dir(&self, state: &StandbyState) -> PathBuf {
         self.root.join(&state.log_dir)

@@ -47,6 +47,9 @@ pub struct StandbyStatus {
     pub last_check: Option<crate::readiness::CheckReport>,
     /// Log bytes a promotion would replay now (from the base's first log).
     pub replay_log_bytes: u64,
+    /// Rebases completed by this process, and the last one.
+    pub rebases: u64,
+    pub last_rebase: Option<crate::mirror::RebaseReport>,
     /// Estimated recovery time of a promotion now, from the last check's
     /// replay rate (or 100 MB/s, BDB.md §5, before the first check).
     pub replay_estimate_seconds: f64,
@@ -185,6 +188,7 @@ pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
         .gauge("tandem_standby_lag_seconds", "Seconds since the standby last held everything the primary had.", s.lag_seconds)
         .gauge("tandem_standby_recoverable", "1 when the directory holds a complete base and the log it needs.", f64::from(u8::from(s.recoverable)))
         .gauge("tandem_standby_epoch", "Highest epoch seen.", s.epoch as f64)
+        .counter("tandem_standby_rebases_total", "Rebases completed.", s.rebases)
         .gauge("tandem_standby_promotion_replay_bytes", "Log bytes a promotion would replay now.", s.replay_log_bytes as f64)
         .gauge("tandem_standby_promotion_replay_estimate_seconds", "Estimated recovery time of a promotion now.", s.replay_estimate_seconds)
         .gauge("tandem_standby_readiness_check_ok", "1 if the last readiness check passed, 0 if it failed or none ran.", f64::from(u8::from(s.last_check.as_ref().is_some_and(|c| c.ok))))
