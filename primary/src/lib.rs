@@ -10,5 +10,6 @@
 pub mod identity;
 pub mod log_watch;
 pub mod metrics;
+pub mod retention;
 pub mod server;
 pub mod session;

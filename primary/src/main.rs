@@ -93,6 +93,21 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<SocketAddr>,
+    /// Remove log files from the environment once BDB no longer needs them
+    /// (db_archive lists them) and every known standby has acknowledged them
+    /// durably. Off by default: Tandem then never changes the environment.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention: Option<bool>,
+    /// With --retention: most log MiB kept for lagging or offline standbys;
+    /// past it the laggard is dropped loudly and later needs a new base [default: 10240].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention_cap_mib: Option<u64>,
+    /// With --retention: seconds between retention passes [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retention_interval_secs: Option<u64>,
     /// Log format: human or json [default: human].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -172,6 +187,10 @@ async fn run(flags: RunArgs) -> Result<()> {
         rescan_interval: Duration::from_millis(a.rescan_interval_ms.unwrap_or(2000).max(10)),
         metrics_listen: a.metrics_listen,
         corrupt_chunk: fault,
+        retention: a.retention.unwrap_or(false).then(|| tandem_primary::retention::RetentionConfig {
+            cap_bytes: a.retention_cap_mib.unwrap_or(10240) << 20,
+            interval: Duration::from_secs(a.retention_interval_secs.unwrap_or(10).max(1)),
+        }),
         env,
     };
     let addr_file = a.bound_addr_file;
@@ -199,6 +218,7 @@ async fn status(a: StatusArgs) -> Result<()> {
                     "name": b.name, "peer": b.peer, "connected": b.connected,
                     "acked_lsn": {"file": acked.file, "offset": acked.offset},
                     "lag_bytes": b.lag_bytes, "last_contact_unix_ms": b.last_contact_unix_ms, "base_id": b.base_id,
+                    "held_back_bytes": b.held_back_bytes, "dropped": b.dropped,
                 })
             })
             .collect();
@@ -218,11 +238,16 @@ async fn status(a: StatusArgs) -> Result<()> {
     for b in &s.standbys {
         let acked: tandem_shared::LogPosition = b.acked.unwrap_or_default().into();
         println!(
-            "standby {}: {} from {}, durable at {acked}, lag {} bytes",
+            "standby {}: {} from {}, durable at {acked}, lag {} bytes, {}",
             b.name,
             if b.connected { "connected" } else { "disconnected" },
             b.peer,
-            b.lag_bytes
+            b.lag_bytes,
+            if b.dropped {
+                "DROPPED for exceeding the retention cap: it will need a new base".to_owned()
+            } else {
+                format!("holds back {} bytes of log it has not acknowledged", b.held_back_bytes)
+            }
         );
     }
     Ok(())

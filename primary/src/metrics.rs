@@ -10,6 +10,7 @@ pub fn render(shared: &Shared) -> String {
     let c = &shared.counters;
     let status = shared.status();
     let lag: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), s.lag_bytes as f64)).collect();
+    let held: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), s.held_back_bytes as f64)).collect();
     let connected: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), f64::from(u8::from(s.connected)))).collect();
     let end = status.end.unwrap_or_default();
     PromText::default()
@@ -21,6 +22,7 @@ pub fn render(shared: &Shared) -> String {
         .gauge("tandem_primary_log_end_offset_bytes", "Offset of the primary's end of verified log.", f64::from(end.offset))
         .gauge("tandem_primary_epoch", "The primary's epoch (fencing token).", shared.identity.epoch as f64)
         .gauge_by("tandem_primary_standby_lag_bytes", "Log bytes not yet acknowledged durable, per standby.", "standby", &lag)
+        .gauge_by("tandem_primary_standby_retained_bytes", "Log bytes kept on the primary only for this standby (retention on).", "standby", &held)
         .gauge_by("tandem_primary_standby_connected", "1 while the standby is connected.", "standby", &connected)
         .finish()
 }

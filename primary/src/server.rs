@@ -35,6 +35,8 @@ pub struct PrimaryConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Test-only: corrupt the digest of the Nth chunk sent.
     pub corrupt_chunk: Option<u64>,
+    /// Remove shipped, inactive log files from the environment (off: None).
+    pub retention: Option<crate::retention::RetentionConfig>,
 }
 
 #[derive(Debug, Default)]
@@ -45,13 +47,24 @@ pub struct Counters {
     pub sessions: AtomicU64,
 }
 
-#[derive(Debug, Clone, Default)]
-struct StandbyRecord {
-    peer: String,
-    connected: bool,
-    base_id: String,
-    acked: LogPosition,
-    last_contact_unix_ms: u64,
+/// What the primary knows of a standby. Kept in the state directory so a
+/// restarted primary still holds back the logs an offline standby needs,
+/// like a replication slot.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct StandbyRecord {
+    pub peer: String,
+    #[serde(skip)]
+    pub connected: bool,
+    pub base_id: String,
+    pub acked: LogPosition,
+    pub last_contact_unix_ms: u64,
+    /// Dropped for holding back more log than the cap allows: its logs are
+    /// no longer kept, and it will need a new base.
+    #[serde(default)]
+    pub dropped: bool,
+    /// Log bytes kept only for this standby.
+    #[serde(skip)]
+    pub held_back_bytes: u64,
 }
 
 /// State shared by every session of one primary.
@@ -64,7 +77,7 @@ pub struct Shared {
     pub rescan_interval: Duration,
     pub corrupt_chunk: Option<u64>,
     pub counters: Counters,
-    standbys: Mutex<BTreeMap<String, StandbyRecord>>,
+    pub standbys: Mutex<BTreeMap<String, StandbyRecord>>,
 }
 
 impl Shared {
@@ -81,6 +94,7 @@ impl Shared {
             r.connected = true;
             r.base_id = base_id.to_owned();
             r.acked = from;
+            r.dropped = false;
             r.last_contact_unix_ms = tandem_shared::now_unix_ms();
         });
     }
@@ -111,6 +125,8 @@ impl Shared {
                         lag_bytes: r.acked.bytes_until(end.end, end.lg_max),
                         last_contact_unix_ms: r.last_contact_unix_ms,
                         base_id: r.base_id.clone(),
+                        held_back_bytes: r.held_back_bytes,
+                        dropped: r.dropped,
                     })
                     .collect()
             })
@@ -159,8 +175,11 @@ pub async fn serve(
         rescan_interval: cfg.rescan_interval,
         corrupt_chunk: cfg.corrupt_chunk,
         counters: Counters::default(),
-        standbys: Mutex::new(BTreeMap::new()),
+        standbys: Mutex::new(crate::retention::load_standbys(&cfg.state_dir)),
     });
+    if let Some(r) = cfg.retention.clone() {
+        crate::retention::spawn(shared.clone(), cfg.state_dir.clone(), r);
+    }
     let incoming = tonic::transport::server::TcpIncoming::bind(cfg.listen)
         .with_context(|| format!("listening on {}", cfg.listen))?
         .with_nodelay(Some(true));
