@@ -78,6 +78,9 @@ pub struct Shared {
     pub corrupt_chunk: Option<u64>,
     pub counters: Counters,
     pub standbys: Mutex<BTreeMap<String, StandbyRecord>>,
+    /// Turns true when the primary shuts down: sessions end their streams,
+    /// so the server's graceful shutdown does not wait on them forever.
+    pub stopping: watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -166,6 +169,7 @@ pub async fn serve(
     let state = PrimaryState::open(&cfg.state_dir, promoted_epoch(&cfg.env))?;
     let tls = cfg.tls.server_config().context("loading TLS files")?;
     let log_end = log_watch::spawn(layout.clone(), cfg.poll_interval);
+    let (stop, stopping) = watch::channel(false);
     let shared = Arc::new(Shared {
         layout,
         identity: state.identity.clone(),
@@ -176,6 +180,7 @@ pub async fn serve(
         corrupt_chunk: cfg.corrupt_chunk,
         counters: Counters::default(),
         standbys: Mutex::new(crate::retention::load_standbys(&cfg.state_dir)),
+        stopping,
     });
     if let Some(r) = cfg.retention.clone() {
         crate::retention::spawn(shared.clone(), cfg.state_dir.clone(), r);
@@ -203,7 +208,10 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        })
         .await
         .context("serving")?;
     drop(state);

@@ -81,6 +81,9 @@ pub async fn run(shared: Arc<Shared>, peer: String, mut inbound: Streaming<Stand
             for t in tasks {
                 t.abort();
             }
+            if *shared.stopping.borrow() {
+                let _ = tx.send(Err(Status::unavailable("the primary is shutting down"))).await;
+            }
         }
         Err(status) => {
             let _ = tx.send(Err(status)).await;
@@ -184,8 +187,13 @@ pub enum BaseCommand {
 }
 
 async fn follow_acks(shared: &Shared, name: &str, inbound: &mut Streaming<StandbyMessage>, commands: std::sync::mpsc::Sender<BaseCommand>) {
+    let mut stopping = shared.stopping.clone();
     loop {
-        match inbound.message().await {
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        match next {
             Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::Ack(ack)) })) => {
                 if let Some(p) = ack.durable {
                     shared.standby_acked(name, p.into());

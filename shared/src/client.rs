@@ -16,6 +16,21 @@ pub enum ConnectError {
     Connect { url: String, source: tonic::transport::Error },
 }
 
+/// Checks a primary address without dialing it.
+pub fn validate_url(url: &str) -> Result<(), ConnectError> {
+    endpoint_host(url).map(|_| ())
+}
+
+fn endpoint_host(url: &str) -> Result<(Endpoint, String), ConnectError> {
+    let bad = |why: &str| ConnectError::BadUrl { url: url.to_owned(), why: why.to_owned() };
+    if !url.starts_with("https://") {
+        return Err(bad("Tandem only speaks TLS"));
+    }
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(&e.to_string()))?;
+    let host = endpoint.uri().host().ok_or_else(|| bad("no host"))?.trim_matches(|c| c == '[' || c == ']').to_owned();
+    Ok((endpoint, host))
+}
+
 /// Connects to `url` (`https://HOST:PORT`). The primary's certificate must
 /// chain to `tls.ca` and name `server_name` (default: the URL's host).
 pub async fn connect(
@@ -24,12 +39,7 @@ pub async fn connect(
     tls: &TlsFiles,
     timeout: Duration,
 ) -> Result<ReplicationClient<Channel>, ConnectError> {
-    let bad = |why: &str| ConnectError::BadUrl { url: url.to_owned(), why: why.to_owned() };
-    if !url.starts_with("https://") {
-        return Err(bad("Tandem only speaks TLS"));
-    }
-    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(&e.to_string()))?;
-    let host = endpoint.uri().host().ok_or_else(|| bad("no host"))?.trim_matches(|c| c == '[' || c == ']').to_owned();
+    let (endpoint, host) = endpoint_host(url)?;
     let name = server_name.unwrap_or(&host);
     let endpoint = endpoint
         .tls_config(tls.client_config(name)?)

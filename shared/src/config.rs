@@ -25,7 +25,7 @@ pub fn merge_with_file<T: Serialize + DeserializeOwned>(flags: &T, file: Option<
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
     // Parse into T first so unknown keys and bad values are reported with
     // the file's own names.
-    let from_file: T = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: shown.clone(), message: e.message().to_owned() })?;
+    let from_file: T = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: shown.clone(), message: e.to_string().trim_end().to_owned() })?;
     let mut merged = serde_json::to_value(&from_file).map_err(|e| parse_err(&shown, e))?;
     let flags = serde_json::to_value(flags).map_err(|e| parse_err(&shown, e))?;
     if let (Some(m), serde_json::Value::Object(f)) = (merged.as_object_mut(), flags) {

@@ -22,8 +22,12 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// Installs the subscriber: `RUST_LOG` wins; the default is `info` plus
+/// tonic's TLS handshake refusals.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // tonic reports refused TLS handshakes (a peer without a certificate,
+    // or with one from another CA) only at debug; operators need them.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tonic::transport::server::io_stream=debug"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

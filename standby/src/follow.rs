@@ -297,7 +297,8 @@ fn rejected(e: ApplyError, live: &Live, mirror: &Mirror) -> SessionError {
 }
 
 fn classify(status: tonic::Status) -> SessionError {
-    let msg = status.message().to_owned();
+    // The status message alone can be "transport error"; its causes say why.
+    let msg = tandem_shared::client::chain(&status);
     match status.code() {
         tonic::Code::FailedPrecondition => SessionError::Refused(format!("the primary refused this standby: {msg}")),
         tonic::Code::DataLoss => SessionError::Retry { why: format!("the primary reported lost log: {msg}"), immediately: true },

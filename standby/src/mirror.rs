@@ -225,6 +225,16 @@ impl Mirror {
     /// The path of log file `number`, refusing a symlink anywhere on the
     /// way (the log directory or the file): a link planted in the directory
     /// must not redirect a write, or the zeroing of a torn tail, out of it.
+    /// The log directory, refused if reached through a symlink: old logs
+    /// are removed by listing it, which must never delete files outside the
+    /// standby directory.
+    fn checked_log_dir(&self) -> Result<PathBuf, PathError> {
+        match self.state.log_dir.as_str() {
+            "" => Ok(self.dir.root.clone()),
+            rel => wirepath::resolve_under(&self.dir.root, rel),
+        }
+    }
+
     fn checked_log_path(&self, number: u32) -> Result<PathBuf, PathError> {
         let name = logfile::log_file_name(number);
         let rel = if self.state.log_dir.is_empty() { name } else { format!("{}/{}", self.state.log_dir, name) };
@@ -359,7 +369,7 @@ impl Mirror {
                 if f.offset != inc.written {
                     return Err(ApplyError::OutOfOrder { name: f.name, expected: inc.written, got: f.offset });
                 }
-                if f.offset + f.len > inc.size || f.len > tandem_shared::MAX_CHUNK as u64 * 64 {
+                if f.offset.checked_add(f.len).is_none_or(|end| end > inc.size) || f.len > tandem_shared::MAX_CHUNK as u64 * 64 {
                     return Err(ApplyError::PastDeclaredSize { name: f.name, offset: f.offset, len: f.len, size: inc.size });
                 }
                 let source = wirepath::resolve_under(&self.dir.root, &f.name)?;
@@ -416,13 +426,7 @@ impl Mirror {
 
     /// Drops the old base (its files and logs) and records the new one.
     fn start_base(&mut self, base_id: String, log_start: LogPosition) -> Result<(), ApplyError> {
-        // Old logs are removed by listing the log directory: refuse, before
-        // anything changes, one reached through a symlink (it would delete
-        // log files outside the standby directory).
-        let log_dir = match self.state.log_dir.as_str() {
-            "" => self.dir.root.clone(),
-            rel => wirepath::resolve_under(&self.dir.root, rel)?,
-        };
+        let log_dir = self.checked_log_dir()?;
         if let Some(old) = self.state.base.take() {
             tracing::warn!(old = %old.base_id, new = %base_id, "replacing the standby's base: it is not recoverable until the new base is complete");
             // Record "no base" first: a crash midway must not leave a state
@@ -516,7 +520,7 @@ impl Mirror {
                 }
             }
         }
-        let log_dir = self.dir.log_dir(&self.state);
+        let log_dir = self.checked_log_dir()?;
         let mut removed = 0;
         if let Ok(entries) = std::fs::read_dir(&log_dir) {
             for e in entries.flatten() {
