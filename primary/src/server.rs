@@ -199,6 +199,7 @@ pub async fn serve(
         "tandem-primary listening"
     );
     on_bound(bound);
+    tandem_shared::sdnotify::ready();
     let service = ReplicationServer::new(Service { shared })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

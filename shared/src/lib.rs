@@ -19,6 +19,7 @@ pub mod logfile;
 pub mod metrics;
 pub mod lsn;
 pub mod pages;
+pub mod sdnotify;
 pub mod telemetry;
 pub mod tls;
 pub mod wirepath;
@@ -58,4 +59,5 @@ pub async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+    sdnotify::stopping();
 }

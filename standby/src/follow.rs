@@ -86,6 +86,7 @@ pub async fn run(cfg: StandbyConfig, shutdown: impl std::future::Future<Output =
         tracing::info!(%bound, "serving metrics");
     }
 
+    tandem_shared::sdnotify::ready();
     let checker = cfg.check_interval.map(|every| tokio::spawn(check_forever(dir.clone(), live.clone(), every)));
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
