@@ -24,8 +24,9 @@ enum Command {
     ///
     /// Ships every database file (read in whole pages, each read twice until
     /// stable) and every log record from the base boundary on, then follows
-    /// the log as BDB writes it. Changes nothing in the environment: it only
-    /// reads, and runs `db_archive` to find the base boundary.
+    /// the log as BDB writes it. Without --retention it changes none of the
+    /// environment's files: it reads them, runs `db_archive` to find the base
+    /// boundary, and keeps its own state in ENV/.tandem-primary.
     Run(RunArgs),
     /// Write a CA and certificates for a primary/standby pair.
     ///

@@ -285,6 +285,7 @@ fn base_boundary(shared: &Shared) -> Result<LogPosition, Status> {
 async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: Option<u32>) -> Result<(), Status> {
     let mut ends = shared.log_end.clone();
     let mut open: Option<(u32, File, u64)> = None;
+    let mut unreadable_header = 0u32;
     loop {
         if open.as_ref().map(|o| o.0) != Some(pos.file) {
             match File::open(shared.layout.log_path(pos.file)) {
@@ -309,6 +310,22 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
         }
         let Some((_, file, size)) = open.as_ref() else { continue };
         let r = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, MAX_CHUNK)).map_err(|e| io_status("read log", e))?;
+        // A file whose header stays unreadable (not a moment's torn read:
+        // it does not verify for over a second) is not a log Tandem can
+        // ship, e.g. an encrypted environment's.
+        unreadable_header = match r.walk.stop {
+            tandem_shared::logfile::WalkStop::Invalid(_) if pos.offset == 0 && r.bytes.is_empty() => unreadable_header + 1,
+            _ => 0,
+        };
+        if unreadable_header > 50 {
+            if let tandem_shared::logfile::WalkStop::Invalid(why) = r.walk.stop {
+                let name = shared.layout.log_name(pos.file);
+                tracing::error!(file = %name, why, "cannot read the log: encrypted or not a Berkeley DB 5.3 log");
+                return Err(Status::failed_precondition(format!(
+                    "{name} does not start with a Berkeley DB 5.3 log header ({why}); encrypted environments are not supported"
+                )));
+            }
+        }
         if !r.bytes.is_empty() {
             let data = bytes::Bytes::from(r.bytes);
             shared.counters.log_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
