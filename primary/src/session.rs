@@ -339,7 +339,8 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
         // exists and this one reads no further, this one is complete.
         if shared.layout.log_path(pos.file + 1).exists() {
             let again = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, MAX_CHUNK)).map_err(|e| io_status("read log", e))?;
-            if again.bytes.is_empty() {
+            // Never past a file nothing was read from: BDB writes no empty log file.
+            if again.bytes.is_empty() && pos.offset > 0 {
                 pos = LogPosition::new(pos.file + 1, 0);
             }
             continue;

@@ -6,9 +6,11 @@
 //! - [`follow`]: the connection loop: hello, receive, fsync, acknowledge.
 //! - [`status`]: what `tandem-standby status` reports.
 
+pub mod archive;
 pub mod follow;
 pub mod mirror;
 pub mod promote;
 pub mod readiness;
+pub mod restore;
 pub mod state;
 pub mod status;

@@ -13,6 +13,10 @@ use std::time::Duration;
 use tandem_shared::telemetry::{self, LogFormat};
 use tandem_shared::tls::TlsFiles;
 use tandem_standby::follow::{self, FollowError, StandbyConfig};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tandem_standby::archive::{self, ArchiveOptions, ArchiveReport};
+use tandem_standby::restore::{self, RestoreOptions, RestoreReport, VerifyReport};
 use tandem_standby::promote::{self, PromoteOptions};
 use tandem_standby::state::StandbyDir;
 use tandem_standby::status;
@@ -68,6 +72,115 @@ enum Command {
         /// How long to wait for a running standby to catch up, in seconds.
         #[arg(long, default_value_t = 30)]
         catch_up_timeout_secs: u64,
+    },
+    /// Write a self-contained, verified backup of the standby into a new
+    /// subdirectory of ARCHIVE, for restores to any point in its log.
+    ///
+    /// The backup (ARCHIVE/<UTC time>-<base id>/) is an environment home of
+    /// its own: the base's database files, DB_CONFIG, and every log file from
+    /// the base's first to the standby's durable end, with MANIFEST.json
+    /// (size and blake3 of each file, environment, base, log range, first and
+    /// last commit time, and a digest of it all). It is built in a temp
+    /// directory, fsynced, proven to recover (a scratch copy, db_recover -c,
+    /// db_verify) and only then renamed into place. The mirror is only read,
+    /// so this is safe while `run` streams: replication does not stop.
+    ///
+    /// Retention, after each new backup: backups beyond the newest --keep,
+    /// and those older than --keep-days, are deleted; the newest never is.
+    /// Use one ARCHIVE per environment.
+    ///
+    /// With --follow SECS it keeps running (until SIGTERM or Ctrl-C): every
+    /// SECS seconds it extends the latest backup with the log received since
+    /// (files never change once written: the extended backup is built beside
+    /// it and swapped in atomically), and starts a new backup when the
+    /// standby's base changed. Extensions are checked (hashes, log chain) but
+    /// not recovered; run verify-archive for that proof.
+    Archive {
+        /// The standby directory (only read; a report goes to DIR/.tandem/archive.json).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The archive directory, created if missing.
+        #[arg(long, value_name = "ARCHIVE")]
+        to: PathBuf,
+        /// Keep this many newest backups; delete older ones.
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+        keep: u32,
+        /// Also delete backups older than this many days (never the newest).
+        #[arg(long, value_name = "DAYS")]
+        keep_days: Option<f64>,
+        /// Keep running; every SECS seconds extend the latest backup with the
+        /// new log, or start a new backup when the standby's base changed.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        follow: Option<u64>,
+        /// Skip the recovery proof of a new backup (hashes and the log chain
+        /// are still checked).
+        #[arg(long)]
+        no_verify: bool,
+        /// Where the recovery proof runs [default: the system temp directory].
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+        /// Print JSON instead of text (one object per round with --follow).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prove a backup is intact and recovers (exit 1 if not).
+    ///
+    /// Checks every file against the manifest (missing, extra, altered files
+    /// and a manifest that does not match its digest are each named), walks
+    /// the log as one verified record chain, then runs db_recover -c and
+    /// db_verify of every database on a scratch copy. The backup itself is
+    /// only read.
+    ///
+    /// TARGET is a backup directory, or an archive directory: then its newest
+    /// backup is verified (every backup with --all). Exit 0 only if all is well.
+    VerifyArchive {
+        /// A backup (holds MANIFEST.json) or an archive directory.
+        target: PathBuf,
+        /// With an archive directory: verify every backup, not just the newest.
+        #[arg(long)]
+        all: bool,
+        /// Where the scratch copy goes [default: the system temp directory].
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a new environment home that applications open.
+    ///
+    /// Nothing is written until the backup passed its checks (every file
+    /// against the manifest, the log chain) and TIME is inside its window.
+    /// The backup is then copied beside NEWENV, recovered (db_recover -c,
+    /// with --until: -t), db_verify'd, and renamed to NEWENV, which must not
+    /// exist or be empty. FROM is a backup, or an archive directory: then the
+    /// newest backup (with --until, the newest whose window holds TIME).
+    ///
+    /// --until keeps exactly the transactions whose commit was stamped at or
+    /// before TIME (BDB stamps commits in whole seconds, with the primary's
+    /// clock) and rolls back the rest. TIME is one of:
+    ///
+    ///   @1795636648              unix seconds
+    ///   2026-11-25T19:57:28Z     RFC 3339 (or with an offset, +02:00)
+    ///   "2026-11-25 19:57:28"    local time of this host
+    ///   202611251957.28          BDB's [[CC]YY]MMDDhhmm[.SS], local time
+    ///
+    /// The window runs from the backup's first commit (or its first
+    /// checkpoint, if later: db_recover -t needs one) to its last commit;
+    /// a TIME outside it is refused.
+    #[command(verbatim_doc_comment)]
+    Restore {
+        /// A backup directory, or an archive directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// The new environment home (must not exist, or be empty).
+        #[arg(long, value_name = "NEWENV")]
+        to: PathBuf,
+        /// Restore to this time instead of the end of the backup.
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -179,6 +292,64 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(e) => Err(anyhow::anyhow!(e)),
             }
         }
+        Command::Archive { dir, to, keep, keep_days, follow, no_verify, scratch, json } => {
+            telemetry::init(LogFormat::Human);
+            let opts = ArchiveOptions { dir, archive: to, keep, keep_days, verify: !no_verify, scratch };
+            match follow {
+                None => match tokio::task::spawn_blocking(move || archive::archive_once(&opts)).await {
+                    Ok(Ok(report)) => print_archive(&report, json),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("archive failed; nothing was published")),
+                    Err(e) => Err(anyhow::anyhow!(e)),
+                },
+                Some(secs) => {
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let flag = stop.clone();
+                    tokio::spawn(async move {
+                        tandem_shared::shutdown_signal().await;
+                        flag.store(true, Ordering::SeqCst);
+                    });
+                    let every = Duration::from_secs(secs);
+                    let rounds = tokio::task::spawn_blocking(move || {
+                        archive::follow(&opts, every, &stop, |r| match r {
+                            Ok(report) => {
+                                let _ = print_archive(report, json);
+                            }
+                            // Text mode: the error is already logged on stderr.
+                            Err(e) if json => println!("{}", serde_json::json!({ "action": "error", "error": e.to_string() })),
+                            Err(_) => {}
+                        })
+                    });
+                    rounds.await.map_err(|e| anyhow::anyhow!(e))
+                }
+            }
+        }
+        Command::VerifyArchive { target, all, scratch, json } => {
+            telemetry::init(LogFormat::Human);
+            let reports = tokio::task::spawn_blocking(move || -> Result<Vec<VerifyReport>> {
+                let backups = restore::resolve_backups(&target, all)?;
+                Ok(backups.iter().map(|b| restore::verify_backup(b, scratch.as_deref())).collect())
+            });
+            match reports.await {
+                Ok(Ok(reports)) => print_verify(&reports, json),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::anyhow!(e)),
+            }
+        }
+        Command::Restore { from, to, until, json } => {
+            telemetry::init(LogFormat::Human);
+            if let Some(t) = &until {
+                if let Err(e) = restore::parse_time(t) {
+                    eprintln!("tandem-standby: error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+            let opts = RestoreOptions { from, to, until };
+            match tokio::task::spawn_blocking(move || restore::restore(&opts)).await {
+                Ok(Ok(report)) => print_restore(&report, json),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("restore refused or failed; the target was not created")),
+                Err(e) => Err(anyhow::anyhow!(e)),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -220,11 +391,16 @@ async fn run(flags: RunArgs) -> ExitCode {
 
 fn config(a: RunArgs) -> Result<StandbyConfig> {
     let need = |v: Option<PathBuf>, name: &str| v.with_context(|| format!("--{name} is required (or `{name}` in the config file)"));
+    let primary = a.primary.context("--primary is required (or `primary` in the config file)")?;
+    tandem_shared::client::validate_url(&primary)?;
+    let tls = TlsFiles { cert: need(a.cert, "cert")?, key: need(a.key, "key")?, ca: need(a.ca, "ca")? };
+    // Unreadable certificates are a configuration error, not a reason to retry.
+    tls.client_config("check")?;
     Ok(StandbyConfig {
         dir: need(a.dir, "dir")?,
-        primary: a.primary.context("--primary is required (or `primary` in the config file)")?,
+        primary,
         server_name: a.server_name,
-        tls: TlsFiles { cert: need(a.cert, "cert")?, key: need(a.key, "key")?, ca: need(a.ca, "ca")? },
+        tls,
         name: a.name.unwrap_or_else(hostname),
         metrics_listen: a.metrics_listen,
         check_interval: match a.check_interval_secs.unwrap_or(300) {
@@ -266,6 +442,83 @@ fn print_promotion(r: &promote::PromoteReport, json: bool) -> Result<()> {
             r.recovery_seconds,
             r.total_seconds,
             r.env
+        );
+    }
+    Ok(())
+}
+
+fn print_archive(r: &ArchiveReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    match r.action.as_str() {
+        "unchanged" => println!("{}: unchanged, log ends at {}", r.backup, r.log_end),
+        action => println!(
+            "{action} {}: {} files, {} bytes, log {} .. {}, {} commits ({} .. {}); {}{}",
+            r.backup,
+            r.files,
+            r.bytes,
+            r.log_start,
+            r.log_end,
+            r.commits,
+            r.first_commit.as_deref().unwrap_or("-"),
+            r.last_commit.as_deref().unwrap_or("-"),
+            if r.verified { format!("proven recoverable (recovery {:.2} s)", r.recovery_seconds) } else { "not recovery-tested".into() },
+            if r.removed.is_empty() { String::new() } else { format!("; retention deleted {}", r.removed.join(", ")) },
+        ),
+    }
+    Ok(())
+}
+
+fn print_verify(reports: &[VerifyReport], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(reports)?);
+    } else {
+        for r in reports {
+            if r.ok {
+                println!(
+                    "OK {}: {} files, {} bytes match the manifest; log {} .. {}; recovered to {} in {:.2} s; {} databases verified; restorable {} .. {}",
+                    r.backup,
+                    r.files,
+                    r.bytes,
+                    r.log_start,
+                    r.log_end,
+                    r.recovered_to.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                    r.recovery_seconds,
+                    r.databases_verified,
+                    r.earliest_restore.as_deref().unwrap_or("-"),
+                    r.last_commit.as_deref().unwrap_or("-"),
+                );
+            } else {
+                println!("FAILED {}: {}", r.backup, r.error.as_deref().unwrap_or("?"));
+                for p in &r.problems {
+                    println!("  {p}");
+                }
+            }
+        }
+    }
+    let failed = reports.iter().filter(|r| !r.ok).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} backups failed verification", reports.len());
+    }
+    Ok(())
+}
+
+fn print_restore(r: &RestoreReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        println!(
+            "restored {} into {}{}: recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s\nApplications can now open {} as their environment home.",
+            r.backup,
+            r.target,
+            r.until.as_deref().map(|u| format!(" as of {u} (last commit kept: {})", r.last_commit_kept.as_deref().unwrap_or("-"))).unwrap_or_default(),
+            r.recovered_to.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            r.databases_verified,
+            r.recovery_seconds,
+            r.seconds,
+            r.target
         );
     }
     Ok(())
