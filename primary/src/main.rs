@@ -90,7 +90,9 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     rescan_interval_ms: Option<u64>,
-    /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9400.
+    /// Serve the admin endpoint over plain HTTP on this address, e.g.
+    /// 127.0.0.1:9400: Prometheus metrics at /metrics, the status as JSON at
+    /// /status. Keep it on a private address.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<SocketAddr>,
@@ -210,25 +212,7 @@ async fn status(a: StatusArgs) -> Result<()> {
     let mut client = tandem_shared::client::connect(&a.primary, a.server_name.as_deref(), &tls, Duration::from_secs(5)).await?;
     let s = client.status(tandem_shared::wire::StatusRequest {}).await.context("asking for status")?.into_inner();
     if a.json {
-        let standbys: Vec<_> = s
-            .standbys
-            .iter()
-            .map(|b| {
-                let acked = b.acked.unwrap_or_default();
-                serde_json::json!({
-                    "name": b.name, "peer": b.peer, "connected": b.connected,
-                    "acked_lsn": {"file": acked.file, "offset": acked.offset},
-                    "lag_bytes": b.lag_bytes, "last_contact_unix_ms": b.last_contact_unix_ms, "base_id": b.base_id,
-                    "held_back_bytes": b.held_back_bytes, "dropped": b.dropped,
-                })
-            })
-            .collect();
-        let end = s.end.unwrap_or_default();
-        let v = serde_json::json!({
-            "role": "primary", "env_id": s.env_id, "epoch": s.epoch,
-            "end_lsn": {"file": end.file, "offset": end.offset}, "standbys": standbys,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&tandem_primary::metrics::status_document(&s))?);
         return Ok(());
     }
     let end: tandem_shared::LogPosition = s.end.unwrap_or_default().into();

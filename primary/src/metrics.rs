@@ -4,7 +4,6 @@ use crate::server::Shared;
 use std::sync::atomic::Ordering;
 use tandem_shared::metrics::PromText;
 
-pub use tandem_shared::metrics::serve;
 
 pub fn render(shared: &Shared) -> String {
     let c = &shared.counters;
@@ -25,4 +24,31 @@ pub fn render(shared: &Shared) -> String {
         .gauge_by("tandem_primary_standby_retained_bytes", "Log bytes kept on the primary only for this standby (retention on).", "standby", &held)
         .gauge_by("tandem_primary_standby_connected", "1 while the standby is connected.", "standby", &connected)
         .finish()
+}
+
+/// The status as JSON, the same document `tandem-primary status --json`
+/// prints.
+pub fn status_json(shared: &Shared) -> String {
+    serde_json::to_string_pretty(&status_document(&shared.status())).unwrap_or_default()
+}
+
+pub fn status_document(s: &tandem_shared::wire::PrimaryStatus) -> serde_json::Value {
+    let standbys: Vec<_> = s
+        .standbys
+        .iter()
+        .map(|b| {
+            let acked = b.acked.unwrap_or_default();
+            serde_json::json!({
+                "name": b.name, "peer": b.peer, "connected": b.connected,
+                "acked_lsn": {"file": acked.file, "offset": acked.offset},
+                "lag_bytes": b.lag_bytes, "last_contact_unix_ms": b.last_contact_unix_ms, "base_id": b.base_id,
+                "held_back_bytes": b.held_back_bytes, "dropped": b.dropped,
+            })
+        })
+        .collect();
+    let end = s.end.unwrap_or_default();
+    serde_json::json!({
+        "role": "primary", "env_id": s.env_id, "epoch": s.epoch,
+        "end_lsn": {"file": end.file, "offset": end.offset}, "standbys": standbys,
+    })
 }

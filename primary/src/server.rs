@@ -191,7 +191,12 @@ pub async fn serve(
     let bound = incoming.local_addr().context("local address")?;
     if let Some(addr) = cfg.metrics_listen {
         let shared = shared.clone();
-        let bound = crate::metrics::serve(addr, move || crate::metrics::render(&shared)).await?;
+        let for_status = shared.clone();
+        let pages = tandem_shared::metrics::AdminPages {
+            metrics: Box::new(move || crate::metrics::render(&shared)),
+            status_json: Box::new(move || crate::metrics::status_json(&for_status)),
+        };
+        let bound = tandem_shared::metrics::serve(addr, pages).await?;
         tracing::info!(%bound, "serving metrics");
     }
     tracing::info!(

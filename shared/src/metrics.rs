@@ -1,4 +1,5 @@
-//! Prometheus text exposition and the tiny HTTP endpoint that serves it.
+//! Prometheus text exposition and the tiny HTTP admin endpoint that serves
+//! it (and the status as JSON).
 //! The daemons keep their figures in atomics and render them on request;
 //! a scrape costs a few string writes and no locks on the hot path.
 
@@ -44,29 +45,38 @@ impl PromText {
     }
 }
 
-/// Serves `render()` over plain HTTP at any path (conventionally
-/// `/metrics`). Returns the bound address.
-pub async fn serve<F>(addr: SocketAddr, render: F) -> std::io::Result<SocketAddr>
-where
-    F: Fn() -> String + Send + Sync + 'static,
-{
+/// What the admin endpoint answers for a path: `/status` gives the
+/// daemon's status as JSON, anything else the Prometheus metrics.
+pub struct AdminPages {
+    pub metrics: Box<dyn Fn() -> String + Send + Sync>,
+    pub status_json: Box<dyn Fn() -> String + Send + Sync>,
+}
+
+/// Serves the admin pages over plain HTTP: keep the address private
+/// (loopback, or a management network). Returns the bound address.
+pub async fn serve(addr: SocketAddr, pages: AdminPages) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let render = std::sync::Arc::new(render);
+    let pages = std::sync::Arc::new(pages);
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { continue };
-            let render = render.clone();
+            let pages = pages.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
-                // One request per connection; the request itself is not
-                // needed beyond its arrival.
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await;
-                let body = render();
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
+                // One request per connection; only its path matters.
+                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (kind, body) = if path.starts_with("/status") {
+                    ("application/json", (pages.status_json)())
+                } else {
+                    ("text/plain; version=0.0.4", (pages.metrics)())
+                };
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
                 let _ = sock.write_all(head.as_bytes()).await;
                 let _ = sock.write_all(body.as_bytes()).await;
                 let _ = sock.shutdown().await;

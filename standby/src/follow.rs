@@ -81,8 +81,12 @@ pub async fn run(cfg: StandbyConfig, shutdown: impl std::future::Future<Output =
     });
     let writer = tokio::spawn(write_status_forever(dir.clone(), live.clone()));
     if let Some(addr) = cfg.metrics_listen {
-        let live = live.clone();
-        let bound = tandem_shared::metrics::serve(addr, move || crate::status::metrics(&live)).await.map_err(anyhow::Error::from)?;
+        let (for_metrics, for_status) = (live.clone(), live.clone());
+        let pages = tandem_shared::metrics::AdminPages {
+            metrics: Box::new(move || crate::status::metrics(&for_metrics)),
+            status_json: Box::new(move || for_status.lock().ok().and_then(|s| serde_json::to_string_pretty(&*s).ok()).unwrap_or_default()),
+        };
+        let bound = tandem_shared::metrics::serve(addr, pages).await.map_err(anyhow::Error::from)?;
         tracing::info!(%bound, "serving metrics");
     }
 

@@ -221,7 +221,9 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     name: Option<String>,
-    /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9401.
+    /// Serve the admin endpoint over plain HTTP on this address, e.g.
+    /// 127.0.0.1:9401: Prometheus metrics at /metrics, the status as JSON at
+    /// /status. Keep it on a private address.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<std::net::SocketAddr>,

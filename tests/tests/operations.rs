@@ -10,12 +10,23 @@ use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn scrape(addr: &str) -> Result<String> {
+fn get(addr: &str, path: &str) -> Result<String> {
     let mut sock = std::net::TcpStream::connect(addr)?;
-    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
     let mut out = String::new();
     sock.read_to_string(&mut out)?;
     Ok(out)
+}
+
+fn scrape(addr: &str) -> Result<String> {
+    get(addr, "/metrics")
+}
+
+/// The JSON body of the admin endpoint's /status.
+fn remote_status(addr: &str) -> Result<serde_json::Value> {
+    let text = get(addr, "/status")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    Ok(serde_json::from_str(body)?)
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {
@@ -57,6 +68,10 @@ fn lag_rises_under_load_and_returns_to_zero_in_status_and_metrics() -> Result<()
     assert!(metric(&text, "tandem_standby_log_bytes_received_total").unwrap_or(0.0) > 0.0);
     assert_eq!(metric(&text, "tandem_standby_connected"), Some(1.0));
     assert!(text.contains("# TYPE tandem_standby_lag_seconds gauge"));
+    // The same status, remotely, from the admin endpoint.
+    let remote = remote_status(&metrics)?;
+    assert_eq!(remote["lag_bytes"], 0);
+    assert_eq!(lsn_of(&remote["durable_lsn"]), primary_log_end(&s.path("env"))?);
     assert_eq!(recover_copy(&s.path("standby"), &s.path("recovered"))?, last);
     Ok(())
 }

@@ -33,7 +33,7 @@ fn retention_keeps_the_log_directory_bounded_without_losing_a_file() -> Result<(
     let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
     wait_for("the base copy", LONG, || Ok(standby_status(&s.path("standby"))?["recoverable"] == true))?;
     let first_base = base_id(&s.path("standby"))?;
-    let mut w = Proc::spawn("workload", WorkloadOptions { rate: 5000, ..workload(40_000) }.command(&s.path("env")), &s.path("w.log"))?;
+    let mut w = Proc::spawn("workload", WorkloadOptions { rate: 3000, ..workload(36_000) }.command(&s.path("env")), &s.path("w.log"))?;
     let mut most = 0;
     while w.is_running() {
         most = most.max(log_count(&s.path("env"))?);
@@ -45,7 +45,9 @@ fn retention_keeps_the_log_directory_bounded_without_losing_a_file() -> Result<(
     wait_for("a retention pass", LONG, || Ok(log_count(&s.path("env"))? <= 4))?;
     let end = primary_log_end(&s.path("env"))?;
     eprintln!("generated {} log files; at most {most} were on the primary at once", end.file);
-    assert!(end.file > 40 && most < 20, "the primary's log directory must stay bounded: {most} of {}", end.file);
+    // Bounded: what is on disk at once does not grow with what was written
+    // (about 6 MB/s here, one retention pass a second).
+    assert!(end.file > 40 && most * 3 < end.file as usize, "the primary's log directory must stay bounded: {most} of {}", end.file);
     // No file was ever removed before the standby had it: no gap, so no
     // second base, and the standby recovers every transaction.
     assert_eq!(base_id(&s.path("standby"))?, first_base);
