@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use crate::pages::read_at_most;
 
 /// `prev`, `len`, `chksum`: three little-endian u32s (unencrypted logs).
 pub const RECORD_HEADER_LEN: u32 = 12;
@@ -209,18 +209,6 @@ pub fn walk_file(file: &File, expected_prev: Option<u32>) -> io::Result<Walk> {
     }
 }
 
-fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
 
 /// Builds records the way BDB lays them out. Used by tests to make logs
 /// without libdb; the real-log tests in `tests/` check the same walker

@@ -16,10 +16,10 @@ const MAX_READS: u32 = 64;
 /// bytes in which every page was read identically twice in a row.
 pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize) -> io::Result<Vec<u8>> {
     let mut first = vec![0u8; len];
-    let n = read_full(file, &mut first, offset)?;
+    let n = read_at_most(file, &mut first, offset)?;
     first.truncate(n);
     let mut second = vec![0u8; n];
-    read_full(file, &mut second, offset)?;
+    read_at_most(file, &mut second, offset)?;
     let page_size = page_size.max(1);
     for start in (0..n).step_by(page_size) {
         let end = (start + page_size).min(n);
@@ -32,7 +32,7 @@ pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize)
                 )));
             }
             first[start..end].copy_from_slice(&second[start..end]);
-            read_full(file, &mut second[start..end], offset + start as u64)?;
+            read_at_most(file, &mut second[start..end], offset + start as u64)?;
             tries += 1;
         }
     }
@@ -52,7 +52,9 @@ pub fn page_digests(data: &[u8], page_size: usize) -> Vec<u8> {
     out
 }
 
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+/// Reads into `buf` from `offset` until it is full or the file ends;
+/// returns the bytes read.
+pub fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

@@ -560,7 +560,7 @@ impl Mirror {
             let mut buf = vec![0u8; page * per_message];
             let mut first_page = 0u64;
             loop {
-                let n = read_up_to(&f, &mut buf, first_page * page as u64).map_err(io_err(format!("reading {name}")))?;
+                let n = tandem_shared::pages::read_at_most(&f, &mut buf, first_page * page as u64).map_err(io_err(format!("reading {name}")))?;
                 if n == 0 {
                     break;
                 }
@@ -695,18 +695,6 @@ pub fn is_recoverable(state: &StandbyState, durable: LogPosition) -> bool {
     state.base.as_ref().is_some_and(|b| b.files_done && b.consistent_at.is_some_and(|c| durable >= c))
 }
 
-fn read_up_to(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
 
 fn remove_if_exists(p: &Path) -> io::Result<()> {
     match std::fs::remove_file(p) {
