@@ -27,7 +27,7 @@ enum Command {
     /// the log as BDB writes it. Without --retention it changes none of the
     /// environment's files: it reads them, runs `db_archive` to find the base
     /// boundary, and keeps its own state in ENV/.tandem-primary.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write a CA and certificates for a primary/standby pair.
     ///
     /// Writes ca.pem, primary.pem, primary-key.pem, standby.pem and
@@ -165,7 +165,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<()> {
     match command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Certs { out, names } => {
             tandem_shared::tls::generate(&out, &names)?;
             println!("wrote {} into {}", tandem_shared::tls::GENERATED.join(", "), out.display());

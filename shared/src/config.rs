@@ -18,8 +18,8 @@ pub enum ConfigError {
 /// serializing (`#[serde(skip_serializing_if = "Option::is_none")]`).
 pub fn merge_with_file<T: Serialize + DeserializeOwned>(flags: &T, file: Option<&Path>) -> Result<T, ConfigError> {
     let Some(path) = file else {
-        return Ok(serde_json::from_value(serde_json::to_value(flags).map_err(|e| parse_err("<flags>", e))?)
-            .map_err(|e| parse_err("<flags>", e))?);
+        let value = serde_json::to_value(flags).map_err(|e| parse_err("<flags>", e))?;
+        return serde_json::from_value(value).map_err(|e| parse_err("<flags>", e));
     };
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;

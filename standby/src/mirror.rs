@@ -328,7 +328,7 @@ impl Mirror {
                 if f.size > MAX_FILE_SIZE {
                     return Err(ApplyError::TooLarge { name: f.name, size: f.size });
                 }
-                let temp = self.dir.incoming().join(blake3::hash(f.name.as_bytes()).to_hex()[..24].to_string());
+                let temp = self.dir.incoming().join(&blake3::hash(f.name.as_bytes()).to_hex()[..24]);
                 let file = OpenOptions::new()
                     .write(true)
                     .create(true)
