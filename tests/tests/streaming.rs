@@ -112,3 +112,27 @@ fn a_corrupted_chunk_is_caught_and_fetched_again() -> Result<()> {
     assert!(std::fs::read_to_string(&_standby.log)?.contains("blake3 mismatch"));
     assert_identical(&s, 5000, "after-corruption")
 }
+
+#[test]
+fn db_config_data_and_log_directories_are_mirrored() -> Result<()> {
+    let s = Scratch::new()?;
+    let env = s.path("env");
+    for d in ["data", "logs"] {
+        std::fs::create_dir_all(env.join(d))?;
+    }
+    std::fs::write(env.join("DB_CONFIG"), "set_data_dir data\nset_lg_dir logs\n")?;
+    bdb::run_workload(&env, &workload(2000))?;
+    assert!(env.join("data/data.db").exists() && env.join("logs/log.0000000001").exists(), "BDB must honour DB_CONFIG");
+    let primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
+    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &[])?;
+    let last = bdb::run_workload(&env, &workload(3000))?;
+    wait_caught_up(&s.path("standby"), &env, CATCH_UP)?;
+    assert_eq!(std::fs::read(env.join("DB_CONFIG"))?, std::fs::read(s.path("standby/DB_CONFIG"))?);
+    assert!(s.path("standby/data/data.db").exists() && s.path("standby/logs").is_dir());
+    let copy = s.path("recovered");
+    copy_env(&s.path("standby"), &copy)?;
+    bdb::recover_catastrophic(&copy)?;
+    assert_eq!(bdb::check(&copy.join("data"))?, last);
+    assert_eq!(bdb::db_dump_all(&env, &WORKLOAD_DBS)?, bdb::db_dump_all(&copy, &WORKLOAD_DBS)?);
+    Ok(())
+}
