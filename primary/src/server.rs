@@ -211,6 +211,8 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .tls_config(tls)
         .context("TLS configuration")?
+        .initial_stream_window_size(Some(tandem_shared::STREAM_WINDOW))
+        .initial_connection_window_size(Some(tandem_shared::STREAM_WINDOW * 2))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service)

@@ -46,6 +46,10 @@ pub async fn connect(
         .map_err(|source| ConnectError::Connect { url: url.to_owned(), source })?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
+        // HTTP/2's default 64 KiB windows cap a single stream far below
+        // disk speed; a base copy is one long stream.
+        .initial_stream_window_size(crate::STREAM_WINDOW)
+        .initial_connection_window_size(crate::STREAM_WINDOW * 2)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
     let channel = endpoint.connect().await.map_err(|source| ConnectError::Connect { url: url.to_owned(), source })?;

@@ -30,6 +30,8 @@ pub use tandem_proto as wire;
 /// Largest gRPC message either side accepts. Chunks are at most
 /// [`MAX_CHUNK`] bytes, so this leaves room for the envelope only.
 pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK + 64 * 1024;
+/// HTTP/2 flow-control window for the replication stream (both sides).
+pub const STREAM_WINDOW: u32 = 16 << 20;
 /// Largest payload of one file or log chunk.
 pub const MAX_CHUNK: usize = 1 << 20;
 
