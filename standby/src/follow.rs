@@ -277,6 +277,7 @@ fn note_heartbeat(live: &Live, kind: &Kind) {
             if end > s.primary_end_lsn {
                 s.primary_end_lsn = end;
             }
+            s.compute_lag();
         }),
         _ => {}
     }
