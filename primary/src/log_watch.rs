@@ -41,29 +41,42 @@ pub fn spawn(layout: EnvLayout, poll: Duration) -> watch::Receiver<LogEnd> {
         .spawn(move || {
             let mut tail: Option<Tail> = None;
             let mut warned = false;
+            // Idle, the poll slows down to IDLE_FACTOR times the interval;
+            // the first new record brings it back to full speed.
+            let mut idle_polls = 0u32;
             while !tx.is_closed() {
-                if let Err(e) = step(&layout, &mut tail, &tx) {
-                    if !warned {
-                        tracing::warn!(error = %e, "reading the end of the log failed; retrying");
-                        warned = true;
+                match step(&layout, &mut tail, &tx) {
+                    Ok(moved) => {
+                        warned = false;
+                        idle_polls = if moved { 0 } else { idle_polls.saturating_add(1) };
                     }
-                    tail = None;
-                } else {
-                    warned = false;
+                    Err(e) => {
+                        if !warned {
+                            tracing::warn!(error = %e, "reading the end of the log failed; retrying");
+                            warned = true;
+                        }
+                        tail = None;
+                    }
                 }
-                std::thread::sleep(poll);
+                let factor = if idle_polls > IDLE_AFTER_POLLS { IDLE_FACTOR } else { 1 };
+                std::thread::sleep(poll * factor);
             }
         })
         .expect("spawning a thread at start-up");
     rx
 }
 
-fn step(layout: &EnvLayout, tail: &mut Option<Tail>, tx: &watch::Sender<LogEnd>) -> std::io::Result<()> {
+/// Polls without news before the watcher slows down, and by how much.
+const IDLE_AFTER_POLLS: u32 = 500;
+const IDLE_FACTOR: u32 = 5;
+
+/// One look at the end of the log; true if it moved.
+fn step(layout: &EnvLayout, tail: &mut Option<Tail>, tx: &watch::Sender<LogEnd>) -> std::io::Result<bool> {
     let t = match tail {
         Some(t) => t,
         None => {
             let files = layout.log_files().map_err(std::io::Error::other)?;
-            let Some(&newest) = files.last() else { return Ok(()) };
+            let Some(&newest) = files.last() else { return Ok(false) };
             tail.insert(open_tail(layout, newest, None)?)
         }
     };
@@ -81,10 +94,9 @@ fn step(layout: &EnvLayout, tail: &mut Option<Tail>, tx: &watch::Sender<LogEnd>)
         }
     }
     let now = LogEnd { end: LogPosition::new(t.file_no, t.end), lg_max: t.lg_max };
-    tx.send_if_modified(|cur| {
+    Ok(tx.send_if_modified(|cur| {
         let changed = *cur != now;
         *cur = now;
         changed
-    });
-    Ok(())
+    }))
 }

@@ -162,23 +162,38 @@ pub struct VerifiedRecords {
     pub walk: Walk,
 }
 
+/// First read size of `read_verified`: a live tail usually has a few
+/// records to give, and the tail is read every few milliseconds, so a
+/// small first read keeps polling cheap; it grows while records keep coming.
+const FIRST_READ: usize = 16 << 10;
+/// A record length beyond this is treated as damage, not read.
+const MAX_RECORD: u32 = 256 << 20;
+
 /// Reads a log file from `from` and returns up to about `max_bytes` of
 /// verified records (more if a single record is larger). Fewer bytes than
 /// asked means the verified end of the file was reached for now.
 pub fn read_verified(file: &File, from: u32, expected_prev: Option<u32>, max_bytes: usize) -> io::Result<VerifiedRecords> {
-    let mut want = max_bytes.clamp(RECORD_HEADER_LEN as usize, READ_CHUNK.max(max_bytes));
+    let max_bytes = max_bytes.max(RECORD_HEADER_LEN as usize);
+    let mut want = FIRST_READ.min(max_bytes);
     loop {
         let mut buf = vec![0u8; want];
         let n = read_at_most(file, &mut buf, u64::from(from))?;
         buf.truncate(n);
         let walk = walk(&buf, from, expected_prev);
-        // A single record larger than the buffer: read enough for it.
-        if walk.records == 0 {
-            if let WalkStop::Incomplete { record_len } = walk.stop {
-                if n == want && (record_len as usize) > want {
-                    want = record_len as usize;
-                    continue;
+        // The buffer was filled and the walk ran to its end: there may be
+        // more, up to max_bytes, or a single record larger than the buffer.
+        if n == want {
+            let larger = match walk.stop {
+                WalkStop::EndOfBuffer if want < max_bytes => Some((want * 8).min(max_bytes)),
+                WalkStop::Incomplete { record_len } if walk.records == 0 && record_len as usize > want && record_len <= MAX_RECORD => {
+                    Some(record_len as usize)
                 }
+                WalkStop::Incomplete { .. } if want < max_bytes => Some((want * 8).min(max_bytes)),
+                _ => None,
+            };
+            if let Some(larger) = larger {
+                want = larger;
+                continue;
             }
         }
         buf.truncate((walk.end - from) as usize);
