@@ -23,7 +23,9 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         f.sync_all()?;
     }
     std::fs::rename(&partial, path)?;
-    fsync_dir(path.parent().unwrap_or(Path::new(".")))
+    // A bare file name has an empty parent: the current directory.
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fsync_dir(dir)
 }
 
 fn partial_path(path: &Path) -> PathBuf {
