@@ -276,3 +276,20 @@ impl Drop for Scratch {
         }
     }
 }
+
+/// A primary with `initial` workload transactions and a standby that holds
+/// a complete base of it (readiness checks off).
+pub struct Pair {
+    pub s: Scratch,
+    pub primary: Primary,
+    pub standby: Proc,
+}
+
+pub fn pair(initial: &bdb::WorkloadOptions) -> Result<Pair> {
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), initial)?;
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
+    let standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &["--check-interval-secs", "0"])?;
+    wait_for("the base copy", Duration::from_secs(120), || Ok(standby_status(&s.path("standby"))?["recoverable"] == true))?;
+    Ok(Pair { s, primary, standby })
+}

@@ -12,7 +12,6 @@ use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(120);
-const NO_CHECKS: [&str; 2] = ["--check-interval-secs", "0"];
 
 fn workload(txns: u64) -> WorkloadOptions {
     WorkloadOptions { txns, checkpoint_every: 500, lg_max: 1 << 20, ..Default::default() }
@@ -75,20 +74,8 @@ fn restore(from: &Path, to: &Path, until: Option<&str>, env: &[(&str, &str)]) ->
     standby_cmd(args, env)
 }
 
-/// The primary has `initial` transactions and the standby mirrors it.
-struct Pair {
-    s: Scratch,
-    _primary: Primary,
-    standby: Proc,
-}
-
 fn pair(initial: u64) -> Result<Pair> {
-    let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(initial))?;
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &NO_CHECKS)?;
-    wait_for("the base copy", LONG, || Ok(standby_status(&s.path("standby"))?["recoverable"] == true))?;
-    Ok(Pair { s, _primary: primary, standby })
+    tandem_tests::harness::pair(&workload(initial))
 }
 
 fn now_unix() -> i64 {

@@ -22,20 +22,8 @@ fn promote(dir: &Path) -> Result<(std::process::ExitStatus, serde_json::Value, S
     Ok((out.status, json, stderr))
 }
 
-/// The standby mirrors a primary whose workload is done.
-struct Pair {
-    s: Scratch,
-    primary: Primary,
-    standby: Proc,
-}
-
 fn pair(initial: u64) -> Result<Pair> {
-    let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(initial))?;
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &NO_CHECKS)?;
-    wait_for("the base copy", LONG, || Ok(standby_status(&s.path("standby"))?["recoverable"] == true))?;
-    Ok(Pair { s, primary, standby })
+    tandem_tests::harness::pair(&workload(initial))
 }
 
 #[test]
