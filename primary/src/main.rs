@@ -231,9 +231,21 @@ async fn status(a: StatusArgs) -> Result<()> {
             if b.dropped {
                 "DROPPED for exceeding the retention cap: it will need a new base".to_owned()
             } else {
-                format!("holds back {} bytes of log it has not acknowledged", b.held_back_bytes)
+                format!("holds back {} bytes of log ({} of them only for its archive)", b.held_back_bytes, b.held_for_archive_bytes)
             }
         );
+        match b.archived {
+            Some(a) => {
+                let a: tandem_shared::LogPosition = a.into();
+                let released = if b.archive_released_below > 0 {
+                    format!("; RELEASED: files below {} were removed before it archived them", b.archive_released_below)
+                } else {
+                    String::new()
+                };
+                println!("  archive: holds the log up to {a}{released}");
+            }
+            None => println!("  archive: none registered"),
+        }
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ pub fn render(shared: &Shared) -> String {
     let status = shared.status();
     let lag: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), s.lag_bytes as f64)).collect();
     let held: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), s.held_back_bytes as f64)).collect();
+    let for_archive: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), s.held_for_archive_bytes as f64)).collect();
     let connected: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), f64::from(u8::from(s.connected)))).collect();
     let end = status.end.unwrap_or_default();
     PromText::default()
@@ -22,6 +23,12 @@ pub fn render(shared: &Shared) -> String {
         .gauge("tandem_primary_epoch", "The primary's epoch (fencing token).", shared.identity.epoch as f64)
         .gauge_by("tandem_primary_standby_lag_bytes", "Log bytes not yet acknowledged durable, per standby.", "standby", &lag)
         .gauge_by("tandem_primary_standby_retained_bytes", "Log bytes kept on the primary only for this standby (retention on).", "standby", &held)
+        .gauge_by(
+            "tandem_primary_standby_retained_for_archive_bytes",
+            "Of the retained bytes, those kept only because the standby's continuous archive lacks them.",
+            "standby",
+            &for_archive,
+        )
         .gauge_by("tandem_primary_standby_connected", "1 while the standby is connected.", "standby", &connected)
         .finish()
 }
@@ -43,6 +50,9 @@ pub fn status_document(s: &tandem_shared::wire::PrimaryStatus) -> serde_json::Va
                 "acked_lsn": {"file": acked.file, "offset": acked.offset},
                 "lag_bytes": b.lag_bytes, "last_contact_unix_ms": b.last_contact_unix_ms, "base_id": b.base_id,
                 "held_back_bytes": b.held_back_bytes, "dropped": b.dropped,
+                "held_for_archive_bytes": b.held_for_archive_bytes,
+                "archived_lsn": b.archived.map(|a| serde_json::json!({"file": a.file, "offset": a.offset})),
+                "archive_released_below": b.archive_released_below,
             })
         })
         .collect();

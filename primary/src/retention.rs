@@ -2,10 +2,12 @@
 //! BDB's hot-failover procedure), safely.
 //!
 //! A log file is removed only when BDB no longer needs it (`db_archive`
-//! lists it) and every standby the primary knows has acknowledged a
-//! position past it. An offline standby therefore holds logs back, like a
-//! replication slot; past the cap, the standby that holds back the most is
-//! dropped loudly and will need a new base. `db_hotbackup -u/-c` and
+//! lists it), every standby the primary knows has acknowledged a position
+//! past it, and, for a standby that reports a continuous archive, that
+//! archive holds it. An offline standby therefore holds logs back, like a
+//! replication slot; past the cap, the one that holds back the most is
+//! released loudly: an archive hold is given up first (the archive gets a
+//! gap), then the standby itself is dropped and will need a new base. `db_hotbackup -u/-c` and
 //! `db_archive -d` are never used: they remove logs no standby holds
 //! (BDB.md §6).
 
@@ -57,16 +59,28 @@ fn pass(shared: &Shared, state_dir: &Path, cfg: &RetentionConfig) -> anyhow::Res
     let removable: Vec<u32> = {
         let mut map = shared.standbys.lock().map_err(|_| anyhow::anyhow!("standby table poisoned"))?;
         loop {
-            // A standby needs every file from the one its acknowledged
-            // position is in.
             for r in map.values_mut() {
-                r.held_back_bytes = if r.dropped { 0 } else { inactive.iter().filter(|n| **n >= r.acked.file).map(|n| size_of(*n)).sum() };
+                let (from, acked) = if r.dropped { (u32::MAX, u32::MAX) } else { (r.needs_from(), r.acked.file) };
+                r.held_back_bytes = inactive.iter().filter(|n| **n >= from).map(|n| size_of(*n)).sum();
+                r.held_for_archive_bytes = inactive.iter().filter(|n| **n >= from && **n < acked).map(|n| size_of(*n)).sum();
             }
-            let held: u64 = inactive.iter().filter(|n| map.values().any(|r| !r.dropped && **n >= r.acked.file)).map(|n| size_of(*n)).sum();
+            let held: u64 = inactive.iter().filter(|n| map.values().any(|r| !r.dropped && **n >= r.needs_from())).map(|n| size_of(*n)).sum();
             if held <= cfg.cap_bytes {
                 break;
             }
-            let Some((name, r)) = map.iter_mut().filter(|(_, r)| !r.dropped).min_by_key(|(_, r)| r.acked) else { break };
+            let Some((name, r)) = map.iter_mut().filter(|(_, r)| !r.dropped).min_by_key(|(_, r)| r.needs_from()) else { break };
+            if r.needs_from() < r.acked.file {
+                // The standby has the log; only its archive lacks it. Losing
+                // archive coverage beats filling the production disk.
+                tracing::error!(
+                    standby = %name, archived = ?r.archived, acked = %r.acked, held_back_bytes = held, cap_bytes = cfg.cap_bytes,
+                    "RELEASING ARCHIVE HOLD: the standby's continuous archive is further behind than the retention cap allows; \
+                     log files it has not archived will be removed, so point-in-time restore will have a gap there: \
+                     check `tandem-standby archive --follow` on that standby"
+                );
+                r.archive_released_below = r.acked.file;
+                continue;
+            }
             tracing::error!(
                 standby = %name, acked = %r.acked, held_back_bytes = held, cap_bytes = cfg.cap_bytes,
                 "DROPPING STANDBY: it holds back more log than the retention cap allows; its logs will be removed \
@@ -74,7 +88,7 @@ fn pass(shared: &Shared, state_dir: &Path, cfg: &RetentionConfig) -> anyhow::Res
             );
             r.dropped = true;
         }
-        let oldest_needed = map.values().filter(|r| !r.dropped).map(|r| r.acked.file).min().unwrap_or(u32::MAX);
+        let oldest_needed = map.values().filter(|r| !r.dropped).map(StandbyRecord::needs_from).min().unwrap_or(u32::MAX);
         let snapshot: BTreeMap<String, StandbyRecord> = map.clone();
         drop(map);
         // Durable before anything is removed, so a restarted primary never

@@ -62,9 +62,31 @@ pub struct StandbyRecord {
     /// no longer kept, and it will need a new base.
     #[serde(default)]
     pub dropped: bool,
+    /// End of the log archived by the standby's continuous archive; `None`
+    /// when it has none registered.
+    #[serde(default)]
+    pub archived: Option<LogPosition>,
+    /// The archive fell behind by more than the cap: files below this were
+    /// removed without waiting for it (0: never).
+    #[serde(default)]
+    pub archive_released_below: u32,
     /// Log bytes kept only for this standby.
     #[serde(skip)]
     pub held_back_bytes: u64,
+    /// Of those, bytes kept only because its archive lacks them.
+    #[serde(skip)]
+    pub held_for_archive_bytes: u64,
+}
+
+impl StandbyRecord {
+    /// First log file this standby still needs on the primary: the one its
+    /// acknowledged position is in, or an earlier one its archive lacks.
+    pub fn needs_from(&self) -> u32 {
+        match self.archived {
+            Some(a) => self.acked.file.min(a.file.max(self.archive_released_below)),
+            None => self.acked.file,
+        }
+    }
 }
 
 /// State shared by every session of one primary.
@@ -102,9 +124,10 @@ impl Shared {
         });
     }
 
-    pub fn standby_acked(&self, name: &str, at: LogPosition) {
+    pub fn standby_acked(&self, name: &str, at: LogPosition, archived: Option<LogPosition>) {
         self.with_standby(name, |r| {
             r.acked = at;
+            r.archived = archived;
             r.last_contact_unix_ms = tandem_shared::now_unix_ms();
         });
     }
@@ -130,6 +153,9 @@ impl Shared {
                         base_id: r.base_id.clone(),
                         held_back_bytes: r.held_back_bytes,
                         dropped: r.dropped,
+                        archived: r.archived.map(Into::into),
+                        held_for_archive_bytes: r.held_for_archive_bytes,
+                        archive_released_below: r.archive_released_below,
                     })
                     .collect()
             })

@@ -196,7 +196,7 @@ async fn follow_acks(shared: &Shared, name: &str, inbound: &mut Streaming<Standb
         match next {
             Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::Ack(ack)) })) => {
                 if let Some(p) = ack.durable {
-                    shared.standby_acked(name, p.into());
+                    shared.standby_acked(name, p.into(), ack.archived.map(Into::into));
                 }
             }
             Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::PageDigests(d)) })) => {

@@ -619,13 +619,31 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 /// `ckp_floor` (default: the first record after the first file's persist
 /// record, which is where `db_recover` starts reading).
 pub fn scan_logs(log_dir: &Path, first: u32, last: u32, end: Option<u32>, ckp_floor: Option<LogPosition>) -> Result<LogSummary, ArchiveError> {
+    scan_log_chain(&|n| log_dir.join(log_file_name(n)), first, last, end, ckp_floor, false)
+}
+
+/// [`scan_logs`] over files found by `path_of`. With `stop_at_break`, a
+/// later file that is missing or does not continue the chain ends the walk
+/// (the summary's `end` says where) instead of failing it.
+fn scan_log_chain(
+    path_of: &dyn Fn(u32) -> PathBuf,
+    first: u32,
+    last: u32,
+    end: Option<u32>,
+    ckp_floor: Option<LogPosition>,
+    stop_at_break: bool,
+) -> Result<LogSummary, ArchiveError> {
     let mut s = LogSummary::default();
     let floor = ckp_floor.unwrap_or(LogPosition::new(first, PERSIST_RECORD_LEN));
     let mut prev_last: Option<u32> = None;
     for n in first..=last {
         let name = log_file_name(n);
         let chain = |why: String| ArchiveError::LogChain { file: name.clone(), why };
-        let f = File::open(log_dir.join(&name)).map_err(io_err(format!("opening {name}")))?;
+        let f = match File::open(path_of(n)) {
+            Ok(f) => f,
+            Err(e) if stop_at_break && n > first && e.kind() == io::ErrorKind::NotFound => break,
+            Err(e) => return Err(io_err(format!("opening {name}"))(e)),
+        };
         let mut expected = if n == first { None } else { prev_last };
         let mut from = 0u32;
         let mut last_record = None;
@@ -633,6 +651,7 @@ pub fn scan_logs(log_dir: &Path, first: u32, last: u32, end: Option<u32>, ckp_fl
             let v = read_verified(&f, from, expected, 4 << 20).map_err(io_err(format!("reading {name}")))?;
             if from == 0 {
                 match (v.walk.records, v.walk.header) {
+                    (0, _) if stop_at_break && n > first => return Ok(s),
                     (0, _) => {
                         return Err(chain(match v.walk.stop {
                             WalkStop::Invalid(why) if n > first => format!("does not continue log.{:010}: {why}", n - 1),
@@ -826,16 +845,30 @@ fn copy_snapshot(dir: &StandbyDir, snap: &Snapshot, temp: &Path) -> Result<Vec<M
         let kind = if name == DB_CONFIG { FileKind::Config } else { FileKind::Database };
         files.push(ManifestFile { name: name.clone(), kind, size, blake3: hash.to_hex().to_string() });
     }
-    files.extend(copy_logs(dir, &snap.state, snap.base.log_start.file, snap.durable, temp)?);
+    files.extend(copy_logs(&log_source(dir, &snap.state, false), &snap.state.log_dir, snap.base.log_start.file, snap.durable, temp)?);
     Ok(files)
 }
 
-/// Copies log files `from..=end.file` of the mirror, the last up to `end`.
-fn copy_logs(dir: &StandbyDir, state: &StandbyState, from: u32, end: LogPosition, temp: &Path) -> Result<Vec<ManifestFile>, ArchiveError> {
+/// Where the archiver reads log file N: the mirror, or first the files
+/// the mirror retired for the archive (when finishing an older backup).
+fn log_source(dir: &StandbyDir, state: &StandbyState, held_first: bool) -> impl Fn(u32) -> PathBuf {
+    let mirror = dir.log_dir(state);
+    let held = crate::archive_hold::hold_dir(dir);
+    move |n| {
+        let name = log_file_name(n);
+        match held.join(&name) {
+            p if held_first && p.exists() => p,
+            _ => mirror.join(name),
+        }
+    }
+}
+
+/// Copies log files `from..=end.file`, the last up to `end`.
+fn copy_logs(source: &dyn Fn(u32) -> PathBuf, log_dir: &str, from: u32, end: LogPosition, temp: &Path) -> Result<Vec<ManifestFile>, ArchiveError> {
     let mut files = Vec::new();
     for n in from..=end.file {
-        let name = log_rel_name(&state.log_dir, n);
-        let src = dir.log_dir(state).join(log_file_name(n));
+        let name = log_rel_name(log_dir, n);
+        let src = source(n);
         let limit = (n == end.file).then_some(u64::from(end.offset));
         let (size, hash) = copy_hashed(&src, &temp.join(wirepath::validate(&name)?), limit, false)?;
         files.push(ManifestFile { name, kind: FileKind::Log, size, blake3: hash.to_hex().to_string() });
@@ -1086,33 +1119,73 @@ pub fn follow_round(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError
     let report = match current {
         Some((b, m)) if m.env_id == snap.env_id && m.base_id == snap.base.base_id && m.log_start == snap.base.log_start && m.log_end <= snap.durable => {
             if m.log_end == snap.durable {
-                return Ok(report_from("unchanged", &b.path, &m));
+                report_from("unchanged", &b.path, &m)
+            } else {
+                match extend_backup(&dir, opts, &b, &m, false)? {
+                    Some(r) => r,
+                    None => new_backup(opts)?,
+                }
             }
-            match extend_backup(&dir, opts, &b, &m)? {
-                Some(r) => r,
-                None => new_backup(opts)?,
+        }
+        Some((b, m)) if m.env_id == snap.env_id => {
+            // The standby moved to another base: first carry the previous
+            // backup as far as the log goes, so point-in-time restore has
+            // no gap between it and the new one.
+            if let Err(e) = extend_backup(&dir, opts, &b, &m, true) {
+                tracing::warn!(backup = %b.name, error = %e, "could not finish the previous backup with the log held for it");
             }
+            new_backup(opts)?
         }
         _ => new_backup(opts)?,
     };
-    record_report(opts, &report);
+    if report.action != "unchanged" {
+        record_report(opts, &report);
+    }
+    register_hold(&dir, opts, report.log_end)?;
     Ok(report)
 }
 
+/// Records how far the archive reaches, so the standby (and through its
+/// Ack the primary) keeps the log after it; then drops held files the
+/// archive no longer needs.
+fn register_hold(dir: &StandbyDir, opts: &ArchiveOptions, log_end: LogPosition) -> Result<(), ArchiveError> {
+    let hold = crate::archive_hold::ArchiveHold { archive: opts.archive.display().to_string(), log_end, updated_unix_ms: tandem_shared::now_unix_ms() };
+    crate::archive_hold::store(dir, &hold).map_err(io_err("recording the archive's position in .tandem"))?;
+    crate::archive_hold::delete_held(dir, log_end.file).map_err(io_err("deleting log files held for the archive"))
+}
+
 /// Builds the successor of backup `b` (its files hard-linked, the last log
-/// file and newer ones copied from the mirror) and swaps it in. `None`
-/// when the filesystem cannot swap directories atomically: the caller then
-/// writes a new backup instead.
-fn extend_backup(dir: &StandbyDir, opts: &ArchiveOptions, b: &BackupEntry, m: &Manifest) -> Result<Option<ArchiveReport>, ArchiveError> {
+/// file and newer ones copied) and swaps it in. Normally the log comes from
+/// the mirror, up to its durable end, while the mirror still holds `b`'s
+/// base. With `finish`, the mirror has moved to another base and the log
+/// comes first from the files retired for the archive
+/// ([`crate::archive_hold`]), as far as the record chain continues. `None`
+/// when there is nothing to extend with, or the filesystem cannot swap
+/// directories atomically: the caller then writes a new backup.
+fn extend_backup(dir: &StandbyDir, opts: &ArchiveOptions, b: &BackupEntry, m: &Manifest, finish: bool) -> Result<Option<ArchiveReport>, ArchiveError> {
     let started = Instant::now();
     for attempt in 1..=COPY_ATTEMPTS {
         let snap = take_snapshot(dir)?;
-        if snap.base.base_id != m.base_id || snap.durable < m.log_end {
+        let source = log_source(dir, &snap.state, finish);
+        let end = if finish {
+            match scan_log_chain(&source, m.log_end.file, snap.durable.file, None, None, true) {
+                Ok(reach) => reach.end.min(snap.durable),
+                Err(e) => {
+                    tracing::warn!(backup = %b.name, error = %e, "the log after this backup's end is no longer on the standby: it stays as it is");
+                    return Ok(None);
+                }
+            }
+        } else if snap.base.base_id != m.base_id {
+            return Ok(None);
+        } else {
+            snap.durable
+        };
+        if end <= m.log_end {
             return Ok(None);
         }
         let temp = temp_dir_in(&opts.archive, "extend")?;
-        let built = build_extension(dir, &snap, b, m, &temp);
-        if !source_unchanged(dir, &snap)? {
+        let built = build_extension(&source, &snap, b, m, end, &temp);
+        if !finish && !source_unchanged(dir, &snap)? {
             tracing::info!(attempt, "the standby's base changed during the copy; copying again");
             remove_tree(&temp).map_err(io_err("removing a temporary directory"))?;
             continue;
@@ -1148,13 +1221,20 @@ fn extend_backup(dir: &StandbyDir, opts: &ArchiveOptions, b: &BackupEntry, m: &M
         let mut report = report_from("extended", &b.path, &new_m);
         report.copy_seconds = copy_seconds;
         report.seconds = started.elapsed().as_secs_f64();
-        tracing::info!(backup = %b.name, from = %m.log_end, to = %new_m.log_end, "backup extended");
+        tracing::info!(backup = %b.name, from = %m.log_end, to = %new_m.log_end, finished = finish, "backup extended");
         return Ok(Some(report));
     }
     Err(ArchiveError::SourceChanged { attempts: COPY_ATTEMPTS })
 }
 
-fn build_extension(dir: &StandbyDir, snap: &Snapshot, b: &BackupEntry, m: &Manifest, temp: &Path) -> Result<Manifest, ArchiveError> {
+fn build_extension(
+    source: &dyn Fn(u32) -> PathBuf,
+    snap: &Snapshot,
+    b: &BackupEntry,
+    m: &Manifest,
+    end: LogPosition,
+    temp: &Path,
+) -> Result<Manifest, ArchiveError> {
     let old_last = m.log_end.file;
     let old_last_name = log_rel_name(&m.log_dir, old_last);
     let mut files = Vec::new();
@@ -1170,7 +1250,7 @@ fn build_extension(dir: &StandbyDir, snap: &Snapshot, b: &BackupEntry, m: &Manif
         fs::hard_link(b.path.join(&rel), &to).map_err(io_err(format!("linking {}", f.name)))?;
         files.push(f.clone());
     }
-    files.extend(copy_logs(dir, &snap.state, old_last, snap.durable, temp)?);
+    files.extend(copy_logs(source, &m.log_dir, old_last, end, temp)?);
     // The mirror's copy of the old last file must start with exactly the
     // bytes the backup holds.
     let rel = wirepath::validate(&old_last_name)?;
@@ -1187,11 +1267,11 @@ fn build_extension(dir: &StandbyDir, snap: &Snapshot, b: &BackupEntry, m: &Manif
     let log_dir_old = b.path.join(&m.log_dir);
     let log_dir_new = temp.join(&m.log_dir);
     let before = scan_logs(&log_dir_old, old_last, old_last, Some(m.log_end.offset), floor)?;
-    let after = scan_logs(&log_dir_new, old_last, snap.durable.file, Some(snap.durable.offset), floor)?;
+    let after = scan_logs(&log_dir_new, old_last, end.file, Some(end.offset), floor)?;
     files.sort_by(|a, b| a.name.cmp(&b.name));
     let mut new_m = Manifest {
         updated_unix_ms: tandem_shared::now_unix_ms(),
-        log_end: snap.durable,
+        log_end: end,
         commits: m.commits - before.commits.min(m.commits) + after.commits,
         first_commit_unix: m.first_commit_unix.or(after.first_commit_unix),
         last_commit_unix: match (m.last_commit_unix, after.last_commit_unix) {

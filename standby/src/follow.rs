@@ -172,6 +172,8 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
     };
     tracing::info!(primary = %cfg.primary, durable = %mirror.tail.durable, "connected to the primary");
     let mut rebase_asked: Option<std::time::Instant> = None;
+    let mut archive = ArchiveWatch::default();
+    let mut archived_sent = None;
     update(live, |s| {
         s.connected = true;
         s.last_contact_unix_ms = now_unix_ms();
@@ -222,8 +224,12 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
             }
         }
         let durable = tokio::task::block_in_place(|| mirror.sync()).map_err(|e| rejected(e, live, mirror))?;
-        if pending > 0 {
-            let _ = tx.try_send(StandbyMessage { kind: Some(standby_message::Kind::Ack(Ack { durable: Some(durable.into()) })) });
+        let archived = archive.position(&mirror.dir);
+        if pending > 0 || archived != archived_sent {
+            let ack = Ack { durable: Some(durable.into()), archived: archived.map(Into::into) };
+            if tx.try_send(StandbyMessage { kind: Some(standby_message::Kind::Ack(ack)) }).is_ok() {
+                archived_sent = archived;
+            }
         }
         if let Some(report) = tokio::task::block_in_place(|| mirror.finish_rebase()).map_err(|e| rejected(e, live, mirror))? {
             update(live, |s| {
@@ -243,6 +249,25 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
             s.compute_lag();
             s.fill_from_state(&mirror.state);
         });
+    }
+}
+
+/// The continuous archive's position, re-read from its registration at
+/// most once a second (the session loop wakes at least on every heartbeat,
+/// so a moving archive is reported while the log is idle too).
+#[derive(Default)]
+struct ArchiveWatch {
+    read_at: Option<std::time::Instant>,
+    position: Option<LogPosition>,
+}
+
+impl ArchiveWatch {
+    fn position(&mut self, dir: &StandbyDir) -> Option<LogPosition> {
+        if self.read_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+            self.position = crate::archive_hold::load(dir).map(|h| h.log_end);
+            self.read_at = Some(std::time::Instant::now());
+        }
+        self.position
     }
 }
 
@@ -322,7 +347,12 @@ async fn write_status_forever(dir: StandbyDir, live: Live) {
 
 /// Informational, so written atomically but without fsync.
 fn write_status(dir: &StandbyDir, live: &Live) {
-    let Ok(mut s) = live.lock().map(|s| s.clone()) else { return };
+    let Ok(mut s) = live.lock().map(|mut s| {
+        s.fill_archive(dir);
+        s.clone()
+    }) else {
+        return;
+    };
     s.updated_unix_ms = now_unix_ms();
     let Ok(bytes) = serde_json::to_vec_pretty(&s) else { return };
     let tmp = dir.meta().join("status.json.tmp");

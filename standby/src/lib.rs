@@ -7,6 +7,7 @@
 //! - [`status`]: what `tandem-standby status` reports.
 
 pub mod archive;
+pub mod archive_hold;
 pub mod follow;
 pub mod mirror;
 pub mod promote;

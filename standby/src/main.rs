@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use tandem_shared::telemetry::{self, LogFormat};
@@ -95,13 +95,25 @@ enum Command {
     /// it and swapped in atomically), and starts a new backup when the
     /// standby's base changed. Extensions are checked (hashes, log chain) but
     /// not recovered; run verify-archive for that proof.
+    ///
+    /// --follow also registers the archive with the standby, so no log is
+    /// lost to it: the standby keeps log files the archive has not copied
+    /// yet when a rebase would drop them (in DIR/.tandem/archive-hold, where
+    /// the next round finishes the previous backup with them), and reports
+    /// the archive's position to the primary, whose --retention then keeps
+    /// them too. The registration outlives the process (a stopped archiver
+    /// holds logs back, up to the primary's cap); end it with --release.
     Archive {
         /// The standby directory (only read; a report goes to DIR/.tandem/archive.json).
         #[arg(long)]
         dir: PathBuf,
         /// The archive directory, created if missing.
-        #[arg(long, value_name = "ARCHIVE")]
-        to: PathBuf,
+        #[arg(long, value_name = "ARCHIVE", required_unless_present = "release")]
+        to: Option<PathBuf>,
+        /// End a --follow archive's registration with DIR (stop the archiver
+        /// first): logs are no longer held for it, held ones are deleted.
+        #[arg(long, conflicts_with_all = ["to", "follow"])]
+        release: bool,
         /// Keep this many newest backups; delete older ones.
         #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
         keep: u32,
@@ -294,35 +306,11 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(e) => Err(anyhow::anyhow!(e)),
             }
         }
-        Command::Archive { dir, to, keep, keep_days, follow, no_verify, scratch, json } => {
+        Command::Archive { dir, to, release, keep, keep_days, follow, no_verify, scratch, json } => {
             telemetry::init(LogFormat::Human);
-            let opts = ArchiveOptions { dir, archive: to, keep, keep_days, verify: !no_verify, scratch };
-            match follow {
-                None => match tokio::task::spawn_blocking(move || archive::archive_once(&opts)).await {
-                    Ok(Ok(report)) => print_archive(&report, json),
-                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("archive failed; nothing was published")),
-                    Err(e) => Err(anyhow::anyhow!(e)),
-                },
-                Some(secs) => {
-                    let stop = Arc::new(AtomicBool::new(false));
-                    let flag = stop.clone();
-                    tokio::spawn(async move {
-                        tandem_shared::shutdown_signal().await;
-                        flag.store(true, Ordering::SeqCst);
-                    });
-                    let every = Duration::from_secs(secs);
-                    let rounds = tokio::task::spawn_blocking(move || {
-                        archive::follow(&opts, every, &stop, |r| match r {
-                            Ok(report) => {
-                                let _ = print_archive(report, json);
-                            }
-                            // Text mode: the error is already logged on stderr.
-                            Err(e) if json => println!("{}", serde_json::json!({ "action": "error", "error": e.to_string() })),
-                            Err(_) => {}
-                        })
-                    });
-                    rounds.await.map_err(|e| anyhow::anyhow!(e))
-                }
+            match to.filter(|_| !release) {
+                None => release_archive(&dir),
+                Some(to) => archive(ArchiveOptions { dir, archive: to, keep, keep_days, verify: !no_verify, scratch }, follow, json).await,
             }
         }
         Command::VerifyArchive { target, all, scratch, json } => {
@@ -447,6 +435,47 @@ fn print_promotion(r: &promote::PromoteReport, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `archive --release`.
+fn release_archive(dir: &Path) -> Result<()> {
+    let standby = StandbyDir::new(dir);
+    if !standby.meta().is_dir() {
+        anyhow::bail!("{} is not a standby directory", dir.display());
+    }
+    tandem_standby::archive_hold::release(&standby).context("releasing the archive's hold")?;
+    println!("released: {} no longer holds log files for an archive", dir.display());
+    Ok(())
+}
+
+async fn archive(opts: ArchiveOptions, follow: Option<u64>, json: bool) -> Result<()> {
+    match follow {
+        None => match tokio::task::spawn_blocking(move || archive::archive_once(&opts)).await {
+            Ok(Ok(report)) => print_archive(&report, json),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("archive failed; nothing was published")),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        },
+        Some(secs) => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            tokio::spawn(async move {
+                tandem_shared::shutdown_signal().await;
+                flag.store(true, Ordering::SeqCst);
+            });
+            let every = Duration::from_secs(secs);
+            let rounds = tokio::task::spawn_blocking(move || {
+                archive::follow(&opts, every, &stop, |r| match r {
+                    Ok(report) => {
+                        let _ = print_archive(report, json);
+                    }
+                    // Text mode: the error is already logged on stderr.
+                    Err(e) if json => println!("{}", serde_json::json!({ "action": "error", "error": e.to_string() })),
+                    Err(_) => {}
+                })
+            });
+            rounds.await.map_err(|e| anyhow::anyhow!(e))
+        }
+    }
 }
 
 fn print_archive(r: &ArchiveReport, json: bool) -> Result<()> {

@@ -437,13 +437,7 @@ impl Mirror {
                     remove_if_exists(&p).map_err(io_err(format!("removing {name}")))?;
                 }
             }
-            if let Ok(entries) = std::fs::read_dir(&log_dir) {
-                for e in entries.flatten() {
-                    if e.file_name().to_str().and_then(parse_log_file_name).is_some() {
-                        remove_if_exists(&e.path()).map_err(io_err("removing an old log file"))?;
-                    }
-                }
-            }
+            crate::archive_hold::retire_logs(&self.dir, &log_dir, u32::MAX).map_err(io_err("removing the old base's log files"))?;
             fsync_dir(&self.dir.root).map_err(io_err("fsync of the standby directory"))?;
         }
         self.incoming = None;
@@ -521,16 +515,12 @@ impl Mirror {
             }
         }
         let log_dir = self.checked_log_dir()?;
-        let mut removed = 0;
-        if let Ok(entries) = std::fs::read_dir(&log_dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_str().and_then(parse_log_file_name).is_some_and(|n| n < new.log_start.file) {
-                    remove_if_exists(&e.path()).map_err(io_err("removing a log file the new base does not need"))?;
-                    removed += 1;
-                }
-            }
+        let (deleted, held) = crate::archive_hold::retire_logs(&self.dir, &log_dir, new.log_start.file)
+            .map_err(io_err("removing log files the new base does not need"))?;
+        if held > 0 {
+            tracing::info!(held, "log files the continuous archive has not copied yet were moved to .tandem/archive-hold");
         }
-        fsync_dir(&log_dir).map_err(io_err("fsync of the log directory"))?;
+        let removed = deleted + held;
         let _ = std::fs::remove_dir_all(self.dir.rebase_dir());
         Ok(removed)
     }

@@ -53,6 +53,15 @@ pub struct StandbyStatus {
     /// Estimated recovery time of a promotion now, from the last check's
     /// replay rate (or 100 MB/s, BDB.md §5, before the first check).
     pub replay_estimate_seconds: f64,
+    /// The continuous archive registered with this directory, if any, and
+    /// the end of the log it holds.
+    #[serde(default)]
+    pub archive: Option<String>,
+    #[serde(default)]
+    pub archived_lsn: Option<LogPosition>,
+    /// Log files the mirror no longer needs, kept until the archive has them.
+    #[serde(default)]
+    pub archive_held_log_bytes: u64,
 }
 
 /// Catastrophic recovery's replay rate before any check measured one.
@@ -83,6 +92,13 @@ impl StandbyStatus {
             _ => DEFAULT_REPLAY_BYTES_PER_SEC,
         };
         self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
+    }
+
+    pub fn fill_archive(&mut self, dir: &StandbyDir) {
+        let hold = crate::archive_hold::load(dir);
+        self.archive = hold.as_ref().map(|h| h.archive.clone());
+        self.archived_lsn = hold.map(|h| h.log_end);
+        self.archive_held_log_bytes = crate::archive_hold::held_bytes(dir);
     }
 
     pub fn compute_lag(&mut self) {
@@ -125,6 +141,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     s.last_check = crate::readiness::last_check(dir).or(s.last_check);
     s.compute_lag();
     s.fill_from_state(&state);
+    s.fill_archive(dir);
     Ok(s)
 }
 
@@ -165,6 +182,13 @@ pub fn render(s: &StandbyStatus) -> String {
         Some(c) => out.push_str(&format!("last check:   FAILED {}: {}\n", when(c.unix_ms), c.error.as_deref().unwrap_or("?"))),
         None => out.push_str("last check:   none yet\n"),
     }
+    match (&s.archive, s.archived_lsn) {
+        (Some(a), Some(end)) => out.push_str(&format!(
+            "archive:      {a} holds the log up to {end}; {} bytes of log held for it\n",
+            s.archive_held_log_bytes
+        )),
+        _ => out.push_str("archive:      none registered (archive --follow registers one)\n"),
+    }
     if let Some(e) = &s.last_error {
         out.push_str(&format!("last error:   {e}\n"));
     }
@@ -194,6 +218,7 @@ pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
         .gauge("tandem_standby_readiness_check_ok", "1 if the last readiness check passed, 0 if it failed or none ran.", f64::from(u8::from(s.last_check.as_ref().is_some_and(|c| c.ok))))
         .gauge("tandem_standby_readiness_check_duration_seconds", "Duration of the last readiness check.", s.last_check.as_ref().map_or(0.0, |c| c.seconds))
         .gauge("tandem_standby_readiness_check_timestamp_seconds", "When the last readiness check ran.", s.last_check.as_ref().map_or(0.0, |c| c.unix_ms as f64 / 1000.0))
+        .gauge("tandem_standby_archive_held_log_bytes", "Log bytes kept only because the continuous archive lacks them.", s.archive_held_log_bytes as f64)
         .gauge("tandem_standby_last_contact_timestamp_seconds", "When the primary was last heard from.", s.last_contact_unix_ms as f64 / 1000.0)
         .finish()
 }

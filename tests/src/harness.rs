@@ -60,7 +60,7 @@ impl Certs {
         Ok(Self { dir: dir.to_path_buf() })
     }
 
-    fn args(&self, role: &str) -> Vec<String> {
+    pub fn args(&self, role: &str) -> Vec<String> {
         let p = |f: &str| self.dir.join(f).display().to_string();
         vec!["--cert".into(), p(&format!("{role}.pem")), "--key".into(), p(&format!("{role}-key.pem")), "--ca".into(), p("ca.pem")]
     }

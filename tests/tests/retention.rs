@@ -3,7 +3,7 @@
 //! standby holds them back up to a cap; a log removed behind Tandem's back
 //! leads to a new base, never to a standby that silently lacks it.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::process::Command;
 use std::time::Duration;
 use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
@@ -114,5 +114,82 @@ fn a_log_removed_behind_tandems_back_leads_to_a_new_base() -> Result<()> {
     assert_ne!(base_id(&s.path("standby"))?, first_base, "a gap must lead to a new base");
     assert!(primary.proc.log_text().contains("are gone from the primary"), "the primary must say which files were lost");
     assert_eq!(recover_copy(&s.path("standby"), &s.path("recovered"))?, 6000);
+    Ok(())
+}
+
+fn start_archiver(s: &Scratch) -> Result<Proc> {
+    let mut cmd = Command::new(bin("tandem-standby"));
+    cmd.args(["archive", "--json", "--no-verify", "--follow", "1", "--dir"]).arg(s.path("standby")).arg("--to").arg(s.path("archive"));
+    let n = std::fs::read_dir(s.root()).map(|d| d.count()).unwrap_or(0);
+    Proc::spawn("archive --follow", cmd, &s.path(&format!("archiver-{n}.log")))
+}
+
+fn archived(status: &serde_json::Value) -> Option<tandem_shared::LogPosition> {
+    let a = &status["standbys"][0]["archived_lsn"];
+    (!a.is_null()).then(|| lsn_of(a))
+}
+
+fn first_log(env: &std::path::Path) -> Result<u32> {
+    Ok(tandem_shared::envlayout::EnvLayout::open(env)?.log_files()?.first().copied().unwrap_or(0))
+}
+
+#[test]
+fn with_an_archive_registered_no_log_leaves_the_primary_before_the_archive_has_it() -> Result<()> {
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", "64"];
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
+    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    let mut archiver = start_archiver(&s)?;
+    wait_for("the primary to learn the archive's position", LONG, || Ok(archived(&primary_status(&s, &primary)?).is_some()))?;
+    assert!(archiver.stop(LONG)?.success());
+    let held_from = archived(&primary_status(&s, &primary)?).context("archived position")?;
+    // The standby acknowledges everything, but the archive is stopped: the
+    // primary keeps every file from the archive's end on.
+    bdb::run_workload(&s.path("env"), &workload(6000))?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    wait_for("the primary to account for the archive's hold", LONG, || {
+        Ok(primary_status(&s, &primary)?["standbys"][0]["held_for_archive_bytes"].as_u64().unwrap_or(0) > 0)
+    })?;
+    assert!(first_log(&s.path("env"))? <= held_from.file, "a file the archive lacks left the primary");
+    let end = primary_log_end(&s.path("env"))?;
+    assert!(end.file > held_from.file + 3, "the workload must span several log files: {held_from} .. {end}");
+    let text = Command::new(bin("tandem-primary"))
+        .args(["status", "--primary", &primary.url()])
+        .args(s.certs.args("standby"))
+        .output()?;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("only for its archive") && text.contains(&format!("archive: holds the log up to {held_from}")), "{text}");
+    // The archive catches up: now the files go, and the archive has each one.
+    let mut archiver = start_archiver(&s)?;
+    wait_for("the archive to reach the primary's end", LONG, || Ok(archived(&primary_status(&s, &primary)?) == Some(end)))?;
+    wait_for("a retention pass", LONG, || Ok(first_log(&s.path("env"))? > held_from.file))?;
+    assert!(archiver.stop(LONG)?.success());
+    let verify = Command::new(bin("tandem-standby")).arg("verify-archive").arg("--all").arg(s.path("archive")).output()?;
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    Ok(())
+}
+
+#[test]
+fn an_archive_behind_by_more_than_the_cap_is_released_loudly_and_the_standby_kept() -> Result<()> {
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", "4"];
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
+    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    let first_base = base_id(&s.path("standby"))?;
+    let mut archiver = start_archiver(&s)?;
+    wait_for("the primary to learn the archive's position", LONG, || Ok(archived(&primary_status(&s, &primary)?).is_some()))?;
+    assert!(archiver.stop(LONG)?.success());
+    bdb::run_workload(&s.path("env"), &workload(8000))?;
+    wait_for("the archive hold to be released", LONG, || Ok(primary.proc.log_text().contains("RELEASING ARCHIVE HOLD")))?;
+    wait_for("logs to be removed", LONG, || Ok(log_count(&s.path("env"))? <= 6))?;
+    let status = primary_status(&s, &primary)?;
+    assert!(status["standbys"][0]["archive_released_below"].as_u64().unwrap_or(0) > 0, "{status}");
+    assert_eq!(status["standbys"][0]["dropped"], false, "the standby itself holds everything: it must not be dropped");
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    assert_eq!(base_id(&s.path("standby"))?, first_base);
     Ok(())
 }
