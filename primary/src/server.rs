@@ -262,3 +262,22 @@ fn promoted_epoch(env: &std::path::Path) -> u64 {
         _ => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_needs_the_log_from_what_it_or_its_archive_lacks() {
+        let mut r = StandbyRecord { acked: LogPosition::new(9, 100), ..Default::default() };
+        assert_eq!(r.needs_from(), 9);
+        r.archived = Some(LogPosition::new(4, 28));
+        assert_eq!(r.needs_from(), 4);
+        // Released past the cap: the archive no longer holds files below 7.
+        r.archive_released_below = 7;
+        assert_eq!(r.needs_from(), 7);
+        // An archive ahead of the standby never extends what it needs.
+        r.archived = Some(LogPosition::new(12, 0));
+        assert_eq!(r.needs_from(), 9);
+    }
+}

@@ -173,7 +173,8 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
     tracing::info!(primary = %cfg.primary, durable = %mirror.tail.durable, "connected to the primary");
     let mut rebase_asked: Option<std::time::Instant> = None;
     let mut archive = ArchiveWatch::default();
-    let mut archived_sent = None;
+    // Sent once per session at least: the primary remembers the last one.
+    let mut archived_sent: Option<Option<LogPosition>> = None;
     update(live, |s| {
         s.connected = true;
         s.last_contact_unix_ms = now_unix_ms();
@@ -225,10 +226,10 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
         }
         let durable = tokio::task::block_in_place(|| mirror.sync()).map_err(|e| rejected(e, live, mirror))?;
         let archived = archive.position(&mirror.dir);
-        if pending > 0 || archived != archived_sent {
+        if pending > 0 || archived_sent != Some(archived) {
             let ack = Ack { durable: Some(durable.into()), archived: archived.map(Into::into) };
             if tx.try_send(StandbyMessage { kind: Some(standby_message::Kind::Ack(ack)) }).is_ok() {
-                archived_sent = archived;
+                archived_sent = Some(archived);
             }
         }
         if let Some(report) = tokio::task::block_in_place(|| mirror.finish_rebase()).map_err(|e| rejected(e, live, mirror))? {
