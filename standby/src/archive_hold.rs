@@ -100,10 +100,15 @@ pub fn delete_held(dir: &StandbyDir, below: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Most log bytes held for an archive by default; past it the oldest held
+/// files are deleted (a stopped archiver must not fill the standby's disk
+/// and stop replication).
+pub const DEFAULT_CAP_BYTES: u64 = 10 << 30;
+
 /// Takes the mirror's log files numbered below `below` out of `log_dir`:
-/// those a registered archive still lacks move to the hold directory, the
-/// rest are deleted. Returns (deleted, held).
-pub fn retire_logs(dir: &StandbyDir, log_dir: &Path, below: u32) -> io::Result<(usize, usize)> {
+/// those a registered archive still lacks move to the hold directory (at
+/// most `cap_bytes` of them), the rest are deleted. Returns (deleted, held).
+pub fn retire_logs(dir: &StandbyDir, log_dir: &Path, below: u32, cap_bytes: u64) -> io::Result<(usize, usize)> {
     let keep_from = load(dir).map(|h| h.log_end.file);
     let mut numbers: Vec<u32> = match std::fs::read_dir(log_dir) {
         Ok(entries) => entries.flatten().filter_map(|e| e.file_name().to_str().and_then(parse_log_file_name)).filter(|n| *n < below).collect(),
@@ -132,9 +137,36 @@ pub fn retire_logs(dir: &StandbyDir, log_dir: &Path, below: u32) -> io::Result<(
     if held > 0 {
         fsync_dir(&held_dir)?;
         fsync_dir(&dir.meta())?;
+        enforce_cap(dir, cap_bytes)?;
     }
     fsync_dir(log_dir)?;
     Ok((deleted, held))
+}
+
+/// Deletes the oldest held files while they exceed `cap_bytes`, loudly.
+fn enforce_cap(dir: &StandbyDir, cap_bytes: u64) -> io::Result<()> {
+    let held_dir = hold_dir(dir);
+    let sizes: Vec<(u32, u64)> =
+        held_files(dir).into_iter().map(|n| (n, std::fs::metadata(held_dir.join(log_file_name(n))).map_or(0, |m| m.len()))).collect();
+    let mut total: u64 = sizes.iter().map(|(_, len)| len).sum();
+    let mut below = 0;
+    for (n, len) in sizes {
+        if total <= cap_bytes {
+            break;
+        }
+        total -= len;
+        below = n + 1;
+    }
+    if below > 0 {
+        tracing::error!(
+            below = %log_file_name(below), cap_bytes,
+            "RELEASING ARCHIVE HOLD on the standby: the continuous archive is further behind than --archive-hold-cap-mib \
+             allows; held log files before this one are deleted, so point-in-time restore will have a gap there: \
+             check `tandem-standby archive --follow`"
+        );
+        delete_held(dir, below)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -154,7 +186,7 @@ mod tests {
         let dir = StandbyDir::new(t.path());
         dir.create().unwrap();
         touch_logs(t.path(), &[1, 2, 3]);
-        assert_eq!(retire_logs(&dir, t.path(), 3).unwrap(), (2, 0));
+        assert_eq!(retire_logs(&dir, t.path(), 3, DEFAULT_CAP_BYTES).unwrap(), (2, 0));
         assert!(held_files(&dir).is_empty());
         assert!(t.path().join(log_file_name(3)).exists());
     }
@@ -168,7 +200,7 @@ mod tests {
         std::fs::create_dir_all(hold_dir(&dir)).unwrap();
         std::fs::write(hold_dir(&dir).join(log_file_name(3)), "older 3").unwrap();
         touch_logs(t.path(), &[1, 2, 3, 4]);
-        assert_eq!(retire_logs(&dir, t.path(), 4).unwrap(), (2, 1));
+        assert_eq!(retire_logs(&dir, t.path(), 4, DEFAULT_CAP_BYTES).unwrap(), (2, 1));
         assert_eq!(held_files(&dir), vec![2, 3]);
         assert_eq!(std::fs::read_to_string(hold_dir(&dir).join(log_file_name(3))).unwrap(), "older 3");
         assert!(!t.path().join(log_file_name(2)).exists());
@@ -183,6 +215,17 @@ mod tests {
         dir.create().unwrap();
         std::fs::write(dir.meta().join(HOLD_FILE), b"{not json").unwrap();
         touch_logs(t.path(), &[1, 2]);
-        assert_eq!(retire_logs(&dir, t.path(), 3).unwrap(), (0, 2));
+        assert_eq!(retire_logs(&dir, t.path(), 3, DEFAULT_CAP_BYTES).unwrap(), (0, 2));
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_held_files_go() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = StandbyDir::new(t.path());
+        dir.create().unwrap();
+        store(&dir, &ArchiveHold { archive: "/a".into(), log_end: LogPosition::new(1, 28), updated_unix_ms: 0 }).unwrap();
+        touch_logs(t.path(), &[1, 2, 3, 4]); // 5 bytes each
+        assert_eq!(retire_logs(&dir, t.path(), 5, 10).unwrap(), (0, 4));
+        assert_eq!(held_files(&dir), vec![3, 4]);
     }
 }

@@ -29,6 +29,8 @@ pub struct StandbyConfig {
     pub rebase_after_bytes: u64,
     /// ... or when the base is older than this many seconds (0: never).
     pub rebase_after_secs: u64,
+    /// Most log bytes kept for a continuous archive.
+    pub archive_hold_cap_bytes: u64,
 }
 
 /// Why `run` stopped for good.
@@ -59,6 +61,7 @@ pub async fn run(cfg: StandbyConfig, shutdown: impl std::future::Future<Output =
     let dir = StandbyDir::new(&cfg.dir);
     let lock: DirLock = dir.lock().map_err(|e| FollowError::Refused(e.to_string()))?;
     let mut mirror = tokio::task::block_in_place(|| Mirror::open(dir.clone())).map_err(|e| anyhow::anyhow!(e))?;
+    mirror.archive_hold_cap = cfg.archive_hold_cap_bytes;
     if let Some(p) = &mirror.state.promoted {
         return Err(FollowError::Refused(format!(
             "{} was promoted (epoch {}, {}); a promoted directory never follows a primary again",

@@ -255,6 +255,12 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     rebase_after_secs: Option<u64>,
+    /// Most MiB of log kept for a continuous archive (`archive --follow`)
+    /// that has not copied it yet; past it the oldest are deleted, loudly,
+    /// so a stopped archiver cannot fill this disk [default: 10240].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    archive_hold_cap_mib: Option<u64>,
     /// Log format: human or json [default: human].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -399,6 +405,7 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
         },
         rebase_after_bytes: a.rebase_after_mib.unwrap_or(1024) << 20,
         rebase_after_secs: a.rebase_after_secs.unwrap_or(0),
+        archive_hold_cap_bytes: a.archive_hold_cap_mib.map_or(tandem_standby::archive_hold::DEFAULT_CAP_BYTES, |m| m << 20),
     })
 }
 

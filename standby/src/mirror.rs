@@ -145,6 +145,8 @@ pub struct Mirror {
     /// `tail` as of the last fsync (or open, or new base): where the next
     /// session resumes (see `begin_session`).
     synced_tail: LogTail,
+    /// Most log bytes kept for a continuous archive ([`crate::archive_hold`]).
+    pub archive_hold_cap: u64,
 }
 
 impl Mirror {
@@ -155,7 +157,7 @@ impl Mirror {
         let state = dir.load_state()?;
         let tail = scan_tail(&dir, &state).map_err(io_err("reading the standby's log"))?;
         clear_incoming(&dir).map_err(io_err("clearing incoming files"))?;
-        let mut m = Self { dir, state, synced_tail: tail.clone(), tail, rebase: None, incoming: None, open_log: None, dirty: false };
+        let mut m = Self { dir, state, synced_tail: tail.clone(), tail, rebase: None, incoming: None, open_log: None, dirty: false, archive_hold_cap: crate::archive_hold::DEFAULT_CAP_BYTES };
         m.zero_past_end().map_err(io_err("clearing a partial log write"))?;
         if let Some(new) = m.state.pending_swap.clone() {
             tracing::warn!(base = %new.base_id, "finishing an interrupted rebase swap");
@@ -437,7 +439,7 @@ impl Mirror {
                     remove_if_exists(&p).map_err(io_err(format!("removing {name}")))?;
                 }
             }
-            crate::archive_hold::retire_logs(&self.dir, &log_dir, u32::MAX).map_err(io_err("removing the old base's log files"))?;
+            crate::archive_hold::retire_logs(&self.dir, &log_dir, u32::MAX, self.archive_hold_cap).map_err(io_err("removing the old base's log files"))?;
             fsync_dir(&self.dir.root).map_err(io_err("fsync of the standby directory"))?;
         }
         self.incoming = None;
@@ -515,7 +517,7 @@ impl Mirror {
             }
         }
         let log_dir = self.checked_log_dir()?;
-        let (deleted, held) = crate::archive_hold::retire_logs(&self.dir, &log_dir, new.log_start.file)
+        let (deleted, held) = crate::archive_hold::retire_logs(&self.dir, &log_dir, new.log_start.file, self.archive_hold_cap)
             .map_err(io_err("removing log files the new base does not need"))?;
         if held > 0 {
             tracing::info!(held, "log files the continuous archive has not copied yet were moved to .tandem/archive-hold");

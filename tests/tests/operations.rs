@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use tandem_tests::bdb::{self, WorkloadOptions};
@@ -129,6 +130,14 @@ fn a_config_file_behaves_like_flags_and_bad_keys_are_named() -> Result<()> {
         .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not-tls"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The shipped examples parse: the first complaint is about a path of
+    // this machine (no such certificate), not about a key or a value.
+    let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/config");
+    for (exe, file) in [("tandem-standby", "standby.toml"), ("tandem-primary", "primary.toml")] {
+        let out = Command::new(bin(exe)).arg("run").arg("--config").arg(contrib.join(file)).output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && !err.contains("unknown") && !err.contains("invalid"), "{file}: {err}");
+    }
     primary.stop(LONG)?;
     Ok(())
 }
