@@ -424,7 +424,7 @@ fn ship_base(
         }
         for (name, kind, page_size) in list_unsent(shared, &sent)? {
             tracing::info!(file = %name, "new database file; shipping it");
-            ship_file(shared, tx, &name, kind, page_size, None)?;
+            ship_file(shared, tx, &name, kind, page_size, None, None)?;
             sent.insert(name);
         }
     }
@@ -448,8 +448,11 @@ fn list_unsent(shared: &Shared, sent: &BTreeSet<String>) -> Result<Vec<(String, 
 fn ship_files(shared: &Shared, tx: &Outbox, sent: &mut BTreeSet<String>, theirs: &BTreeMap<String, Vec<u8>>) -> Result<(), Status> {
     let started = std::time::Instant::now();
     let (mut bytes, mut skipped) = (0, 0);
-    for (name, kind, page_size) in list_unsent(shared, sent)? {
-        let (b, s) = ship_file(shared, tx, &name, kind, page_size, theirs.get(&name).map(Vec::as_slice))?;
+    let files = list_unsent(shared, sent)?;
+    let sizes: Vec<u64> = files.iter().map(|(name, _, _)| std::fs::metadata(shared.layout.home.join(name)).map_or(0, |m| m.len())).collect();
+    for (i, (name, kind, page_size)) in files.into_iter().enumerate() {
+        let after: u64 = sizes[i + 1..].iter().sum();
+        let (b, s) = ship_file(shared, tx, &name, kind, page_size, theirs.get(&name).map(Vec::as_slice), Some(after))?;
         bytes += b;
         skipped += s;
         sent.insert(name);
@@ -467,8 +470,19 @@ fn blocking_send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
 
 /// Ships one file in stable, page-aligned chunks. Pages whose digest
 /// matches the standby's copy (`theirs`, during a rebase) are sent as
-/// FileSame instead of bytes. Returns (bytes sent, bytes skipped).
-fn ship_file(shared: &Shared, tx: &Outbox, name: &str, kind: FileKind, page_size: u32, theirs: Option<&[u8]>) -> Result<(u64, u64), Status> {
+/// FileSame instead of bytes. `after`: bytes of the files that follow it in
+/// this base copy (for the standby's progress); `None` for a file that
+/// appeared after the copy. Returns (bytes sent, skipped).
+fn ship_file(
+    shared: &Shared,
+    tx: &Outbox,
+    name: &str,
+    kind: FileKind,
+    page_size: u32,
+    theirs: Option<&[u8]>,
+    after: Option<u64>,
+) -> Result<(u64, u64), Status> {
+    let (in_base, after) = (after.is_some(), after.unwrap_or(0));
     let path = shared.layout.home.join(name);
     let file = match File::open(&path) {
         Ok(f) => f,
@@ -477,7 +491,7 @@ fn ship_file(shared: &Shared, tx: &Outbox, name: &str, kind: FileKind, page_size
         Err(e) => return Err(io_status(&format!("open {}", path.display()), e)),
     };
     let size = file.metadata().map_err(|e| io_status("stat", e))?.len();
-    blocking_send(tx, Kind::FileStart(FileStart { name: name.to_owned(), size, kind: kind as i32, page_size }))?;
+    blocking_send(tx, Kind::FileStart(FileStart { name: name.to_owned(), size, kind: kind as i32, page_size, base_bytes_left: if in_base { size + after } else { 0 } }))?;
     let page = page_size.max(512) as usize;
     let chunk_len = (MAX_CHUNK / page).max(1) * page;
     let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);

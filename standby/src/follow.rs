@@ -196,7 +196,7 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
             let mut end_of_batch = false;
             for m in batch.drain(..) {
                 let Some(kind) = m.kind else { continue };
-                note_heartbeat(live, &kind);
+                note_message(live, &kind);
                 let welcome = matches!(kind, Kind::Welcome(_));
                 let applied = tokio::task::block_in_place(|| mirror.apply(kind));
                 match applied {
@@ -293,12 +293,34 @@ async fn request_rebase(mirror: &Mirror, tx: &mpsc::Sender<StandbyMessage>) -> R
     Ok(())
 }
 
-fn note_heartbeat(live: &Live, kind: &Kind) {
+/// What a message tells about the primary and the base copy's progress.
+fn note_message(live: &Live, kind: &Kind) {
     match kind {
         Kind::Heartbeat(h) => update(live, |s| {
             s.primary_end_lsn = s.primary_end_lsn.max(h.primary_end.unwrap_or_default().into());
             s.last_contact_unix_ms = now_unix_ms();
             s.compute_lag();
+        }),
+        Kind::BaseStart(_) => update(live, |s| {
+            s.base_copy_active = true;
+            s.base_copy_done_bytes = 0;
+            s.base_copy_total_bytes = 0;
+            s.base_copy_started_unix_ms = now_unix_ms();
+        }),
+        Kind::FileStart(f) if f.base_bytes_left > 0 => update(live, |s| {
+            // A copy resumed by a new process has no BaseStart: it starts here.
+            if !s.base_copy_active {
+                s.base_copy_active = true;
+                s.base_copy_done_bytes = 0;
+                s.base_copy_started_unix_ms = now_unix_ms();
+            }
+            s.base_copy_total_bytes = s.base_copy_done_bytes + f.base_bytes_left;
+        }),
+        Kind::FileChunk(c) if live_copy(live) => update(live, |s| s.base_copy_done_bytes += c.data.len() as u64),
+        Kind::FileSame(f) if live_copy(live) => update(live, |s| s.base_copy_done_bytes += f.len),
+        Kind::BaseFilesDone(_) => update(live, |s| {
+            s.base_copy_active = false;
+            s.base_copy_done_bytes = s.base_copy_total_bytes;
         }),
         Kind::LogChunk(c) => update(live, |s| {
             s.lg_max = (c.file_size as u32).saturating_add(1);
@@ -310,6 +332,10 @@ fn note_heartbeat(live: &Live, kind: &Kind) {
         }),
         _ => {}
     }
+}
+
+fn live_copy(live: &Live) -> bool {
+    live.lock().is_ok_and(|s| s.base_copy_active)
 }
 
 fn rejected(e: ApplyError, live: &Live, mirror: &Mirror) -> SessionError {

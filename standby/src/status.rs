@@ -53,6 +53,16 @@ pub struct StandbyStatus {
     /// Estimated recovery time of a promotion now, from the last check's
     /// replay rate (or 100 MB/s, BDB.md §5, before the first check).
     pub replay_estimate_seconds: f64,
+    /// A base copy (or rebase) under way, and its progress: bytes received
+    /// or reused of the files the primary listed.
+    #[serde(default)]
+    pub base_copy_active: bool,
+    #[serde(default)]
+    pub base_copy_done_bytes: u64,
+    #[serde(default)]
+    pub base_copy_total_bytes: u64,
+    #[serde(default)]
+    pub base_copy_started_unix_ms: u64,
     /// The continuous archive registered with this directory, if any, and
     /// the end of the log it holds.
     #[serde(default)]
@@ -134,6 +144,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     s.running = false;
     s.pid = None;
     s.connected = false;
+    s.base_copy_active = false;
     s.durable_lsn = tail.durable;
     if s.lg_max == 0 {
         s.lg_max = tail.lg_max;
@@ -171,6 +182,9 @@ pub fn render(s: &StandbyStatus) -> String {
         if s.recoverable { "yes" } else { "no" },
         when(s.last_contact_unix_ms),
     );
+    if s.base_copy_active {
+        out.push_str(&format!("base copy:    {}\n", base_copy_progress(s)));
+    }
     out.push_str(&format!("promotion:    would replay {} bytes of log, about {:.1} s\n", s.replay_log_bytes, s.replay_estimate_seconds));
     match &s.last_check {
         Some(c) if c.ok => out.push_str(&format!(
@@ -198,6 +212,18 @@ pub fn render(s: &StandbyStatus) -> String {
     out
 }
 
+/// "43% (440 of 1024 MiB), about 2 s left".
+fn base_copy_progress(s: &StandbyStatus) -> String {
+    const MIB: f64 = (1u64 << 20) as f64;
+    let (done, total) = (s.base_copy_done_bytes as f64, s.base_copy_total_bytes as f64);
+    if total <= 0.0 {
+        return "starting".into();
+    }
+    let secs = tandem_shared::now_unix_ms().saturating_sub(s.base_copy_started_unix_ms) as f64 / 1000.0;
+    let left = if done > 0.0 && secs > 0.0 { format!(", about {:.0} s left", (total - done).max(0.0) * secs / done) } else { String::new() };
+    format!("{:.0}% ({:.0} of {:.0} MiB){left}", 100.0 * done / total, done / MIB, total / MIB)
+}
+
 /// Prometheus text for a running standby.
 pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
     let Ok(s) = live.lock().map(|s| s.clone()) else { return String::new() };
@@ -218,7 +244,29 @@ pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
         .gauge("tandem_standby_readiness_check_ok", "1 if the last readiness check passed, 0 if it failed or none ran.", f64::from(u8::from(s.last_check.as_ref().is_some_and(|c| c.ok))))
         .gauge("tandem_standby_readiness_check_duration_seconds", "Duration of the last readiness check.", s.last_check.as_ref().map_or(0.0, |c| c.seconds))
         .gauge("tandem_standby_readiness_check_timestamp_seconds", "When the last readiness check ran.", s.last_check.as_ref().map_or(0.0, |c| c.unix_ms as f64 / 1000.0))
+        .gauge("tandem_standby_base_copy_done_bytes", "Bytes of the base copy under way received or reused (0 when none).", s.base_copy_done_bytes as f64)
+        .gauge("tandem_standby_base_copy_total_bytes", "Bytes of the base copy under way, as the primary listed them (0 when none).", s.base_copy_total_bytes as f64)
         .gauge("tandem_standby_archive_held_log_bytes", "Log bytes kept only because the continuous archive lacks them.", s.archive_held_log_bytes as f64)
         .gauge("tandem_standby_last_contact_timestamp_seconds", "When the primary was last heard from.", s.last_contact_unix_ms as f64 / 1000.0)
         .finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_copy_progress_reads_like_a_progress_bar() {
+        let mut s = StandbyStatus {
+            base_copy_active: true,
+            base_copy_done_bytes: 256 << 20,
+            base_copy_total_bytes: 1024 << 20,
+            base_copy_started_unix_ms: tandem_shared::now_unix_ms() - 10_000,
+            ..Default::default()
+        };
+        assert_eq!(base_copy_progress(&s), "25% (256 of 1024 MiB), about 30 s left");
+        assert!(render(&s).contains("base copy:    25%"));
+        s.base_copy_total_bytes = 0;
+        assert_eq!(base_copy_progress(&s), "starting");
+    }
 }

@@ -46,6 +46,16 @@ fn lag_rises_under_load_and_returns_to_zero_in_status_and_metrics() -> Result<()
     let metrics = free_port()?;
     let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &["--metrics-listen", &metrics])?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    // The base copy's progress ends complete: every byte the primary listed.
+    let files: u64 = bdb::WORKLOAD_DBS
+        .iter()
+        .filter_map(|f| std::fs::metadata(s.path("env").join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    wait_for("the base copy's progress to be reported", LONG, || {
+        let st = standby_status(&s.path("standby"))?;
+        Ok(st["base_copy_active"] == false && st["base_copy_done_bytes"] == st["base_copy_total_bytes"] && st["base_copy_total_bytes"].as_u64() >= Some(files))
+    })?;
     let w = WorkloadOptions { txns: 60_000, checkpoint_every: 500, lg_max: 1 << 20, ..Default::default() };
     let mut w = Proc::spawn("workload", w.command(&s.path("env")), &s.path("w.log"))?;
     let (mut max_status_lag, mut max_metric_lag) = (0u64, 0f64);
