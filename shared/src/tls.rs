@@ -46,15 +46,29 @@ impl TlsFiles {
     }
 
     pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
+        require_tls13();
         let (identity, ca) = self.load()?;
         Ok(ServerTlsConfig::new().identity(identity).client_ca_root(ca))
     }
 
     /// `server_name` must be a name in the primary's certificate.
     pub fn client_config(&self, server_name: &str) -> Result<ClientTlsConfig, TlsError> {
+        require_tls13();
         let (identity, ca) = self.load()?;
         Ok(ClientTlsConfig::new().identity(identity).ca_certificate(ca).domain_name(server_name))
     }
+}
+
+/// Makes TLS 1.3 the only version this process speaks. tonic builds both
+/// ends' rustls configurations from the process's default crypto provider,
+/// with TLS 1.2 allowed; a provider holding only TLS 1.3 cipher suites leaves
+/// TLS 1.2 nothing to negotiate with. Must run before tonic installs its own
+/// default (the first TLS configuration does it); later calls change nothing.
+pub fn require_tls13() {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.retain(|s| s.version() == &rustls::version::TLS13);
+    // Err: a provider is already installed, ours by an earlier call.
+    let _ = provider.install_default();
 }
 
 /// The files `generate` writes, by name.

@@ -232,6 +232,32 @@ fn a_client_without_a_client_certificate_cannot_ask_the_primary_for_status() -> 
     Ok(())
 }
 
+/// `openssl s_client` at the primary with one TLS version forced; true if
+/// the handshake completed.
+fn handshake_with(primary: &Primary, certs: &Certs, version: &str) -> Result<bool> {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &primary.addr.to_string(), version, "-verify_return_error", "-alpn", "h2"])
+        .arg("-cert").arg(certs.dir.join("standby.pem"))
+        .arg("-key").arg(certs.dir.join("standby-key.pem"))
+        .arg("-CAfile").arg(certs.dir.join("ca.pem"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running openssl s_client (scripts/setup installs openssl)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("openssl {version}: exit {:?}, {}", out.status.code(), text.lines().find(|l| l.contains("Protocol")).unwrap_or("no protocol"));
+    Ok(out.status.success() && text.contains("Verify return code: 0 (ok)"))
+}
+
+#[test]
+fn the_primary_speaks_tls_1_3_only() -> Result<()> {
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), &workload(50))?;
+    let primary = start_primary_env(&s, &s.path("env"), &s.certs, "tls13", &[])?;
+    ensure!(handshake_with(&primary, &s.certs, "-tls1_3")?, "a TLS 1.3 client with the pair's certificate must get through");
+    ensure!(!handshake_with(&primary, &s.certs, "-tls1_2")?, "a TLS 1.2 handshake must be refused");
+    Ok(())
+}
+
 #[test]
 fn a_primary_with_a_certificate_from_another_ca_is_refused_by_the_standby() -> Result<()> {
     let (s, mut primary) = synced(500)?;
