@@ -20,8 +20,10 @@
 //! promotion runs recovery in place. The state file is re-read after the
 //! copy (a changed base, a pending swap or a promotion throws the copy away
 //! and it is taken again) and each database file must have the same size
-//! and mtime after it was read as before. The mirror is only read; the one
-//! file written in the standby directory is `.tandem/archive.json`.
+//! and mtime after it was read as before. The mirror is only read; in the
+//! standby directory's `.tandem`, the archiver writes `archive.json` (its
+//! last report) and, with `--follow`, its registration and the log files
+//! held for it ([`crate::archive_hold`]).
 //!
 //! Writes are durable and atomic: a backup is built in a hidden temp
 //! directory inside ARCHIVE, every file and directory fsynced, optionally
