@@ -481,9 +481,12 @@ fn ship_file(shared: &Shared, tx: &Outbox, name: &str, kind: FileKind, page_size
     let page = page_size.max(512) as usize;
     let chunk_len = (MAX_CHUNK / page).max(1) * page;
     let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);
+    let mut second_read = Vec::new();
     while offset < size {
         let want = chunk_len.min((size - offset) as usize);
-        let data = read_stable_pages(&file, offset, want, page).map_err(|e| io_status(&format!("read {name}"), e))?;
+        let data = read_stable_pages(&file, offset, want, page, &mut second_read).map_err(|e| io_status(&format!("read {name}"), e))?;
+        // Owned by the message from here on: runs are slices of it, not copies.
+        let data = bytes::Bytes::from(data);
         if data.is_empty() {
             break; // the file shrank while we read it
         }
@@ -494,7 +497,7 @@ fn ship_file(shared: &Shared, tx: &Outbox, name: &str, kind: FileKind, page_size
                 skipped += run_len as u64;
             } else {
                 let start = (run_offset - offset) as usize;
-                let bytes = bytes::Bytes::copy_from_slice(&data[start..start + run_len]);
+                let bytes = data.slice(start..start + run_len);
                 shared.counters.file_bytes.fetch_add(run_len as u64, Ordering::Relaxed);
                 blocking_send(tx, Kind::FileChunk(FileChunk { name: name.to_owned(), offset: run_offset, blake3: digest(shared, &bytes), data: bytes }))?;
                 sent += run_len as u64;
