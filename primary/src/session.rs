@@ -309,7 +309,16 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
             }
         }
         let Some((_, file, size)) = open.as_ref() else { continue };
-        let r = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, MAX_CHUNK)).map_err(|e| io_status("read log", e))?;
+        // When the watcher has verified further in this file, read up to
+        // there only: reading on would read the zero-filled, pre-allocated
+        // tail. Otherwise (the watcher is behind, or in an older file) read
+        // whatever the file has.
+        let watched = ends.borrow().end;
+        let max = match watched.offset.checked_sub(pos.offset) {
+            Some(ahead) if watched.file == pos.file && ahead > 0 => (ahead as usize).min(MAX_CHUNK),
+            _ => MAX_CHUNK,
+        };
+        let r = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, max)).map_err(|e| io_status("read log", e))?;
         // A file whose header stays unreadable (not a moment's torn read:
         // it does not verify for over a second) is not a log Tandem can
         // ship, e.g. an encrypted environment's.

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io;
-use crate::pages::read_at_most;
+use crate::pages::read_appending;
 
 /// `prev`, `len`, `chksum`: three little-endian u32s (unencrypted logs).
 pub const RECORD_HEADER_LEN: u32 = 12;
@@ -204,10 +204,7 @@ pub fn read_verified(file: &File, from: u32, expected_prev: Option<u32>, max_byt
     loop {
         // Growing reads only the new part and walks on from the verified
         // end; what was walked is not walked again.
-        let have = buf.len();
-        buf.resize(want, 0);
-        let n = read_at_most(file, &mut buf[have..], u64::from(from) + have as u64)?;
-        buf.truncate(have + n);
+        read_appending(file, &mut buf, u64::from(from), want)?;
         let done = (total.end - from) as usize;
         let w = walk(&buf[done..], total.end, total.last_record.or(expected_prev));
         total = Walk {

@@ -21,8 +21,8 @@ const MAX_READS: u32 = 64;
 /// zero-filled (every byte returned was read), so it can be handed to the
 /// network as is.
 pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize, second: &mut Vec<u8>) -> io::Result<Vec<u8>> {
-    let mut first = Vec::with_capacity(len);
-    read_into_spare(file, &mut first, offset)?;
+    let mut first = Vec::new();
+    read_appending(file, &mut first, offset, len)?;
     let n = first.len();
     second.resize(n, 0);
     let n = read_at_most(file, second, offset)?.min(n);
@@ -52,15 +52,18 @@ pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize,
     Ok(first)
 }
 
-/// Fills the spare capacity of `buf` from `offset` until it is full or
-/// the file ends, without zeroing it first.
-fn read_into_spare(file: &File, buf: &mut Vec<u8>, offset: u64) -> io::Result<()> {
-    while buf.len() < buf.capacity() {
+/// Appends to `buf` what the file holds from `offset + buf.len()` on,
+/// until `buf` is `upto` bytes long or the file ends, without zero-filling
+/// the new part first (`offset` is the file offset of `buf[0]`).
+pub fn read_appending(file: &File, buf: &mut Vec<u8>, offset: u64, upto: usize) -> io::Result<()> {
+    buf.reserve_exact(upto.saturating_sub(buf.len()));
+    while buf.len() < upto {
         let at = i64::try_from(offset + buf.len() as u64).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let spare = buf.spare_capacity_mut();
-        // SAFETY: pread writes at most `spare.len()` bytes into memory we
-        // own; `set_len` then covers only the bytes it wrote.
-        let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at) };
+        let want = upto - buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..want];
+        // SAFETY: pread writes at most `want` bytes into memory we own;
+        // `set_len` then covers only the bytes it wrote.
+        let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), want, at) };
         match n {
             0 => break,
             n if n > 0 => unsafe { buf.set_len(buf.len() + n as usize) },
