@@ -238,8 +238,20 @@ pub fn read_verified(file: &File, from: u32, expected_prev: Option<u32>, max_byt
 /// Walks a whole log file from offset 0 and returns where its verified
 /// records end.
 pub fn walk_file(file: &File, expected_prev: Option<u32>) -> io::Result<Walk> {
-    let mut total = walk(&[], 0, expected_prev);
-    let (mut from, mut prev) = (0u32, expected_prev);
+    walk_from(file, 0, expected_prev)
+}
+
+/// Walks a log file on from `from`, a record boundary already verified
+/// (with `expected_prev` the offset of the record before it), and returns
+/// where its verified records end.
+pub fn walk_from(file: &File, from: u32, expected_prev: Option<u32>) -> io::Result<Walk> {
+    let mut total = walk(&[], from, expected_prev);
+    // Past offset 0 the record before `from` is in this file: it stays the
+    // last record if nothing follows it.
+    if from > 0 {
+        total.last_record = expected_prev;
+    }
+    let (mut from, mut prev) = (from, expected_prev);
     loop {
         let w = read_verified(file, from, prev, READ_CHUNK)?.walk;
         total = Walk {
@@ -257,7 +269,6 @@ pub fn walk_file(file: &File, expected_prev: Option<u32>) -> io::Result<Walk> {
         prev = w.last_record;
     }
 }
-
 
 /// Builds records the way BDB lays them out. Used by tests to make logs
 /// without libdb; the real-log tests in `tests/` check the same walker
@@ -311,6 +322,24 @@ mod tests {
             assert_eq!(record_checksum(7, n as u32 + 12, &data[..n]), naive(7, n as u32 + 12, &data[..n]), "length {n}");
         }
         assert_eq!(record_checksum(0, 12, &[0xff; 64]), naive(0, 12, &[0xff; 64]));
+    }
+
+    #[test]
+    fn walks_on_from_a_verified_point() {
+        let body = vec![5u8; 1000];
+        let bodies: Vec<&[u8]> = (0..3000).map(|_| body.as_slice()).collect();
+        let img = synth::file(0, 4 << 20, &bodies, 4 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log.0000000001");
+        std::fs::write(&p, &img).unwrap();
+        let f = File::open(&p).unwrap();
+        let whole = walk_file(&f, None).unwrap();
+        let part = walk(&img[..28 + 10 * 1012], 0, None);
+        let rest = walk_from(&f, part.end, part.last_record).unwrap();
+        assert_eq!((rest.end, rest.last_record, rest.records), (whole.end, whole.last_record, 2990));
+        // Nothing after the point: the record before it stays the last one.
+        let none = walk_from(&f, whole.end, whole.last_record).unwrap();
+        assert_eq!((none.end, none.last_record, none.records), (whole.end, whole.last_record, 0));
     }
 
     #[test]
