@@ -25,10 +25,12 @@ pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize,
     read_appending(file, &mut first, offset, len)?;
     let n = first.len();
     second.resize(n, 0);
-    let n = read_at_most(file, second, offset)?.min(n);
-    // The file shrank between the reads: keep what both reads saw.
-    first.truncate(n);
     let page_size = page_size.max(1);
+    let again = read_at_most(file, second, offset)?;
+    // The file shrank between the reads: keep the whole pages both reads
+    // saw, so that the next read starts on a page boundary again.
+    let n = if again < n { again - again % page_size } else { n };
+    first.truncate(n);
     for start in (0..n).step_by(page_size) {
         let end = (start + page_size).min(n);
         let mut tries = 2;
