@@ -342,6 +342,12 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
             send(tx, Kind::LogChunk(chunk)).await?;
             pos.offset = r.walk.end;
             prev = r.walk.last_record;
+            // Caught up with the watcher: a read now would mostly find the
+            // zero tail. Wait for it to see more (or the usual timeout, so
+            // a stalled watcher only slows this session down).
+            if watched.file == pos.file && watched.offset == pos.offset {
+                wait_for_log(&mut ends).await;
+            }
             continue;
         }
         // BDB finishes a file before it creates the next, so once the next
