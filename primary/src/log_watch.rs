@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::time::Duration;
 use tandem_shared::envlayout::EnvLayout;
-use tandem_shared::logfile::{read_verified, walk_file};
+use tandem_shared::logfile::{read_verified, walk_file, walk_from};
 use tandem_shared::LogPosition;
 use tokio::sync::watch;
 
@@ -81,9 +81,9 @@ fn step(layout: &EnvLayout, tail: &mut Option<Tail>, tx: &watch::Sender<LogEnd>)
         }
     };
     // A newer file means BDB finished this one: read it to its end once
-    // more, then follow the new one.
+    // more (on from what is already verified), then follow the new one.
     if layout.log_path(t.file_no + 1).exists() {
-        let w = walk_file(&t.file, None)?;
+        let w = walk_from(&t.file, t.end, t.last_record)?;
         let next = open_tail(layout, t.file_no + 1, w.last_record)?;
         *t = next;
     } else {

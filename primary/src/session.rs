@@ -309,7 +309,16 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
             }
         }
         let Some((_, file, size)) = open.as_ref() else { continue };
-        let r = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, MAX_CHUNK)).map_err(|e| io_status("read log", e))?;
+        // When the watcher has verified further in this file, read up to
+        // there only: reading on would read the zero-filled, pre-allocated
+        // tail. Otherwise (the watcher is behind, or in an older file) read
+        // whatever the file has.
+        let watched = ends.borrow().end;
+        let max = match watched.offset.checked_sub(pos.offset) {
+            Some(ahead) if watched.file == pos.file && ahead > 0 => (ahead as usize).min(MAX_CHUNK),
+            _ => MAX_CHUNK,
+        };
+        let r = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, max)).map_err(|e| io_status("read log", e))?;
         // A file whose header stays unreadable (not a moment's torn read:
         // it does not verify for over a second) is not a log Tandem can
         // ship, e.g. an encrypted environment's.
@@ -333,6 +342,12 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
             send(tx, Kind::LogChunk(chunk)).await?;
             pos.offset = r.walk.end;
             prev = r.walk.last_record;
+            // Caught up with the watcher: a read now would mostly find the
+            // zero tail. Wait for it to see more (or the usual timeout, so
+            // a stalled watcher only slows this session down).
+            if watched.file == pos.file && watched.offset == pos.offset {
+                wait_for_log(&mut ends).await;
+            }
             continue;
         }
         // BDB finishes a file before it creates the next, so once the next
@@ -495,9 +510,12 @@ fn ship_file(
     let page = page_size.max(512) as usize;
     let chunk_len = (MAX_CHUNK / page).max(1) * page;
     let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);
+    let mut second_read = Vec::new();
     while offset < size {
         let want = chunk_len.min((size - offset) as usize);
-        let data = read_stable_pages(&file, offset, want, page).map_err(|e| io_status(&format!("read {name}"), e))?;
+        let data = read_stable_pages(&file, offset, want, page, &mut second_read).map_err(|e| io_status(&format!("read {name}"), e))?;
+        // Owned by the message from here on: runs are slices of it, not copies.
+        let data = bytes::Bytes::from(data);
         if data.is_empty() {
             break; // the file shrank while we read it
         }
@@ -508,7 +526,7 @@ fn ship_file(
                 skipped += run_len as u64;
             } else {
                 let start = (run_offset - offset) as usize;
-                let bytes = bytes::Bytes::copy_from_slice(&data[start..start + run_len]);
+                let bytes = data.slice(start..start + run_len);
                 shared.counters.file_bytes.fetch_add(run_len as u64, Ordering::Relaxed);
                 blocking_send(tx, Kind::FileChunk(FileChunk { name: name.to_owned(), offset: run_offset, blake3: digest(shared, &bytes), data: bytes }))?;
                 sent += run_len as u64;

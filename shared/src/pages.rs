@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 /// Stops a page that never reads the same twice from blocking forever.
@@ -14,13 +15,22 @@ const MAX_READS: u32 = 64;
 /// Reads `len` bytes at `offset` (both multiples of `page_size`, except
 /// that the last page may be short at the end of the file) and returns
 /// bytes in which every page was read identically twice in a row.
-pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize) -> io::Result<Vec<u8>> {
-    let mut first = vec![0u8; len];
-    let n = read_at_most(file, &mut first, offset)?;
-    first.truncate(n);
-    let mut second = vec![0u8; n];
-    read_at_most(file, &mut second, offset)?;
+///
+/// `second` holds the second read; the caller keeps it across calls so a
+/// base copy allocates it once. The returned buffer is fresh and never
+/// zero-filled (every byte returned was read), so it can be handed to the
+/// network as is.
+pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize, second: &mut Vec<u8>) -> io::Result<Vec<u8>> {
+    let mut first = Vec::new();
+    read_appending(file, &mut first, offset, len)?;
+    let n = first.len();
+    second.resize(n, 0);
     let page_size = page_size.max(1);
+    let again = read_at_most(file, second, offset)?;
+    // The file shrank between the reads: keep the whole pages both reads
+    // saw, so that the next read starts on a page boundary again.
+    let n = if again < n { again - again % page_size } else { n };
+    first.truncate(n);
     for start in (0..n).step_by(page_size) {
         let end = (start + page_size).min(n);
         let mut tries = 2;
@@ -32,11 +42,42 @@ pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize)
                 )));
             }
             first[start..end].copy_from_slice(&second[start..end]);
-            read_at_most(file, &mut second[start..end], offset + start as u64)?;
+            let got = read_at_most(file, &mut second[start..end], offset + start as u64)?;
+            if got < end - start {
+                // Truncated under us: a short page cannot be proven stable.
+                first.truncate(start);
+                return Ok(first);
+            }
             tries += 1;
         }
     }
     Ok(first)
+}
+
+/// Appends to `buf` what the file holds from `offset + buf.len()` on,
+/// until `buf` is `upto` bytes long or the file ends, without zero-filling
+/// the new part first (`offset` is the file offset of `buf[0]`).
+pub fn read_appending(file: &File, buf: &mut Vec<u8>, offset: u64, upto: usize) -> io::Result<()> {
+    buf.reserve_exact(upto.saturating_sub(buf.len()));
+    while buf.len() < upto {
+        let at = i64::try_from(offset + buf.len() as u64).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let want = upto - buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..want];
+        // SAFETY: pread writes at most `want` bytes into memory we own;
+        // `set_len` then covers only the bytes it wrote.
+        let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), want, at) };
+        match n {
+            0 => break,
+            n if n > 0 => unsafe { buf.set_len(buf.len() + n as usize) },
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Bytes of blake3 kept per page when comparing pages for a rebase: 128
@@ -78,7 +119,10 @@ mod tests {
         let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         std::fs::write(&p, &data).unwrap();
         let f = File::open(&p).unwrap();
-        assert_eq!(read_stable_pages(&f, 0, 16384, 4096).unwrap(), data);
-        assert_eq!(read_stable_pages(&f, 4096, 4096, 4096).unwrap(), &data[4096..8192]);
+        let mut second = Vec::new();
+        assert_eq!(read_stable_pages(&f, 0, 16384, 4096, &mut second).unwrap(), data);
+        assert_eq!(read_stable_pages(&f, 4096, 4096, 4096, &mut second).unwrap(), &data[4096..8192]);
+        assert_eq!(read_stable_pages(&f, 8192, 8192, 4096, &mut second).unwrap(), &data[8192..]);
+        assert!(read_stable_pages(&f, 16384, 4096, 4096, &mut second).unwrap().is_empty());
     }
 }

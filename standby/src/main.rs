@@ -268,6 +268,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    tandem_shared::keep_freed_memory();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
