@@ -350,9 +350,11 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
             }
             continue;
         }
-        // BDB finishes a file before it creates the next, so once the next
-        // exists and this one reads no further, this one is complete.
-        if shared.layout.log_path(pos.file + 1).exists() {
+        // BDB finishes a file before it creates the next, so once a newer
+        // one exists and this one reads no further, this one is complete.
+        // (The watcher being past this file counts: the next file may have
+        // been removed, a gap the open below reports.)
+        if ends.borrow().end.file > pos.file || shared.layout.log_path(pos.file + 1).exists() {
             let again = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, MAX_CHUNK)).map_err(|e| io_status("read log", e))?;
             // Never past a file nothing was read from: BDB writes no empty log file.
             if again.bytes.is_empty() && pos.offset > 0 {

@@ -183,7 +183,9 @@ fn an_archive_behind_by_more_than_the_cap_is_released_loudly_and_the_standby_kep
     let mut archiver = start_archiver(&s)?;
     wait_for("the primary to learn the archive's position", LONG, || Ok(archived(&primary_status(&s, &primary)?).is_some()))?;
     assert!(archiver.stop(LONG)?.success());
-    bdb::run_workload(&s.path("env"), &workload(8000))?;
+    // Throttled, so the streaming standby stays well inside the cap itself:
+    // only the archive falls behind.
+    bdb::run_workload(&s.path("env"), &WorkloadOptions { rate: 3000, ..workload(8000) })?;
     wait_for("the archive hold to be released", LONG, || Ok(primary.proc.log_text().contains("RELEASING ARCHIVE HOLD")))?;
     wait_for("logs to be removed", LONG, || Ok(log_count(&s.path("env"))? <= 6))?;
     let status = primary_status(&s, &primary)?;
@@ -191,5 +193,24 @@ fn an_archive_behind_by_more_than_the_cap_is_released_loudly_and_the_standby_kep
     assert_eq!(status["standbys"][0]["dropped"], false, "the standby itself holds everything: it must not be dropped");
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     assert_eq!(base_id(&s.path("standby"))?, first_base);
+    Ok(())
+}
+
+#[test]
+fn a_connected_standby_ends_complete_whether_or_not_a_burst_drops_it() -> Result<()> {
+    // An unthrottled burst against a 4 MiB cap: the streaming standby may
+    // fall behind by more than the cap (then it is dropped and its next log
+    // file removed under its session) or keep up. Either way it must end
+    // with everything, never stall.
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", "4"];
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
+    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    let last = bdb::run_workload(&s.path("env"), &workload(8000))?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    eprintln!("dropped during the burst: {}", primary.proc.log_text().contains("DROPPING STANDBY"));
+    assert_eq!(recover_copy(&s.path("standby"), &s.path("recovered"))?, last);
     Ok(())
 }
