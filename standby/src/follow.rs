@@ -229,7 +229,9 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
         }
         let durable = tokio::task::block_in_place(|| mirror.sync()).map_err(|e| rejected(e, live, mirror))?;
         let archived = archive.position(&mirror.dir);
-        if pending > 0 || archived_sent != Some(archived) {
+        // Not before the standby holds any log: an Ack of position zero
+        // would tell the primary's retention to keep every file.
+        if pending > 0 || (archived_sent != Some(archived) && durable > LogPosition::ZERO) {
             let ack = Ack { durable: Some(durable.into()), archived: archived.map(Into::into) };
             if tx.try_send(StandbyMessage { kind: Some(standby_message::Kind::Ack(ack)) }).is_ok() {
                 archived_sent = Some(archived);
