@@ -324,14 +324,20 @@ mod tests {
         assert_eq!(record_checksum(0, 12, &[0xff; 64]), naive(0, 12, &[0xff; 64]));
     }
 
-    #[test]
-    fn walks_on_from_a_verified_point() {
+    /// A 4 MiB log file of 3,000 records of 1,000 bytes (more than one read).
+    fn big_log_file() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
         let body = vec![5u8; 1000];
         let bodies: Vec<&[u8]> = (0..3000).map(|_| body.as_slice()).collect();
         let img = synth::file(0, 4 << 20, &bodies, 4 << 20);
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("log.0000000001");
         std::fs::write(&p, &img).unwrap();
+        (dir, p, img)
+    }
+
+    #[test]
+    fn walks_on_from_a_verified_point() {
+        let (_dir, p, img) = big_log_file();
         let f = File::open(&p).unwrap();
         let whole = walk_file(&f, None).unwrap();
         let part = walk(&img[..28 + 10 * 1012], 0, None);
@@ -405,12 +411,7 @@ mod tests {
 
     #[test]
     fn walks_a_file_bigger_than_one_read() {
-        let body = vec![5u8; 1000];
-        let bodies: Vec<&[u8]> = (0..3000).map(|_| body.as_slice()).collect();
-        let img = synth::file(0, 4 << 20, &bodies, 4 << 20);
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("log.0000000001");
-        std::fs::write(&p, &img).unwrap();
+        let (_dir, p, _) = big_log_file();
         let w = walk_file(&File::open(&p).unwrap(), None).unwrap();
         assert_eq!(w.records, 3001);
         assert_eq!(w.end, 28 + 3000 * 1012);

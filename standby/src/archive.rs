@@ -1152,7 +1152,10 @@ pub fn follow_round(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError
 /// archive no longer needs.
 fn register_hold(dir: &StandbyDir, opts: &ArchiveOptions, log_end: LogPosition) -> Result<(), ArchiveError> {
     let hold = crate::archive_hold::ArchiveHold { archive: opts.archive.display().to_string(), log_end, updated_unix_ms: tandem_shared::now_unix_ms() };
-    crate::archive_hold::store(dir, &hold).map_err(io_err("recording the archive's position in .tandem"))?;
+    // An unchanged round rewrites (and fsyncs) nothing.
+    if crate::archive_hold::load(dir).is_none_or(|h| h.archive != hold.archive || h.log_end != log_end) {
+        crate::archive_hold::store(dir, &hold).map_err(io_err("recording the archive's position in .tandem"))?;
+    }
     crate::archive_hold::delete_held(dir, log_end.file).map_err(io_err("deleting log files held for the archive"))
 }
 

@@ -33,6 +33,7 @@ pub struct ArchiveHold {
     pub archive: String,
     /// The archive holds the log up to here.
     pub log_end: LogPosition,
+    /// When `log_end` last moved.
     pub updated_unix_ms: u64,
 }
 
@@ -79,6 +80,11 @@ pub fn held_files(dir: &StandbyDir) -> Vec<u32> {
     };
     out.sort_unstable();
     out
+}
+
+/// The registration and the bytes held for it, for status.
+pub fn observe(dir: &StandbyDir) -> (Option<ArchiveHold>, u64) {
+    (load(dir), held_bytes(dir))
 }
 
 pub fn held_bytes(dir: &StandbyDir) -> u64 {

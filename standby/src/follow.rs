@@ -175,7 +175,6 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
     };
     tracing::info!(primary = %cfg.primary, durable = %mirror.tail.durable, "connected to the primary");
     let mut rebase_asked: Option<std::time::Instant> = None;
-    let mut archive = ArchiveWatch::default();
     // Sent once per session at least: the primary remembers the last one.
     let mut archived_sent: Option<Option<LogPosition>> = None;
     update(live, |s| {
@@ -228,7 +227,10 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
             }
         }
         let durable = tokio::task::block_in_place(|| mirror.sync()).map_err(|e| rejected(e, live, mirror))?;
-        let archived = archive.position(&mirror.dir);
+        // The status writer re-reads the archive's registration; the loop
+        // wakes at least on every heartbeat, so a moving archive is
+        // reported while the log is idle too.
+        let archived = live.lock().ok().and_then(|s| s.archived_lsn);
         // Not before the standby holds any log: an Ack of position zero
         // would tell the primary's retention to keep every file.
         if pending > 0 || (archived_sent != Some(archived) && durable > LogPosition::ZERO) {
@@ -255,25 +257,6 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
             s.compute_lag();
             s.fill_from_state(&mirror.state);
         });
-    }
-}
-
-/// The continuous archive's position, re-read from its registration at
-/// most once a second (the session loop wakes at least on every heartbeat,
-/// so a moving archive is reported while the log is idle too).
-#[derive(Default)]
-struct ArchiveWatch {
-    read_at: Option<std::time::Instant>,
-    position: Option<LogPosition>,
-}
-
-impl ArchiveWatch {
-    fn position(&mut self, dir: &StandbyDir) -> Option<LogPosition> {
-        if self.read_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
-            self.position = crate::archive_hold::load(dir).map(|h| h.log_end);
-            self.read_at = Some(std::time::Instant::now());
-        }
-        self.position
     }
 }
 
@@ -318,8 +301,8 @@ fn note_message(live: &Live, kind: &Kind) {
             }
             s.base_copy_total_bytes = s.base_copy_done_bytes + f.base_bytes_left;
         }),
-        Kind::FileChunk(c) if live_copy(live) => update(live, |s| s.base_copy_done_bytes += c.data.len() as u64),
-        Kind::FileSame(f) if live_copy(live) => update(live, |s| s.base_copy_done_bytes += f.len),
+        Kind::FileChunk(c) => update(live, |s| s.note_base_copy_bytes(c.data.len() as u64)),
+        Kind::FileSame(f) => update(live, |s| s.note_base_copy_bytes(f.len)),
         Kind::BaseFilesDone(_) => update(live, |s| {
             s.base_copy_active = false;
             s.base_copy_done_bytes = s.base_copy_total_bytes;
@@ -334,10 +317,6 @@ fn note_message(live: &Live, kind: &Kind) {
         }),
         _ => {}
     }
-}
-
-fn live_copy(live: &Live) -> bool {
-    live.lock().is_ok_and(|s| s.base_copy_active)
 }
 
 fn rejected(e: ApplyError, live: &Live, mirror: &Mirror) -> SessionError {
@@ -379,8 +358,10 @@ async fn write_status_forever(dir: StandbyDir, live: Live) {
 
 /// Informational, so written atomically but without fsync.
 fn write_status(dir: &StandbyDir, live: &Live) {
+    // File reads outside the lock the session takes for every message.
+    let archive = crate::archive_hold::observe(dir);
     let Ok(mut s) = live.lock().map(|mut s| {
-        s.fill_archive(dir);
+        s.set_archive(archive);
         s.clone()
     }) else {
         return;

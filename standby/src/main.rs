@@ -313,9 +313,10 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(e) => Err(anyhow::anyhow!(e)),
             }
         }
-        Command::Archive { dir, to, release, keep, keep_days, follow, no_verify, scratch, json } => {
+        // clap makes --to and --release exclusive, and one of them required.
+        Command::Archive { dir, to, release: _, keep, keep_days, follow, no_verify, scratch, json } => {
             telemetry::init(LogFormat::Human);
-            match to.filter(|_| !release) {
+            match to {
                 None => release_archive(&dir),
                 Some(to) => archive(ArchiveOptions { dir, archive: to, keep, keep_days, verify: !no_verify, scratch }, follow, json).await,
             }

@@ -104,11 +104,19 @@ impl StandbyStatus {
         self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
     }
 
-    pub fn fill_archive(&mut self, dir: &StandbyDir) {
-        let hold = crate::archive_hold::load(dir);
+    /// The continuous archive's registration and the log held for it
+    /// (read with [`crate::archive_hold::observe`]).
+    pub fn set_archive(&mut self, (hold, held_bytes): (Option<crate::archive_hold::ArchiveHold>, u64)) {
         self.archive = hold.as_ref().map(|h| h.archive.clone());
         self.archived_lsn = hold.map(|h| h.log_end);
-        self.archive_held_log_bytes = crate::archive_hold::held_bytes(dir);
+        self.archive_held_log_bytes = held_bytes;
+    }
+
+    /// File bytes received or reused, counted only inside a base copy.
+    pub fn note_base_copy_bytes(&mut self, n: u64) {
+        if self.base_copy_active {
+            self.base_copy_done_bytes += n;
+        }
     }
 
     pub fn compute_lag(&mut self) {
@@ -152,7 +160,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     s.last_check = crate::readiness::last_check(dir).or(s.last_check);
     s.compute_lag();
     s.fill_from_state(&state);
-    s.fill_archive(dir);
+    s.set_archive(crate::archive_hold::observe(dir));
     Ok(s)
 }
 

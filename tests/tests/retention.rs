@@ -16,6 +16,19 @@ fn workload(txns: u64) -> WorkloadOptions {
     WorkloadOptions { txns, checkpoint_every: 200, lg_max: 1 << 20, ..Default::default() }
 }
 
+/// A primary with 1,000 transactions and retention on (cap in MiB, a pass a
+/// second) and a standby caught up with it.
+fn retained_pair(cap_mib: u32) -> Result<(Scratch, Primary, Proc)> {
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    let cap = cap_mib.to_string();
+    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", &cap];
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
+    let standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    Ok((s, primary, standby))
+}
+
 fn log_count(env: &std::path::Path) -> Result<usize> {
     Ok(tandem_shared::envlayout::EnvLayout::open(env)?.log_files()?.len())
 }
@@ -57,12 +70,7 @@ fn retention_keeps_the_log_directory_bounded_without_losing_a_file() -> Result<(
 
 #[test]
 fn an_offline_standby_holds_logs_back_up_to_the_cap_then_is_dropped() -> Result<()> {
-    let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
-    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", "4"];
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
-    let mut standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
-    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    let (s, primary, mut standby) = retained_pair(4)?;
     let first_base = base_id(&s.path("standby"))?;
     standby.stop(LONG)?;
     // While offline, the logs it needs stay (a little below the cap).
@@ -135,12 +143,7 @@ fn first_log(env: &std::path::Path) -> Result<u32> {
 
 #[test]
 fn with_an_archive_registered_no_log_leaves_the_primary_before_the_archive_has_it() -> Result<()> {
-    let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
-    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", "64"];
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
-    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
-    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    let (s, primary, _standby) = retained_pair(64)?;
     let mut archiver = start_archiver(&s)?;
     wait_for("the primary to learn the archive's position", LONG, || Ok(archived(&primary_status(&s, &primary)?).is_some()))?;
     assert!(archiver.stop(LONG)?.success());
@@ -173,12 +176,7 @@ fn with_an_archive_registered_no_log_leaves_the_primary_before_the_archive_has_i
 
 #[test]
 fn an_archive_behind_by_more_than_the_cap_is_released_loudly_and_the_standby_kept() -> Result<()> {
-    let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
-    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", "4"];
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
-    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
-    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    let (s, primary, _standby) = retained_pair(4)?;
     let first_base = base_id(&s.path("standby"))?;
     let mut archiver = start_archiver(&s)?;
     wait_for("the primary to learn the archive's position", LONG, || Ok(archived(&primary_status(&s, &primary)?).is_some()))?;
@@ -202,12 +200,7 @@ fn a_connected_standby_ends_complete_whether_or_not_a_burst_drops_it() -> Result
     // fall behind by more than the cap (then it is dropped and its next log
     // file removed under its session) or keep up. Either way it must end
     // with everything, never stall.
-    let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
-    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", "4"];
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
-    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
-    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    let (s, primary, _standby) = retained_pair(4)?;
     let last = bdb::run_workload(&s.path("env"), &workload(8000))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     eprintln!("dropped during the burst: {}", primary.proc.log_text().contains("DROPPING STANDBY"));
