@@ -39,7 +39,8 @@ impl PrimaryState {
     /// `min_epoch` raises the stored epoch, e.g. when a promoted standby's
     /// directory becomes a primary.
     pub fn open(dir: &Path, min_epoch: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = File::options()
             .create(true)
@@ -57,11 +58,19 @@ impl PrimaryState {
         let path = dir.join(IDENTITY_FILE);
         let mut identity = match ControlFile::load::<PrimaryIdentity>(&path, FORMAT_VERSION)? {
             Some(id) => id,
-            None => PrimaryIdentity { env_id: random_id(), epoch: 1, created_unix_ms: tandem_shared::now_unix_ms() },
+            None => PrimaryIdentity {
+                env_id: random_id(),
+                epoch: 1,
+                created_unix_ms: tandem_shared::now_unix_ms(),
+            },
         };
         identity.epoch = identity.epoch.max(min_epoch);
         ControlFile::store(&path, FORMAT_VERSION, &identity)?;
-        Ok(Self { dir: dir.to_path_buf(), identity, _lock: lock })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            identity,
+            _lock: lock,
+        })
     }
 }
 
@@ -74,7 +83,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = PrimaryState::open(dir.path(), 0).unwrap();
         let id = a.identity.clone();
-        assert!(PrimaryState::open(dir.path(), 0).is_err(), "second primary must be refused");
+        assert!(
+            PrimaryState::open(dir.path(), 0).is_err(),
+            "second primary must be refused"
+        );
         drop(a);
         let b = PrimaryState::open(dir.path(), 3).unwrap();
         assert_eq!(b.identity.env_id, id.env_id);

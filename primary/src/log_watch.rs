@@ -29,7 +29,13 @@ struct Tail {
 fn open_tail(layout: &EnvLayout, file_no: u32, prev: Option<u32>) -> std::io::Result<Tail> {
     let file = File::open(layout.log_path(file_no))?;
     let w = walk_file(&file, prev)?;
-    Ok(Tail { file_no, file, end: w.end, last_record: w.last_record, lg_max: w.header.map_or(0, |h| h.lg_max) })
+    Ok(Tail {
+        file_no,
+        file,
+        end: w.end,
+        last_record: w.last_record,
+        lg_max: w.header.map_or(0, |h| h.lg_max),
+    })
 }
 
 /// Starts the watcher. The channel holds `LogEnd::default()` until a log
@@ -71,12 +77,18 @@ const IDLE_AFTER_POLLS: u32 = 500;
 const IDLE_FACTOR: u32 = 5;
 
 /// One look at the end of the log; true if it moved.
-fn step(layout: &EnvLayout, tail: &mut Option<Tail>, tx: &watch::Sender<LogEnd>) -> std::io::Result<bool> {
+fn step(
+    layout: &EnvLayout,
+    tail: &mut Option<Tail>,
+    tx: &watch::Sender<LogEnd>,
+) -> std::io::Result<bool> {
     let t = match tail {
         Some(t) => t,
         None => {
             let files = layout.log_files().map_err(std::io::Error::other)?;
-            let Some(&newest) = files.last() else { return Ok(false) };
+            let Some(&newest) = files.last() else {
+                return Ok(false);
+            };
             tail.insert(open_tail(layout, newest, None)?)
         }
     };
@@ -93,7 +105,10 @@ fn step(layout: &EnvLayout, tail: &mut Option<Tail>, tx: &watch::Sender<LogEnd>)
             t.last_record = r.walk.last_record;
         }
     }
-    let now = LogEnd { end: LogPosition::new(t.file_no, t.end), lg_max: t.lg_max };
+    let now = LogEnd {
+        end: LogPosition::new(t.file_no, t.end),
+        lg_max: t.lg_max,
+    };
     Ok(tx.send_if_modified(|cur| {
         let changed = *cur != now;
         *cur = now;

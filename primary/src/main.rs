@@ -12,7 +12,11 @@ use tandem_shared::telemetry::{self, LogFormat};
 use tandem_shared::tls::TlsFiles;
 
 #[derive(Parser)]
-#[command(name = "tandem-primary", version, about = "Stream a live Berkeley DB environment to Tandem standbys over mutual TLS.")]
+#[command(
+    name = "tandem-primary",
+    version,
+    about = "Stream a live Berkeley DB environment to Tandem standbys over mutual TLS."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -148,7 +152,10 @@ struct StatusArgs {
 fn main() -> ExitCode {
     tandem_shared::keep_freed_memory();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tandem-primary: cannot start the runtime: {e}");
@@ -169,7 +176,11 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Run(args) => run(*args).await,
         Command::Certs { out, names } => {
             tandem_shared::tls::generate(&out, &names)?;
-            println!("wrote {} into {}", tandem_shared::tls::GENERATED.join(", "), out.display());
+            println!(
+                "wrote {} into {}",
+                tandem_shared::tls::GENERATED.join(", "),
+                out.display()
+            );
             Ok(())
         }
         Command::Status(args) => status(args).await,
@@ -180,20 +191,30 @@ async fn run(flags: RunArgs) -> Result<()> {
     let fault = flags.fault_corrupt_chunk;
     let a: RunArgs = tandem_shared::config::merge_with_file(&flags, flags.config.as_deref())?;
     telemetry::init(a.log_format.unwrap_or_default());
-    let need = |v: Option<PathBuf>, name: &str| v.with_context(|| format!("--{name} is required (or `{name}` in the config file)"));
+    let need = |v: Option<PathBuf>, name: &str| {
+        v.with_context(|| format!("--{name} is required (or `{name}` in the config file)"))
+    };
     let env = need(a.env, "env")?;
     let cfg = PrimaryConfig {
         state_dir: a.state_dir.unwrap_or_else(|| env.join(".tandem-primary")),
-        listen: a.listen.context("--listen is required (or `listen` in the config file)")?,
-        tls: TlsFiles { cert: need(a.cert, "cert")?, key: need(a.key, "key")?, ca: need(a.ca, "ca")? },
+        listen: a
+            .listen
+            .context("--listen is required (or `listen` in the config file)")?,
+        tls: TlsFiles {
+            cert: need(a.cert, "cert")?,
+            key: need(a.key, "key")?,
+            ca: need(a.ca, "ca")?,
+        },
         poll_interval: Duration::from_millis(a.poll_interval_ms.unwrap_or(2).max(1)),
         heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms.unwrap_or(500).max(10)),
         rescan_interval: Duration::from_millis(a.rescan_interval_ms.unwrap_or(2000).max(10)),
         metrics_listen: a.metrics_listen,
         corrupt_chunk: fault,
-        retention: a.retention.unwrap_or(false).then(|| tandem_primary::retention::RetentionConfig {
-            cap_bytes: a.retention_cap_mib.unwrap_or(10240) << 20,
-            interval: Duration::from_secs(a.retention_interval_secs.unwrap_or(10).max(1)),
+        retention: a.retention.unwrap_or(false).then(|| {
+            tandem_primary::retention::RetentionConfig {
+                cap_bytes: a.retention_cap_mib.unwrap_or(10240) << 20,
+                interval: Duration::from_secs(a.retention_interval_secs.unwrap_or(10).max(1)),
+            }
         }),
         env,
     };
@@ -209,15 +230,35 @@ async fn run(flags: RunArgs) -> Result<()> {
 }
 
 async fn status(a: StatusArgs) -> Result<()> {
-    let tls = TlsFiles { cert: a.cert, key: a.key, ca: a.ca };
-    let mut client = tandem_shared::client::connect(&a.primary, a.server_name.as_deref(), &tls, Duration::from_secs(5)).await?;
-    let s = client.status(tandem_shared::wire::StatusRequest {}).await.context("asking for status")?.into_inner();
+    let tls = TlsFiles {
+        cert: a.cert,
+        key: a.key,
+        ca: a.ca,
+    };
+    let mut client = tandem_shared::client::connect(
+        &a.primary,
+        a.server_name.as_deref(),
+        &tls,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let s = client
+        .status(tandem_shared::wire::StatusRequest {})
+        .await
+        .context("asking for status")?
+        .into_inner();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&tandem_primary::metrics::status_document(&s))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&tandem_primary::metrics::status_document(&s))?
+        );
         return Ok(());
     }
     let end: tandem_shared::LogPosition = s.end.unwrap_or_default().into();
-    println!("role:        primary\nenvironment: {}\nepoch:       {}\nend of log:  {end}", s.env_id, s.epoch);
+    println!(
+        "role:        primary\nenvironment: {}\nepoch:       {}\nend of log:  {end}",
+        s.env_id, s.epoch
+    );
     if s.standbys.is_empty() {
         println!("standbys:    none has connected");
     }
@@ -226,20 +267,30 @@ async fn status(a: StatusArgs) -> Result<()> {
         println!(
             "standby {}: {} from {}, durable at {acked}, lag {} bytes, {}",
             b.name,
-            if b.connected { "connected" } else { "disconnected" },
+            if b.connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
             b.peer,
             b.lag_bytes,
             if b.dropped {
                 "DROPPED for exceeding the retention cap: it will need a new base".to_owned()
             } else {
-                format!("holds back {} bytes of log ({} of them only for its archive)", b.held_back_bytes, b.held_for_archive_bytes)
+                format!(
+                    "holds back {} bytes of log ({} of them only for its archive)",
+                    b.held_back_bytes, b.held_for_archive_bytes
+                )
             }
         );
         match b.archived {
             Some(a) => {
                 let a: tandem_shared::LogPosition = a.into();
                 let released = if b.archive_released_below > 0 {
-                    format!("; RELEASED: files below {} were removed before it archived them", b.archive_released_below)
+                    format!(
+                        "; RELEASED: files below {} were removed before it archived them",
+                        b.archive_released_below
+                    )
                 } else {
                     String::new()
                 };

@@ -4,14 +4,29 @@ use crate::server::Shared;
 use std::sync::atomic::Ordering;
 use tandem_shared::metrics::PromText;
 
-
 pub fn render(shared: &Shared) -> String {
     let c = &shared.counters;
     let status = shared.status();
-    let lag: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), s.lag_bytes as f64)).collect();
-    let held: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), s.held_back_bytes as f64)).collect();
-    let for_archive: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), s.held_for_archive_bytes as f64)).collect();
-    let connected: Vec<(String, f64)> = status.standbys.iter().map(|s| (s.name.clone(), f64::from(u8::from(s.connected)))).collect();
+    let lag: Vec<(String, f64)> = status
+        .standbys
+        .iter()
+        .map(|s| (s.name.clone(), s.lag_bytes as f64))
+        .collect();
+    let held: Vec<(String, f64)> = status
+        .standbys
+        .iter()
+        .map(|s| (s.name.clone(), s.held_back_bytes as f64))
+        .collect();
+    let for_archive: Vec<(String, f64)> = status
+        .standbys
+        .iter()
+        .map(|s| (s.name.clone(), s.held_for_archive_bytes as f64))
+        .collect();
+    let connected: Vec<(String, f64)> = status
+        .standbys
+        .iter()
+        .map(|s| (s.name.clone(), f64::from(u8::from(s.connected))))
+        .collect();
     let end = status.end.unwrap_or_default();
     PromText::default()
         .counter("tandem_primary_file_bytes_sent_total", "Database file bytes sent to standbys.", c.file_bytes.load(Ordering::Relaxed))

@@ -28,7 +28,8 @@ pub struct RetentionConfig {
 }
 
 pub fn load_standbys(state_dir: &Path) -> BTreeMap<String, StandbyRecord> {
-    match tandem_shared::durable::ControlFile::load(&state_dir.join(STANDBYS_FILE), FORMAT_VERSION) {
+    match tandem_shared::durable::ControlFile::load(&state_dir.join(STANDBYS_FILE), FORMAT_VERSION)
+    {
         Ok(Some(map)) => map,
         Ok(None) => BTreeMap::new(),
         Err(e) => {
@@ -55,20 +56,49 @@ fn pass(shared: &Shared, state_dir: &Path, cfg: &RetentionConfig) -> anyhow::Res
     let layout = &shared.layout;
     let mut inactive = shared.tools.inactive_logs(&layout.home)?;
     inactive.sort_unstable();
-    let size_of = |n: u32| std::fs::metadata(layout.log_path(n)).map(|m| m.len()).unwrap_or(0);
+    let size_of = |n: u32| {
+        std::fs::metadata(layout.log_path(n))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
     let removable: Vec<u32> = {
-        let mut map = shared.standbys.lock().map_err(|_| anyhow::anyhow!("standby table poisoned"))?;
+        let mut map = shared
+            .standbys
+            .lock()
+            .map_err(|_| anyhow::anyhow!("standby table poisoned"))?;
         loop {
             for r in map.values_mut() {
-                let (from, acked) = if r.dropped { (u32::MAX, u32::MAX) } else { (r.needs_from(), r.acked.file) };
-                r.held_back_bytes = inactive.iter().filter(|n| **n >= from).map(|n| size_of(*n)).sum();
-                r.held_for_archive_bytes = inactive.iter().filter(|n| **n >= from && **n < acked).map(|n| size_of(*n)).sum();
+                let (from, acked) = if r.dropped {
+                    (u32::MAX, u32::MAX)
+                } else {
+                    (r.needs_from(), r.acked.file)
+                };
+                r.held_back_bytes = inactive
+                    .iter()
+                    .filter(|n| **n >= from)
+                    .map(|n| size_of(*n))
+                    .sum();
+                r.held_for_archive_bytes = inactive
+                    .iter()
+                    .filter(|n| **n >= from && **n < acked)
+                    .map(|n| size_of(*n))
+                    .sum();
             }
-            let held: u64 = inactive.iter().filter(|n| map.values().any(|r| !r.dropped && **n >= r.needs_from())).map(|n| size_of(*n)).sum();
+            let held: u64 = inactive
+                .iter()
+                .filter(|n| map.values().any(|r| !r.dropped && **n >= r.needs_from()))
+                .map(|n| size_of(*n))
+                .sum();
             if held <= cfg.cap_bytes {
                 break;
             }
-            let Some((name, r)) = map.iter_mut().filter(|(_, r)| !r.dropped).min_by_key(|(_, r)| r.needs_from()) else { break };
+            let Some((name, r)) = map
+                .iter_mut()
+                .filter(|(_, r)| !r.dropped)
+                .min_by_key(|(_, r)| r.needs_from())
+            else {
+                break;
+            };
             if r.needs_from() < r.acked.file {
                 // The standby has the log; only its archive lacks it. Losing
                 // archive coverage beats filling the production disk.
@@ -88,13 +118,25 @@ fn pass(shared: &Shared, state_dir: &Path, cfg: &RetentionConfig) -> anyhow::Res
             );
             r.dropped = true;
         }
-        let oldest_needed = map.values().filter(|r| !r.dropped).map(StandbyRecord::needs_from).min().unwrap_or(u32::MAX);
+        let oldest_needed = map
+            .values()
+            .filter(|r| !r.dropped)
+            .map(StandbyRecord::needs_from)
+            .min()
+            .unwrap_or(u32::MAX);
         let snapshot: BTreeMap<String, StandbyRecord> = map.clone();
         drop(map);
         // Durable before anything is removed, so a restarted primary never
         // forgets a standby it removed files for.
-        tandem_shared::durable::ControlFile::store(&state_dir.join(STANDBYS_FILE), FORMAT_VERSION, &snapshot)?;
-        inactive.into_iter().filter(|n| *n < oldest_needed).collect()
+        tandem_shared::durable::ControlFile::store(
+            &state_dir.join(STANDBYS_FILE),
+            FORMAT_VERSION,
+            &snapshot,
+        )?;
+        inactive
+            .into_iter()
+            .filter(|n| *n < oldest_needed)
+            .collect()
     };
     if removable.is_empty() {
         return Ok(());

@@ -15,7 +15,9 @@ use tandem_shared::bdb::BdbTools;
 use tandem_shared::envlayout::EnvLayout;
 use tandem_shared::tls::TlsFiles;
 use tandem_shared::wire::replication_server::{Replication, ReplicationServer};
-use tandem_shared::wire::{PrimaryMessage, PrimaryStatus, StandbyInfo, StandbyMessage, StatusRequest};
+use tandem_shared::wire::{
+    PrimaryMessage, PrimaryStatus, StandbyInfo, StandbyMessage, StatusRequest,
+};
 use tandem_shared::{LogPosition, MAX_MESSAGE_BYTES};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -160,7 +162,12 @@ impl Shared {
                     .collect()
             })
             .unwrap_or_default();
-        PrimaryStatus { env_id: self.identity.env_id.clone(), epoch: self.identity.epoch, end: Some(end.end.into()), standbys }
+        PrimaryStatus {
+            env_id: self.identity.env_id.clone(),
+            epoch: self.identity.epoch,
+            end: Some(end.end.into()),
+            standbys,
+        }
     }
 }
 
@@ -172,14 +179,28 @@ struct Service {
 impl Replication for Service {
     type StreamStream = ReceiverStream<Result<PrimaryMessage, Status>>;
 
-    async fn stream(&self, request: Request<Streaming<StandbyMessage>>) -> Result<Response<Self::StreamStream>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+    async fn stream(
+        &self,
+        request: Request<Streaming<StandbyMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(session::run(self.shared.clone(), peer, request.into_inner(), tx));
+        tokio::spawn(session::run(
+            self.shared.clone(),
+            peer,
+            request.into_inner(),
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<PrimaryStatus>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<PrimaryStatus>, Status> {
         Ok(Response::new(self.shared.status()))
     }
 }
@@ -191,7 +212,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<()> {
-    let layout = EnvLayout::open(&cfg.env).with_context(|| format!("opening environment {}", cfg.env.display()))?;
+    let layout = EnvLayout::open(&cfg.env)
+        .with_context(|| format!("opening environment {}", cfg.env.display()))?;
     let state = PrimaryState::open(&cfg.state_dir, promoted_epoch(&cfg.env))?;
     let tls = cfg.tls.server_config().context("loading TLS files")?;
     let log_end = log_watch::spawn(layout.clone(), cfg.poll_interval);
@@ -269,7 +291,10 @@ mod tests {
 
     #[test]
     fn a_standby_needs_the_log_from_what_it_or_its_archive_lacks() {
-        let mut r = StandbyRecord { acked: LogPosition::new(9, 100), ..Default::default() };
+        let mut r = StandbyRecord {
+            acked: LogPosition::new(9, 100),
+            ..Default::default()
+        };
         assert_eq!(r.needs_from(), 9);
         r.archived = Some(LogPosition::new(4, 28));
         assert_eq!(r.needs_from(), 4);

@@ -23,8 +23,9 @@ use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::logfile::{read_verified, walk_file};
 use tandem_shared::pages::read_stable_pages;
 use tandem_shared::wire::{
-    primary_message::Kind, standby_message, BaseFilesDone, BaseStart, FileChunk, FileEnd, FileKind, FileSame, FileStart, Heartbeat,
-    Hello, LogChunk, PageDigests, PrimaryMessage, StandbyMessage, Welcome,
+    primary_message::Kind, standby_message, BaseFilesDone, BaseStart, FileChunk, FileEnd, FileKind,
+    FileSame, FileStart, Heartbeat, Hello, LogChunk, PageDigests, PrimaryMessage, StandbyMessage,
+    Welcome,
 };
 use tandem_shared::{LogPosition, MAX_CHUNK};
 use tokio::sync::{mpsc, watch};
@@ -38,8 +39,13 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where the log stream starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Plan {
-    Resume { from: LogPosition, prev: Option<u32> },
-    NewBase { reason: String },
+    Resume {
+        from: LogPosition,
+        prev: Option<u32>,
+    },
+    NewBase {
+        reason: String,
+    },
 }
 
 fn msg(kind: Kind) -> Result<PrimaryMessage, Status> {
@@ -47,18 +53,31 @@ fn msg(kind: Kind) -> Result<PrimaryMessage, Status> {
 }
 
 async fn send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
-    tx.send(msg(kind)).await.map_err(|_| Status::cancelled("standby went away"))
+    tx.send(msg(kind))
+        .await
+        .map_err(|_| Status::cancelled("standby went away"))
 }
 
 fn io_status(what: &str, e: io::Error) -> Status {
     Status::internal(format!("{what}: {e}"))
 }
 
-pub async fn run(shared: Arc<Shared>, peer: String, mut inbound: Streaming<StandbyMessage>, tx: Outbox) {
+pub async fn run(
+    shared: Arc<Shared>,
+    peer: String,
+    mut inbound: Streaming<StandbyMessage>,
+    tx: Outbox,
+) {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-        Ok(Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::Hello(h)) }))) => h,
+        Ok(Ok(Some(StandbyMessage {
+            kind: Some(standby_message::Kind::Hello(h)),
+        }))) => h,
         Ok(Ok(_)) => {
-            let _ = tx.send(Err(Status::invalid_argument("the first message must be Hello"))).await;
+            let _ = tx
+                .send(Err(Status::invalid_argument(
+                    "the first message must be Hello",
+                )))
+                .await;
             return;
         }
         Ok(Err(e)) => {
@@ -70,11 +89,17 @@ pub async fn run(shared: Arc<Shared>, peer: String, mut inbound: Streaming<Stand
             return;
         }
         Err(_) => {
-            let _ = tx.send(Err(Status::deadline_exceeded("no Hello within 10 s"))).await;
+            let _ = tx
+                .send(Err(Status::deadline_exceeded("no Hello within 10 s")))
+                .await;
             return;
         }
     };
-    let name = if hello.standby_name.is_empty() { peer.clone() } else { hello.standby_name.clone() };
+    let name = if hello.standby_name.is_empty() {
+        peer.clone()
+    } else {
+        hello.standby_name.clone()
+    };
     match start(&shared, &name, &peer, &hello, &tx).await {
         Ok((tasks, commands)) => {
             follow_acks(&shared, &name, &mut inbound, commands).await;
@@ -82,7 +107,9 @@ pub async fn run(shared: Arc<Shared>, peer: String, mut inbound: Streaming<Stand
                 t.abort();
             }
             if *shared.stopping.borrow() {
-                let _ = tx.send(Err(Status::unavailable("the primary is shutting down"))).await;
+                let _ = tx
+                    .send(Err(Status::unavailable("the primary is shutting down")))
+                    .await;
             }
         }
         Err(status) => {
@@ -100,7 +127,13 @@ async fn start(
     peer: &str,
     hello: &Hello,
     tx: &Outbox,
-) -> Result<(Vec<tokio::task::JoinHandle<()>>, std::sync::mpsc::Sender<BaseCommand>), Status> {
+) -> Result<
+    (
+        Vec<tokio::task::JoinHandle<()>>,
+        std::sync::mpsc::Sender<BaseCommand>,
+    ),
+    Status,
+> {
     let id = &shared.identity;
     if hello.protocol_version != tandem_shared::wire::PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
@@ -132,14 +165,29 @@ async fn start(
             tracing::info!(standby = %name, %peer, %from, "standby connected; resuming");
             send(tx, welcome(shared, true)).await?;
             let complete: BTreeSet<String> = hello.complete_files.iter().cloned().collect();
-            (hello.base_id.clone(), from, prev, complete, hello.base_files_done)
+            (
+                hello.base_id.clone(),
+                from,
+                prev,
+                complete,
+                hello.base_files_done,
+            )
         }
         Plan::NewBase { reason } => {
             let from = tokio::task::block_in_place(|| base_boundary(shared))?;
             let base_id = crate::identity::random_id();
             tracing::info!(standby = %name, %peer, %reason, base = %base_id, boundary = %from, "standby connected; starting a new base");
             send(tx, welcome(shared, false)).await?;
-            send(tx, Kind::BaseStart(BaseStart { base_id: base_id.clone(), log_start: Some(from.into()), reason, rebase: false })).await?;
+            send(
+                tx,
+                Kind::BaseStart(BaseStart {
+                    base_id: base_id.clone(),
+                    log_start: Some(from.into()),
+                    reason,
+                    rebase: false,
+                }),
+            )
+            .await?;
             (base_id, from, None, BTreeSet::new(), false)
         }
     };
@@ -186,7 +234,12 @@ pub enum BaseCommand {
     Rebase(LogPosition),
 }
 
-async fn follow_acks(shared: &Shared, name: &str, inbound: &mut Streaming<StandbyMessage>, commands: std::sync::mpsc::Sender<BaseCommand>) {
+async fn follow_acks(
+    shared: &Shared,
+    name: &str,
+    inbound: &mut Streaming<StandbyMessage>,
+    commands: std::sync::mpsc::Sender<BaseCommand>,
+) {
     let mut stopping = shared.stopping.clone();
     loop {
         let next = tokio::select! {
@@ -194,19 +247,27 @@ async fn follow_acks(shared: &Shared, name: &str, inbound: &mut Streaming<Standb
             _ = stopping.wait_for(|s| *s) => return,
         };
         match next {
-            Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::Ack(ack)) })) => {
+            Ok(Some(StandbyMessage {
+                kind: Some(standby_message::Kind::Ack(ack)),
+            })) => {
                 if let Some(p) = ack.durable {
                     shared.standby_acked(name, p.into(), ack.archived.map(Into::into));
                 }
             }
-            Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::PageDigests(d)) })) => {
+            Ok(Some(StandbyMessage {
+                kind: Some(standby_message::Kind::PageDigests(d)),
+            })) => {
                 let _ = commands.send(BaseCommand::Digests(d));
             }
-            Ok(Some(StandbyMessage { kind: Some(standby_message::Kind::RebaseRequest(r)) })) => {
+            Ok(Some(StandbyMessage {
+                kind: Some(standby_message::Kind::RebaseRequest(r)),
+            })) => {
                 tracing::info!(standby = %name, "standby asked for a rebase");
                 let _ = commands.send(BaseCommand::Rebase(r.log_start.unwrap_or_default().into()));
             }
-            Ok(Some(_)) => tracing::warn!(standby = %name, "unexpected message from standby; ignored"),
+            Ok(Some(_)) => {
+                tracing::warn!(standby = %name, "unexpected message from standby; ignored")
+            }
             Ok(None) => return,
             Err(e) => {
                 tracing::debug!(standby = %name, error = %e, "standby stream ended");
@@ -231,9 +292,15 @@ fn plan(shared: &Shared, hello: &Hello) -> Plan {
         Err(e) => return new_base(format!("cannot list the primary's log files: {e}")),
     };
     let newest = files.last().copied().unwrap_or(0);
-    let missing: Vec<u32> = (d.file..=newest.max(d.file)).filter(|n| files.binary_search(n).is_err()).collect();
+    let missing: Vec<u32> = (d.file..=newest.max(d.file))
+        .filter(|n| files.binary_search(n).is_err())
+        .collect();
     if !missing.is_empty() {
-        let names: Vec<String> = missing.iter().take(5).map(|n| shared.layout.log_name(*n)).collect();
+        let names: Vec<String> = missing
+            .iter()
+            .take(5)
+            .map(|n| shared.layout.log_name(*n))
+            .collect();
         return new_base(format!(
             "log files the standby needs to continue from {d} are gone from the primary ({}{}); they were removed before \
              they were shipped, so the standby's copy cannot be continued",
@@ -242,7 +309,10 @@ fn plan(shared: &Shared, hello: &Hello) -> Plan {
         ));
     }
     if d.offset == 0 {
-        return Plan::Resume { from: d, prev: None };
+        return Plan::Resume {
+            from: d,
+            prev: None,
+        };
     }
     let check = || -> io::Result<Plan> {
         let f = File::open(shared.layout.log_path(d.file))?;
@@ -251,10 +321,17 @@ fn plan(shared: &Shared, hello: &Hello) -> Plan {
             return Ok(new_base(format!("the standby's log ends at {d}, which is not a record boundary of the primary's log")));
         }
         let last = r.walk.last_record.unwrap_or(0) as usize;
-        if !hello.last_record_digest.is_empty() && blake3::hash(&r.bytes[last..]).as_bytes()[..] != hello.last_record_digest[..] {
-            return Ok(new_base(format!("the standby's last log record before {d} differs from the primary's")));
+        if !hello.last_record_digest.is_empty()
+            && blake3::hash(&r.bytes[last..]).as_bytes()[..] != hello.last_record_digest[..]
+        {
+            return Ok(new_base(format!(
+                "the standby's last log record before {d} differs from the primary's"
+            )));
         }
-        Ok(Plan::Resume { from: d, prev: r.walk.last_record })
+        Ok(Plan::Resume {
+            from: d,
+            prev: r.walk.last_record,
+        })
     };
     match check() {
         Ok(p) => p,
@@ -266,23 +343,38 @@ fn plan(shared: &Shared, hello: &Hello) -> Plan {
 /// checkpoint's `ckp_lsn`, i.e. the first file `db_archive` does not list
 /// (BDB.md §7). Without a checkpoint, every log file is needed.
 fn base_boundary(shared: &Shared) -> Result<LogPosition, Status> {
-    let files = shared.layout.log_files().map_err(|e| Status::internal(e.to_string()))?;
+    let files = shared
+        .layout
+        .log_files()
+        .map_err(|e| Status::internal(e.to_string()))?;
     let Some(&newest) = files.last() else {
         return Err(Status::unavailable(format!(
             "no log files in {}: is this a transactional Berkeley DB environment?",
             shared.layout.log_dir().display()
         )));
     };
-    let inactive = shared.tools.inactive_logs(&shared.layout.home).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "db_archive failed; the base will include every log file");
-        Vec::new()
-    });
-    let first = files.iter().copied().find(|n| !inactive.contains(n)).unwrap_or(newest);
+    let inactive = shared
+        .tools
+        .inactive_logs(&shared.layout.home)
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "db_archive failed; the base will include every log file");
+            Vec::new()
+        });
+    let first = files
+        .iter()
+        .copied()
+        .find(|n| !inactive.contains(n))
+        .unwrap_or(newest);
     Ok(LogPosition::new(first, 0))
 }
 
 /// Ships the log from `pos` on, following the live tail.
-async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: Option<u32>) -> Result<(), Status> {
+async fn ship_log(
+    shared: &Shared,
+    tx: &Outbox,
+    mut pos: LogPosition,
+    mut prev: Option<u32>,
+) -> Result<(), Status> {
     let mut ends = shared.log_end.clone();
     let mut open: Option<(u32, File, u64)> = None;
     let mut unreadable_header = 0u32;
@@ -290,11 +382,19 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
         if open.as_ref().map(|o| o.0) != Some(pos.file) {
             match File::open(shared.layout.log_path(pos.file)) {
                 Ok(f) => {
-                    let size = f.metadata().map_err(|e| io_status("stat log file", e))?.len();
+                    let size = f
+                        .metadata()
+                        .map_err(|e| io_status("stat log file", e))?
+                        .len();
                     open = Some((pos.file, f, size));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let newest = shared.layout.log_files().map_err(|e| Status::internal(e.to_string()))?.last().copied();
+                    let newest = shared
+                        .layout
+                        .log_files()
+                        .map_err(|e| Status::internal(e.to_string()))?
+                        .last()
+                        .copied();
                     if newest.is_some_and(|n| n > pos.file) {
                         let name = shared.layout.log_name(pos.file);
                         tracing::error!(file = %name, "log gap: a log file was removed before it was shipped");
@@ -308,7 +408,9 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
                 Err(e) => return Err(io_status("open log file", e)),
             }
         }
-        let Some((_, file, size)) = open.as_ref() else { continue };
+        let Some((_, file, size)) = open.as_ref() else {
+            continue;
+        };
         // When the watcher has verified further in this file, read up to
         // there only: reading on would read the zero-filled, pre-allocated
         // tail. Otherwise (the watcher is behind, or in an older file) read
@@ -318,12 +420,17 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
             Some(ahead) if watched.file == pos.file && ahead > 0 => (ahead as usize).min(MAX_CHUNK),
             _ => MAX_CHUNK,
         };
-        let r = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, max)).map_err(|e| io_status("read log", e))?;
+        let r = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, max))
+            .map_err(|e| io_status("read log", e))?;
         // A file whose header stays unreadable (not a moment's torn read:
         // it does not verify for over a second) is not a log Tandem can
         // ship, e.g. an encrypted environment's.
         unreadable_header = match r.walk.stop {
-            tandem_shared::logfile::WalkStop::Invalid(_) if pos.offset == 0 && r.bytes.is_empty() => unreadable_header + 1,
+            tandem_shared::logfile::WalkStop::Invalid(_)
+                if pos.offset == 0 && r.bytes.is_empty() =>
+            {
+                unreadable_header + 1
+            }
             _ => 0,
         };
         if unreadable_header > 50 {
@@ -337,8 +444,17 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
         }
         if !r.bytes.is_empty() {
             let data = bytes::Bytes::from(r.bytes);
-            shared.counters.log_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-            let chunk = LogChunk { file: pos.file, offset: pos.offset, blake3: digest(shared, &data), data, file_size: *size };
+            shared
+                .counters
+                .log_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            let chunk = LogChunk {
+                file: pos.file,
+                offset: pos.offset,
+                blake3: digest(shared, &data),
+                data,
+                file_size: *size,
+            };
             send(tx, Kind::LogChunk(chunk)).await?;
             pos.offset = r.walk.end;
             prev = r.walk.last_record;
@@ -355,7 +471,9 @@ async fn ship_log(shared: &Shared, tx: &Outbox, mut pos: LogPosition, mut prev: 
         // (The watcher being past this file counts: the next file may have
         // been removed, a gap the open below reports.)
         if ends.borrow().end.file > pos.file || shared.layout.log_path(pos.file + 1).exists() {
-            let again = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, MAX_CHUNK)).map_err(|e| io_status("read log", e))?;
+            let again =
+                tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, MAX_CHUNK))
+                    .map_err(|e| io_status("read log", e))?;
             // Never past a file nothing was read from: BDB writes no empty log file.
             if again.bytes.is_empty() && pos.offset > 0 {
                 pos = LogPosition::new(pos.file + 1, 0);
@@ -425,7 +543,12 @@ fn ship_base(
                 tracing::info!(base = %base_id, %log_start, "rebase: sending a fresh base, only pages the standby lacks");
                 blocking_send(
                     tx,
-                    Kind::BaseStart(BaseStart { base_id, log_start: Some(log_start.into()), reason: "rebase requested by the standby".into(), rebase: true }),
+                    Kind::BaseStart(BaseStart {
+                        base_id,
+                        log_start: Some(log_start.into()),
+                        reason: "rebase requested by the standby".into(),
+                        rebase: true,
+                    }),
                 )?;
                 let mut fresh = BTreeSet::new();
                 ship_files(shared, tx, &mut fresh, &theirs)?;
@@ -448,12 +571,19 @@ fn ship_base(
 }
 
 /// Database files (and DB_CONFIG) not in `sent`.
-fn list_unsent(shared: &Shared, sent: &BTreeSet<String>) -> Result<Vec<(String, FileKind, u32)>, Status> {
+fn list_unsent(
+    shared: &Shared,
+    sent: &BTreeSet<String>,
+) -> Result<Vec<(String, FileKind, u32)>, Status> {
     let mut out = Vec::new();
     if shared.layout.home.join(DB_CONFIG).is_file() && !sent.contains(DB_CONFIG) {
         out.push((DB_CONFIG.to_owned(), FileKind::Config, 4096));
     }
-    for f in shared.layout.database_files().map_err(|e| Status::internal(e.to_string()))? {
+    for f in shared
+        .layout
+        .database_files()
+        .map_err(|e| Status::internal(e.to_string()))?
+    {
         if !sent.contains(&f.name) {
             out.push((f.name, FileKind::Database, f.page_size));
         }
@@ -462,14 +592,30 @@ fn list_unsent(shared: &Shared, sent: &BTreeSet<String>) -> Result<Vec<(String, 
 }
 
 /// A base's file copy: every file not yet sent, then BaseFilesDone.
-fn ship_files(shared: &Shared, tx: &Outbox, sent: &mut BTreeSet<String>, theirs: &BTreeMap<String, Vec<u8>>) -> Result<(), Status> {
+fn ship_files(
+    shared: &Shared,
+    tx: &Outbox,
+    sent: &mut BTreeSet<String>,
+    theirs: &BTreeMap<String, Vec<u8>>,
+) -> Result<(), Status> {
     let started = std::time::Instant::now();
     let (mut bytes, mut skipped) = (0, 0);
     let files = list_unsent(shared, sent)?;
-    let sizes: Vec<u64> = files.iter().map(|(name, _, _)| std::fs::metadata(shared.layout.home.join(name)).map_or(0, |m| m.len())).collect();
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|(name, _, _)| std::fs::metadata(shared.layout.home.join(name)).map_or(0, |m| m.len()))
+        .collect();
     for (i, (name, kind, page_size)) in files.into_iter().enumerate() {
         let after: u64 = sizes[i + 1..].iter().sum();
-        let (b, s) = ship_file(shared, tx, &name, kind, page_size, theirs.get(&name).map(Vec::as_slice), Some(after))?;
+        let (b, s) = ship_file(
+            shared,
+            tx,
+            &name,
+            kind,
+            page_size,
+            theirs.get(&name).map(Vec::as_slice),
+            Some(after),
+        )?;
         bytes += b;
         skipped += s;
         sent.insert(name);
@@ -478,11 +624,17 @@ fn ship_files(shared: &Shared, tx: &Outbox, sent: &mut BTreeSet<String>, theirs:
     // before this point.
     let consistent_at = current_log_end(shared).map_err(|e| io_status("read end of log", e))?;
     tracing::info!(files = sent.len(), bytes, skipped, secs = started.elapsed().as_secs_f64(), %consistent_at, "base copy sent");
-    blocking_send(tx, Kind::BaseFilesDone(BaseFilesDone { consistent_at: Some(consistent_at.into()) }))
+    blocking_send(
+        tx,
+        Kind::BaseFilesDone(BaseFilesDone {
+            consistent_at: Some(consistent_at.into()),
+        }),
+    )
 }
 
 fn blocking_send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
-    tx.blocking_send(msg(kind)).map_err(|_| Status::cancelled("standby went away"))
+    tx.blocking_send(msg(kind))
+        .map_err(|_| Status::cancelled("standby went away"))
 }
 
 /// Ships one file in stable, page-aligned chunks. Pages whose digest
@@ -508,14 +660,24 @@ fn ship_file(
         Err(e) => return Err(io_status(&format!("open {}", path.display()), e)),
     };
     let size = file.metadata().map_err(|e| io_status("stat", e))?.len();
-    blocking_send(tx, Kind::FileStart(FileStart { name: name.to_owned(), size, kind: kind as i32, page_size, base_bytes_left: if in_base { size + after } else { 0 } }))?;
+    blocking_send(
+        tx,
+        Kind::FileStart(FileStart {
+            name: name.to_owned(),
+            size,
+            kind: kind as i32,
+            page_size,
+            base_bytes_left: if in_base { size + after } else { 0 },
+        }),
+    )?;
     let page = page_size.max(512) as usize;
     let chunk_len = (MAX_CHUNK / page).max(1) * page;
     let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);
     let mut second_read = Vec::new();
     while offset < size {
         let want = chunk_len.min((size - offset) as usize);
-        let data = read_stable_pages(&file, offset, want, page, &mut second_read).map_err(|e| io_status(&format!("read {name}"), e))?;
+        let data = read_stable_pages(&file, offset, want, page, &mut second_read)
+            .map_err(|e| io_status(&format!("read {name}"), e))?;
         // Owned by the message from here on: runs are slices of it, not copies.
         let data = bytes::Bytes::from(data);
         if data.is_empty() {
@@ -524,19 +686,43 @@ fn ship_file(
         let len = data.len() as u64;
         for (run_offset, run_len, same) in runs(&data, offset, page, theirs) {
             if same {
-                blocking_send(tx, Kind::FileSame(FileSame { name: name.to_owned(), offset: run_offset, len: run_len as u64 }))?;
+                blocking_send(
+                    tx,
+                    Kind::FileSame(FileSame {
+                        name: name.to_owned(),
+                        offset: run_offset,
+                        len: run_len as u64,
+                    }),
+                )?;
                 skipped += run_len as u64;
             } else {
                 let start = (run_offset - offset) as usize;
                 let bytes = data.slice(start..start + run_len);
-                shared.counters.file_bytes.fetch_add(run_len as u64, Ordering::Relaxed);
-                blocking_send(tx, Kind::FileChunk(FileChunk { name: name.to_owned(), offset: run_offset, blake3: digest(shared, &bytes), data: bytes }))?;
+                shared
+                    .counters
+                    .file_bytes
+                    .fetch_add(run_len as u64, Ordering::Relaxed);
+                blocking_send(
+                    tx,
+                    Kind::FileChunk(FileChunk {
+                        name: name.to_owned(),
+                        offset: run_offset,
+                        blake3: digest(shared, &bytes),
+                        data: bytes,
+                    }),
+                )?;
                 sent += run_len as u64;
             }
         }
         offset += len;
     }
-    blocking_send(tx, Kind::FileEnd(FileEnd { name: name.to_owned(), size: offset }))?;
+    blocking_send(
+        tx,
+        Kind::FileEnd(FileEnd {
+            name: name.to_owned(),
+            size: offset,
+        }),
+    )?;
     Ok((sent, skipped))
 }
 
@@ -544,7 +730,9 @@ fn ship_file(
 /// the standby's (`true`) or not, as (file offset, length, same).
 fn runs(data: &[u8], offset: u64, page: usize, theirs: Option<&[u8]>) -> Vec<(u64, usize, bool)> {
     use tandem_shared::pages::{page_digests, PAGE_DIGEST_LEN};
-    let Some(theirs) = theirs else { return vec![(offset, data.len(), false)] };
+    let Some(theirs) = theirs else {
+        return vec![(offset, data.len(), false)];
+    };
     let ours = page_digests(data, page);
     let first_page = (offset / page as u64) as usize;
     let mut out: Vec<(u64, usize, bool)> = Vec::new();
@@ -564,7 +752,9 @@ fn runs(data: &[u8], offset: u64, page: usize, theirs: Option<&[u8]>) -> Vec<(u6
 /// Walks the newest log file now (not the watcher's possibly older view).
 fn current_log_end(shared: &Shared) -> io::Result<LogPosition> {
     let files = shared.layout.log_files().map_err(io::Error::other)?;
-    let Some(&newest) = files.last() else { return Ok(LogPosition::ZERO) };
+    let Some(&newest) = files.last() else {
+        return Ok(LogPosition::ZERO);
+    };
     let w = walk_file(&File::open(shared.layout.log_path(newest))?, None)?;
     Ok(LogPosition::new(newest, w.end))
 }
@@ -574,7 +764,10 @@ async fn heartbeats(shared: &Shared, tx: &Outbox) {
     loop {
         tick.tick().await;
         let end = shared.log_end.borrow().end;
-        let hb = Heartbeat { primary_end: Some(end.into()), unix_ms: tandem_shared::now_unix_ms() };
+        let hb = Heartbeat {
+            primary_end: Some(end.into()),
+            unix_ms: tandem_shared::now_unix_ms(),
+        };
         if send(tx, Kind::Heartbeat(hb)).await.is_err() {
             return;
         }
@@ -591,9 +784,15 @@ mod tests {
         let mut data = vec![1u8; 4096 * 4];
         let theirs = page_digests(&data, 4096);
         data[4096 * 2 + 7] = 9; // page 2 changed
-        assert_eq!(runs(&data, 0, 4096, Some(&theirs)), vec![(0, 8192, true), (8192, 4096, false), (12288, 4096, true)]);
+        assert_eq!(
+            runs(&data, 0, 4096, Some(&theirs)),
+            vec![(0, 8192, true), (8192, 4096, false), (12288, 4096, true)]
+        );
         assert_eq!(runs(&data, 0, 4096, None), vec![(0, 16384, false)]);
         // The same pages later in the file are compared with their own index.
-        assert_eq!(runs(&data[8192..], 8192, 4096, Some(&theirs)), vec![(8192, 4096, false), (12288, 4096, true)]);
+        assert_eq!(
+            runs(&data[8192..], 8192, 4096, Some(&theirs)),
+            vec![(8192, 4096, false), (12288, 4096, true)]
+        );
     }
 }

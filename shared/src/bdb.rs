@@ -13,9 +13,16 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum BdbError {
     #[error("could not run {tool}: {source} (is db5.3-util installed? run scripts/setup)")]
-    Spawn { tool: String, source: std::io::Error },
+    Spawn {
+        tool: String,
+        source: std::io::Error,
+    },
     #[error("{tool} failed ({status}): {stderr}")]
-    Failed { tool: String, status: String, stderr: String },
+    Failed {
+        tool: String,
+        status: String,
+        stderr: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -25,7 +32,9 @@ pub struct BdbTools {
 
 impl Default for BdbTools {
     fn default() -> Self {
-        Self { prefix: std::env::var("TANDEM_BDB_TOOL_PREFIX").unwrap_or_else(|_| "db5.3_".to_owned()) }
+        Self {
+            prefix: std::env::var("TANDEM_BDB_TOOL_PREFIX").unwrap_or_else(|_| "db5.3_".to_owned()),
+        }
     }
 }
 
@@ -48,13 +57,20 @@ impl BdbTools {
         let out = Command::new(&tool)
             .args(args)
             .output()
-            .map_err(|source| BdbError::Spawn { tool: tool.clone(), source })?;
+            .map_err(|source| BdbError::Spawn {
+                tool: tool.clone(),
+                source,
+            })?;
         if !out.status.success() {
             let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
             if stderr.is_empty() {
                 stderr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
             }
-            return Err(BdbError::Failed { tool, status: out.status.to_string(), stderr });
+            return Err(BdbError::Failed {
+                tool,
+                status: out.status.to_string(),
+                stderr,
+            });
         }
         Ok(out)
     }
@@ -67,7 +83,12 @@ impl BdbTools {
         let out = self.run("archive", &["-h".as_ref(), home.as_os_str()])?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter_map(|l| Path::new(l.trim()).file_name()?.to_str().and_then(crate::logfile::parse_log_file_name))
+            .filter_map(|l| {
+                Path::new(l.trim())
+                    .file_name()?
+                    .to_str()
+                    .and_then(crate::logfile::parse_log_file_name)
+            })
             .collect())
     }
 
@@ -75,26 +96,58 @@ impl BdbTools {
     /// database files: never run it on a directory that is still streaming.
     pub fn recover_catastrophic(&self, home: &Path) -> Result<RecoveryReport, BdbError> {
         let started = Instant::now();
-        let out = self.run("recover", &["-c".as_ref(), "-v".as_ref(), "-h".as_ref(), home.as_os_str()])?;
+        let out = self.run(
+            "recover",
+            &[
+                "-c".as_ref(),
+                "-v".as_ref(),
+                "-h".as_ref(),
+                home.as_os_str(),
+            ],
+        )?;
         let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
         output.push_str(&String::from_utf8_lossy(&out.stderr));
-        Ok(RecoveryReport { duration: started.elapsed(), recovered_to: parse_last_valid_lsn(&output), output })
+        Ok(RecoveryReport {
+            duration: started.elapsed(),
+            recovered_to: parse_last_valid_lsn(&output),
+            output,
+        })
     }
 
     /// `db_verify` of one database file of the environment in `home`.
     pub fn verify(&self, home: &Path, file: &str) -> Result<(), BdbError> {
-        self.run("verify", &["-q".as_ref(), "-h".as_ref(), home.as_os_str(), file.as_ref()]).map(|_| ())
+        self.run(
+            "verify",
+            &[
+                "-q".as_ref(),
+                "-h".as_ref(),
+                home.as_os_str(),
+                file.as_ref(),
+            ],
+        )
+        .map(|_| ())
     }
 
     /// `db_dump -p` of one database, for comparing environments.
     pub fn dump(&self, home: &Path, file: &str) -> Result<Vec<u8>, BdbError> {
-        self.run("dump", &["-p".as_ref(), "-h".as_ref(), home.as_os_str(), file.as_ref()]).map(|o| o.stdout)
+        self.run(
+            "dump",
+            &[
+                "-p".as_ref(),
+                "-h".as_ref(),
+                home.as_os_str(),
+                file.as_ref(),
+            ],
+        )
+        .map(|o| o.stdout)
     }
 }
 
 /// Parses "Finding last valid log LSN: file: 45 offset 1012164".
 pub fn parse_last_valid_lsn(output: &str) -> Option<LogPosition> {
-    let line = output.lines().find(|l| l.contains("Finding last valid log LSN"))?;
+    let line = output
+        .lines()
+        .find(|l| l.contains("Finding last valid log LSN"))?;
     let mut words = line.split_whitespace();
     let mut file = None;
     let mut offset = None;
@@ -123,7 +176,10 @@ mod tests {
     #[test]
     fn parses_recover_output() {
         let out = "BDB1513 Finding last valid log LSN: file: 45 offset 1012164\nBDB1505 Recovery starting from [1][28]\n";
-        assert_eq!(parse_last_valid_lsn(out), Some(LogPosition::new(45, 1012164)));
+        assert_eq!(
+            parse_last_valid_lsn(out),
+            Some(LogPosition::new(45, 1012164))
+        );
         assert_eq!(parse_last_valid_lsn("nothing"), None);
     }
 }

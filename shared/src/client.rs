@@ -13,7 +13,10 @@ pub enum ConnectError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot connect to {url}: {}", chain(.source))]
-    Connect { url: String, source: tonic::transport::Error },
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
 }
 
 /// Checks a primary address without dialing it.
@@ -22,12 +25,20 @@ pub fn validate_url(url: &str) -> Result<(), ConnectError> {
 }
 
 fn endpoint_host(url: &str) -> Result<(Endpoint, String), ConnectError> {
-    let bad = |why: &str| ConnectError::BadUrl { url: url.to_owned(), why: why.to_owned() };
+    let bad = |why: &str| ConnectError::BadUrl {
+        url: url.to_owned(),
+        why: why.to_owned(),
+    };
     if !url.starts_with("https://") {
         return Err(bad("Tandem only speaks TLS"));
     }
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(&e.to_string()))?;
-    let host = endpoint.uri().host().ok_or_else(|| bad("no host"))?.trim_matches(|c| c == '[' || c == ']').to_owned();
+    let host = endpoint
+        .uri()
+        .host()
+        .ok_or_else(|| bad("no host"))?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_owned();
     Ok((endpoint, host))
 }
 
@@ -43,7 +54,10 @@ pub async fn connect(
     let name = server_name.unwrap_or(&host);
     let endpoint = endpoint
         .tls_config(tls.client_config(name)?)
-        .map_err(|source| ConnectError::Connect { url: url.to_owned(), source })?
+        .map_err(|source| ConnectError::Connect {
+            url: url.to_owned(),
+            source,
+        })?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         // HTTP/2's default 64 KiB windows cap a single stream far below
@@ -52,8 +66,16 @@ pub async fn connect(
         .initial_connection_window_size(crate::STREAM_WINDOW * 2)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20));
-    let channel = endpoint.connect().await.map_err(|source| ConnectError::Connect { url: url.to_owned(), source })?;
-    Ok(ReplicationClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| ConnectError::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
+    Ok(ReplicationClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
 /// The error and its causes on one line: tonic's own message ("transport

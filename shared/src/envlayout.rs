@@ -20,7 +20,10 @@ pub enum EnvError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EnvError + '_ {
-    move |source| EnvError::Io { path: path.to_path_buf(), source }
+    move |source| EnvError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Directories named by `DB_CONFIG`, relative to the home.
@@ -44,9 +47,14 @@ pub fn parse_db_config(text: &str) -> Result<DbConfigLayout, EnvError> {
         let key = words.next().unwrap_or_default();
         let value = words.next();
         let dir = |v: Option<&str>| -> Result<PathBuf, EnvError> {
-            let v = v.ok_or_else(|| EnvError::Config { line: i + 1, what: format!("{key} needs a directory") })?;
+            let v = v.ok_or_else(|| EnvError::Config {
+                line: i + 1,
+                what: format!("{key} needs a directory"),
+            })?;
             let p = PathBuf::from(v);
-            if p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+            if p.components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+            {
                 Ok(p)
             } else {
                 Err(EnvError::Config {
@@ -129,7 +137,10 @@ impl EnvLayout {
             Err(e) if e.kind() == io::ErrorKind::NotFound => DbConfigLayout::default(),
             Err(e) => return Err(io_err(&cfg_path)(e)),
         };
-        Ok(Self { home: home.to_path_buf(), config })
+        Ok(Self {
+            home: home.to_path_buf(),
+            config,
+        })
     }
 
     /// Log directory relative to the home ("" for the home itself).
@@ -143,7 +154,11 @@ impl EnvLayout {
 
     /// The wire name of log file `number`.
     pub fn log_name(&self, number: u32) -> String {
-        rel_name(&self.log_dir_rel().join(crate::logfile::log_file_name(number)))
+        rel_name(
+            &self
+                .log_dir_rel()
+                .join(crate::logfile::log_file_name(number)),
+        )
     }
 
     pub fn log_path(&self, number: u32) -> PathBuf {
@@ -181,8 +196,14 @@ impl EnvLayout {
             };
             for entry in entries {
                 let entry = entry.map_err(io_err(&dir))?;
-                let Some(fname) = entry.file_name().to_str().map(str::to_owned) else { continue };
-                if fname.starts_with("__db") || fname.starts_with('.') || fname == DB_CONFIG || parse_log_file_name(&fname).is_some() {
+                let Some(fname) = entry.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                if fname.starts_with("__db")
+                    || fname.starts_with('.')
+                    || fname == DB_CONFIG
+                    || parse_log_file_name(&fname).is_some()
+                {
                     continue;
                 }
                 let path = entry.path();
@@ -193,7 +214,10 @@ impl EnvLayout {
                 // A file can vanish between listing and reading (a database
                 // being removed); it is simply not part of this listing.
                 match read_db_meta(&path) {
-                    Ok(Some(meta)) => out.push(DatabaseFile { name: rel_name(&rel.join(&fname)), page_size: meta.page_size }),
+                    Ok(Some(meta)) => out.push(DatabaseFile {
+                        name: rel_name(&rel.join(&fname)),
+                        page_size: meta.page_size,
+                    }),
                     Ok(None) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(io_err(&path)(e)),
@@ -223,8 +247,14 @@ mod tests {
 
     #[test]
     fn parses_directories_and_ignores_the_rest() {
-        let l = parse_db_config("# c\nset_cachesize 0 1000 1\nset_data_dir data\nadd_data_dir more\nset_lg_dir logs\n").unwrap();
-        assert_eq!(l.data_dirs, vec![PathBuf::from("data"), PathBuf::from("more")]);
+        let l = parse_db_config(
+            "# c\nset_cachesize 0 1000 1\nset_data_dir data\nadd_data_dir more\nset_lg_dir logs\n",
+        )
+        .unwrap();
+        assert_eq!(
+            l.data_dirs,
+            vec![PathBuf::from("data"), PathBuf::from("more")]
+        );
         assert_eq!(l.log_dir, Some(PathBuf::from("logs")));
     }
 
@@ -243,10 +273,20 @@ mod tests {
         page[20..24].copy_from_slice(&4096u32.to_le_bytes());
         std::fs::write(dir.path().join("a.db"), &page).unwrap();
         std::fs::write(dir.path().join("__db.001"), &page).unwrap();
-        std::fs::write(dir.path().join("notes.txt"), b"hello there, not a database at all").unwrap();
+        std::fs::write(
+            dir.path().join("notes.txt"),
+            b"hello there, not a database at all",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("log.0000000001"), &page).unwrap();
         let env = EnvLayout::open(dir.path()).unwrap();
-        assert_eq!(env.database_files().unwrap(), vec![DatabaseFile { name: "a.db".into(), page_size: 4096 }]);
+        assert_eq!(
+            env.database_files().unwrap(),
+            vec![DatabaseFile {
+                name: "a.db".into(),
+                page_size: 4096
+            }]
+        );
         assert_eq!(env.log_files().unwrap(), vec![1]);
         assert_eq!(env.log_name(1), "log.0000000001");
     }

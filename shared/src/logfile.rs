@@ -8,9 +8,9 @@
 //! written. Only a record whose length, back-pointer and checksum all agree
 //! is known to be complete, and only such records are ever shipped.
 
+use crate::pages::read_appending;
 use std::fs::File;
 use std::io;
-use crate::pages::read_appending;
 
 /// `prev`, `len`, `chksum`: three little-endian u32s (unencrypted logs).
 pub const RECORD_HEADER_LEN: u32 = 12;
@@ -69,7 +69,8 @@ pub fn record_checksum(prev: u32, len: u32, body: &[u8]) -> u32 {
 }
 
 fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
-    buf.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    buf.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// What the persist record at offset 0 says about its file.
@@ -113,7 +114,13 @@ pub struct Walk {
 /// caller knows (the previous record's offset; for record 0 of file n > 1,
 /// the offset of file n-1's last record).
 pub fn walk(buf: &[u8], start: u32, expected_prev: Option<u32>) -> Walk {
-    let mut w = Walk { end: start, last_record: None, records: 0, header: None, stop: WalkStop::EndOfBuffer };
+    let mut w = Walk {
+        end: start,
+        last_record: None,
+        records: 0,
+        header: None,
+        stop: WalkStop::EndOfBuffer,
+    };
     let mut expected_prev = expected_prev;
     let mut pos: usize = 0;
     loop {
@@ -122,8 +129,12 @@ pub fn walk(buf: &[u8], start: u32, expected_prev: Option<u32>) -> Walk {
             w.stop = WalkStop::EndOfBuffer;
             return w;
         }
-        let (Some(prev), Some(len), Some(chksum)) = (u32_at(buf, pos), u32_at(buf, pos + 4), u32_at(buf, pos + 8)) else {
-            w.stop = WalkStop::Incomplete { record_len: RECORD_HEADER_LEN };
+        let (Some(prev), Some(len), Some(chksum)) =
+            (u32_at(buf, pos), u32_at(buf, pos + 4), u32_at(buf, pos + 8))
+        else {
+            w.stop = WalkStop::Incomplete {
+                record_len: RECORD_HEADER_LEN,
+            };
             return w;
         };
         if len == 0 {
@@ -159,7 +170,9 @@ pub fn walk(buf: &[u8], start: u32, expected_prev: Option<u32>) -> Walk {
         if offset == 0 {
             let magic = u32_at(record, 12).unwrap_or(0);
             if magic != LOG_MAGIC {
-                w.stop = WalkStop::Invalid("persist record has the wrong magic (encrypted or not a BDB log)");
+                w.stop = WalkStop::Invalid(
+                    "persist record has the wrong magic (encrypted or not a BDB log)",
+                );
                 return w;
             }
             w.header = Some(LogFileHeader {
@@ -196,7 +209,12 @@ const MAX_RECORD: u32 = 256 << 20;
 /// Reads a log file from `from` and returns up to about `max_bytes` of
 /// verified records (more if a single record is larger). Fewer bytes than
 /// asked means the verified end of the file was reached for now.
-pub fn read_verified(file: &File, from: u32, expected_prev: Option<u32>, max_bytes: usize) -> io::Result<VerifiedRecords> {
+pub fn read_verified(
+    file: &File,
+    from: u32,
+    expected_prev: Option<u32>,
+    max_bytes: usize,
+) -> io::Result<VerifiedRecords> {
     let max_bytes = max_bytes.max(RECORD_HEADER_LEN as usize);
     let mut want = FIRST_READ.min(max_bytes);
     let mut buf: Vec<u8> = Vec::new();
@@ -219,7 +237,11 @@ pub fn read_verified(file: &File, from: u32, expected_prev: Option<u32>, max_byt
         if buf.len() == want {
             let larger = match total.stop {
                 WalkStop::EndOfBuffer if want < max_bytes => Some((want * 8).min(max_bytes)),
-                WalkStop::Incomplete { record_len } if total.records == 0 && record_len as usize > want && record_len <= MAX_RECORD => {
+                WalkStop::Incomplete { record_len }
+                    if total.records == 0
+                        && record_len as usize > want
+                        && record_len <= MAX_RECORD =>
+                {
                     Some(record_len as usize)
                 }
                 WalkStop::Incomplete { .. } if want < max_bytes => Some((want * 8).min(max_bytes)),
@@ -231,7 +253,10 @@ pub fn read_verified(file: &File, from: u32, expected_prev: Option<u32>, max_byt
             }
         }
         buf.truncate((total.end - from) as usize);
-        return Ok(VerifiedRecords { bytes: buf, walk: total });
+        return Ok(VerifiedRecords {
+            bytes: buf,
+            walk: total,
+        });
     }
 }
 
@@ -317,11 +342,20 @@ mod tests {
             }
             h ^ prev ^ len
         };
-        let data: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+        let data: Vec<u8> = (0..5000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
         for n in (0..40).chain([255, 256, 257, 1000, 4095, 5000]) {
-            assert_eq!(record_checksum(7, n as u32 + 12, &data[..n]), naive(7, n as u32 + 12, &data[..n]), "length {n}");
+            assert_eq!(
+                record_checksum(7, n as u32 + 12, &data[..n]),
+                naive(7, n as u32 + 12, &data[..n]),
+                "length {n}"
+            );
         }
-        assert_eq!(record_checksum(0, 12, &[0xff; 64]), naive(0, 12, &[0xff; 64]));
+        assert_eq!(
+            record_checksum(0, 12, &[0xff; 64]),
+            naive(0, 12, &[0xff; 64])
+        );
     }
 
     /// A 4 MiB log file of 3,000 records of 1,000 bytes (more than one read).
@@ -342,10 +376,16 @@ mod tests {
         let whole = walk_file(&f, None).unwrap();
         let part = walk(&img[..28 + 10 * 1012], 0, None);
         let rest = walk_from(&f, part.end, part.last_record).unwrap();
-        assert_eq!((rest.end, rest.last_record, rest.records), (whole.end, whole.last_record, 2990));
+        assert_eq!(
+            (rest.end, rest.last_record, rest.records),
+            (whole.end, whole.last_record, 2990)
+        );
         // Nothing after the point: the record before it stays the last one.
         let none = walk_from(&f, whole.end, whole.last_record).unwrap();
-        assert_eq!((none.end, none.last_record, none.records), (whole.end, whole.last_record, 0));
+        assert_eq!(
+            (none.end, none.last_record, none.records),
+            (whole.end, whole.last_record, 0)
+        );
     }
 
     #[test]
@@ -365,7 +405,13 @@ mod tests {
         assert_eq!(w.end, 28 + 17 + 19);
         assert_eq!(w.last_record, Some(28 + 17));
         assert_eq!(w.stop, WalkStop::ZeroLength);
-        assert_eq!(w.header, Some(LogFileHeader { version: LOG_VERSION, lg_max: 4096 }));
+        assert_eq!(
+            w.header,
+            Some(LogFileHeader {
+                version: LOG_VERSION,
+                lg_max: 4096
+            })
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct LogPosition {
     pub file: u32,
     pub offset: u32,
@@ -43,13 +45,19 @@ impl fmt::Display for LogPosition {
 
 impl From<tandem_proto::LogPosition> for LogPosition {
     fn from(p: tandem_proto::LogPosition) -> Self {
-        Self { file: p.file, offset: p.offset }
+        Self {
+            file: p.file,
+            offset: p.offset,
+        }
     }
 }
 
 impl From<LogPosition> for tandem_proto::LogPosition {
     fn from(p: LogPosition) -> Self {
-        Self { file: p.file, offset: p.offset }
+        Self {
+            file: p.file,
+            offset: p.offset,
+        }
     }
 }
 
@@ -67,7 +75,10 @@ mod tests {
     fn bytes_until_within_and_across_files() {
         let a = LogPosition::new(3, 100);
         assert_eq!(a.bytes_until(LogPosition::new(3, 150), 1000), 50);
-        assert_eq!(a.bytes_until(LogPosition::new(5, 10), 1000), 900 + 1000 + 10);
+        assert_eq!(
+            a.bytes_until(LogPosition::new(5, 10), 1000),
+            900 + 1000 + 10
+        );
         assert_eq!(a.bytes_until(LogPosition::new(2, 10), 1000), 0);
         assert_eq!(a.to_string(), "[3][100]");
     }

@@ -31,7 +31,13 @@ impl PromText {
     }
 
     /// A gauge with one sample per label value.
-    pub fn gauge_by(&mut self, name: &str, help: &str, label: &str, samples: &[(String, f64)]) -> &mut Self {
+    pub fn gauge_by(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        samples: &[(String, f64)],
+    ) -> &mut Self {
         self.family(name, "gauge", help);
         for (value_of_label, v) in samples {
             let escaped = value_of_label.replace('\\', "\\\\").replace('"', "\\\"");
@@ -60,12 +66,19 @@ pub async fn serve(addr: SocketAddr, pages: AdminPages) -> std::io::Result<Socke
     let pages = std::sync::Arc::new(pages);
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
             let pages = pages.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 // One request per connection; only its path matters.
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf),
+                )
+                .await
+                {
                     Ok(Ok(n)) => n,
                     _ => return,
                 };
@@ -94,7 +107,12 @@ mod tests {
     fn renders_families() {
         let text = PromText::default()
             .counter("tandem_x_total", "Things.", 3)
-            .gauge_by("tandem_lag_bytes", "Lag.", "standby", &[("a\"b".into(), 1.0)])
+            .gauge_by(
+                "tandem_lag_bytes",
+                "Lag.",
+                "standby",
+                &[("a\"b".into(), 1.0)],
+            )
             .finish();
         assert!(text.contains("# TYPE tandem_x_total counter\ntandem_x_total 3\n"));
         assert!(text.contains("tandem_lag_bytes{standby=\"a\\\"b\"} 1"));

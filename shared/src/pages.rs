@@ -20,7 +20,13 @@ const MAX_READS: u32 = 64;
 /// base copy allocates it once. The returned buffer is fresh and never
 /// zero-filled (every byte returned was read), so it can be handed to the
 /// network as is.
-pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize, second: &mut Vec<u8>) -> io::Result<Vec<u8>> {
+pub fn read_stable_pages(
+    file: &File,
+    offset: u64,
+    len: usize,
+    page_size: usize,
+    second: &mut Vec<u8>,
+) -> io::Result<Vec<u8>> {
     let mut first = Vec::new();
     read_appending(file, &mut first, offset, len)?;
     let n = first.len();
@@ -29,7 +35,11 @@ pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize,
     let again = read_at_most(file, second, offset)?;
     // The file shrank between the reads: keep the whole pages both reads
     // saw, so that the next read starts on a page boundary again.
-    let n = if again < n { again - again % page_size } else { n };
+    let n = if again < n {
+        again - again % page_size
+    } else {
+        n
+    };
     first.truncate(n);
     for start in (0..n).step_by(page_size) {
         let end = (start + page_size).min(n);
@@ -60,7 +70,8 @@ pub fn read_stable_pages(file: &File, offset: u64, len: usize, page_size: usize,
 pub fn read_appending(file: &File, buf: &mut Vec<u8>, offset: u64, upto: usize) -> io::Result<()> {
     buf.reserve_exact(upto.saturating_sub(buf.len()));
     while buf.len() < upto {
-        let at = i64::try_from(offset + buf.len() as u64).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let at = i64::try_from(offset + buf.len() as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let want = upto - buf.len();
         let spare = &mut buf.spare_capacity_mut()[..want];
         // SAFETY: pread writes at most `want` bytes into memory we own;
@@ -120,9 +131,20 @@ mod tests {
         std::fs::write(&p, &data).unwrap();
         let f = File::open(&p).unwrap();
         let mut second = Vec::new();
-        assert_eq!(read_stable_pages(&f, 0, 16384, 4096, &mut second).unwrap(), data);
-        assert_eq!(read_stable_pages(&f, 4096, 4096, 4096, &mut second).unwrap(), &data[4096..8192]);
-        assert_eq!(read_stable_pages(&f, 8192, 8192, 4096, &mut second).unwrap(), &data[8192..]);
-        assert!(read_stable_pages(&f, 16384, 4096, 4096, &mut second).unwrap().is_empty());
+        assert_eq!(
+            read_stable_pages(&f, 0, 16384, 4096, &mut second).unwrap(),
+            data
+        );
+        assert_eq!(
+            read_stable_pages(&f, 4096, 4096, 4096, &mut second).unwrap(),
+            &data[4096..8192]
+        );
+        assert_eq!(
+            read_stable_pages(&f, 8192, 8192, 4096, &mut second).unwrap(),
+            &data[8192..]
+        );
+        assert!(read_stable_pages(&f, 16384, 4096, 4096, &mut second)
+            .unwrap()
+            .is_empty());
     }
 }

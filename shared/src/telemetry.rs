@@ -17,7 +17,9 @@ impl std::str::FromStr for LogFormat {
         match s {
             "human" => Ok(Self::Human),
             "json" => Ok(Self::Json),
-            other => Err(format!("unknown log format {other:?} (expected human or json)")),
+            other => Err(format!(
+                "unknown log format {other:?} (expected human or json)"
+            )),
         }
     }
 }
@@ -27,8 +29,11 @@ impl std::str::FromStr for LogFormat {
 pub fn init(format: LogFormat) {
     // tonic reports refused TLS handshakes (a peer without a certificate,
     // or with one from another CA) only at debug; operators need them.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,tonic::transport::server::io_stream=debug"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tonic::transport::server::io_stream=debug"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

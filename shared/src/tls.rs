@@ -12,11 +12,18 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} {path}: {source}")]
-    Read { what: &'static str, path: PathBuf, source: std::io::Error },
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} does not contain a PEM {what}")]
     NotPem { what: &'static str, path: PathBuf },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -30,9 +37,16 @@ pub struct TlsFiles {
 }
 
 fn read_pem(what: &'static str, path: &Path, marker: &str) -> Result<Vec<u8>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.into(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.into(),
+        source,
+    })?;
     if !String::from_utf8_lossy(&bytes).contains(marker) {
-        return Err(TlsError::NotPem { what, path: path.into() });
+        return Err(TlsError::NotPem {
+            what,
+            path: path.into(),
+        });
     }
     Ok(bytes)
 }
@@ -55,7 +69,10 @@ impl TlsFiles {
     pub fn client_config(&self, server_name: &str) -> Result<ClientTlsConfig, TlsError> {
         require_tls13();
         let (identity, ca) = self.load()?;
-        Ok(ClientTlsConfig::new().identity(identity).ca_certificate(ca).domain_name(server_name))
+        Ok(ClientTlsConfig::new()
+            .identity(identity)
+            .ca_certificate(ca)
+            .domain_name(server_name))
     }
 }
 
@@ -66,25 +83,45 @@ impl TlsFiles {
 /// default (the first TLS configuration does it); later calls change nothing.
 pub fn require_tls13() {
     let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites.retain(|s| s.version() == &rustls::version::TLS13);
+    provider
+        .cipher_suites
+        .retain(|s| s.version() == &rustls::version::TLS13);
     // Err: a provider is already installed, ours by an earlier call.
     let _ = provider.install_default();
 }
 
 /// The files `generate` writes, by name.
-pub const GENERATED: [&str; 5] = ["ca.pem", "primary.pem", "primary-key.pem", "standby.pem", "standby-key.pem"];
+pub const GENERATED: [&str; 5] = [
+    "ca.pem",
+    "primary.pem",
+    "primary-key.pem",
+    "standby.pem",
+    "standby-key.pem",
+];
 
 /// Writes a fresh CA and primary and standby certificates into `out`. Both
 /// leaves carry `names` (host names or IP addresses) so either side can be
 /// dialed by them; keys are written with mode 0600.
 pub fn generate(out: &Path, names: &[String]) -> Result<(), TlsError> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
 
-    std::fs::create_dir_all(out).map_err(|source| TlsError::Write { path: out.into(), source })?;
+    std::fs::create_dir_all(out).map_err(|source| TlsError::Write {
+        path: out.into(),
+        source,
+    })?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "Tandem pair CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Tandem pair CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
@@ -93,8 +130,12 @@ pub fn generate(out: &Path, names: &[String]) -> Result<(), TlsError> {
     // primary with the same files.
     let leaf = |role: &str| -> Result<(String, String), TlsError> {
         let mut p = CertificateParams::new(names.to_vec())?;
-        p.distinguished_name.push(DnType::CommonName, format!("tandem {role}"));
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.distinguished_name
+            .push(DnType::CommonName, format!("tandem {role}"));
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let key = KeyPair::generate()?;
         let cert = p.signed_by(&key, &issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
@@ -109,7 +150,8 @@ pub fn generate(out: &Path, names: &[String]) -> Result<(), TlsError> {
         ("standby-key.pem", s_key, true),
     ] {
         let path = out.join(name);
-        write_private(&path, body.as_bytes(), secret).map_err(|source| TlsError::Write { path, source })?;
+        write_private(&path, body.as_bytes(), secret)
+            .map_err(|source| TlsError::Write { path, source })?;
     }
     Ok(())
 }
@@ -138,10 +180,17 @@ mod tests {
         for f in GENERATED {
             assert!(dir.path().join(f).exists(), "{f}");
         }
-        let files = TlsFiles { cert: dir.path().join("primary.pem"), key: dir.path().join("primary-key.pem"), ca: dir.path().join("ca.pem") };
+        let files = TlsFiles {
+            cert: dir.path().join("primary.pem"),
+            key: dir.path().join("primary-key.pem"),
+            ca: dir.path().join("ca.pem"),
+        };
         files.server_config().unwrap();
         files.client_config("localhost").unwrap();
-        let bad = TlsFiles { cert: dir.path().join("missing.pem"), ..files };
+        let bad = TlsFiles {
+            cert: dir.path().join("missing.pem"),
+            ..files
+        };
         assert!(matches!(bad.server_config(), Err(TlsError::Read { .. })));
     }
 }

@@ -49,8 +49,12 @@ pub fn validate(name: &str) -> Result<PathBuf, PathError> {
                 }
                 out.push(s);
             }
-            Component::RootDir | Component::Prefix(_) => return Err(PathError::Absolute(name.to_owned())),
-            Component::ParentDir | Component::CurDir => return Err(PathError::Dots(name.to_owned())),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(PathError::Absolute(name.to_owned()))
+            }
+            Component::ParentDir | Component::CurDir => {
+                return Err(PathError::Dots(name.to_owned()))
+            }
         }
     }
     // `Path::components` silently drops "./" in the middle; refuse it anyway.
@@ -69,11 +73,19 @@ pub fn resolve_under(root: &Path, name: &str) -> Result<PathBuf, PathError> {
         at.push(c);
         match std::fs::symlink_metadata(&at) {
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(PathError::Symlink { name: name.to_owned(), link: at });
+                return Err(PathError::Symlink {
+                    name: name.to_owned(),
+                    link: at,
+                });
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(PathError::Io { name: name.to_owned(), what: e.to_string() }),
+            Err(e) => {
+                return Err(PathError::Io {
+                    name: name.to_owned(),
+                    what: e.to_string(),
+                })
+            }
         }
     }
     Ok(at)
@@ -86,19 +98,31 @@ mod tests {
     #[test]
     fn accepts_plain_relative_names() {
         assert_eq!(validate("data.db").unwrap(), PathBuf::from("data.db"));
-        assert_eq!(validate("logs/log.0000000001").unwrap(), PathBuf::from("logs/log.0000000001"));
+        assert_eq!(
+            validate("logs/log.0000000001").unwrap(),
+            PathBuf::from("logs/log.0000000001")
+        );
     }
 
     #[test]
     fn refuses_names_that_leave_the_directory() {
         assert_eq!(validate(""), Err(PathError::Empty));
-        assert!(matches!(validate("/etc/passwd"), Err(PathError::Absolute(_))));
+        assert!(matches!(
+            validate("/etc/passwd"),
+            Err(PathError::Absolute(_))
+        ));
         assert!(matches!(validate("../x.db"), Err(PathError::Dots(_))));
         assert!(matches!(validate("a/../../x.db"), Err(PathError::Dots(_))));
         assert!(matches!(validate("a/./x.db"), Err(PathError::Dots(_))));
-        assert!(matches!(validate(".tandem/state"), Err(PathError::Hidden(_))));
+        assert!(matches!(
+            validate(".tandem/state"),
+            Err(PathError::Hidden(_))
+        ));
         assert!(matches!(validate("a\0b"), Err(PathError::BadCharacter(_))));
-        assert!(matches!(validate(&"a".repeat(2000)), Err(PathError::TooLong(_))));
+        assert!(matches!(
+            validate(&"a".repeat(2000)),
+            Err(PathError::TooLong(_))
+        ));
     }
 
     #[test]
@@ -106,9 +130,18 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), root.path().join("data")).unwrap();
-        assert!(matches!(resolve_under(root.path(), "data/x.db"), Err(PathError::Symlink { .. })));
+        assert!(matches!(
+            resolve_under(root.path(), "data/x.db"),
+            Err(PathError::Symlink { .. })
+        ));
         std::os::unix::fs::symlink(outside.path().join("f"), root.path().join("f.db")).unwrap();
-        assert!(matches!(resolve_under(root.path(), "f.db"), Err(PathError::Symlink { .. })));
-        assert_eq!(resolve_under(root.path(), "ok.db").unwrap(), root.path().join("ok.db"));
+        assert!(matches!(
+            resolve_under(root.path(), "f.db"),
+            Err(PathError::Symlink { .. })
+        ));
+        assert_eq!(
+            resolve_under(root.path(), "ok.db").unwrap(),
+            root.path().join("ok.db")
+        );
     }
 }

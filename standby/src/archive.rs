@@ -54,7 +54,9 @@ use std::time::{Duration, Instant};
 use tandem_shared::bdb::BdbError;
 use tandem_shared::durable::{fsync_dir, ControlFileError};
 use tandem_shared::envlayout::{rel_name, DB_CONFIG};
-use tandem_shared::logfile::{log_file_name, read_verified, WalkStop, PERSIST_RECORD_LEN, RECORD_HEADER_LEN};
+use tandem_shared::logfile::{
+    log_file_name, read_verified, WalkStop, PERSIST_RECORD_LEN, RECORD_HEADER_LEN,
+};
 use tandem_shared::wirepath::{self, PathError};
 use tandem_shared::LogPosition;
 
@@ -96,7 +98,10 @@ pub enum ArchiveError {
     #[error("{path}: {why}")]
     Manifest { path: PathBuf, why: String },
     #[error("{}: integrity check failed: {}", .backup.display(), .problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
-    Integrity { backup: PathBuf, problems: Vec<Problem> },
+    Integrity {
+        backup: PathBuf,
+        problems: Vec<Problem>,
+    },
     #[error("{file}: {why}")]
     LogChain { file: String, why: String },
     #[error("{what}: {source}")]
@@ -108,7 +113,13 @@ pub enum ArchiveError {
     #[error("{0} exists and is not empty: restore only into a new or empty directory")]
     TargetNotEmpty(PathBuf),
     #[error("{requested} is outside the restorable window {from} .. {to} of {backup}: {why}")]
-    OutsideWindow { backup: String, requested: String, from: String, to: String, why: String },
+    OutsideWindow {
+        backup: String,
+        requested: String,
+        from: String,
+        to: String,
+        why: String,
+    },
     #[error("no point-in-time restore from {backup}: {why}")]
     NoPointInTime { backup: String, why: String },
     #[error("cannot read the time {input:?}: {why}")]
@@ -128,11 +139,26 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Archi
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "problem", rename_all = "snake_case")]
 pub enum Problem {
-    Missing { file: String },
-    Extra { file: String },
-    Size { file: String, expected: u64, found: u64 },
-    Altered { file: String, expected: String, found: String },
-    Unreadable { file: String, error: String },
+    Missing {
+        file: String,
+    },
+    Extra {
+        file: String,
+    },
+    Size {
+        file: String,
+        expected: u64,
+        found: u64,
+    },
+    Altered {
+        file: String,
+        expected: String,
+        found: String,
+    },
+    Unreadable {
+        file: String,
+        error: String,
+    },
 }
 
 impl std::fmt::Display for Problem {
@@ -140,9 +166,22 @@ impl std::fmt::Display for Problem {
         match self {
             Problem::Missing { file } => write!(f, "{file}: missing"),
             Problem::Extra { file } => write!(f, "{file}: extra file, not in the manifest"),
-            Problem::Size { file, expected, found } => write!(f, "{file}: {found} bytes, the manifest says {expected}"),
-            Problem::Altered { file, expected, found } => {
-                write!(f, "{file}: altered (blake3 {}…, the manifest says {}…)", &found[..found.len().min(16)], &expected[..expected.len().min(16)])
+            Problem::Size {
+                file,
+                expected,
+                found,
+            } => write!(f, "{file}: {found} bytes, the manifest says {expected}"),
+            Problem::Altered {
+                file,
+                expected,
+                found,
+            } => {
+                write!(
+                    f,
+                    "{file}: altered (blake3 {}…, the manifest says {}…)",
+                    &found[..found.len().min(16)],
+                    &expected[..expected.len().min(16)]
+                )
             }
             Problem::Unreadable { file, error } => write!(f, "{file}: unreadable: {error}"),
         }
@@ -228,10 +267,17 @@ impl Manifest {
 
     /// Parses and checks a manifest: format, digest, file names, log range.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, ArchiveError> {
-        let bad = |why: String| ArchiveError::Manifest { path: path.to_path_buf(), why };
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(format!("not a readable manifest (damaged?): {e}")))?;
+        let bad = |why: String| ArchiveError::Manifest {
+            path: path.to_path_buf(),
+            why,
+        };
+        let m: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| bad(format!("not a readable manifest (damaged?): {e}")))?;
         if m.format != MANIFEST_FORMAT {
-            return Err(bad(format!("format {:?} is not {MANIFEST_FORMAT:?}", m.format)));
+            return Err(bad(format!(
+                "format {:?} is not {MANIFEST_FORMAT:?}",
+                m.format
+            )));
         }
         let computed = m.compute_digest();
         if computed != m.digest {
@@ -248,16 +294,28 @@ impl Manifest {
             }
         }
         if !m.log_dir.is_empty() {
-            wirepath::validate(&m.log_dir).map_err(|e| bad(format!("refused log directory: {e}")))?;
+            wirepath::validate(&m.log_dir)
+                .map_err(|e| bad(format!("refused log directory: {e}")))?;
         }
         if m.log_start.file == 0 || m.log_end.file < m.log_start.file {
-            return Err(bad(format!("impossible log range {} .. {}", m.log_start, m.log_end)));
+            return Err(bad(format!(
+                "impossible log range {} .. {}",
+                m.log_start, m.log_end
+            )));
         }
-        let logs: BTreeSet<&str> = m.files.iter().filter(|f| f.kind == FileKind::Log).map(|f| f.name.as_str()).collect();
+        let logs: BTreeSet<&str> = m
+            .files
+            .iter()
+            .filter(|f| f.kind == FileKind::Log)
+            .map(|f| f.name.as_str())
+            .collect();
         for n in m.log_start.file..=m.log_end.file {
             let name = log_rel_name(&m.log_dir, n);
             if !logs.contains(name.as_str()) {
-                return Err(bad(format!("the log range {} .. {} needs {name}, which it does not list", m.log_start, m.log_end)));
+                return Err(bad(format!(
+                    "the log range {} .. {} needs {name}, which it does not list",
+                    m.log_start, m.log_end
+                )));
             }
         }
         if logs.len() as u64 != u64::from(m.log_end.file - m.log_start.file) + 1 {
@@ -280,7 +338,10 @@ pub fn window_start(first_commit: Option<i64>, earliest_checkpoint: Option<i64>)
 /// Reads and checks `backup/MANIFEST.json`.
 pub fn read_manifest(backup: &Path) -> Result<Manifest, ArchiveError> {
     let path = backup.join(MANIFEST_FILE);
-    let bytes = fs::read(&path).map_err(|e| ArchiveError::Manifest { path: path.clone(), why: format!("cannot read it: {e}") })?;
+    let bytes = fs::read(&path).map_err(|e| ArchiveError::Manifest {
+        path: path.clone(),
+        why: format!("cannot read it: {e}"),
+    })?;
     Manifest::parse(&bytes, &path)
 }
 
@@ -318,7 +379,14 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
 pub fn utc_fields(unix: i64) -> (i64, u32, u32, u32, u32, u32) {
     let (y, m, d) = civil_from_days(unix.div_euclid(86_400));
     let s = unix.rem_euclid(86_400);
-    (y, m, d, (s / 3600) as u32, (s / 60 % 60) as u32, (s % 60) as u32)
+    (
+        y,
+        m,
+        d,
+        (s / 3600) as u32,
+        (s / 60 % 60) as u32,
+        (s % 60) as u32,
+    )
 }
 
 /// `2026-11-25T19:57:28Z`.
@@ -337,8 +405,15 @@ pub fn bdb_time_utc(unix: i64) -> String {
 fn backup_name(unix_ms: u64, base_id: &str) -> String {
     let secs = (unix_ms / 1000) as i64;
     let (y, mo, d, h, mi, s) = utc_fields(secs);
-    let base: String = base_id.chars().filter(|c| c.is_ascii_alphanumeric()).take(12).collect();
-    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{:03}Z-{base}", unix_ms % 1000)
+    let base: String = base_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(12)
+        .collect();
+    format!(
+        "{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{:03}Z-{base}",
+        unix_ms % 1000
+    )
 }
 
 /// The creation time (unix ms) a backup's directory name carries, or
@@ -350,14 +425,24 @@ pub fn parse_backup_name(name: &str) -> Option<u64> {
     }
     let digits = |r: std::ops::Range<usize>| -> Option<u32> {
         let s = name.get(r)?;
-        s.bytes().all(|c| c.is_ascii_digit()).then(|| s.parse().ok())?
+        s.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| s.parse().ok())?
     };
     let (y, mo, d) = (digits(0..4)?, digits(4..6)?, digits(6..8)?);
-    let (h, mi, s, ms) = (digits(9..11)?, digits(11..13)?, digits(13..15)?, digits(16..19)?);
+    let (h, mi, s, ms) = (
+        digits(9..11)?,
+        digits(11..13)?,
+        digits(13..15)?,
+        digits(16..19)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 59 {
         return None;
     }
-    if !name[21..].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-') {
+    if !name[21..]
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'-')
+    {
         return None;
     }
     let days = days_from_civil(i64::from(y), mo, d);
@@ -385,12 +470,22 @@ pub fn list_backups(archive: &Path) -> Result<Vec<BackupEntry>, ArchiveError> {
     };
     for e in entries {
         let e = e.map_err(io_err(format!("listing {}", archive.display())))?;
-        let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
-        let Some(created) = parse_backup_name(&name) else { continue };
+        let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let Some(created) = parse_backup_name(&name) else {
+            continue;
+        };
         let path = e.path();
-        let is_dir = fs::symlink_metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
+        let is_dir = fs::symlink_metadata(&path)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
         if is_dir && fs::symlink_metadata(path.join(MANIFEST_FILE)).is_ok() {
-            out.push(BackupEntry { name, path, created_unix_ms: created });
+            out.push(BackupEntry {
+                name,
+                path,
+                created_unix_ms: created,
+            });
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -407,10 +502,20 @@ pub struct ArchiveLock {
 /// Takes lock `name` in `archive` (blocking). Readers pass `create =
 /// false`: with no lock file, no writer ever ran there, and nothing is
 /// written.
-pub fn lock_archive(archive: &Path, name: &str, exclusive: bool, create: bool) -> Result<Option<ArchiveLock>, ArchiveError> {
+pub fn lock_archive(
+    archive: &Path,
+    name: &str,
+    exclusive: bool,
+    create: bool,
+) -> Result<Option<ArchiveLock>, ArchiveError> {
     let path = archive.join(name);
     let file = if create {
-        OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
     } else {
         File::open(&path)
     };
@@ -419,7 +524,11 @@ pub fn lock_archive(archive: &Path, name: &str, exclusive: bool, create: bool) -
         Err(e) if !create && e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(format!("opening {}", path.display()))(e)),
     };
-    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
     loop {
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
@@ -438,7 +547,12 @@ pub fn lock_archive(archive: &Path, name: &str, exclusive: bool, create: bool) -
 /// with `limit`, only the first `limit` bytes, the rest of `from`'s size
 /// left as zeros (a hole). `to` is fsynced. When `stable` is set, `from`
 /// must have the same size and mtime after the copy as before it.
-pub fn copy_hashed(from: &Path, to: &Path, limit: Option<u64>, stable: bool) -> Result<(u64, blake3::Hash), ArchiveError> {
+pub fn copy_hashed(
+    from: &Path,
+    to: &Path,
+    limit: Option<u64>,
+    stable: bool,
+) -> Result<(u64, blake3::Hash), ArchiveError> {
     let what = |verb: &str| format!("{verb} {}", from.display());
     let src = File::open(from).map_err(io_err(what("opening")))?;
     let before = src.metadata().map_err(io_err(what("reading")))?;
@@ -447,7 +561,11 @@ pub fn copy_hashed(from: &Path, to: &Path, limit: Option<u64>, stable: bool) -> 
     if let Some(parent) = to.parent() {
         fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
     }
-    let dst = OpenOptions::new().write(true).create_new(true).open(to).map_err(io_err(format!("creating {}", to.display())))?;
+    let dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .map_err(io_err(format!("creating {}", to.display())))?;
     let mut hasher = blake3::Hasher::new();
     let mut reader = (&src).take(copy_len);
     let mut writer = io::BufWriter::with_capacity(BUF, &dst);
@@ -461,23 +579,38 @@ pub fn copy_hashed(from: &Path, to: &Path, limit: Option<u64>, stable: bool) -> 
             Err(e) => return Err(io_err(what("reading"))(e)),
         };
         hasher.update(&buf[..n]);
-        writer.write_all(&buf[..n]).map_err(io_err(format!("writing {}", to.display())))?;
+        writer
+            .write_all(&buf[..n])
+            .map_err(io_err(format!("writing {}", to.display())))?;
         copied += n as u64;
     }
-    writer.flush().map_err(io_err(format!("writing {}", to.display())))?;
+    writer
+        .flush()
+        .map_err(io_err(format!("writing {}", to.display())))?;
     drop(writer);
     if copied != copy_len {
-        return Err(ArchiveError::Check(format!("{} shrank while it was copied ({copied} of {copy_len} bytes)", from.display())));
+        return Err(ArchiveError::Check(format!(
+            "{} shrank while it was copied ({copied} of {copy_len} bytes)",
+            from.display()
+        )));
     }
     if size > copied {
-        dst.set_len(size).map_err(io_err(format!("sizing {}", to.display())))?;
+        dst.set_len(size)
+            .map_err(io_err(format!("sizing {}", to.display())))?;
         hash_zeros(&mut hasher, size - copied);
     }
-    dst.sync_all().map_err(io_err(format!("fsync of {}", to.display())))?;
+    dst.sync_all()
+        .map_err(io_err(format!("fsync of {}", to.display())))?;
     if stable {
         let after = src.metadata().map_err(io_err(what("reading")))?;
-        if after.len() != before.len() || after.mtime() != before.mtime() || after.mtime_nsec() != before.mtime_nsec() {
-            return Err(ArchiveError::Check(format!("{} changed while it was copied", from.display())));
+        if after.len() != before.len()
+            || after.mtime() != before.mtime()
+            || after.mtime_nsec() != before.mtime_nsec()
+        {
+            return Err(ArchiveError::Check(format!(
+                "{} changed while it was copied",
+                from.display()
+            )));
         }
     }
     Ok((size, hasher.finalize()))
@@ -510,7 +643,10 @@ pub fn hash_file(path: &Path, limit: Option<u64>) -> io::Result<(u64, blake3::Ha
         hasher.update(&buf[..n]);
         total += n as u64;
     }
-    Ok((if limit.is_some() { total } else { size }, hasher.finalize()))
+    Ok((
+        if limit.is_some() { total } else { size },
+        hasher.finalize(),
+    ))
 }
 
 /// Fsyncs every file and directory under `root`, and `root` itself.
@@ -551,25 +687,39 @@ pub fn list_files(root: &Path) -> io::Result<BTreeSet<String>> {
 /// missing, extra, resized and altered files, each named.
 pub fn check_files(backup: &Path, m: &Manifest) -> Result<(Vec<Problem>, u64), ArchiveError> {
     let mut problems = Vec::new();
-    let mut on_disk = list_files(backup).map_err(io_err(format!("listing {}", backup.display())))?;
+    let mut on_disk =
+        list_files(backup).map_err(io_err(format!("listing {}", backup.display())))?;
     on_disk.remove(MANIFEST_FILE);
     let mut bytes = 0;
     for f in &m.files {
         if !on_disk.remove(&f.name) {
-            problems.push(Problem::Missing { file: f.name.clone() });
+            problems.push(Problem::Missing {
+                file: f.name.clone(),
+            });
             continue;
         }
         let path = backup.join(wirepath::validate(&f.name)?);
         match hash_file(&path, None) {
-            Ok((size, _)) if size != f.size => problems.push(Problem::Size { file: f.name.clone(), expected: f.size, found: size }),
+            Ok((size, _)) if size != f.size => problems.push(Problem::Size {
+                file: f.name.clone(),
+                expected: f.size,
+                found: size,
+            }),
             Ok((size, hash)) => {
                 bytes += size;
                 let found = hash.to_hex().to_string();
                 if found != f.blake3 {
-                    problems.push(Problem::Altered { file: f.name.clone(), expected: f.blake3.clone(), found });
+                    problems.push(Problem::Altered {
+                        file: f.name.clone(),
+                        expected: f.blake3.clone(),
+                        found,
+                    });
                 }
             }
-            Err(e) => problems.push(Problem::Unreadable { file: f.name.clone(), error: e.to_string() }),
+            Err(e) => problems.push(Problem::Unreadable {
+                file: f.name.clone(),
+                error: e.to_string(),
+            }),
         }
     }
     problems.extend(on_disk.into_iter().map(|file| Problem::Extra { file }));
@@ -587,7 +737,11 @@ pub fn copy_backup(backup: &Path, m: &Manifest, dest: &Path) -> Result<u64, Arch
         if size != f.size || found != f.blake3 {
             return Err(ArchiveError::Integrity {
                 backup: backup.to_path_buf(),
-                problems: vec![Problem::Altered { file: f.name.clone(), expected: f.blake3.clone(), found }],
+                problems: vec![Problem::Altered {
+                    file: f.name.clone(),
+                    expected: f.blake3.clone(),
+                    found,
+                }],
             });
         }
         bytes += size;
@@ -610,7 +764,8 @@ pub struct LogSummary {
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 /// Walks log files `first..=last` in `log_dir` as one verified record
@@ -620,8 +775,21 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 /// timestamp of the first checkpoint whose ckp_lsn is at or after
 /// `ckp_floor` (default: the first record after the first file's persist
 /// record, which is where `db_recover` starts reading).
-pub fn scan_logs(log_dir: &Path, first: u32, last: u32, end: Option<u32>, ckp_floor: Option<LogPosition>) -> Result<LogSummary, ArchiveError> {
-    scan_log_chain(&|n| log_dir.join(log_file_name(n)), first, last, end, ckp_floor, false)
+pub fn scan_logs(
+    log_dir: &Path,
+    first: u32,
+    last: u32,
+    end: Option<u32>,
+    ckp_floor: Option<LogPosition>,
+) -> Result<LogSummary, ArchiveError> {
+    scan_log_chain(
+        &|n| log_dir.join(log_file_name(n)),
+        first,
+        last,
+        end,
+        ckp_floor,
+        false,
+    )
 }
 
 /// [`scan_logs`] over files found by `path_of`. With `stop_at_break`, a
@@ -640,7 +808,10 @@ fn scan_log_chain(
     let mut prev_last: Option<u32> = None;
     for n in first..=last {
         let name = log_file_name(n);
-        let chain = |why: String| ArchiveError::LogChain { file: name.clone(), why };
+        let chain = |why: String| ArchiveError::LogChain {
+            file: name.clone(),
+            why,
+        };
         let f = match File::open(path_of(n)) {
             Ok(f) => f,
             Err(e) if stop_at_break && n > first && e.kind() == io::ErrorKind::NotFound => break,
@@ -650,13 +821,16 @@ fn scan_log_chain(
         let mut from = 0u32;
         let mut last_record = None;
         loop {
-            let v = read_verified(&f, from, expected, 4 << 20).map_err(io_err(format!("reading {name}")))?;
+            let v = read_verified(&f, from, expected, 4 << 20)
+                .map_err(io_err(format!("reading {name}")))?;
             if from == 0 {
                 match (v.walk.records, v.walk.header) {
                     (0, _) if stop_at_break && n > first => return Ok(s),
                     (0, _) => {
                         return Err(chain(match v.walk.stop {
-                            WalkStop::Invalid(why) if n > first => format!("does not continue log.{:010}: {why}", n - 1),
+                            WalkStop::Invalid(why) if n > first => {
+                                format!("does not continue log.{:010}: {why}", n - 1)
+                            }
                             WalkStop::Invalid(why) => why.to_owned(),
                             _ => "holds no log records".to_owned(),
                         }))
@@ -669,7 +843,11 @@ fn scan_log_chain(
             while pos < v.bytes.len() {
                 let len = u32_at(&v.bytes, pos + 4).unwrap_or(0) as usize;
                 let at = LogPosition::new(n, from + pos as u32);
-                if let Some(body) = v.bytes.get(pos + RECORD_HEADER_LEN as usize..pos + len).filter(|_| at.offset != 0) {
+                if let Some(body) = v
+                    .bytes
+                    .get(pos + RECORD_HEADER_LEN as usize..pos + len)
+                    .filter(|_| at.offset != 0)
+                {
                     inspect_record(body, floor, &mut s);
                 }
                 pos += len.max(1);
@@ -681,14 +859,19 @@ fn scan_log_chain(
             last_record = v.walk.last_record;
             expected = v.walk.last_record;
             from = v.walk.end;
-            if !matches!(v.walk.stop, WalkStop::EndOfBuffer | WalkStop::Incomplete { .. }) {
+            if !matches!(
+                v.walk.stop,
+                WalkStop::EndOfBuffer | WalkStop::Incomplete { .. }
+            ) {
                 break;
             }
         }
         if n == last {
             if let Some(want) = end {
                 if from != want {
-                    return Err(chain(format!("its verified records end at offset {from}, expected {want}")));
+                    return Err(chain(format!(
+                        "its verified records end at offset {from}, expected {want}"
+                    )));
                 }
             }
         }
@@ -709,7 +892,9 @@ fn inspect_record(body: &[u8], floor: LogPosition, s: &mut LogSummary) {
             }
         }
         Some(REC_TXN_CKP) => {
-            if let (Some(file), Some(offset), Some(ts)) = (u32_at(body, 16), u32_at(body, 20), u32_at(body, 32)) {
+            if let (Some(file), Some(offset), Some(ts)) =
+                (u32_at(body, 16), u32_at(body, 20), u32_at(body, 32))
+            {
                 if s.earliest_checkpoint_unix.is_none() && LogPosition::new(file, offset) >= floor {
                     s.earliest_checkpoint_unix = Some(i64::from(ts as i32));
                 }
@@ -788,12 +973,21 @@ fn take_snapshot(dir: &StandbyDir) -> Result<Snapshot, ArchiveError> {
     };
     if !is_recoverable(&state, tail.durable) {
         return Err(ArchiveError::NotRecoverable(if base.files_done {
-            format!("its log ends at {} but the base needs it up to {}", tail.durable, base.consistent_at.unwrap_or_default())
+            format!(
+                "its log ends at {} but the base needs it up to {}",
+                tail.durable,
+                base.consistent_at.unwrap_or_default()
+            )
         } else {
             "its base copy is incomplete".into()
         }));
     }
-    Ok(Snapshot { state, base, env_id, durable: tail.durable })
+    Ok(Snapshot {
+        state,
+        base,
+        env_id,
+        durable: tail.durable,
+    })
 }
 
 /// Is the base the snapshot saw still the standby's base, with no swap
@@ -804,19 +998,28 @@ fn source_unchanged(dir: &StandbyDir, snap: &Snapshot) -> Result<bool, ArchiveEr
         return Err(ArchiveError::Promoted(dir.root.clone()));
     }
     Ok(now.pending_swap.is_none()
-        && now.base.as_ref().is_some_and(|b| b.base_id == snap.base.base_id && b.log_start == snap.base.log_start && b.files_done))
+        && now.base.as_ref().is_some_and(|b| {
+            b.base_id == snap.base.base_id && b.log_start == snap.base.log_start && b.files_done
+        }))
 }
 
 fn temp_dir_in(archive: &Path, tag: &str) -> Result<PathBuf, ArchiveError> {
     for i in 0..100u32 {
-        let p = archive.join(format!("{TEMP_PREFIX}{tag}-{}-{}-{i}", std::process::id(), tandem_shared::now_unix_ms()));
+        let p = archive.join(format!(
+            "{TEMP_PREFIX}{tag}-{}-{}-{i}",
+            std::process::id(),
+            tandem_shared::now_unix_ms()
+        ));
         match fs::create_dir(&p) {
             Ok(()) => return Ok(p),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(io_err(format!("creating {}", p.display()))(e)),
         }
     }
-    Err(ArchiveError::Check(format!("cannot create a temporary directory in {}", archive.display())))
+    Err(ArchiveError::Check(format!(
+        "cannot create a temporary directory in {}",
+        archive.display()
+    )))
 }
 
 /// Removes a directory tree, ignoring "already gone".
@@ -829,8 +1032,14 @@ fn remove_tree(p: &Path) -> io::Result<()> {
 
 /// Removes what an interrupted writer left (call with the writer lock).
 fn clean_temps(archive: &Path) -> Result<(), ArchiveError> {
-    for e in fs::read_dir(archive).map_err(io_err(format!("listing {}", archive.display())))?.flatten() {
-        if e.file_name().to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX)) {
+    for e in fs::read_dir(archive)
+        .map_err(io_err(format!("listing {}", archive.display())))?
+        .flatten()
+    {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+        {
             tracing::info!(path = %e.path().display(), "removing an unfinished backup left by an interrupted archiver");
             remove_tree(&e.path()).map_err(io_err(format!("removing {}", e.path().display())))?;
         }
@@ -839,15 +1048,34 @@ fn clean_temps(archive: &Path) -> Result<(), ArchiveError> {
 }
 
 /// Copies the snapshot's files from the mirror into `temp`.
-fn copy_snapshot(dir: &StandbyDir, snap: &Snapshot, temp: &Path) -> Result<Vec<ManifestFile>, ArchiveError> {
+fn copy_snapshot(
+    dir: &StandbyDir,
+    snap: &Snapshot,
+    temp: &Path,
+) -> Result<Vec<ManifestFile>, ArchiveError> {
     let mut files = Vec::new();
     for name in &snap.base.complete_files {
         let src = wirepath::resolve_under(&dir.root, name)?;
         let (size, hash) = copy_hashed(&src, &temp.join(wirepath::validate(name)?), None, true)?;
-        let kind = if name == DB_CONFIG { FileKind::Config } else { FileKind::Database };
-        files.push(ManifestFile { name: name.clone(), kind, size, blake3: hash.to_hex().to_string() });
+        let kind = if name == DB_CONFIG {
+            FileKind::Config
+        } else {
+            FileKind::Database
+        };
+        files.push(ManifestFile {
+            name: name.clone(),
+            kind,
+            size,
+            blake3: hash.to_hex().to_string(),
+        });
     }
-    files.extend(copy_logs(&log_source(dir, &snap.state, false), &snap.state.log_dir, snap.base.log_start.file, snap.durable, temp)?);
+    files.extend(copy_logs(
+        &log_source(dir, &snap.state, false),
+        &snap.state.log_dir,
+        snap.base.log_start.file,
+        snap.durable,
+        temp,
+    )?);
     Ok(files)
 }
 
@@ -866,14 +1094,25 @@ fn log_source(dir: &StandbyDir, state: &StandbyState, held_first: bool) -> impl 
 }
 
 /// Copies log files `from..=end.file`, the last up to `end`.
-fn copy_logs(source: &dyn Fn(u32) -> PathBuf, log_dir: &str, from: u32, end: LogPosition, temp: &Path) -> Result<Vec<ManifestFile>, ArchiveError> {
+fn copy_logs(
+    source: &dyn Fn(u32) -> PathBuf,
+    log_dir: &str,
+    from: u32,
+    end: LogPosition,
+    temp: &Path,
+) -> Result<Vec<ManifestFile>, ArchiveError> {
     let mut files = Vec::new();
     for n in from..=end.file {
         let name = log_rel_name(log_dir, n);
         let src = source(n);
         let limit = (n == end.file).then_some(u64::from(end.offset));
         let (size, hash) = copy_hashed(&src, &temp.join(wirepath::validate(&name)?), limit, false)?;
-        files.push(ManifestFile { name, kind: FileKind::Log, size, blake3: hash.to_hex().to_string() });
+        files.push(ManifestFile {
+            name,
+            kind: FileKind::Log,
+            size,
+            blake3: hash.to_hex().to_string(),
+        });
     }
     Ok(files)
 }
@@ -886,13 +1125,22 @@ fn build_backup(dir: &StandbyDir, archive: &Path) -> Result<(PathBuf, Manifest),
         let temp = temp_dir_in(archive, "new")?;
         let copied = copy_snapshot(dir, &snap, &temp);
         if !source_unchanged(dir, &snap)? {
-            tracing::info!(attempt, "the standby's base changed during the copy; copying again");
+            tracing::info!(
+                attempt,
+                "the standby's base changed during the copy; copying again"
+            );
             remove_tree(&temp).map_err(io_err("removing a temporary directory"))?;
             continue;
         }
         let result = copied.and_then(|mut files| {
             let log_dir = temp.join(&snap.state.log_dir);
-            let summary = scan_logs(&log_dir, snap.base.log_start.file, snap.durable.file, Some(snap.durable.offset), None)?;
+            let summary = scan_logs(
+                &log_dir,
+                snap.base.log_start.file,
+                snap.durable.file,
+                Some(snap.durable.offset),
+                None,
+            )?;
             files.sort_by(|a, b| a.name.cmp(&b.name));
             let now = tandem_shared::now_unix_ms();
             let mut m = Manifest {
@@ -926,14 +1174,22 @@ fn build_backup(dir: &StandbyDir, archive: &Path) -> Result<(PathBuf, Manifest),
             }
         };
     }
-    Err(ArchiveError::SourceChanged { attempts: COPY_ATTEMPTS })
+    Err(ArchiveError::SourceChanged {
+        attempts: COPY_ATTEMPTS,
+    })
 }
 
 fn write_manifest_and_sync(temp: &Path, m: &Manifest) -> Result<(), ArchiveError> {
     let path = temp.join(MANIFEST_FILE);
-    let mut f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err(format!("creating {}", path.display())))?;
-    f.write_all(&m.to_bytes()).map_err(io_err(format!("writing {}", path.display())))?;
-    f.sync_all().map_err(io_err(format!("fsync of {}", path.display())))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_err(format!("creating {}", path.display())))?;
+    f.write_all(&m.to_bytes())
+        .map_err(io_err(format!("writing {}", path.display())))?;
+    f.sync_all()
+        .map_err(io_err(format!("fsync of {}", path.display())))?;
     fsync_tree(temp).map_err(io_err(format!("fsync of {}", temp.display())))
 }
 
@@ -966,7 +1222,8 @@ fn create_archive_dir(opts: &ArchiveOptions) -> Result<(), ArchiveError> {
             fsync_dir(parent).map_err(io_err(format!("fsync of {}", parent.display())))?;
         }
     }
-    let canon = |p: &Path| fs::canonicalize(p).map_err(io_err(format!("resolving {}", p.display())));
+    let canon =
+        |p: &Path| fs::canonicalize(p).map_err(io_err(format!("resolving {}", p.display())));
     if let (Ok(dir), Ok(archive)) = (canon(&opts.dir), canon(archive)) {
         if archive.starts_with(&dir) {
             return Err(ArchiveError::Check(format!(
@@ -992,7 +1249,9 @@ pub fn archive_once(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError
 fn record_report(opts: &ArchiveOptions, report: &ArchiveReport) {
     let dir = StandbyDir::new(&opts.dir);
     if let Ok(bytes) = serde_json::to_vec_pretty(report) {
-        if let Err(e) = tandem_shared::durable::write_file_atomic(&dir.meta().join(REPORT_FILE), &bytes) {
+        if let Err(e) =
+            tandem_shared::durable::write_file_atomic(&dir.meta().join(REPORT_FILE), &bytes)
+        {
             tracing::warn!(error = %e, "could not record the archive report in .tandem");
         }
     }
@@ -1016,7 +1275,9 @@ fn new_backup(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError> {
             }
             Err(e) => {
                 let _ = remove_tree(&temp);
-                return Err(ArchiveError::Check(format!("the new backup did not prove recoverable, so it was not kept: {e}")));
+                return Err(ArchiveError::Check(format!(
+                    "the new backup did not prove recoverable, so it was not kept: {e}"
+                )));
             }
         }
     }
@@ -1030,7 +1291,9 @@ fn new_backup(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError> {
         match apply_retention(&opts.archive, opts.keep, opts.keep_days, &published) {
             Ok(removed) => report.removed = removed,
             // The new backup is in place; only the clean-up failed.
-            Err(e) => tracing::error!(error = %e, "retention failed: old backups were not all deleted"),
+            Err(e) => {
+                tracing::error!(error = %e, "retention failed: old backups were not all deleted")
+            }
         }
         published
     };
@@ -1041,10 +1304,19 @@ fn new_backup(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError> {
 }
 
 /// Renames a built backup into place under a fresh name.
-fn publish_new(archive: &Path, temp: &Path, created_ms: u64, base_id: &str) -> Result<PathBuf, ArchiveError> {
+fn publish_new(
+    archive: &Path,
+    temp: &Path,
+    created_ms: u64,
+    base_id: &str,
+) -> Result<PathBuf, ArchiveError> {
     let name = backup_name(created_ms, base_id);
     for i in 1..100u32 {
-        let candidate = if i == 1 { archive.join(&name) } else { archive.join(format!("{name}-{i}")) };
+        let candidate = if i == 1 {
+            archive.join(&name)
+        } else {
+            archive.join(format!("{name}-{i}"))
+        };
         if fs::symlink_metadata(&candidate).is_ok() {
             continue;
         }
@@ -1053,17 +1325,32 @@ fn publish_new(archive: &Path, temp: &Path, created_ms: u64, base_id: &str) -> R
                 fsync_dir(archive).map_err(io_err(format!("fsync of {}", archive.display())))?;
                 return Ok(candidate);
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => continue,
-            Err(e) => return Err(io_err(format!("renaming the new backup to {}", candidate.display()))(e)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
+                continue
+            }
+            Err(e) => {
+                return Err(io_err(format!(
+                    "renaming the new backup to {}",
+                    candidate.display()
+                ))(e))
+            }
         }
     }
-    Err(ArchiveError::Check(format!("no free backup name for {name} in {}", archive.display())))
+    Err(ArchiveError::Check(format!(
+        "no free backup name for {name} in {}",
+        archive.display()
+    )))
 }
 
 /// Which backups retention deletes: those beyond the newest `keep`, and
 /// those older than `keep_days`; never the newest. `backups` is oldest
 /// first, as (name, created unix ms).
-pub fn select_expired(backups: &[(String, u64)], keep: u32, keep_days: Option<f64>, now_ms: u64) -> Vec<String> {
+pub fn select_expired(
+    backups: &[(String, u64)],
+    keep: u32,
+    keep_days: Option<f64>,
+    now_ms: u64,
+) -> Vec<String> {
     let n = backups.len();
     let keep = keep.max(1) as usize;
     backups
@@ -1071,7 +1358,8 @@ pub fn select_expired(backups: &[(String, u64)], keep: u32, keep_days: Option<f6
         .enumerate()
         .filter(|(i, (_, created))| {
             let from_newest = n - 1 - i;
-            let too_old = keep_days.is_some_and(|d| (now_ms.saturating_sub(*created) as f64) > d * 86_400_000.0);
+            let too_old = keep_days
+                .is_some_and(|d| (now_ms.saturating_sub(*created) as f64) > d * 86_400_000.0);
             from_newest > 0 && (from_newest >= keep || too_old)
         })
         .map(|(_, (name, _))| name.clone())
@@ -1080,8 +1368,16 @@ pub fn select_expired(backups: &[(String, u64)], keep: u32, keep_days: Option<f6
 
 /// Deletes expired backups (with the publish lock held). `just_made` is
 /// never deleted, whatever the clock says.
-fn apply_retention(archive: &Path, keep: u32, keep_days: Option<f64>, just_made: &Path) -> Result<Vec<String>, ArchiveError> {
-    let backups: Vec<(String, u64)> = list_backups(archive)?.into_iter().map(|b| (b.name, b.created_unix_ms)).collect();
+fn apply_retention(
+    archive: &Path,
+    keep: u32,
+    keep_days: Option<f64>,
+    just_made: &Path,
+) -> Result<Vec<String>, ArchiveError> {
+    let backups: Vec<(String, u64)> = list_backups(archive)?
+        .into_iter()
+        .map(|b| (b.name, b.created_unix_ms))
+        .collect();
     let mut removed = Vec::new();
     for name in select_expired(&backups, keep, keep_days, tandem_shared::now_unix_ms()) {
         let path = archive.join(&name);
@@ -1119,7 +1415,12 @@ pub fn follow_round(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError
         }
     });
     let report = match current {
-        Some((b, m)) if m.env_id == snap.env_id && m.base_id == snap.base.base_id && m.log_start == snap.base.log_start && m.log_end <= snap.durable => {
+        Some((b, m))
+            if m.env_id == snap.env_id
+                && m.base_id == snap.base.base_id
+                && m.log_start == snap.base.log_start
+                && m.log_end <= snap.durable =>
+        {
             if m.log_end == snap.durable {
                 report_from("unchanged", &b.path, &m)
             } else {
@@ -1150,13 +1451,25 @@ pub fn follow_round(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError
 /// Records how far the archive reaches, so the standby (and through its
 /// Ack the primary) keeps the log after it; then drops held files the
 /// archive no longer needs.
-fn register_hold(dir: &StandbyDir, opts: &ArchiveOptions, log_end: LogPosition) -> Result<(), ArchiveError> {
-    let hold = crate::archive_hold::ArchiveHold { archive: opts.archive.display().to_string(), log_end, updated_unix_ms: tandem_shared::now_unix_ms() };
+fn register_hold(
+    dir: &StandbyDir,
+    opts: &ArchiveOptions,
+    log_end: LogPosition,
+) -> Result<(), ArchiveError> {
+    let hold = crate::archive_hold::ArchiveHold {
+        archive: opts.archive.display().to_string(),
+        log_end,
+        updated_unix_ms: tandem_shared::now_unix_ms(),
+    };
     // An unchanged round rewrites (and fsyncs) nothing.
-    if crate::archive_hold::load(dir).is_none_or(|h| h.archive != hold.archive || h.log_end != log_end) {
-        crate::archive_hold::store(dir, &hold).map_err(io_err("recording the archive's position in .tandem"))?;
+    if crate::archive_hold::load(dir)
+        .is_none_or(|h| h.archive != hold.archive || h.log_end != log_end)
+    {
+        crate::archive_hold::store(dir, &hold)
+            .map_err(io_err("recording the archive's position in .tandem"))?;
     }
-    crate::archive_hold::delete_held(dir, log_end.file).map_err(io_err("deleting log files held for the archive"))
+    crate::archive_hold::delete_held(dir, log_end.file)
+        .map_err(io_err("deleting log files held for the archive"))
 }
 
 /// Builds the successor of backup `b` (its files hard-linked, the last log
@@ -1167,7 +1480,13 @@ fn register_hold(dir: &StandbyDir, opts: &ArchiveOptions, log_end: LogPosition) 
 /// ([`crate::archive_hold`]), as far as the record chain continues. `None`
 /// when there is nothing to extend with, or the filesystem cannot swap
 /// directories atomically: the caller then writes a new backup.
-fn extend_backup(dir: &StandbyDir, opts: &ArchiveOptions, b: &BackupEntry, m: &Manifest, finish: bool) -> Result<Option<ArchiveReport>, ArchiveError> {
+fn extend_backup(
+    dir: &StandbyDir,
+    opts: &ArchiveOptions,
+    b: &BackupEntry,
+    m: &Manifest,
+    finish: bool,
+) -> Result<Option<ArchiveReport>, ArchiveError> {
     let started = Instant::now();
     for attempt in 1..=COPY_ATTEMPTS {
         let snap = take_snapshot(dir)?;
@@ -1191,7 +1510,10 @@ fn extend_backup(dir: &StandbyDir, opts: &ArchiveOptions, b: &BackupEntry, m: &M
         let temp = temp_dir_in(&opts.archive, "extend")?;
         let built = build_extension(&source, &snap, b, m, end, &temp);
         if !finish && !source_unchanged(dir, &snap)? {
-            tracing::info!(attempt, "the standby's base changed during the copy; copying again");
+            tracing::info!(
+                attempt,
+                "the standby's base changed during the copy; copying again"
+            );
             remove_tree(&temp).map_err(io_err("removing a temporary directory"))?;
             continue;
         }
@@ -1209,18 +1531,27 @@ fn extend_backup(dir: &StandbyDir, opts: &ArchiveOptions, b: &BackupEntry, m: &M
         };
         match swapped {
             Ok(()) => {
-                fsync_dir(&opts.archive).map_err(io_err(format!("fsync of {}", opts.archive.display())))?;
+                fsync_dir(&opts.archive)
+                    .map_err(io_err(format!("fsync of {}", opts.archive.display())))?;
                 // `temp` now holds the previous version.
                 remove_tree(&temp).map_err(io_err(format!("removing {}", temp.display())))?;
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+                ) =>
+            {
                 tracing::warn!(error = %e, "this filesystem cannot swap directories atomically: writing a new backup instead of extending");
                 let _ = remove_tree(&temp);
                 return Ok(None);
             }
             Err(e) => {
                 let _ = remove_tree(&temp);
-                return Err(io_err(format!("swapping the extended backup into {}", b.path.display()))(e));
+                return Err(io_err(format!(
+                    "swapping the extended backup into {}",
+                    b.path.display()
+                ))(e));
             }
         }
         let mut report = report_from("extended", &b.path, &new_m);
@@ -1229,7 +1560,9 @@ fn extend_backup(dir: &StandbyDir, opts: &ArchiveOptions, b: &BackupEntry, m: &M
         tracing::info!(backup = %b.name, from = %m.log_end, to = %new_m.log_end, finished = finish, "backup extended");
         return Ok(Some(report));
     }
-    Err(ArchiveError::SourceChanged { attempts: COPY_ATTEMPTS })
+    Err(ArchiveError::SourceChanged {
+        attempts: COPY_ATTEMPTS,
+    })
 }
 
 fn build_extension(
@@ -1260,8 +1593,10 @@ fn build_extension(
     // bytes the backup holds.
     let rel = wirepath::validate(&old_last_name)?;
     let limit = Some(u64::from(m.log_end.offset));
-    let (_, ours) = hash_file(&b.path.join(&rel), limit).map_err(io_err(format!("reading {old_last_name}")))?;
-    let (_, theirs) = hash_file(&temp.join(&rel), limit).map_err(io_err(format!("reading {old_last_name}")))?;
+    let (_, ours) =
+        hash_file(&b.path.join(&rel), limit).map_err(io_err(format!("reading {old_last_name}")))?;
+    let (_, theirs) =
+        hash_file(&temp.join(&rel), limit).map_err(io_err(format!("reading {old_last_name}")))?;
     if ours != theirs {
         return Err(ArchiveError::Check(format!(
             "{old_last_name} in the standby no longer starts with the bytes backed up in {}: start a new backup",
@@ -1271,7 +1606,13 @@ fn build_extension(
     let floor = Some(LogPosition::new(m.log_start.file, PERSIST_RECORD_LEN));
     let log_dir_old = b.path.join(&m.log_dir);
     let log_dir_new = temp.join(&m.log_dir);
-    let before = scan_logs(&log_dir_old, old_last, old_last, Some(m.log_end.offset), floor)?;
+    let before = scan_logs(
+        &log_dir_old,
+        old_last,
+        old_last,
+        Some(m.log_end.offset),
+        floor,
+    )?;
     let after = scan_logs(&log_dir_new, old_last, end.file, Some(end.offset), floor)?;
     files.sort_by(|a, b| a.name.cmp(&b.name));
     let mut new_m = Manifest {
@@ -1283,7 +1624,9 @@ fn build_extension(
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         },
-        earliest_checkpoint_unix: m.earliest_checkpoint_unix.or(after.earliest_checkpoint_unix),
+        earliest_checkpoint_unix: m
+            .earliest_checkpoint_unix
+            .or(after.earliest_checkpoint_unix),
         epoch: snap.state.epoch.max(m.epoch),
         files,
         ..m.clone()
@@ -1296,10 +1639,20 @@ fn build_extension(
 fn exchange_dirs(a: &Path, b: &Path) -> io::Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
-    let ca = CString::new(a.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let cb = CString::new(b.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let ca = CString::new(a.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let cb = CString::new(b.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: two valid NUL-terminated paths; AT_FDCWD for relative ones.
-    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -1309,7 +1662,12 @@ fn exchange_dirs(a: &Path, b: &Path) -> io::Result<()> {
 
 /// `archive --follow`: a round every `every` until `stop` is set. Each
 /// round's outcome goes to `report`; a failed round is retried next time.
-pub fn follow(opts: &ArchiveOptions, every: Duration, stop: &AtomicBool, mut report: impl FnMut(&Result<ArchiveReport, ArchiveError>)) {
+pub fn follow(
+    opts: &ArchiveOptions,
+    every: Duration,
+    stop: &AtomicBool,
+    mut report: impl FnMut(&Result<ArchiveReport, ArchiveError>),
+) {
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         let result = follow_round(opts);

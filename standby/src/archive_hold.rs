@@ -59,7 +59,10 @@ pub fn load(dir: &StandbyDir) -> Option<ArchiveHold> {
 }
 
 pub fn store(dir: &StandbyDir, hold: &ArchiveHold) -> io::Result<()> {
-    write_file_atomic(&dir.meta().join(HOLD_FILE), &serde_json::to_vec_pretty(hold)?)
+    write_file_atomic(
+        &dir.meta().join(HOLD_FILE),
+        &serde_json::to_vec_pretty(hold)?,
+    )
 }
 
 /// Ends the registration and deletes the held log files.
@@ -75,7 +78,10 @@ pub fn release(dir: &StandbyDir) -> io::Result<()> {
 /// Numbers of the log files held for the archive, ascending.
 pub fn held_files(dir: &StandbyDir) -> Vec<u32> {
     let mut out: Vec<u32> = match std::fs::read_dir(hold_dir(dir)) {
-        Ok(entries) => entries.flatten().filter_map(|e| e.file_name().to_str().and_then(parse_log_file_name)).collect(),
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(parse_log_file_name))
+            .collect(),
         Err(_) => Vec::new(),
     };
     out.sort_unstable();
@@ -88,7 +94,11 @@ pub fn observe(dir: &StandbyDir) -> (Option<ArchiveHold>, u64) {
 }
 
 pub fn held_bytes(dir: &StandbyDir) -> u64 {
-    held_files(dir).iter().filter_map(|n| std::fs::metadata(hold_dir(dir).join(log_file_name(*n))).ok()).map(|m| m.len()).sum()
+    held_files(dir)
+        .iter()
+        .filter_map(|n| std::fs::metadata(hold_dir(dir).join(log_file_name(*n))).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Deletes held files numbered below `below`.
@@ -114,10 +124,19 @@ pub const DEFAULT_CAP_BYTES: u64 = 10 << 30;
 /// Takes the mirror's log files numbered below `below` out of `log_dir`:
 /// those a registered archive still lacks move to the hold directory (at
 /// most `cap_bytes` of them), the rest are deleted. Returns (deleted, held).
-pub fn retire_logs(dir: &StandbyDir, log_dir: &Path, below: u32, cap_bytes: u64) -> io::Result<(usize, usize)> {
+pub fn retire_logs(
+    dir: &StandbyDir,
+    log_dir: &Path,
+    below: u32,
+    cap_bytes: u64,
+) -> io::Result<(usize, usize)> {
     let keep_from = load(dir).map(|h| h.log_end.file);
     let mut numbers: Vec<u32> = match std::fs::read_dir(log_dir) {
-        Ok(entries) => entries.flatten().filter_map(|e| e.file_name().to_str().and_then(parse_log_file_name)).filter(|n| *n < below).collect(),
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(parse_log_file_name))
+            .filter(|n| *n < below)
+            .collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
     };
@@ -152,8 +171,15 @@ pub fn retire_logs(dir: &StandbyDir, log_dir: &Path, below: u32, cap_bytes: u64)
 /// Deletes the oldest held files while they exceed `cap_bytes`, loudly.
 fn enforce_cap(dir: &StandbyDir, cap_bytes: u64) -> io::Result<()> {
     let held_dir = hold_dir(dir);
-    let sizes: Vec<(u32, u64)> =
-        held_files(dir).into_iter().map(|n| (n, std::fs::metadata(held_dir.join(log_file_name(n))).map_or(0, |m| m.len()))).collect();
+    let sizes: Vec<(u32, u64)> = held_files(dir)
+        .into_iter()
+        .map(|n| {
+            (
+                n,
+                std::fs::metadata(held_dir.join(log_file_name(n))).map_or(0, |m| m.len()),
+            )
+        })
+        .collect();
     let mut total: u64 = sizes.iter().map(|(_, len)| len).sum();
     let mut below = 0;
     for (n, len) in sizes {
@@ -192,7 +218,10 @@ mod tests {
         let dir = StandbyDir::new(t.path());
         dir.create().unwrap();
         touch_logs(t.path(), &[1, 2, 3]);
-        assert_eq!(retire_logs(&dir, t.path(), 3, DEFAULT_CAP_BYTES).unwrap(), (2, 0));
+        assert_eq!(
+            retire_logs(&dir, t.path(), 3, DEFAULT_CAP_BYTES).unwrap(),
+            (2, 0)
+        );
         assert!(held_files(&dir).is_empty());
         assert!(t.path().join(log_file_name(3)).exists());
     }
@@ -202,13 +231,27 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dir = StandbyDir::new(t.path());
         dir.create().unwrap();
-        store(&dir, &ArchiveHold { archive: "/a".into(), log_end: LogPosition::new(2, 100), updated_unix_ms: 0 }).unwrap();
+        store(
+            &dir,
+            &ArchiveHold {
+                archive: "/a".into(),
+                log_end: LogPosition::new(2, 100),
+                updated_unix_ms: 0,
+            },
+        )
+        .unwrap();
         std::fs::create_dir_all(hold_dir(&dir)).unwrap();
         std::fs::write(hold_dir(&dir).join(log_file_name(3)), "older 3").unwrap();
         touch_logs(t.path(), &[1, 2, 3, 4]);
-        assert_eq!(retire_logs(&dir, t.path(), 4, DEFAULT_CAP_BYTES).unwrap(), (2, 1));
+        assert_eq!(
+            retire_logs(&dir, t.path(), 4, DEFAULT_CAP_BYTES).unwrap(),
+            (2, 1)
+        );
         assert_eq!(held_files(&dir), vec![2, 3]);
-        assert_eq!(std::fs::read_to_string(hold_dir(&dir).join(log_file_name(3))).unwrap(), "older 3");
+        assert_eq!(
+            std::fs::read_to_string(hold_dir(&dir).join(log_file_name(3))).unwrap(),
+            "older 3"
+        );
         assert!(!t.path().join(log_file_name(2)).exists());
         release(&dir).unwrap();
         assert!(load(&dir).is_none() && held_files(&dir).is_empty());
@@ -221,7 +264,10 @@ mod tests {
         dir.create().unwrap();
         std::fs::write(dir.meta().join(HOLD_FILE), b"{not json").unwrap();
         touch_logs(t.path(), &[1, 2]);
-        assert_eq!(retire_logs(&dir, t.path(), 3, DEFAULT_CAP_BYTES).unwrap(), (0, 2));
+        assert_eq!(
+            retire_logs(&dir, t.path(), 3, DEFAULT_CAP_BYTES).unwrap(),
+            (0, 2)
+        );
     }
 
     #[test]
@@ -229,7 +275,15 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dir = StandbyDir::new(t.path());
         dir.create().unwrap();
-        store(&dir, &ArchiveHold { archive: "/a".into(), log_end: LogPosition::new(1, 28), updated_unix_ms: 0 }).unwrap();
+        store(
+            &dir,
+            &ArchiveHold {
+                archive: "/a".into(),
+                log_end: LogPosition::new(1, 28),
+                updated_unix_ms: 0,
+            },
+        )
+        .unwrap();
         touch_logs(t.path(), &[1, 2, 3, 4]); // 5 bytes each
         assert_eq!(retire_logs(&dir, t.path(), 5, 10).unwrap(), (0, 4));
         assert_eq!(held_files(&dir), vec![3, 4]);

@@ -9,7 +9,10 @@ use crate::status::StandbyStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_shared::tls::TlsFiles;
-use tandem_shared::wire::{primary_message::Kind, standby_message, Ack, Hello, RebaseRequest, StandbyMessage, PROTOCOL_VERSION};
+use tandem_shared::wire::{
+    primary_message::Kind, standby_message, Ack, Hello, RebaseRequest, StandbyMessage,
+    PROTOCOL_VERSION,
+};
 use tandem_shared::{now_unix_ms, LogPosition};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -57,10 +60,16 @@ fn update(live: &Live, f: impl FnOnce(&mut StandbyStatus)) {
 }
 
 /// Follows the primary until `shutdown` resolves or a permanent error.
-pub async fn run(cfg: StandbyConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), FollowError> {
+pub async fn run(
+    cfg: StandbyConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), FollowError> {
     let dir = StandbyDir::new(&cfg.dir);
-    let lock: DirLock = dir.lock().map_err(|e| FollowError::Refused(e.to_string()))?;
-    let mut mirror = tokio::task::block_in_place(|| Mirror::open(dir.clone())).map_err(|e| anyhow::anyhow!(e))?;
+    let lock: DirLock = dir
+        .lock()
+        .map_err(|e| FollowError::Refused(e.to_string()))?;
+    let mut mirror = tokio::task::block_in_place(|| Mirror::open(dir.clone()))
+        .map_err(|e| anyhow::anyhow!(e))?;
     mirror.archive_hold_cap = cfg.archive_hold_cap_bytes;
     if let Some(p) = &mirror.state.promoted {
         return Err(FollowError::Refused(format!(
@@ -87,14 +96,24 @@ pub async fn run(cfg: StandbyConfig, shutdown: impl std::future::Future<Output =
         let (for_metrics, for_status) = (live.clone(), live.clone());
         let pages = tandem_shared::metrics::AdminPages {
             metrics: Box::new(move || crate::status::metrics(&for_metrics)),
-            status_json: Box::new(move || for_status.lock().ok().and_then(|s| serde_json::to_string_pretty(&*s).ok()).unwrap_or_default()),
+            status_json: Box::new(move || {
+                for_status
+                    .lock()
+                    .ok()
+                    .and_then(|s| serde_json::to_string_pretty(&*s).ok())
+                    .unwrap_or_default()
+            }),
         };
-        let bound = tandem_shared::metrics::serve(addr, pages).await.map_err(anyhow::Error::from)?;
+        let bound = tandem_shared::metrics::serve(addr, pages)
+            .await
+            .map_err(anyhow::Error::from)?;
         tracing::info!(%bound, "serving metrics");
     }
 
     tandem_shared::sdnotify::ready();
-    let checker = cfg.check_interval.map(|every| tokio::spawn(check_forever(dir.clone(), live.clone(), every)));
+    let checker = cfg
+        .check_interval
+        .map(|every| tokio::spawn(check_forever(dir.clone(), live.clone(), every)));
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let result = loop {
@@ -143,7 +162,10 @@ enum SessionError {
 }
 
 fn retry(why: impl ToString) -> SessionError {
-    SessionError::Retry { why: why.to_string(), immediately: false }
+    SessionError::Retry {
+        why: why.to_string(),
+        immediately: false,
+    }
 }
 
 fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
@@ -154,7 +176,9 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
         env_id: mirror.state.env_id.clone().unwrap_or_default(),
         epoch: mirror.state.epoch,
         base_id: base.map(|b| b.base_id.clone()).unwrap_or_default(),
-        complete_files: base.map(|b| b.complete_files.iter().cloned().collect()).unwrap_or_default(),
+        complete_files: base
+            .map(|b| b.complete_files.iter().cloned().collect())
+            .unwrap_or_default(),
         base_files_done: base.is_some_and(|b| b.files_done),
         durable: Some(mirror.tail.durable.into()),
         last_record_digest: mirror.tail.last_record_digest.clone().into(),
@@ -162,13 +186,24 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
 }
 
 /// One connection, until it ends.
-async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Result<(), SessionError> {
-    let mut client = tandem_shared::client::connect(&cfg.primary, cfg.server_name.as_deref(), &cfg.tls, Duration::from_secs(5))
-        .await
-        .map_err(retry)?;
+async fn session(
+    cfg: &StandbyConfig,
+    mirror: &mut Mirror,
+    live: &Live,
+) -> Result<(), SessionError> {
+    let mut client = tandem_shared::client::connect(
+        &cfg.primary,
+        cfg.server_name.as_deref(),
+        &cfg.tls,
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(retry)?;
     mirror.begin_session();
     let (tx, rx) = mpsc::channel::<StandbyMessage>(64);
-    let _ = tx.try_send(StandbyMessage { kind: Some(standby_message::Kind::Hello(hello(cfg, mirror))) });
+    let _ = tx.try_send(StandbyMessage {
+        kind: Some(standby_message::Kind::Hello(hello(cfg, mirror))),
+    });
     let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(status) => return Err(classify(status)),
@@ -226,7 +261,8 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
                 break;
             }
         }
-        let durable = tokio::task::block_in_place(|| mirror.sync()).map_err(|e| rejected(e, live, mirror))?;
+        let durable =
+            tokio::task::block_in_place(|| mirror.sync()).map_err(|e| rejected(e, live, mirror))?;
         // The status writer re-reads the archive's registration; the loop
         // wakes at least on every heartbeat, so a moving archive is
         // reported while the log is idle too.
@@ -234,22 +270,38 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
         // Not before the standby holds any log: an Ack of position zero
         // would tell the primary's retention to keep every file.
         if pending > 0 || (archived_sent != Some(archived) && durable > LogPosition::ZERO) {
-            let ack = Ack { durable: Some(durable.into()), archived: archived.map(Into::into) };
-            if tx.try_send(StandbyMessage { kind: Some(standby_message::Kind::Ack(ack)) }).is_ok() {
+            let ack = Ack {
+                durable: Some(durable.into()),
+                archived: archived.map(Into::into),
+            };
+            if tx
+                .try_send(StandbyMessage {
+                    kind: Some(standby_message::Kind::Ack(ack)),
+                })
+                .is_ok()
+            {
                 archived_sent = Some(archived);
             }
         }
-        if let Some(report) = tokio::task::block_in_place(|| mirror.finish_rebase()).map_err(|e| rejected(e, live, mirror))? {
+        if let Some(report) = tokio::task::block_in_place(|| mirror.finish_rebase())
+            .map_err(|e| rejected(e, live, mirror))?
+        {
             update(live, |s| {
                 s.rebases += 1;
                 s.last_rebase = Some(report);
             });
             rebase_asked = None;
         }
-        let retry_due = rebase_asked.is_none_or(|at: std::time::Instant| at.elapsed() > REBASE_RETRY);
-        if retry_due && mirror.rebase.is_none() && mirror.rebase_due(cfg.rebase_after_bytes, cfg.rebase_after_secs) {
+        let retry_due =
+            rebase_asked.is_none_or(|at: std::time::Instant| at.elapsed() > REBASE_RETRY);
+        if retry_due
+            && mirror.rebase.is_none()
+            && mirror.rebase_due(cfg.rebase_after_bytes, cfg.rebase_after_secs)
+        {
             rebase_asked = Some(std::time::Instant::now());
-            request_rebase(mirror, &tx).await.map_err(|e| rejected(e, live, mirror))?;
+            request_rebase(mirror, &tx)
+                .await
+                .map_err(|e| rejected(e, live, mirror))?;
         }
         update(live, |s| {
             s.durable_lsn = durable;
@@ -264,17 +316,43 @@ async fn session(cfg: &StandbyConfig, mirror: &mut Mirror, live: &Live) -> Resul
 const REBASE_RETRY: Duration = Duration::from_secs(120);
 
 /// Sends the page digests of the mirror's files, then the request.
-async fn request_rebase(mirror: &Mirror, tx: &mpsc::Sender<StandbyMessage>) -> Result<(), ApplyError> {
-    let base = mirror.state.base.as_ref().map(|b| b.base_id.clone()).unwrap_or_default();
-    let log_start = mirror.state.base.as_ref().map(|b| b.log_start).unwrap_or_default();
+async fn request_rebase(
+    mirror: &Mirror,
+    tx: &mpsc::Sender<StandbyMessage>,
+) -> Result<(), ApplyError> {
+    let base = mirror
+        .state
+        .base
+        .as_ref()
+        .map(|b| b.base_id.clone())
+        .unwrap_or_default();
+    let log_start = mirror
+        .state
+        .base
+        .as_ref()
+        .map(|b| b.log_start)
+        .unwrap_or_default();
     let digests = tokio::task::block_in_place(|| mirror.page_digests())?;
     tracing::info!(base = %base, durable = %mirror.tail.durable, "the log since the base passed the threshold: asking for a rebase");
     for d in digests {
-        if tx.send(StandbyMessage { kind: Some(standby_message::Kind::PageDigests(d)) }).await.is_err() {
+        if tx
+            .send(StandbyMessage {
+                kind: Some(standby_message::Kind::PageDigests(d)),
+            })
+            .await
+            .is_err()
+        {
             return Ok(());
         }
     }
-    let _ = tx.send(StandbyMessage { kind: Some(standby_message::Kind::RebaseRequest(RebaseRequest { base_id: base, log_start: Some(log_start.into()) })) }).await;
+    let _ = tx
+        .send(StandbyMessage {
+            kind: Some(standby_message::Kind::RebaseRequest(RebaseRequest {
+                base_id: base,
+                log_start: Some(log_start.into()),
+            })),
+        })
+        .await;
     Ok(())
 }
 
@@ -282,7 +360,9 @@ async fn request_rebase(mirror: &Mirror, tx: &mpsc::Sender<StandbyMessage>) -> R
 fn note_message(live: &Live, kind: &Kind) {
     match kind {
         Kind::Heartbeat(h) => update(live, |s| {
-            s.primary_end_lsn = s.primary_end_lsn.max(h.primary_end.unwrap_or_default().into());
+            s.primary_end_lsn = s
+                .primary_end_lsn
+                .max(h.primary_end.unwrap_or_default().into());
             s.last_contact_unix_ms = now_unix_ms();
             s.compute_lag();
         }),
@@ -335,15 +415,23 @@ fn rejected(e: ApplyError, live: &Live, mirror: &Mirror) -> SessionError {
     // A corrupted chunk is worth an immediate retry; anything else may be
     // persistent, so back off.
     let immediately = matches!(e, ApplyError::Digest { .. });
-    SessionError::Retry { why: e.to_string(), immediately }
+    SessionError::Retry {
+        why: e.to_string(),
+        immediately,
+    }
 }
 
 fn classify(status: tonic::Status) -> SessionError {
     // The status message alone can be "transport error"; its causes say why.
     let msg = tandem_shared::client::chain(&status);
     match status.code() {
-        tonic::Code::FailedPrecondition => SessionError::Refused(format!("the primary refused this standby: {msg}")),
-        tonic::Code::DataLoss => SessionError::Retry { why: format!("the primary reported lost log: {msg}"), immediately: true },
+        tonic::Code::FailedPrecondition => {
+            SessionError::Refused(format!("the primary refused this standby: {msg}"))
+        }
+        tonic::Code::DataLoss => SessionError::Retry {
+            why: format!("the primary reported lost log: {msg}"),
+            immediately: true,
+        },
         _ => retry(format!("{}: {msg}", status.code())),
     }
 }
@@ -367,7 +455,9 @@ fn write_status(dir: &StandbyDir, live: &Live) {
         return;
     };
     s.updated_unix_ms = now_unix_ms();
-    let Ok(bytes) = serde_json::to_vec_pretty(&s) else { return };
+    let Ok(bytes) = serde_json::to_vec_pretty(&s) else {
+        return;
+    };
     let tmp = dir.meta().join("status.json.tmp");
     if std::fs::write(&tmp, bytes).is_ok() {
         let _ = std::fs::rename(&tmp, dir.status_path());
@@ -386,7 +476,9 @@ async fn check_forever(dir: StandbyDir, live: Live, every: Duration) {
             continue;
         }
         let d = dir.clone();
-        if let Ok(report) = tokio::task::spawn_blocking(move || crate::readiness::run_check(&d)).await {
+        if let Ok(report) =
+            tokio::task::spawn_blocking(move || crate::readiness::run_check(&d)).await
+        {
             update(&live, |s| s.last_check = Some(report));
         }
     }
@@ -405,9 +497,16 @@ pub struct FollowConfig {
 pub const FOLLOW_CONFIG_FILE: &str = "follow.json";
 
 fn remember_follow_config(dir: &StandbyDir, cfg: &StandbyConfig) {
-    let fc = FollowConfig { primary: cfg.primary.clone(), server_name: cfg.server_name.clone(), tls: cfg.tls.clone(), name: cfg.name.clone() };
+    let fc = FollowConfig {
+        primary: cfg.primary.clone(),
+        server_name: cfg.server_name.clone(),
+        tls: cfg.tls.clone(),
+        name: cfg.name.clone(),
+    };
     if let Ok(bytes) = serde_json::to_vec_pretty(&fc) {
-        if let Err(e) = tandem_shared::durable::write_file_atomic(&dir.meta().join(FOLLOW_CONFIG_FILE), &bytes) {
+        if let Err(e) =
+            tandem_shared::durable::write_file_atomic(&dir.meta().join(FOLLOW_CONFIG_FILE), &bytes)
+        {
             tracing::warn!(error = %e, "cannot record the follow configuration");
         }
     }

@@ -9,15 +9,15 @@ use clap::{Args, Parser, Subcommand};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tandem_shared::telemetry::{self, LogFormat};
 use tandem_shared::tls::TlsFiles;
-use tandem_standby::follow::{self, FollowError, StandbyConfig};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use tandem_standby::archive::{self, ArchiveOptions, ArchiveReport};
-use tandem_standby::restore::{self, RestoreOptions, RestoreReport, VerifyReport};
+use tandem_standby::follow::{self, FollowError, StandbyConfig};
 use tandem_standby::promote::{self, PromoteOptions};
+use tandem_standby::restore::{self, RestoreOptions, RestoreReport, VerifyReport};
 use tandem_standby::state::StandbyDir;
 use tandem_standby::status;
 
@@ -25,7 +25,11 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_REFUSED: u8 = 3;
 
 #[derive(Parser)]
-#[command(name = "tandem-standby", version, about = "Keep a durable, recoverable mirror of a Berkeley DB environment streamed by tandem-primary; promote it on command.")]
+#[command(
+    name = "tandem-standby",
+    version,
+    about = "Keep a durable, recoverable mirror of a Berkeley DB environment streamed by tandem-primary; promote it on command."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -270,7 +274,10 @@ struct RunArgs {
 fn main() -> ExitCode {
     tandem_shared::keep_freed_memory();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tandem-standby: cannot start the runtime: {e}");
@@ -287,7 +294,10 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Check { dir, json } => {
             let report = tandem_standby::readiness::run_check(&StandbyDir::new(&dir));
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
             } else if report.ok {
                 println!(
                     "recoverable: recovered to {} in {:.2} s ({} bytes of log replayed, {} databases verified)",
@@ -300,12 +310,21 @@ async fn dispatch(command: Command) -> ExitCode {
             if report.ok {
                 Ok(())
             } else {
-                Err(anyhow::anyhow!("readiness check failed: {}", report.error.unwrap_or_default()))
+                Err(anyhow::anyhow!(
+                    "readiness check failed: {}",
+                    report.error.unwrap_or_default()
+                ))
             }
         }
-        Command::Promote { dir, json, catch_up_timeout_secs } => {
+        Command::Promote {
+            dir,
+            json,
+            catch_up_timeout_secs,
+        } => {
             telemetry::init(LogFormat::Human);
-            let opts = PromoteOptions { catch_up_timeout: Duration::from_secs(catch_up_timeout_secs) };
+            let opts = PromoteOptions {
+                catch_up_timeout: Duration::from_secs(catch_up_timeout_secs),
+            };
             let dir = StandbyDir::new(&dir);
             match tokio::task::spawn_blocking(move || promote::promote(&dir, &opts)).await {
                 Ok(Ok(report)) => print_promotion(&report, json),
@@ -314,18 +333,50 @@ async fn dispatch(command: Command) -> ExitCode {
             }
         }
         // clap makes --to and --release exclusive, and one of them required.
-        Command::Archive { dir, to, release: _, keep, keep_days, follow, no_verify, scratch, json } => {
+        Command::Archive {
+            dir,
+            to,
+            release: _,
+            keep,
+            keep_days,
+            follow,
+            no_verify,
+            scratch,
+            json,
+        } => {
             telemetry::init(LogFormat::Human);
             match to {
                 None => release_archive(&dir),
-                Some(to) => archive(ArchiveOptions { dir, archive: to, keep, keep_days, verify: !no_verify, scratch }, follow, json).await,
+                Some(to) => {
+                    archive(
+                        ArchiveOptions {
+                            dir,
+                            archive: to,
+                            keep,
+                            keep_days,
+                            verify: !no_verify,
+                            scratch,
+                        },
+                        follow,
+                        json,
+                    )
+                    .await
+                }
             }
         }
-        Command::VerifyArchive { target, all, scratch, json } => {
+        Command::VerifyArchive {
+            target,
+            all,
+            scratch,
+            json,
+        } => {
             telemetry::init(LogFormat::Human);
             let reports = tokio::task::spawn_blocking(move || -> Result<Vec<VerifyReport>> {
                 let backups = restore::resolve_backups(&target, all)?;
-                Ok(backups.iter().map(|b| restore::verify_backup(b, scratch.as_deref())).collect())
+                Ok(backups
+                    .iter()
+                    .map(|b| restore::verify_backup(b, scratch.as_deref()))
+                    .collect())
             });
             match reports.await {
                 Ok(Ok(reports)) => print_verify(&reports, json),
@@ -333,7 +384,12 @@ async fn dispatch(command: Command) -> ExitCode {
                 Err(e) => Err(anyhow::anyhow!(e)),
             }
         }
-        Command::Restore { from, to, until, json } => {
+        Command::Restore {
+            from,
+            to,
+            until,
+            json,
+        } => {
             telemetry::init(LogFormat::Human);
             if let Some(t) = &until {
                 if let Err(e) = restore::parse_time(t) {
@@ -344,7 +400,8 @@ async fn dispatch(command: Command) -> ExitCode {
             let opts = RestoreOptions { from, to, until };
             match tokio::task::spawn_blocking(move || restore::restore(&opts)).await {
                 Ok(Ok(report)) => print_restore(&report, json),
-                Ok(Err(e)) => Err(anyhow::Error::new(e).context("restore refused or failed; the target was not created")),
+                Ok(Err(e)) => Err(anyhow::Error::new(e)
+                    .context("restore refused or failed; the target was not created")),
                 Err(e) => Err(anyhow::anyhow!(e)),
             }
         }
@@ -388,10 +445,18 @@ async fn run(flags: RunArgs) -> ExitCode {
 }
 
 fn config(a: RunArgs) -> Result<StandbyConfig> {
-    let need = |v: Option<PathBuf>, name: &str| v.with_context(|| format!("--{name} is required (or `{name}` in the config file)"));
-    let primary = a.primary.context("--primary is required (or `primary` in the config file)")?;
+    let need = |v: Option<PathBuf>, name: &str| {
+        v.with_context(|| format!("--{name} is required (or `{name}` in the config file)"))
+    };
+    let primary = a
+        .primary
+        .context("--primary is required (or `primary` in the config file)")?;
     tandem_shared::client::validate_url(&primary)?;
-    let tls = TlsFiles { cert: need(a.cert, "cert")?, key: need(a.key, "key")?, ca: need(a.ca, "ca")? };
+    let tls = TlsFiles {
+        cert: need(a.cert, "cert")?,
+        key: need(a.key, "key")?,
+        ca: need(a.ca, "ca")?,
+    };
     // Unreadable certificates are a configuration error, not a reason to retry.
     tls.client_config("check")?;
     Ok(StandbyConfig {
@@ -407,12 +472,16 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
         },
         rebase_after_bytes: a.rebase_after_mib.unwrap_or(1024) << 20,
         rebase_after_secs: a.rebase_after_secs.unwrap_or(0),
-        archive_hold_cap_bytes: a.archive_hold_cap_mib.map_or(tandem_standby::archive_hold::DEFAULT_CAP_BYTES, |m| m << 20),
+        archive_hold_cap_bytes: a
+            .archive_hold_cap_mib
+            .map_or(tandem_standby::archive_hold::DEFAULT_CAP_BYTES, |m| m << 20),
     })
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "standby".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "standby".into())
 }
 
 fn show_status(dir: &std::path::Path, json: bool) -> Result<()> {
@@ -429,7 +498,10 @@ fn print_promotion(r: &promote::PromoteReport, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
     } else if r.already_promoted {
-        println!("{} is already promoted ({}, epoch {}); nothing to do", r.env, r.kind, r.epoch);
+        println!(
+            "{} is already promoted ({}, epoch {}); nothing to do",
+            r.env, r.kind, r.epoch
+        );
     } else {
         println!(
             "promoted {} ({}): epoch {}, recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s\nApplications can now open {} as their environment home.",
@@ -453,7 +525,10 @@ fn release_archive(dir: &Path) -> Result<()> {
         anyhow::bail!("{} is not a standby directory", dir.display());
     }
     tandem_standby::archive_hold::release(&standby).context("releasing the archive's hold")?;
-    println!("released: {} no longer holds log files for an archive", dir.display());
+    println!(
+        "released: {} no longer holds log files for an archive",
+        dir.display()
+    );
     Ok(())
 }
 
@@ -461,7 +536,9 @@ async fn archive(opts: ArchiveOptions, follow: Option<u64>, json: bool) -> Resul
     match follow {
         None => match tokio::task::spawn_blocking(move || archive::archive_once(&opts)).await {
             Ok(Ok(report)) => print_archive(&report, json),
-            Ok(Err(e)) => Err(anyhow::Error::new(e).context("archive failed; nothing was published")),
+            Ok(Err(e)) => {
+                Err(anyhow::Error::new(e).context("archive failed; nothing was published"))
+            }
             Err(e) => Err(anyhow::anyhow!(e)),
         },
         Some(secs) => {
@@ -478,7 +555,10 @@ async fn archive(opts: ArchiveOptions, follow: Option<u64>, json: bool) -> Resul
                         let _ = print_archive(report, json);
                     }
                     // Text mode: the error is already logged on stderr.
-                    Err(e) if json => println!("{}", serde_json::json!({ "action": "error", "error": e.to_string() })),
+                    Err(e) if json => println!(
+                        "{}",
+                        serde_json::json!({ "action": "error", "error": e.to_string() })
+                    ),
                     Err(_) => {}
                 })
             });
@@ -504,8 +584,16 @@ fn print_archive(r: &ArchiveReport, json: bool) -> Result<()> {
             r.commits,
             r.first_commit.as_deref().unwrap_or("-"),
             r.last_commit.as_deref().unwrap_or("-"),
-            if r.verified { format!("proven recoverable (recovery {:.2} s)", r.recovery_seconds) } else { "not recovery-tested".into() },
-            if r.removed.is_empty() { String::new() } else { format!("; retention deleted {}", r.removed.join(", ")) },
+            if r.verified {
+                format!("proven recoverable (recovery {:.2} s)", r.recovery_seconds)
+            } else {
+                "not recovery-tested".into()
+            },
+            if r.removed.is_empty() {
+                String::new()
+            } else {
+                format!("; retention deleted {}", r.removed.join(", "))
+            },
         ),
     }
     Ok(())

@@ -16,7 +16,9 @@ use crate::state::StandbyDir;
 use std::collections::BTreeMap;
 use std::process::Command;
 use tandem_shared::logfile::synth;
-use tandem_shared::wire::{BaseFilesDone, BaseStart, FileChunk, FileEnd, FileStart, Heartbeat, LogChunk, Welcome};
+use tandem_shared::wire::{
+    BaseFilesDone, BaseStart, FileChunk, FileEnd, FileStart, Heartbeat, LogChunk, Welcome,
+};
 
 const ENV: &str = "env-a";
 const LG_MAX: u32 = 1 << 20;
@@ -26,15 +28,31 @@ const LOG_FILE_SIZE: u64 = LG_MAX as u64 - 1;
 // ---------------------------------------------------------------- messages
 
 fn welcome(env: &str, epoch: u64, log_dir: &str) -> Kind {
-    Kind::Welcome(Welcome { env_id: env.into(), epoch, log_dir: log_dir.into(), ..Default::default() })
+    Kind::Welcome(Welcome {
+        env_id: env.into(),
+        epoch,
+        log_dir: log_dir.into(),
+        ..Default::default()
+    })
 }
 
 fn base_start(id: &str, file: u32, offset: u32) -> Kind {
-    Kind::BaseStart(BaseStart { base_id: id.into(), log_start: Some(LogPosition::new(file, offset).into()), reason: "test".into(), ..Default::default() })
+    Kind::BaseStart(BaseStart {
+        base_id: id.into(),
+        log_start: Some(LogPosition::new(file, offset).into()),
+        reason: "test".into(),
+        ..Default::default()
+    })
 }
 
 fn file_start(name: &str, size: u64, kind: FileKind) -> Kind {
-    Kind::FileStart(FileStart { name: name.into(), size, kind: kind as i32, page_size: 4096, ..Default::default() })
+    Kind::FileStart(FileStart {
+        name: name.into(),
+        size,
+        kind: kind as i32,
+        page_size: 4096,
+        ..Default::default()
+    })
 }
 
 fn file_chunk(name: &str, offset: u64, data: &[u8]) -> Kind {
@@ -43,23 +61,49 @@ fn file_chunk(name: &str, offset: u64, data: &[u8]) -> Kind {
 }
 
 fn file_chunk_with_digest(name: &str, offset: u64, data: &[u8], digest: Vec<u8>) -> Kind {
-    Kind::FileChunk(FileChunk { name: name.into(), offset, data: data.to_vec().into(), blake3: digest.into(), ..Default::default() })
+    Kind::FileChunk(FileChunk {
+        name: name.into(),
+        offset,
+        data: data.to_vec().into(),
+        blake3: digest.into(),
+        ..Default::default()
+    })
 }
 
 fn file_end(name: &str, size: u64) -> Kind {
-    Kind::FileEnd(FileEnd { name: name.into(), size, ..Default::default() })
+    Kind::FileEnd(FileEnd {
+        name: name.into(),
+        size,
+        ..Default::default()
+    })
 }
 
 fn log_chunk(file: u32, offset: u32, data: &[u8]) -> Kind {
-    log_chunk_full(file, offset, data, blake3::hash(data).as_bytes().to_vec(), LOG_FILE_SIZE)
+    log_chunk_full(
+        file,
+        offset,
+        data,
+        blake3::hash(data).as_bytes().to_vec(),
+        LOG_FILE_SIZE,
+    )
 }
 
 fn log_chunk_full(file: u32, offset: u32, data: &[u8], digest: Vec<u8>, file_size: u64) -> Kind {
-    Kind::LogChunk(LogChunk { file, offset, data: data.to_vec().into(), blake3: digest.into(), file_size, ..Default::default() })
+    Kind::LogChunk(LogChunk {
+        file,
+        offset,
+        data: data.to_vec().into(),
+        blake3: digest.into(),
+        file_size,
+        ..Default::default()
+    })
 }
 
 fn files_done(file: u32, offset: u32) -> Kind {
-    Kind::BaseFilesDone(BaseFilesDone { consistent_at: Some(LogPosition::new(file, offset).into()), ..Default::default() })
+    Kind::BaseFilesDone(BaseFilesDone {
+        consistent_at: Some(LogPosition::new(file, offset).into()),
+        ..Default::default()
+    })
 }
 
 // ------------------------------------------------------------- log records
@@ -104,19 +148,37 @@ fn next_records(m: &Mirror, first_body: usize, n: usize) -> (u32, u32, Vec<u8>) 
 /// directories by name, so any write, create, delete or re-link shows.
 fn tree(dir: &Path) -> BTreeMap<String, String> {
     fn visit(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let p = e.path();
-            let rel = p.strip_prefix(root).map(|r| r.display().to_string()).unwrap_or_default();
+            let rel = p
+                .strip_prefix(root)
+                .map(|r| r.display().to_string())
+                .unwrap_or_default();
             let meta = std::fs::symlink_metadata(&p).expect("lstat");
             if meta.file_type().is_symlink() {
-                out.insert(rel, format!("symlink -> {}", std::fs::read_link(&p).expect("readlink").display()));
+                out.insert(
+                    rel,
+                    format!(
+                        "symlink -> {}",
+                        std::fs::read_link(&p).expect("readlink").display()
+                    ),
+                );
             } else if meta.is_dir() {
                 out.insert(rel, "dir".into());
                 visit(root, &p, out);
             } else {
                 let bytes = std::fs::read(&p).expect("read");
-                out.insert(rel, format!("{} bytes, blake3 {}", bytes.len(), blake3::hash(&bytes).to_hex()));
+                out.insert(
+                    rel,
+                    format!(
+                        "{} bytes, blake3 {}",
+                        bytes.len(),
+                        blake3::hash(&bytes).to_hex()
+                    ),
+                );
             }
         }
     }
@@ -137,7 +199,11 @@ impl Fx {
     fn new() -> Self {
         let base = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(base.path().join("outside")).expect("mkdir");
-        std::fs::write(base.path().join("outside/victim.db"), b"precious data that is not the standby's").expect("write");
+        std::fs::write(
+            base.path().join("outside/victim.db"),
+            b"precious data that is not the standby's",
+        )
+        .expect("write");
         let m = Mirror::open(StandbyDir::new(&base.path().join("standby"))).expect("open");
         Self { base, m }
     }
@@ -163,7 +229,9 @@ impl Fx {
 
     fn ok(&mut self, kind: Kind) -> Applied {
         let what = format!("{kind:?}").chars().take(120).collect::<String>();
-        self.m.apply(kind).unwrap_or_else(|e| panic!("a good message was refused: {e} ({what})"))
+        self.m
+            .apply(kind)
+            .unwrap_or_else(|e| panic!("a good message was refused: {e} ({what})"))
     }
 
     /// Applies a message that must be refused and proves it changed
@@ -180,11 +248,28 @@ impl Fx {
             Err(e) => e,
         };
         assert!(!err.to_string().is_empty());
-        assert_eq!(tree(self.base.path()), before, "refusing {what} ({err}) changed files");
-        assert_eq!(self.m.state, state, "refusing {what} ({err}) changed the state");
         assert_eq!(
-            (self.m.tail.written, self.m.tail.durable, self.m.tail.last_record, &self.m.tail.last_record_digest),
-            (tail.written, tail.durable, tail.last_record, &tail.last_record_digest),
+            tree(self.base.path()),
+            before,
+            "refusing {what} ({err}) changed files"
+        );
+        assert_eq!(
+            self.m.state, state,
+            "refusing {what} ({err}) changed the state"
+        );
+        assert_eq!(
+            (
+                self.m.tail.written,
+                self.m.tail.durable,
+                self.m.tail.last_record,
+                &self.m.tail.last_record_digest
+            ),
+            (
+                tail.written,
+                tail.durable,
+                tail.last_record,
+                &tail.last_record_digest
+            ),
             "refusing {what} ({err}) moved the log tail"
         );
         err
@@ -200,12 +285,20 @@ impl Fx {
     }
 
     fn log_bytes(&self, number: u32) -> Vec<u8> {
-        std::fs::read(self.m.dir.log_dir(&self.m.state).join(logfile::log_file_name(number))).expect("read log")
+        std::fs::read(
+            self.m
+                .dir
+                .log_dir(&self.m.state)
+                .join(logfile::log_file_name(number)),
+        )
+        .expect("read log")
     }
 }
 
 fn db_bytes(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// A standby that already holds something worth protecting: a complete
@@ -240,26 +333,43 @@ fn names_that_leave_the_directory_are_refused() {
     let long = "a/".repeat(600) + "x.db";
     let cases: Vec<(String, Expected)> = vec![
         (abs, |e| matches!(e, PathError::Absolute(_))),
-        ("/etc/passwd".into(), |e| matches!(e, PathError::Absolute(_))),
+        ("/etc/passwd".into(), |e| {
+            matches!(e, PathError::Absolute(_))
+        }),
         ("../escape.db".into(), |e| matches!(e, PathError::Dots(_))),
-        ("../outside/victim.db".into(), |e| matches!(e, PathError::Dots(_))),
-        ("a/../../escape.db".into(), |e| matches!(e, PathError::Dots(_))),
+        ("../outside/victim.db".into(), |e| {
+            matches!(e, PathError::Dots(_))
+        }),
+        ("a/../../escape.db".into(), |e| {
+            matches!(e, PathError::Dots(_))
+        }),
         ("..".into(), |e| matches!(e, PathError::Dots(_))),
         ("./data.db".into(), |e| matches!(e, PathError::Dots(_))),
         ("sub/./data.db".into(), |e| matches!(e, PathError::Dots(_))),
         ("sub/..".into(), |e| matches!(e, PathError::Dots(_))),
-        (".tandem/state".into(), |e| matches!(e, PathError::Hidden(_))),
-        (".tandem/incoming/x".into(), |e| matches!(e, PathError::Hidden(_))),
+        (".tandem/state".into(), |e| {
+            matches!(e, PathError::Hidden(_))
+        }),
+        (".tandem/incoming/x".into(), |e| {
+            matches!(e, PathError::Hidden(_))
+        }),
         ("..hidden.db".into(), |e| matches!(e, PathError::Hidden(_))),
         ("".into(), |e| matches!(e, PathError::Empty)),
-        ("..\\escape.db".into(), |e| matches!(e, PathError::BadCharacter(_))),
-        ("x.db\0../../escape".into(), |e| matches!(e, PathError::BadCharacter(_))),
+        ("..\\escape.db".into(), |e| {
+            matches!(e, PathError::BadCharacter(_))
+        }),
+        ("x.db\0../../escape".into(), |e| {
+            matches!(e, PathError::BadCharacter(_))
+        }),
         (long, |e| matches!(e, PathError::TooLong(_))),
     ];
     for (name, expected) in cases {
         for kind in [FileKind::Database, FileKind::Config] {
             let err = fx.refuse(file_start(&name, 4096, kind));
-            assert!(matches!(&err, ApplyError::Path(p) if expected(p)), "{name:?} as {kind:?}: {err:?}");
+            assert!(
+                matches!(&err, ApplyError::Path(p) if expected(p)),
+                "{name:?} as {kind:?}: {err:?}"
+            );
             assert!(err.to_string().starts_with("refused file name"), "{err}");
         }
     }
@@ -279,9 +389,16 @@ fn a_log_directory_that_leaves_the_directory_is_refused() {
     ];
     for (dir, expected) in cases {
         let err = fx.refuse(welcome(ENV, 1, dir));
-        assert!(matches!(&err, ApplyError::Path(p) if expected(p)), "{dir}: {err:?}");
+        assert!(
+            matches!(&err, ApplyError::Path(p) if expected(p)),
+            "{dir}: {err:?}"
+        );
     }
-    assert_eq!(fx.m.state, StandbyState::default(), "a refused Welcome must not be recorded");
+    assert_eq!(
+        fx.m.state,
+        StandbyState::default(),
+        "a refused Welcome must not be recorded"
+    );
     fx.ok(welcome(ENV, 1, "logs"));
 }
 
@@ -293,16 +410,27 @@ fn a_planted_symlink_is_never_written_through() {
     std::os::unix::fs::symlink(&outside, root.join("evildir")).expect("symlink");
     std::fs::create_dir(root.join("sub")).expect("mkdir");
     std::os::unix::fs::symlink(&outside, root.join("sub/deeper")).expect("symlink");
-    for name in ["evil.db", "evildir/x.db", "evildir/victim.db", "sub/deeper/x.db"] {
+    for name in [
+        "evil.db",
+        "evildir/x.db",
+        "evildir/victim.db",
+        "sub/deeper/x.db",
+    ] {
         let err = fx.refuse(file_start(name, 4096, FileKind::Database));
-        assert!(matches!(&err, ApplyError::Path(PathError::Symlink { .. })), "{name}: {err:?}");
+        assert!(
+            matches!(&err, ApplyError::Path(PathError::Symlink { .. })),
+            "{name}: {err:?}"
+        );
         assert!(err.to_string().contains("goes through symlink"), "{err}");
     }
     // DB_CONFIG replaced by a link.
     std::fs::remove_file(root.join(DB_CONFIG)).expect("rm");
     std::os::unix::fs::symlink(outside.join("victim.db"), root.join(DB_CONFIG)).expect("symlink");
     let err = fx.refuse(file_start(DB_CONFIG, 100, FileKind::Config));
-    assert!(matches!(&err, ApplyError::Path(PathError::Symlink { .. })), "{err:?}");
+    assert!(
+        matches!(&err, ApplyError::Path(PathError::Symlink { .. })),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -320,12 +448,25 @@ fn a_symlink_planted_while_a_file_is_received_is_refused_at_install() {
         std::os::unix::fs::symlink(&link_target, &plant).expect("symlink");
         let stored = fx.m.state.clone();
         let err = fx.refuse(file_end(name, data.len() as u64));
-        assert!(matches!(&err, ApplyError::Path(PathError::Symlink { .. })), "{name}: {err:?}");
+        assert!(
+            matches!(&err, ApplyError::Path(PathError::Symlink { .. })),
+            "{name}: {err:?}"
+        );
         assert_eq!(fx.m.state, stored);
-        assert!(!fx.m.state.base.as_ref().expect("base").complete_files.contains(name));
+        assert!(!fx
+            .m
+            .state
+            .base
+            .as_ref()
+            .expect("base")
+            .complete_files
+            .contains(name));
         fx.m.begin_session(); // what a reconnect does
     }
-    assert_eq!(std::fs::read(outside.join("victim.db")).expect("read"), b"precious data that is not the standby's");
+    assert_eq!(
+        std::fs::read(outside.join("victim.db")).expect("read"),
+        b"precious data that is not the standby's"
+    );
     assert!(!outside.join("late.db").exists());
 }
 
@@ -334,10 +475,17 @@ fn a_log_file_through_a_planted_symlink_is_refused() {
     // The next log file's name is a link out of the directory.
     let mut fx = populated();
     let (root, outside) = (fx.root(), fx.outside());
-    std::os::unix::fs::symlink(outside.join("victim.db"), root.join(logfile::log_file_name(2))).expect("symlink");
+    std::os::unix::fs::symlink(
+        outside.join("victim.db"),
+        root.join(logfile::log_file_name(2)),
+    )
+    .expect("symlink");
     let (img, _) = log_file(fx.m.tail.last_record.expect("log"), 10, 3);
     let err = fx.refuse(log_chunk(2, 0, &img));
-    assert!(matches!(&err, ApplyError::Path(PathError::Symlink { .. })), "{err:?}");
+    assert!(
+        matches!(&err, ApplyError::Path(PathError::Symlink { .. })),
+        "{err:?}"
+    );
 
     // The log directory itself is a link out of the directory.
     let mut fx = Fx::new();
@@ -346,11 +494,19 @@ fn a_log_file_through_a_planted_symlink_is_refused() {
     fx.ok(welcome(ENV, 1, "logs"));
     // Refused as soon as a base would use that directory, so no log arrives.
     let err = fx.refuse(base_start("b", 1, 0));
-    assert!(matches!(&err, ApplyError::Path(PathError::Symlink { .. })), "{err:?}");
+    assert!(
+        matches!(&err, ApplyError::Path(PathError::Symlink { .. })),
+        "{err:?}"
+    );
     let (img, _) = log_file(0, 0, 3);
     let err = fx.refuse(log_chunk(1, 0, &img));
     assert!(matches!(&err, ApplyError::Protocol(_)), "{err:?}");
-    assert_eq!(std::fs::read_dir(fx.outside().join("logs")).expect("ls").count(), 0);
+    assert_eq!(
+        std::fs::read_dir(fx.outside().join("logs"))
+            .expect("ls")
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -369,7 +525,10 @@ fn a_log_file_replaced_by_a_symlink_is_not_continued() {
         Err(e) => assert!(e.to_string().contains("symlink"), "{e}"),
         Ok(()) => {
             let err = fx.refuse(log_chunk(next_file, next_at, &next));
-            assert!(matches!(&err, ApplyError::Path(PathError::Symlink { .. })), "{err:?}");
+            assert!(
+                matches!(&err, ApplyError::Path(PathError::Symlink { .. })),
+                "{err:?}"
+            );
         }
     }
     assert_eq!(tree(fx.base.path()), before);
@@ -382,7 +541,11 @@ fn a_log_file_replaced_by_a_symlink_is_not_continued() {
     std::os::unix::fs::symlink(outside.join("victim.db"), root.join(&name)).expect("symlink");
     let before = tree(fx.base.path());
     let _ = fx.reopen();
-    assert_eq!(tree(fx.base.path()), before, "opening the mirror wrote through a symlink");
+    assert_eq!(
+        tree(fx.base.path()),
+        before,
+        "opening the mirror wrote through a symlink"
+    );
 }
 
 #[test]
@@ -396,11 +559,18 @@ fn a_new_base_does_not_delete_through_a_planted_log_directory_link() {
     let (root, outside) = (fx.root(), fx.outside());
     // The log directory becomes a link to someone else's log directory.
     std::fs::create_dir(outside.join("logs")).expect("mkdir");
-    std::fs::write(outside.join("logs").join(logfile::log_file_name(7)), b"someone else's log").expect("write");
+    std::fs::write(
+        outside.join("logs").join(logfile::log_file_name(7)),
+        b"someone else's log",
+    )
+    .expect("write");
     std::fs::remove_dir_all(root.join("logs")).expect("rm");
     std::os::unix::fs::symlink(outside.join("logs"), root.join("logs")).expect("symlink");
     let err = fx.refuse(base_start("base-2", 1, 0));
-    assert!(matches!(&err, ApplyError::Path(PathError::Symlink { .. })), "{err:?}");
+    assert!(
+        matches!(&err, ApplyError::Path(PathError::Symlink { .. })),
+        "{err:?}"
+    );
 }
 
 // -------------------------------------------------------------- 3: chunks
@@ -411,19 +581,50 @@ fn a_chunk_past_the_declared_size_is_refused() {
     let data = db_bytes(6000, 5);
     fx.ok(file_start("new.db", 5000, FileKind::Database));
     let err = fx.refuse(file_chunk("new.db", 0, &data));
-    assert!(matches!(err, ApplyError::PastDeclaredSize { offset: 0, len: 6000, size: 5000, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ApplyError::PastDeclaredSize {
+                offset: 0,
+                len: 6000,
+                size: 5000,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     fx.ok(file_chunk("new.db", 0, &data[..4096]));
     let err = fx.refuse(file_chunk("new.db", 4096, &data[4096..]));
-    assert!(matches!(err, ApplyError::PastDeclaredSize { offset: 4096, len: 1904, size: 5000, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ApplyError::PastDeclaredSize {
+                offset: 4096,
+                len: 1904,
+                size: 5000,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     // One byte over.
     let err = fx.refuse(file_chunk("new.db", 4096, &data[4096..5001]));
-    assert!(matches!(err, ApplyError::PastDeclaredSize { .. }), "{err:?}");
+    assert!(
+        matches!(err, ApplyError::PastDeclaredSize { .. }),
+        "{err:?}"
+    );
     fx.ok(file_chunk("new.db", 4096, &data[4096..5000]));
     // Nothing more fits, not even one byte.
     let err = fx.refuse(file_chunk("new.db", 5000, &data[5000..5001]));
-    assert!(matches!(err, ApplyError::PastDeclaredSize { .. }), "{err:?}");
+    assert!(
+        matches!(err, ApplyError::PastDeclaredSize { .. }),
+        "{err:?}"
+    );
     fx.ok(file_end("new.db", 5000));
-    assert_eq!(std::fs::read(fx.root().join("new.db")).expect("read"), &data[..5000]);
+    assert_eq!(
+        std::fs::read(fx.root().join("new.db")).expect("read"),
+        &data[..5000]
+    );
 }
 
 #[test]
@@ -432,14 +633,23 @@ fn a_chunk_for_an_unknown_file_is_refused() {
     // No FileStart at all, even for a file the standby holds.
     for name in ["data.db", "never-started.db", "../escape.db"] {
         let err = fx.refuse(file_chunk(name, 0, b"hello"));
-        assert!(matches!(&err, ApplyError::UnknownFile(n) if n == name), "{err:?}");
+        assert!(
+            matches!(&err, ApplyError::UnknownFile(n) if n == name),
+            "{err:?}"
+        );
         let err = fx.refuse(file_end(name, 5));
-        assert!(matches!(&err, ApplyError::UnknownFile(n) if n == name), "{err:?}");
+        assert!(
+            matches!(&err, ApplyError::UnknownFile(n) if n == name),
+            "{err:?}"
+        );
     }
     // A FileStart for another file.
     fx.ok(file_start("a.db", 100, FileKind::Database));
     let err = fx.refuse(file_chunk("b.db", 0, b"hello"));
-    assert!(matches!(&err, ApplyError::UnknownFile(n) if n == "b.db"), "{err:?}");
+    assert!(
+        matches!(&err, ApplyError::UnknownFile(n) if n == "b.db"),
+        "{err:?}"
+    );
     let err = fx.refuse(file_end("b.db", 0));
     assert!(matches!(&err, ApplyError::UnknownFile(_)), "{err:?}");
     // A finished file is not open any more.
@@ -455,12 +665,30 @@ fn out_of_order_chunks_are_refused() {
     let data = db_bytes(12288, 7);
     fx.ok(file_start("new.db", data.len() as u64, FileKind::Database));
     let err = fx.refuse(file_chunk("new.db", 4096, &data[4096..8192]));
-    assert!(matches!(err, ApplyError::OutOfOrder { expected: 0, got: 4096, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ApplyError::OutOfOrder {
+                expected: 0,
+                got: 4096,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     fx.ok(file_chunk("new.db", 0, &data[..4096]));
     // A replay of the same chunk, one from the future, one overlapping.
-    for (at, range) in [(0u64, 0..4096), (8192, 8192..12288), (4095, 4095..8191), (4097, 4097..8193)] {
+    for (at, range) in [
+        (0u64, 0..4096),
+        (8192, 8192..12288),
+        (4095, 4095..8191),
+        (4097, 4097..8193),
+    ] {
         let err = fx.refuse(file_chunk("new.db", at, &data[range]));
-        assert!(matches!(err, ApplyError::OutOfOrder { expected: 4096, got, .. } if got == at), "{err:?}");
+        assert!(
+            matches!(err, ApplyError::OutOfOrder { expected: 4096, got, .. } if got == at),
+            "{err:?}"
+        );
     }
     fx.ok(file_chunk("new.db", 4096, &data[4096..8192]));
     fx.ok(file_chunk("new.db", 8192, &data[8192..]));
@@ -486,7 +714,10 @@ fn a_bad_digest_is_refused_before_a_byte_is_written() {
         (corrupted, good.clone()), // flipped in transit
     ] {
         let err = fx.refuse(file_chunk_with_digest("new.db", 0, &bytes, digest));
-        assert!(matches!(&err, ApplyError::Digest { what } if what.contains("new.db")), "{err:?}");
+        assert!(
+            matches!(&err, ApplyError::Digest { what } if what.contains("new.db")),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("blake3 mismatch"), "{err}");
     }
     fx.ok(file_chunk("new.db", 0, &data));
@@ -497,8 +728,17 @@ fn a_bad_digest_is_refused_before_a_byte_is_written() {
     let mut bad = recs.clone();
     bad[20] ^= 1;
     let err = fx.refuse(log_chunk_full(file, at, &recs, flipped, LOG_FILE_SIZE));
-    assert!(matches!(&err, ApplyError::Digest { what } if what.contains("log chunk")), "{err:?}");
-    let err = fx.refuse(log_chunk_full(file, at, &bad, blake3::hash(&recs).as_bytes().to_vec(), LOG_FILE_SIZE));
+    assert!(
+        matches!(&err, ApplyError::Digest { what } if what.contains("log chunk")),
+        "{err:?}"
+    );
+    let err = fx.refuse(log_chunk_full(
+        file,
+        at,
+        &bad,
+        blake3::hash(&recs).as_bytes().to_vec(),
+        LOG_FILE_SIZE,
+    ));
     assert!(matches!(err, ApplyError::Digest { .. }), "{err:?}");
     fx.ok(log_chunk(file, at, &recs));
 }
@@ -521,7 +761,10 @@ fn log_that_does_not_continue_the_standby_log_is_refused() {
     ];
     for (at, data) in cases {
         let err = fx.refuse(log_chunk(at.file, at.offset, &data));
-        assert!(matches!(err, ApplyError::LogGap { expected, got } if expected == end && got == at), "{at}: {err:?}");
+        assert!(
+            matches!(err, ApplyError::LogGap { expected, got } if expected == end && got == at),
+            "{at}: {err:?}"
+        );
         assert!(err.to_string().contains("does not continue"), "{err}");
     }
     fx.ok(log_chunk(1, end.offset, &recs));
@@ -558,16 +801,32 @@ fn log_bytes_that_are_not_valid_records_are_refused() {
         ("length shorter than a header", short_len),
         ("zero length", zero_len),
         ("length past 4 GiB", huge_len),
-        ("good records then zeros", [good.clone(), vec![0u8; 64]].concat()),
+        (
+            "good records then zeros",
+            [good.clone(), vec![0u8; 64]].concat(),
+        ),
         ("empty", Vec::new()),
     ];
     for (what, data) in cases {
         let err = fx.refuse(log_chunk(end.file, end.offset, &data));
-        assert!(matches!(err, ApplyError::InvalidLog { at, .. } if at == end), "{what}: {err:?}");
-        assert!(err.to_string().contains("not a run of complete, verified records"), "{what}: {err}");
+        assert!(
+            matches!(err, ApplyError::InvalidLog { at, .. } if at == end),
+            "{what}: {err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("not a run of complete, verified records"),
+            "{what}: {err}"
+        );
     }
     // A declared log file size no log file can have.
-    let err = fx.refuse(log_chunk_full(end.file, end.offset, &good, blake3::hash(&good).as_bytes().to_vec(), 1 << 33));
+    let err = fx.refuse(log_chunk_full(
+        end.file,
+        end.offset,
+        &good,
+        blake3::hash(&good).as_bytes().to_vec(),
+        1 << 33,
+    ));
     assert!(matches!(err, ApplyError::InvalidLog { .. }), "{err:?}");
 
     // The first chunk of the next file must start with a persist record
@@ -577,9 +836,16 @@ fn log_bytes_that_are_not_valid_records_are_refused() {
     let (wrong_back_pointer, _) = log_file(last + 1, 70, 2);
     let mut wrong_magic = img.clone();
     wrong_magic[12] ^= 1;
-    for (what, data) in [("no persist record", not_persist), ("wrong back pointer", wrong_back_pointer), ("wrong magic", wrong_magic)] {
+    for (what, data) in [
+        ("no persist record", not_persist),
+        ("wrong back pointer", wrong_back_pointer),
+        ("wrong magic", wrong_magic),
+    ] {
         let err = fx.refuse(log_chunk(2, 0, &data));
-        assert!(matches!(err, ApplyError::InvalidLog { at, .. } if at == LogPosition::new(2, 0)), "{what}: {err:?}");
+        assert!(
+            matches!(err, ApplyError::InvalidLog { at, .. } if at == LogPosition::new(2, 0)),
+            "{what}: {err:?}"
+        );
     }
     fx.ok(log_chunk(end.file, end.offset, &good));
     let (img, _) = log_file(fx.m.tail.last_record.expect("log"), 70, 2);
@@ -595,13 +861,19 @@ fn another_environment_is_refused_for_good() {
     let mut fx = populated();
     for other in ["env-b", "", "ENV-A"] {
         let err = fx.refuse(welcome(other, 1, ""));
-        assert!(matches!(&err, ApplyError::IdentityMismatch { ours, theirs } if ours == ENV && theirs == other), "{err:?}");
+        assert!(
+            matches!(&err, ApplyError::IdentityMismatch { ours, theirs } if ours == ENV && theirs == other),
+            "{err:?}"
+        );
         assert!(err.is_permanent());
         assert!(err.to_string().starts_with("environment mismatch"), "{err}");
     }
     // A newer epoch does not make another environment acceptable.
     let err = fx.refuse(welcome("env-b", 99, ""));
-    assert!(matches!(err, ApplyError::IdentityMismatch { .. }), "{err:?}");
+    assert!(
+        matches!(err, ApplyError::IdentityMismatch { .. }),
+        "{err:?}"
+    );
     fx.ok(welcome(ENV, 1, ""));
 }
 
@@ -611,7 +883,10 @@ fn an_older_epoch_is_fenced() {
     fx.ok(welcome(ENV, 5, ""));
     for old in [4, 1, 0] {
         let err = fx.refuse(welcome(ENV, old, ""));
-        assert!(matches!(err, ApplyError::Fenced { ours: 5, theirs } if theirs == old), "{err:?}");
+        assert!(
+            matches!(err, ApplyError::Fenced { ours: 5, theirs } if theirs == old),
+            "{err:?}"
+        );
         assert!(err.is_permanent());
         assert!(err.to_string().contains("fenced"), "{err}");
     }
@@ -623,7 +898,10 @@ fn an_older_epoch_is_fenced() {
 fn a_changed_log_directory_is_refused_while_a_base_is_held() {
     let mut fx = populated();
     let err = fx.refuse(welcome(ENV, 1, "logs"));
-    assert!(matches!(&err, ApplyError::Protocol(why) if why.contains("log directory changed")), "{err:?}");
+    assert!(
+        matches!(&err, ApplyError::Protocol(why) if why.contains("log directory changed")),
+        "{err:?}"
+    );
     assert!(!err.is_permanent());
 }
 
@@ -632,19 +910,36 @@ fn data_before_welcome_or_base_start_is_refused() {
     let mut fx = Fx::new();
     let (img, _) = log_file(0, 0, 2);
     let err = fx.refuse(base_start("b", 1, 0));
-    assert!(matches!(&err, ApplyError::Protocol(why) if why.contains("before Welcome")), "{err:?}");
+    assert!(
+        matches!(&err, ApplyError::Protocol(why) if why.contains("before Welcome")),
+        "{err:?}"
+    );
     fx.ok(welcome(ENV, 1, ""));
-    for kind in [file_start("a.db", 10, FileKind::Database), log_chunk(1, 0, &img), files_done(1, 0)] {
+    for kind in [
+        file_start("a.db", 10, FileKind::Database),
+        log_chunk(1, 0, &img),
+        files_done(1, 0),
+    ] {
         let err = fx.refuse(kind);
-        assert!(matches!(&err, ApplyError::Protocol(why) if why.contains("before BaseStart")), "{err:?}");
+        assert!(
+            matches!(&err, ApplyError::Protocol(why) if why.contains("before BaseStart")),
+            "{err:?}"
+        );
     }
     let err = fx.refuse(file_chunk("a.db", 0, b"x"));
     assert!(matches!(err, ApplyError::UnknownFile(_)), "{err:?}");
     for (file, offset) in [(0, 0), (1, 28), (2, 100)] {
         let err = fx.refuse(base_start("b", file, offset));
-        assert!(matches!(&err, ApplyError::Protocol(why) if why.contains("not the start of a log file")), "{err:?}");
+        assert!(
+            matches!(&err, ApplyError::Protocol(why) if why.contains("not the start of a log file")),
+            "{err:?}"
+        );
     }
-    let err = fx.refuse(Kind::BaseStart(BaseStart { base_id: "b".into(), log_start: None, ..Default::default() }));
+    let err = fx.refuse(Kind::BaseStart(BaseStart {
+        base_id: "b".into(),
+        log_start: None,
+        ..Default::default()
+    }));
     assert!(matches!(err, ApplyError::Protocol(_)), "{err:?}");
     fx.ok(Kind::Heartbeat(Heartbeat::default()));
     fx.ok(base_start("b", 1, 0));
@@ -666,23 +961,44 @@ fn a_file_of_the_wrong_kind_or_size_is_refused() {
     ];
     for (name, kind, size) in cases {
         let err = fx.refuse(file_start(name, size, kind));
-        assert!(matches!(&err, ApplyError::Protocol(why) if why.contains("cannot be sent as")), "{name} {kind:?}: {err:?}");
+        assert!(
+            matches!(&err, ApplyError::Protocol(why) if why.contains("cannot be sent as")),
+            "{name} {kind:?}: {err:?}"
+        );
     }
-    let err = fx.refuse(Kind::FileStart(FileStart { name: "x.db".into(), size: 1, kind: 7, page_size: 4096, ..Default::default() }));
-    assert!(matches!(&err, ApplyError::Protocol(why) if why.contains("unknown file kind")), "{err:?}");
+    let err = fx.refuse(Kind::FileStart(FileStart {
+        name: "x.db".into(),
+        size: 1,
+        kind: 7,
+        page_size: 4096,
+        ..Default::default()
+    }));
+    assert!(
+        matches!(&err, ApplyError::Protocol(why) if why.contains("unknown file kind")),
+        "{err:?}"
+    );
     for size in [MAX_FILE_SIZE + 1, u64::MAX] {
         let err = fx.refuse(file_start("huge.db", size, FileKind::Database));
-        assert!(matches!(&err, ApplyError::TooLarge { size: s, .. } if *s == size), "{err:?}");
+        assert!(
+            matches!(&err, ApplyError::TooLarge { size: s, .. } if *s == size),
+            "{err:?}"
+        );
     }
     // A second FileStart while a file is still incomplete.
     fx.ok(file_start("a.db", 10, FileKind::Database));
     let err = fx.refuse(file_start("b.db", 10, FileKind::Database));
-    assert!(matches!(&err, ApplyError::Protocol(why) if why.contains("incomplete")), "{err:?}");
+    assert!(
+        matches!(&err, ApplyError::Protocol(why) if why.contains("incomplete")),
+        "{err:?}"
+    );
 }
 
 /// The parts of the directory that hold data (not the receiving area).
 fn stored(fx: &Fx) -> BTreeMap<String, String> {
-    tree(&fx.root()).into_iter().filter(|(k, _)| !k.starts_with(".tandem/incoming")).collect()
+    tree(&fx.root())
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(".tandem/incoming"))
+        .collect()
 }
 
 #[test]
@@ -692,11 +1008,22 @@ fn a_resent_file_that_ends_short_leaves_the_complete_copy_alone() {
     let data = db_bytes(16384, 2);
     fx.ok(file_start("data.db", data.len() as u64, FileKind::Database));
     fx.ok(file_chunk("data.db", 0, &data[..4096]));
-    let err = fx.m.apply(file_end("data.db", data.len() as u64)).expect_err("short file");
-    assert!(matches!(&err, ApplyError::Protocol(why) if why.contains("ended at")), "{err:?}");
-    assert_eq!(stored(&fx), before, "the complete data.db must be untouched");
+    let err =
+        fx.m.apply(file_end("data.db", data.len() as u64))
+            .expect_err("short file");
+    assert!(
+        matches!(&err, ApplyError::Protocol(why) if why.contains("ended at")),
+        "{err:?}"
+    );
+    assert_eq!(
+        stored(&fx),
+        before,
+        "the complete data.db must be untouched"
+    );
     fx.m.begin_session();
-    let err = fx.m.apply(file_chunk("data.db", 4096, &data[4096..8192])).expect_err("file is gone");
+    let err =
+        fx.m.apply(file_chunk("data.db", 4096, &data[4096..8192]))
+            .expect_err("file is gone");
     assert!(matches!(err, ApplyError::UnknownFile(_)), "{err:?}");
     assert_eq!(stored(&fx), before);
 }
@@ -708,9 +1035,14 @@ fn a_resent_file_that_ends_short_leaves_the_complete_copy_alone() {
 fn digest_of_record_before(fx: &Fx, end: LogPosition) -> Vec<u8> {
     let bytes = fx.log_bytes(end.file);
     let w = logfile::walk(&bytes[..end.offset as usize], 0, None);
-    assert_eq!(w.end, end.offset, "the log on disk does not verify to {end}");
+    assert_eq!(
+        w.end, end.offset,
+        "the log on disk does not verify to {end}"
+    );
     let last = w.last_record.expect("records") as usize;
-    blake3::hash(&bytes[last..end.offset as usize]).as_bytes().to_vec()
+    blake3::hash(&bytes[last..end.offset as usize])
+        .as_bytes()
+        .to_vec()
 }
 
 #[test]
@@ -729,7 +1061,9 @@ fn after_a_refused_message_the_standby_resumes_where_it_is_durable() {
     let (b, _) = records(b_at, fx.m.tail.last_record.expect("log"), 90, 2);
     let mut flipped = blake3::hash(&b).as_bytes().to_vec();
     flipped[0] ^= 0xff;
-    let err = fx.m.apply(log_chunk_full(file, b_at, &b, flipped, LOG_FILE_SIZE)).expect_err("corrupted");
+    let err =
+        fx.m.apply(log_chunk_full(file, b_at, &b, flipped, LOG_FILE_SIZE))
+            .expect_err("corrupted");
     assert!(matches!(err, ApplyError::Digest { .. }), "{err:?}");
 
     fx.m.begin_session();
@@ -740,10 +1074,17 @@ fn after_a_refused_message_the_standby_resumes_where_it_is_durable() {
         "the Hello's last_record_digest is not the digest of the record before its durable position {resume}"
     );
     // The primary resends from `resume`.
-    let resent = if resume.offset == at { [a.clone(), b.clone()].concat() } else { b.clone() };
+    let resent = if resume.offset == at {
+        [a.clone(), b.clone()].concat()
+    } else {
+        b.clone()
+    };
     fx.ok(log_chunk(resume.file, resume.offset, &resent));
     fx.m.sync().expect("sync");
-    assert_eq!(fx.m.tail.durable, LogPosition::new(file, b_at + b.len() as u32));
+    assert_eq!(
+        fx.m.tail.durable,
+        LogPosition::new(file, b_at + b.len() as u32)
+    );
     let disk = scan_tail(&fx.m.dir, &fx.m.state).expect("scan");
     assert_eq!(disk.durable, fx.m.tail.durable);
 }
@@ -762,7 +1103,11 @@ impl Tmpfs {
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;
         if !out.status.success() {
-            return Err(format!("mount -t tmpfs failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!(
+                "mount -t tmpfs failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         Ok(Self(at.to_path_buf()))
     }
@@ -770,7 +1115,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success());
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         }
@@ -806,15 +1154,22 @@ fn a_full_disk_is_reported_as_disk_full_and_keeps_what_was_stored() {
     m.apply(welcome(ENV, 1, "")).expect("welcome");
     m.apply(base_start("b", 1, 0)).expect("base");
     let data = db_bytes(16384, 4);
-    m.apply(file_start("data.db", data.len() as u64, FileKind::Database)).expect("start");
+    m.apply(file_start("data.db", data.len() as u64, FileKind::Database))
+        .expect("start");
     m.apply(file_chunk("data.db", 0, &data)).expect("chunk");
-    m.apply(file_end("data.db", data.len() as u64)).expect("end");
+    m.apply(file_end("data.db", data.len() as u64))
+        .expect("end");
     let (img, _) = log_file(0, 0, 10);
     m.apply(log_chunk(1, 0, &img)).expect("log");
     m.sync().expect("sync");
     let durable = m.tail.durable;
     let state = m.state.clone();
-    let stored = |m: &Mirror| tree(&m.dir.root).into_iter().filter(|(k, _)| !k.starts_with(".tandem/incoming")).collect::<BTreeMap<_, _>>();
+    let stored = |m: &Mirror| {
+        tree(&m.dir.root)
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(".tandem/incoming"))
+            .collect::<BTreeMap<_, _>>()
+    };
     let before = stored(&m);
 
     fill(&mnt.join("filler"));
@@ -822,25 +1177,42 @@ fn a_full_disk_is_reported_as_disk_full_and_keeps_what_was_stored() {
     let (file, at, big) = next_records(&m, 100, 300);
     assert!(big.len() > 8192);
     let mut refusals = Vec::new();
-    refusals.push(m.apply(log_chunk(file, at, &big)).expect_err("log on a full disk"));
+    refusals.push(
+        m.apply(log_chunk(file, at, &big))
+            .expect_err("log on a full disk"),
+    );
     refusals.push({
         let (next, _) = log_file(m.tail.last_record.expect("log"), 500, 300);
-        m.apply(log_chunk(2, 0, &next)).expect_err("new log file on a full disk")
+        m.apply(log_chunk(2, 0, &next))
+            .expect_err("new log file on a full disk")
     });
     m.begin_session();
-    refusals.push(match m.apply(file_start("new.db", data.len() as u64, FileKind::Database)) {
-        Err(e) => e,
-        Ok(_) => m.apply(file_chunk("new.db", 0, &data)).expect_err("database file on a full disk"),
-    });
+    refusals.push(
+        match m.apply(file_start("new.db", data.len() as u64, FileKind::Database)) {
+            Err(e) => e,
+            Ok(_) => m
+                .apply(file_chunk("new.db", 0, &data))
+                .expect_err("database file on a full disk"),
+        },
+    );
     m.begin_session();
-    refusals.push(m.apply(files_done(1, at)).expect_err("state on a full disk"));
+    refusals.push(
+        m.apply(files_done(1, at))
+            .expect_err("state on a full disk"),
+    );
     for err in &refusals {
-        assert!(matches!(err, ApplyError::DiskFull(_)), "expected DiskFull, got {err:?}");
+        assert!(
+            matches!(err, ApplyError::DiskFull(_)),
+            "expected DiskFull, got {err:?}"
+        );
         assert!(err.to_string().starts_with("disk full while"), "{err}");
     }
     m.begin_session();
     assert_eq!(m.tail.durable, durable, "nothing new may be acknowledged");
-    assert_eq!(m.state, state, "the in-memory state must match what is stored");
+    assert_eq!(
+        m.state, state,
+        "the in-memory state must match what is stored"
+    );
     assert_eq!(m.dir.load_state().expect("state"), state);
     // What was stored is intact and the log still verifies to its end.
     let after = stored(&m);
@@ -850,23 +1222,46 @@ fn a_full_disk_is_reported_as_disk_full_and_keeps_what_was_stored() {
         }
     }
     let log = std::fs::read(m.dir.root.join(logfile::log_file_name(1))).expect("read");
-    assert_eq!(&log[..durable.offset as usize], &img[..], "the durable log prefix changed");
+    assert_eq!(
+        &log[..durable.offset as usize],
+        &img[..],
+        "the durable log prefix changed"
+    );
     // The write that failed may have put some of the new records into the
     // page that was already allocated: complete ones are the primary's own
     // records (verified before writing), so the chain still verifies to at
     // least the durable end, and nothing past it was acknowledged.
-    let w = logfile::walk_file(&std::fs::File::open(m.dir.root.join(logfile::log_file_name(1))).expect("open"), None).expect("walk");
-    assert!(w.end >= durable.offset, "the log no longer verifies to {durable}");
-    assert!(!m.dir.root.join(logfile::log_file_name(2)).exists(), "a log file appeared that could not be written");
-    assert!(!m.dir.root.join("new.db").exists(), "a database file appeared that could not be written");
+    let w = logfile::walk_file(
+        &std::fs::File::open(m.dir.root.join(logfile::log_file_name(1))).expect("open"),
+        None,
+    )
+    .expect("walk");
+    assert!(
+        w.end >= durable.offset,
+        "the log no longer verifies to {durable}"
+    );
+    assert!(
+        !m.dir.root.join(logfile::log_file_name(2)).exists(),
+        "a log file appeared that could not be written"
+    );
+    assert!(
+        !m.dir.root.join("new.db").exists(),
+        "a database file appeared that could not be written"
+    );
 
     // Space comes back: the primary resends from the durable position.
     std::fs::remove_file(mnt.join("filler")).expect("rm filler");
-    m.apply(log_chunk(file, at, &big)).expect("log after space came back");
-    m.apply(files_done(1, at)).expect("state after space came back");
+    m.apply(log_chunk(file, at, &big))
+        .expect("log after space came back");
+    m.apply(files_done(1, at))
+        .expect("state after space came back");
     let end = m.sync().expect("sync");
     assert_eq!(end, LogPosition::new(1, at + big.len() as u32));
-    let w = logfile::walk_file(&std::fs::File::open(m.dir.root.join(logfile::log_file_name(1))).expect("open"), None).expect("walk");
+    let w = logfile::walk_file(
+        &std::fs::File::open(m.dir.root.join(logfile::log_file_name(1))).expect("open"),
+        None,
+    )
+    .expect("walk");
     assert_eq!(w.end, end.offset);
     drop(m);
 }

@@ -41,7 +41,10 @@ pub struct PromoteOptions {
 pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport> {
     let started = Instant::now();
     if !dir.meta().exists() {
-        bail!("{} is not a Tandem standby directory (no .tandem inside)", dir.root.display());
+        bail!(
+            "{} is not a Tandem standby directory (no .tandem inside)",
+            dir.root.display()
+        );
     }
     // Only one promote at a time, for the whole procedure.
     let guard = File::options()
@@ -52,7 +55,10 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         .context("opening the promote lock")?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(guard.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("another promote is already running on {}", dir.root.display());
+        bail!(
+            "another promote is already running on {}",
+            dir.root.display()
+        );
     }
 
     let state = dir.load_state()?;
@@ -81,21 +87,43 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
             match &state.base {
                 None => "it holds no base".to_owned(),
                 Some(b) if !b.files_done => "its base copy is incomplete".to_owned(),
-                Some(b) => format!("its log ends at {} but the base needs it up to {}", tail.durable, b.consistent_at.unwrap_or_default()),
+                Some(b) => format!(
+                    "its log ends at {} but the base needs it up to {}",
+                    tail.durable,
+                    b.consistent_at.unwrap_or_default()
+                ),
             }
         );
     }
     tracing::info!(%kind, durable = %tail.durable, "running catastrophic recovery");
     let tools = BdbTools::default();
-    let report = tools.recover_catastrophic(&dir.root).context("catastrophic recovery failed; the directory is left as it was after recovery ran")?;
-    let databases: Vec<String> =
-        state.base.as_ref().map(|b| b.complete_files.iter().filter(|n| *n != DB_CONFIG).cloned().collect()).unwrap_or_default();
+    let report = tools.recover_catastrophic(&dir.root).context(
+        "catastrophic recovery failed; the directory is left as it was after recovery ran",
+    )?;
+    let databases: Vec<String> = state
+        .base
+        .as_ref()
+        .map(|b| {
+            b.complete_files
+                .iter()
+                .filter(|n| *n != DB_CONFIG)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
     for db in &databases {
-        tools.verify(&dir.root, db).with_context(|| format!("db_verify of {db} failed after recovery"))?;
+        tools
+            .verify(&dir.root, db)
+            .with_context(|| format!("db_verify of {db} failed after recovery"))?;
     }
     let epoch = state.epoch + 1;
     state.epoch = epoch;
-    state.promoted = Some(Promotion { epoch, unix_ms: tandem_shared::now_unix_ms(), kind: kind.clone(), recovered_to: report.recovered_to });
+    state.promoted = Some(Promotion {
+        epoch,
+        unix_ms: tandem_shared::now_unix_ms(),
+        kind: kind.clone(),
+        recovered_to: report.recovered_to,
+    });
     dir.store_state(&state)?;
     tracing::info!(%kind, epoch, recovered_to = ?report.recovered_to, "promoted");
     Ok(PromoteReport {
@@ -129,7 +157,9 @@ fn stop_follower(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, Log
             }
             None => {
                 tracing::warn!("no standby runs on this directory and no primary is recorded: promoting with what is durable (failover)");
-                let end = crate::status::read(dir).map(|s| s.primary_end_lsn).unwrap_or_default();
+                let end = crate::status::read(dir)
+                    .map(|s| s.primary_end_lsn)
+                    .unwrap_or_default();
                 return Ok(("failover".into(), end));
             }
         },
@@ -157,7 +187,10 @@ fn stop_follower(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, Log
         }
         if s.lag_bytes == 0 && s.durable_lsn >= s.primary_end_lsn {
             match stable_since {
-                Some((at, since)) if at == s.primary_end_lsn && since.elapsed() >= Duration::from_millis(1200) => {
+                Some((at, since))
+                    if at == s.primary_end_lsn
+                        && since.elapsed() >= Duration::from_millis(1200) =>
+                {
                     kind = "switchover".into();
                     break;
                 }
@@ -189,21 +222,44 @@ fn stop_follower(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, Log
 /// Starts `tandem-standby run` with the configuration the directory last
 /// followed with, to fetch what the primary still has.
 fn spawn_catch_up(dir: &StandbyDir) -> Result<Option<std::process::Child>> {
-    let Ok(bytes) = std::fs::read(dir.meta().join(crate::follow::FOLLOW_CONFIG_FILE)) else { return Ok(None) };
-    let fc: crate::follow::FollowConfig = serde_json::from_slice(&bytes).context("reading .tandem/follow.json")?;
+    let Ok(bytes) = std::fs::read(dir.meta().join(crate::follow::FOLLOW_CONFIG_FILE)) else {
+        return Ok(None);
+    };
+    let fc: crate::follow::FollowConfig =
+        serde_json::from_slice(&bytes).context("reading .tandem/follow.json")?;
     let log = File::create(dir.meta().join("promote-catch-up.log"))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("run").arg("--dir").arg(&dir.root).args(["--primary", &fc.primary, "--name", &fc.name, "--check-interval-secs", "0"]);
-    cmd.arg("--cert").arg(&fc.tls.cert).arg("--key").arg(&fc.tls.key).arg("--ca").arg(&fc.tls.ca);
+    cmd.arg("run").arg("--dir").arg(&dir.root).args([
+        "--primary",
+        &fc.primary,
+        "--name",
+        &fc.name,
+        "--check-interval-secs",
+        "0",
+    ]);
+    cmd.arg("--cert")
+        .arg(&fc.tls.cert)
+        .arg("--key")
+        .arg(&fc.tls.key)
+        .arg("--ca")
+        .arg(&fc.tls.ca);
     if let Some(n) = &fc.server_name {
         cmd.args(["--server-name", n]);
     }
     tracing::info!(primary = %fc.primary, "no standby runs on this directory: starting one to fetch what the primary still has");
-    let child = cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn().context("starting the catch-up standby")?;
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the catch-up standby")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while dir.lock_holder() != Some(child.id()) {
         if Instant::now() > deadline {
-            bail!("the catch-up standby did not start; see {}", dir.meta().join("promote-catch-up.log").display());
+            bail!(
+                "the catch-up standby did not start; see {}",
+                dir.meta().join("promote-catch-up.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -46,7 +46,10 @@ pub struct CheckReport {
 /// Runs one check and records it in `.tandem/check.json`.
 pub fn run_check(dir: &StandbyDir) -> CheckReport {
     let started = Instant::now();
-    let mut report = check(dir).unwrap_or_else(|e| CheckReport { error: Some(format!("{e:#}")), ..Default::default() });
+    let mut report = check(dir).unwrap_or_else(|e| CheckReport {
+        error: Some(format!("{e:#}")),
+        ..Default::default()
+    });
     report.unix_ms = tandem_shared::now_unix_ms();
     report.seconds = started.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(dir.meta().join(CHECK_DIR));
@@ -56,32 +59,45 @@ pub fn run_check(dir: &StandbyDir) -> CheckReport {
     if report.ok {
         tracing::info!(recovered_to = ?report.recovered_to, secs = report.seconds, "readiness check passed");
     } else {
-        tracing::error!(error = report.error.as_deref().unwrap_or("?"), "READINESS CHECK FAILED: the standby might not recover");
+        tracing::error!(
+            error = report.error.as_deref().unwrap_or("?"),
+            "READINESS CHECK FAILED: the standby might not recover"
+        );
     }
     report
 }
 
 /// The last recorded check, if any.
 pub fn last_check(dir: &StandbyDir) -> Option<CheckReport> {
-    std::fs::read(dir.meta().join(REPORT_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    std::fs::read(dir.meta().join(REPORT_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 fn check(dir: &StandbyDir) -> Result<CheckReport> {
     let state = dir.load_state()?;
     let tail = scan_tail(dir, &state)?;
-    let Some(base) = state.base.as_ref().filter(|_| is_recoverable(&state, tail.durable)) else {
-        bail!("the standby is not recoverable yet (its base copy or the log it needs is incomplete)");
+    let Some(base) = state
+        .base
+        .as_ref()
+        .filter(|_| is_recoverable(&state, tail.durable))
+    else {
+        bail!(
+            "the standby is not recoverable yet (its base copy or the log it needs is incomplete)"
+        );
     };
     let clone = dir.meta().join(CHECK_DIR);
     let _ = std::fs::remove_dir_all(&clone);
     std::fs::create_dir_all(&clone)?;
     for name in &base.complete_files {
-        clone_file(&dir.root.join(name), &clone.join(name), None).with_context(|| format!("cloning {name}"))?;
+        clone_file(&dir.root.join(name), &clone.join(name), None)
+            .with_context(|| format!("cloning {name}"))?;
     }
     for n in base.log_start.file..=tail.durable.file {
         let rel = Path::new(&state.log_dir).join(log_file_name(n));
         let limit = (n == tail.durable.file).then_some(u64::from(tail.durable.offset));
-        clone_file(&dir.root.join(&rel), &clone.join(&rel), limit).with_context(|| format!("cloning {}", rel.display()))?;
+        clone_file(&dir.root.join(&rel), &clone.join(&rel), limit)
+            .with_context(|| format!("cloning {}", rel.display()))?;
     }
     let mut config = std::fs::read_to_string(clone.join(DB_CONFIG)).unwrap_or_default();
     if !config.contains("set_cachesize") {
@@ -92,7 +108,9 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
     let recovery = tools.recover_catastrophic(&clone)?;
     let mut verified = 0;
     for name in base.complete_files.iter().filter(|n| *n != DB_CONFIG) {
-        tools.verify(&clone, name).with_context(|| format!("db_verify of {name}"))?;
+        tools
+            .verify(&clone, name)
+            .with_context(|| format!("db_verify of {name}"))?;
         verified += 1;
     }
     Ok(CheckReport {

@@ -24,8 +24,8 @@
 //! was committed after that is unknown to the backup.
 
 use crate::archive::{
-    check_files, copy_backup, fsync_tree, list_backups, lock_archive, log_rel_name, read_manifest, rfc3339, scan_logs, ArchiveError,
-    LogSummary, Manifest, Problem, PUBLISH_LOCK,
+    check_files, copy_backup, fsync_tree, list_backups, lock_archive, log_rel_name, read_manifest,
+    rfc3339, scan_logs, ArchiveError, LogSummary, Manifest, Problem, PUBLISH_LOCK,
 };
 use serde::Serialize;
 use std::fs;
@@ -80,19 +80,29 @@ const FORMS: &str = "expected @UNIXSECONDS, YYYY-MM-DDTHH:MM:SS[.frac][Z|±HH:MM
 /// Fractions of a second are dropped: BDB stamps commits in whole seconds.
 pub fn parse_time(input: &str) -> Result<i64, ArchiveError> {
     let s = input.trim();
-    let bad = |why: String| ArchiveError::BadTime { input: input.to_owned(), why };
+    let bad = |why: String| ArchiveError::BadTime {
+        input: input.to_owned(),
+        why,
+    };
     let unix = if let Some(digits) = s.strip_prefix('@') {
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad(format!("{digits:?} is not a number of seconds")));
         }
         digits.parse::<i64>().map_err(|e| bad(e.to_string()))?
     } else {
-        let (fields, zone) = if s.contains('-') || s.contains(':') { parse_iso(s) } else { parse_bdb(s, current_local_year()) }.map_err(bad)?;
+        let (fields, zone) = if s.contains('-') || s.contains(':') {
+            parse_iso(s)
+        } else {
+            parse_bdb(s, current_local_year())
+        }
+        .map_err(bad)?;
         validate(&fields).map_err(bad)?;
         to_unix(&fields, zone).map_err(bad)?
     };
     if !(0..=i64::from(i32::MAX)).contains(&unix) {
-        return Err(bad("outside the range of BDB's commit timestamps (1970 .. 2038)".into()));
+        return Err(bad(
+            "outside the range of BDB's commit timestamps (1970 .. 2038)".into(),
+        ));
     }
     Ok(unix)
 }
@@ -107,7 +117,12 @@ fn digits_at(s: &str, r: std::ops::Range<usize>) -> Result<u32, String> {
 
 fn parse_iso(s: &str) -> Result<(Fields, Zone), String> {
     let b = s.as_bytes();
-    if b.len() < 16 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' {
+    if b.len() < 16
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+    {
         return Err(FORMS.to_owned());
     }
     let mut f = Fields {
@@ -170,7 +185,11 @@ fn parse_bdb(s: &str, this_year: i64) -> Result<(Fields, Zone), String> {
             (if yy >= 69 { 1900 + yy } else { 2000 + yy }, &main[2..])
         }
         8 => (this_year, main),
-        _ => return Err(format!("BDB's form has 8, 10 or 12 digits before the optional .SS; {FORMS}")),
+        _ => {
+            return Err(format!(
+                "BDB's form has 8, 10 or 12 digits before the optional .SS; {FORMS}"
+            ))
+        }
     };
     let second = match secs {
         None => 0,
@@ -178,7 +197,14 @@ fn parse_bdb(s: &str, this_year: i64) -> Result<(Fields, Zone), String> {
         Some(_) => return Err("seconds after '.' must be two digits".into()),
     };
     Ok((
-        Fields { year, month: digits_at(rest, 0..2)?, day: digits_at(rest, 2..4)?, hour: digits_at(rest, 4..6)?, minute: digits_at(rest, 6..8)?, second },
+        Fields {
+            year,
+            month: digits_at(rest, 0..2)?,
+            day: digits_at(rest, 2..4)?,
+            hour: digits_at(rest, 4..6)?,
+            minute: digits_at(rest, 6..8)?,
+            second,
+        },
         Zone::Local,
     ))
 }
@@ -197,16 +223,23 @@ fn validate(f: &Fields) -> Result<(), String> {
         return Err(format!("month {} is not 1..12", f.month));
     }
     if f.day == 0 || f.day > days_in_month(f.year, f.month) {
-        return Err(format!("day {} does not exist in {}-{:02}", f.day, f.year, f.month));
+        return Err(format!(
+            "day {} does not exist in {}-{:02}",
+            f.day, f.year, f.month
+        ));
     }
     if f.hour > 23 || f.minute > 59 || f.second > 59 {
-        return Err(format!("{:02}:{:02}:{:02} is not a time of day", f.hour, f.minute, f.second));
+        return Err(format!(
+            "{:02}:{:02}:{:02} is not a time of day",
+            f.hour, f.minute, f.second
+        ));
     }
     Ok(())
 }
 
 fn to_unix(f: &Fields, zone: Zone) -> Result<i64, String> {
-    let utc = crate::archive::days_from_civil(f.year, f.month, f.day) * 86_400 + i64::from(f.hour * 3600 + f.minute * 60 + f.second);
+    let utc = crate::archive::days_from_civil(f.year, f.month, f.day) * 86_400
+        + i64::from(f.hour * 3600 + f.minute * 60 + f.second);
     match zone {
         Zone::Utc => Ok(utc),
         Zone::Offset(east) => Ok(utc - east),
@@ -252,17 +285,34 @@ struct ScratchDir {
 
 impl ScratchDir {
     fn new(parent: Option<&Path>, tag: &str) -> Result<Self, ArchiveError> {
-        let parent = parent.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
-        fs::create_dir_all(&parent).map_err(crate::archive::io_err(format!("creating {}", parent.display())))?;
+        let parent = parent
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
+        fs::create_dir_all(&parent).map_err(crate::archive::io_err(format!(
+            "creating {}",
+            parent.display()
+        )))?;
         for i in 0..100u32 {
-            let path = parent.join(format!("tandem-{tag}-{}-{}-{i}", std::process::id(), tandem_shared::now_unix_ms()));
+            let path = parent.join(format!(
+                "tandem-{tag}-{}-{}-{i}",
+                std::process::id(),
+                tandem_shared::now_unix_ms()
+            ));
             match fs::create_dir(&path) {
                 Ok(()) => return Ok(Self { path, keep: false }),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(crate::archive::io_err(format!("creating {}", path.display()))(e)),
+                Err(e) => {
+                    return Err(crate::archive::io_err(format!(
+                        "creating {}",
+                        path.display()
+                    ))(e))
+                }
             }
         }
-        Err(ArchiveError::Check(format!("cannot create a scratch directory in {}", parent.display())))
+        Err(ArchiveError::Check(format!(
+            "cannot create a scratch directory in {}",
+            parent.display()
+        )))
     }
 }
 
@@ -286,7 +336,11 @@ pub struct Proof {
 /// Copies a backup to a scratch directory, runs catastrophic recovery and
 /// `db_verify` there, and removes the scratch copy. The caller makes sure
 /// the backup does not change meanwhile.
-pub fn prove_recovers(backup: &Path, m: &Manifest, scratch: Option<&Path>) -> Result<Proof, ArchiveError> {
+pub fn prove_recovers(
+    backup: &Path,
+    m: &Manifest,
+    scratch: Option<&Path>,
+) -> Result<Proof, ArchiveError> {
     let started = Instant::now();
     let dir = ScratchDir::new(scratch, "verify")?;
     copy_backup(backup, m, &dir.path)?;
@@ -308,7 +362,8 @@ fn boost_cache(home: &Path) -> Result<Option<Vec<u8>>, ArchiveError> {
     let mut config = String::from_utf8_lossy(original.as_deref().unwrap_or_default()).into_owned();
     if !config.contains("set_cachesize") {
         config.push_str(&format!("\n{SCRATCH_CACHE}\n"));
-        fs::write(&cfg, config).map_err(crate::archive::io_err(format!("writing {}", cfg.display())))?;
+        fs::write(&cfg, config)
+            .map_err(crate::archive::io_err(format!("writing {}", cfg.display())))?;
     }
     Ok(original)
 }
@@ -320,14 +375,22 @@ fn restore_config(home: &Path, original: Option<Vec<u8>>) -> Result<(), ArchiveE
         Some(bytes) => fs::write(&cfg, bytes),
         None => fs::remove_file(&cfg),
     }
-    .map_err(crate::archive::io_err(format!("restoring {}", cfg.display())))
+    .map_err(crate::archive::io_err(format!(
+        "restoring {}",
+        cfg.display()
+    )))
 }
 
 fn recover_scratch(home: &Path, m: &Manifest) -> Result<Proof, ArchiveError> {
     boost_cache(home)?;
     let rec = run_recover(home, None)?;
     let verified = verify_databases(home, m)?;
-    Ok(Proof { recovery_seconds: rec.seconds, recovered_to: rec.recovered_to, databases_verified: verified, ..Default::default() })
+    Ok(Proof {
+        recovery_seconds: rec.seconds,
+        recovered_to: rec.recovered_to,
+        databases_verified: verified,
+        ..Default::default()
+    })
 }
 
 struct Recovered {
@@ -350,20 +413,41 @@ fn run_recover(home: &Path, until: Option<i64>) -> Result<Recovered, ArchiveErro
         Some(t) => format!("catastrophic recovery to {}", rfc3339(t)),
         None => "catastrophic recovery".to_owned(),
     };
-    let out = cmd.output().map_err(|source| ArchiveError::Bdb { what: what.clone(), source: BdbError::Spawn { tool: tool.clone(), source } })?;
+    let out = cmd.output().map_err(|source| ArchiveError::Bdb {
+        what: what.clone(),
+        source: BdbError::Spawn {
+            tool: tool.clone(),
+            source,
+        },
+    })?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
-        return Err(ArchiveError::Bdb { what, source: BdbError::Failed { tool, status: out.status.to_string(), stderr: text.trim().to_owned() } });
+        return Err(ArchiveError::Bdb {
+            what,
+            source: BdbError::Failed {
+                tool,
+                status: out.status.to_string(),
+                stderr: text.trim().to_owned(),
+            },
+        });
     }
-    Ok(Recovered { seconds: started.elapsed().as_secs_f64(), recovered_to: parse_last_valid_lsn(&text) })
+    Ok(Recovered {
+        seconds: started.elapsed().as_secs_f64(),
+        recovered_to: parse_last_valid_lsn(&text),
+    })
 }
 
 fn verify_databases(home: &Path, m: &Manifest) -> Result<usize, ArchiveError> {
     let tools = BdbTools::default();
     let mut n = 0;
     for f in m.databases() {
-        tools.verify(home, &f.name).map_err(|source| ArchiveError::Bdb { what: format!("db_verify of {}", f.name), source })?;
+        tools
+            .verify(home, &f.name)
+            .map_err(|source| ArchiveError::Bdb {
+                what: format!("db_verify of {}", f.name),
+                source,
+            })?;
         n += 1;
     }
     Ok(n)
@@ -401,7 +485,10 @@ pub fn resolve_backups(target: &Path, all: bool) -> Result<Vec<PathBuf>, Archive
         return Ok(vec![target.to_path_buf()]);
     }
     if !target.is_dir() {
-        return Err(crate::archive::io_err(format!("opening {}", target.display()))(io::Error::from(io::ErrorKind::NotFound)));
+        return Err(crate::archive::io_err(format!(
+            "opening {}",
+            target.display()
+        ))(io::Error::from(io::ErrorKind::NotFound)));
     }
     let mut backups: Vec<PathBuf> = list_backups(target)?.into_iter().map(|b| b.path).collect();
     if backups.is_empty() {
@@ -414,14 +501,20 @@ pub fn resolve_backups(target: &Path, all: bool) -> Result<Vec<PathBuf>, Archive
 }
 
 fn archive_of(backup: &Path) -> PathBuf {
-    backup.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    backup
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Checks one backup: manifest, every file's blake3, the log chain, then
 /// recovery and `db_verify` on a scratch copy.
 pub fn verify_backup(backup: &Path, scratch: Option<&Path>) -> VerifyReport {
     let started = Instant::now();
-    let mut r = VerifyReport { backup: backup.display().to_string(), ..Default::default() };
+    let mut r = VerifyReport {
+        backup: backup.display().to_string(),
+        ..Default::default()
+    };
     match verify_inner(backup, scratch, &mut r) {
         Ok(()) => r.ok = true,
         Err(e) => {
@@ -435,7 +528,11 @@ pub fn verify_backup(backup: &Path, scratch: Option<&Path>) -> VerifyReport {
     r
 }
 
-fn verify_inner(backup: &Path, scratch: Option<&Path>, r: &mut VerifyReport) -> Result<(), ArchiveError> {
+fn verify_inner(
+    backup: &Path,
+    scratch: Option<&Path>,
+    r: &mut VerifyReport,
+) -> Result<(), ArchiveError> {
     let lock = lock_archive(&archive_of(backup), PUBLISH_LOCK, false, false)?;
     let m = read_manifest(backup)?;
     r.env_id = m.env_id.clone();
@@ -449,7 +546,10 @@ fn verify_inner(backup: &Path, scratch: Option<&Path>, r: &mut VerifyReport) -> 
     r.earliest_restore = m.earliest_restore_unix().map(rfc3339);
     let summary = check_backup(backup, &m)?;
     r.bytes = m.files.iter().map(|f| f.size).sum();
-    if summary.commits != m.commits || summary.first_commit_unix != m.first_commit_unix || summary.last_commit_unix != m.last_commit_unix {
+    if summary.commits != m.commits
+        || summary.first_commit_unix != m.first_commit_unix
+        || summary.last_commit_unix != m.last_commit_unix
+    {
         return Err(ArchiveError::Check(format!(
             "{}: the manifest's commit count or times do not match its log ({} commits {:?}..{:?} in the log)",
             backup.display(),
@@ -475,9 +575,18 @@ fn verify_inner(backup: &Path, scratch: Option<&Path>, r: &mut VerifyReport) -> 
 fn check_backup(backup: &Path, m: &Manifest) -> Result<LogSummary, ArchiveError> {
     let (problems, _) = check_files(backup, m)?;
     if !problems.is_empty() {
-        return Err(ArchiveError::Integrity { backup: backup.to_path_buf(), problems });
+        return Err(ArchiveError::Integrity {
+            backup: backup.to_path_buf(),
+            problems,
+        });
     }
-    scan_logs(&backup.join(&m.log_dir), m.log_start.file, m.log_end.file, Some(m.log_end.offset), None)
+    scan_logs(
+        &backup.join(&m.log_dir),
+        m.log_start.file,
+        m.log_end.file,
+        Some(m.log_end.offset),
+        None,
+    )
 }
 
 // ---------------------------------------------------------------- restore
@@ -517,9 +626,12 @@ pub struct RestoreReport {
 fn ensure_empty_target(to: &Path) -> Result<(), ArchiveError> {
     match fs::symlink_metadata(to) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(crate::archive::io_err(format!("reading {}", to.display()))(e)),
+        Err(e) => Err(crate::archive::io_err(format!("reading {}", to.display()))(
+            e,
+        )),
         Ok(md) if md.is_dir() => {
-            let mut entries = fs::read_dir(to).map_err(crate::archive::io_err(format!("reading {}", to.display())))?;
+            let mut entries = fs::read_dir(to)
+                .map_err(crate::archive::io_err(format!("reading {}", to.display())))?;
             if entries.next().is_none() {
                 Ok(())
             } else {
@@ -551,7 +663,11 @@ fn choose_backup(from: &Path, until: Option<i64>) -> Result<PathBuf, ArchiveErro
             }
         };
         let Some(t) = until else { return Ok(b.clone()) };
-        if let Some((lo, hi)) = window_of(m.first_commit_unix, m.earliest_checkpoint_unix, m.last_commit_unix) {
+        if let Some((lo, hi)) = window_of(
+            m.first_commit_unix,
+            m.earliest_checkpoint_unix,
+            m.last_commit_unix,
+        ) {
             if (lo..=hi).contains(&t) {
                 return Ok(b.clone());
             }
@@ -563,8 +679,18 @@ fn choose_backup(from: &Path, until: Option<i64>) -> Result<PathBuf, ArchiveErro
         Some(t) => Err(ArchiveError::OutsideWindow {
             backup: from.display().to_string(),
             requested: rfc3339(t),
-            from: windows.iter().map(|w| w.0).min().map(rfc3339).unwrap_or_else(|| "-".into()),
-            to: windows.iter().map(|w| w.1).max().map(rfc3339).unwrap_or_else(|| "-".into()),
+            from: windows
+                .iter()
+                .map(|w| w.0)
+                .min()
+                .map(rfc3339)
+                .unwrap_or_else(|| "-".into()),
+            to: windows
+                .iter()
+                .map(|w| w.1)
+                .max()
+                .map(rfc3339)
+                .unwrap_or_else(|| "-".into()),
             why: "no backup in the archive covers that time".into(),
         }),
     }
@@ -574,7 +700,10 @@ fn choose_backup(from: &Path, until: Option<i64>) -> Result<PathBuf, ArchiveErro
 pub fn check_window(t: i64, s: &LogSummary, backup: &Path) -> Result<(i64, i64), ArchiveError> {
     let name = backup.display().to_string();
     let (Some(first), Some(last)) = (s.first_commit_unix, s.last_commit_unix) else {
-        return Err(ArchiveError::NoPointInTime { backup: name, why: "its log holds no committed transaction".into() });
+        return Err(ArchiveError::NoPointInTime {
+            backup: name,
+            why: "its log holds no committed transaction".into(),
+        });
     };
     let Some(ckp) = s.earliest_checkpoint_unix else {
         return Err(ArchiveError::NoPointInTime {
@@ -631,15 +760,30 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, ArchiveError> {
     }
     // Everything checked: now write, beside the target, under a temp name.
     ensure_empty_target(&opts.to)?;
-    let name = opts.to.file_name().and_then(|n| n.to_str()).ok_or_else(|| ArchiveError::Check(format!("{} has no usable file name", opts.to.display())))?;
+    let name = opts
+        .to
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            ArchiveError::Check(format!("{} has no usable file name", opts.to.display()))
+        })?;
     let parent = match opts.to.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    fs::create_dir_all(&parent).map_err(crate::archive::io_err(format!("creating {}", parent.display())))?;
-    let mut temp = ScratchDir { path: parent.join(format!(".{name}.tandem-restore-{}", std::process::id())), keep: false };
+    fs::create_dir_all(&parent).map_err(crate::archive::io_err(format!(
+        "creating {}",
+        parent.display()
+    )))?;
+    let mut temp = ScratchDir {
+        path: parent.join(format!(".{name}.tandem-restore-{}", std::process::id())),
+        keep: false,
+    };
     let _ = fs::remove_dir_all(&temp.path);
-    fs::create_dir(&temp.path).map_err(crate::archive::io_err(format!("creating {}", temp.path.display())))?;
+    fs::create_dir(&temp.path).map_err(crate::archive::io_err(format!(
+        "creating {}",
+        temp.path.display()
+    )))?;
     copy_backup(&backup, &m, &temp.path)?;
     drop(lock);
     let config = boost_cache(&temp.path)?;
@@ -664,14 +808,30 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, ArchiveError> {
         "until": report.until, "recovered_to": report.recovered_to, "unix_ms": tandem_shared::now_unix_ms(),
     });
     let info_path = temp.path.join(RESTORE_INFO_FILE);
-    fs::write(&info_path, serde_json::to_vec_pretty(&info).unwrap_or_default()).map_err(crate::archive::io_err(format!("writing {}", info_path.display())))?;
-    fsync_tree(&temp.path).map_err(crate::archive::io_err(format!("fsync of {}", temp.path.display())))?;
+    fs::write(
+        &info_path,
+        serde_json::to_vec_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(crate::archive::io_err(format!(
+        "writing {}",
+        info_path.display()
+    )))?;
+    fsync_tree(&temp.path).map_err(crate::archive::io_err(format!(
+        "fsync of {}",
+        temp.path.display()
+    )))?;
     fs::rename(&temp.path, &opts.to).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => ArchiveError::TargetNotEmpty(opts.to.clone()),
-        _ => crate::archive::io_err(format!("renaming the restored environment to {}", opts.to.display()))(e),
+        _ => crate::archive::io_err(format!(
+            "renaming the restored environment to {}",
+            opts.to.display()
+        ))(e),
     })?;
     temp.keep = true;
-    fsync_dir(&parent).map_err(crate::archive::io_err(format!("fsync of {}", parent.display())))?;
+    fsync_dir(&parent).map_err(crate::archive::io_err(format!(
+        "fsync of {}",
+        parent.display()
+    )))?;
     report.seconds = started.elapsed().as_secs_f64();
     tracing::info!(backup = %report.backup, target = %report.target, until = ?report.until, "restored");
     Ok(report)
@@ -682,7 +842,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, ArchiveError> {
 fn restored_log_summary(home: &Path, m: &Manifest) -> Result<LogSummary, ArchiveError> {
     let log_dir = home.join(&m.log_dir);
     let mut numbers: Vec<u32> = fs::read_dir(&log_dir)
-        .map_err(crate::archive::io_err(format!("listing {}", log_dir.display())))?
+        .map_err(crate::archive::io_err(format!(
+            "listing {}",
+            log_dir.display()
+        )))?
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(parse_log_file_name))
         .filter(|n| *n >= m.log_start.file)
@@ -694,8 +857,13 @@ fn restored_log_summary(home: &Path, m: &Manifest) -> Result<LogSummary, Archive
             last = n;
         }
     }
-    if fs::symlink_metadata(log_dir.join(tandem_shared::logfile::log_file_name(m.log_start.file))).is_err() {
-        return Err(ArchiveError::Check(format!("recovery removed {}", log_rel_name(&m.log_dir, m.log_start.file))));
+    if fs::symlink_metadata(log_dir.join(tandem_shared::logfile::log_file_name(m.log_start.file)))
+        .is_err()
+    {
+        return Err(ArchiveError::Check(format!(
+            "recovery removed {}",
+            log_rel_name(&m.log_dir, m.log_start.file)
+        )));
     }
     scan_logs(&log_dir, m.log_start.file, last, None, None)
 }
@@ -710,28 +878,69 @@ mod tests {
         assert_eq!(parse_time("@1795636648").unwrap(), t);
         assert_eq!(parse_time("2026-11-25T19:57:28Z").unwrap(), t);
         assert_eq!(parse_time("2026-11-25t19:57:28z").unwrap(), t);
-        assert_eq!(parse_time("2026-11-25T19:57:28.999Z").unwrap(), t, "fractions are dropped");
+        assert_eq!(
+            parse_time("2026-11-25T19:57:28.999Z").unwrap(),
+            t,
+            "fractions are dropped"
+        );
         assert_eq!(parse_time("2026-11-25T21:57:28+02:00").unwrap(), t);
         assert_eq!(parse_time("2026-11-25T14:27:28-0530").unwrap(), t);
         assert_eq!(parse_time("2026-11-25T19:57Z").unwrap(), t - 28);
         // Zone-less forms are local time, like db_recover's own.
-        let local = to_unix(&Fields { year: 2026, month: 11, day: 25, hour: 19, minute: 57, second: 28 }, Zone::Local).unwrap();
+        let local = to_unix(
+            &Fields {
+                year: 2026,
+                month: 11,
+                day: 25,
+                hour: 19,
+                minute: 57,
+                second: 28,
+            },
+            Zone::Local,
+        )
+        .unwrap();
         assert_eq!(parse_time("2026-11-25 19:57:28").unwrap(), local);
         assert_eq!(parse_time("202611251957.28").unwrap(), local);
         assert_eq!(parse_time("2611251957.28").unwrap(), local);
         assert_eq!(parse_bdb("6911251957", 2026).unwrap().0.year, 1969);
         assert_eq!(parse_bdb("6811251957", 2026).unwrap().0.year, 2068);
-        assert_eq!(parse_bdb("11251957.05", 2031).unwrap().0, Fields { year: 2031, month: 11, day: 25, hour: 19, minute: 57, second: 5 });
+        assert_eq!(
+            parse_bdb("11251957.05", 2031).unwrap().0,
+            Fields {
+                year: 2031,
+                month: 11,
+                day: 25,
+                hour: 19,
+                minute: 57,
+                second: 5
+            }
+        );
     }
 
     #[test]
     fn refuses_malformed_and_impossible_times() {
         for bad in [
-            "", "yesterday", "@", "@12x", "@-5", "2026-13-01T00:00:00Z", "2026-02-29T00:00:00Z", "2026-11-25T24:00:00Z", "2026-11-25T19:60:00Z",
-            "2026-11-25T19:57:28+25:00", "2026-11-25T19:57:28 UTC", "2026-11-25", "12345", "202611251957.5", "1795636648",
+            "",
+            "yesterday",
+            "@",
+            "@12x",
+            "@-5",
+            "2026-13-01T00:00:00Z",
+            "2026-02-29T00:00:00Z",
+            "2026-11-25T24:00:00Z",
+            "2026-11-25T19:60:00Z",
+            "2026-11-25T19:57:28+25:00",
+            "2026-11-25T19:57:28 UTC",
+            "2026-11-25",
+            "12345",
+            "202611251957.5",
+            "1795636648",
             "@99999999999",
         ] {
-            assert!(matches!(parse_time(bad), Err(ArchiveError::BadTime { .. })), "{bad:?} was accepted");
+            assert!(
+                matches!(parse_time(bad), Err(ArchiveError::BadTime { .. })),
+                "{bad:?} was accepted"
+            );
         }
         assert!(parse_time("2028-02-29T00:00:00Z").is_ok(), "a leap day");
     }
@@ -743,23 +952,49 @@ mod tests {
             let (f, _) = parse_bdb(&s, 0).unwrap();
             assert_eq!(to_unix(&f, Zone::Utc).unwrap(), t, "{s}");
         }
-        assert_eq!(crate::archive::bdb_time_utc(1_795_636_648), "202611251957.28");
+        assert_eq!(
+            crate::archive::bdb_time_utc(1_795_636_648),
+            "202611251957.28"
+        );
         assert_eq!(rfc3339(1_795_636_648), "2026-11-25T19:57:28Z");
     }
 
     #[test]
     fn window_checks() {
-        let s = LogSummary { first_commit_unix: Some(100), last_commit_unix: Some(200), earliest_checkpoint_unix: Some(120), ..Default::default() };
+        let s = LogSummary {
+            first_commit_unix: Some(100),
+            last_commit_unix: Some(200),
+            earliest_checkpoint_unix: Some(120),
+            ..Default::default()
+        };
         let p = Path::new("b");
         assert_eq!(check_window(120, &s, p).unwrap(), (120, 200));
         assert_eq!(check_window(200, &s, p).unwrap(), (120, 200));
-        assert!(matches!(check_window(99, &s, p), Err(ArchiveError::OutsideWindow { .. })));
-        assert!(matches!(check_window(110, &s, p), Err(ArchiveError::OutsideWindow { .. })));
-        assert!(matches!(check_window(201, &s, p), Err(ArchiveError::OutsideWindow { .. })));
-        let no_ckp = LogSummary { earliest_checkpoint_unix: None, ..s.clone() };
-        assert!(matches!(check_window(150, &no_ckp, p), Err(ArchiveError::NoPointInTime { .. })));
+        assert!(matches!(
+            check_window(99, &s, p),
+            Err(ArchiveError::OutsideWindow { .. })
+        ));
+        assert!(matches!(
+            check_window(110, &s, p),
+            Err(ArchiveError::OutsideWindow { .. })
+        ));
+        assert!(matches!(
+            check_window(201, &s, p),
+            Err(ArchiveError::OutsideWindow { .. })
+        ));
+        let no_ckp = LogSummary {
+            earliest_checkpoint_unix: None,
+            ..s.clone()
+        };
+        assert!(matches!(
+            check_window(150, &no_ckp, p),
+            Err(ArchiveError::NoPointInTime { .. })
+        ));
         let no_commit = LogSummary::default();
-        assert!(matches!(check_window(150, &no_commit, p), Err(ArchiveError::NoPointInTime { .. })));
+        assert!(matches!(
+            check_window(150, &no_commit, p),
+            Err(ArchiveError::NoPointInTime { .. })
+        ));
     }
 
     #[test]
@@ -770,8 +1005,14 @@ mod tests {
         assert!(ensure_empty_target(&d.path().join("empty")).is_ok());
         std::fs::create_dir(d.path().join("full")).unwrap();
         std::fs::write(d.path().join("full/x"), b"x").unwrap();
-        assert!(matches!(ensure_empty_target(&d.path().join("full")), Err(ArchiveError::TargetNotEmpty(_))));
+        assert!(matches!(
+            ensure_empty_target(&d.path().join("full")),
+            Err(ArchiveError::TargetNotEmpty(_))
+        ));
         std::fs::write(d.path().join("file"), b"x").unwrap();
-        assert!(matches!(ensure_empty_target(&d.path().join("file")), Err(ArchiveError::TargetNotEmpty(_))));
+        assert!(matches!(
+            ensure_empty_target(&d.path().join("file")),
+            Err(ArchiveError::TargetNotEmpty(_))
+        ));
     }
 }

@@ -67,7 +67,9 @@ pub struct StandbyDir {
 
 impl StandbyDir {
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_path_buf() }
+        Self {
+            root: root.to_path_buf(),
+        }
     }
     pub fn meta(&self) -> PathBuf {
         self.root.join(META_DIR)
@@ -116,7 +118,9 @@ impl StandbyDir {
         let mut fl = flock_struct(libc::F_WRLCK as i16);
         // SAFETY: fcntl with a valid fd and a properly initialised flock.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &mut fl) } != 0 {
-            return Err(LockError::Held { pid: self.lock_holder() });
+            return Err(LockError::Held {
+                pid: self.lock_holder(),
+            });
         }
         Ok(DirLock { _file: file })
     }

@@ -78,7 +78,11 @@ pub struct StandbyStatus {
 const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
 
 impl StandbyStatus {
-    pub fn phase_of(state: &StandbyState, durable: LogPosition, primary_end: LogPosition) -> &'static str {
+    pub fn phase_of(
+        state: &StandbyState,
+        durable: LogPosition,
+        primary_end: LogPosition,
+    ) -> &'static str {
         match &state.base {
             _ if state.promoted.is_some() => "promoted",
             None => "no base",
@@ -89,16 +93,25 @@ impl StandbyStatus {
     }
 
     pub fn fill_from_state(&mut self, state: &StandbyState) {
-        self.role = if state.promoted.is_some() { "promoted" } else { "standby" }.into();
+        self.role = if state.promoted.is_some() {
+            "promoted"
+        } else {
+            "standby"
+        }
+        .into();
         self.env_id = state.env_id.clone();
         self.epoch = state.epoch;
         self.base_id = state.base.as_ref().map(|b| b.base_id.clone());
         self.recoverable = is_recoverable(state, self.durable_lsn);
         self.phase = Self::phase_of(state, self.durable_lsn, self.primary_end_lsn).into();
         self.promotion = state.promoted.clone();
-        self.replay_log_bytes = state.base.as_ref().map_or(0, |b| b.log_start.bytes_until(self.durable_lsn, self.lg_max));
+        self.replay_log_bytes = state.base.as_ref().map_or(0, |b| {
+            b.log_start.bytes_until(self.durable_lsn, self.lg_max)
+        });
         let rate = match &self.last_check {
-            Some(c) if c.ok && c.recovery_seconds > 0.05 && c.log_bytes > 0 => c.log_bytes as f64 / c.recovery_seconds,
+            Some(c) if c.ok && c.recovery_seconds > 0.05 && c.log_bytes > 0 => {
+                c.log_bytes as f64 / c.recovery_seconds
+            }
             _ => DEFAULT_REPLAY_BYTES_PER_SEC,
         };
         self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
@@ -106,7 +119,10 @@ impl StandbyStatus {
 
     /// The continuous archive's registration and the log held for it
     /// (read with [`crate::archive_hold::observe`]).
-    pub fn set_archive(&mut self, (hold, held_bytes): (Option<crate::archive_hold::ArchiveHold>, u64)) {
+    pub fn set_archive(
+        &mut self,
+        (hold, held_bytes): (Option<crate::archive_hold::ArchiveHold>, u64),
+    ) {
         self.archive = hold.as_ref().map(|h| h.archive.clone());
         self.archived_lsn = hold.map(|h| h.log_end);
         self.archive_held_log_bytes = held_bytes;
@@ -120,7 +136,9 @@ impl StandbyStatus {
     }
 
     pub fn compute_lag(&mut self) {
-        self.lag_bytes = self.durable_lsn.bytes_until(self.primary_end_lsn, self.lg_max);
+        self.lag_bytes = self
+            .durable_lsn
+            .bytes_until(self.primary_end_lsn, self.lg_max);
         let now = tandem_shared::now_unix_ms();
         if self.lag_bytes == 0 {
             self.caught_up_unix_ms = now;
@@ -135,7 +153,9 @@ impl StandbyStatus {
 
 /// The status of the standby directory, whether or not a standby runs.
 pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
-    let last: Option<StandbyStatus> = std::fs::read(dir.status_path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let last: Option<StandbyStatus> = std::fs::read(dir.status_path())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(pid) = dir.lock_holder() {
         if let Some(mut s) = last.clone() {
             s.running = true;
@@ -144,7 +164,10 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
         }
     }
     if !dir.state_path().exists() && !dir.meta().exists() {
-        anyhow::bail!("{} is not a Tandem standby directory (no .tandem inside)", dir.root.display());
+        anyhow::bail!(
+            "{} is not a Tandem standby directory (no .tandem inside)",
+            dir.root.display()
+        );
     }
     let state = dir.load_state()?;
     let tail = scan_tail(dir, &state)?;
@@ -193,7 +216,10 @@ pub fn render(s: &StandbyStatus) -> String {
     if s.base_copy_active {
         out.push_str(&format!("base copy:    {}\n", base_copy_progress(s)));
     }
-    out.push_str(&format!("promotion:    would replay {} bytes of log, about {:.1} s\n", s.replay_log_bytes, s.replay_estimate_seconds));
+    out.push_str(&format!(
+        "promotion:    would replay {} bytes of log, about {:.1} s\n",
+        s.replay_log_bytes, s.replay_estimate_seconds
+    ));
     match &s.last_check {
         Some(c) if c.ok => out.push_str(&format!(
             "last check:   passed {}, recovered to {} in {:.2} s\n",
@@ -201,7 +227,11 @@ pub fn render(s: &StandbyStatus) -> String {
             c.recovered_to.map(|l| l.to_string()).unwrap_or("-".into()),
             c.recovery_seconds
         )),
-        Some(c) => out.push_str(&format!("last check:   FAILED {}: {}\n", when(c.unix_ms), c.error.as_deref().unwrap_or("?"))),
+        Some(c) => out.push_str(&format!(
+            "last check:   FAILED {}: {}\n",
+            when(c.unix_ms),
+            c.error.as_deref().unwrap_or("?")
+        )),
         None => out.push_str("last check:   none yet\n"),
     }
     match (&s.archive, s.archived_lsn) {
@@ -215,7 +245,12 @@ pub fn render(s: &StandbyStatus) -> String {
         out.push_str(&format!("last error:   {e}\n"));
     }
     if let Some(p) = &s.promotion {
-        out.push_str(&format!("promoted:     {} at epoch {}, recovered to {}\n", p.kind, p.epoch, p.recovered_to.map(|l| l.to_string()).unwrap_or("-".into())));
+        out.push_str(&format!(
+            "promoted:     {} at epoch {}, recovered to {}\n",
+            p.kind,
+            p.epoch,
+            p.recovered_to.map(|l| l.to_string()).unwrap_or("-".into())
+        ));
     }
     out
 }
@@ -223,39 +258,139 @@ pub fn render(s: &StandbyStatus) -> String {
 /// "43% (440 of 1024 MiB), about 2 s left".
 fn base_copy_progress(s: &StandbyStatus) -> String {
     const MIB: f64 = (1u64 << 20) as f64;
-    let (done, total) = (s.base_copy_done_bytes as f64, s.base_copy_total_bytes as f64);
+    let (done, total) = (
+        s.base_copy_done_bytes as f64,
+        s.base_copy_total_bytes as f64,
+    );
     if total <= 0.0 {
         return "starting".into();
     }
-    let secs = tandem_shared::now_unix_ms().saturating_sub(s.base_copy_started_unix_ms) as f64 / 1000.0;
-    let left = if done > 0.0 && secs > 0.0 { format!(", about {:.0} s left", (total - done).max(0.0) * secs / done) } else { String::new() };
-    format!("{:.0}% ({:.0} of {:.0} MiB){left}", 100.0 * done / total, done / MIB, total / MIB)
+    let secs =
+        tandem_shared::now_unix_ms().saturating_sub(s.base_copy_started_unix_ms) as f64 / 1000.0;
+    let left = if done > 0.0 && secs > 0.0 {
+        format!(
+            ", about {:.0} s left",
+            (total - done).max(0.0) * secs / done
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{:.0}% ({:.0} of {:.0} MiB){left}",
+        100.0 * done / total,
+        done / MIB,
+        total / MIB
+    )
 }
 
 /// Prometheus text for a running standby.
 pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
-    let Ok(s) = live.lock().map(|s| s.clone()) else { return String::new() };
+    let Ok(s) = live.lock().map(|s| s.clone()) else {
+        return String::new();
+    };
     tandem_shared::metrics::PromText::default()
-        .counter("tandem_standby_log_bytes_received_total", "Log bytes received, verified and written.", s.log_bytes_received)
-        .counter("tandem_standby_file_bytes_received_total", "Database file bytes received, verified and written.", s.file_bytes_received)
-        .counter("tandem_standby_chunk_verification_failures_total", "Chunks whose blake3 digest did not match.", s.digest_failures)
-        .counter("tandem_standby_rejected_messages_total", "Messages from the primary that were refused.", s.rejected_messages)
-        .counter("tandem_standby_reconnects_total", "Reconnections to the primary.", s.reconnects)
-        .gauge("tandem_standby_connected", "1 while connected to the primary.", f64::from(u8::from(s.connected)))
-        .gauge("tandem_standby_lag_bytes", "Log bytes the primary has that the standby does not hold durably.", s.lag_bytes as f64)
-        .gauge("tandem_standby_lag_seconds", "Seconds since the standby last held everything the primary had.", s.lag_seconds)
-        .gauge("tandem_standby_recoverable", "1 when the directory holds a complete base and the log it needs.", f64::from(u8::from(s.recoverable)))
-        .gauge("tandem_standby_epoch", "Highest epoch seen.", s.epoch as f64)
-        .counter("tandem_standby_rebases_total", "Rebases completed.", s.rebases)
-        .gauge("tandem_standby_promotion_replay_bytes", "Log bytes a promotion would replay now.", s.replay_log_bytes as f64)
-        .gauge("tandem_standby_promotion_replay_estimate_seconds", "Estimated recovery time of a promotion now.", s.replay_estimate_seconds)
-        .gauge("tandem_standby_readiness_check_ok", "1 if the last readiness check passed, 0 if it failed or none ran.", f64::from(u8::from(s.last_check.as_ref().is_some_and(|c| c.ok))))
-        .gauge("tandem_standby_readiness_check_duration_seconds", "Duration of the last readiness check.", s.last_check.as_ref().map_or(0.0, |c| c.seconds))
-        .gauge("tandem_standby_readiness_check_timestamp_seconds", "When the last readiness check ran.", s.last_check.as_ref().map_or(0.0, |c| c.unix_ms as f64 / 1000.0))
-        .gauge("tandem_standby_base_copy_done_bytes", "Bytes of the base copy under way received or reused (0 when none).", s.base_copy_done_bytes as f64)
-        .gauge("tandem_standby_base_copy_total_bytes", "Bytes of the base copy under way, as the primary listed them (0 when none).", s.base_copy_total_bytes as f64)
-        .gauge("tandem_standby_archive_held_log_bytes", "Log bytes kept only because the continuous archive lacks them.", s.archive_held_log_bytes as f64)
-        .gauge("tandem_standby_last_contact_timestamp_seconds", "When the primary was last heard from.", s.last_contact_unix_ms as f64 / 1000.0)
+        .counter(
+            "tandem_standby_log_bytes_received_total",
+            "Log bytes received, verified and written.",
+            s.log_bytes_received,
+        )
+        .counter(
+            "tandem_standby_file_bytes_received_total",
+            "Database file bytes received, verified and written.",
+            s.file_bytes_received,
+        )
+        .counter(
+            "tandem_standby_chunk_verification_failures_total",
+            "Chunks whose blake3 digest did not match.",
+            s.digest_failures,
+        )
+        .counter(
+            "tandem_standby_rejected_messages_total",
+            "Messages from the primary that were refused.",
+            s.rejected_messages,
+        )
+        .counter(
+            "tandem_standby_reconnects_total",
+            "Reconnections to the primary.",
+            s.reconnects,
+        )
+        .gauge(
+            "tandem_standby_connected",
+            "1 while connected to the primary.",
+            f64::from(u8::from(s.connected)),
+        )
+        .gauge(
+            "tandem_standby_lag_bytes",
+            "Log bytes the primary has that the standby does not hold durably.",
+            s.lag_bytes as f64,
+        )
+        .gauge(
+            "tandem_standby_lag_seconds",
+            "Seconds since the standby last held everything the primary had.",
+            s.lag_seconds,
+        )
+        .gauge(
+            "tandem_standby_recoverable",
+            "1 when the directory holds a complete base and the log it needs.",
+            f64::from(u8::from(s.recoverable)),
+        )
+        .gauge(
+            "tandem_standby_epoch",
+            "Highest epoch seen.",
+            s.epoch as f64,
+        )
+        .counter(
+            "tandem_standby_rebases_total",
+            "Rebases completed.",
+            s.rebases,
+        )
+        .gauge(
+            "tandem_standby_promotion_replay_bytes",
+            "Log bytes a promotion would replay now.",
+            s.replay_log_bytes as f64,
+        )
+        .gauge(
+            "tandem_standby_promotion_replay_estimate_seconds",
+            "Estimated recovery time of a promotion now.",
+            s.replay_estimate_seconds,
+        )
+        .gauge(
+            "tandem_standby_readiness_check_ok",
+            "1 if the last readiness check passed, 0 if it failed or none ran.",
+            f64::from(u8::from(s.last_check.as_ref().is_some_and(|c| c.ok))),
+        )
+        .gauge(
+            "tandem_standby_readiness_check_duration_seconds",
+            "Duration of the last readiness check.",
+            s.last_check.as_ref().map_or(0.0, |c| c.seconds),
+        )
+        .gauge(
+            "tandem_standby_readiness_check_timestamp_seconds",
+            "When the last readiness check ran.",
+            s.last_check
+                .as_ref()
+                .map_or(0.0, |c| c.unix_ms as f64 / 1000.0),
+        )
+        .gauge(
+            "tandem_standby_base_copy_done_bytes",
+            "Bytes of the base copy under way received or reused (0 when none).",
+            s.base_copy_done_bytes as f64,
+        )
+        .gauge(
+            "tandem_standby_base_copy_total_bytes",
+            "Bytes of the base copy under way, as the primary listed them (0 when none).",
+            s.base_copy_total_bytes as f64,
+        )
+        .gauge(
+            "tandem_standby_archive_held_log_bytes",
+            "Log bytes kept only because the continuous archive lacks them.",
+            s.archive_held_log_bytes as f64,
+        )
+        .gauge(
+            "tandem_standby_last_contact_timestamp_seconds",
+            "When the primary was last heard from.",
+            s.last_contact_unix_ms as f64 / 1000.0,
+        )
         .finish()
 }
 
@@ -272,7 +407,10 @@ mod tests {
             base_copy_started_unix_ms: tandem_shared::now_unix_ms() - 10_000,
             ..Default::default()
         };
-        assert_eq!(base_copy_progress(&s), "25% (256 of 1024 MiB), about 30 s left");
+        assert_eq!(
+            base_copy_progress(&s),
+            "25% (256 of 1024 MiB), about 30 s left"
+        );
         assert!(render(&s).contains("base copy:    25%"));
         s.base_copy_total_bytes = 0;
         assert_eq!(base_copy_progress(&s), "starting");

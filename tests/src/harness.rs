@@ -27,13 +27,20 @@ pub fn bin(name: &str) -> PathBuf {
 
 fn check_bin(path: &Path) -> Result<()> {
     if !path.exists() {
-        bail!("{} is missing: build the binaries first (cargo build --workspace --bins)", path.display());
+        bail!(
+            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            path.display()
+        );
     }
     Ok(())
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+pub fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let last_err = match cond() {
@@ -42,7 +49,12 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<
             Err(e) => Some(e),
         };
         if Instant::now() > deadline {
-            return Err(anyhow!("timed out after {timeout:?} waiting for {what}{}", last_err.map(|e| format!(" (last error: {e:#})")).unwrap_or_default()));
+            return Err(anyhow!(
+                "timed out after {timeout:?} waiting for {what}{}",
+                last_err
+                    .map(|e| format!(" (last error: {e:#})"))
+                    .unwrap_or_default()
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -57,12 +69,21 @@ pub struct Certs {
 impl Certs {
     pub fn generate(dir: &Path) -> Result<Self> {
         tandem_shared::tls::generate(dir, &["localhost".into(), "127.0.0.1".into()])?;
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn args(&self, role: &str) -> Vec<String> {
         let p = |f: &str| self.dir.join(f).display().to_string();
-        vec!["--cert".into(), p(&format!("{role}.pem")), "--key".into(), p(&format!("{role}-key.pem")), "--ca".into(), p("ca.pem")]
+        vec![
+            "--cert".into(),
+            p(&format!("{role}.pem")),
+            "--key".into(),
+            p(&format!("{role}-key.pem")),
+            "--ca".into(),
+            p("ca.pem"),
+        ]
     }
 }
 
@@ -84,7 +105,11 @@ impl Proc {
             .env("NO_COLOR", "1")
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        Ok(Self { name: name.into(), child, log: log.into() })
+        Ok(Self {
+            name: name.into(),
+            child,
+            log: log.into(),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -112,7 +137,11 @@ impl Proc {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                bail!("{} did not exit within {timeout:?}; its log:\n{}", self.name, self.log_text());
+                bail!(
+                    "{} did not exit within {timeout:?}; its log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -149,38 +178,81 @@ impl Primary {
 
 /// Starts `tandem-primary run` for `env` on `listen` (port 0 = any) and
 /// waits until it listens.
-pub fn start_primary(work: &Path, env: &Path, certs: &Certs, listen: &str, extra: &[&str]) -> Result<Primary> {
+pub fn start_primary(
+    work: &Path,
+    env: &Path,
+    certs: &Certs,
+    listen: &str,
+    extra: &[&str],
+) -> Result<Primary> {
     let exe = bin("tandem-primary");
     check_bin(&exe)?;
     let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
     let addr_file = work.join(format!("primary-{n}.addr"));
     let mut cmd = Command::new(&exe);
-    cmd.arg("run").arg("--env").arg(env).args(["--listen", listen]).args(certs.args("primary")).arg("--bound-addr-file").arg(&addr_file).args(extra);
-    let mut proc = Proc::spawn("tandem-primary", cmd, &work.join(format!("primary-{n}.log")))?;
+    cmd.arg("run")
+        .arg("--env")
+        .arg(env)
+        .args(["--listen", listen])
+        .args(certs.args("primary"))
+        .arg("--bound-addr-file")
+        .arg(&addr_file)
+        .args(extra);
+    let mut proc = Proc::spawn(
+        "tandem-primary",
+        cmd,
+        &work.join(format!("primary-{n}.log")),
+    )?;
     let mut addr = None;
     wait_for("the primary to listen", Duration::from_secs(30), || {
         if !proc.is_running() {
             bail!("tandem-primary exited: {}", proc.log_text());
         }
-        addr = std::fs::read_to_string(&addr_file).ok().and_then(|s| s.trim().parse().ok());
+        addr = std::fs::read_to_string(&addr_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         Ok(addr.is_some())
     })?;
-    Ok(Primary { proc, addr: addr.context("bound address")?, env: env.into() })
+    Ok(Primary {
+        proc,
+        addr: addr.context("bound address")?,
+        env: env.into(),
+    })
 }
 
 /// Starts `tandem-standby run` for `dir` following `url`.
-pub fn start_standby(work: &Path, dir: &Path, url: &str, certs: &Certs, extra: &[&str]) -> Result<Proc> {
+pub fn start_standby(
+    work: &Path,
+    dir: &Path,
+    url: &str,
+    certs: &Certs,
+    extra: &[&str],
+) -> Result<Proc> {
     let exe = bin("tandem-standby");
     check_bin(&exe)?;
     let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
     let mut cmd = Command::new(&exe);
-    cmd.arg("run").arg("--dir").arg(dir).args(["--primary", url, "--name", "test-standby"]).args(certs.args("standby")).args(extra);
-    Proc::spawn("tandem-standby", cmd, &work.join(format!("standby-{n}.log")))
+    cmd.arg("run")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--primary", url, "--name", "test-standby"])
+        .args(certs.args("standby"))
+        .args(extra);
+    Proc::spawn(
+        "tandem-standby",
+        cmd,
+        &work.join(format!("standby-{n}.log")),
+    )
 }
 
 /// `tandem-standby status --json`.
 pub fn standby_status(dir: &Path) -> Result<serde_json::Value> {
-    let out = Command::new(bin("tandem-standby")).arg("status").arg("--dir").arg(dir).arg("--json").output()?;
+    let out = Command::new(bin("tandem-standby"))
+        .arg("status")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--json")
+        .output()?;
     if !out.status.success() {
         bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -188,13 +260,18 @@ pub fn standby_status(dir: &Path) -> Result<serde_json::Value> {
 }
 
 pub fn lsn_of(v: &serde_json::Value) -> LogPosition {
-    LogPosition::new(v["file"].as_u64().unwrap_or(0) as u32, v["offset"].as_u64().unwrap_or(0) as u32)
+    LogPosition::new(
+        v["file"].as_u64().unwrap_or(0) as u32,
+        v["offset"].as_u64().unwrap_or(0) as u32,
+    )
 }
 
 /// The end of the verified log of an environment, read from its files.
 pub fn primary_log_end(env: &Path) -> Result<LogPosition> {
     let layout = EnvLayout::open(env)?;
-    let Some(&newest) = layout.log_files()?.last() else { return Ok(LogPosition::ZERO) };
+    let Some(&newest) = layout.log_files()?.last() else {
+        return Ok(LogPosition::ZERO);
+    };
     let w = walk_file(&File::open(layout.log_path(newest))?, None)?;
     Ok(LogPosition::new(newest, w.end))
 }
@@ -272,7 +349,10 @@ impl Drop for Scratch {
         if std::env::var_os("TANDEM_KEEP").is_some() {
             let kept = self.dir.path().to_path_buf();
             eprintln!("keeping {}", kept.display());
-            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")));
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().expect("tempdir"),
+            ));
         }
     }
 }
@@ -289,7 +369,19 @@ pub fn pair(initial: &bdb::WorkloadOptions) -> Result<Pair> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), initial)?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &["--check-interval-secs", "0"])?;
-    wait_for("the base copy", Duration::from_secs(120), || Ok(standby_status(&s.path("standby"))?["recoverable"] == true))?;
-    Ok(Pair { s, primary, standby })
+    let standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &["--check-interval-secs", "0"],
+    )?;
+    wait_for("the base copy", Duration::from_secs(120), || {
+        Ok(standby_status(&s.path("standby"))?["recoverable"] == true)
+    })?;
+    Ok(Pair {
+        s,
+        primary,
+        standby,
+    })
 }

@@ -14,7 +14,12 @@ use tandem_tests::harness::*;
 const LONG: Duration = Duration::from_secs(120);
 
 fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions { txns, checkpoint_every: 500, lg_max: 1 << 20, ..Default::default() }
+    WorkloadOptions {
+        txns,
+        checkpoint_every: 500,
+        lg_max: 1 << 20,
+        ..Default::default()
+    }
 }
 
 /// What one `tandem-standby` command did.
@@ -55,7 +60,14 @@ where
 }
 
 fn archive(dir: &Path, to: &Path, extra: &[&str]) -> Result<Run> {
-    let mut args: Vec<&OsStr> = vec!["archive".as_ref(), "--json".as_ref(), "--dir".as_ref(), dir.as_ref(), "--to".as_ref(), to.as_ref()];
+    let mut args: Vec<&OsStr> = vec![
+        "archive".as_ref(),
+        "--json".as_ref(),
+        "--dir".as_ref(),
+        dir.as_ref(),
+        "--to".as_ref(),
+        to.as_ref(),
+    ];
     args.extend(extra.iter().map(OsStr::new));
     let r = standby_cmd(args, &[])?;
     ensure!(r.ok(), "archive failed: {}{}", r.stdout, r.stderr);
@@ -63,11 +75,25 @@ fn archive(dir: &Path, to: &Path, extra: &[&str]) -> Result<Run> {
 }
 
 fn verify(target: &Path) -> Result<Run> {
-    standby_cmd([OsStr::new("verify-archive"), OsStr::new("--json"), target.as_os_str()], &[])
+    standby_cmd(
+        [
+            OsStr::new("verify-archive"),
+            OsStr::new("--json"),
+            target.as_os_str(),
+        ],
+        &[],
+    )
 }
 
 fn restore(from: &Path, to: &Path, until: Option<&str>, env: &[(&str, &str)]) -> Result<Run> {
-    let mut args: Vec<&OsStr> = vec!["restore".as_ref(), "--json".as_ref(), "--from".as_ref(), from.as_ref(), "--to".as_ref(), to.as_ref()];
+    let mut args: Vec<&OsStr> = vec![
+        "restore".as_ref(),
+        "--json".as_ref(),
+        "--from".as_ref(),
+        from.as_ref(),
+        "--to".as_ref(),
+        to.as_ref(),
+    ];
     if let Some(u) = until {
         args.extend(["--until".as_ref(), OsStr::new(u)]);
     }
@@ -79,39 +105,73 @@ fn pair(initial: u64) -> Result<Pair> {
 }
 
 fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Waits until the wall clock has moved past second `t` (a condition, not a
 /// fixed sleep): every commit from now on is stamped after `t`.
 fn wait_past_second(t: i64) -> Result<()> {
-    wait_for("the clock to pass a second boundary", Duration::from_secs(5), || Ok(now_unix() > t))
+    wait_for(
+        "the clock to pass a second boundary",
+        Duration::from_secs(5),
+        || Ok(now_unix() > t),
+    )
 }
 
 /// The mirror's files (not Tandem's own state).
 fn mirror_digest(dir: &Path) -> Result<Vec<(String, String)>> {
-    Ok(dir_digest(dir)?.into_iter().filter(|(k, _)| !k.starts_with(".tandem/")).collect())
+    Ok(dir_digest(dir)?
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(".tandem/"))
+        .collect())
 }
 
 fn dir_size(dir: &Path) -> u64 {
-    dir_digest(dir).map(|m| m.keys().map(|k| std::fs::metadata(dir.join(k)).map(|md| md.len()).unwrap_or(0)).sum()).unwrap_or(0)
+    dir_digest(dir)
+        .map(|m| {
+            m.keys()
+                .map(|k| {
+                    std::fs::metadata(dir.join(k))
+                        .map(|md| md.len())
+                        .unwrap_or(0)
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 #[test]
-fn an_archive_taken_while_streaming_restores_exactly_what_the_primary_had_committed() -> Result<()> {
+fn an_archive_taken_while_streaming_restores_exactly_what_the_primary_had_committed() -> Result<()>
+{
     let p = pair(2000)?;
     let s = &p.s;
     let lsns = s.path("commits.lsn");
 
     // Hot: the workload runs while the archive is taken.
-    let opts = WorkloadOptions { lsn_log: Some(lsns.clone()), rate: 3000, ..workload(20_000) };
-    let mut w = Proc::spawn("workload", opts.command(&s.path("env")), &s.path("workload.log"))?;
-    wait_for("commits", LONG, || Ok(bdb::read_lsn_log(&lsns).map(|v| v.len()).unwrap_or(0) >= 3000))?;
+    let opts = WorkloadOptions {
+        lsn_log: Some(lsns.clone()),
+        rate: 3000,
+        ..workload(20_000)
+    };
+    let mut w = Proc::spawn(
+        "workload",
+        opts.command(&s.path("env")),
+        &s.path("workload.log"),
+    )?;
+    wait_for("commits", LONG, || {
+        Ok(bdb::read_lsn_log(&lsns).map(|v| v.len()).unwrap_or(0) >= 3000)
+    })?;
     let hot = archive(&s.path("standby"), &s.path("archive"), &[])?;
     let hot_backup = PathBuf::from(hot.json["backup"].as_str().context("backup")?);
     let hot_end = lsn_of(&hot.json["log_end"]);
     assert_eq!(hot.json["action"], "created");
-    assert_eq!(hot.json["verified"], true, "a new backup is proven recoverable before it is published");
+    assert_eq!(
+        hot.json["verified"], true,
+        "a new backup is proven recoverable before it is published"
+    );
     assert!(w.wait_exit(LONG)?.success(), "{}", w.log_text());
     let last = bdb::parse_done(&w.log_text()).context("DONE")?;
 
@@ -121,8 +181,16 @@ fn an_archive_taken_while_streaming_restores_exactly_what_the_primary_had_commit
 
     // The hot backup holds exactly the transactions whose commit it holds.
     let commits = bdb::read_lsn_log(&lsns)?;
-    let expected = commits.iter().filter(|(_, f, o)| LogPosition::new(*f, *o) <= hot_end).map(|c| c.0).max().unwrap_or(2000);
-    assert!(expected > 2000 && expected < last, "the hot archive ended at {hot_end}, commit {expected} of {last}");
+    let expected = commits
+        .iter()
+        .filter(|(_, f, o)| LogPosition::new(*f, *o) <= hot_end)
+        .map(|c| c.0)
+        .max()
+        .unwrap_or(2000);
+    assert!(
+        expected > 2000 && expected < last,
+        "the hot archive ended at {hot_end}, commit {expected} of {last}"
+    );
     let hv = verify(&hot_backup)?;
     ensure!(hv.ok(), "verify-archive failed: {}{}", hv.stdout, hv.stderr);
     assert_eq!(hv.json[0]["ok"], true);
@@ -134,23 +202,43 @@ fn an_archive_taken_while_streaming_restores_exactly_what_the_primary_had_commit
     // At rest: archiving changes nothing in the mirror.
     let before = mirror_digest(&s.path("standby"))?;
     let cold = archive(&s.path("standby"), &s.path("archive"), &["--keep", "1"])?;
-    assert_eq!(before, mirror_digest(&s.path("standby"))?, "archiving changed the mirror");
-    assert_eq!(cold.json["removed"].as_array().map(Vec::len), Some(1), "--keep 1 deletes the older backup: {}", cold.json);
+    assert_eq!(
+        before,
+        mirror_digest(&s.path("standby"))?,
+        "archiving changed the mirror"
+    );
+    assert_eq!(
+        cold.json["removed"].as_array().map(Vec::len),
+        Some(1),
+        "--keep 1 deletes the older backup: {}",
+        cold.json
+    );
     assert!(!hot_backup.exists());
-    assert_eq!(lsn_of(&cold.json["log_end"]), primary_log_end(&s.path("env"))?);
+    assert_eq!(
+        lsn_of(&cold.json["log_end"]),
+        primary_log_end(&s.path("env"))?
+    );
     let v = verify(&s.path("archive"))?; // the archive: its newest backup
     ensure!(v.ok(), "verify-archive failed: {}{}", v.stdout, v.stderr);
     let r = restore(&s.path("archive"), &s.path("restored"), None, &[])?;
     ensure!(r.ok(), "restore failed: {}{}", r.stdout, r.stderr);
     assert_eq!(bdb::check(&s.path("restored"))?, last);
-    assert_eq!(bdb::db_dump_all(&s.path("env"), &WORKLOAD_DBS)?, bdb::db_dump_all(&s.path("restored"), &WORKLOAD_DBS)?, "db_dump differs");
+    assert_eq!(
+        bdb::db_dump_all(&s.path("env"), &WORKLOAD_DBS)?,
+        bdb::db_dump_all(&s.path("restored"), &WORKLOAD_DBS)?,
+        "db_dump differs"
+    );
     // The environment as the primary has it: no DB_CONFIG (recovery's cache
     // setting is removed again), and where it came from, in a hidden file.
     assert!(!s.path("restored/DB_CONFIG").exists());
-    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(s.path("restored/.tandem-restore.json"))?)?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.path("restored/.tandem-restore.json"))?)?;
     assert_eq!(info["restored_from"], cold.json["backup"]);
     // Applications open it and go on.
-    assert_eq!(bdb::run_workload(&s.path("restored"), &workload(10))?, last + 10);
+    assert_eq!(
+        bdb::run_workload(&s.path("restored"), &workload(10))?,
+        last + 10
+    );
     assert_eq!(bdb::check(&s.path("restored"))?, last + 10);
 
     eprintln!(
@@ -179,8 +267,15 @@ fn an_archive_taken_while_streaming_restores_exactly_what_the_primary_had_commit
 /// "[1][8712]__txn_regop: ..." then "\topcode: 1" and
 /// "\ttimestamp: 1795636598 (Wed Nov 25 19:56:38 2026, 202611251956.38)".
 fn printlog_commit_times(home: &Path) -> Result<Vec<i64>> {
-    let out = Command::new("db5.3_printlog").arg("-h").arg(home).output()?;
-    ensure!(out.status.success(), "db5.3_printlog: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("db5.3_printlog")
+        .arg("-h")
+        .arg(home)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "db5.3_printlog: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let mut times = Vec::new();
     let mut in_regop = false;
@@ -213,15 +308,26 @@ fn until_restores_exactly_the_transactions_committed_by_then() -> Result<()> {
     let backup = PathBuf::from(made.json["backup"].as_str().context("backup")?);
 
     // The commit times in the manifest are the ones BDB itself prints.
-    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(backup.join("MANIFEST.json"))?)?;
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(backup.join("MANIFEST.json"))?)?;
     let printed = printlog_commit_times(&backup)?;
     assert_eq!(m["commits"].as_u64(), Some(printed.len() as u64));
     assert_eq!(m["first_commit_unix"].as_i64(), printed.first().copied());
-    assert_eq!(m["last_commit_unix"].as_i64(), printed.iter().max().copied());
+    assert_eq!(
+        m["last_commit_unix"].as_i64(),
+        printed.iter().max().copied()
+    );
     let first = m["first_commit_unix"].as_i64().context("first commit")?;
     let last_t = m["last_commit_unix"].as_i64().context("last commit")?;
-    let earliest = first.max(m["earliest_checkpoint_unix"].as_i64().context("a checkpoint")?);
-    assert!(earliest <= t_a && t_a < last_t, "window {earliest}..{last_t}, t_a {t_a}");
+    let earliest = first.max(
+        m["earliest_checkpoint_unix"]
+            .as_i64()
+            .context("a checkpoint")?,
+    );
+    assert!(
+        earliest <= t_a && t_a < last_t,
+        "window {earliest}..{last_t}, t_a {t_a}"
+    );
 
     // Every accepted spelling of t_a restores exactly phase A.
     let forms: Vec<(String, Vec<(&str, &str)>)> = vec![
@@ -230,23 +336,43 @@ fn until_restores_exactly_the_transactions_committed_by_then() -> Result<()> {
         (date(t_a, "EST5", "%Y-%m-%dT%H:%M:%S-05:00")?, vec![]),
         // Local time, in a zone nine hours east of UTC: restore converts it,
         // and db_recover (which reads -t as local time) is not confused.
-        (date(t_a, "JST-9", "%Y-%m-%d %H:%M:%S")?, vec![("TZ", "JST-9")]),
+        (
+            date(t_a, "JST-9", "%Y-%m-%d %H:%M:%S")?,
+            vec![("TZ", "JST-9")],
+        ),
         (date(t_a, "JST-9", "%Y%m%d%H%M.%S")?, vec![("TZ", "JST-9")]),
     ];
     for (i, (form, env)) in forms.iter().enumerate() {
         let to = s.path(&format!("pit-{i}"));
         let r = restore(&backup, &to, Some(form), env)?;
-        ensure!(r.ok(), "restore --until {form} failed: {}{}", r.stdout, r.stderr);
+        ensure!(
+            r.ok(),
+            "restore --until {form} failed: {}{}",
+            r.stdout,
+            r.stderr
+        );
         assert_eq!(bdb::check(&to)?, last_a, "--until {form} ({env:?})");
         assert_eq!(r.json["until_unix"].as_i64(), Some(t_a), "{form}");
         assert!(r.json["last_commit_kept"].as_str() <= r.json["until"].as_str());
-        eprintln!("MEASURED restore --until {form}: {:.2} s (recovery {:.2} s)", r.secs, r.json["recovery_seconds"].as_f64().unwrap_or(0.0));
+        eprintln!(
+            "MEASURED restore --until {form}: {:.2} s (recovery {:.2} s)",
+            r.secs,
+            r.json["recovery_seconds"].as_f64().unwrap_or(0.0)
+        );
     }
     // The point-in-time environment is one applications open and write.
-    assert_eq!(bdb::run_workload(&s.path("pit-0"), &workload(10))?, last_a + 10);
+    assert_eq!(
+        bdb::run_workload(&s.path("pit-0"), &workload(10))?,
+        last_a + 10
+    );
     assert_eq!(bdb::check(&s.path("pit-0"))?, last_a + 10);
     // At the last commit: everything.
-    let r = restore(&backup, &s.path("pit-last"), Some(&format!("@{last_t}")), &[])?;
+    let r = restore(
+        &backup,
+        &s.path("pit-last"),
+        Some(&format!("@{last_t}")),
+        &[],
+    )?;
     ensure!(r.ok(), "{}{}", r.stdout, r.stderr);
     assert_eq!(bdb::check(&s.path("pit-last"))?, last_b);
 
@@ -255,32 +381,59 @@ fn until_restores_exactly_the_transactions_committed_by_then() -> Result<()> {
         let to = s.path("outside");
         let r = restore(&backup, &to, Some(&format!("@{t}")), &[])?;
         assert_eq!(r.code, Some(1), "--until @{t}: {}{}", r.stdout, r.stderr);
-        assert!(r.stderr.contains("outside the restorable window"), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("outside the restorable window"),
+            "{}",
+            r.stderr
+        );
         assert!(!to.exists());
     }
     // The archive directory picks the backup whose window holds the time.
-    let r = restore(&s.path("archive"), &s.path("outside"), Some(&format!("@{}", last_t + 1)), &[])?;
+    let r = restore(
+        &s.path("archive"),
+        &s.path("outside"),
+        Some(&format!("@{}", last_t + 1)),
+        &[],
+    )?;
     assert_eq!(r.code, Some(1));
-    assert!(r.stderr.contains("no backup in the archive covers that time"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("no backup in the archive covers that time"),
+        "{}",
+        r.stderr
+    );
     assert!(!s.path("outside").exists());
     // Not a time at all: a usage error.
     let r = restore(&backup, &s.path("outside"), Some("yesterday"), &[])?;
     assert_eq!(r.code, Some(2), "{}", r.stderr);
-    assert!(leftovers(s.root())?.is_empty(), "{:?}", leftovers(s.root())?);
+    assert!(
+        leftovers(s.root())?.is_empty(),
+        "{:?}",
+        leftovers(s.root())?
+    );
     drop(p.standby);
     Ok(())
 }
 
 /// `date -d @t +FORMAT` with TZ set: an independent spelling of a time.
 fn date(t: i64, tz: &str, format: &str) -> Result<String> {
-    let out = Command::new("date").env("TZ", tz).arg("-d").arg(format!("@{t}")).arg(format!("+{format}")).output()?;
+    let out = Command::new("date")
+        .env("TZ", tz)
+        .arg("-d")
+        .arg(format!("@{t}"))
+        .arg(format!("+{format}"))
+        .output()?;
     ensure!(out.status.success(), "date failed");
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Temp directories a restore might have left beside its target.
 fn leftovers(dir: &Path) -> Result<Vec<String>> {
-    Ok(std::fs::read_dir(dir)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("tandem-restore")).collect())
+    Ok(std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tandem-restore"))
+        .collect())
 }
 
 #[test]
@@ -291,7 +444,12 @@ fn damaged_backups_are_named_by_verify_and_refused_by_restore() -> Result<()> {
     let backup = PathBuf::from(made.json["backup"].as_str().context("backup")?);
     let name = backup.file_name().context("name")?.to_owned();
     let v = verify(&backup)?;
-    ensure!(v.ok(), "the intact backup must verify: {}{}", v.stdout, v.stderr);
+    ensure!(
+        v.ok(),
+        "the intact backup must verify: {}{}",
+        v.stdout,
+        v.stderr
+    );
     let log_start = lsn_of(&made.json["log_start"]).file;
     let log = format!("log.{log_start:010}");
 
@@ -307,14 +465,25 @@ fn damaged_backups_are_named_by_verify_and_refused_by_restore() -> Result<()> {
             }),
             "altered",
         ),
-        ("missing file", Box::new(|b: &Path| Ok(std::fs::remove_file(b.join("meta.db"))?)), "meta.db: missing"),
-        ("extra file", Box::new(|b: &Path| Ok(std::fs::write(b.join("stray.db"), b"x")?)), "stray.db: extra file"),
+        (
+            "missing file",
+            Box::new(|b: &Path| Ok(std::fs::remove_file(b.join("meta.db"))?)),
+            "meta.db: missing",
+        ),
+        (
+            "extra file",
+            Box::new(|b: &Path| Ok(std::fs::write(b.join("stray.db"), b"x")?)),
+            "stray.db: extra file",
+        ),
         (
             "edited manifest",
             Box::new(|b: &Path| {
                 let p = b.join("MANIFEST.json");
                 let text = std::fs::read_to_string(&p)?;
-                Ok(std::fs::write(&p, text.replacen("\"epoch\": 1", "\"epoch\": 7", 1))?)
+                Ok(std::fs::write(
+                    &p,
+                    text.replacen("\"epoch\": 1", "\"epoch\": 7", 1),
+                )?)
             }),
             "manifest digest mismatch",
         ),
@@ -323,19 +492,41 @@ fn damaged_backups_are_named_by_verify_and_refused_by_restore() -> Result<()> {
         let copy_dir = s.path(&format!("damaged-{i}"));
         std::fs::create_dir_all(&copy_dir)?;
         let copy = copy_dir.join(&name);
-        ensure!(Command::new("cp").arg("-a").arg(&backup).arg(&copy).status()?.success());
+        ensure!(Command::new("cp")
+            .arg("-a")
+            .arg(&backup)
+            .arg(&copy)
+            .status()?
+            .success());
         damage(&copy)?;
         let v = verify(&copy)?;
-        assert_eq!(v.code, Some(1), "{what}: verify-archive passed: {}", v.stdout);
+        assert_eq!(
+            v.code,
+            Some(1),
+            "{what}: verify-archive passed: {}",
+            v.stdout
+        );
         let text = format!("{}{}", v.stdout, v.stderr);
-        assert!(text.contains(says), "{what}: verify-archive does not say {says:?}: {text}");
+        assert!(
+            text.contains(says),
+            "{what}: verify-archive does not say {says:?}: {text}"
+        );
         if *what == "flipped byte" {
             assert!(text.contains(&log), "{what}: the file is not named: {text}");
         }
         let to = s.path(&format!("restored-{i}"));
         let r = restore(&copy, &to, None, &[])?;
-        assert_eq!(r.code, Some(1), "{what}: restore was not refused: {}", r.stdout);
-        assert!(r.stderr.contains(says), "{what}: restore does not say {says:?}: {}", r.stderr);
+        assert_eq!(
+            r.code,
+            Some(1),
+            "{what}: restore was not refused: {}",
+            r.stdout
+        );
+        assert!(
+            r.stderr.contains(says),
+            "{what}: restore does not say {says:?}: {}",
+            r.stderr
+        );
         assert!(!to.exists(), "{what}: restore wrote its target");
     }
     assert!(leftovers(s.root())?.is_empty());
@@ -363,7 +554,10 @@ fn follow_keeps_the_latest_backup_current() -> Result<()> {
     let p = pair(1000)?;
     let s = &p.s;
     let mut cmd = Command::new(bin("tandem-standby"));
-    cmd.args(["archive", "--json", "--follow", "1", "--dir"]).arg(s.path("standby")).arg("--to").arg(s.path("archive"));
+    cmd.args(["archive", "--json", "--follow", "1", "--dir"])
+        .arg(s.path("standby"))
+        .arg("--to")
+        .arg(s.path("archive"));
     let mut follower = Proc::spawn("archive --follow", cmd, &s.path("follow.log"))?;
     let newest = |archive: &Path| -> Result<Option<PathBuf>> {
         // Published backups only: not the hidden one being built.
@@ -376,19 +570,30 @@ fn follow_keeps_the_latest_backup_current() -> Result<()> {
         names.sort();
         Ok(names.pop())
     };
-    wait_for("the first backup", LONG, || Ok(newest(&s.path("archive")).unwrap_or(None).is_some()))?;
+    wait_for("the first backup", LONG, || {
+        Ok(newest(&s.path("archive")).unwrap_or(None).is_some())
+    })?;
     let first = newest(&s.path("archive"))?.context("backup")?;
     let last = bdb::run_workload(&s.path("env"), &workload(4000))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let end = primary_log_end(&s.path("env"))?;
     wait_for("the backup to reach the primary's end", LONG, || {
-        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(first.join("MANIFEST.json"))?)?;
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(first.join("MANIFEST.json"))?)?;
         Ok(lsn_of(&m["log_end"]) == end)
     })?;
     let status = follower.stop(Duration::from_secs(30))?;
     assert!(status.success(), "{}", follower.log_text());
-    assert!(follower.log_text().contains("\"action\":\"extended\""), "{}", follower.log_text());
-    assert_eq!(newest(&s.path("archive"))?, Some(first.clone()), "the same backup was extended");
+    assert!(
+        follower.log_text().contains("\"action\":\"extended\""),
+        "{}",
+        follower.log_text()
+    );
+    assert_eq!(
+        newest(&s.path("archive"))?,
+        Some(first.clone()),
+        "the same backup was extended"
+    );
     let v = verify(&s.path("archive"))?;
     ensure!(v.ok(), "verify-archive failed: {}{}", v.stdout, v.stderr);
     let r = restore(&first, &s.path("restored"), None, &[])?;
@@ -397,7 +602,6 @@ fn follow_keeps_the_latest_backup_current() -> Result<()> {
     drop(p.standby);
     Ok(())
 }
-
 
 /// Published backups, oldest first, with their manifests.
 fn backups(archive: &Path) -> Result<Vec<(PathBuf, serde_json::Value)>> {
@@ -418,15 +622,26 @@ fn a_rebase_does_not_cut_the_log_out_of_a_continuous_archive() -> Result<()> {
     bdb::run_workload(&s.path("env"), &workload(1000))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let rebase = ["--check-interval-secs", "0", "--rebase-after-mib", "2"];
-    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &rebase)?;
+    let _standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &rebase,
+    )?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let follow = |n: u32| -> Result<Proc> {
         let mut cmd = Command::new(bin("tandem-standby"));
-        cmd.args(["archive", "--json", "--no-verify", "--follow", "1", "--dir"]).arg(s.path("standby")).arg("--to").arg(s.path("archive"));
+        cmd.args(["archive", "--json", "--no-verify", "--follow", "1", "--dir"])
+            .arg(s.path("standby"))
+            .arg("--to")
+            .arg(s.path("archive"));
         Proc::spawn("archive --follow", cmd, &s.path(&format!("follow-{n}.log")))
     };
     let mut archiver = follow(1)?;
-    wait_for("the first backup", LONG, || Ok(standby_status(&s.path("standby"))?["archived_lsn"].is_object()))?;
+    wait_for("the first backup", LONG, || {
+        Ok(standby_status(&s.path("standby"))?["archived_lsn"].is_object())
+    })?;
     assert!(archiver.stop(LONG)?.success());
     let (first, m) = backups(&s.path("archive"))?.pop().context("a backup")?;
     let first_end = lsn_of(&m["log_end"]);
@@ -440,26 +655,52 @@ fn a_rebase_does_not_cut_the_log_out_of_a_continuous_archive() -> Result<()> {
         Ok(st["rebases"].as_u64().unwrap_or(0) > 0 && st["base_id"] != m["base_id"])
     })?;
     let st = standby_status(&s.path("standby"))?;
-    assert!(st["archive_held_log_bytes"].as_u64().unwrap_or(0) > 0, "the rebase must hold the unarchived logs: {st}");
+    assert!(
+        st["archive_held_log_bytes"].as_u64().unwrap_or(0) > 0,
+        "the rebase must hold the unarchived logs: {st}"
+    );
     // No held file is in the environment, where recovery would read it.
-    let mirror_first = tandem_shared::envlayout::EnvLayout::open(&s.path("standby"))?.log_files()?.first().copied().unwrap_or(0);
-    assert!(mirror_first > first_end.file, "the mirror still starts at log {mirror_first}");
+    let mirror_first = tandem_shared::envlayout::EnvLayout::open(&s.path("standby"))?
+        .log_files()?
+        .first()
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        mirror_first > first_end.file,
+        "the mirror still starts at log {mirror_first}"
+    );
 
     // The archiver returns: it finishes the old backup across the rebase,
     // then starts one of the new base, and lets the held logs go.
     let end = primary_log_end(&s.path("env"))?;
     let mut archiver = follow(2)?;
     wait_for("a backup of the new base, up to the end", LONG, || {
-        Ok(backups(&s.path("archive"))?.last().is_some_and(|(_, m)| m["base_id"] != json_str(&first) && lsn_of(&m["log_end"]) == end))
+        Ok(backups(&s.path("archive"))?
+            .last()
+            .is_some_and(|(_, m)| m["base_id"] != json_str(&first) && lsn_of(&m["log_end"]) == end))
     })?;
     assert!(archiver.stop(LONG)?.success());
-    wait_for("the held logs to go", LONG, || Ok(standby_status(&s.path("standby"))?["archive_held_log_bytes"] == 0))?;
+    wait_for("the held logs to go", LONG, || {
+        Ok(standby_status(&s.path("standby"))?["archive_held_log_bytes"] == 0)
+    })?;
     let all = backups(&s.path("archive"))?;
     assert_eq!(all.len(), 2, "{all:?}");
     let (old, new) = (&all[0].1, &all[1].1);
     assert_eq!(all[0].0, first);
-    assert!(lsn_of(&old["log_end"]) >= lsn_of(&new["log_start"]), "a gap between the backups: {} < {}", lsn_of(&old["log_end"]), lsn_of(&new["log_start"]));
-    let v = standby_cmd([OsStr::new("verify-archive"), OsStr::new("--all"), s.path("archive").as_os_str()], &[])?;
+    assert!(
+        lsn_of(&old["log_end"]) >= lsn_of(&new["log_start"]),
+        "a gap between the backups: {} < {}",
+        lsn_of(&old["log_end"]),
+        lsn_of(&new["log_start"])
+    );
+    let v = standby_cmd(
+        [
+            OsStr::new("verify-archive"),
+            OsStr::new("--all"),
+            s.path("archive").as_os_str(),
+        ],
+        &[],
+    )?;
     ensure!(v.ok(), "verify-archive failed: {}{}", v.stdout, v.stderr);
     // The old backup alone restores every transaction: its base plus the
     // log across the rebase.
@@ -468,9 +709,19 @@ fn a_rebase_does_not_cut_the_log_out_of_a_continuous_archive() -> Result<()> {
     assert_eq!(bdb::check(&s.path("restored"))?, last);
 
     // Released, the standby no longer holds anything for an archive.
-    let rel = standby_cmd([OsStr::new("archive"), OsStr::new("--release"), OsStr::new("--dir"), s.path("standby").as_os_str()], &[])?;
+    let rel = standby_cmd(
+        [
+            OsStr::new("archive"),
+            OsStr::new("--release"),
+            OsStr::new("--dir"),
+            s.path("standby").as_os_str(),
+        ],
+        &[],
+    )?;
     ensure!(rel.ok(), "release failed: {}{}", rel.stdout, rel.stderr);
-    wait_for("the registration to go", LONG, || Ok(standby_status(&s.path("standby"))?["archived_lsn"].is_null()))?;
+    wait_for("the registration to go", LONG, || {
+        Ok(standby_status(&s.path("standby"))?["archived_lsn"].is_null())
+    })?;
     drop(primary);
     Ok(())
 }

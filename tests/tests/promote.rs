@@ -12,11 +12,25 @@ const LONG: Duration = Duration::from_secs(120);
 const NO_CHECKS: [&str; 2] = ["--check-interval-secs", "0"];
 
 fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions { txns, checkpoint_every: 500, lg_max: 1 << 20, ..Default::default() }
+    WorkloadOptions {
+        txns,
+        checkpoint_every: 500,
+        lg_max: 1 << 20,
+        ..Default::default()
+    }
 }
 
 fn promote(dir: &Path) -> Result<(std::process::ExitStatus, serde_json::Value, String)> {
-    let out = Command::new(bin("tandem-standby")).args(["promote", "--json", "--catch-up-timeout-secs", "60", "--dir"]).arg(dir).output()?;
+    let out = Command::new(bin("tandem-standby"))
+        .args([
+            "promote",
+            "--json",
+            "--catch-up-timeout-secs",
+            "60",
+            "--dir",
+        ])
+        .arg(dir)
+        .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     Ok((out.status, json, stderr))
@@ -32,17 +46,38 @@ fn failover_after_kill9_holds_every_acknowledged_transaction() -> Result<()> {
         let kill_after = kill_after + rand::random::<u64>() % 1000;
         let mut p = pair(1000)?;
         let lsns = p.s.path("commits.lsn");
-        let opts = WorkloadOptions { txns: 0, seconds: Some(120), lsn_log: Some(lsns.clone()), ..workload(0) };
-        let mut w = Proc::spawn("workload", opts.command(&p.s.path("env")), &p.s.path("workload.log"))?;
-        wait_for("commits", LONG, || Ok(bdb::read_lsn_log(&lsns).map(|v| v.len() as u64).unwrap_or(0) >= kill_after))?;
+        let opts = WorkloadOptions {
+            txns: 0,
+            seconds: Some(120),
+            lsn_log: Some(lsns.clone()),
+            ..workload(0)
+        };
+        let mut w = Proc::spawn(
+            "workload",
+            opts.command(&p.s.path("env")),
+            &p.s.path("workload.log"),
+        )?;
+        wait_for("commits", LONG, || {
+            Ok(bdb::read_lsn_log(&lsns)
+                .map(|v| v.len() as u64)
+                .unwrap_or(0)
+                >= kill_after)
+        })?;
         // The primary's machine dies: application and primary at once.
         w.kill9()?;
         p.primary.proc.kill9()?;
-        wait_for("the standby to notice", LONG, || Ok(standby_status(&p.s.path("standby"))?["connected"] == false))?;
+        wait_for("the standby to notice", LONG, || {
+            Ok(standby_status(&p.s.path("standby"))?["connected"] == false)
+        })?;
         let acked = lsn_of(&standby_status(&p.s.path("standby"))?["durable_lsn"]);
         let commits = bdb::read_lsn_log(&lsns)?;
         let last_logged = commits.last().map_or(0, |c| c.0);
-        let must_have = commits.iter().filter(|(_, f, o)| tandem_shared::LogPosition::new(*f, *o) <= acked).map(|c| c.0).max().unwrap_or(0);
+        let must_have = commits
+            .iter()
+            .filter(|(_, f, o)| tandem_shared::LogPosition::new(*f, *o) <= acked)
+            .map(|c| c.0)
+            .max()
+            .unwrap_or(0);
 
         let (status, report, stderr) = promote(&p.s.path("standby"))?;
         ensure!(status.success(), "trial {trial}: promote failed: {stderr}");
@@ -51,8 +86,14 @@ fn failover_after_kill9_holds_every_acknowledged_transaction() -> Result<()> {
         // A prefix: nothing the primary did not commit (the LSN log trails
         // commits by at most the one transaction being logged at the kill),
         // and nothing the standby had acknowledged is missing.
-        assert!(m >= must_have, "trial {trial}: promoted holds 1..{m} but the standby acknowledged up to {must_have}");
-        assert!(m <= last_logged + 1, "trial {trial}: promoted holds 1..{m}, more than was committed ({last_logged})");
+        assert!(
+            m >= must_have,
+            "trial {trial}: promoted holds 1..{m} but the standby acknowledged up to {must_have}"
+        );
+        assert!(
+            m <= last_logged + 1,
+            "trial {trial}: promoted holds 1..{m}, more than was committed ({last_logged})"
+        );
         // Applications open it and go on.
         let next = bdb::run_workload(&p.s.path("standby"), &workload(10))?;
         assert_eq!(next, m + 10);
@@ -72,7 +113,10 @@ fn planned_switchover_keeps_every_transaction_and_fences_the_directory() -> Resu
     assert_eq!(report["epoch"], 2);
     assert!(report["databases_verified"].as_u64().unwrap_or(0) >= 3);
     assert_eq!(bdb::check(&p.s.path("standby"))?, last);
-    assert_eq!(bdb::db_dump_all(&p.s.path("env"), &WORKLOAD_DBS)?, bdb::db_dump_all(&p.s.path("standby"), &WORKLOAD_DBS)?);
+    assert_eq!(
+        bdb::db_dump_all(&p.s.path("env"), &WORKLOAD_DBS)?,
+        bdb::db_dump_all(&p.s.path("standby"), &WORKLOAD_DBS)?
+    );
 
     // Twice: says so, changes nothing.
     let (status, report, _) = promote(&p.s.path("standby"))?;
@@ -82,10 +126,20 @@ fn planned_switchover_keeps_every_transaction_and_fences_the_directory() -> Resu
     assert_eq!(st["role"], "promoted");
 
     // A promoted directory refuses to follow again.
-    let mut again = start_standby(p.s.root(), &p.s.path("standby"), &p.primary.url(), &p.s.certs, &[])?;
+    let mut again = start_standby(
+        p.s.root(),
+        &p.s.path("standby"),
+        &p.primary.url(),
+        &p.s.certs,
+        &[],
+    )?;
     let code = again.wait_exit(Duration::from_secs(30))?;
     assert_eq!(code.code(), Some(3), "{}", again.log_text());
-    assert!(again.log_text().contains("was promoted"), "{}", again.log_text());
+    assert!(
+        again.log_text().contains("was promoted"),
+        "{}",
+        again.log_text()
+    );
     Ok(())
 }
 
@@ -107,19 +161,41 @@ fn the_old_primary_stops_shipping_to_a_standby_of_the_new_one() -> Result<()> {
     let (status, _, stderr) = promote(&p.s.path("standby"))?;
     ensure!(status.success(), "promote failed: {stderr}");
     // The promoted directory becomes the new primary, at the new epoch.
-    let new_primary = start_primary(p.s.root(), &p.s.path("standby"), &p.s.certs, "127.0.0.1:0", &[])?;
-    let mut s2 = start_standby(p.s.root(), &p.s.path("standby2"), &new_primary.url(), &p.s.certs, &NO_CHECKS)?;
-    wait_for("the second standby", LONG, || Ok(standby_status(&p.s.path("standby2"))?["recoverable"] == true))?;
+    let new_primary = start_primary(
+        p.s.root(),
+        &p.s.path("standby"),
+        &p.s.certs,
+        "127.0.0.1:0",
+        &[],
+    )?;
+    let mut s2 = start_standby(
+        p.s.root(),
+        &p.s.path("standby2"),
+        &new_primary.url(),
+        &p.s.certs,
+        &NO_CHECKS,
+    )?;
+    wait_for("the second standby", LONG, || {
+        Ok(standby_status(&p.s.path("standby2"))?["recoverable"] == true)
+    })?;
     assert_eq!(standby_status(&p.s.path("standby2"))?["epoch"], 2);
     s2.stop(Duration::from_secs(30))?;
     let before = dir_digest(&p.s.path("standby2"))?;
 
     // Pointed at the old primary by mistake: both sides refuse.
-    let mut wrong = start_standby(p.s.root(), &p.s.path("standby2"), &p.primary.url(), &p.s.certs, &NO_CHECKS)?;
+    let mut wrong = start_standby(
+        p.s.root(),
+        &p.s.path("standby2"),
+        &p.primary.url(),
+        &p.s.certs,
+        &NO_CHECKS,
+    )?;
     let code = wrong.wait_exit(Duration::from_secs(30))?;
     assert_eq!(code.code(), Some(3), "{}", wrong.log_text());
     assert!(wrong.log_text().contains("fenced"), "{}", wrong.log_text());
-    wait_for("the old primary to log it", LONG, || Ok(p.primary.proc.log_text().contains("FENCED")))?;
+    wait_for("the old primary to log it", LONG, || {
+        Ok(p.primary.proc.log_text().contains("FENCED"))
+    })?;
     assert_eq!(before, dir_digest(&p.s.path("standby2"))?);
     Ok(())
 }
@@ -129,23 +205,54 @@ fn readiness_checks_prove_recovery_without_changing_the_mirror() -> Result<()> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(3000))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let mut standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &["--check-interval-secs", "1"])?;
-    let mut w = Proc::spawn("workload", workload(20_000).command(&s.path("env")), &s.path("workload.log"))?;
+    let mut standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &["--check-interval-secs", "1"],
+    )?;
+    let mut w = Proc::spawn(
+        "workload",
+        workload(20_000).command(&s.path("env")),
+        &s.path("workload.log"),
+    )?;
     // Periodic checks run while the log streams in.
-    wait_for("a passing periodic check", LONG, || Ok(standby_status(&s.path("standby"))?["last_check"]["ok"] == true))?;
+    wait_for("a passing periodic check", LONG, || {
+        Ok(standby_status(&s.path("standby"))?["last_check"]["ok"] == true)
+    })?;
     assert!(w.wait_exit(LONG)?.success());
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     standby.stop(Duration::from_secs(30))?;
 
-    let mirror = |d: &Path| -> Result<_> { Ok(dir_digest(d)?.into_iter().filter(|(k, _)| !k.starts_with(".tandem/") || k == ".tandem/state").collect::<Vec<_>>()) };
+    let mirror = |d: &Path| -> Result<_> {
+        Ok(dir_digest(d)?
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(".tandem/") || k == ".tandem/state")
+            .collect::<Vec<_>>())
+    };
     let before = mirror(&s.path("standby"))?;
-    let out = Command::new(bin("tandem-standby")).args(["check", "--json", "--dir"]).arg(s.path("standby")).output()?;
-    ensure!(out.status.success(), "check failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin("tandem-standby"))
+        .args(["check", "--json", "--dir"])
+        .arg(s.path("standby"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["ok"], true);
-    assert_eq!(lsn_of(&report["durable_lsn"]), primary_log_end(&s.path("env"))?);
+    assert_eq!(
+        lsn_of(&report["durable_lsn"]),
+        primary_log_end(&s.path("env"))?
+    );
     assert!(report["recovered_to"].is_object());
-    assert_eq!(before, mirror(&s.path("standby"))?, "a readiness check changed the mirror");
+    assert_eq!(
+        before,
+        mirror(&s.path("standby"))?,
+        "a readiness check changed the mirror"
+    );
     let st = standby_status(&s.path("standby"))?;
     assert!(st["replay_log_bytes"].as_u64().unwrap_or(0) > 0);
     assert!(st["replay_estimate_seconds"].as_f64().unwrap_or(-1.0) >= 0.0);

@@ -10,7 +10,12 @@ use tandem_tests::harness::*;
 const LONG: Duration = Duration::from_secs(180);
 
 fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions { txns, checkpoint_every: 100, lg_max: 1 << 20, ..Default::default() }
+    WorkloadOptions {
+        txns,
+        checkpoint_every: 100,
+        lg_max: 1 << 20,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -18,7 +23,11 @@ fn a_rebase_after_a_small_change_sends_a_small_fraction() -> Result<()> {
     let s = Scratch::new()?;
     // About 70 MB of databases; small log files so that a small change
     // still moves the checkpoint into a later file.
-    let small_logs = WorkloadOptions { value_len: 1000, lg_max: 128 << 10, ..workload(12_000) };
+    let small_logs = WorkloadOptions {
+        value_len: 1000,
+        lg_max: 128 << 10,
+        ..workload(12_000)
+    };
     bdb::run_workload(&s.path("env"), &small_logs)?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let off = ["--check-interval-secs", "0", "--rebase-after-mib", "0"];
@@ -29,10 +38,29 @@ fn a_rebase_after_a_small_change_sends_a_small_fraction() -> Result<()> {
     let old_start = before["replay_log_bytes"].as_u64().unwrap_or(0);
 
     // A small change: 40 transactions touch well under 1% of the pages.
-    let last = bdb::run_workload(&s.path("env"), &WorkloadOptions { checkpoint_every: 10, txns: 40, ..small_logs })?;
-    let on = ["--check-interval-secs", "0", "--rebase-after-mib", "0", "--rebase-after-secs", "1"];
+    let last = bdb::run_workload(
+        &s.path("env"),
+        &WorkloadOptions {
+            checkpoint_every: 10,
+            txns: 40,
+            ..small_logs
+        },
+    )?;
+    let on = [
+        "--check-interval-secs",
+        "0",
+        "--rebase-after-mib",
+        "0",
+        "--rebase-after-secs",
+        "1",
+    ];
     let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &on)?;
-    wait_for("a rebase", LONG, || Ok(standby_status(&s.path("standby"))?["rebases"].as_u64().unwrap_or(0) >= 1))?;
+    wait_for("a rebase", LONG, || {
+        Ok(standby_status(&s.path("standby"))?["rebases"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1)
+    })?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
 
     let st = standby_status(&s.path("standby"))?;
@@ -40,15 +68,31 @@ fn a_rebase_after_a_small_change_sends_a_small_fraction() -> Result<()> {
     let sent = r["sent_bytes"].as_u64().unwrap_or(u64::MAX);
     let reused = r["reused_bytes"].as_u64().unwrap_or(0);
     let total = sent + reused;
-    eprintln!("rebase: sent {sent} of {total} database bytes ({:.2}%), removed {} log files", 100.0 * sent as f64 / total as f64, r["removed_log_files"]);
+    eprintln!(
+        "rebase: sent {sent} of {total} database bytes ({:.2}%), removed {} log files",
+        100.0 * sent as f64 / total as f64,
+        r["removed_log_files"]
+    );
     assert!(total > 20 << 20, "the databases should be large: {total}");
-    assert!((sent as f64) < 0.05 * total as f64, "a rebase after a small change must send under 5%: sent {sent} of {total}");
-    assert!(r["removed_log_files"].as_u64().unwrap_or(0) > 0, "logs before the new base must be dropped");
-    assert!(st["replay_log_bytes"].as_u64().unwrap_or(u64::MAX) < old_start, "promotion must replay less after a rebase");
+    assert!(
+        (sent as f64) < 0.05 * total as f64,
+        "a rebase after a small change must send under 5%: sent {sent} of {total}"
+    );
+    assert!(
+        r["removed_log_files"].as_u64().unwrap_or(0) > 0,
+        "logs before the new base must be dropped"
+    );
+    assert!(
+        st["replay_log_bytes"].as_u64().unwrap_or(u64::MAX) < old_start,
+        "promotion must replay less after a rebase"
+    );
 
     let m = recover_copy(&s.path("standby"), &s.path("recovered"))?;
     assert_eq!(m, last);
-    assert_eq!(bdb::db_dump_all(&s.path("env"), &WORKLOAD_DBS)?, bdb::db_dump_all(&s.path("recovered"), &WORKLOAD_DBS)?);
+    assert_eq!(
+        bdb::db_dump_all(&s.path("env"), &WORKLOAD_DBS)?,
+        bdb::db_dump_all(&s.path("recovered"), &WORKLOAD_DBS)?
+    );
     Ok(())
 }
 
@@ -59,15 +103,32 @@ fn rebasing_under_load_keeps_the_replay_bounded_and_the_mirror_recoverable() -> 
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let threshold_mib = 4u64;
     let args = ["--check-interval-secs", "0", "--rebase-after-mib", "4"];
-    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &args)?;
-    wait_for("the base copy", LONG, || Ok(standby_status(&s.path("standby"))?["recoverable"] == true))?;
-    let mut w = Proc::spawn("workload", WorkloadOptions { rate: 3000, ..workload(30_000) }.command(&s.path("env")), &s.path("w.log"))?;
+    let _standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &args,
+    )?;
+    wait_for("the base copy", LONG, || {
+        Ok(standby_status(&s.path("standby"))?["recoverable"] == true)
+    })?;
+    let mut w = Proc::spawn(
+        "workload",
+        WorkloadOptions {
+            rate: 3000,
+            ..workload(30_000)
+        }
+        .command(&s.path("env")),
+        &s.path("w.log"),
+    )?;
     // Sample what a promotion would replay while the workload runs.
     let mut worst_after_first_rebase = 0u64;
     while w.is_running() {
         let st = standby_status(&s.path("standby"))?;
         if st["rebases"].as_u64().unwrap_or(0) >= 1 {
-            worst_after_first_rebase = worst_after_first_rebase.max(st["replay_log_bytes"].as_u64().unwrap_or(0));
+            worst_after_first_rebase =
+                worst_after_first_rebase.max(st["replay_log_bytes"].as_u64().unwrap_or(0));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -80,7 +141,10 @@ fn rebasing_under_load_keeps_the_replay_bounded_and_the_mirror_recoverable() -> 
     assert!(rebases >= 2, "a long workload must rebase repeatedly: {st}");
     // The threshold, plus what arrives while a rebase is in flight and the
     // log the new base itself needs (from the last checkpoint's file).
-    assert!(worst_after_first_rebase < 3 * (threshold_mib << 20), "replay grew to {worst_after_first_rebase}");
+    assert!(
+        worst_after_first_rebase < 3 * (threshold_mib << 20),
+        "replay grew to {worst_after_first_rebase}"
+    );
     let m = recover_copy(&s.path("standby"), &s.path("recovered"))?;
     assert_eq!(m, last);
     Ok(())

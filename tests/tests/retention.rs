@@ -13,7 +13,12 @@ const LONG: Duration = Duration::from_secs(180);
 const QUIET: [&str; 4] = ["--check-interval-secs", "0", "--rebase-after-mib", "0"];
 
 fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions { txns, checkpoint_every: 200, lg_max: 1 << 20, ..Default::default() }
+    WorkloadOptions {
+        txns,
+        checkpoint_every: 200,
+        lg_max: 1 << 20,
+        ..Default::default()
+    }
 }
 
 /// A primary with 1,000 transactions and retention on (cap in MiB, a pass a
@@ -22,31 +27,70 @@ fn retained_pair(cap_mib: u32) -> Result<(Scratch, Primary, Proc)> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(1000))?;
     let cap = cap_mib.to_string();
-    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", &cap];
+    let args = [
+        "--retention",
+        "--retention-interval-secs",
+        "1",
+        "--retention-cap-mib",
+        &cap,
+    ];
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
-    let standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
+    let standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &QUIET,
+    )?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     Ok((s, primary, standby))
 }
 
 fn log_count(env: &std::path::Path) -> Result<usize> {
-    Ok(tandem_shared::envlayout::EnvLayout::open(env)?.log_files()?.len())
+    Ok(tandem_shared::envlayout::EnvLayout::open(env)?
+        .log_files()?
+        .len())
 }
 
 fn base_id(dir: &std::path::Path) -> Result<String> {
-    Ok(standby_status(dir)?["base_id"].as_str().unwrap_or_default().to_owned())
+    Ok(standby_status(dir)?["base_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
 }
 
 #[test]
 fn retention_keeps_the_log_directory_bounded_without_losing_a_file() -> Result<()> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(1000))?;
-    let args = ["--retention", "--retention-interval-secs", "1", "--retention-cap-mib", "64"];
+    let args = [
+        "--retention",
+        "--retention-interval-secs",
+        "1",
+        "--retention-cap-mib",
+        "64",
+    ];
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
-    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
-    wait_for("the base copy", LONG, || Ok(standby_status(&s.path("standby"))?["recoverable"] == true))?;
+    let _standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &QUIET,
+    )?;
+    wait_for("the base copy", LONG, || {
+        Ok(standby_status(&s.path("standby"))?["recoverable"] == true)
+    })?;
     let first_base = base_id(&s.path("standby"))?;
-    let mut w = Proc::spawn("workload", WorkloadOptions { rate: 3000, ..workload(36_000) }.command(&s.path("env")), &s.path("w.log"))?;
+    let mut w = Proc::spawn(
+        "workload",
+        WorkloadOptions {
+            rate: 3000,
+            ..workload(36_000)
+        }
+        .command(&s.path("env")),
+        &s.path("w.log"),
+    )?;
     let mut most = 0;
     while w.is_running() {
         most = most.max(log_count(&s.path("env"))?);
@@ -55,16 +99,28 @@ fn retention_keeps_the_log_directory_bounded_without_losing_a_file() -> Result<(
     assert!(w.wait_exit(LONG)?.success());
     let last = bdb::parse_done(&w.log_text()).unwrap_or(0);
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
-    wait_for("a retention pass", LONG, || Ok(log_count(&s.path("env"))? <= 4))?;
+    wait_for("a retention pass", LONG, || {
+        Ok(log_count(&s.path("env"))? <= 4)
+    })?;
     let end = primary_log_end(&s.path("env"))?;
-    eprintln!("generated {} log files; at most {most} were on the primary at once", end.file);
+    eprintln!(
+        "generated {} log files; at most {most} were on the primary at once",
+        end.file
+    );
     // Bounded: what is on disk at once does not grow with what was written
     // (about 6 MB/s here, one retention pass a second).
-    assert!(end.file > 40 && most * 3 < end.file as usize, "the primary's log directory must stay bounded: {most} of {}", end.file);
+    assert!(
+        end.file > 40 && most * 3 < end.file as usize,
+        "the primary's log directory must stay bounded: {most} of {}",
+        end.file
+    );
     // No file was ever removed before the standby had it: no gap, so no
     // second base, and the standby recovers every transaction.
     assert_eq!(base_id(&s.path("standby"))?, first_base);
-    assert_eq!(recover_copy(&s.path("standby"), &s.path("recovered"))?, last);
+    assert_eq!(
+        recover_copy(&s.path("standby"), &s.path("recovered"))?,
+        last
+    );
     Ok(())
 }
 
@@ -75,22 +131,50 @@ fn an_offline_standby_holds_logs_back_up_to_the_cap_then_is_dropped() -> Result<
     standby.stop(LONG)?;
     // While offline, the logs it needs stay (a little below the cap).
     bdb::run_workload(&s.path("env"), &workload(1000))?;
-    wait_for("the primary to account for what it holds back", LONG, || {
-        Ok(primary_status(&s, &primary)?["standbys"][0]["held_back_bytes"].as_u64().unwrap_or(0) > 0)
-    })?;
-    assert_eq!(primary_status(&s, &primary)?["standbys"][0]["dropped"], false);
+    wait_for(
+        "the primary to account for what it holds back",
+        LONG,
+        || {
+            Ok(
+                primary_status(&s, &primary)?["standbys"][0]["held_back_bytes"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0,
+            )
+        },
+    )?;
+    assert_eq!(
+        primary_status(&s, &primary)?["standbys"][0]["dropped"],
+        false
+    );
     // Past the cap, it is dropped loudly and its logs go.
     bdb::run_workload(&s.path("env"), &workload(6000))?;
-    wait_for("the standby to be dropped", LONG, || Ok(primary.proc.log_text().contains("DROPPING STANDBY")))?;
-    wait_for("logs to be removed", LONG, || Ok(log_count(&s.path("env"))? <= 6))?;
-    assert_eq!(primary_status(&s, &primary)?["standbys"][0]["dropped"], true);
+    wait_for("the standby to be dropped", LONG, || {
+        Ok(primary.proc.log_text().contains("DROPPING STANDBY"))
+    })?;
+    wait_for("logs to be removed", LONG, || {
+        Ok(log_count(&s.path("env"))? <= 6)
+    })?;
+    assert_eq!(
+        primary_status(&s, &primary)?["standbys"][0]["dropped"],
+        true
+    );
     // It comes back to a new base and ends identical.
-    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
+    let _standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &QUIET,
+    )?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     assert_ne!(base_id(&s.path("standby"))?, first_base);
     let copy = s.path("recovered");
     assert_eq!(recover_copy(&s.path("standby"), &copy)?, 8000);
-    assert_eq!(bdb::db_dump_all(&s.path("env"), &WORKLOAD_DBS)?, bdb::db_dump_all(&copy, &WORKLOAD_DBS)?);
+    assert_eq!(
+        bdb::db_dump_all(&s.path("env"), &WORKLOAD_DBS)?,
+        bdb::db_dump_all(&copy, &WORKLOAD_DBS)?
+    );
     Ok(())
 }
 
@@ -98,9 +182,18 @@ fn primary_status(s: &Scratch, p: &Primary) -> Result<serde_json::Value> {
     let c = |f: &str| s.certs.dir.join(f);
     let out = Command::new(bin("tandem-primary"))
         .args(["status", "--json", "--primary", &p.url()])
-        .arg("--cert").arg(c("standby.pem")).arg("--key").arg(c("standby-key.pem")).arg("--ca").arg(c("ca.pem"))
+        .arg("--cert")
+        .arg(c("standby.pem"))
+        .arg("--key")
+        .arg(c("standby-key.pem"))
+        .arg("--ca")
+        .arg(c("ca.pem"))
         .output()?;
-    anyhow::ensure!(out.status.success(), "primary status failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "primary status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
@@ -109,27 +202,62 @@ fn a_log_removed_behind_tandems_back_leads_to_a_new_base() -> Result<()> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(1000))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let mut standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
+    let mut standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &QUIET,
+    )?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let first_base = base_id(&s.path("standby"))?;
     standby.stop(LONG)?;
     // The application (or an operator) removes logs the standby never got.
     bdb::run_workload(&s.path("env"), &workload(5000))?;
-    let out = Command::new("db5.3_archive").args(["-d", "-h"]).arg(s.path("env")).output()?;
+    let out = Command::new("db5.3_archive")
+        .args(["-d", "-h"])
+        .arg(s.path("env"))
+        .output()?;
     assert!(out.status.success());
-    let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &QUIET)?;
+    let _standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &QUIET,
+    )?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
-    assert_ne!(base_id(&s.path("standby"))?, first_base, "a gap must lead to a new base");
-    assert!(primary.proc.log_text().contains("are gone from the primary"), "the primary must say which files were lost");
-    assert_eq!(recover_copy(&s.path("standby"), &s.path("recovered"))?, 6000);
+    assert_ne!(
+        base_id(&s.path("standby"))?,
+        first_base,
+        "a gap must lead to a new base"
+    );
+    assert!(
+        primary
+            .proc
+            .log_text()
+            .contains("are gone from the primary"),
+        "the primary must say which files were lost"
+    );
+    assert_eq!(
+        recover_copy(&s.path("standby"), &s.path("recovered"))?,
+        6000
+    );
     Ok(())
 }
 
 fn start_archiver(s: &Scratch) -> Result<Proc> {
     let mut cmd = Command::new(bin("tandem-standby"));
-    cmd.args(["archive", "--json", "--no-verify", "--follow", "1", "--dir"]).arg(s.path("standby")).arg("--to").arg(s.path("archive"));
+    cmd.args(["archive", "--json", "--no-verify", "--follow", "1", "--dir"])
+        .arg(s.path("standby"))
+        .arg("--to")
+        .arg(s.path("archive"));
     let n = std::fs::read_dir(s.root()).map(|d| d.count()).unwrap_or(0);
-    Proc::spawn("archive --follow", cmd, &s.path(&format!("archiver-{n}.log")))
+    Proc::spawn(
+        "archive --follow",
+        cmd,
+        &s.path(&format!("archiver-{n}.log")),
+    )
 }
 
 fn archived(status: &serde_json::Value) -> Option<tandem_shared::LogPosition> {
@@ -138,39 +266,76 @@ fn archived(status: &serde_json::Value) -> Option<tandem_shared::LogPosition> {
 }
 
 fn first_log(env: &std::path::Path) -> Result<u32> {
-    Ok(tandem_shared::envlayout::EnvLayout::open(env)?.log_files()?.first().copied().unwrap_or(0))
+    Ok(tandem_shared::envlayout::EnvLayout::open(env)?
+        .log_files()?
+        .first()
+        .copied()
+        .unwrap_or(0))
 }
 
 #[test]
 fn with_an_archive_registered_no_log_leaves_the_primary_before_the_archive_has_it() -> Result<()> {
     let (s, primary, _standby) = retained_pair(64)?;
     let mut archiver = start_archiver(&s)?;
-    wait_for("the primary to learn the archive's position", LONG, || Ok(archived(&primary_status(&s, &primary)?).is_some()))?;
+    wait_for("the primary to learn the archive's position", LONG, || {
+        Ok(archived(&primary_status(&s, &primary)?).is_some())
+    })?;
     assert!(archiver.stop(LONG)?.success());
     let held_from = archived(&primary_status(&s, &primary)?).context("archived position")?;
     // The standby acknowledges everything, but the archive is stopped: the
     // primary keeps every file from the archive's end on.
     bdb::run_workload(&s.path("env"), &workload(6000))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
-    wait_for("the primary to account for the archive's hold", LONG, || {
-        Ok(primary_status(&s, &primary)?["standbys"][0]["held_for_archive_bytes"].as_u64().unwrap_or(0) > 0)
-    })?;
-    assert!(first_log(&s.path("env"))? <= held_from.file, "a file the archive lacks left the primary");
+    wait_for(
+        "the primary to account for the archive's hold",
+        LONG,
+        || {
+            Ok(
+                primary_status(&s, &primary)?["standbys"][0]["held_for_archive_bytes"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > 0,
+            )
+        },
+    )?;
+    assert!(
+        first_log(&s.path("env"))? <= held_from.file,
+        "a file the archive lacks left the primary"
+    );
     let end = primary_log_end(&s.path("env"))?;
-    assert!(end.file > held_from.file + 3, "the workload must span several log files: {held_from} .. {end}");
+    assert!(
+        end.file > held_from.file + 3,
+        "the workload must span several log files: {held_from} .. {end}"
+    );
     let text = Command::new(bin("tandem-primary"))
         .args(["status", "--primary", &primary.url()])
         .args(s.certs.args("standby"))
         .output()?;
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
-    assert!(text.contains("only for its archive") && text.contains(&format!("archive: holds the log up to {held_from}")), "{text}");
+    assert!(
+        text.contains("only for its archive")
+            && text.contains(&format!("archive: holds the log up to {held_from}")),
+        "{text}"
+    );
     // The archive catches up: now the files go, and the archive has each one.
     let mut archiver = start_archiver(&s)?;
-    wait_for("the archive to reach the primary's end", LONG, || Ok(archived(&primary_status(&s, &primary)?) == Some(end)))?;
-    wait_for("a retention pass", LONG, || Ok(first_log(&s.path("env"))? > held_from.file))?;
+    wait_for("the archive to reach the primary's end", LONG, || {
+        Ok(archived(&primary_status(&s, &primary)?) == Some(end))
+    })?;
+    wait_for("a retention pass", LONG, || {
+        Ok(first_log(&s.path("env"))? > held_from.file)
+    })?;
     assert!(archiver.stop(LONG)?.success());
-    let verify = Command::new(bin("tandem-standby")).arg("verify-archive").arg("--all").arg(s.path("archive")).output()?;
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let verify = Command::new(bin("tandem-standby"))
+        .arg("verify-archive")
+        .arg("--all")
+        .arg(s.path("archive"))
+        .output()?;
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     Ok(())
 }
 
@@ -179,16 +344,37 @@ fn an_archive_behind_by_more_than_the_cap_is_released_loudly_and_the_standby_kep
     let (s, primary, _standby) = retained_pair(4)?;
     let first_base = base_id(&s.path("standby"))?;
     let mut archiver = start_archiver(&s)?;
-    wait_for("the primary to learn the archive's position", LONG, || Ok(archived(&primary_status(&s, &primary)?).is_some()))?;
+    wait_for("the primary to learn the archive's position", LONG, || {
+        Ok(archived(&primary_status(&s, &primary)?).is_some())
+    })?;
     assert!(archiver.stop(LONG)?.success());
     // Throttled, so the streaming standby stays well inside the cap itself:
     // only the archive falls behind.
-    bdb::run_workload(&s.path("env"), &WorkloadOptions { rate: 3000, ..workload(8000) })?;
-    wait_for("the archive hold to be released", LONG, || Ok(primary.proc.log_text().contains("RELEASING ARCHIVE HOLD")))?;
-    wait_for("logs to be removed", LONG, || Ok(log_count(&s.path("env"))? <= 6))?;
+    bdb::run_workload(
+        &s.path("env"),
+        &WorkloadOptions {
+            rate: 3000,
+            ..workload(8000)
+        },
+    )?;
+    wait_for("the archive hold to be released", LONG, || {
+        Ok(primary.proc.log_text().contains("RELEASING ARCHIVE HOLD"))
+    })?;
+    wait_for("logs to be removed", LONG, || {
+        Ok(log_count(&s.path("env"))? <= 6)
+    })?;
     let status = primary_status(&s, &primary)?;
-    assert!(status["standbys"][0]["archive_released_below"].as_u64().unwrap_or(0) > 0, "{status}");
-    assert_eq!(status["standbys"][0]["dropped"], false, "the standby itself holds everything: it must not be dropped");
+    assert!(
+        status["standbys"][0]["archive_released_below"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{status}"
+    );
+    assert_eq!(
+        status["standbys"][0]["dropped"], false,
+        "the standby itself holds everything: it must not be dropped"
+    );
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     assert_eq!(base_id(&s.path("standby"))?, first_base);
     Ok(())
@@ -203,7 +389,13 @@ fn a_connected_standby_ends_complete_whether_or_not_a_burst_drops_it() -> Result
     let (s, primary, _standby) = retained_pair(4)?;
     let last = bdb::run_workload(&s.path("env"), &workload(8000))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
-    eprintln!("dropped during the burst: {}", primary.proc.log_text().contains("DROPPING STANDBY"));
-    assert_eq!(recover_copy(&s.path("standby"), &s.path("recovered"))?, last);
+    eprintln!(
+        "dropped during the burst: {}",
+        primary.proc.log_text().contains("DROPPING STANDBY")
+    );
+    assert_eq!(
+        recover_copy(&s.path("standby"), &s.path("recovered"))?,
+        last
+    );
     Ok(())
 }

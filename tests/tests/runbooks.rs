@@ -13,17 +13,42 @@ const LONG: Duration = Duration::from_secs(120);
 fn runbook(name: &str) -> Result<String> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
     let marker = format!("<!-- runbook: {name} -->");
-    let after = readme.split_once(&marker).with_context(|| format!("no runbook {name} in the README"))?.1;
-    let block = after.split_once("```sh\n").context("no sh block after the marker")?.1;
-    Ok(block.split_once("```").context("unterminated block")?.0.to_owned())
+    let after = readme
+        .split_once(&marker)
+        .with_context(|| format!("no runbook {name} in the README"))?
+        .1;
+    let block = after
+        .split_once("```sh\n")
+        .context("no sh block after the marker")?
+        .1;
+    Ok(block
+        .split_once("```")
+        .context("unterminated block")?
+        .0
+        .to_owned())
 }
 
 fn run_runbook(name: &str, standby_dir: &std::path::Path) -> Result<String> {
     let script = runbook(name)?;
-    let bins = bin("tandem-standby").parent().context("binary directory")?.to_path_buf();
-    let path = format!("{}:{}", bins.display(), std::env::var("PATH").unwrap_or_default());
-    let out = Command::new("bash").args(["-euo", "pipefail", "-c", &script]).env("STANDBY_DIR", standby_dir).env("PATH", path).output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let bins = bin("tandem-standby")
+        .parent()
+        .context("binary directory")?
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .env("STANDBY_DIR", standby_dir)
+        .env("PATH", path)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
         bail!("runbook {name} failed:\n{script}\n{text}");
     }
@@ -31,7 +56,12 @@ fn run_runbook(name: &str, standby_dir: &std::path::Path) -> Result<String> {
 }
 
 fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions { txns, checkpoint_every: 500, lg_max: 1 << 20, ..Default::default() }
+    WorkloadOptions {
+        txns,
+        checkpoint_every: 500,
+        lg_max: 1 << 20,
+        ..Default::default()
+    }
 }
 
 #[test]

@@ -9,12 +9,21 @@ use tandem_tests::harness::*;
 const CATCH_UP: Duration = Duration::from_secs(120);
 
 fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions { txns, checkpoint_every: 500, lg_max: 1 << 20, ..Default::default() }
+    WorkloadOptions {
+        txns,
+        checkpoint_every: 500,
+        lg_max: 1 << 20,
+        ..Default::default()
+    }
 }
 
 /// Runs the workload in the background.
 fn spawn_workload(s: &Scratch, opts: &WorkloadOptions, tag: &str) -> Result<Proc> {
-    Proc::spawn("workload", opts.command(&s.path("env")), &s.path(&format!("workload-{tag}.log")))
+    Proc::spawn(
+        "workload",
+        opts.command(&s.path("env")),
+        &s.path(&format!("workload-{tag}.log")),
+    )
 }
 
 fn finish_workload(w: &mut Proc) -> Result<u64> {
@@ -28,8 +37,15 @@ fn finish_workload(w: &mut Proc) -> Result<u64> {
 fn assert_identical(s: &Scratch, last: u64, tag: &str) -> Result<()> {
     let copy = s.path(&format!("recovered-{tag}"));
     let m = recover_copy(&s.path("standby"), &copy)?;
-    assert_eq!(m, last, "the recovered standby must hold every committed transaction");
-    assert_eq!(bdb::db_dump_all(&s.path("env"), &WORKLOAD_DBS)?, bdb::db_dump_all(&copy, &WORKLOAD_DBS)?, "db_dump differs");
+    assert_eq!(
+        m, last,
+        "the recovered standby must hold every committed transaction"
+    );
+    assert_eq!(
+        bdb::db_dump_all(&s.path("env"), &WORKLOAD_DBS)?,
+        bdb::db_dump_all(&copy, &WORKLOAD_DBS)?,
+        "db_dump differs"
+    );
     Ok(())
 }
 
@@ -56,9 +72,18 @@ fn standby_kill9_resumes_without_resending_files() -> Result<()> {
     bdb::run_workload(&s.path("env"), &workload(3000))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let mut standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &[])?;
-    let mut w = spawn_workload(&s, &WorkloadOptions { rate: 4000, ..workload(20_000) }, "load")?;
+    let mut w = spawn_workload(
+        &s,
+        &WorkloadOptions {
+            rate: 4000,
+            ..workload(20_000)
+        },
+        "load",
+    )?;
     // Kill it once the base is in and the log is flowing.
-    wait_for("the base to complete", CATCH_UP, || Ok(standby_status(&s.path("standby"))?["recoverable"] == true))?;
+    wait_for("the base to complete", CATCH_UP, || {
+        Ok(standby_status(&s.path("standby"))?["recoverable"] == true)
+    })?;
     let before = standby_status(&s.path("standby"))?;
     let files_first_run = before["file_bytes_received"].as_u64().unwrap_or(0);
     assert!(files_first_run > 0);
@@ -69,12 +94,19 @@ fn standby_kill9_resumes_without_resending_files() -> Result<()> {
     let last = finish_workload(&mut w)?;
     wait_caught_up(&s.path("standby"), &s.path("env"), CATCH_UP)?;
     let after = standby_status(&s.path("standby"))?;
-    assert_eq!(after["file_bytes_received"], 0, "complete files must not be sent again after a restart");
+    assert_eq!(
+        after["file_bytes_received"], 0,
+        "complete files must not be sent again after a restart"
+    );
     // The log resumed where it was durable, not from the base boundary.
     let resent = after["log_bytes_received"].as_u64().unwrap_or(0);
     let end = primary_log_end(&s.path("env"))?;
     let lg_max = after["lg_max"].as_u64().unwrap_or(1 << 20) as u32;
-    assert_eq!(resent, durable_at_kill.bytes_until(end, lg_max).min(resent), "log bytes after restart {resent}");
+    assert_eq!(
+        resent,
+        durable_at_kill.bytes_until(end, lg_max).min(resent),
+        "log bytes after restart {resent}"
+    );
     assert!(resent <= durable_at_kill.bytes_until(end, lg_max) + 1);
     assert_identical(&s, last, "after-standby-restart")
 }
@@ -86,16 +118,33 @@ fn primary_kill9_and_restart_resumes() -> Result<()> {
     let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let addr = primary.addr.to_string();
     let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &[])?;
-    let mut w = spawn_workload(&s, &WorkloadOptions { rate: 4000, ..workload(16_000) }, "load")?;
-    wait_for("the base to complete", CATCH_UP, || Ok(standby_status(&s.path("standby"))?["recoverable"] == true))?;
-    let files_before = standby_status(&s.path("standby"))?["file_bytes_received"].as_u64().unwrap_or(0);
+    let mut w = spawn_workload(
+        &s,
+        &WorkloadOptions {
+            rate: 4000,
+            ..workload(16_000)
+        },
+        "load",
+    )?;
+    wait_for("the base to complete", CATCH_UP, || {
+        Ok(standby_status(&s.path("standby"))?["recoverable"] == true)
+    })?;
+    let files_before = standby_status(&s.path("standby"))?["file_bytes_received"]
+        .as_u64()
+        .unwrap_or(0);
     primary.proc.kill9()?;
-    wait_for("the standby to notice", CATCH_UP, || Ok(standby_status(&s.path("standby"))?["connected"] == false))?;
+    wait_for("the standby to notice", CATCH_UP, || {
+        Ok(standby_status(&s.path("standby"))?["connected"] == false)
+    })?;
     let _primary = start_primary(s.root(), &s.path("env"), &s.certs, &addr, &[])?;
     let last = finish_workload(&mut w)?;
     wait_caught_up(&s.path("standby"), &s.path("env"), CATCH_UP)?;
     let after = standby_status(&s.path("standby"))?;
-    assert_eq!(after["file_bytes_received"].as_u64().unwrap_or(0), files_before, "no file may be sent again after a primary restart");
+    assert_eq!(
+        after["file_bytes_received"].as_u64().unwrap_or(0),
+        files_before,
+        "no file may be sent again after a primary restart"
+    );
     assert!(after["reconnects"].as_u64().unwrap_or(0) >= 1);
     assert_identical(&s, last, "after-primary-restart")
 }
@@ -104,11 +153,20 @@ fn primary_kill9_and_restart_resumes() -> Result<()> {
 fn a_corrupted_chunk_is_caught_and_fetched_again() -> Result<()> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(5000))?;
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &["--fault-corrupt-chunk", "2"])?;
+    let primary = start_primary(
+        s.root(),
+        &s.path("env"),
+        &s.certs,
+        "127.0.0.1:0",
+        &["--fault-corrupt-chunk", "2"],
+    )?;
     let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &[])?;
     wait_caught_up(&s.path("standby"), &s.path("env"), CATCH_UP)?;
     let st = standby_status(&s.path("standby"))?;
-    assert!(st["digest_failures"].as_u64().unwrap_or(0) >= 1, "the flipped chunk must be detected: {st}");
+    assert!(
+        st["digest_failures"].as_u64().unwrap_or(0) >= 1,
+        "the flipped chunk must be detected: {st}"
+    );
     assert!(std::fs::read_to_string(&_standby.log)?.contains("blake3 mismatch"));
     assert_identical(&s, 5000, "after-corruption")
 }
@@ -120,19 +178,31 @@ fn db_config_data_and_log_directories_are_mirrored() -> Result<()> {
     for d in ["data", "logs"] {
         std::fs::create_dir_all(env.join(d))?;
     }
-    std::fs::write(env.join("DB_CONFIG"), "set_data_dir data\nset_lg_dir logs\n")?;
+    std::fs::write(
+        env.join("DB_CONFIG"),
+        "set_data_dir data\nset_lg_dir logs\n",
+    )?;
     bdb::run_workload(&env, &workload(2000))?;
-    assert!(env.join("data/data.db").exists() && env.join("logs/log.0000000001").exists(), "BDB must honour DB_CONFIG");
+    assert!(
+        env.join("data/data.db").exists() && env.join("logs/log.0000000001").exists(),
+        "BDB must honour DB_CONFIG"
+    );
     let primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
     let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &[])?;
     let last = bdb::run_workload(&env, &workload(3000))?;
     wait_caught_up(&s.path("standby"), &env, CATCH_UP)?;
-    assert_eq!(std::fs::read(env.join("DB_CONFIG"))?, std::fs::read(s.path("standby/DB_CONFIG"))?);
+    assert_eq!(
+        std::fs::read(env.join("DB_CONFIG"))?,
+        std::fs::read(s.path("standby/DB_CONFIG"))?
+    );
     assert!(s.path("standby/data/data.db").exists() && s.path("standby/logs").is_dir());
     let copy = s.path("recovered");
     copy_env(&s.path("standby"), &copy)?;
     bdb::recover_catastrophic(&copy)?;
     assert_eq!(bdb::check(&copy.join("data"))?, last);
-    assert_eq!(bdb::db_dump_all(&env, &WORKLOAD_DBS)?, bdb::db_dump_all(&copy, &WORKLOAD_DBS)?);
+    assert_eq!(
+        bdb::db_dump_all(&env, &WORKLOAD_DBS)?,
+        bdb::db_dump_all(&copy, &WORKLOAD_DBS)?
+    );
     Ok(())
 }

@@ -38,7 +38,10 @@ use tandem_shared::tls::TlsFiles;
 use tandem_shared::wire::StatusRequest;
 use tandem_shared::LogPosition;
 use tandem_tests::bdb::{self, WorkloadOptions};
-use tandem_tests::harness::{self, lsn_of, primary_log_end, standby_status, start_primary, start_standby, wait_for, Certs, Primary, Proc};
+use tandem_tests::harness::{
+    self, lsn_of, primary_log_end, standby_status, start_primary, start_standby, wait_for, Certs,
+    Primary, Proc,
+};
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// The name `harness::start_standby` gives every standby.
@@ -93,32 +96,53 @@ fn env_str(name: &str) -> Option<String> {
 fn env_u64(name: &str, default: u64) -> Result<u64> {
     match env_str(name) {
         None => Ok(default),
-        Some(v) => v.trim().parse().with_context(|| format!("{name}={v:?} is not a whole number")),
+        Some(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={v:?} is not a whole number")),
     }
 }
 
 fn env_list(name: &str, default: &[u64]) -> Result<Vec<u64>> {
     match env_str(name) {
         None => Ok(default.to_vec()),
-        Some(v) => v.split(',').map(|s| s.trim().parse().with_context(|| format!("{name}={v:?}: bad number {s:?}"))).collect(),
+        Some(v) => v
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .with_context(|| format!("{name}={v:?}: bad number {s:?}"))
+            })
+            .collect(),
     }
 }
 
 impl Config {
     fn from_env() -> Result<Self> {
         let quick = env_str("BENCH_QUICK").is_some_and(|v| v != "0");
-        let caches = match env_str("BENCH_CACHE").as_deref().unwrap_or(if quick { "warm" } else { "both" }) {
-            "cold" => vec![Cache::Cold],
-            "warm" => vec![Cache::Warm],
-            "both" => vec![Cache::Cold, Cache::Warm],
-            other => bail!("BENCH_CACHE={other:?}: expected cold, warm or both"),
-        };
+        let caches =
+            match env_str("BENCH_CACHE")
+                .as_deref()
+                .unwrap_or(if quick { "warm" } else { "both" })
+            {
+                "cold" => vec![Cache::Cold],
+                "warm" => vec![Cache::Warm],
+                "both" => vec![Cache::Cold, Cache::Warm],
+                other => bail!("BENCH_CACHE={other:?}: expected cold, warm or both"),
+            };
         let sections = match env_str("BENCH_ONLY") {
             None => SECTIONS.iter().map(|s| s.to_string()).collect(),
             Some(v) => {
-                let list: Vec<String> = v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+                let list: Vec<String> = v
+                    .split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect();
                 if let Some(bad) = list.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
-                    bail!("BENCH_ONLY: unknown section {bad:?} (sections: {})", SECTIONS.join(","));
+                    bail!(
+                        "BENCH_ONLY: unknown section {bad:?} (sections: {})",
+                        SECTIONS.join(",")
+                    );
                 }
                 list
             }
@@ -131,10 +155,15 @@ impl Config {
             lag_secs: env_u64("BENCH_LAG_SECS", if quick { 4 } else { 10 })?.max(1),
             lag_rate: env_u64("BENCH_LAG_RATE", 1000)?.max(1),
             cost_secs: env_u64("BENCH_COST_SECS", if quick { 4 } else { 10 })?.max(1),
-            promote_mb: env_list("BENCH_PROMOTE_MB", if quick { &[25, 100] } else { &[100, 500] })?,
+            promote_mb: env_list(
+                "BENCH_PROMOTE_MB",
+                if quick { &[25, 100] } else { &[100, 500] },
+            )?,
             resume_mb: env_u64("BENCH_RESUME_MB", if quick { 2 } else { 8 })?.max(1),
             sections,
-            work_parent: env_str("BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir),
+            work_parent: env_str("BENCH_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir),
             out: env_str("BENCH_OUT").map(PathBuf::from),
             keep: env_str("BENCH_KEEP").is_some_and(|v| v != "0"),
         };
@@ -210,7 +239,11 @@ struct AckSample {
 /// log) covers it. Both series are in time order and positions only grow,
 /// so one forward sweep suffices. Returns the delays in milliseconds and how
 /// many commits were never covered.
-fn commit_delays(commits: &[CommitSeen], samples: &[AckSample], pos: impl Fn(&AckSample) -> LogPosition) -> (Vec<f64>, usize) {
+fn commit_delays(
+    commits: &[CommitSeen],
+    samples: &[AckSample],
+    pos: impl Fn(&AckSample) -> LogPosition,
+) -> (Vec<f64>, usize) {
     let mut out = Vec::with_capacity(commits.len());
     let mut unmatched = 0;
     let mut k = 0;
@@ -234,11 +267,24 @@ fn run_cmd(what: &str, mut cmd: Command, timeout: Duration, log: &Path) -> Resul
     let out = File::create(log)?;
     let err = out.try_clone()?;
     let started = Instant::now();
-    let mut child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().with_context(|| format!("starting {what}"))?;
-    let status = wait_child(&mut child, timeout).with_context(|| format!("{what}: {}", std::fs::read_to_string(log).unwrap_or_default()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let status = wait_child(&mut child, timeout).with_context(|| {
+        format!(
+            "{what}: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    })?;
     let took = started.elapsed();
     if !status.success() {
-        bail!("{what} failed ({status}): {}", std::fs::read_to_string(log).unwrap_or_default());
+        bail!(
+            "{what} failed ({status}): {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
     }
     Ok(took)
 }
@@ -263,11 +309,19 @@ fn cmd_stdout(what: &str, mut cmd: Command, timeout: Duration, log: &Path) -> Re
     let out_path = log.with_extension("stdout");
     let out = File::create(&out_path)?;
     let err = File::create(log)?;
-    let mut child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().with_context(|| format!("starting {what}"))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
     let status = wait_child(&mut child, timeout).with_context(|| what.to_owned())?;
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     if !status.success() {
-        bail!("{what} failed ({status}): {stdout}{}", std::fs::read_to_string(log).unwrap_or_default());
+        bail!(
+            "{what} failed ({status}): {stdout}{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
     }
     Ok(stdout)
 }
@@ -276,8 +330,17 @@ fn first_line(mut cmd: Command) -> String {
     cmd.output()
         .ok()
         .map(|o| {
-            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_owned()
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
         })
         .unwrap_or_else(|| "?".into())
 }
@@ -285,10 +348,19 @@ fn first_line(mut cmd: Command) -> String {
 /// utime + stime of a process, in seconds.
 fn proc_cpu_secs(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc/PID/stat")?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/PID/stat")?;
     let f: Vec<&str> = after.split_whitespace().collect();
     // Fields 14 and 15 of stat(5); `after` starts at field 3.
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).context("utime")? + f.get(12).and_then(|v| v.parse::<f64>().ok()).context("stime")?;
+    let ticks: f64 = f
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .context("utime")?
+        + f.get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .context("stime")?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks / if hz > 0.0 { hz } else { 100.0 })
@@ -297,13 +369,22 @@ fn proc_cpu_secs(pid: u32) -> Result<f64> {
 /// Peak resident set (VmHWM) of a process, in MiB.
 fn proc_hwm_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 =
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).context("VmHWM")?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmHWM")?;
     Ok(kb / 1024.0)
 }
 
 /// Like `harness::wait_for`, but gives up at once when `proc` exits.
-fn wait_alive(what: &str, timeout: Duration, proc: &mut Proc, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+fn wait_alive(
+    what: &str,
+    timeout: Duration,
+    proc: &mut Proc,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let mut died = false;
     wait_for(what, timeout, || {
         if !proc.is_running() {
@@ -313,7 +394,11 @@ fn wait_alive(what: &str, timeout: Duration, proc: &mut Proc, mut cond: impl FnM
         cond()
     })?;
     if died {
-        bail!("{} exited while waiting for {what}: {}", proc.name, proc.log_text());
+        bail!(
+            "{} exited while waiting for {what}: {}",
+            proc.name,
+            proc.log_text()
+        );
     }
     Ok(())
 }
@@ -338,7 +423,14 @@ fn scrape(port: u16) -> Result<BTreeMap<String, f64>> {
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok(body.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| v.parse().ok().map(|v| (k.to_owned(), v)))).collect())
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .and_then(|(k, v)| v.parse().ok().map(|v| (k.to_owned(), v)))
+        })
+        .collect())
 }
 
 fn sync_all() {
@@ -358,7 +450,10 @@ fn env_lg_max(env: &Path) -> Result<u32> {
     let layout = EnvLayout::open(env)?;
     let newest = *layout.log_files()?.last().context("no log file")?;
     let w = walk_file(&File::open(layout.log_path(newest))?, None)?;
-    Ok(w.header.map(|h| h.lg_max).filter(|&m| m > 0).unwrap_or(LG_MAX as u32))
+    Ok(w.header
+        .map(|h| h.lg_max)
+        .filter(|&m| m > 0)
+        .unwrap_or(LG_MAX as u32))
 }
 
 fn log_mib_between(a: LogPosition, b: LogPosition, lg_max: u32) -> f64 {
@@ -386,8 +481,16 @@ fn progress(msg: impl AsRef<str>) {
 }
 
 fn chrono_like_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
 }
 
 // ---------------------------------------------------------------- the bench
@@ -439,18 +542,36 @@ impl Bench {
 
     fn tls(&self) -> TlsFiles {
         let d = &self.certs.dir;
-        TlsFiles { cert: d.join("standby.pem"), key: d.join("standby-key.pem"), ca: d.join("ca.pem") }
+        TlsFiles {
+            cert: d.join("standby.pem"),
+            key: d.join("standby-key.pem"),
+            ca: d.join("ca.pem"),
+        }
     }
 
     /// Streaming workload options: small values, several updates per
     /// transaction (BDB.md §5: about 1.6 KB of log per transaction).
     fn stream_workload(&self) -> WorkloadOptions {
-        WorkloadOptions { txns: 0, checkpoint_every: 1000, lg_max: LG_MAX, updates: 3, value_len: 100, quiet: true, ..Default::default() }
+        WorkloadOptions {
+            txns: 0,
+            checkpoint_every: 1000,
+            lg_max: LG_MAX,
+            updates: 3,
+            value_len: 100,
+            quiet: true,
+            ..Default::default()
+        }
     }
 
     fn make_seed(&self) -> Result<Seed> {
         let env = self.path("seed-env");
-        let last = bdb::run_workload(&env, &WorkloadOptions { txns: 2000, ..self.stream_workload() })?;
+        let last = bdb::run_workload(
+            &env,
+            &WorkloadOptions {
+                txns: 2000,
+                ..self.stream_workload()
+            },
+        )?;
         sync_all();
         Ok(Seed { env, last })
     }
@@ -475,16 +596,32 @@ impl Bench {
                 ..Default::default()
             },
         )?;
-        run_cmd("db5.3_checkpoint", tool("db5.3_checkpoint", &["-1", "-h"], &env), Duration::from_secs(600), &self.path("checkpoint.log"))?;
-        run_cmd("db5.3_archive -d", tool("db5.3_archive", &["-d", "-h"], &env), Duration::from_secs(600), &self.path("archive.log"))?;
+        run_cmd(
+            "db5.3_checkpoint",
+            tool("db5.3_checkpoint", &["-1", "-h"], &env),
+            Duration::from_secs(600),
+            &self.path("checkpoint.log"),
+        )?;
+        run_cmd(
+            "db5.3_archive -d",
+            tool("db5.3_archive", &["-d", "-h"], &env),
+            Duration::from_secs(600),
+            &self.path("archive.log"),
+        )?;
         sync_all();
         let layout = EnvLayout::open(&env)?;
         let mut files: Vec<(String, u64)> = Vec::new();
         for db in layout.database_files()? {
-            files.push((db.name.clone(), std::fs::metadata(env.join(&db.name))?.len()));
+            files.push((
+                db.name.clone(),
+                std::fs::metadata(env.join(&db.name))?.len(),
+            ));
         }
         for n in layout.log_files()? {
-            files.push((layout.log_name(n), std::fs::metadata(layout.log_path(n))?.len()));
+            files.push((
+                layout.log_name(n),
+                std::fs::metadata(layout.log_path(n))?.len(),
+            ));
         }
         let bytes = files.iter().map(|f| f.1).sum();
         progress(format!(
@@ -493,7 +630,14 @@ impl Bench {
             files.len(),
             started.elapsed().as_secs_f64()
         ));
-        Ok(BigEnv { env, files, bytes, primary: None, standby: None, copy_secs: None })
+        Ok(BigEnv {
+            env,
+            files,
+            bytes,
+            primary: None,
+            standby: None,
+            copy_secs: None,
+        })
     }
 }
 
@@ -514,7 +658,16 @@ struct CopyFigures {
     bytes: Vec<f64>,
 }
 
-const COPY_METHODS: [&str; 8] = ["tandem", "cp", "rsync-ssh", "hotbackup", "tcp-loopback", "disk-write", "disk-read", "blake3"];
+const COPY_METHODS: [&str; 8] = [
+    "tandem",
+    "cp",
+    "rsync-ssh",
+    "hotbackup",
+    "tcp-loopback",
+    "disk-write",
+    "disk-read",
+    "blake3",
+];
 
 fn method_label(m: &str) -> &'static str {
     match m {
@@ -546,7 +699,12 @@ impl Sshd {
         for k in ["host_key", "client_key"] {
             let p = dir.join(k);
             let _ = std::fs::remove_file(&p);
-            run_cmd("ssh-keygen", keygen(&p), Duration::from_secs(30), &dir.join(format!("{k}.log")))?;
+            run_cmd(
+                "ssh-keygen",
+                keygen(&p),
+                Duration::from_secs(30),
+                &dir.join(format!("{k}.log")),
+            )?;
         }
         std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
         let port = free_port()?;
@@ -562,16 +720,31 @@ impl Sshd {
         let mut cmd = Command::new("/usr/sbin/sshd");
         cmd.args(["-D", "-e", "-f"]).arg(dir.join("sshd_config"));
         let mut proc = Proc::spawn("sshd", cmd, &dir.join("sshd.log"))?;
-        wait_alive("sshd to listen", Duration::from_secs(20), &mut proc, || Ok(TcpStream::connect(("127.0.0.1", port)).is_ok()))?;
+        wait_alive("sshd to listen", Duration::from_secs(20), &mut proc, || {
+            Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
+        })?;
         let user = first_line({
             let mut c = Command::new("id");
             c.arg("-un");
             c
         });
-        let sshd = Sshd { _proc: proc, port, key: dir.join("client_key"), user };
+        let sshd = Sshd {
+            _proc: proc,
+            port,
+            key: dir.join("client_key"),
+            user,
+        };
         let mut probe = Command::new("ssh");
-        probe.args(sshd.ssh_args()).arg(format!("{}@127.0.0.1", sshd.user)).arg("true");
-        run_cmd("ssh to the private sshd", probe, Duration::from_secs(30), &dir.join("probe.log"))?;
+        probe
+            .args(sshd.ssh_args())
+            .arg(format!("{}@127.0.0.1", sshd.user))
+            .arg("true");
+        run_cmd(
+            "ssh to the private sshd",
+            probe,
+            Duration::from_secs(30),
+            &dir.join("probe.log"),
+        )?;
         Ok(sshd)
     }
 
@@ -595,7 +768,9 @@ impl Sshd {
 
 fn keygen(path: &Path) -> Command {
     let mut c = Command::new("ssh-keygen");
-    c.args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(path);
+    c.args(["-q", "-t", "ed25519", "-N", ""])
+        .arg("-f")
+        .arg(path);
     c
 }
 
@@ -628,7 +803,9 @@ fn tcp_loopback(bytes: u64) -> Result<Duration> {
         left -= n as u64;
     }
     drop(s);
-    let got = receiver.join().map_err(|_| anyhow!("receiver panicked"))??;
+    let got = receiver
+        .join()
+        .map_err(|_| anyhow!("receiver panicked"))??;
     let took = started.elapsed();
     if got != bytes {
         bail!("loopback receiver got {got} of {bytes} bytes");
@@ -637,7 +814,9 @@ fn tcp_loopback(bytes: u64) -> Result<Duration> {
 }
 
 fn blake3_one_core(bytes: u64) -> Duration {
-    let buf: Vec<u8> = (0..(1u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let buf: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let started = Instant::now();
     let mut left = bytes;
     let mut acc = 0u8;
@@ -670,19 +849,30 @@ impl Bench {
         let port = free_port()?;
         let p0 = proc_cpu_secs(primary.proc.pid())?;
         let started = Instant::now();
-        let mut sb = start_standby(self.root.path(), dest, &primary.url(), &self.certs, &["--metrics-listen", &format!("127.0.0.1:{port}")])?;
+        let mut sb = start_standby(
+            self.root.path(),
+            dest,
+            &primary.url(),
+            &self.certs,
+            &["--metrics-listen", &format!("127.0.0.1:{port}")],
+        )?;
         let mut standby_cpu = 0.0;
         let pid = sb.pid();
-        wait_alive("the base copy to complete", copy_timeout(big.bytes), &mut sb, || {
-            let m = scrape(port)?;
-            let done = m.get("tandem_standby_recoverable") == Some(&1.0)
-                && m.get("tandem_standby_connected") == Some(&1.0)
-                && m.get("tandem_standby_lag_bytes") == Some(&0.0);
-            if done {
-                standby_cpu = proc_cpu_secs(pid)?;
-            }
-            Ok(done)
-        })?;
+        wait_alive(
+            "the base copy to complete",
+            copy_timeout(big.bytes),
+            &mut sb,
+            || {
+                let m = scrape(port)?;
+                let done = m.get("tandem_standby_recoverable") == Some(&1.0)
+                    && m.get("tandem_standby_connected") == Some(&1.0)
+                    && m.get("tandem_standby_lag_bytes") == Some(&0.0);
+                if done {
+                    standby_cpu = proc_cpu_secs(pid)?;
+                }
+                Ok(done)
+            },
+        )?;
         let took = started.elapsed();
         let p1 = proc_cpu_secs(primary.proc.pid())?;
         sb.stop(Duration::from_secs(60))?;
@@ -696,12 +886,21 @@ impl Bench {
         fig.secs.push(took.as_secs_f64());
         fig.primary_cpu.push(p1 - p0);
         fig.standby_cpu.push(standby_cpu);
-        fig.bytes.push((status_u64(&st, "file_bytes_received") + status_u64(&st, "log_bytes_received")) as f64);
+        fig.bytes.push(
+            (status_u64(&st, "file_bytes_received") + status_u64(&st, "log_bytes_received")) as f64,
+        );
         Ok(())
     }
 
     /// Runs one copy method into a fresh `dest`; returns seconds.
-    fn copy_once(&self, method: &str, big: &BigEnv, sshd: Option<&Sshd>, dest: &Path, fig: &mut CopyFigures) -> Result<()> {
+    fn copy_once(
+        &self,
+        method: &str,
+        big: &BigEnv,
+        sshd: Option<&Sshd>,
+        dest: &Path,
+        fig: &mut CopyFigures,
+    ) -> Result<()> {
         remove_dir(dest);
         let log = self.path(&format!("{method}.log"));
         let names: Vec<&str> = big.files.iter().map(|f| f.0.as_str()).collect();
@@ -722,11 +921,12 @@ impl Bench {
                 std::fs::create_dir_all(dest)?;
                 let started = Instant::now();
                 let mut c = Command::new("rsync");
-                c.current_dir(&big.env).arg("-a").arg("-e").arg(format!("ssh {}", sshd.ssh_args().join(" "))).args(&names).arg(format!(
-                    "{}@127.0.0.1:{}/",
-                    sshd.user,
-                    dest.display()
-                ));
+                c.current_dir(&big.env)
+                    .arg("-a")
+                    .arg("-e")
+                    .arg(format!("ssh {}", sshd.ssh_args().join(" ")))
+                    .args(&names)
+                    .arg(format!("{}@127.0.0.1:{}/", sshd.user, dest.display()));
                 run_cmd("rsync over ssh", c, timeout, &log)?;
                 sync_all();
                 started.elapsed()
@@ -768,9 +968,20 @@ impl Bench {
     fn section_copy(&self, big: &mut BigEnv) -> Result<Section> {
         let cfg = &self.cfg;
         let sshd = Sshd::start(&self.path("sshd"))?;
-        big.primary = Some(start_primary(self.root.path(), &big.env, &self.certs, "127.0.0.1:0", &[])?);
+        big.primary = Some(start_primary(
+            self.root.path(),
+            &big.env,
+            &self.certs,
+            "127.0.0.1:0",
+            &[],
+        )?);
         let mut figs: BTreeMap<(usize, &str), CopyFigures> = BTreeMap::new();
-        let caches: Vec<Cache> = cfg.caches.iter().copied().filter(|c| *c == Cache::Warm || self.can_drop_caches).collect();
+        let caches: Vec<Cache> = cfg
+            .caches
+            .iter()
+            .copied()
+            .filter(|c| *c == Cache::Warm || self.can_drop_caches)
+            .collect();
         for run in 0..cfg.runs {
             for (ci, &cache) in caches.iter().enumerate() {
                 if cache == Cache::Warm {
@@ -790,8 +1001,15 @@ impl Bench {
                     }
                     let dest = self.path(&format!("copy-{method}"));
                     let fig = figs.entry((ci, method)).or_default();
-                    self.copy_once(method, big, Some(&sshd), &dest, fig).with_context(|| format!("{method} ({})", cache.name()))?;
-                    progress(format!("copy run {}/{} {} {method}: {:.2} s", run + 1, cfg.runs, cache.name(), fig.secs.last().copied().unwrap_or(0.0)));
+                    self.copy_once(method, big, Some(&sshd), &dest, fig)
+                        .with_context(|| format!("{method} ({})", cache.name()))?;
+                    progress(format!(
+                        "copy run {}/{} {} {method}: {:.2} s",
+                        run + 1,
+                        cfg.runs,
+                        cache.name(),
+                        fig.secs.last().copied().unwrap_or(0.0)
+                    ));
                     if method == "tandem" {
                         // Keep the last Tandem copy for section 5.
                         let last = run + 1 == cfg.runs && ci + 1 == caches.len();
@@ -799,7 +1017,8 @@ impl Bench {
                             let keep = self.path("resume-standby");
                             remove_dir(&keep);
                             std::fs::rename(&dest, &keep)?;
-                            big.standby = Some((keep, fig.bytes.last().copied().unwrap_or(0.0) as u64));
+                            big.standby =
+                                Some((keep, fig.bytes.last().copied().unwrap_or(0.0) as u64));
                         } else {
                             remove_dir(&dest);
                         }
@@ -807,8 +1026,17 @@ impl Bench {
                 }
             }
         }
-        big.copy_secs = caches.len().checked_sub(1).and_then(|ci| figs.get(&(ci, "tandem"))).map(|f| median(&f.secs));
-        let primary_hwm = big.primary.as_ref().map(|p| proc_hwm_mib(p.proc.pid())).transpose()?.unwrap_or(0.0);
+        big.copy_secs = caches
+            .len()
+            .checked_sub(1)
+            .and_then(|ci| figs.get(&(ci, "tandem")))
+            .map(|f| median(&f.secs));
+        let primary_hwm = big
+            .primary
+            .as_ref()
+            .map(|p| proc_hwm_mib(p.proc.pid()))
+            .transpose()?
+            .unwrap_or(0.0);
 
         let mib = big.bytes as f64 / MIB;
         let mut s = Section::default();
@@ -822,17 +1050,38 @@ impl Bench {
             cfg.runs
         );
         if !self.can_drop_caches && cfg.caches.contains(&Cache::Cold) {
-            let _ = writeln!(s.md, "Cold runs skipped: cannot write /proc/sys/vm/drop_caches.\n");
+            let _ = writeln!(
+                s.md,
+                "Cold runs skipped: cannot write /proc/sys/vm/drop_caches.\n"
+            );
         }
-        let _ = writeln!(s.md, "| method | cache | time s | MiB/s | Tandem ÷ this |\n|---|---|---|---|---|");
+        let _ = writeln!(
+            s.md,
+            "| method | cache | time s | MiB/s | Tandem ÷ this |\n|---|---|---|---|---|"
+        );
         for (ci, &cache) in caches.iter().enumerate() {
-            let Some(tandem) = figs.get(&(ci, "tandem")) else { continue };
+            let Some(tandem) = figs.get(&(ci, "tandem")) else {
+                continue;
+            };
             let t_mbps = mib / median(&tandem.secs);
             for method in COPY_METHODS {
-                let Some(f) = figs.get(&(ci, method)) else { continue };
+                let Some(f) = figs.get(&(ci, method)) else {
+                    continue;
+                };
                 let mbps: Vec<f64> = f.secs.iter().map(|s| mib / s).collect();
-                let ratio = if method == "tandem" { "1.00".to_owned() } else { format!("{:.2}", t_mbps / median(&mbps)) };
-                let _ = writeln!(s.md, "| {} | {} | {} | {} | {ratio} |", method_label(method), cache.name(), spread(&f.secs, 2), spread(&mbps, 0));
+                let ratio = if method == "tandem" {
+                    "1.00".to_owned()
+                } else {
+                    format!("{:.2}", t_mbps / median(&mbps))
+                };
+                let _ = writeln!(
+                    s.md,
+                    "| {} | {} | {} | {} | {ratio} |",
+                    method_label(method),
+                    cache.name(),
+                    spread(&f.secs, 2),
+                    spread(&mbps, 0)
+                );
             }
         }
         let _ = writeln!(s.md);
@@ -842,29 +1091,55 @@ impl Bench {
             "| Tandem base copy | cache | primary CPU s per GiB | standby CPU s per GiB | bytes received ÷ environment bytes |\n|---|---|---|---|---|"
         );
         for (ci, &cache) in caches.iter().enumerate() {
-            let Some(t) = figs.get(&(ci, "tandem")) else { continue };
+            let Some(t) = figs.get(&(ci, "tandem")) else {
+                continue;
+            };
             let gib = big.bytes as f64 / (1024.0 * MIB);
             let pc: Vec<f64> = t.primary_cpu.iter().map(|c| c / gib).collect();
             let sc: Vec<f64> = t.standby_cpu.iter().map(|c| c / gib).collect();
             let rx: Vec<f64> = t.bytes.iter().map(|b| b / big.bytes as f64).collect();
-            let _ = writeln!(s.md, "| | {} | {} | {} | {} |", cache.name(), spread(&pc, 2), spread(&sc, 2), spread(&rx, 3));
+            let _ = writeln!(
+                s.md,
+                "| | {} | {} | {} | {} |",
+                cache.name(),
+                spread(&pc, 2),
+                spread(&sc, 2),
+                spread(&rx, 3)
+            );
         }
-        let _ = writeln!(s.md, "\nPeak RSS (VmHWM) of tandem-primary after all copies: {primary_hwm:.0} MiB.\n");
+        let _ = writeln!(
+            s.md,
+            "\nPeak RSS (VmHWM) of tandem-primary after all copies: {primary_hwm:.0} MiB.\n"
+        );
 
         for (ci, &cache) in caches.iter().enumerate() {
-            let (Some(t), Some(cp), Some(rs)) = (figs.get(&(ci, "tandem")), figs.get(&(ci, "cp")), figs.get(&(ci, "rsync-ssh"))) else { continue };
+            let (Some(t), Some(cp), Some(rs)) = (
+                figs.get(&(ci, "tandem")),
+                figs.get(&(ci, "cp")),
+                figs.get(&(ci, "rsync-ssh")),
+            ) else {
+                continue;
+            };
             let vs_cp = median(&cp.secs) / median(&t.secs);
             let vs_rsync = median(&rs.secs) / median(&t.secs);
             s.targets.push(Target {
                 what: format!("base copy vs local cp ({})", cache.name()),
                 goal: "≥ 0.80× cp".into(),
-                measured: format!("{vs_cp:.2}× ({:.0} vs {:.0} MiB/s)", mib / median(&t.secs), mib / median(&cp.secs)),
+                measured: format!(
+                    "{vs_cp:.2}× ({:.0} vs {:.0} MiB/s)",
+                    mib / median(&t.secs),
+                    mib / median(&cp.secs)
+                ),
                 met: Some(vs_cp >= 0.8),
             });
             s.targets.push(Target {
                 what: format!("base copy vs rsync over ssh ({})", cache.name()),
                 goal: "≥ 2× rsync".into(),
-                measured: format!("{vs_rsync:.2}× ({:.0} vs {:.0} MiB/s)", mib / median(&t.secs), mib / median(&rs.secs)),
+                measured: format!(
+                    "{vs_rsync:.2}× ({:.0} vs {:.0} MiB/s)",
+                    mib / median(&t.secs),
+                    mib / median(&rs.secs)
+                ),
                 met: Some(vs_rsync >= 2.0),
             });
         }
@@ -900,7 +1175,11 @@ fn spawn_commit_tail(path: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<Result<
         let result = (|| -> Result<()> {
             loop {
                 let stopping = stop.load(Ordering::Relaxed);
-                let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 // SAFETY: one valid pollfd.
                 unsafe { libc::poll(&mut pfd, 1, 20) };
                 // SAFETY: reading into a buffer we own; EAGAIN ends the drain.
@@ -916,7 +1195,10 @@ fn spawn_commit_tail(path: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<Result<
                         let line: String = partial.drain(..=i).collect();
                         let f: Vec<&str> = line.split_whitespace().collect();
                         if let [_, file_no, off] = f[..] {
-                            out.push(CommitSeen { at, lsn: LogPosition::new(file_no.parse()?, off.parse()?) });
+                            out.push(CommitSeen {
+                                at,
+                                lsn: LogPosition::new(file_no.parse()?, off.parse()?),
+                            });
                         }
                     }
                 }
@@ -934,19 +1216,36 @@ fn spawn_commit_tail(path: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<Result<
 /// Asks the primary for its status every `every` over one mTLS connection
 /// and records the standby's acknowledged position.
 /// `latest` always holds the newest acknowledged position seen.
-fn spawn_ack_poller(url: String, tls: TlsFiles, every: Duration, stop: Arc<AtomicBool>, latest: Arc<Mutex<LogPosition>>) -> JoinHandle<Result<Vec<AckSample>>> {
+fn spawn_ack_poller(
+    url: String,
+    tls: TlsFiles,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    latest: Arc<Mutex<LogPosition>>,
+) -> JoinHandle<Result<Vec<AckSample>>> {
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async move {
-            let mut client = tandem_shared::client::connect(&url, None, &tls, Duration::from_secs(5)).await?;
+            let mut client =
+                tandem_shared::client::connect(&url, None, &tls, Duration::from_secs(5)).await?;
             let mut out = Vec::new();
             let mut next = tokio::time::Instant::now();
             let deadline = Instant::now() + Duration::from_secs(3600);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let s = client.status(StatusRequest {}).await.map_err(|e| anyhow!("status: {e}"))?.into_inner();
+                let s = client
+                    .status(StatusRequest {})
+                    .await
+                    .map_err(|e| anyhow!("status: {e}"))?
+                    .into_inner();
                 let at = Instant::now();
                 let end: LogPosition = s.end.unwrap_or_default().into();
-                if let Some(b) = s.standbys.iter().find(|b| b.name == STANDBY_NAME && b.connected) {
+                if let Some(b) = s
+                    .standbys
+                    .iter()
+                    .find(|b| b.name == STANDBY_NAME && b.connected)
+                {
                     let acked: LogPosition = b.acked.unwrap_or_default().into();
                     if let Ok(mut l) = latest.lock() {
                         *l = acked;
@@ -997,12 +1296,26 @@ impl Bench {
         std::fs::create_dir_all(&dir)?;
         let env = dir.join("env");
         copy_tree(&seed.env, &env)?;
-        let tmpfs = if on_tmpfs { Some(tmpfs_dir().context("no tmpfs with 4 GiB free (BENCH_TMPFS or /dev/shm)")?) } else { None };
+        let tmpfs = if on_tmpfs {
+            Some(tmpfs_dir().context("no tmpfs with 4 GiB free (BENCH_TMPFS or /dev/shm)")?)
+        } else {
+            None
+        };
         let primary = start_primary(&dir, &env, &self.certs, "127.0.0.1:0", &[])?;
-        let standby_dir = tmpfs.as_ref().map(|t| t.path().join("standby")).unwrap_or_else(|| dir.join("standby"));
+        let standby_dir = tmpfs
+            .as_ref()
+            .map(|t| t.path().join("standby"))
+            .unwrap_or_else(|| dir.join("standby"));
         let mut standby = start_standby(&dir, &standby_dir, &primary.url(), &self.certs, &[])?;
         caught_up(&standby_dir, &env, Duration::from_secs(120), &mut standby)?;
-        Ok(Pair { dir, env, standby_dir, primary, standby, _tmpfs: tmpfs })
+        Ok(Pair {
+            dir,
+            env,
+            standby_dir,
+            primary,
+            standby,
+            _tmpfs: tmpfs,
+        })
     }
 
     fn lag_once(&self, seed: &Seed, rate: u64, on_tmpfs: bool, tag: &str) -> Result<LagRun> {
@@ -1013,12 +1326,27 @@ impl Bench {
         let stop = Arc::new(AtomicBool::new(false));
         let tail = spawn_commit_tail(lsn_file.clone(), stop.clone());
         let latest = Arc::new(Mutex::new(LogPosition::ZERO));
-        let poller = spawn_ack_poller(pair.primary.url(), self.tls(), Duration::from_millis(1), stop.clone(), latest.clone());
+        let poller = spawn_ack_poller(
+            pair.primary.url(),
+            self.tls(),
+            Duration::from_millis(1),
+            stop.clone(),
+            latest.clone(),
+        );
         let start_end = primary_log_end(&pair.env)?;
         let secs = self.cfg.lag_secs;
-        let opts = WorkloadOptions { rate, seconds: Some(secs), lsn_log: Some(lsn_file), ..self.stream_workload() };
+        let opts = WorkloadOptions {
+            rate,
+            seconds: Some(secs),
+            lsn_log: Some(lsn_file),
+            ..self.stream_workload()
+        };
         sync_all();
-        let mut w = Proc::spawn("workload", opts.command(&pair.env), &pair.dir.join("workload.log"))?;
+        let mut w = Proc::spawn(
+            "workload",
+            opts.command(&pair.env),
+            &pair.dir.join("workload.log"),
+        )?;
         let measure = (|| -> Result<(f64, f64, f64)> {
             let status = w.wait_exit(Duration::from_secs(secs + 120))?;
             if !status.success() {
@@ -1026,26 +1354,46 @@ impl Bench {
             }
             let exited = Instant::now();
             let end = primary_log_end(&pair.env)?;
-            caught_up(&pair.standby_dir, &pair.env, Duration::from_secs(300), &mut pair.standby)?;
+            caught_up(
+                &pair.standby_dir,
+                &pair.env,
+                Duration::from_secs(300),
+                &mut pair.standby,
+            )?;
             let catch_up = exited.elapsed().as_secs_f64();
             let done = bdb::parse_done(&w.log_text()).context("no DONE line")?;
-            Ok(((done - seed.last) as f64 / secs as f64, log_mib_between(start_end, end, lg_max) / secs as f64, catch_up))
+            Ok((
+                (done - seed.last) as f64 / secs as f64,
+                log_mib_between(start_end, end, lg_max) / secs as f64,
+                catch_up,
+            ))
         })();
         // Let the poller see the final acknowledgement, then stop both threads
         // (the tail reads the file to its end once more when stopped).
         let settled = primary_log_end(&pair.env).and_then(|end| {
-            wait_for("the primary to see the final acknowledgement", Duration::from_secs(60), || Ok(latest.lock().map(|l| *l >= end).unwrap_or(false)))
+            wait_for(
+                "the primary to see the final acknowledgement",
+                Duration::from_secs(60),
+                || Ok(latest.lock().map(|l| *l >= end).unwrap_or(false)),
+            )
         });
         stop.store(true, Ordering::Relaxed);
         let commits = tail.join().map_err(|_| anyhow!("tail thread panicked"))??;
-        let samples = poller.join().map_err(|_| anyhow!("poller thread panicked"))??;
+        let samples = poller
+            .join()
+            .map_err(|_| anyhow!("poller thread panicked"))??;
         let (rate_measured, log_rate, catch_up) = measure?;
         settled?;
         let (mut delays, unmatched) = commit_delays(&commits, &samples, |s| s.acked);
         delays.sort_by(f64::total_cmp);
         let (mut seen, _) = commit_delays(&commits, &samples, |s| s.end);
         seen.sort_by(f64::total_cmp);
-        let max_lag = samples.iter().map(|s| s.acked.bytes_until(s.end, lg_max)).max().unwrap_or(0) as f64 / MIB;
+        let max_lag = samples
+            .iter()
+            .map(|s| s.acked.bytes_until(s.end, lg_max))
+            .max()
+            .unwrap_or(0) as f64
+            / MIB;
         drop(pair);
         remove_dir(&self.path(tag));
         Ok(LagRun {
@@ -1061,9 +1409,16 @@ impl Bench {
 
     fn section_lag(&self, seed: &Seed) -> Result<Section> {
         let cfg = &self.cfg;
-        let mut modes: Vec<(String, u64, bool)> = vec![(format!("{} commits/s", cfg.lag_rate), cfg.lag_rate, false), ("unthrottled".into(), 0, false)];
+        let mut modes: Vec<(String, u64, bool)> = vec![
+            (format!("{} commits/s", cfg.lag_rate), cfg.lag_rate, false),
+            ("unthrottled".into(), 0, false),
+        ];
         if tmpfs_dir().is_some() {
-            modes.push((format!("{} commits/s, standby on tmpfs (diagnostic)", cfg.lag_rate), cfg.lag_rate, true));
+            modes.push((
+                format!("{} commits/s, standby on tmpfs (diagnostic)", cfg.lag_rate),
+                cfg.lag_rate,
+                true,
+            ));
         }
         let mut s = Section::default();
         let _ = writeln!(
@@ -1082,7 +1437,12 @@ impl Bench {
         for (label, rate, on_tmpfs) in &modes {
             let mut runs = Vec::new();
             for run in 0..cfg.runs {
-                let r = self.lag_once(seed, *rate, *on_tmpfs, &format!("lag-{rate}-{on_tmpfs}-{run}"))?;
+                let r = self.lag_once(
+                    seed,
+                    *rate,
+                    *on_tmpfs,
+                    &format!("lag-{rate}-{on_tmpfs}-{run}"),
+                )?;
                 progress(format!(
                     "lag run {}/{} {label}: {:.0} commits/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} unmatched",
                     run + 1,
@@ -1115,7 +1475,11 @@ impl Bench {
                 median(&seen99),
                 spread(&col(&|r| r.max_lag_mib), 2),
                 spread(&col(&|r| r.catch_up_secs), 2),
-                if unmatched > 0 { format!(" ({unmatched} never acknowledged!)") } else { String::new() }
+                if unmatched > 0 {
+                    format!(" ({unmatched} never acknowledged!)")
+                } else {
+                    String::new()
+                }
             );
             if *rate == cfg.lag_rate && !*on_tmpfs {
                 let m = median(&p99);
@@ -1177,7 +1541,9 @@ struct CostRun {
 /// under `BENCH_TMPFS` (bench/run makes one and removes it) or /dev/shm.
 fn tmpfs_dir() -> Option<tempfile::TempDir> {
     use std::os::unix::ffi::OsStrExt;
-    let shm = env_str("BENCH_TMPFS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/dev/shm"));
+    let shm = env_str("BENCH_TMPFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/shm"));
     let c = std::ffi::CString::new(shm.as_os_str().as_bytes()).ok()?;
     // SAFETY: statfs into a zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -1189,13 +1555,20 @@ fn tmpfs_dir() -> Option<tempfile::TempDir> {
     if st.f_type as i64 != TMPFS_MAGIC || free < (4u64 << 30) {
         return None;
     }
-    tempfile::Builder::new().prefix("tandem-bench-").tempdir_in(&shm).ok()
+    tempfile::Builder::new()
+        .prefix("tandem-bench-")
+        .tempdir_in(&shm)
+        .ok()
 }
 
 impl Bench {
     fn cost_once(&self, seed: &Seed, attach: Attach, tag: &str) -> Result<CostRun> {
         let secs = self.cfg.cost_secs;
-        let opts = WorkloadOptions { rate: 0, seconds: Some(secs), ..self.stream_workload() };
+        let opts = WorkloadOptions {
+            rate: 0,
+            seconds: Some(secs),
+            ..self.stream_workload()
+        };
         let mut r = CostRun::default();
         let dir = self.path(tag);
         remove_dir(&dir);
@@ -1204,12 +1577,19 @@ impl Bench {
         copy_tree(&seed.env, &env)?;
         let lg_max = env_lg_max(&env)?;
         let start_end = primary_log_end(&env)?;
-        let tmpfs = if attach == Attach::StandbyOnTmpfs { Some(tmpfs_dir().context("no tmpfs with 4 GiB free (BENCH_TMPFS or /dev/shm)")?) } else { None };
+        let tmpfs = if attach == Attach::StandbyOnTmpfs {
+            Some(tmpfs_dir().context("no tmpfs with 4 GiB free (BENCH_TMPFS or /dev/shm)")?)
+        } else {
+            None
+        };
         let primary = match attach {
             Attach::Nothing => None,
             _ => Some(start_primary(&dir, &env, &self.certs, "127.0.0.1:0", &[])?),
         };
-        let standby_dir = tmpfs.as_ref().map(|t| t.path().join("standby")).unwrap_or_else(|| dir.join("standby"));
+        let standby_dir = tmpfs
+            .as_ref()
+            .map(|t| t.path().join("standby"))
+            .unwrap_or_else(|| dir.join("standby"));
         let mut standby = match (&primary, attach) {
             (Some(p), Attach::Standby | Attach::StandbyOnTmpfs) => {
                 let mut sb = start_standby(&dir, &standby_dir, &p.url(), &self.certs, &[])?;
@@ -1223,10 +1603,20 @@ impl Bench {
         let stop = Arc::new(AtomicBool::new(false));
         let latest = Arc::new(Mutex::new(LogPosition::ZERO));
         let poller = match (&primary, &standby) {
-            (Some(p), Some(_)) => Some(spawn_ack_poller(p.url(), self.tls(), Duration::from_millis(100), stop.clone(), latest.clone())),
+            (Some(p), Some(_)) => Some(spawn_ack_poller(
+                p.url(),
+                self.tls(),
+                Duration::from_millis(100),
+                stop.clone(),
+                latest.clone(),
+            )),
             _ => None,
         };
-        let rx0 = if standby.is_some() { status_u64(&standby_status(&standby_dir)?, "log_bytes_received") } else { 0 };
+        let rx0 = if standby.is_some() {
+            status_u64(&standby_status(&standby_dir)?, "log_bytes_received")
+        } else {
+            0
+        };
         let pp = primary.as_ref().map(|p| p.proc.pid());
         let sp = standby.as_ref().map(Proc::pid);
         let cpu = |pid: Option<u32>| pid.map(proc_cpu_secs).transpose().map(|c| c.unwrap_or(0.0));
@@ -1252,17 +1642,28 @@ impl Bench {
             r.primary_hwm_mib = proc_hwm_mib(pp)?;
         }
         if let Some(sb) = standby.as_mut() {
-            let caught = caught_up(&standby_dir, &env, Duration::from_secs(600), sb).and_then(|()| {
-                wait_for("the primary to see the final acknowledgement", Duration::from_secs(60), || Ok(latest.lock().map(|l| *l >= end).unwrap_or(false)))
-            });
+            let caught =
+                caught_up(&standby_dir, &env, Duration::from_secs(600), sb).and_then(|()| {
+                    wait_for(
+                        "the primary to see the final acknowledgement",
+                        Duration::from_secs(60),
+                        || Ok(latest.lock().map(|l| *l >= end).unwrap_or(false)),
+                    )
+                });
             let caught_up = Instant::now();
             stop.store(true, Ordering::Relaxed);
-            let samples = poller.map(|p| p.join().map_err(|_| anyhow!("poller panicked"))).transpose()?.transpose()?.unwrap_or_default();
+            let samples = poller
+                .map(|p| p.join().map_err(|_| anyhow!("poller panicked")))
+                .transpose()?
+                .transpose()?
+                .unwrap_or_default();
             caught?;
             let p2 = cpu(pp)?;
             let rx1 = status_u64(&standby_status(&standby_dir)?, "log_bytes_received");
             r.primary_cpu_per_gib = (p2 - p0) / (log_mib / 1024.0).max(1e-9);
-            r.standby_mib_per_sec = rx1.saturating_sub(rx0) as f64 / MIB / caught_up.duration_since(started).as_secs_f64();
+            r.standby_mib_per_sec = rx1.saturating_sub(rx0) as f64
+                / MIB
+                / caught_up.duration_since(started).as_secs_f64();
             let lag = |s: &AckSample| s.acked.bytes_until(s.end, lg_max) as f64 / MIB;
             let during: Vec<&AckSample> = samples.iter().filter(|s| s.at <= exited).collect();
             r.max_lag_mib = during.iter().map(|s| lag(s)).fold(0.0, f64::max);
@@ -1295,12 +1696,24 @@ impl Bench {
             for i in 0..variants.len() {
                 let vi = (i + run) % variants.len();
                 let r = self.cost_once(seed, variants[vi], &format!("cost-{vi}-{run}"))?;
-                progress(format!("cost run {}/{} {}: {:.0} commits/s", run + 1, cfg.runs, variants[vi].label().replace("**", ""), r.commits_per_sec));
+                progress(format!(
+                    "cost run {}/{} {}: {:.0} commits/s",
+                    run + 1,
+                    cfg.runs,
+                    variants[vi].label().replace("**", ""),
+                    r.commits_per_sec
+                ));
                 results.entry(vi).or_default().push(r);
             }
         }
-        let col = |v: &[CostRun], f: &dyn Fn(&CostRun) -> f64| v.iter().map(f).collect::<Vec<f64>>();
-        let rate = |vi: usize| results.get(&vi).map(|v| median(&col(v, &|r| r.commits_per_sec))).unwrap_or(f64::NAN);
+        let col =
+            |v: &[CostRun], f: &dyn Fn(&CostRun) -> f64| v.iter().map(f).collect::<Vec<f64>>();
+        let rate = |vi: usize| {
+            results
+                .get(&vi)
+                .map(|v| median(&col(v, &|r| r.commits_per_sec)))
+                .unwrap_or(f64::NAN)
+        };
         let base = rate(0);
         let mut s = Section::default();
         let _ = writeln!(
@@ -1315,10 +1728,13 @@ impl Bench {
             "| variant | commits/s | ÷ without | log MiB/s | primary CPU (cores) | primary CPU s/GiB of log | primary VmHWM MiB | standby CPU (cores) | median lag MiB | max lag MiB | catch-up s |\n|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for (vi, v) in variants.iter().enumerate() {
-            let Some(runs) = results.get(&vi) else { continue };
+            let Some(runs) = results.get(&vi) else {
+                continue;
+            };
             let has_p = *v != Attach::Nothing;
             let has_s = matches!(v, Attach::Standby | Attach::StandbyOnTmpfs);
-            let opt = |on: bool, vals: Vec<f64>, d: usize| if on { spread(&vals, d) } else { "-".into() };
+            let opt =
+                |on: bool, vals: Vec<f64>, d: usize| if on { spread(&vals, d) } else { "-".into() };
             let _ = writeln!(
                 s.md,
                 "| {} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -1343,14 +1759,22 @@ impl Bench {
             );
         }
         if !tmpfs_ok {
-            let _ = writeln!(s.md, "\n(tmpfs variant skipped: no tmpfs with 4 GiB free (BENCH_TMPFS or /dev/shm).)");
+            let _ = writeln!(
+                s.md,
+                "\n(tmpfs variant skipped: no tmpfs with 4 GiB free (BENCH_TMPFS or /dev/shm).)"
+            );
         }
         let _ = writeln!(s.md);
         let ratio = rate(1) / base;
         s.targets.push(Target {
             what: "commit rate with Tandem attached".into(),
             goal: "≥ 95% of without".into(),
-            measured: format!("{:.1}% ({:.0} vs {:.0} commits/s)", ratio * 100.0, rate(1), base),
+            measured: format!(
+                "{:.1}% ({:.0} vs {:.0} commits/s)",
+                ratio * 100.0,
+                rate(1),
+                base
+            ),
             met: Some(ratio >= 0.95),
         });
         Ok(s)
@@ -1370,35 +1794,72 @@ impl Bench {
         let mut pair = self.start_pair(seed, tag, false)?;
         let lg_max = env_lg_max(&pair.env)?;
         let start = primary_log_end(&pair.env)?;
-        let opts = WorkloadOptions { rate: 0, seconds: Some(900), ..self.stream_workload() };
-        let mut w = Proc::spawn("workload", opts.command(&pair.env), &pair.dir.join("workload.log"))?;
-        wait_alive(&format!("{mb} MiB of log"), Duration::from_secs(900), &mut w, || {
-            Ok(log_mib_between(start, primary_log_end(&pair.env)?, lg_max) >= mb as f64)
-        })?;
+        let opts = WorkloadOptions {
+            rate: 0,
+            seconds: Some(900),
+            ..self.stream_workload()
+        };
+        let mut w = Proc::spawn(
+            "workload",
+            opts.command(&pair.env),
+            &pair.dir.join("workload.log"),
+        )?;
+        wait_alive(
+            &format!("{mb} MiB of log"),
+            Duration::from_secs(900),
+            &mut w,
+            || Ok(log_mib_between(start, primary_log_end(&pair.env)?, lg_max) >= mb as f64),
+        )?;
         let status = w.stop(Duration::from_secs(60))?;
         if !status.success() {
             bail!("workload failed: {}", w.log_text());
         }
-        caught_up(&pair.standby_dir, &pair.env, Duration::from_secs(600), &mut pair.standby)?;
+        caught_up(
+            &pair.standby_dir,
+            &pair.env,
+            Duration::from_secs(600),
+            &mut pair.standby,
+        )?;
         // A failover: the primary dies, then the standby is promoted.
         pair.primary.proc.kill9()?;
-        wait_for("the standby to notice the primary is gone", Duration::from_secs(60), || Ok(standby_status(&pair.standby_dir)?["connected"] == false))?;
+        wait_for(
+            "the standby to notice the primary is gone",
+            Duration::from_secs(60),
+            || Ok(standby_status(&pair.standby_dir)?["connected"] == false),
+        )?;
         // Recovery replays every record from the start of the standby's
         // first log file to its durable end.
-        let first = EnvLayout::open(&pair.standby_dir)?.log_files()?.first().copied().context("the standby holds no log file")?;
+        let first = EnvLayout::open(&pair.standby_dir)?
+            .log_files()?
+            .first()
+            .copied()
+            .context("the standby holds no log file")?;
         let durable = lsn_of(&standby_status(&pair.standby_dir)?["durable_lsn"]);
         let log_mib = log_mib_between(LogPosition::new(first, 0), durable, lg_max);
         let mut c = Command::new(harness::bin("tandem-standby"));
-        c.arg("promote").arg("--dir").arg(&pair.standby_dir).arg("--json");
+        c.arg("promote")
+            .arg("--dir")
+            .arg(&pair.standby_dir)
+            .arg("--json");
         let started = Instant::now();
-        let out = cmd_stdout("tandem-standby promote", c, Duration::from_secs(1800), &pair.dir.join("promote.log"))?;
+        let out = cmd_stdout(
+            "tandem-standby promote",
+            c,
+            Duration::from_secs(1800),
+            &pair.dir.join("promote.log"),
+        )?;
         let wall = started.elapsed().as_secs_f64();
-        let v: serde_json::Value = serde_json::from_str(&out).with_context(|| format!("promote output: {out}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("promote output: {out}"))?;
         let recovery_secs = v["recovery_seconds"].as_f64().context("recovery_seconds")?;
         let _ = pair.standby.wait_exit(Duration::from_secs(30));
         drop(pair);
         remove_dir(&self.path(tag));
-        Ok(PromoteRun { log_mib, recovery_secs, total_secs: wall })
+        Ok(PromoteRun {
+            log_mib,
+            recovery_secs,
+            total_secs: wall,
+        })
     }
 
     fn section_promote(&self, seed: &Seed) -> Result<Section> {
@@ -1447,7 +1908,13 @@ impl Bench {
     fn section_resume(&self, big: &mut BigEnv) -> Result<Section> {
         let cfg = &self.cfg;
         if big.primary.is_none() {
-            big.primary = Some(start_primary(self.root.path(), &big.env, &self.certs, "127.0.0.1:0", &[])?);
+            big.primary = Some(start_primary(
+                self.root.path(),
+                &big.env,
+                &self.certs,
+                "127.0.0.1:0",
+                &[],
+            )?);
         }
         let url = big.primary.as_ref().context("primary")?.url();
         let lg_max = env_lg_max(&big.env)?;
@@ -1460,7 +1927,8 @@ impl Bench {
                 caught_up(&dir, &big.env, copy_timeout(big.bytes), &mut sb)?;
                 sb.stop(Duration::from_secs(60))?;
                 let st = standby_status(&dir)?;
-                let full = status_u64(&st, "file_bytes_received") + status_u64(&st, "log_bytes_received");
+                let full =
+                    status_u64(&st, "file_bytes_received") + status_u64(&st, "log_bytes_received");
                 (dir, full)
             }
         };
@@ -1484,9 +1952,18 @@ impl Bench {
                 quiet: true,
                 ..Default::default()
             };
-            let mut w = Proc::spawn("workload", opts.command(&big.env), &self.path(&format!("resume-workload-{run}.log")))?;
+            let mut w = Proc::spawn(
+                "workload",
+                opts.command(&big.env),
+                &self.path(&format!("resume-workload-{run}.log")),
+            )?;
             let advance = |from: LogPosition, mib: f64, w: &mut Proc| -> Result<()> {
-                wait_alive(&format!("{mib} MiB more log"), Duration::from_secs(600), w, || Ok(log_mib_between(from, primary_log_end(&big.env)?, lg_max) >= mib))
+                wait_alive(
+                    &format!("{mib} MiB more log"),
+                    Duration::from_secs(600),
+                    w,
+                    || Ok(log_mib_between(from, primary_log_end(&big.env)?, lg_max) >= mib),
+                )
             };
             advance(primary_log_end(&big.env)?, step, &mut w)?;
             standby.kill9()?;
@@ -1500,7 +1977,8 @@ impl Bench {
             caught_up(&dir, &big.env, Duration::from_secs(600), &mut standby)?;
             let st = standby_status(&dir)?;
             let end = primary_log_end(&big.env)?;
-            let sent = status_u64(&st, "file_bytes_received") + status_u64(&st, "log_bytes_received");
+            let sent =
+                status_u64(&st, "file_bytes_received") + status_u64(&st, "log_bytes_received");
             let need = durable_at_kill.bytes_until(end, lg_max);
             progress(format!("resume run {}/{}: {sent} bytes after restart, {need} bytes of log written since the kill point", run + 1, cfg.runs));
             resent.push(sent as f64);
@@ -1509,7 +1987,11 @@ impl Bench {
         }
         standby.stop(Duration::from_secs(60))?;
         drop(standby);
-        let rebase = if standby_supports_rebase() { Some(self.rebase_runs(big, &dir, &url)?) } else { None };
+        let rebase = if standby_supports_rebase() {
+            Some(self.rebase_runs(big, &dir, &url)?)
+        } else {
+            None
+        };
         let full = full_bytes as f64;
         let mut s = Section::default();
         let _ = writeln!(
@@ -1523,7 +2005,11 @@ impl Bench {
         let _ = writeln!(s.md, "| case | bytes sent | ÷ full copy | ÷ log written since the durable point |\n|---|---|---|---|");
         let _ = writeln!(s.md, "| full base copy | {full_bytes} | 1 | - |");
         let ratio_full: Vec<f64> = resent.iter().map(|r| r / full).collect();
-        let ratio_need: Vec<f64> = resent.iter().zip(&necessary).map(|(r, n)| r / n.max(1.0)).collect();
+        let ratio_need: Vec<f64> = resent
+            .iter()
+            .zip(&necessary)
+            .map(|(r, n)| r / n.max(1.0))
+            .collect();
         let _ = writeln!(
             s.md,
             "| resume after `kill -9` of the standby | {} (files: {}) | {} | {} |",
@@ -1533,12 +2019,21 @@ impl Bench {
             spread(&ratio_need, 3)
         );
         let Some(rb) = rebase else {
-            let _ = writeln!(s.md, "| rebase after a 1% change | not implemented | - | - |\n");
-            s.targets.push(Target { what: "rebase after a 1% change".into(), goal: "< 5% of db bytes".into(), measured: "not implemented".into(), met: None });
+            let _ = writeln!(
+                s.md,
+                "| rebase after a 1% change | not implemented | - | - |\n"
+            );
+            s.targets.push(Target {
+                what: "rebase after a 1% change".into(),
+                goal: "< 5% of db bytes".into(),
+                measured: "not implemented".into(),
+                met: None,
+            });
             return Ok(s);
         };
         let _ = writeln!(s.md);
-        let frac = |v: &[RebaseRun], f: &dyn Fn(&RebaseRun) -> f64| v.iter().map(f).collect::<Vec<f64>>();
+        let frac =
+            |v: &[RebaseRun], f: &dyn Fn(&RebaseRun) -> f64| v.iter().map(f).collect::<Vec<f64>>();
         let sent_pct = frac(&rb, &|r| 100.0 * r.sent as f64 / r.db_bytes as f64);
         let _ = writeln!(
             s.md,
@@ -1556,18 +2051,30 @@ impl Bench {
         let _ = writeln!(
             s.md,
             "| | {} | {} | {} | {} | {} | {} |\n",
-            spread(&frac(&rb, &|r| 100.0 * r.changed as f64 / r.db_bytes as f64), 2),
+            spread(
+                &frac(&rb, &|r| 100.0 * r.changed as f64 / r.db_bytes as f64),
+                2
+            ),
             spread(&sent_pct, 2),
             spread(&frac(&rb, &|r| r.sent as f64), 0),
-            spread(&frac(&rb, &|r| 100.0 * r.sent as f64 / (r.sent + r.reused).max(1) as f64), 2),
+            spread(
+                &frac(&rb, &|r| 100.0 * r.sent as f64
+                    / (r.sent + r.reused).max(1) as f64),
+                2
+            ),
             spread(&frac(&rb, &|r| r.rebase_secs), 2),
-            big.copy_secs.map(|t| format!("{t:.2}")).unwrap_or_else(|| "-".into())
+            big.copy_secs
+                .map(|t| format!("{t:.2}"))
+                .unwrap_or_else(|| "-".into())
         );
         let m = median(&sent_pct);
         s.targets.push(Target {
             what: "rebase after a 1% change".into(),
             goal: "< 5% of db bytes".into(),
-            measured: format!("{m:.2}% sent ({:.2}% of pages changed)", median(&frac(&rb, &|r| 100.0 * r.changed as f64 / r.db_bytes as f64))),
+            measured: format!(
+                "{m:.2}% sent ({:.2}% of pages changed)",
+                median(&frac(&rb, &|r| 100.0 * r.changed as f64 / r.db_bytes as f64))
+            ),
             met: Some(m < 5.0),
         });
         Ok(s)
@@ -1621,7 +2128,12 @@ fn changed_bytes(before: &PageDigests, after: &PageDigests) -> (u64, u64) {
     for (name, (page, pages)) in after {
         total += page * pages.len() as u64;
         let old = before.get(name).map(|b| b.1.as_slice()).unwrap_or(&[]);
-        changed += page * pages.iter().enumerate().filter(|(i, d)| old.get(*i) != Some(*d)).count() as u64;
+        changed += page
+            * pages
+                .iter()
+                .enumerate()
+                .filter(|(i, d)| old.get(*i) != Some(*d))
+                .count() as u64;
     }
     (total, changed)
 }
@@ -1635,7 +2147,13 @@ impl Bench {
     fn rebase_once(&self, big: &BigEnv, dir: &Path, url: &str) -> Result<(serde_json::Value, f64)> {
         let since_ms = tandem_shared::now_unix_ms();
         let started = Instant::now();
-        let mut sb = start_standby(self.root.path(), dir, url, &self.certs, &["--rebase-after-secs", "1"])?;
+        let mut sb = start_standby(
+            self.root.path(),
+            dir,
+            url,
+            &self.certs,
+            &["--rebase-after-secs", "1"],
+        )?;
         let mut report: Option<(serde_json::Value, f64)> = None;
         // The status file of the previous process is read until the new one
         // rewrites it: only a rebase finished after the start counts.
@@ -1660,11 +2178,19 @@ impl Bench {
         // afterwards each measured rebase leaves the base current. A rebase
         // needs a checkpoint past the current base (BDB must no longer need
         // the old log).
-        run_cmd("db5.3_checkpoint", tool("db5.3_checkpoint", &["-1", "-h"], &big.env), Duration::from_secs(600), &self.path("checkpoint.log"))?;
+        run_cmd(
+            "db5.3_checkpoint",
+            tool("db5.3_checkpoint", &["-1", "-h"], &big.env),
+            Duration::from_secs(600),
+            &self.path("checkpoint.log"),
+        )?;
         self.rebase_once(big, dir, url)?;
         let mut out = Vec::new();
         for run in 0..self.cfg.runs {
-            let pages: u64 = page_digests(&big.env)?.values().map(|(_, p)| p.len() as u64).sum();
+            let pages: u64 = page_digests(&big.env)?
+                .values()
+                .map(|(_, p)| p.len() as u64)
+                .sum();
             // Each transaction adds 3 overflow pages and rewrites 7 older
             // values (a new overflow page and its leaf page each).
             let txns = (pages / 100 / 17).max(10);
@@ -1681,7 +2207,12 @@ impl Bench {
                     ..Default::default()
                 },
             )?;
-            run_cmd("db5.3_checkpoint", tool("db5.3_checkpoint", &["-1", "-h"], &big.env), Duration::from_secs(600), &self.path("checkpoint.log"))?;
+            run_cmd(
+                "db5.3_checkpoint",
+                tool("db5.3_checkpoint", &["-1", "-h"], &big.env),
+                Duration::from_secs(600),
+                &self.path("checkpoint.log"),
+            )?;
             // Changed = pages of the primary that differ from the standby's
             // base (its mirror's database files), i.e. what a rebase must send.
             let (db_bytes, changed) = changed_bytes(&page_digests(dir)?, &page_digests(&big.env)?);
@@ -1695,7 +2226,13 @@ impl Bench {
                 100.0 * changed as f64 / db_bytes as f64,
                 100.0 * sent as f64 / db_bytes as f64
             ));
-            out.push(RebaseRun { db_bytes, changed, sent, reused, rebase_secs });
+            out.push(RebaseRun {
+                db_bytes,
+                changed,
+                sent,
+                reused,
+                rebase_secs,
+            });
         }
         Ok(out)
     }
@@ -1705,32 +2242,58 @@ impl Bench {
 
 /// The 1-minute load average: other work on the machine skews every figure.
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|t| t.split_whitespace().next().map(str::to_owned)).unwrap_or_else(|| "?".into())
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn machine_md(cfg: &Config, work: &Path) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
         .unwrap_or_else(|| "?".into());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok())))
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
         .map(|kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0))
         .unwrap_or_else(|| "?".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     let fs = first_line({
         let mut c = Command::new("sh");
-        c.arg("-c").arg(format!("df -hT '{}' | tail -n 1 | awk '{{print $1\" \"$2\", \"$5\" free\"}}'", work.display()));
+        c.arg("-c").arg(format!(
+            "df -hT '{}' | tail -n 1 | awk '{{print $1\" \"$2\", \"$5\" free\"}}'",
+            work.display()
+        ));
         c
     });
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new("."));
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
     let commit = first_line({
         let mut c = Command::new("git");
-        c.arg("-C").arg(repo).args(["describe", "--always", "--dirty"]);
+        c.arg("-C")
+            .arg(repo)
+            .args(["describe", "--always", "--dirty"]);
         c
     });
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let tools = [
         first_line({
             let mut c = Command::new("rsync");
@@ -1768,14 +2331,19 @@ fn machine_md(cfg: &Config, work: &Path) -> String {
 }
 
 fn targets_md(targets: &[Target]) -> String {
-    let mut md = String::from("## Targets\n\n| target | goal | measured | result |\n|---|---|---|---|\n");
+    let mut md =
+        String::from("## Targets\n\n| target | goal | measured | result |\n|---|---|---|---|\n");
     for t in targets {
         let result = match t.met {
             Some(true) => "met",
             Some(false) => "**missed**",
             None => "**missed** (not implemented)",
         };
-        let _ = writeln!(md, "| {} | {} | {} | {result} |", t.what, t.goal, t.measured);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {result} |",
+            t.what, t.goal, t.measured
+        );
     }
     md
 }
@@ -1801,12 +2369,22 @@ fn run() -> Result<bool> {
         }
     }
     std::fs::create_dir_all(&cfg.work_parent)?;
-    let root = tempfile::Builder::new().prefix("tandem-bench-").tempdir_in(&cfg.work_parent)?;
+    let root = tempfile::Builder::new()
+        .prefix("tandem-bench-")
+        .tempdir_in(&cfg.work_parent)?;
     let certs = Certs::generate(&root.path().join("certs"))?;
     let can_drop_caches = drop_caches();
-    let bench = Bench { cfg: cfg.clone(), root, certs, can_drop_caches };
+    let bench = Bench {
+        cfg: cfg.clone(),
+        root,
+        certs,
+        can_drop_caches,
+    };
     let started = Instant::now();
-    let mut md = format!("# Tandem benchmark\n\n{}\n", machine_md(&cfg, bench.root.path()));
+    let mut md = format!(
+        "# Tandem benchmark\n\n{}\n",
+        machine_md(&cfg, bench.root.path())
+    );
     let mut targets = Vec::new();
     let mut ok = true;
     // Each section notes the load average when it started: other work on
@@ -1886,7 +2464,12 @@ fn run() -> Result<bool> {
     }
     drop(big);
     md.push_str(&targets_md(&targets));
-    let _ = writeln!(md, "\nTotal bench time: {:.0} s (without building); load average {} at the end.", started.elapsed().as_secs_f64(), loadavg());
+    let _ = writeln!(
+        md,
+        "\nTotal bench time: {:.0} s (without building); load average {} at the end.",
+        started.elapsed().as_secs_f64(),
+        loadavg()
+    );
     println!("{md}");
     if let Some(out) = &cfg.out {
         if let Some(parent) = out.parent() {
@@ -1923,20 +2506,56 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let p = |o: u32| LogPosition::new(1, o);
-        let commits = [CommitSeen { at: ms(0), lsn: p(100) }, CommitSeen { at: ms(1), lsn: p(200) }, CommitSeen { at: ms(10), lsn: p(300) }];
+        let commits = [
+            CommitSeen {
+                at: ms(0),
+                lsn: p(100),
+            },
+            CommitSeen {
+                at: ms(1),
+                lsn: p(200),
+            },
+            CommitSeen {
+                at: ms(10),
+                lsn: p(300),
+            },
+        ];
         let samples = [
-            AckSample { at: ms(2), end: p(200), acked: p(50) },
-            AckSample { at: ms(3), end: p(200), acked: p(200) },
+            AckSample {
+                at: ms(2),
+                end: p(200),
+                acked: p(50),
+            },
+            AckSample {
+                at: ms(3),
+                end: p(200),
+                acked: p(200),
+            },
             // Acknowledged before the commit was seen: counts from its sighting.
-            AckSample { at: ms(9), end: p(400), acked: p(300) },
-            AckSample { at: ms(12), end: p(400), acked: p(400) },
+            AckSample {
+                at: ms(9),
+                end: p(400),
+                acked: p(300),
+            },
+            AckSample {
+                at: ms(12),
+                end: p(400),
+                acked: p(400),
+            },
         ];
         let (d, unmatched) = commit_delays(&commits, &samples, |s| s.acked);
         assert_eq!(unmatched, 0);
         assert_eq!(d, vec![3.0, 2.0, 2.0]);
         let (d, _) = commit_delays(&commits, &samples, |s| s.end);
         assert_eq!(d, vec![2.0, 1.0, 2.0]);
-        let (d, unmatched) = commit_delays(&[CommitSeen { at: ms(0), lsn: LogPosition::new(2, 0) }], &samples, |s| s.acked);
+        let (d, unmatched) = commit_delays(
+            &[CommitSeen {
+                at: ms(0),
+                lsn: LogPosition::new(2, 0),
+            }],
+            &samples,
+            |s| s.acked,
+        );
         assert!(d.is_empty());
         assert_eq!(unmatched, 1);
     }

@@ -32,11 +32,21 @@ fn step(n: u32, text: &str) {
 }
 
 fn committed(w: &Proc) -> u64 {
-    w.log_text().lines().rev().find_map(|l| l.strip_prefix("COMMITTED ").and_then(|n| n.trim().parse().ok())).unwrap_or(0)
+    w.log_text()
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.strip_prefix("COMMITTED ")
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn run() -> Result<()> {
-    let seconds: u64 = std::env::var("DEMO_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    let seconds: u64 = std::env::var("DEMO_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
     let s = Scratch::new()?;
     if std::env::var_os("DEMO_KEEP").is_some() {
         println!("working directory (kept): {}", s.root().display());
@@ -45,23 +55,53 @@ fn run() -> Result<()> {
     let standby_dir = s.path("standby");
 
     step(1, "creating a Berkeley DB environment with a real workload");
-    let base_opts = WorkloadOptions { txns: 5000, checkpoint_every: 1000, lg_max: 1 << 20, ..Default::default() };
+    let base_opts = WorkloadOptions {
+        txns: 5000,
+        checkpoint_every: 1000,
+        lg_max: 1 << 20,
+        ..Default::default()
+    };
     let first = bdb::run_workload(&env, &base_opts)?;
-    println!("      {} transactions committed in {}", first, env.display());
+    println!(
+        "      {} transactions committed in {}",
+        first,
+        env.display()
+    );
 
     step(2, "starting tandem-primary and tandem-standby on loopback (mutual TLS, generated certificates)");
     let primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
-    println!("      primary listening on {} (certificates in {})", primary.url(), s.certs.dir.display());
+    println!(
+        "      primary listening on {} (certificates in {})",
+        primary.url(),
+        s.certs.dir.display()
+    );
     let started = Instant::now();
     // A low rebase threshold, so the demo shows promotion time staying
     // bounded however long the workload runs.
-    let standby = start_standby(s.root(), &standby_dir, &primary.url(), &s.certs, &["--rebase-after-mib", "64"])?;
-    wait_for("the base copy", Duration::from_secs(120), || Ok(standby_status(&standby_dir)?["recoverable"] == true))?;
+    let standby = start_standby(
+        s.root(),
+        &standby_dir,
+        &primary.url(),
+        &s.certs,
+        &["--rebase-after-mib", "64"],
+    )?;
+    wait_for("the base copy", Duration::from_secs(120), || {
+        Ok(standby_status(&standby_dir)?["recoverable"] == true)
+    })?;
     let base_secs = started.elapsed().as_secs_f64();
     println!("      base copy complete in {base_secs:.2} s; the standby is recoverable");
 
-    step(3, &format!("running the workload for {seconds} s while the standby follows"));
-    let opts = WorkloadOptions { txns: 0, seconds: Some(seconds), checkpoint_every: 1000, lg_max: 1 << 20, ..Default::default() };
+    step(
+        3,
+        &format!("running the workload for {seconds} s while the standby follows"),
+    );
+    let opts = WorkloadOptions {
+        txns: 0,
+        seconds: Some(seconds),
+        checkpoint_every: 1000,
+        lg_max: 1 << 20,
+        ..Default::default()
+    };
     let mut w = Proc::spawn("workload", opts.command(&env), &s.path("workload.log"))?;
     let tty = std::io::stdout().is_terminal();
     let mut max_lag = 0u64;
@@ -98,11 +138,20 @@ fn run() -> Result<()> {
     let last = bdb::parse_done(&w.log_text()).context("workload summary")?;
     let caught = Instant::now();
     wait_caught_up(&standby_dir, &env, Duration::from_secs(120))?;
-    println!("      workload stopped at transaction {last}; standby caught up {:.0} ms later", caught.elapsed().as_secs_f64() * 1000.0);
+    println!(
+        "      workload stopped at transaction {last}; standby caught up {:.0} ms later",
+        caught.elapsed().as_secs_f64() * 1000.0
+    );
     let st = standby_status(&standby_dir)?;
 
-    step(4, "promoting the standby (planned switchover: the primary is still reachable)");
-    let out = Command::new(bin("tandem-standby")).args(["promote", "--json", "--dir"]).arg(&standby_dir).output()?;
+    step(
+        4,
+        "promoting the standby (planned switchover: the primary is still reachable)",
+    );
+    let out = Command::new(bin("tandem-standby"))
+        .args(["promote", "--json", "--dir"])
+        .arg(&standby_dir)
+        .output()?;
     if !out.status.success() {
         bail!("promote failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -120,28 +169,53 @@ fn run() -> Result<()> {
 
     step(5, "checking the promoted environment");
     let m = bdb::check(&standby_dir)?;
-    let same = bdb::db_dump_all(&env, &WORKLOAD_DBS)? == bdb::db_dump_all(&standby_dir, &WORKLOAD_DBS)?;
+    let same =
+        bdb::db_dump_all(&env, &WORKLOAD_DBS)? == bdb::db_dump_all(&standby_dir, &WORKLOAD_DBS)?;
     println!("      tandem-check: exactly transactions 1..{m} (primary committed 1..{last})");
-    println!("      db_dump of every database identical to the primary's: {}", if same { "yes" } else { "NO" });
+    println!(
+        "      db_dump of every database identical to the primary's: {}",
+        if same { "yes" } else { "NO" }
+    );
     if m != last || !same {
         bail!("the promoted environment does not match the primary");
     }
     // An application can open it: commit 100 more transactions there.
-    let next = bdb::run_workload(&standby_dir, &WorkloadOptions { txns: 100, ..Default::default() })?;
+    let next = bdb::run_workload(
+        &standby_dir,
+        &WorkloadOptions {
+            txns: 100,
+            ..Default::default()
+        },
+    )?;
     println!("      an application opened the promoted environment and committed up to transaction {next}");
 
     let file_bytes = st["file_bytes_received"].as_u64().unwrap_or(0);
     let log_bytes = st["log_bytes_received"].as_u64().unwrap_or(0);
     println!("\nSummary");
-    println!("  shipped:          {:.1} MiB of database files, {:.1} MiB of log", mib(file_bytes), mib(log_bytes));
+    println!(
+        "  shipped:          {:.1} MiB of database files, {:.1} MiB of log",
+        mib(file_bytes),
+        mib(log_bytes)
+    );
     println!("  base copy:        {base_secs:.2} s");
-    println!("  throughput:       {:.1} MiB/s of log while the workload ran", mib(log_bytes) / (seconds as f64).max(1.0));
-    println!("  lag:              max {max_lag} bytes, mean {} bytes ({} samples)", lag_sum / u64::from(samples.max(1)), samples);
+    println!(
+        "  throughput:       {:.1} MiB/s of log while the workload ran",
+        mib(log_bytes) / (seconds as f64).max(1.0)
+    );
+    println!(
+        "  lag:              max {max_lag} bytes, mean {} bytes ({} samples)",
+        lag_sum / u64::from(samples.max(1)),
+        samples
+    );
     println!(
         "  rebases:          {} (a fresh base past 64 MiB of log, only changed pages sent)",
         st["rebases"].as_u64().unwrap_or(0)
     );
-    println!("  promotion:        {:.2} s ({})", report["total_seconds"].as_f64().unwrap_or(0.0), report["kind"].as_str().unwrap_or("?"));
+    println!(
+        "  promotion:        {:.2} s ({})",
+        report["total_seconds"].as_f64().unwrap_or(0.0),
+        report["kind"].as_str().unwrap_or("?")
+    );
     println!("  result:           OK: the promoted standby holds exactly the {last} committed transactions");
     Ok(())
 }
