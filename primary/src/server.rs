@@ -16,7 +16,8 @@ use tandem_shared::envlayout::EnvLayout;
 use tandem_shared::tls::TlsFiles;
 use tandem_shared::wire::replication_server::{Replication, ReplicationServer};
 use tandem_shared::wire::{
-    PrimaryMessage, PrimaryStatus, StandbyInfo, StandbyMessage, StatusRequest,
+    PrimaryMessage, PrimaryStatus, StandbyInfo, StandbyMessage, StatusRequest, SwitchoverReply,
+    SwitchoverRequest,
 };
 use tandem_shared::{LogPosition, MAX_MESSAGE_BYTES};
 use tokio::sync::{mpsc, watch};
@@ -202,6 +203,13 @@ impl Replication for Service {
         _request: Request<StatusRequest>,
     ) -> Result<Response<PrimaryStatus>, Status> {
         Ok(Response::new(self.shared.status()))
+    }
+
+    async fn prepare_switchover(
+        &self,
+        _request: Request<SwitchoverRequest>,
+    ) -> Result<Response<SwitchoverReply>, Status> {
+        Err(Status::unimplemented("not yet"))
     }
 }
 

@@ -182,6 +182,7 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
         base_files_done: base.is_some_and(|b| b.files_done),
         durable: Some(mirror.tail.durable.into()),
         last_record_digest: mirror.tail.last_record_digest.clone().into(),
+        new_base_request: String::new(),
     }
 }
 

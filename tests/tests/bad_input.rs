@@ -23,8 +23,8 @@ use tandem_shared::wire::replication_client::ReplicationClient;
 use tandem_shared::wire::replication_server::{Replication, ReplicationServer};
 use tandem_shared::wire::{
     primary_message::Kind, standby_message, FileChunk, FileEnd, FileKind, FileStart, Hello,
-    LogChunk, PrimaryMessage, PrimaryStatus, StandbyMessage, StatusRequest, Welcome,
-    PROTOCOL_VERSION,
+    LogChunk, PrimaryMessage, PrimaryStatus, StandbyMessage, StatusRequest, SwitchoverReply,
+    SwitchoverRequest, Welcome, PROTOCOL_VERSION,
 };
 use tandem_shared::{LogPosition, MAX_MESSAGE_BYTES};
 use tandem_tests::bdb::{self, WorkloadOptions};
@@ -525,6 +525,13 @@ impl Replication for HostileService {
         &self,
         _: Request<StatusRequest>,
     ) -> std::result::Result<Response<PrimaryStatus>, Status> {
+        Err(Status::unimplemented("hostile primary"))
+    }
+
+    async fn prepare_switchover(
+        &self,
+        _: Request<SwitchoverRequest>,
+    ) -> std::result::Result<Response<SwitchoverReply>, Status> {
         Err(Status::unimplemented("hostile primary"))
     }
 }
