@@ -17,6 +17,8 @@ pub enum EnvError {
     Config { line: usize, what: String },
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
+    #[error("{path} cannot be shipped: {why}")]
+    Unshippable { path: PathBuf, why: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EnvError + '_ {
@@ -179,55 +181,124 @@ impl EnvLayout {
         Ok(out)
     }
 
-    /// Every database file in the home and the data directories, whether or
-    /// not `db_archive -s` would list it (BDB.md §1): region files, logs,
-    /// `DB_CONFIG`, hidden files and anything without a BDB meta page are
-    /// left out.
+    /// Every database file at any depth under the home and the data
+    /// directories, whether or not `db_archive -s` would list it (BDB.md §1,
+    /// §10: `DB->open(.., "sub/x.db", ..)` puts a database below the home).
+    /// Partition files (`__dbp.NAME.NNN`) carry their own meta page; queue
+    /// extents (`__dbq.NAME.N`) have none and take the page size of their
+    /// queue `NAME` beside them. Left out: region files (`__db.*`), logs,
+    /// `DB_CONFIG`, hidden entries (Tandem's `.tandem`) and files without a
+    /// BDB meta page. Symlinks below a directory are not followed (nothing
+    /// outside the home is shipped); a symlink that points at a database is
+    /// an error, as is any file or directory that cannot be read: a standby
+    /// without it would not recover.
     pub fn database_files(&self) -> Result<Vec<DatabaseFile>, EnvError> {
         let mut dirs = vec![PathBuf::new()];
         dirs.extend(self.config.data_dirs.iter().cloned());
         let mut out = Vec::new();
         for rel in dirs {
-            let dir = self.home.join(&rel);
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&dir)(e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(io_err(&dir))?;
-                let Some(fname) = entry.file_name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                if fname.starts_with("__db")
-                    || fname.starts_with('.')
-                    || fname == DB_CONFIG
-                    || parse_log_file_name(&fname).is_some()
-                {
-                    continue;
-                }
-                let path = entry.path();
-                match std::fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_file() => {}
-                    _ => continue,
-                }
-                // A file can vanish between listing and reading (a database
-                // being removed); it is simply not part of this listing.
-                match read_db_meta(&path) {
-                    Ok(Some(meta)) => out.push(DatabaseFile {
-                        name: rel_name(&rel.join(&fname)),
-                        page_size: meta.page_size,
-                    }),
-                    Ok(None) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err(&path)(e)),
-                }
-            }
+            self.walk(&rel, &mut out)?;
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out.dedup_by(|a, b| a.name == b.name);
         Ok(out)
     }
+
+    fn walk(&self, rel: &Path, out: &mut Vec<DatabaseFile>) -> Result<(), EnvError> {
+        let dir = self.home.join(rel);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut queue_extents = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&dir))?;
+            let Some(fname) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if is_region_file(&fname)
+                || fname.starts_with('.')
+                || (rel.as_os_str().is_empty() && fname == DB_CONFIG)
+                || parse_log_file_name(&fname).is_some()
+            {
+                continue;
+            }
+            let path = entry.path();
+            let name = rel.join(&fname);
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                // Removed between listing and reading: not part of this
+                // listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            if meta.is_dir() {
+                self.walk(&name, out)?;
+                continue;
+            }
+            if meta.file_type().is_symlink() {
+                if let Ok(Some(_)) = read_db_meta(&path) {
+                    return Err(EnvError::Unshippable {
+                        path,
+                        why: "a symlink to a database; Tandem ships only regular files inside the environment".into(),
+                    });
+                }
+                continue;
+            }
+            if !meta.is_file() {
+                continue;
+            }
+            if let Some(queue) = queue_extent_of(&fname) {
+                queue_extents.push((name, dir.join(queue)));
+                continue;
+            }
+            match read_db_meta(&path) {
+                Ok(Some(meta)) => out.push(DatabaseFile {
+                    name: rel_name(&name),
+                    page_size: meta.page_size,
+                }),
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        for (name, queue) in queue_extents {
+            match read_db_meta(&queue) {
+                Ok(Some(meta)) => out.push(DatabaseFile {
+                    name: rel_name(&name),
+                    page_size: meta.page_size,
+                }),
+                // An extent whose queue is gone is being removed with it.
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&queue)(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// BDB's region files (`__db.001`, `__db.register`, ...): shared memory
+/// backing, rebuilt by every open, never shipped. Partition files
+/// (`__dbp.`) and queue extents (`__dbq.`) share the `__db` prefix but are
+/// data.
+pub fn is_region_file(name: &str) -> bool {
+    name.starts_with("__db.")
+}
+
+/// Partition files and queue extents: data files that belong to a database
+/// and are reached through it (`db_verify` checks them through `NAME`).
+pub fn is_database_part(name: &str) -> bool {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    base.starts_with("__dbp.") || base.starts_with("__dbq.")
+}
+
+/// `__dbq.NAME.N` (BDB 5.3's queue extent of database `NAME`) -> `NAME`.
+fn queue_extent_of(fname: &str) -> Option<&str> {
+    let rest = fname.strip_prefix("__dbq.")?;
+    let (queue, n) = rest.rsplit_once('.')?;
+    (!queue.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(queue)
 }
 
 /// '/'-separated form of a relative path, without "./" parts.
@@ -289,5 +360,63 @@ mod tests {
         );
         assert_eq!(env.log_files().unwrap(), vec![1]);
         assert_eq!(env.log_name(1), "log.0000000001");
+    }
+
+    fn meta_page(page_size: u32) -> Vec<u8> {
+        let mut page = vec![0u8; page_size as usize];
+        page[12..16].copy_from_slice(&0x0005_3162u32.to_le_bytes());
+        page[20..24].copy_from_slice(&page_size.to_le_bytes());
+        page
+    }
+
+    #[test]
+    fn finds_databases_at_any_depth_with_partitions_and_queue_extents() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path();
+        std::fs::create_dir_all(home.join("sub/deeper")).unwrap();
+        std::fs::create_dir_all(home.join(".tandem")).unwrap();
+        std::fs::write(home.join("DB_CONFIG"), "set_data_dir data\n").unwrap();
+        std::fs::create_dir_all(home.join("data/nested")).unwrap();
+        std::fs::write(home.join("sub/deeper/x.db"), meta_page(4096)).unwrap();
+        std::fs::write(home.join("sub/__dbp.part.db.000"), meta_page(8192)).unwrap();
+        std::fs::write(home.join("sub/queue.db"), meta_page(2048)).unwrap();
+        // Queue extents start with a data page, not a meta page.
+        std::fs::write(home.join("sub/__dbq.queue.db.7"), vec![1u8; 4096]).unwrap();
+        std::fs::write(home.join("sub/__dbq.gone.db.0"), vec![1u8; 4096]).unwrap();
+        std::fs::write(home.join("data/nested/y.db"), meta_page(4096)).unwrap();
+        std::fs::write(home.join("sub/__db.001"), meta_page(4096)).unwrap();
+        std::fs::write(home.join(".tandem/hidden.db"), meta_page(4096)).unwrap();
+        let env = EnvLayout::open(home).unwrap();
+        let found: Vec<(String, u32)> = env
+            .database_files()
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.name, f.page_size))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("data/nested/y.db".into(), 4096),
+                ("sub/__dbp.part.db.000".into(), 8192),
+                ("sub/__dbq.queue.db.7".into(), 2048),
+                ("sub/deeper/x.db".into(), 4096),
+                ("sub/queue.db".into(), 2048),
+            ]
+        );
+        assert!(is_database_part("sub/__dbq.queue.db.7"));
+        assert!(!is_database_part("sub/queue.db"));
+    }
+
+    #[test]
+    fn a_symlink_to_a_database_is_refused_and_nothing_outside_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("o.db"), meta_page(4096)).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("linked")).unwrap();
+        let env = EnvLayout::open(dir.path()).unwrap();
+        assert_eq!(env.database_files().unwrap(), vec![]);
+        std::os::unix::fs::symlink(outside.path().join("o.db"), dir.path().join("l.db")).unwrap();
+        let err = env.database_files().unwrap_err().to_string();
+        assert!(err.contains("l.db") && err.contains("symlink"), "{err}");
     }
 }
