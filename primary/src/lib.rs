@@ -6,6 +6,7 @@
 //! - [`log_watch`]: follows the end of the verified log.
 //! - [`session`]: one standby's stream: base copy, log shipping, acks.
 //! - [`server`]: the gRPC service and the listener.
+//! - [`switchover`]: may a standby take over now (`PrepareSwitchover`).
 
 pub mod identity;
 pub mod log_watch;
@@ -13,3 +14,4 @@ pub mod metrics;
 pub mod retention;
 pub mod server;
 pub mod session;
+pub mod switchover;

@@ -207,9 +207,11 @@ impl Replication for Service {
 
     async fn prepare_switchover(
         &self,
-        _request: Request<SwitchoverRequest>,
+        request: Request<SwitchoverRequest>,
     ) -> Result<Response<SwitchoverReply>, Status> {
-        Err(Status::unimplemented("not yet"))
+        crate::switchover::prepare(&self.shared, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
@@ -222,6 +224,7 @@ pub async fn serve(
 ) -> Result<()> {
     let layout = EnvLayout::open(&cfg.env)
         .with_context(|| format!("opening environment {}", cfg.env.display()))?;
+    layout.database_files().context("the environment holds a file Tandem cannot ship, and a standby without it would not recover")?;
     let state = PrimaryState::open(&cfg.state_dir, promoted_epoch(&cfg.env))?;
     let tls = cfg.tls.server_config().context("loading TLS files")?;
     let log_end = log_watch::spawn(layout.clone(), cfg.poll_interval);

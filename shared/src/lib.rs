@@ -3,6 +3,7 @@
 //! - [`lsn`]: `LogPosition`, the one way positions are expressed.
 //! - [`logfile`]: BDB's log file format and the record walker.
 //! - [`envlayout`]: which files make up an environment and where they live.
+//! - [`envusers`]: which processes have an environment open.
 //! - [`pages`]: reading database pages without shipping a torn one.
 //! - [`wirepath`]: accepting file names from the network safely.
 //! - [`durable`]: fsync discipline and checksummed control files.
@@ -15,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod durable;
 pub mod envlayout;
+pub mod envusers;
 pub mod logfile;
 pub mod lsn;
 pub mod metrics;

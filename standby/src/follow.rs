@@ -480,7 +480,10 @@ async fn check_forever(dir: StandbyDir, live: Live, every: Duration) {
         if let Ok(report) =
             tokio::task::spawn_blocking(move || crate::readiness::run_check(&d)).await
         {
-            update(&live, |s| s.last_check = Some(report));
+            update(&live, |s| {
+                s.recoverable &= report.ok;
+                s.last_check = Some(report);
+            });
         }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Exit codes: 0 success; 1 failure; 2 bad usage or configuration;
 //! 3 refused for good (another environment, a newer primary, a promoted
-//! directory, a directory already in use).
+//! directory, a directory already in use); 4 `promote` refused for now (the
+//! primary is reachable and an application still has its environment
+//! open, or the standby could not catch up with it): nothing was changed.
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -23,6 +25,8 @@ use tandem_standby::status;
 
 const EXIT_USAGE: u8 = 2;
 const EXIT_REFUSED: u8 = 3;
+/// `promote` refused, nothing changed; it can succeed once the cause is gone.
+const EXIT_REFUSED_FOR_NOW: u8 = 4;
 
 #[derive(Parser)]
 #[command(
@@ -61,21 +65,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Promote DIR: catch up if the primary is reachable, stop following for
-    /// good, run catastrophic recovery and db_verify, record a new epoch.
+    /// Promote DIR: stop following for good, run catastrophic recovery and
+    /// db_verify, record a new epoch.
     ///
-    /// Afterwards DIR is an environment applications open in place of the
-    /// primary's. Tandem cannot stop the old application: make sure nothing
-    /// writes to the old primary any more.
+    /// If the primary DIR follows is reachable, promote asks it first: while
+    /// any process has the primary's environment open (an application that
+    /// can still commit), promote refuses and changes nothing (exit 4); once
+    /// none has, it catches up to the primary's end of log and promotes as a
+    /// switchover, confirmed by the primary. If the primary is unreachable,
+    /// it promotes what is durable (a failover). Afterwards DIR is an
+    /// environment applications open in place of the primary's.
     Promote {
         #[arg(long)]
         dir: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
-        /// How long to wait for a running standby to catch up, in seconds.
+        /// How long a switchover waits for the standby to catch up with the
+        /// primary's end of log, in seconds; past it promote refuses (exit 4).
         #[arg(long, default_value_t = 30)]
         catch_up_timeout_secs: u64,
+        /// Promote even though the primary says an application still has its
+        /// environment open: a failover from what is durable, and whatever
+        /// that application commits afterwards is lost. Stop it first.
+        #[arg(long)]
+        force: bool,
     },
     /// Write a self-contained, verified backup of the standby into a new
     /// subdirectory of ARCHIVE, for restores to any point in its log.
@@ -320,14 +334,20 @@ async fn dispatch(command: Command) -> ExitCode {
             dir,
             json,
             catch_up_timeout_secs,
+            force,
         } => {
             telemetry::init(LogFormat::Human);
             let opts = PromoteOptions {
                 catch_up_timeout: Duration::from_secs(catch_up_timeout_secs),
+                force,
             };
             let dir = StandbyDir::new(&dir);
             match tokio::task::spawn_blocking(move || promote::promote(&dir, &opts)).await {
                 Ok(Ok(report)) => print_promotion(&report, json),
+                Ok(Err(e)) if e.downcast_ref::<promote::Refused>().is_some() => {
+                    eprintln!("tandem-standby: promote refused: {e:#}");
+                    return ExitCode::from(EXIT_REFUSED_FOR_NOW);
+                }
                 Ok(Err(e)) => Err(e),
                 Err(e) => Err(anyhow::anyhow!(e)),
             }

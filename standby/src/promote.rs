@@ -1,12 +1,24 @@
 //! Promotion: turn the mirror into an environment applications open.
 //!
-//! 1. If a standby runs on the directory and is connected, wait until it
-//!    holds everything the primary has (a switchover); if it is not
-//!    connected, use what is durable (a failover). Then stop it.
+//! 1. Decide what kind of promotion this is, from the primary's own answer
+//!    (`PrepareSwitchover`), never from a quiet log:
+//!    - the recorded primary is reachable and a process still has its
+//!      environment open: refuse, change nothing (an application there can
+//!      still commit: promoting would split the brain), unless `--force`;
+//!    - reachable and nobody has it open: catch up until the standby holds
+//!      the primary's end of log, ask again, and promote as a switchover
+//!      only when the primary says it is safe;
+//!    - unreachable (or no primary recorded): a failover from what is
+//!      durable.
+//!
+//!    Then stop the follower.
 //! 2. Take the directory for good (a promoted directory refuses `run`).
-//! 3. Catastrophic recovery in place, then `db_verify` of every database.
+//! 3. Prove it recovers, in place: catastrophic recovery, then `db_verify`
+//!    of every database ([`crate::readiness::recover_and_verify`], the same
+//!    routine the readiness check runs on a clone).
 //! 4. Record the promotion durably with a new epoch (the fencing token).
 
+use crate::follow::FollowConfig;
 use crate::mirror::{is_recoverable, scan_tail};
 use crate::state::{Promotion, StandbyDir};
 use crate::status::StandbyStatus;
@@ -15,9 +27,12 @@ use serde::Serialize;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
-use tandem_shared::bdb::BdbTools;
-use tandem_shared::envlayout::DB_CONFIG;
+use tandem_shared::wire::{SwitchoverReply, SwitchoverRequest};
 use tandem_shared::LogPosition;
+
+/// How long promote waits to reach the recorded primary before it counts
+/// as gone.
+const PRIMARY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PromoteReport {
@@ -33,10 +48,20 @@ pub struct PromoteReport {
     pub databases_verified: usize,
 }
 
-/// How long a switchover waits for the standby to catch up.
 pub struct PromoteOptions {
+    /// How long a switchover waits for the standby to catch up.
     pub catch_up_timeout: Duration,
+    /// Promote even while the primary says an application has its
+    /// environment open (a failover: whatever it commits is lost).
+    pub force: bool,
 }
+
+/// Promote refused to act, and changed nothing: the primary is reachable
+/// and a switchover would not be safe. Retrying after the cause is removed
+/// (the application stopped) can succeed, unlike a refusal for good.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
 
 pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport> {
     let started = Instant::now();
@@ -46,13 +71,10 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
             dir.root.display()
         );
     }
-    // Only one promote at a time, for the whole procedure.
-    let guard = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.meta().join("promote.lock"))
-        .context("opening the promote lock")?;
+    // Only one promote at a time, for the whole procedure. The lock is on
+    // the metadata directory itself, so a refused promote leaves no file
+    // behind.
+    let guard = File::open(dir.meta()).context("opening .tandem for the promote lock")?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(guard.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         bail!(
@@ -77,7 +99,7 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         });
     }
 
-    let (kind, primary_end) = stop_follower(dir, opts)?;
+    let (kind, primary_end) = decide_and_stop(dir, opts)?;
     let _lock = dir.lock().context("taking the standby directory")?;
     let mut state = dir.load_state()?;
     let tail = scan_tail(dir, &state)?;
@@ -96,137 +118,218 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         );
     }
     tracing::info!(%kind, durable = %tail.durable, "running catastrophic recovery");
-    let tools = BdbTools::default();
-    let report = tools.recover_catastrophic(&dir.root).context(
-        "catastrophic recovery failed; the directory is left as it was after recovery ran",
+    let proof = crate::readiness::recover_and_verify(&dir.root).context(
+        "the directory did not prove recoverable; it is left as it was after recovery ran",
     )?;
-    let databases: Vec<String> = state
-        .base
-        .as_ref()
-        .map(|b| {
-            b.complete_files
-                .iter()
-                .filter(|n| *n != DB_CONFIG)
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default();
-    for db in &databases {
-        tools
-            .verify(&dir.root, db)
-            .with_context(|| format!("db_verify of {db} failed after recovery"))?;
-    }
     let epoch = state.epoch + 1;
     state.epoch = epoch;
     state.promoted = Some(Promotion {
         epoch,
         unix_ms: tandem_shared::now_unix_ms(),
         kind: kind.clone(),
-        recovered_to: report.recovered_to,
+        recovered_to: proof.recovery.recovered_to,
     });
     dir.store_state(&state)?;
-    tracing::info!(%kind, epoch, recovered_to = ?report.recovered_to, "promoted");
+    tracing::info!(%kind, epoch, recovered_to = ?proof.recovery.recovered_to, "promoted");
     Ok(PromoteReport {
         env: dir.root.display().to_string(),
         kind,
         epoch,
-        recovered_to: report.recovered_to,
+        recovered_to: proof.recovery.recovered_to,
         durable_lsn: tail.durable,
         primary_end_lsn: primary_end,
-        recovery_seconds: report.duration.as_secs_f64(),
+        recovery_seconds: proof.recovery.duration.as_secs_f64(),
         total_seconds: started.elapsed().as_secs_f64(),
         already_promoted: false,
-        databases_verified: databases.len(),
+        databases_verified: proof.databases_verified,
     })
 }
 
-/// Waits for a running, connected standby to catch up, then stops it.
-/// When none runs but the directory knows its primary, one is started just
-/// for the catch-up. Returns "switchover" when the standby held everything
-/// the primary had, otherwise "failover".
-fn stop_follower(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, LogPosition)> {
-    let since = tandem_shared::now_unix_ms();
-    let mut child = None;
-    let pid = match dir.lock_holder() {
-        Some(pid) => pid,
-        None => match spawn_catch_up(dir)? {
-            Some(c) => {
-                let pid = c.id();
-                child = Some(c);
-                pid
-            }
-            None => {
-                tracing::warn!("no standby runs on this directory and no primary is recorded: promoting with what is durable (failover)");
-                let end = crate::status::read(dir)
-                    .map(|s| s.primary_end_lsn)
-                    .unwrap_or_default();
-                return Ok(("failover".into(), end));
-            }
-        },
+/// What the recorded primary said, or why it could not be asked.
+enum Answer {
+    Reply(SwitchoverReply),
+    Unreachable(String),
+}
+
+/// Asks the recorded primary whether a switchover is safe with the
+/// standby's durable end at `durable`.
+fn ask(fc: &FollowConfig, durable: LogPosition) -> Answer {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return Answer::Unreachable(format!("cannot start a runtime: {e}")),
     };
+    runtime.block_on(async {
+        let mut client = match tandem_shared::client::connect(
+            &fc.primary,
+            fc.server_name.as_deref(),
+            &fc.tls,
+            PRIMARY_TIMEOUT,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => return Answer::Unreachable(e.to_string()),
+        };
+        let req = SwitchoverRequest {
+            standby_name: fc.name.clone(),
+            durable: Some(durable.into()),
+        };
+        match tokio::time::timeout(PRIMARY_TIMEOUT * 6, client.prepare_switchover(req)).await {
+            Err(_) => Answer::Unreachable("PrepareSwitchover timed out".into()),
+            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
+                Answer::Unreachable(s.message().to_owned())
+            }
+            // A primary that answers but cannot confirm (too old, or it
+            // cannot read /proc) is not a primary that is gone.
+            Ok(Err(s)) => Answer::Reply(SwitchoverReply {
+                reason: format!(
+                    "the primary could not confirm a switchover: {}",
+                    s.message()
+                ),
+                env_users: vec![format!("unknown ({})", s.message())],
+                ..Default::default()
+            }),
+            Ok(Ok(r)) => Answer::Reply(r.into_inner()),
+        }
+    })
+}
+
+fn follow_config(dir: &StandbyDir) -> Result<Option<FollowConfig>> {
+    match std::fs::read(dir.meta().join(crate::follow::FOLLOW_CONFIG_FILE)) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).context("reading .tandem/follow.json")?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).context("reading .tandem/follow.json"),
+    }
+}
+
+/// Decides switchover or failover (or refuses), then stops whatever
+/// follows on the directory. Returns the kind and the primary's end.
+fn decide_and_stop(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, LogPosition)> {
+    let status = crate::status::read(dir)?;
+    let Some(fc) = follow_config(dir)? else {
+        tracing::warn!(
+            "no primary is recorded for this directory: promoting with what is durable (failover)"
+        );
+        stop_running(dir, None)?;
+        return Ok(("failover".into(), status.primary_end_lsn));
+    };
+    let reply = match ask(&fc, status.durable_lsn) {
+        Answer::Unreachable(why) => {
+            tracing::warn!(primary = %fc.primary, error = %why, "the primary is unreachable: promoting with what is durable (failover)");
+            stop_running(dir, None)?;
+            return Ok(("failover".into(), status.primary_end_lsn));
+        }
+        Answer::Reply(r) => r,
+    };
+    if !reply.env_users.is_empty() {
+        return refuse_or_force(dir, opts, &fc, &reply);
+    }
+    if reply.safe {
+        stop_running(dir, None)?;
+        return Ok(("switchover".into(), end_of(&reply)));
+    }
+    // Nobody can commit any more: fetch the rest, then ask again.
+    let child = match dir.lock_holder() {
+        Some(_) => None,
+        None => Some(spawn_catch_up(dir, &fc)?),
+    };
+    let pid = dir
+        .lock_holder()
+        .context("the standby stopped during the catch-up")?;
+    let since = tandem_shared::now_unix_ms();
     let deadline = Instant::now() + opts.catch_up_timeout;
-    let mut kind = "failover".to_owned();
-    let mut end = LogPosition::ZERO;
-    // Caught up = nothing left to fetch, and the primary's end has not
-    // moved for over a second (the application on it has stopped).
-    let mut stable_since: Option<(LogPosition, Instant)> = None;
-    while Instant::now() < deadline {
+    let mut target = end_of(&reply);
+    tracing::info!(primary = %fc.primary, end = %target, "no application has the primary's environment open: catching up for a switchover");
+    loop {
+        if Instant::now() >= deadline {
+            stop_running(dir, child)?;
+            return Err(Refused(format!(
+                "the standby did not catch up with the primary's end of log ({target}) within {} s; the primary is reachable, so promote did not fail over. Nothing was promoted; retry, raise --catch-up-timeout-secs, or use --force for a failover from what is durable",
+                opts.catch_up_timeout.as_secs()
+            ))
+            .into());
+        }
         std::thread::sleep(Duration::from_millis(100));
         let s: StandbyStatus = crate::status::read(dir)?;
         // Only a status written by that process since promote began counts.
-        if s.pid != Some(pid) || s.updated_unix_ms < since {
-            continue;
-        }
-        end = s.primary_end_lsn;
-        if !s.connected {
-            if child.is_none() || s.last_error.is_some() {
-                tracing::warn!(error = s.last_error.as_deref().unwrap_or("-"), "the standby is not connected to its primary: promoting with what is durable (failover)");
-                break;
+        if s.pid != Some(pid) || s.updated_unix_ms < since || s.durable_lsn < target {
+            if dir.lock_holder() != Some(pid) {
+                bail!("the standby (pid {pid}) stopped during the catch-up; nothing was promoted");
             }
             continue;
         }
-        if s.lag_bytes == 0 && s.durable_lsn >= s.primary_end_lsn {
-            match stable_since {
-                Some((at, since))
-                    if at == s.primary_end_lsn
-                        && since.elapsed() >= Duration::from_millis(1200) =>
-                {
-                    kind = "switchover".into();
-                    break;
-                }
-                Some((at, _)) if at == s.primary_end_lsn => {}
-                _ => stable_since = Some((s.primary_end_lsn, Instant::now())),
+        match ask(&fc, s.durable_lsn) {
+            Answer::Unreachable(why) => {
+                tracing::warn!(error = %why, "the primary became unreachable during the catch-up: promoting with what is durable (failover)");
+                stop_running(dir, child)?;
+                return Ok(("failover".into(), target));
             }
-        } else {
-            stable_since = None;
+            Answer::Reply(r) if !r.env_users.is_empty() => {
+                stop_running(dir, child)?;
+                return refuse_or_force(dir, opts, &fc, &r);
+            }
+            Answer::Reply(r) if r.safe => {
+                stop_running(dir, child)?;
+                return Ok(("switchover".into(), end_of(&r)));
+            }
+            Answer::Reply(r) => target = end_of(&r).max(target),
         }
     }
-    if kind != "switchover" && Instant::now() >= deadline {
-        tracing::warn!("the standby did not catch up within the timeout: promoting with what is durable (failover)");
+}
+
+fn end_of(reply: &SwitchoverReply) -> LogPosition {
+    reply.end.map(Into::into).unwrap_or_default()
+}
+
+/// An application has the primary's environment open: refuse, or with
+/// `--force` fail over anyway.
+fn refuse_or_force(
+    dir: &StandbyDir,
+    opts: &PromoteOptions,
+    fc: &FollowConfig,
+    reply: &SwitchoverReply,
+) -> Result<(String, LogPosition)> {
+    let users = reply.env_users.join(", ");
+    if opts.force {
+        tracing::error!(primary = %fc.primary, %users, "FORCED PROMOTION while the primary's environment is open by {users}: promoting as a failover; anything they commit from now on is lost, and both environments accept writes until they are stopped");
+        stop_running(dir, None)?;
+        return Ok(("failover".into(), end_of(reply)));
     }
-    // SAFETY: sending SIGTERM to the pid that holds our directory's lock.
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let stop_deadline = Instant::now() + Duration::from_secs(30);
-    while dir.lock_holder().is_some() {
-        if Instant::now() > stop_deadline {
-            bail!("the running standby (pid {pid}) did not stop within 30 s");
+    Err(Refused(format!(
+        "the primary ({}) is reachable and its environment is still open by {users}: an application there can still commit, and promoting now would leave two writable primaries. Stop the application on the primary machine, then run promote again (or use --force to promote anyway, losing what it commits). Nothing was changed. ({})",
+        fc.primary, reply.reason
+    ))
+    .into())
+}
+
+/// Stops the standby running on the directory, if any, and waits until it
+/// released it; reaps `child` if promote started it.
+fn stop_running(dir: &StandbyDir, child: Option<std::process::Child>) -> Result<()> {
+    if let Some(pid) = dir.lock_holder() {
+        // SAFETY: sending SIGTERM to the pid that holds our directory's lock.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let stop_deadline = Instant::now() + Duration::from_secs(30);
+        while dir.lock_holder().is_some() {
+            if Instant::now() > stop_deadline {
+                bail!("the running standby (pid {pid}) did not stop within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
     if let Some(mut c) = child {
         let _ = c.wait();
     }
-    Ok((kind, end))
+    Ok(())
 }
 
 /// Starts `tandem-standby run` with the configuration the directory last
 /// followed with, to fetch what the primary still has.
-fn spawn_catch_up(dir: &StandbyDir) -> Result<Option<std::process::Child>> {
-    let Ok(bytes) = std::fs::read(dir.meta().join(crate::follow::FOLLOW_CONFIG_FILE)) else {
-        return Ok(None);
-    };
-    let fc: crate::follow::FollowConfig =
-        serde_json::from_slice(&bytes).context("reading .tandem/follow.json")?;
+fn spawn_catch_up(dir: &StandbyDir, fc: &FollowConfig) -> Result<std::process::Child> {
     let log = File::create(dir.meta().join("promote-catch-up.log"))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("run").arg("--dir").arg(&dir.root).args([
@@ -253,7 +356,7 @@ fn spawn_catch_up(dir: &StandbyDir) -> Result<Option<std::process::Child>> {
         .stderr(log)
         .spawn()
         .context("starting the catch-up standby")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while dir.lock_holder() != Some(child.id()) {
         if Instant::now() > deadline {
             bail!(
@@ -263,5 +366,5 @@ fn spawn_catch_up(dir: &StandbyDir) -> Result<Option<std::process::Child>> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Some(child))
+    Ok(child)
 }

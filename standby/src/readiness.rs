@@ -1,25 +1,32 @@
 //! Readiness checks: proof that the mirror recovers, without touching it.
 //!
-//! The mirror is cloned into `.tandem/check/` (reflinks where the
-//! filesystem has them, a copy otherwise): the base's files, and the log up
-//! to the durable end only, so a log still being appended is cut at a record
-//! boundary. Catastrophic recovery and `db_verify` run on the clone; the
-//! mirror itself is only read. Database files in the mirror never change
-//! once installed and log bytes before the durable end never change, so the
-//! clone is consistent even while `run` keeps streaming.
+//! One routine proves recoverability for everyone: [`recover_and_verify`]
+//! runs catastrophic recovery on an environment directory and `db_verify`s
+//! every database in it. `promote` runs it in place; the readiness check
+//! ([`run_check`]) runs it on a clone made by [`clone_environment`], and
+//! `verify-archive` can run it on a copy of a backup. The clone holds every
+//! file of the directory except `.tandem` — exactly what promote's recovery
+//! would see, old logs and nested databases included — with the log cut at
+//! the durable end, so a log still being appended is cut at a record
+//! boundary. Database files in the mirror never change once installed and
+//! log bytes before the durable end never change, so the clone is
+//! consistent even while `run` keeps streaming; a base that changes under
+//! the clone (a rebase swap) makes it start over.
 
 use crate::mirror::{is_recoverable, scan_tail};
-use crate::state::StandbyDir;
+use crate::state::{StandbyDir, META_DIR};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
-use tandem_shared::bdb::BdbTools;
-use tandem_shared::envlayout::DB_CONFIG;
-use tandem_shared::logfile::log_file_name;
+use tandem_shared::bdb::{BdbTools, RecoveryReport};
+use tandem_shared::envlayout::{is_database_part, EnvLayout, DB_CONFIG};
+use tandem_shared::logfile::parse_log_file_name;
 use tandem_shared::LogPosition;
 
 const CHECK_DIR: &str = "check";
@@ -27,6 +34,9 @@ const REPORT_FILE: &str = "check.json";
 /// Recovery on the clone gets a bigger cache: it halved the time to replay
 /// 1 GB of log (BDB.md §5). Only the clone's DB_CONFIG is changed.
 const CLONE_CACHE: &str = "set_cachesize 0 268435456 1";
+/// A rebase swapping files in while the clone is taken makes it start
+/// over; past this many tries the check reports the failure.
+const CLONE_TRIES: usize = 3;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CheckReport {
@@ -41,13 +51,30 @@ pub struct CheckReport {
     pub log_bytes: u64,
     pub databases_verified: usize,
     pub error: Option<String>,
+    /// The base the check ran on: a failure counts against that base only
+    /// (status says not recoverable until a check passes or the base is
+    /// replaced).
+    #[serde(default)]
+    pub base_id: Option<String>,
+}
+
+/// What [`recover_and_verify`] proved.
+#[derive(Debug, Clone)]
+pub struct Proof {
+    pub recovery: RecoveryReport,
+    pub databases_verified: usize,
 }
 
 /// Runs one check and records it in `.tandem/check.json`.
 pub fn run_check(dir: &StandbyDir) -> CheckReport {
     let started = Instant::now();
+    let base_id = dir
+        .load_state()
+        .ok()
+        .and_then(|s| s.base.map(|b| b.base_id));
     let mut report = check(dir).unwrap_or_else(|e| CheckReport {
         error: Some(format!("{e:#}")),
+        base_id,
         ..Default::default()
     });
     report.unix_ms = tandem_shared::now_unix_ms();
@@ -75,53 +102,166 @@ pub fn last_check(dir: &StandbyDir) -> Option<CheckReport> {
 }
 
 fn check(dir: &StandbyDir) -> Result<CheckReport> {
-    let state = dir.load_state()?;
-    let tail = scan_tail(dir, &state)?;
-    let Some(base) = state
-        .base
-        .as_ref()
-        .filter(|_| is_recoverable(&state, tail.durable))
-    else {
-        bail!(
-            "the standby is not recoverable yet (its base copy or the log it needs is incomplete)"
-        );
-    };
     let clone = dir.meta().join(CHECK_DIR);
-    let _ = std::fs::remove_dir_all(&clone);
-    std::fs::create_dir_all(&clone)?;
-    for name in &base.complete_files {
-        clone_file(&dir.root.join(name), &clone.join(name), None)
-            .with_context(|| format!("cloning {name}"))?;
-    }
-    for n in base.log_start.file..=tail.durable.file {
-        let rel = Path::new(&state.log_dir).join(log_file_name(n));
-        let limit = (n == tail.durable.file).then_some(u64::from(tail.durable.offset));
-        clone_file(&dir.root.join(&rel), &clone.join(&rel), limit)
-            .with_context(|| format!("cloning {}", rel.display()))?;
-    }
+    let mut tries = 0;
+    let (state, tail) = loop {
+        let state = dir.load_state()?;
+        let tail = scan_tail(dir, &state)?;
+        if !is_recoverable(&state, tail.durable) {
+            bail!("the standby is not recoverable yet (its base copy or the log it needs is incomplete)");
+        }
+        let _ = std::fs::remove_dir_all(&clone);
+        clone_environment(&dir.root, Path::new(&state.log_dir), tail.durable, &clone)?;
+        let after = dir.load_state()?;
+        if after.base == state.base && after.pending_swap == state.pending_swap {
+            break (state, tail);
+        }
+        tries += 1;
+        if tries >= CLONE_TRIES {
+            bail!("the base changed {tries} times while it was being cloned (rebases under way); try again");
+        }
+    };
+    let base = state.base.as_ref().context("no base")?;
+    let proof = recover_and_verify(&clone)?;
+    Ok(CheckReport {
+        ok: true,
+        recovery_seconds: proof.recovery.duration.as_secs_f64(),
+        durable_lsn: tail.durable,
+        recovered_to: proof.recovery.recovered_to,
+        log_bytes: base.log_start.bytes_until(tail.durable, tail.lg_max),
+        databases_verified: proof.databases_verified,
+        base_id: Some(base.base_id.clone()),
+        ..Default::default()
+    })
+}
+
+/// Clones the environment directory `root` into `clone` (which must not
+/// exist or be empty): every file except Tandem's `.tandem`, log files of
+/// `log_dir` (relative to `root`) only up to `durable` (later files left
+/// out, the last one cut there), and a `DB_CONFIG` with a bigger cache for
+/// the recovery. Files that vanish while it runs are left out (the caller
+/// checks that the base did not change).
+pub fn clone_environment(
+    root: &Path,
+    log_dir: &Path,
+    durable: LogPosition,
+    clone: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(clone).with_context(|| format!("creating {}", clone.display()))?;
+    clone_tree(root, clone, Path::new(""), log_dir, durable)?;
     let mut config = std::fs::read_to_string(clone.join(DB_CONFIG)).unwrap_or_default();
     if !config.contains("set_cachesize") {
         config.push_str(&format!("\n{CLONE_CACHE}\n"));
         std::fs::write(clone.join(DB_CONFIG), config)?;
     }
-    let tools = BdbTools::default();
-    let recovery = tools.recover_catastrophic(&clone)?;
-    let mut verified = 0;
-    for name in base.complete_files.iter().filter(|n| *n != DB_CONFIG) {
-        tools
-            .verify(&clone, name)
-            .with_context(|| format!("db_verify of {name}"))?;
-        verified += 1;
+    Ok(())
+}
+
+fn clone_tree(
+    root: &Path,
+    clone: &Path,
+    rel: &Path,
+    log_dir: &Path,
+    durable: LogPosition,
+) -> Result<()> {
+    let from_dir = root.join(rel);
+    let entries =
+        std::fs::read_dir(&from_dir).with_context(|| format!("listing {}", from_dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", from_dir.display()))?;
+        let name = entry.file_name();
+        if rel.as_os_str().is_empty() && name == META_DIR {
+            continue;
+        }
+        let child = rel.join(&name);
+        let (from, to) = (root.join(&child), clone.join(&child));
+        let meta = match std::fs::symlink_metadata(&from) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", from.display())),
+        };
+        if meta.is_dir() {
+            std::fs::create_dir_all(&to)?;
+            clone_tree(root, clone, &child, log_dir, durable)?;
+            continue;
+        }
+        if meta.file_type().is_symlink() {
+            // Recovery would follow it; so does the clone (a link to the
+            // same target), without copying what lies outside.
+            let target = std::fs::read_link(&from)?;
+            std::os::unix::fs::symlink(target, &to)?;
+            continue;
+        }
+        if !meta.is_file() {
+            continue;
+        }
+        let log_no = (rel == log_dir)
+            .then(|| name.to_str().and_then(parse_log_file_name))
+            .flatten();
+        let limit = match log_no {
+            Some(n) if n > durable.file => continue,
+            Some(n) if n == durable.file => Some(u64::from(durable.offset)),
+            _ => None,
+        };
+        match clone_file(&from, &to, limit) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cloning {}", child.display())),
+        }
     }
-    Ok(CheckReport {
-        ok: true,
-        recovery_seconds: recovery.duration.as_secs_f64(),
-        durable_lsn: tail.durable,
-        recovered_to: recovery.recovered_to,
-        log_bytes: base.log_start.bytes_until(tail.durable, tail.lg_max),
-        databases_verified: verified,
-        ..Default::default()
+    Ok(())
+}
+
+/// Catastrophic recovery in `home`, then `db_verify` of every database in
+/// it (at any depth; partitions and queue extents through their database),
+/// in parallel where there are several. Writes into `home`: run it on a
+/// clone, or in place only to promote.
+pub fn recover_and_verify(home: &Path) -> Result<Proof> {
+    let tools = BdbTools::default();
+    let recovery = tools
+        .recover_catastrophic(home)
+        .context("catastrophic recovery failed")?;
+    let databases: Vec<String> = EnvLayout::open(home)?
+        .database_files()?
+        .into_iter()
+        .map(|f| f.name)
+        .filter(|n| !is_database_part(n))
+        .collect();
+    verify_all(&tools, home, &databases)?;
+    Ok(Proof {
+        recovery,
+        databases_verified: databases.len(),
     })
+}
+
+fn verify_all(tools: &BdbTools, home: &Path, databases: &[String]) -> Result<()> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(databases.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(name) = databases.get(i) else {
+                    break;
+                };
+                if let Err(e) = tools.verify(home, name) {
+                    if let Ok(mut f) = failures.lock() {
+                        f.push(format!("db_verify of {name}: {e}"));
+                    }
+                }
+            });
+        }
+    });
+    let mut failures = failures.into_inner().unwrap_or_default();
+    failures.sort();
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
+    }
+    Ok(())
 }
 
 /// Clones `from` to `to`: a reflink of the whole file where possible,
@@ -148,4 +288,42 @@ fn clone_file(from: &Path, to: &Path, limit: Option<u64>) -> std::io::Result<()>
     writer.flush()?;
     drop(writer);
     dst.set_len(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clone_holds_everything_but_tandem_state_and_cuts_the_log() {
+        let root = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join(".tandem/incoming")).unwrap();
+        std::fs::create_dir_all(r.join("sub/deeper")).unwrap();
+        std::fs::create_dir_all(r.join("logs")).unwrap();
+        std::fs::write(r.join(".tandem/state"), b"s").unwrap();
+        std::fs::write(r.join("sub/deeper/x.db"), b"x").unwrap();
+        std::fs::write(r.join("stray.txt"), b"t").unwrap();
+        std::fs::write(r.join("logs/log.0000000003"), b"old log").unwrap();
+        std::fs::write(r.join("logs/log.0000000004"), b"0123456789").unwrap();
+        std::fs::write(r.join("logs/log.0000000005"), b"beyond").unwrap();
+        let clone = out.path().join("c");
+        clone_environment(r, Path::new("logs"), LogPosition::new(4, 4), &clone).unwrap();
+        assert!(!clone.join(".tandem").exists());
+        assert_eq!(std::fs::read(clone.join("sub/deeper/x.db")).unwrap(), b"x");
+        assert_eq!(std::fs::read(clone.join("stray.txt")).unwrap(), b"t");
+        assert_eq!(
+            std::fs::read(clone.join("logs/log.0000000003")).unwrap(),
+            b"old log"
+        );
+        assert_eq!(
+            std::fs::read(clone.join("logs/log.0000000004")).unwrap(),
+            b"0123\0\0\0\0\0\0"
+        );
+        assert!(!clone.join("logs/log.0000000005").exists());
+        assert!(std::fs::read_to_string(clone.join(DB_CONFIG))
+            .unwrap()
+            .contains("set_cachesize"));
+    }
 }

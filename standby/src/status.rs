@@ -22,7 +22,10 @@ pub struct StandbyStatus {
     /// "no base", "copying base", "catching up", "streaming", "promoted".
     pub phase: String,
     pub base_id: Option<String>,
-    /// The directory holds a complete base and the log it needs.
+    /// The directory holds a complete base and the log it needs, and no
+    /// readiness check of that base has failed since (the last check of the
+    /// current base is not a failure). Never contradicts the check: a
+    /// failure holds until a check passes again or the base is replaced.
     pub recoverable: bool,
     pub primary_end_lsn: LogPosition,
     pub durable_lsn: LogPosition,
@@ -102,7 +105,12 @@ impl StandbyStatus {
         self.env_id = state.env_id.clone();
         self.epoch = state.epoch;
         self.base_id = state.base.as_ref().map(|b| b.base_id.clone());
-        self.recoverable = is_recoverable(state, self.durable_lsn);
+        let base_id = state.base.as_ref().map(|b| &b.base_id);
+        let check_failed = self
+            .last_check
+            .as_ref()
+            .is_some_and(|c| !c.ok && c.base_id.as_ref() == base_id);
+        self.recoverable = is_recoverable(state, self.durable_lsn) && !check_failed;
         self.phase = Self::phase_of(state, self.durable_lsn, self.primary_end_lsn).into();
         self.promotion = state.promoted.clone();
         self.replay_log_bytes = state.base.as_ref().map_or(0, |b| {

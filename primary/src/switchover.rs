@@ -1,0 +1,44 @@
+//! `PrepareSwitchover`: may a standby take over now without splitting the
+//! brain? Answered from facts, not from a quiet log: which processes have
+//! the environment open (an application that maps its regions can still
+//! commit), the verified end of log, and whether the asking standby holds
+//! all of it.
+
+use crate::server::Shared;
+use tandem_shared::envusers::env_users;
+use tandem_shared::wire::{SwitchoverReply, SwitchoverRequest};
+use tandem_shared::LogPosition;
+use tonic::Status;
+
+/// The answer to one `PrepareSwitchover`. Changes nothing on the primary:
+/// the standby decides, and asks again after it caught up.
+pub async fn prepare(shared: &Shared, req: SwitchoverRequest) -> Result<SwitchoverReply, Status> {
+    let home = shared.layout.home.clone();
+    let users = tokio::task::spawn_blocking(move || env_users(&home))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("cannot tell who has the environment open: {e}")))?;
+    let end = shared.log_end.borrow().end;
+    let durable: LogPosition = req.durable.map(Into::into).unwrap_or_default();
+    let env_users: Vec<String> = users.iter().map(ToString::to_string).collect();
+    let reason = if !env_users.is_empty() {
+        format!(
+            "the environment is still open by {}: an application there can still commit; stop it first",
+            env_users.join(", ")
+        )
+    } else if durable != end {
+        format!("the standby holds the log up to {durable}, the primary's ends at {end}")
+    } else {
+        String::new()
+    };
+    let safe = reason.is_empty();
+    tracing::info!(standby = %req.standby_name, %durable, %end, users = ?env_users, safe, "switchover asked");
+    Ok(SwitchoverReply {
+        env_id: shared.identity.env_id.clone(),
+        epoch: shared.identity.epoch,
+        end: Some(end.into()),
+        env_users,
+        safe,
+        reason,
+    })
+}
