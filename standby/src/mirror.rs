@@ -395,7 +395,7 @@ impl Mirror {
                     FileKind::Database => {
                         leaf != DB_CONFIG
                             && parse_log_file_name(leaf).is_none()
-                            && !leaf.starts_with("__db")
+                            && !tandem_shared::envlayout::is_region_file(leaf)
                     }
                 };
                 if !ok_kind {
