@@ -5,7 +5,7 @@
 //! all of it.
 
 use crate::server::Shared;
-use tandem_shared::envusers::env_users;
+use tandem_shared::envusers::env_users_but_my_children;
 use tandem_shared::wire::{SwitchoverReply, SwitchoverRequest};
 use tandem_shared::LogPosition;
 use tonic::Status;
@@ -14,7 +14,7 @@ use tonic::Status;
 /// the standby decides, and asks again after it caught up.
 pub async fn prepare(shared: &Shared, req: SwitchoverRequest) -> Result<SwitchoverReply, Status> {
     let home = shared.layout.home.clone();
-    let users = tokio::task::spawn_blocking(move || env_users(&home))
+    let users = tokio::task::spawn_blocking(move || env_users_but_my_children(&home))
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(format!("cannot tell who has the environment open: {e}")))?;

@@ -34,10 +34,20 @@ impl std::fmt::Display for EnvUser {
     }
 }
 
-/// The processes, other than the caller and its children (the BDB tools it
-/// runs join the environment briefly), that map a region file of the
+/// The processes, other than the caller, that map a region file of the
 /// environment whose home is `home`.
 pub fn env_users(home: &Path) -> Result<Vec<EnvUser>, EnvUsersError> {
+    scan(home, false)
+}
+
+/// Like [`env_users`], and not the caller's children either: for a caller
+/// whose only children are the BDB tools it runs (they join the
+/// environment briefly and commit nothing), such as `tandem-primary`.
+pub fn env_users_but_my_children(home: &Path) -> Result<Vec<EnvUser>, EnvUsersError> {
+    scan(home, true)
+}
+
+fn scan(home: &Path, skip_children: bool) -> Result<Vec<EnvUser>, EnvUsersError> {
     let home = home.canonicalize().map_err(|source| EnvUsersError::Io {
         path: home.to_path_buf(),
         source,
@@ -57,7 +67,7 @@ pub fn env_users(home: &Path) -> Result<Vec<EnvUser>, EnvUsersError> {
         else {
             continue;
         };
-        if pid == me || parent_of(pid) == Some(me) {
+        if pid == me || (skip_children && parent_of(pid) == Some(me)) {
             continue;
         }
         // A process can exit, or be another user's, between listing and
