@@ -226,8 +226,21 @@ fn decide_and_stop(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, L
         }
         Answer::Reply(r) => r,
     };
+    let state = dir.load_state()?;
+    if let Some(ours) = state.env_id.as_ref().filter(|id| **id != reply.env_id) {
+        if !opts.force {
+            return Err(Refused(format!(
+                "the primary at {} now serves another environment ({}, this standby mirrors {ours}): it cannot confirm a switchover of this one. Nothing was changed; check which machine is the primary, or use --force to fail over from what is durable",
+                fc.primary, reply.env_id
+            ))
+            .into());
+        }
+        tracing::error!(primary = %fc.primary, theirs = %reply.env_id, %ours, "FORCED PROMOTION: the recorded primary serves another environment; promoting as a failover");
+        stop_running(dir, None)?;
+        return Ok(("failover".into(), status.primary_end_lsn));
+    }
     if !reply.env_users.is_empty() {
-        return refuse_or_force(dir, opts, &fc, &reply);
+        return refuse_or_force(dir, opts, &fc, &reply, None);
     }
     if reply.safe {
         stop_running(dir, None)?;
@@ -247,7 +260,7 @@ fn decide_and_stop(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, L
     tracing::info!(primary = %fc.primary, end = %target, "no application has the primary's environment open: catching up for a switchover");
     loop {
         if Instant::now() >= deadline {
-            stop_running(dir, child)?;
+            stop_child(child);
             return Err(Refused(format!(
                 "the standby did not catch up with the primary's end of log ({target}) within {} s; the primary is reachable, so promote did not fail over. Nothing was promoted; retry, raise --catch-up-timeout-secs, or use --force for a failover from what is durable",
                 opts.catch_up_timeout.as_secs()
@@ -270,8 +283,7 @@ fn decide_and_stop(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, L
                 return Ok(("failover".into(), target));
             }
             Answer::Reply(r) if !r.env_users.is_empty() => {
-                stop_running(dir, child)?;
-                return refuse_or_force(dir, opts, &fc, &r);
+                return refuse_or_force(dir, opts, &fc, &r, child);
             }
             Answer::Reply(r) if r.safe => {
                 stop_running(dir, child)?;
@@ -293,13 +305,17 @@ fn refuse_or_force(
     opts: &PromoteOptions,
     fc: &FollowConfig,
     reply: &SwitchoverReply,
+    child: Option<std::process::Child>,
 ) -> Result<(String, LogPosition)> {
     let users = reply.env_users.join(", ");
     if opts.force {
         tracing::error!(primary = %fc.primary, %users, "FORCED PROMOTION while the primary's environment is open by {users}: promoting as a failover; anything they commit from now on is lost, and both environments accept writes until they are stopped");
-        stop_running(dir, None)?;
+        stop_running(dir, child)?;
         return Ok(("failover".into(), end_of(reply)));
     }
+    // A standby promote started for the catch-up goes; one the operator
+    // runs keeps following.
+    stop_child(child);
     Err(Refused(format!(
         "the primary ({}) is reachable and its environment is still open by {users}: an application there can still commit, and promoting now would leave two writable primaries. Stop the application on the primary machine, then run promote again (or use --force to promote anyway, losing what it commits). Nothing was changed. ({})",
         fc.primary, reply.reason
@@ -325,6 +341,16 @@ fn stop_running(dir: &StandbyDir, child: Option<std::process::Child>) -> Result<
         let _ = c.wait();
     }
     Ok(())
+}
+
+/// Stops the catch-up standby promote started, if any (SIGTERM: it
+/// finishes what it is writing and releases the directory).
+fn stop_child(child: Option<std::process::Child>) {
+    if let Some(mut c) = child {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = c.wait();
+    }
 }
 
 /// Starts `tandem-standby run` with the configuration the directory last
