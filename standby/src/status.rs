@@ -339,7 +339,7 @@ pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
         )
         .gauge(
             "tandem_standby_recoverable",
-            "1 when the directory holds a complete base and the log it needs.",
+            "1 when the directory holds a complete base and the log it needs and no readiness check of that base failed since.",
             f64::from(u8::from(s.recoverable)),
         )
         .gauge(
