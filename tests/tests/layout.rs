@@ -194,3 +194,51 @@ fn the_primary_refuses_to_start_on_a_database_it_cannot_ship() -> Result<()> {
     }
     Ok(())
 }
+
+/// The log files of the standby directory, by number.
+fn log_numbers(dir: &Path) -> Result<Vec<u32>> {
+    let mut v: Vec<u32> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(tandem_shared::logfile::parse_log_file_name)
+        })
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+#[test]
+fn the_check_fails_whenever_promote_would() -> Result<()> {
+    let mut p = pair(&workload(6000))?;
+    let dir = p.s.path("standby");
+    p.standby.stop(LONG)?;
+    // A log file of another history below the base's first one, as an
+    // interrupted new base can leave behind: promote's recovery reads it.
+    let first = *log_numbers(&dir)?.first().context("no log file")?;
+    ensure!(
+        first > 1,
+        "the base starts at log file 1; the test needs a later start"
+    );
+    let other = p.s.path("other-env");
+    bdb::run_workload(&other, &workload(500))?;
+    std::fs::copy(
+        other.join(tandem_shared::logfile::log_file_name(1)),
+        dir.join(tandem_shared::logfile::log_file_name(first - 1)),
+    )?;
+
+    let (status, out) = standby_cmd(&["check"], &dir)?;
+    ensure!(
+        !status.success(),
+        "the check passed, yet promote recovers the stray log: {out}"
+    );
+    assert_eq!(standby_status(&dir)?["recoverable"], false);
+    let (status, out) = standby_cmd(&["promote", "--catch-up-timeout-secs", "120"], &dir)?;
+    ensure!(
+        !status.success(),
+        "promote succeeded where the check failed: {out}"
+    );
+    assert_eq!(standby_status(&dir)?["role"], "standby");
+    Ok(())
+}
