@@ -5,7 +5,10 @@
 //! all of it.
 
 use crate::server::Shared;
+use std::fs::File;
+use tandem_shared::envlayout::EnvLayout;
 use tandem_shared::envusers::env_users_but_my_children;
+use tandem_shared::logfile::walk_file;
 use tandem_shared::wire::{SwitchoverReply, SwitchoverRequest};
 use tandem_shared::LogPosition;
 use tonic::Status;
@@ -18,7 +21,16 @@ pub async fn prepare(shared: &Shared, req: SwitchoverRequest) -> Result<Switchov
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(format!("cannot tell who has the environment open: {e}")))?;
-    let end = shared.log_end.borrow().end;
+    // Read after the users: with nobody left to write, this is the final
+    // end. Walked now, because the watcher polls, and slower when idle: its
+    // end can miss an application's last commits.
+    let watched = shared.log_end.borrow().end;
+    let layout = shared.layout.clone();
+    let end = tokio::task::spawn_blocking(move || end_on_disk(&layout))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(format!("reading the end of the log: {e}")))?
+        .max(watched);
     let durable: LogPosition = req.durable.map(Into::into).unwrap_or_default();
     let env_users: Vec<String> = users.iter().map(ToString::to_string).collect();
     let reason = if !env_users.is_empty() {
@@ -41,4 +53,14 @@ pub async fn prepare(shared: &Shared, req: SwitchoverRequest) -> Result<Switchov
         safe,
         reason,
     })
+}
+
+/// The verified end of the newest log file, walked now.
+fn end_on_disk(layout: &EnvLayout) -> std::io::Result<LogPosition> {
+    let files = layout.log_files().map_err(std::io::Error::other)?;
+    let Some(&newest) = files.last() else {
+        return Ok(LogPosition::ZERO);
+    };
+    let w = walk_file(&File::open(layout.log_path(newest))?, None)?;
+    Ok(LogPosition::new(newest, w.end))
 }
