@@ -160,9 +160,11 @@ impl Mirror {
         if let Some(r) = self.rebase.take() {
             tracing::info!(base = %r.base.base_id, replaces = r.replaces, "abandoning an unfinished staged base; the primary sends it again");
             self.staged_log = None;
-            if self.state.pending_swap.is_none() {
-                let _ = remove_tree_durably(&self.dir.rebase_dir());
-            }
+        }
+        // Never while a swap is pending: a staged file missing from the
+        // area counts as moved.
+        if self.state.pending_swap.is_none() {
+            let _ = remove_tree_durably(&self.dir.rebase_dir());
         }
         self.log.rewind_to_synced();
     }
@@ -288,7 +290,7 @@ impl Mirror {
                 })
             }
             Kind::FileSame(f) => {
-                if !self.rebase.as_ref().is_some_and(|r| !r.replaces) {
+                if self.rebase.as_ref().is_none_or(|r| r.replaces) {
                     return Err(ApplyError::Protocol("FileSame outside a rebase".into()));
                 }
                 let len = self.files.same(&self.dir.root, f)?;
@@ -468,17 +470,23 @@ impl Mirror {
         self.state.pending_swap_log = log_range;
         self.steps.step("recording the swap")?;
         self.save()?;
-        let removed = swap::finish(
+        let swapped = swap::finish(
             &self.dir,
             &mut self.state,
             self.archive_hold_cap,
             &mut self.steps,
-        )?;
-        if let Some(mut w) = staged_log {
-            w.rehome(&self.dir.root);
-            self.log = w;
-            self.start_over = false;
+        );
+        // Recorded (even if a cleanup step after it failed): the mirror's
+        // log is now the staged one. Not recorded: the pending swap is
+        // finished, and the log reopened, at the next session or open.
+        if self.state.pending_swap.is_none() {
+            if let Some(mut w) = staged_log {
+                w.rehome(&self.dir.root);
+                self.log = w;
+                self.start_over = false;
+            }
         }
+        let removed = swapped?;
         let report = RebaseReport {
             base_id: r.base.base_id,
             log_start: r.base.log_start,

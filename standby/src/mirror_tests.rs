@@ -1277,3 +1277,8 @@ fn a_full_disk_is_reported_as_disk_full_and_keeps_what_was_stored() {
     assert_eq!(w.end, end.offset);
     drop(m);
 }
+
+// Divergence refusal, staged replacement bases, crash-safe swaps and the
+// log chain at open: a file of their own (this one is long enough).
+#[path = "mirror_staging_tests.rs"]
+mod staging;
