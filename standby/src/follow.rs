@@ -312,7 +312,10 @@ async fn session(
                 .map_err(|e| rejected(e, live, mirror))?;
         }
         update(live, |s| {
-            s.durable_lsn = durable;
+            // The mirror's own end, not the Ack's: while a replacement base
+            // is staged the Ack reports the staged log, but the directory
+            // (what status and `recoverable` describe) is the mirror.
+            s.durable_lsn = mirror.tail().durable;
             s.last_contact_unix_ms = now_unix_ms();
             s.compute_lag();
             s.fill_from_state(&mirror.state);
