@@ -10,6 +10,7 @@
 pub mod apply_error;
 pub mod archive;
 pub mod archive_hold;
+mod base_files;
 mod dirs;
 pub mod follow;
 pub mod logwriter;

@@ -30,18 +30,15 @@
 
 use crate::apply_error::io_err;
 pub use crate::apply_error::ApplyError;
+use crate::base_files;
 use crate::dirs::{create_dirs_durably, remove_if_exists, remove_tree_durably};
 pub use crate::logwriter::LogTail;
 use crate::logwriter::{checked_log_dir, scan_log_tail, LogWriter};
 use crate::receiver::FileReceiver;
 use crate::state::{BaseState, StagedLog, StandbyDir, StandbyState};
 use crate::swap::{self, save_state, Steps};
-use std::collections::BTreeSet;
-use std::fs::File;
 use std::io;
-use std::path::PathBuf;
 use tandem_shared::durable::fsync_dir;
-use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::wire::primary_message::Kind;
 use tandem_shared::wirepath;
 use tandem_shared::LogPosition;
@@ -118,7 +115,7 @@ impl Mirror {
         } else {
             remove_tree_durably(&dir.rebase_dir()).map_err(io_err("clearing the staging area"))?;
         }
-        make_files_durable(&dir, &state)?;
+        base_files::make_durable(&dir, &state)?;
         let log = open_log(&dir, &state)?;
         Ok(Self {
             dir,
@@ -522,43 +519,10 @@ impl Mirror {
 
     /// Page digests of the base's database files, for a RebaseRequest.
     pub fn page_digests(&self) -> Result<Vec<tandem_shared::wire::PageDigests>, ApplyError> {
-        let mut out = Vec::new();
-        let Some(base) = &self.state.base else {
-            return Ok(out);
-        };
-        for name in base.complete_files.iter().filter(|n| *n != DB_CONFIG) {
-            let path = wirepath::resolve_under(&self.dir.root, name)?;
-            let Some(meta) = tandem_shared::envlayout::read_db_meta(&path)
-                .map_err(io_err(format!("reading {name}")))?
-            else {
-                continue;
-            };
-            let f = File::open(&path).map_err(io_err(format!("opening {name}")))?;
-            let page = meta.page_size as usize;
-            let per_message =
-                (tandem_shared::MAX_CHUNK / 2 / tandem_shared::pages::PAGE_DIGEST_LEN).max(1);
-            let mut buf = vec![0u8; page * per_message];
-            let mut first_page = 0u64;
-            loop {
-                let n = tandem_shared::pages::read_at_most(&f, &mut buf, first_page * page as u64)
-                    .map_err(io_err(format!("reading {name}")))?;
-                if n == 0 {
-                    break;
-                }
-                let digests = tandem_shared::pages::page_digests(&buf[..n], page);
-                out.push(tandem_shared::wire::PageDigests {
-                    name: name.clone(),
-                    page_size: meta.page_size,
-                    first_page,
-                    digests: digests.into(),
-                });
-                first_page += n.div_ceil(page) as u64;
-                if n < buf.len() {
-                    break;
-                }
-            }
+        match &self.state.base {
+            Some(base) => base_files::page_digests(&self.dir, base),
+            None => Ok(Vec::new()),
         }
-        Ok(out)
     }
 
     /// Makes everything written durable. Returns the position to
@@ -627,34 +591,6 @@ fn open_log(dir: &StandbyDir, state: &StandbyState) -> Result<LogWriter, ApplyEr
             LogPosition::ZERO,
         )),
     }
-}
-
-/// Fsyncs the base's database files and their directories: a crash may
-/// have left a rename or a write only in the page cache, and nothing may be
-/// acknowledged as durable on top of it.
-fn make_files_durable(dir: &StandbyDir, state: &StandbyState) -> Result<(), ApplyError> {
-    let Some(base) = &state.base else {
-        return Ok(());
-    };
-    let mut parents: BTreeSet<PathBuf> = BTreeSet::new();
-    parents.insert(dir.root.clone());
-    for name in &base.complete_files {
-        let path = wirepath::resolve_under(&dir.root, name)?;
-        match File::open(&path) {
-            Ok(f) => f.sync_all().map_err(io_err(format!("fsync of {name}")))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::error!(file = %name, "a file of the base is missing");
-            }
-            Err(e) => return Err(io_err(format!("opening {name}"))(e)),
-        }
-        if let Some(p) = path.parent() {
-            parents.insert(p.to_path_buf());
-        }
-    }
-    for p in parents {
-        fsync_dir(&p).map_err(io_err("fsync of a directory"))?;
-    }
-    Ok(())
 }
 
 fn clear_incoming(dir: &StandbyDir) -> io::Result<()> {
