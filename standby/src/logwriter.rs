@@ -254,15 +254,15 @@ impl LogWriter {
                 why: format!("declared file size {file_size} is impossible"),
             });
         }
-        // Resolved before anything is written: a refused name changes nothing.
-        let path = self.checked_path(file_no)?;
-        if next_file {
-            self.sync()?; // the previous file is complete: make it durable first
-        }
         if offset == 0 {
+            // Resolved before anything is written: a refused name changes nothing.
+            let path = self.checked_path(file_no)?;
+            if next_file {
+                self.sync()?; // the previous file is complete: make it durable first
+            }
             self.create_file(file_no, &path, data, file_size)?;
         } else {
-            let f = self.file(file_no, &path)?;
+            let f = self.file(file_no)?;
             f.write_all_at(data, u64::from(offset))
                 .map_err(io_err(format!("writing log file {file_no}")))?;
             self.dirty = true;
@@ -314,16 +314,24 @@ impl LogWriter {
         Ok(())
     }
 
-    fn file(&mut self, file_no: u32, path: &Path) -> Result<&File, ApplyError> {
-        let f = match self.open_log.take() {
-            Some((n, f)) if n == file_no => f,
-            _ => OpenOptions::new()
+    /// The open log file `file_no`; the path is resolved (and checked)
+    /// only when the file is not open yet, not for every chunk.
+    fn file(&mut self, file_no: u32) -> Result<&File, ApplyError> {
+        if self.open_log.as_ref().map(|o| o.0) != Some(file_no) {
+            let path = self.checked_path(file_no)?;
+            let f = OpenOptions::new()
                 .read(true)
                 .write(true)
-                .open(path)
-                .map_err(io_err(format!("opening {}", path.display())))?,
-        };
-        Ok(&self.open_log.insert((file_no, f)).1)
+                .open(&path)
+                .map_err(io_err(format!("opening {}", path.display())))?;
+            self.open_log = Some((file_no, f));
+        }
+        match &self.open_log {
+            Some((_, f)) => Ok(f),
+            None => Err(ApplyError::Protocol(format!(
+                "log file {file_no} is not open"
+            ))),
+        }
     }
 
     /// Makes everything written durable. Returns the new durable position.
