@@ -174,6 +174,7 @@ impl Mirror {
         }
         self.rebase = None;
         self.staged_log = None;
+        let replaces = self.state.pending_swap_log.is_some();
         let removed = swap::finish(
             &self.dir,
             &mut self.state,
@@ -181,6 +182,9 @@ impl Mirror {
             &mut self.steps,
         )?;
         self.log = open_log(&self.dir, &self.state)?;
+        if replaces {
+            self.start_over = false; // a new base has replaced the mirror
+        }
         Ok(removed)
     }
 

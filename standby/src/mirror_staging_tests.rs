@@ -321,7 +321,19 @@ fn an_interrupted_replacement_swap_is_finished_at_restart() {
 
 #[test]
 fn an_interrupted_replacement_swap_is_finished_at_the_next_session() {
-    every_step_of_a_swap(replacement, new_session);
+    every_step_of_a_swap(replacement, |fx| {
+        new_session(fx);
+        if fx.m.state.pending_swap.is_none()
+            && fx
+                .m
+                .state
+                .base
+                .as_ref()
+                .is_some_and(|b| b.base_id == "base-2")
+        {
+            assert!(!fx.m.start_over, "start-over must be used once");
+        }
+    });
 }
 
 #[test]
