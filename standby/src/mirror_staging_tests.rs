@@ -436,3 +436,17 @@ fn open_time_of_a_one_gib_log() {
         open.as_secs_f64()
     );
 }
+
+#[test]
+fn promote_finishes_an_interrupted_replacement_swap_before_recovering() {
+    every_step_of_a_swap(replacement, |fx| {
+        // `run` died mid-swap; `promote` takes the directory.
+        let dir = fx.m.dir.clone();
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        fx.m = Mirror::open(StandbyDir::new(elsewhere.path())).expect("open elsewhere");
+        finish_interrupted_swap(&dir).expect("finish");
+        let state = dir.load_state().expect("state");
+        assert!(state.pending_swap.is_none());
+        fx.m = Mirror::open(dir).expect("reopen");
+    });
+}
