@@ -34,6 +34,9 @@ pub struct StandbyConfig {
     pub rebase_after_secs: u64,
     /// Most log bytes kept for a continuous archive.
     pub archive_hold_cap_bytes: u64,
+    /// Ask for a new base that replaces what the mirror holds (`run
+    /// --start-over`).
+    pub start_over: bool,
 }
 
 /// Why `run` stopped for good.
@@ -71,6 +74,7 @@ pub async fn run(
     let mut mirror = tokio::task::block_in_place(|| Mirror::open(dir.clone()))
         .map_err(|e| anyhow::anyhow!(e))?;
     mirror.archive_hold_cap = cfg.archive_hold_cap_bytes;
+    mirror.start_over = cfg.start_over;
     if let Some(p) = &mirror.state.promoted {
         return Err(FollowError::Refused(format!(
             "{} was promoted (epoch {}, {}); a promoted directory never follows a primary again",
@@ -83,11 +87,11 @@ pub async fn run(
         running: true,
         pid: Some(std::process::id()),
         primary: Some(cfg.primary.clone()),
-        durable_lsn: mirror.tail.durable,
+        durable_lsn: mirror.tail().durable,
         ..Default::default()
     }));
     update(&live, |s| {
-        s.lg_max = mirror.tail.lg_max;
+        s.lg_max = mirror.tail().lg_max;
         s.last_check = crate::readiness::last_check(&dir);
         s.fill_from_state(&mirror.state);
     });
@@ -124,7 +128,10 @@ pub async fn run(
         update(&live, |s| s.connected = false);
         match outcome {
             Ok(()) => tracing::info!("primary closed the stream; reconnecting"),
-            Err(SessionError::Refused(why)) => break Err(FollowError::Refused(why)),
+            Err(SessionError::Refused(why)) => {
+                update(&live, |s| s.last_error = Some(format!("refused: {why}")));
+                break Err(FollowError::Refused(why));
+            }
             Err(SessionError::Retry { why, immediately }) => {
                 update(&live, |s| s.last_error = Some(why.clone()));
                 if immediately {
@@ -145,7 +152,7 @@ pub async fn run(
     update(&live, |s| {
         s.running = false;
         s.connected = false;
-        s.durable_lsn = mirror.tail.durable;
+        s.durable_lsn = mirror.tail().durable;
     });
     writer.abort();
     if let Some(c) = checker {
@@ -180,9 +187,9 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
             .map(|b| b.complete_files.iter().cloned().collect())
             .unwrap_or_default(),
         base_files_done: base.is_some_and(|b| b.files_done),
-        durable: Some(mirror.tail.durable.into()),
-        last_record_digest: mirror.tail.last_record_digest.clone().into(),
-        new_base_request: String::new(),
+        durable: Some(mirror.tail().durable.into()),
+        last_record_digest: mirror.tail().last_record_digest.clone().into(),
+        new_base_request: mirror.new_base_request(),
     }
 }
 
@@ -209,7 +216,7 @@ async fn session(
         Ok(r) => r.into_inner(),
         Err(status) => return Err(classify(status)),
     };
-    tracing::info!(primary = %cfg.primary, durable = %mirror.tail.durable, "connected to the primary");
+    tracing::info!(primary = %cfg.primary, durable = %mirror.tail().durable, "connected to the primary");
     let mut rebase_asked: Option<std::time::Instant> = None;
     // Sent once per session at least: the primary remembers the last one.
     let mut archived_sent: Option<Option<LogPosition>> = None;
@@ -305,7 +312,10 @@ async fn session(
                 .map_err(|e| rejected(e, live, mirror))?;
         }
         update(live, |s| {
-            s.durable_lsn = durable;
+            // The mirror's own end, not the Ack's: while a replacement base
+            // is staged the Ack reports the staged log, but the directory
+            // (what status and `recoverable` describe) is the mirror.
+            s.durable_lsn = mirror.tail().durable;
             s.last_contact_unix_ms = now_unix_ms();
             s.compute_lag();
             s.fill_from_state(&mirror.state);
@@ -334,7 +344,7 @@ async fn request_rebase(
         .map(|b| b.log_start)
         .unwrap_or_default();
     let digests = tokio::task::block_in_place(|| mirror.page_digests())?;
-    tracing::info!(base = %base, durable = %mirror.tail.durable, "the log since the base passed the threshold: asking for a rebase");
+    tracing::info!(base = %base, durable = %mirror.tail().durable, "the log since the base passed the threshold: asking for a rebase");
     for d in digests {
         if tx
             .send(StandbyMessage {

@@ -2,16 +2,23 @@
 //! environment, reports how far behind it is, and is promoted on command.
 //!
 //! - [`state`]: the standby directory, its durable state and its lock.
-//! - [`mirror`]: applies what the primary sends, after checking it.
+//! - [`mirror`]: applies what the primary sends, after checking it (a
+//!   facade over [`logwriter`], [`receiver`] and [`swap`]).
 //! - [`follow`]: the connection loop: hello, receive, fsync, acknowledge.
 //! - [`status`]: what `tandem-standby status` reports.
 
+pub mod apply_error;
 pub mod archive;
 pub mod archive_hold;
+mod base_files;
+mod dirs;
 pub mod follow;
+pub mod logwriter;
 pub mod mirror;
 pub mod promote;
 pub mod readiness;
+pub mod receiver;
 pub mod restore;
 pub mod state;
 pub mod status;
+pub mod swap;

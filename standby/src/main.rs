@@ -283,6 +283,14 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<LogFormat>,
+    /// Discard what this directory holds once the primary's new base has
+    /// fully arrived (staged beside it; the directory stays recoverable
+    /// until then). Only for a standby refused as "diverged" that you chose
+    /// not to promote: its transactions the primary lacks are lost. Not
+    /// read from the config file, so it applies to this run only.
+    #[arg(long)]
+    #[serde(skip)]
+    start_over: bool,
 }
 
 fn main() -> ExitCode {
@@ -445,7 +453,10 @@ async fn run(flags: RunArgs) -> ExitCode {
     };
     telemetry::init(a.log_format.unwrap_or_default());
     let cfg = match config(a) {
-        Ok(c) => c,
+        Ok(c) => StandbyConfig {
+            start_over: flags.start_over,
+            ..c
+        },
         Err(e) => {
             eprintln!("tandem-standby: error: {e:#}");
             return ExitCode::from(EXIT_USAGE);
@@ -495,6 +506,7 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
         archive_hold_cap_bytes: a
             .archive_hold_cap_mib
             .map_or(tandem_standby::archive_hold::DEFAULT_CAP_BYTES, |m| m << 20),
+        start_over: false,
     })
 }
 

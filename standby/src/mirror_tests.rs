@@ -12,13 +12,19 @@
 #![allow(clippy::needless_update)]
 
 use super::*;
+use crate::apply_error::MAX_FILE_SIZE;
 use crate::state::StandbyDir;
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::logfile::synth;
+use tandem_shared::logfile::{self, WalkStop};
+use tandem_shared::wire::FileKind;
 use tandem_shared::wire::{
     BaseFilesDone, BaseStart, FileChunk, FileEnd, FileStart, Heartbeat, LogChunk, Welcome,
 };
+use tandem_shared::wirepath::PathError;
 
 const ENV: &str = "env-a";
 const LG_MAX: u32 = 1 << 20;
@@ -137,8 +143,13 @@ fn records(start: u32, prev: u32, first_body: usize, n: usize) -> (Vec<u8>, u32)
 
 /// Records that continue the mirror's log where it ends now.
 fn next_records(m: &Mirror, first_body: usize, n: usize) -> (u32, u32, Vec<u8>) {
-    let at = m.tail.written;
-    let (data, _) = records(at.offset, m.tail.last_record.expect("a log"), first_body, n);
+    let at = m.tail().written;
+    let (data, _) = records(
+        at.offset,
+        m.tail().last_record.expect("a log"),
+        first_body,
+        n,
+    );
     (at.file, at.offset, data)
 }
 
@@ -242,7 +253,7 @@ impl Fx {
         let what = format!("{kind:?}").chars().take(160).collect::<String>();
         let before = tree(self.base.path());
         let state = self.m.state.clone();
-        let tail = self.m.tail.clone();
+        let tail = self.m.tail().clone();
         let err = match self.m.apply(kind) {
             Ok(a) => panic!("accepted bad input {what}: {a:?}"),
             Err(e) => e,
@@ -259,10 +270,10 @@ impl Fx {
         );
         assert_eq!(
             (
-                self.m.tail.written,
-                self.m.tail.durable,
-                self.m.tail.last_record,
-                &self.m.tail.last_record_digest
+                self.m.tail().written,
+                self.m.tail().durable,
+                self.m.tail().last_record,
+                &self.m.tail().last_record_digest
             ),
             (
                 tail.written,
@@ -317,7 +328,7 @@ fn populated() -> Fx {
     fx.ok(files_done(1, img.len() as u32));
     fx.m.sync().expect("sync");
     assert!(fx.m.recoverable());
-    assert_eq!(fx.m.tail.durable, LogPosition::new(1, img.len() as u32));
+    assert_eq!(fx.m.tail().durable, LogPosition::new(1, img.len() as u32));
     fx
 }
 
@@ -480,7 +491,7 @@ fn a_log_file_through_a_planted_symlink_is_refused() {
         root.join(logfile::log_file_name(2)),
     )
     .expect("symlink");
-    let (img, _) = log_file(fx.m.tail.last_record.expect("log"), 10, 3);
+    let (img, _) = log_file(fx.m.tail().last_record.expect("log"), 10, 3);
     let err = fx.refuse(log_chunk(2, 0, &img));
     assert!(
         matches!(&err, ApplyError::Path(PathError::Symlink { .. })),
@@ -566,7 +577,9 @@ fn a_new_base_does_not_delete_through_a_planted_log_directory_link() {
     .expect("write");
     std::fs::remove_dir_all(root.join("logs")).expect("rm");
     std::os::unix::fs::symlink(outside.join("logs"), root.join("logs")).expect("symlink");
-    let err = fx.refuse(base_start("base-2", 1, 0));
+    // A new base that starts past the standby's end would be taken (and
+    // the old logs removed by listing that directory): refused first.
+    let err = fx.refuse(base_start("base-2", 2, 0));
     assert!(
         matches!(&err, ApplyError::Path(PathError::Symlink { .. })),
         "{err:?}"
@@ -746,8 +759,8 @@ fn a_bad_digest_is_refused_before_a_byte_is_written() {
 #[test]
 fn log_that_does_not_continue_the_standby_log_is_refused() {
     let mut fx = populated();
-    let end = fx.m.tail.written;
-    let last = fx.m.tail.last_record.expect("log");
+    let end = fx.m.tail().written;
+    let last = fx.m.tail().last_record.expect("log");
     let (recs, _) = records(end.offset, last, 40, 2);
     let (next_img, _) = log_file(last, 50, 2);
     let cases = [
@@ -773,8 +786,8 @@ fn log_that_does_not_continue_the_standby_log_is_refused() {
 #[test]
 fn log_bytes_that_are_not_valid_records_are_refused() {
     let mut fx = populated();
-    let end = fx.m.tail.written;
-    let last = fx.m.tail.last_record.expect("log");
+    let end = fx.m.tail().written;
+    let last = fx.m.tail().last_record.expect("log");
     let (good, _) = records(end.offset, last, 60, 3);
     let first_len = synth::record(last, &body(60)).len();
 
@@ -848,10 +861,10 @@ fn log_bytes_that_are_not_valid_records_are_refused() {
         );
     }
     fx.ok(log_chunk(end.file, end.offset, &good));
-    let (img, _) = log_file(fx.m.tail.last_record.expect("log"), 70, 2);
+    let (img, _) = log_file(fx.m.tail().last_record.expect("log"), 70, 2);
     fx.ok(log_chunk(2, 0, &img));
     fx.m.sync().expect("sync");
-    assert_eq!(fx.m.tail.durable, LogPosition::new(2, img.len() as u32));
+    assert_eq!(fx.m.tail().durable, LogPosition::new(2, img.len() as u32));
 }
 
 // ----------------------------------------------- environment, epoch, order
@@ -1058,7 +1071,7 @@ fn after_a_refused_message_the_standby_resumes_where_it_is_durable() {
     let (file, at, a) = next_records(&fx.m, 80, 3);
     fx.ok(log_chunk(file, at, &a));
     let b_at = at + a.len() as u32;
-    let (b, _) = records(b_at, fx.m.tail.last_record.expect("log"), 90, 2);
+    let (b, _) = records(b_at, fx.m.tail().last_record.expect("log"), 90, 2);
     let mut flipped = blake3::hash(&b).as_bytes().to_vec();
     flipped[0] ^= 0xff;
     let err =
@@ -1067,9 +1080,9 @@ fn after_a_refused_message_the_standby_resumes_where_it_is_durable() {
     assert!(matches!(err, ApplyError::Digest { .. }), "{err:?}");
 
     fx.m.begin_session();
-    let resume = fx.m.tail.durable;
+    let resume = fx.m.tail().durable;
     assert_eq!(
-        fx.m.tail.last_record_digest,
+        fx.m.tail().last_record_digest,
         digest_of_record_before(&fx, resume),
         "the Hello's last_record_digest is not the digest of the record before its durable position {resume}"
     );
@@ -1082,11 +1095,11 @@ fn after_a_refused_message_the_standby_resumes_where_it_is_durable() {
     fx.ok(log_chunk(resume.file, resume.offset, &resent));
     fx.m.sync().expect("sync");
     assert_eq!(
-        fx.m.tail.durable,
+        fx.m.tail().durable,
         LogPosition::new(file, b_at + b.len() as u32)
     );
     let disk = scan_tail(&fx.m.dir, &fx.m.state).expect("scan");
-    assert_eq!(disk.durable, fx.m.tail.durable);
+    assert_eq!(disk.durable, fx.m.tail().durable);
 }
 
 // ----------------------------------------------------------------- 7: disk
@@ -1162,7 +1175,7 @@ fn a_full_disk_is_reported_as_disk_full_and_keeps_what_was_stored() {
     let (img, _) = log_file(0, 0, 10);
     m.apply(log_chunk(1, 0, &img)).expect("log");
     m.sync().expect("sync");
-    let durable = m.tail.durable;
+    let durable = m.tail().durable;
     let state = m.state.clone();
     let stored = |m: &Mirror| {
         tree(&m.dir.root)
@@ -1182,7 +1195,7 @@ fn a_full_disk_is_reported_as_disk_full_and_keeps_what_was_stored() {
             .expect_err("log on a full disk"),
     );
     refusals.push({
-        let (next, _) = log_file(m.tail.last_record.expect("log"), 500, 300);
+        let (next, _) = log_file(m.tail().last_record.expect("log"), 500, 300);
         m.apply(log_chunk(2, 0, &next))
             .expect_err("new log file on a full disk")
     });
@@ -1208,7 +1221,7 @@ fn a_full_disk_is_reported_as_disk_full_and_keeps_what_was_stored() {
         assert!(err.to_string().starts_with("disk full while"), "{err}");
     }
     m.begin_session();
-    assert_eq!(m.tail.durable, durable, "nothing new may be acknowledged");
+    assert_eq!(m.tail().durable, durable, "nothing new may be acknowledged");
     assert_eq!(
         m.state, state,
         "the in-memory state must match what is stored"
@@ -1265,3 +1278,8 @@ fn a_full_disk_is_reported_as_disk_full_and_keeps_what_was_stored() {
     assert_eq!(w.end, end.offset);
     drop(m);
 }
+
+// Divergence refusal, staged replacement bases, crash-safe swaps and the
+// log chain at open: a file of their own (this one is long enough).
+#[path = "mirror_staging_tests.rs"]
+mod staging;

@@ -101,6 +101,7 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
 
     let (kind, primary_end) = decide_and_stop(dir, opts)?;
     let _lock = dir.lock().context("taking the standby directory")?;
+    crate::mirror::finish_interrupted_swap(dir)?;
     let mut state = dir.load_state()?;
     let tail = scan_tail(dir, &state)?;
     if !is_recoverable(&state, tail.durable) {

@@ -28,10 +28,19 @@ pub struct StandbyState {
     /// Log directory relative to the home, from the primary's `DB_CONFIG`.
     pub log_dir: String,
     pub base: Option<BaseState>,
-    /// A rebase whose files are all staged in `.tandem/rebase/` and are
-    /// being moved into place; finished on restart if interrupted.
+    /// A staged base (a rebase, or a replacement base) whose files are all
+    /// in `.tandem/rebase/` and are being moved into place. Until the swap
+    /// ends, `base` still names the base being replaced (so its files can
+    /// be removed) and `.tandem/rebase/` is never cleared: a staged file
+    /// missing from it was moved. Finished before anything else (at open,
+    /// at session start, before a new base or rebase starts).
     #[serde(default)]
     pub pending_swap: Option<BaseState>,
+    /// For a pending swap of a replacement base: its own log, staged too,
+    /// which replaces every log file of the old base. `None`: a rebase,
+    /// whose log is the mirror's.
+    #[serde(default)]
+    pub pending_swap_log: Option<StagedLog>,
     pub promoted: Option<Promotion>,
 }
 
@@ -49,6 +58,14 @@ pub struct BaseState {
     /// When the base started (for the rebase age threshold).
     #[serde(default)]
     pub started_unix_ms: u64,
+}
+
+/// The log files `first..=last` of a replacement base, staged under
+/// `.tandem/rebase/<log_dir>/`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StagedLog {
+    pub first: u32,
+    pub last: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -83,9 +100,14 @@ impl StandbyDir {
     pub fn incoming(&self) -> PathBuf {
         self.meta().join(INCOMING_DIR)
     }
-    /// Where a rebase stages its files until it is complete.
+    /// Where a rebase or a replacement base stages its files (and, for a
+    /// replacement base, its log) until it is complete.
     pub fn rebase_dir(&self) -> PathBuf {
         self.meta().join("rebase")
+    }
+    /// Where log files past a break in the record chain are kept.
+    pub fn broken_log_dir(&self) -> PathBuf {
+        self.meta().join("broken-log")
     }
     pub fn log_dir(&self, state: &StandbyState) -> PathBuf {
         self.root.join(&state.log_dir)

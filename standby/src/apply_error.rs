@@ -1,0 +1,101 @@
+//! Why the mirror refused a message from the primary, or failed to store
+//! it. Its own module so the mirror's parts (log writer, file receiver,
+//! swap) share one error type without importing each other.
+
+use std::io;
+use tandem_shared::durable::ControlFileError;
+use tandem_shared::wirepath::PathError;
+use tandem_shared::LogPosition;
+
+/// Largest database file the standby accepts (a sanity bound on FileStart).
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("refused file name: {0}")]
+    Path(#[from] PathError),
+    #[error("chunk for unknown file {0:?} (no FileStart for it)")]
+    UnknownFile(String),
+    #[error(
+        "chunk for {name} at offset {offset} + {len} bytes runs past its declared size {size}"
+    )]
+    PastDeclaredSize {
+        name: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("chunk for {name} at offset {got}, expected offset {expected}")]
+    OutOfOrder {
+        name: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("blake3 mismatch for {what}: the chunk was corrupted in transit and was not written")]
+    Digest { what: String },
+    #[error("log chunk at {got} does not continue the standby's log, which ends at {expected}")]
+    LogGap {
+        expected: LogPosition,
+        got: LogPosition,
+    },
+    #[error("log chunk at {at} is not a run of complete, verified records: {why}")]
+    InvalidLog { at: LogPosition, why: String },
+    #[error("file {name} of {size} bytes is larger than the {MAX_FILE_SIZE}-byte limit")]
+    TooLarge { name: String, size: u64 },
+    #[error("environment mismatch: this directory mirrors environment {ours}, the primary serves {theirs}")]
+    IdentityMismatch { ours: String, theirs: String },
+    #[error("fenced: this standby has seen epoch {ours}, the primary is at epoch {theirs} (a newer primary exists)")]
+    Fenced { ours: u64, theirs: u64 },
+    /// The primary offered a new base although this standby holds log the
+    /// primary's history does not continue (a primary rolled back, restored
+    /// from an older copy, or that lost its unsynced tail).
+    #[error(
+        "diverged: the primary offers a new base whose log starts at {primary_start}, but this standby \
+         holds {holds}, durable to {standby_end} ({beyond_bytes} bytes of log at or beyond the primary's \
+         start); taking the new base would discard them. Nothing was changed. Either promote this standby \
+         (it may hold transactions the primary lost), or discard what it holds with \
+         `tandem-standby run --start-over`"
+    )]
+    Diverged {
+        primary_start: LogPosition,
+        standby_end: LogPosition,
+        beyond_bytes: u64,
+        holds: String,
+    },
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("disk full while {0}: nothing after the last acknowledged position was kept; free space and the standby resumes")]
+    DiskFull(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    State(#[from] ControlFileError),
+}
+
+impl ApplyError {
+    /// Errors that no retry can fix: the operator must act.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            ApplyError::IdentityMismatch { .. }
+                | ApplyError::Fenced { .. }
+                | ApplyError::Diverged { .. }
+        )
+    }
+}
+
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+}
+
+/// Maps an I/O error to `DiskFull` when it is one, else to `Io` naming `what`.
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
+    let what = what.into();
+    move |source| {
+        if is_disk_full(&source) {
+            ApplyError::DiskFull(what)
+        } else {
+            ApplyError::Io { what, source }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The file receiver: database files (and `DB_CONFIG`) arrive in checked
+//! chunks under `.tandem/incoming/` and are placed, complete and fsynced, in
+//! a destination root: the mirror itself, or the staging area of a rebase or
+//! a replacement base. It never decides which: the mirror says where.
+//!
+//! Rules it enforces:
+//! - a chunk is written only after its blake3 digest matches, in order, and
+//!   within the size the FileStart declared;
+//! - a file name is accepted only if it stays inside the directory (checked
+//!   at FileStart against the mirror and again when placed, against the
+//!   destination: a symlink may have appeared meanwhile);
+//! - a file appears under its name only when complete and fsynced, then its
+//!   directory is fsynced.
+
+use crate::apply_error::{io_err, ApplyError, MAX_FILE_SIZE};
+use crate::dirs::create_dirs_durably;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use tandem_shared::durable::fsync_dir;
+use tandem_shared::envlayout::DB_CONFIG;
+use tandem_shared::logfile::parse_log_file_name;
+use tandem_shared::wire::{FileChunk, FileEnd, FileKind, FileSame, FileStart};
+use tandem_shared::wirepath;
+
+/// A database file being received.
+#[derive(Debug)]
+struct Incoming {
+    name: String,
+    temp: PathBuf,
+    file: File,
+    size: u64,
+    written: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct FileReceiver {
+    incoming: Option<Incoming>,
+}
+
+impl FileReceiver {
+    /// Forgets a file being received (the primary sends it again from its
+    /// start) and removes its partial copy.
+    pub fn forget(&mut self) {
+        if let Some(inc) = self.incoming.take() {
+            let _ = std::fs::remove_file(&inc.temp);
+        }
+    }
+
+    /// Checks a FileStart against the mirror at `root` and opens the
+    /// partial copy under `scratch`.
+    pub fn start(&mut self, root: &Path, scratch: &Path, f: FileStart) -> Result<(), ApplyError> {
+        if let Some(open) = &self.incoming {
+            return Err(ApplyError::Protocol(format!(
+                "FileStart for {} while {} is incomplete",
+                f.name, open.name
+            )));
+        }
+        let path = wirepath::resolve_under(root, &f.name)?;
+        let kind = FileKind::try_from(f.kind)
+            .map_err(|_| ApplyError::Protocol(format!("unknown file kind {}", f.kind)))?;
+        let leaf = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let ok_kind = match kind {
+            FileKind::Config => f.name == DB_CONFIG,
+            FileKind::Database => {
+                leaf != DB_CONFIG
+                    && parse_log_file_name(leaf).is_none()
+                    && !tandem_shared::envlayout::is_region_file(leaf)
+            }
+        };
+        if !ok_kind {
+            return Err(ApplyError::Protocol(format!(
+                "{} cannot be sent as a {:?} file",
+                f.name, kind
+            )));
+        }
+        if f.size > MAX_FILE_SIZE {
+            return Err(ApplyError::TooLarge {
+                name: f.name,
+                size: f.size,
+            });
+        }
+        let temp = scratch.join(&blake3::hash(f.name.as_bytes()).to_hex()[..24]);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp)
+            .map_err(io_err(format!("creating {}", temp.display())))?;
+        self.incoming = Some(Incoming {
+            name: f.name,
+            temp,
+            file,
+            size: f.size,
+            written: 0,
+        });
+        Ok(())
+    }
+
+    fn expect(&mut self, name: &str, offset: u64) -> Result<&mut Incoming, ApplyError> {
+        let Some(inc) = self.incoming.as_mut().filter(|i| i.name == name) else {
+            return Err(ApplyError::UnknownFile(name.to_owned()));
+        };
+        if offset != inc.written {
+            return Err(ApplyError::OutOfOrder {
+                name: name.to_owned(),
+                expected: inc.written,
+                got: offset,
+            });
+        }
+        Ok(inc)
+    }
+
+    /// Writes a chunk sent over the network. Returns the bytes written.
+    pub fn chunk(&mut self, c: FileChunk) -> Result<u64, ApplyError> {
+        let inc = self.expect(&c.name, c.offset)?;
+        let len = c.data.len() as u64;
+        if c.offset + len > inc.size {
+            return Err(ApplyError::PastDeclaredSize {
+                name: c.name,
+                offset: c.offset,
+                len,
+                size: inc.size,
+            });
+        }
+        if blake3::hash(&c.data).as_bytes()[..] != c.blake3[..] {
+            return Err(ApplyError::Digest {
+                what: format!("{} at offset {}", c.name, c.offset),
+            });
+        }
+        inc.file
+            .write_all_at(&c.data, c.offset)
+            .map_err(io_err(format!("writing {}", inc.name)))?;
+        inc.written += len;
+        Ok(len)
+    }
+
+    /// Copies a range the primary says is unchanged from the mirror's own
+    /// file under `root` (a rebase). Returns the bytes copied.
+    pub fn same(&mut self, root: &Path, f: FileSame) -> Result<u64, ApplyError> {
+        let inc = self.expect(&f.name, f.offset)?;
+        if f.offset.checked_add(f.len).is_none_or(|end| end > inc.size)
+            || f.len > tandem_shared::MAX_CHUNK as u64 * 64
+        {
+            return Err(ApplyError::PastDeclaredSize {
+                name: f.name,
+                offset: f.offset,
+                len: f.len,
+                size: inc.size,
+            });
+        }
+        let source = wirepath::resolve_under(root, &f.name)?;
+        let mut buf = vec![0u8; f.len as usize];
+        File::open(&source)
+            .and_then(|src| src.read_exact_at(&mut buf, f.offset))
+            .map_err(|e| {
+                ApplyError::Protocol(format!(
+                    "FileSame for {} [{}..+{}] is not in the standby's copy: {e}",
+                    f.name, f.offset, f.len
+                ))
+            })?;
+        inc.file
+            .write_all_at(&buf, f.offset)
+            .map_err(io_err(format!("writing {}", inc.name)))?;
+        inc.written += f.len;
+        Ok(f.len)
+    }
+
+    /// Ends a file: makes it durable and gives it its name under `dest`.
+    /// Returns the name, for the caller to record.
+    pub fn end(&mut self, e: FileEnd, dest: &Path) -> Result<String, ApplyError> {
+        let Some(inc) = self.incoming.take_if(|i| i.name == e.name) else {
+            return Err(ApplyError::UnknownFile(e.name));
+        };
+        if e.size != inc.written {
+            return Err(ApplyError::Protocol(format!(
+                "{} ended at {} bytes but {} arrived",
+                e.name, e.size, inc.written
+            )));
+        }
+        inc.file
+            .sync_all()
+            .map_err(io_err(format!("fsync of {}", inc.name)))?;
+        drop(inc.file);
+        // Resolve again: a symlink may have appeared since FileStart.
+        let path = wirepath::resolve_under(dest, &inc.name)?;
+        let parent = path.parent().unwrap_or(dest).to_path_buf();
+        create_dirs_durably(dest, &parent)
+            .map_err(io_err(format!("creating the directory of {}", inc.name)))?;
+        std::fs::rename(&inc.temp, &path).map_err(io_err(format!("placing {}", inc.name)))?;
+        fsync_dir(&parent).map_err(io_err("fsync of a directory"))?;
+        Ok(inc.name)
+    }
+}
