@@ -34,6 +34,8 @@ pub struct StandbyConfig {
     pub rebase_after_secs: u64,
     /// Most log bytes kept for a continuous archive.
     pub archive_hold_cap_bytes: u64,
+    /// How often to scrub the mirror (None: never).
+    pub scrub_interval: Option<Duration>,
 }
 
 /// Why `run` stopped for good.
@@ -89,6 +91,7 @@ pub async fn run(
     update(&live, |s| {
         s.lg_max = mirror.tail.lg_max;
         s.last_check = crate::readiness::last_check(&dir);
+        s.scrub = crate::scrub::last_report(&dir);
         s.fill_from_state(&mirror.state);
     });
     let writer = tokio::spawn(write_status_forever(dir.clone(), live.clone()));
@@ -114,6 +117,13 @@ pub async fn run(
     let checker = cfg
         .check_interval
         .map(|every| tokio::spawn(check_forever(dir.clone(), live.clone(), every)));
+    let scrubber = cfg.scrub_interval.map(|every| {
+        tokio::spawn(crate::scrub::heal::scrub_forever(
+            dir.clone(),
+            live.clone(),
+            every,
+        ))
+    });
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let result = loop {
@@ -151,6 +161,9 @@ pub async fn run(
     if let Some(c) = checker {
         c.abort();
     }
+    if let Some(s) = scrubber {
+        s.abort();
+    }
     write_status(&dir, &live);
     drop(lock);
     result
@@ -182,7 +195,7 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
         base_files_done: base.is_some_and(|b| b.files_done),
         durable: Some(mirror.tail.durable.into()),
         last_record_digest: mirror.tail.last_record_digest.clone().into(),
-        new_base_request: String::new(),
+        new_base_request: crate::scrub::heal::new_base_request(mirror),
     }
 }
 
@@ -202,8 +215,10 @@ async fn session(
     .map_err(retry)?;
     mirror.begin_session();
     let (tx, rx) = mpsc::channel::<StandbyMessage>(64);
+    let hello = hello(cfg, mirror);
+    let asked_new_base = hello.new_base_request.clone();
     let _ = tx.try_send(StandbyMessage {
-        kind: Some(standby_message::Kind::Hello(hello(cfg, mirror))),
+        kind: Some(standby_message::Kind::Hello(hello)),
     });
     let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
@@ -211,6 +226,7 @@ async fn session(
     };
     tracing::info!(primary = %cfg.primary, durable = %mirror.tail.durable, "connected to the primary");
     let mut rebase_asked: Option<std::time::Instant> = None;
+    let mut heal_asked: Option<std::time::Instant> = None;
     // Sent once per session at least: the primary remembers the last one.
     let mut archived_sent: Option<Option<LogPosition>> = None;
     update(live, |s| {
@@ -301,6 +317,15 @@ async fn session(
         {
             rebase_asked = Some(std::time::Instant::now());
             request_rebase(mirror, &tx)
+                .await
+                .map_err(|e| rejected(e, live, mirror))?;
+        }
+        if let Some(why) = crate::scrub::heal::reconnect_for_new_base(live, mirror, &asked_new_base)
+        {
+            return Err(retry(why));
+        }
+        if crate::scrub::heal::rebase_due(live, mirror, &mut heal_asked) {
+            crate::scrub::heal::request_rebase(mirror, &tx)
                 .await
                 .map_err(|e| rejected(e, live, mirror))?;
         }

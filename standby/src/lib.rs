@@ -5,6 +5,7 @@
 //! - [`mirror`]: applies what the primary sends, after checking it.
 //! - [`follow`]: the connection loop: hello, receive, fsync, acknowledge.
 //! - [`status`]: what `tandem-standby status` reports.
+//! - [`scrub`]: proves the mirror still holds what was written; heals it.
 
 pub mod archive;
 pub mod archive_hold;
@@ -13,5 +14,6 @@ pub mod mirror;
 pub mod promote;
 pub mod readiness;
 pub mod restore;
+pub mod scrub;
 pub mod state;
 pub mod status;

@@ -500,6 +500,9 @@ impl Mirror {
                             f.name, f.offset, f.len
                         ))
                     })?;
+                let base_id = self.state.base.as_ref().map_or("", |b| b.base_id.as_str());
+                crate::scrub::digests::check_reused(&self.dir, base_id, &f.name, f.offset, &buf)
+                    .map_err(ApplyError::Protocol)?;
                 inc.file
                     .write_all_at(&buf, f.offset)
                     .map_err(io_err(format!("writing {}", inc.name)))?;
@@ -659,6 +662,8 @@ impl Mirror {
             std::fs::rename(&staged, &path).map_err(io_err(format!("moving {name} into place")))?;
             fsync_dir(&parent).map_err(io_err("fsync of a directory"))?;
         }
+        crate::scrub::digests::on_swap_in(&self.dir, &new)
+            .map_err(io_err("recording the new base's page digests"))?;
         let old = self.state.base.replace(new.clone());
         self.state.pending_swap = None;
         self.save()?;
@@ -760,6 +765,10 @@ impl Mirror {
         std::fs::rename(&inc.temp, &path)
             .map_err(io_err(format!("renaming {} into place", inc.name)))?;
         fsync_dir(&parent).map_err(io_err("fsync of a directory"))?;
+        let base_id = self.base()?.base_id.clone();
+        crate::scrub::digests::on_install(&self.dir, &base_id, &inc.name, &path).map_err(
+            io_err(format!("recording the page digests of {}", inc.name)),
+        )?;
         self.base_mut()?.complete_files.insert(inc.name);
         self.save()
     }
