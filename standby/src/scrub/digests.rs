@@ -172,7 +172,7 @@ pub fn check_reused(
         return Ok(());
     };
     let page = u64::from(record.page_size.max(1));
-    if offset % page != 0 {
+    if !offset.is_multiple_of(page) {
         return Ok(());
     }
     let first = offset / page;
@@ -270,7 +270,7 @@ pub fn load(dir: &StandbyDir, name: &str) -> Result<Option<PageRecord>, DigestEr
     let mut record: PageRecord =
         serde_json::from_slice(&body[..meta_len]).map_err(|_| corrupt("bad description"))?;
     record.digests = body[meta_len + 1..].to_vec();
-    if record.digests.len() % PAGE_DIGEST_LEN != 0 || record.name != name {
+    if !record.digests.len().is_multiple_of(PAGE_DIGEST_LEN) || record.name != name {
         return Err(corrupt("digests do not describe the file"));
     }
     Ok(Some(record))
