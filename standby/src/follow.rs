@@ -226,7 +226,6 @@ async fn session(
     };
     tracing::info!(primary = %cfg.primary, durable = %mirror.tail.durable, "connected to the primary");
     let mut rebase_asked: Option<std::time::Instant> = None;
-    let mut heal_asked: Option<std::time::Instant> = None;
     // Sent once per session at least: the primary remembers the last one.
     let mut archived_sent: Option<Option<LogPosition>> = None;
     update(live, |s| {
@@ -324,7 +323,7 @@ async fn session(
         {
             return Err(retry(why));
         }
-        if crate::scrub::heal::rebase_due(live, mirror, &mut heal_asked) {
+        if crate::scrub::heal::rebase_due(live, mirror, &mut rebase_asked) {
             crate::scrub::heal::request_rebase(mirror, &tx)
                 .await
                 .map_err(|e| rejected(e, live, mirror))?;

@@ -33,8 +33,10 @@ const DISCARDED_RETRY: Duration = Duration::from_secs(5);
 
 type Live = Arc<Mutex<StandbyStatus>>;
 
-fn live_scrub(live: &Live) -> Option<ScrubReport> {
-    live.lock().ok().and_then(|s| s.scrub.clone())
+/// Looks at the last scrub without copying it: this runs after every batch
+/// the session applies.
+fn with_scrub<T>(live: &Live, f: impl FnOnce(&ScrubReport) -> Option<T>) -> Option<T> {
+    live.lock().ok().and_then(|s| s.scrub.as_ref().and_then(f))
 }
 
 /// Scrubs the mirror every `every`, counted from the last recorded scrub
@@ -76,7 +78,6 @@ pub async fn scrub_forever(dir: StandbyDir, live: Live, every: Duration) {
         if !due {
             continue;
         }
-        let base_id = base_id.clone();
         let (d, opts) = (
             dir.clone(),
             ScrubOptions {
@@ -98,18 +99,18 @@ pub async fn scrub_forever(dir: StandbyDir, live: Live, every: Duration) {
 
 /// The last scrub found damage in a database file of the current base and
 /// no rebase is under way: ask for one now (or again, after `HEAL_RETRY`).
-/// `asked` belongs to the session.
+/// `asked` is the session's time of its last rebase request, scheduled or
+/// not: two requests in flight would make the primary answer the second
+/// with page digests of files the first one has since replaced.
 pub fn rebase_due(live: &Live, mirror: &Mirror, asked: &mut Option<Instant>) -> bool {
-    let Some(report) = live_scrub(live) else {
+    let Some(base) = mirror.state.base.as_ref().filter(|b| b.files_done) else {
         return false;
     };
-    let damaged_db = !report.ok && report.damage.iter().any(|d| !d.in_log());
-    let current = mirror
-        .state
-        .base
-        .as_ref()
-        .is_some_and(|b| b.files_done && b.base_id == report.base_id);
-    if !damaged_db || !current || mirror.rebase.is_some() {
+    let damaged_db = with_scrub(live, |r| {
+        let found = !r.ok && r.base_id == base.base_id && r.damage.iter().any(|d| !d.in_log());
+        found.then_some(())
+    });
+    if damaged_db.is_none() || mirror.rebase.is_some() {
         return false;
     }
     if asked.is_some_and(|at| at.elapsed() < HEAL_RETRY) {
@@ -166,13 +167,15 @@ pub fn new_base_request(mirror: &Mirror) -> String {
 }
 
 /// The scrub found log damage since this session's Hello, which did not ask
-/// for a new base: end the session so the next Hello asks.
+/// for a new base: end the session so the next Hello asks. Only once the
+/// recorded report says so, or the next Hello would not ask either.
 pub fn reconnect_for_new_base(live: &Live, mirror: &Mirror, asked: &str) -> Option<String> {
     if !asked.is_empty() {
         return None;
     }
-    new_base_reason(live_scrub(live).as_ref(), mirror)
-        .map(|why| format!("reconnecting to ask for a new base: {why}"))
+    with_scrub(live, |r| new_base_reason(Some(r), mirror))?;
+    let why = new_base_request(mirror);
+    (!why.is_empty()).then(|| format!("reconnecting to ask for a new base: {why}"))
 }
 
 fn new_base_reason(report: Option<&ScrubReport>, mirror: &Mirror) -> Option<String> {
