@@ -697,6 +697,7 @@ async fn scrub(dir: &Path, json: bool) -> Result<()> {
         let opts = scrub::ScrubOptions {
             durable: scrub::published_durable(&standby, &state),
             bytes_per_sec: None,
+            stop: None,
         };
         // A rebase swapped files in while they were read: read them again.
         for _ in 0..3 {

@@ -29,6 +29,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_shared::durable::ControlFileError;
 use tandem_shared::logfile::{self, walk, walk_file, PERSIST_RECORD_LEN};
@@ -167,11 +169,15 @@ pub struct ScrubOptions {
     pub durable: Option<(String, LogPosition)>,
     /// Read at most this many bytes per second (`None`: as fast as the disk).
     pub bytes_per_sec: Option<u64>,
+    /// Set: stop reading and discard the scrub (`run` is shutting down; a
+    /// paced pass over a large mirror must not hold up its exit).
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// Scrubs once and records the report. `None` when the base changed while
 /// the scrub read it (a rebase swapped files in): its findings describe
-/// files that are gone, so they are dropped and the caller scrubs again.
+/// files that are gone, so they are dropped and the caller scrubs again;
+/// `None` too when stopped.
 pub fn scrub_once(dir: &StandbyDir, opts: &ScrubOptions) -> Option<ScrubReport> {
     let started = Instant::now();
     let mut report = match scan(dir, opts) {
@@ -240,9 +246,12 @@ fn scan(dir: &StandbyDir, opts: &ScrubOptions) -> Result<Option<ScrubReport>, Sc
         base_id: base.base_id.clone(),
         ..Default::default()
     };
-    let mut pacer = Pacer::new(opts.bytes_per_sec);
+    let mut pacer = Pacer::new(opts.bytes_per_sec, opts.stop.clone());
     for name in &base.complete_files {
         scrub_file(dir, &base, name, &mut report, &mut pacer);
+        if pacer.stopped {
+            return Ok(None);
+        }
     }
     let durable = opts
         .durable
@@ -250,6 +259,9 @@ fn scan(dir: &StandbyDir, opts: &ScrubOptions) -> Result<Option<ScrubReport>, Sc
         .filter(|(id, _)| *id == base.base_id)
         .map(|(_, end)| *end);
     scrub_log(dir, &state, &base, durable, &mut report, &mut pacer)?;
+    if pacer.stopped {
+        return Ok(None);
+    }
     let now = dir.load_state()?;
     let same = now.pending_swap.is_none()
         && now
@@ -327,6 +339,9 @@ fn scrub_file(
         report.pages += n.div_ceil(page) as u64;
         report.bytes_read += n as u64;
         pacer.pace(n as u64);
+        if pacer.stopped {
+            return;
+        }
         at += n as u64;
     }
 }
@@ -398,6 +413,9 @@ fn scrub_log(
         report.bytes_read += u64::from(w.end);
         report.log_verified_to = LogPosition::new(n, w.end);
         pacer.pace(u64::from(w.end));
+        if pacer.stopped {
+            return Ok(());
+        }
         let why = || format!("{:?} after {} verified records", w.stop, w.records);
         if n < end_file {
             // The next file's first record points at this file's last one:
@@ -469,28 +487,44 @@ fn drop_cached(f: &File, offset: u64, len: u64) {
     }
 }
 
-/// Keeps a scrub's reads under a byte rate.
+/// Keeps a scrub's reads under a byte rate, and notices a stop request.
 struct Pacer {
     bytes_per_sec: Option<u64>,
     started: Instant,
     bytes: u64,
+    stop: Option<Arc<AtomicBool>>,
+    stopped: bool,
 }
 
+/// A paced wait sleeps in slices this long, so a stop is seen quickly.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
 impl Pacer {
-    fn new(bytes_per_sec: Option<u64>) -> Self {
+    fn new(bytes_per_sec: Option<u64>, stop: Option<Arc<AtomicBool>>) -> Self {
         Self {
             bytes_per_sec: bytes_per_sec.filter(|r| *r > 0),
             started: Instant::now(),
             bytes: 0,
+            stop,
+            stopped: false,
         }
     }
 
     fn pace(&mut self, n: u64) {
         self.bytes += n;
-        if let Some(rate) = self.bytes_per_sec {
-            let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                std::thread::sleep(wait);
+        let due = self.bytes_per_sec.map_or(Duration::ZERO, |rate| {
+            Duration::from_secs_f64(self.bytes as f64 / rate as f64)
+        });
+        loop {
+            self.stopped = self
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed));
+            match due.checked_sub(self.started.elapsed()) {
+                Some(wait) if !self.stopped && !wait.is_zero() => {
+                    std::thread::sleep(wait.min(STOP_CHECK))
+                }
+                _ => return,
             }
         }
     }

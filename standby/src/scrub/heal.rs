@@ -17,6 +17,7 @@ use super::{last_report, scrub_once, ScrubOptions, ScrubReport, RUN_BYTES_PER_SE
 use crate::mirror::{ApplyError, Mirror};
 use crate::state::StandbyDir;
 use crate::status::StandbyStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem_shared::wire::{standby_message, RebaseRequest, StandbyMessage};
@@ -30,6 +31,19 @@ const HEAL_RETRY: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_secs(1);
 /// A scrub discarded because the base changed under it is retried after.
 const DISCARDED_RETRY: Duration = Duration::from_secs(5);
+/// The first scrub of a process waits this long (or the interval, if
+/// shorter): a `run` that is refused at its first contact (another
+/// environment, a newer epoch) leaves the directory as it found it.
+const STARTUP_GRACE: Duration = Duration::from_secs(30);
+
+/// Stops the scrub under way when the scheduler is dropped (aborted).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 type Live = Arc<Mutex<StandbyStatus>>;
 
@@ -42,10 +56,12 @@ fn with_scrub<T>(live: &Live, f: impl FnOnce(&ScrubReport) -> Option<T>) -> Opti
 /// Scrubs the mirror every `every`, counted from the last recorded scrub
 /// (a restart does not postpone it), once the base's files are complete;
 /// at once after a failed scrub when the base has changed since (a rebase
-/// healed it, or not). Runs until aborted.
+/// healed it, or not). Runs until aborted, which stops a scrub under way.
 pub async fn scrub_forever(dir: StandbyDir, live: Live, every: Duration) {
     let mut tick = tokio::time::interval(POLL);
-    let mut not_before = Instant::now();
+    let mut not_before = Instant::now() + every.min(STARTUP_GRACE);
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(stop.clone());
     loop {
         tick.tick().await;
         let on_disk = last_report(&dir);
@@ -83,6 +99,7 @@ pub async fn scrub_forever(dir: StandbyDir, live: Live, every: Duration) {
             ScrubOptions {
                 durable: Some((base_id, durable)).filter(|(_, d)| *d > LogPosition::ZERO),
                 bytes_per_sec: Some(RUN_BYTES_PER_SEC),
+                stop: Some(stop.clone()),
             },
         );
         match tokio::task::spawn_blocking(move || scrub_once(&d, &opts)).await {

@@ -58,6 +58,7 @@ fn scrub(f: &Fixture, durable: bool) -> ScrubReport {
     let opts = ScrubOptions {
         durable: durable.then(|| ("b1".to_owned(), f.end)),
         bytes_per_sec: None,
+        stop: None,
     };
     scrub_once(&f.dir, &opts).unwrap()
 }
@@ -159,6 +160,33 @@ fn a_durable_end_of_another_base_is_ignored() {
     let opts = ScrubOptions {
         durable: Some(("old".into(), LogPosition::new(9, 100))),
         bytes_per_sec: None,
+        stop: None,
     };
     assert!(scrub_once(&f.dir, &opts).unwrap().ok);
+}
+
+#[test]
+fn a_stopped_scrub_is_discarded_and_records_nothing() {
+    let f = mirror();
+    let opts = ScrubOptions {
+        durable: Some(("b1".into(), f.end)),
+        bytes_per_sec: Some(1),
+        stop: Some(Arc::new(AtomicBool::new(true))),
+    };
+    let started = Instant::now();
+    assert!(scrub_once(&f.dir, &opts).is_none());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a stop ends the paced wait"
+    );
+    assert!(last_report(&f.dir).is_none());
+}
+
+#[test]
+fn a_rebase_swapped_in_during_the_scrub_discards_it() {
+    let f = mirror();
+    let mut state = f.dir.load_state().unwrap();
+    state.pending_swap = state.base.clone();
+    f.dir.store_state(&state).unwrap();
+    assert!(scrub_once(&f.dir, &ScrubOptions::default()).is_none());
 }
