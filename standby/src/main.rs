@@ -692,22 +692,7 @@ async fn scrub(dir: &Path, json: bool) -> Result<()> {
     if !standby.meta().is_dir() {
         anyhow::bail!("{} is not a standby directory", dir.display());
     }
-    let report = tokio::task::spawn_blocking(move || -> Result<_> {
-        let state = standby.load_state()?;
-        let opts = scrub::ScrubOptions {
-            durable: scrub::published_durable(&standby, &state),
-            bytes_per_sec: None,
-            stop: None,
-        };
-        // A rebase swapped files in while they were read: read them again.
-        for _ in 0..3 {
-            if let Some(r) = scrub::scrub_once(&standby, &opts) {
-                return Ok(r);
-            }
-        }
-        anyhow::bail!("the base kept changing while it was scrubbed; try again")
-    })
-    .await??;
+    let report = tokio::task::spawn_blocking(move || scrub::scrub_now(&standby)).await??;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.ok {

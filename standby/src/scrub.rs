@@ -216,6 +216,25 @@ pub fn scrub_once(dir: &StandbyDir, opts: &ScrubOptions) -> Option<ScrubReport> 
     Some(report)
 }
 
+/// A one-off scrub (`tandem-standby scrub`): unpaced, up to the durable end
+/// a `run` published, read again if a rebase swapped files in meanwhile.
+pub fn scrub_now(dir: &StandbyDir) -> Result<ScrubReport, ScrubError> {
+    let state = dir.load_state()?;
+    let opts = ScrubOptions {
+        durable: published_durable(dir, &state),
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        if let Some(r) = scrub_once(dir, &opts) {
+            return Ok(r);
+        }
+    }
+    Err(ScrubError::Io {
+        what: "scrubbing".into(),
+        source: io::Error::other("the base kept changing while it was read; try again"),
+    })
+}
+
 /// The last recorded scrub, if any.
 pub fn last_report(dir: &StandbyDir) -> Option<ScrubReport> {
     std::fs::read(dir.meta().join(REPORT_FILE))
