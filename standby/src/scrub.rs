@@ -444,7 +444,17 @@ fn scrub_log(
                     report.add(damage(LogPosition::new(n, w.end), why()));
                     expected_prev = Some(next_prev);
                 }
-                Some(next_prev) => expected_prev = Some(next_prev),
+                Some(next_prev) => {
+                    // The mirror writes only verified records into zeros:
+                    // anything else after the last one is damage too.
+                    if let Some(at) = first_non_zero(&f, w.end) {
+                        report.add(damage(
+                            LogPosition::new(n, at),
+                            "a non-zero byte after the file's last record".into(),
+                        ));
+                    }
+                    expected_prev = Some(next_prev);
+                }
                 // Damage in the next file's first record: its own walk says so.
                 None => expected_prev = w.last_record,
             }
@@ -480,6 +490,22 @@ fn held_log_files(log_dir: &std::path::Path, first: u32) -> io::Result<Vec<u32>>
         .count();
     numbers.truncate(run);
     Ok(numbers)
+}
+
+/// The offset of the first non-zero byte of `f` from `from` on, if any.
+fn first_non_zero(f: &File, from: u32) -> Option<u32> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = u64::from(from);
+    loop {
+        let n = read_at_most(f, &mut buf, at).ok()?;
+        if let Some(i) = buf[..n].iter().position(|b| *b != 0) {
+            return u32::try_from(at + i as u64).ok();
+        }
+        if n < buf.len() {
+            return None;
+        }
+        at += n as u64;
+    }
 }
 
 /// The `prev` of a log file's first record, if that record verifies.

@@ -190,3 +190,17 @@ fn a_rebase_swapped_in_during_the_scrub_discards_it() {
     f.dir.store_state(&state).unwrap();
     assert!(scrub_once(&f.dir, &ScrubOptions::default()).is_none());
 }
+
+#[test]
+fn a_flipped_byte_after_the_last_record_of_an_earlier_log_file_is_damage() {
+    let f = mirror();
+    let path = f.dir.root.join(logfile::log_file_name(1));
+    let end = walk(&std::fs::read(&path).unwrap(), 0, None).end;
+    flip(&path, u64::from(end) + 3000);
+    let r = scrub(&f, true);
+    assert!(
+        matches!(&r.damage[..], [Damage::Log { at, .. }] if *at == LogPosition::new(1, end + 3000)),
+        "{:?}",
+        r.damage
+    );
+}
