@@ -312,3 +312,58 @@ fn a_flipped_log_byte_is_healed_by_a_new_base() -> Result<()> {
     assert_eq!(recover_copy(&standby_dir, &s.path("recovered"))?, last);
     Ok(())
 }
+
+/// Scrubs every second while the log streams in and rebases swap files in
+/// under them: a scrub that reads a file being replaced, or a log file being
+/// appended to, must not report damage (a false alarm says "not
+/// recoverable" and asks for a rebase or a new base for nothing).
+#[test]
+fn scrubbing_under_load_and_rebases_finds_no_damage() -> Result<()> {
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), &workload())?;
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
+    let standby_dir = s.path("standby");
+    let args = [
+        "--check-interval-secs",
+        "0",
+        "--rebase-after-mib",
+        "4",
+        "--scrub-interval-secs",
+        "1",
+    ];
+    let _standby = start_standby(s.root(), &standby_dir, &primary.url(), &s.certs, &args)?;
+    wait_for_passing_scrub(&standby_dir)?;
+    let mut w = Proc::spawn(
+        "workload",
+        WorkloadOptions {
+            rate: 3000,
+            txns: 30_000,
+            checkpoint_every: 100,
+            ..Default::default()
+        }
+        .command(&s.path("env")),
+        &s.path("w.log"),
+    )?;
+    let mut scrubs = std::collections::BTreeSet::new();
+    while w.is_running() {
+        let st = standby_status(&standby_dir)?;
+        let r = scrub_report(&st);
+        assert_ne!(r["ok"], false, "a false alarm: {st:#}");
+        scrubs.insert(r["unix_ms"].as_u64().unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(w.wait_exit(LONG)?.success());
+    let last = bdb::parse_done(&w.log_text()).unwrap_or(0);
+    wait_caught_up(&standby_dir, &s.path("env"), LONG)?;
+    let st = wait_for_passing_scrub(&standby_dir)?;
+    let rebases = st["rebases"].as_u64().unwrap_or(0);
+    eprintln!(
+        "{} scrubs seen during the load, {rebases} rebases",
+        scrubs.len()
+    );
+    assert!(rebases >= 1, "the load must have rebased: {st:#}");
+    assert!(scrubs.len() >= 3, "scrubs must have run during the load");
+    assert_eq!(scrub_report(&st)["failures_total"], 0, "{st:#}");
+    assert_eq!(recover_copy(&standby_dir, &s.path("recovered"))?, last);
+    Ok(())
+}
