@@ -174,10 +174,10 @@ pub struct ScrubOptions {
     pub stop: Option<Arc<AtomicBool>>,
 }
 
-/// Scrubs once and records the report. `None` when the base changed while
-/// the scrub read it (a rebase swapped files in): its findings describe
-/// files that are gone, so they are dropped and the caller scrubs again;
-/// `None` too when stopped.
+/// Scrubs once and records the report. `None` when it found damage while
+/// the base changed under it (a rebase swapped files in): the findings may
+/// describe files that are gone, so they are dropped and the caller scrubs
+/// again; `None` too when stopped.
 pub fn scrub_once(dir: &StandbyDir, opts: &ScrubOptions) -> Option<ScrubReport> {
     let started = Instant::now();
     let mut report = match scan(dir, opts) {
@@ -287,7 +287,10 @@ fn scan(dir: &StandbyDir, opts: &ScrubOptions) -> Result<Option<ScrubReport>, Sc
             .base
             .as_ref()
             .is_some_and(|b| b.base_id == base.base_id && b.log_start == base.log_start);
-    Ok(same.then_some(report))
+    // Damage found while files were being replaced may be the replacement
+    // itself: read again. A clean pass stands (what it read matched), or a
+    // large mirror under steady rebases would never finish one.
+    Ok((same || report.damage_count == 0).then_some(report))
 }
 
 fn scrub_file(

@@ -183,7 +183,7 @@ fn a_stopped_scrub_is_discarded_and_records_nothing() {
 }
 
 #[test]
-fn a_rebase_swapped_in_during_the_scrub_discards_it() {
+fn a_scrub_started_during_a_swap_is_discarded() {
     let f = mirror();
     let mut state = f.dir.load_state().unwrap();
     state.pending_swap = state.base.clone();
