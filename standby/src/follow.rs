@@ -37,6 +37,8 @@ pub struct StandbyConfig {
     /// Ask for a new base that replaces what the mirror holds (`run
     /// --start-over`).
     pub start_over: bool,
+    /// How often to scrub the mirror (None: never).
+    pub scrub_interval: Option<Duration>,
 }
 
 /// Why `run` stopped for good.
@@ -93,6 +95,7 @@ pub async fn run(
     update(&live, |s| {
         s.lg_max = mirror.tail().lg_max;
         s.last_check = crate::readiness::last_check(&dir);
+        s.scrub = crate::scrub::last_report(&dir);
         s.fill_from_state(&mirror.state);
     });
     let writer = tokio::spawn(write_status_forever(dir.clone(), live.clone()));
@@ -118,6 +121,13 @@ pub async fn run(
     let checker = cfg
         .check_interval
         .map(|every| tokio::spawn(check_forever(dir.clone(), live.clone(), every)));
+    let scrubber = cfg.scrub_interval.map(|every| {
+        tokio::spawn(crate::scrub::heal::scrub_forever(
+            dir.clone(),
+            live.clone(),
+            every,
+        ))
+    });
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     let result = loop {
@@ -157,6 +167,9 @@ pub async fn run(
     writer.abort();
     if let Some(c) = checker {
         c.abort();
+    }
+    if let Some(s) = scrubber {
+        s.abort();
     }
     write_status(&dir, &live);
     drop(lock);
@@ -209,8 +222,10 @@ async fn session(
     .map_err(retry)?;
     mirror.begin_session();
     let (tx, rx) = mpsc::channel::<StandbyMessage>(64);
+    let hello = hello(cfg, mirror);
+    let asked_new_base = hello.new_base_request.clone();
     let _ = tx.try_send(StandbyMessage {
-        kind: Some(standby_message::Kind::Hello(hello(cfg, mirror))),
+        kind: Some(standby_message::Kind::Hello(hello)),
     });
     let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
@@ -308,6 +323,15 @@ async fn session(
         {
             rebase_asked = Some(std::time::Instant::now());
             request_rebase(mirror, &tx)
+                .await
+                .map_err(|e| rejected(e, live, mirror))?;
+        }
+        if let Some(why) = crate::scrub::heal::reconnect_for_new_base(live, mirror, &asked_new_base)
+        {
+            return Err(retry(why));
+        }
+        if crate::scrub::heal::rebase_due(live, mirror, &mut rebase_asked) {
+            crate::scrub::heal::request_rebase(mirror, &tx)
                 .await
                 .map_err(|e| rejected(e, live, mirror))?;
         }

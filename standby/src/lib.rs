@@ -6,6 +6,7 @@
 //!   facade over [`logwriter`], [`receiver`] and [`swap`]).
 //! - [`follow`]: the connection loop: hello, receive, fsync, acknowledge.
 //! - [`status`]: what `tandem-standby status` reports.
+//! - [`scrub`]: proves the mirror still holds what was written; heals it.
 
 pub mod apply_error;
 pub mod archive;
@@ -19,6 +20,7 @@ pub mod promote;
 pub mod readiness;
 pub mod receiver;
 pub mod restore;
+pub mod scrub;
 pub mod state;
 pub mod status;
 pub mod swap;

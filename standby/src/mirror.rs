@@ -140,7 +140,7 @@ impl Mirror {
         if self.start_over {
             START_OVER_REQUEST.into()
         } else {
-            String::new()
+            crate::scrub::heal::new_base_request(self)
         }
     }
 
@@ -254,7 +254,8 @@ impl Mirror {
                     tracing::info!(log_start = %start, "rebase started: staging a new base beside the current one");
                 } else if let Some(holds) = self.holds() {
                     let end = self.log.tail().durable;
-                    if start <= end && !self.start_over {
+                    let asked = self.new_base_request();
+                    if start <= end && asked.is_empty() {
                         return Err(ApplyError::Diverged {
                             primary_start: start,
                             standby_end: end,
@@ -265,7 +266,7 @@ impl Mirror {
                     let why = if start > end {
                         "its log starts past the standby's durable end (log the standby never got was removed)"
                     } else {
-                        "the operator asked to start over"
+                        asked.as_str()
                     };
                     tracing::warn!(base = %b.base_id, log_start = %start, durable = %end, reason = %b.reason,
                         "the primary sends a new base; taking it because {why}: staging it beside the current mirror, which stays as it is until the new base is complete");
@@ -294,7 +295,11 @@ impl Mirror {
                 if self.rebase.as_ref().is_none_or(|r| r.replaces) {
                     return Err(ApplyError::Protocol("FileSame outside a rebase".into()));
                 }
-                let len = self.files.same(&self.dir.root, f)?;
+                let base_id = self.base()?.base_id.clone();
+                let dir = &self.dir;
+                let len = self.files.same(&dir.root, f, |name, offset, data| {
+                    crate::scrub::digests::check_reused(dir, &base_id, name, offset, data)
+                })?;
                 if let Some(r) = self.rebase.as_mut() {
                     r.reused_bytes += len;
                 }
@@ -307,6 +312,10 @@ impl Mirror {
                     return Ok(Applied::default());
                 }
                 let name = self.files.end(e, &self.dir.root)?;
+                let base_id = self.base()?.base_id.clone();
+                let path = wirepath::resolve_under(&self.dir.root, &name)?;
+                crate::scrub::digests::on_install(&self.dir, &base_id, &name, &path)
+                    .map_err(io_err(format!("recording the page digests of {name}")))?;
                 self.base_mut()?.complete_files.insert(name);
                 self.save()?;
                 Ok(Applied::default())

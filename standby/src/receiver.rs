@@ -139,8 +139,16 @@ impl FileReceiver {
     }
 
     /// Copies a range the primary says is unchanged from the mirror's own
-    /// file under `root` (a rebase). Returns the bytes copied.
-    pub fn same(&mut self, root: &Path, f: FileSame) -> Result<u64, ApplyError> {
+    /// file under `root` (a rebase), after `check` accepts the bytes (they
+    /// must match the digests recorded when they were written: a page
+    /// damaged at rest must not be carried into the new base). Returns the
+    /// bytes copied.
+    pub fn same(
+        &mut self,
+        root: &Path,
+        f: FileSame,
+        check: impl FnOnce(&str, u64, &[u8]) -> Result<(), String>,
+    ) -> Result<u64, ApplyError> {
         let inc = self.expect(&f.name, f.offset)?;
         if f.offset.checked_add(f.len).is_none_or(|end| end > inc.size)
             || f.len > tandem_shared::MAX_CHUNK as u64 * 64
@@ -162,6 +170,7 @@ impl FileReceiver {
                     f.name, f.offset, f.len
                 ))
             })?;
+        check(&f.name, f.offset, &buf).map_err(ApplyError::Protocol)?;
         inc.file
             .write_all_at(&buf, f.offset)
             .map_err(io_err(format!("writing {}", inc.name)))?;

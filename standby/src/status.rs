@@ -75,6 +75,9 @@ pub struct StandbyStatus {
     /// Log files the mirror no longer needs, kept until the archive has them.
     #[serde(default)]
     pub archive_held_log_bytes: u64,
+    /// The last scrub (every page and log record against what was written).
+    #[serde(default)]
+    pub scrub: Option<crate::scrub::ScrubReport>,
 }
 
 /// Catastrophic recovery's replay rate before any check measured one.
@@ -110,7 +113,10 @@ impl StandbyStatus {
             .last_check
             .as_ref()
             .is_some_and(|c| !c.ok && c.base_id.as_ref() == base_id);
-        self.recoverable = is_recoverable(state, self.durable_lsn) && !check_failed;
+        // Damage a scrub found stays until a later scrub passes.
+        let scrub_failed = self.scrub.as_ref().is_some_and(|r| !r.ok);
+        self.recoverable =
+            is_recoverable(state, self.durable_lsn) && !check_failed && !scrub_failed;
         self.phase = Self::phase_of(state, self.durable_lsn, self.primary_end_lsn).into();
         self.promotion = state.promoted.clone();
         self.replay_log_bytes = state.base.as_ref().map_or(0, |b| {
@@ -189,6 +195,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
         s.lg_max = tail.lg_max;
     }
     s.last_check = crate::readiness::last_check(dir).or(s.last_check);
+    s.scrub = crate::scrub::last_report(dir).or(s.scrub);
     s.compute_lag();
     s.fill_from_state(&state);
     s.set_archive(crate::archive_hold::observe(dir));
@@ -242,6 +249,7 @@ pub fn render(s: &StandbyStatus) -> String {
         )),
         None => out.push_str("last check:   none yet\n"),
     }
+    out.push_str(&crate::scrub::heal::render(s.scrub.as_ref()));
     match (&s.archive, s.archived_lsn) {
         (Some(a), Some(end)) => out.push_str(&format!(
             "archive:      {a} holds the log up to {end}; {} bytes of log held for it\n",
@@ -378,6 +386,21 @@ pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
             s.last_check
                 .as_ref()
                 .map_or(0.0, |c| c.unix_ms as f64 / 1000.0),
+        )
+        .gauge(
+            "tandem_standby_scrub_ok",
+            "1 if the last scrub found every page and log record as written, 0 if it found damage or none ran.",
+            f64::from(u8::from(s.scrub.as_ref().is_some_and(|r| r.ok))),
+        )
+        .counter(
+            "tandem_standby_scrub_failures_total",
+            "Scrubs of this directory that found damage.",
+            s.scrub.as_ref().map_or(0, |r| r.failures_total),
+        )
+        .gauge(
+            "tandem_standby_scrub_timestamp_seconds",
+            "When the last scrub ended.",
+            s.scrub.as_ref().map_or(0.0, |r| r.unix_ms as f64 / 1000.0),
         )
         .gauge(
             "tandem_standby_base_copy_done_bytes",

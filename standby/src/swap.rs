@@ -103,6 +103,9 @@ pub fn finish(
         std::fs::rename(&staged, &path).map_err(io_err(format!("moving {name} into place")))?;
         fsync_dir(&parent).map_err(io_err("fsync of a directory"))?;
     }
+    // Idempotent: a swap finished after a crash records the same digests.
+    crate::scrub::digests::on_swap_in(dir, &new)
+        .map_err(io_err("recording the new base's page digests"))?;
     let log_dir = checked_log_dir(&root, &state.log_dir)?;
     if let Some(log) = staged_log {
         let staged_dir = checked_log_dir(&staging, &state.log_dir)?;
