@@ -9,6 +9,7 @@ use tandem_shared::envlayout::EnvLayout;
 use tandem_shared::logfile::{read_verified, walk_file, walk_from};
 use tandem_shared::LogPosition;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LogEnd {
@@ -38,11 +39,16 @@ fn open_tail(layout: &EnvLayout, file_no: u32, prev: Option<u32>) -> std::io::Re
     })
 }
 
-/// Starts the watcher. The channel holds `LogEnd::default()` until a log
-/// file exists.
-pub fn spawn(layout: EnvLayout, poll: Duration) -> watch::Receiver<LogEnd> {
+/// Starts the watcher; it stops when `stop` is cancelled (within a poll
+/// interval) and the handle joins it. The channel holds `LogEnd::default()`
+/// until a log file exists.
+pub fn spawn(
+    layout: EnvLayout,
+    poll: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<(watch::Receiver<LogEnd>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = watch::channel(LogEnd::default());
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("log-watch".into())
         .spawn(move || {
             let mut tail: Option<Tail> = None;
@@ -50,7 +56,7 @@ pub fn spawn(layout: EnvLayout, poll: Duration) -> watch::Receiver<LogEnd> {
             // Idle, the poll slows down to IDLE_FACTOR times the interval;
             // the first new record brings it back to full speed.
             let mut idle_polls = 0u32;
-            while !tx.is_closed() {
+            while !tx.is_closed() && !stop.is_cancelled() {
                 match step(&layout, &mut tail, &tx) {
                     Ok(moved) => {
                         warned = false;
@@ -67,9 +73,8 @@ pub fn spawn(layout: EnvLayout, poll: Duration) -> watch::Receiver<LogEnd> {
                 let factor = if idle_polls > IDLE_AFTER_POLLS { IDLE_FACTOR } else { 1 };
                 std::thread::sleep(poll * factor);
             }
-        })
-        .expect("spawning a thread at start-up");
-    rx
+        })?;
+    Ok((rx, handle))
 }
 
 /// Polls without news before the watcher slows down, and by how much.

@@ -1,6 +1,6 @@
 //! The primary's Prometheus metrics.
 
-use crate::server::Shared;
+use crate::context::Shared;
 use std::sync::atomic::Ordering;
 use tandem_shared::metrics::PromText;
 
@@ -75,5 +75,6 @@ pub fn status_document(s: &tandem_shared::wire::PrimaryStatus) -> serde_json::Va
     serde_json::json!({
         "role": "primary", "env_id": s.env_id, "epoch": s.epoch,
         "end_lsn": {"file": end.file, "offset": end.offset}, "standbys": standbys,
+        "retention_blocked": (!s.retention_blocked.is_empty()).then_some(&s.retention_blocked),
     })
 }
