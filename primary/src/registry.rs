@@ -244,8 +244,9 @@ impl SessionGuard {
             if !r.base_id.is_empty() && r.base_id != base_id && !r.dropped {
                 tracing::warn!(
                     standby = %self.name, previous_base = %r.base_id, previous_acked = %r.acked, base = %base_id, %from,
-                    "standby name taken over by a different base; its slot keeps the older position until the new \
-                     holder acknowledges (two machines must not share a --name)"
+                    "this standby name now holds a different base (a start-over, a new base after a gap, or another \
+                     machine using the same --name, which must not happen); its slot keeps the older position held \
+                     until the new holder acknowledges"
                 );
                 r.acked = r.acked.min(from);
             } else {

@@ -163,7 +163,7 @@ pub async fn serve(
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("TLS configuration")?
         .initial_stream_window_size(Some(tandem_shared::STREAM_WINDOW))
@@ -181,8 +181,19 @@ pub async fn serve(
                 tracing::info!("shutting down");
                 stop.cancel();
             }
-        })
-        .await;
+        });
+    // Graceful shutdown waits for every connection to close; a peer that
+    // keeps one open must not hold the primary up past the bound.
+    let served = tokio::select! {
+        r = server => r,
+        _ = async {
+            stop.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_STAGE).await;
+        } => {
+            tracing::warn!("connections did not close in time; closing them");
+            Ok(())
+        }
+    };
     // Also on a serving error: everything below must stop either way.
     stop.cancel();
     sessions.close();
