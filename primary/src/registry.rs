@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tandem_shared::durable::{ControlFile, ControlFileError};
 use tandem_shared::wire::StandbyInfo;
@@ -134,6 +135,7 @@ impl StandbyRegistry {
     /// name is still connected.
     pub fn claim(self: &Arc<Self>, name: &str, peer: &str) -> Result<SessionGuard, RegistryError> {
         let mut records = self.lock();
+        let created = !records.map.contains_key(name);
         let r = records.map.entry(name.to_owned()).or_default();
         if r.connected {
             return Err(RegistryError::NameInUse {
@@ -147,6 +149,7 @@ impl StandbyRegistry {
         Ok(SessionGuard {
             registry: self.clone(),
             name: name.to_owned(),
+            unstarted_new: AtomicBool::new(created),
         })
     }
 
@@ -231,6 +234,10 @@ impl StandbyRegistry {
 pub struct SessionGuard {
     registry: Arc<StandbyRegistry>,
     name: String,
+    /// The record was created by this claim and no stream has started: a
+    /// refused standby (wrong environment, fenced, diverged) must not
+    /// leave a slot behind that holds every log file.
+    unstarted_new: AtomicBool,
 }
 
 impl SessionGuard {
@@ -240,6 +247,7 @@ impl SessionGuard {
 
     /// The session starts streaming `base_id` from `from`.
     pub fn started(&self, base_id: &str, from: LogPosition) {
+        self.unstarted_new.store(false, Ordering::Relaxed);
         self.registry.update(&self.name, |r| {
             if !r.base_id.is_empty() && r.base_id != base_id && !r.dropped {
                 tracing::warn!(
@@ -275,7 +283,11 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.registry.update(&self.name, |r| r.connected = false);
+        if self.unstarted_new.load(Ordering::Relaxed) {
+            self.registry.lock().map.remove(&self.name);
+        } else {
+            self.registry.update(&self.name, |r| r.connected = false);
+        }
     }
 }
 
@@ -305,12 +317,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reg = Arc::new(StandbyRegistry::open(dir.path()));
         let first = reg.claim("east", "10.0.0.1:5000").unwrap();
+        first.started("base-1", LogPosition::new(1, 0));
         let err = reg.claim("east", "10.0.0.2:6000").err().unwrap();
         assert!(err.to_string().contains("10.0.0.1:5000"), "{err}");
         drop(first);
         assert!(!reg.snapshot()["east"].connected);
         let _second = reg.claim("east", "10.0.0.2:6000").unwrap();
         assert!(reg.snapshot()["east"].connected);
+    }
+
+    #[test]
+    fn a_standby_refused_before_its_stream_started_leaves_no_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(StandbyRegistry::open(dir.path()));
+        drop(reg.claim("wrong-env", "a").unwrap());
+        assert!(reg.snapshot().is_empty());
+        // A known standby refused later keeps its slot.
+        let g = reg.claim("east", "a").unwrap();
+        g.started("base-1", LogPosition::new(4, 0));
+        drop(g);
+        drop(reg.claim("east", "a").unwrap());
+        assert_eq!(reg.snapshot()["east"].acked, LogPosition::new(4, 0));
     }
 
     #[test]
@@ -335,7 +362,8 @@ mod tests {
         std::fs::write(&path, b"garbage").unwrap();
         let reg = Arc::new(StandbyRegistry::open(dir.path()));
         assert!(reg.unreadable().is_some());
-        let _g = reg.claim("east", "a").unwrap();
+        let g = reg.claim("east", "a").unwrap();
+        g.started("base-1", LogPosition::new(1, 0));
         assert!(matches!(
             reg.decide(|_| ()),
             Err(RegistryError::Unreadable(_))
