@@ -4,8 +4,8 @@
 //! it ends when the session drops its command channel or the primary stops.
 
 use crate::context::Shared;
+use crate::outbox::{blocking_send, io_status, Outbox};
 use crate::registry::SessionGuard;
-use crate::session::{io_status, msg, Outbox};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
@@ -189,11 +189,6 @@ fn ship_files(
             consistent_at: Some(consistent_at.into()),
         }),
     )
-}
-
-fn blocking_send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
-    tx.blocking_send(msg(kind))
-        .map_err(|_| Status::cancelled("standby went away"))
 }
 
 /// Ships one file in stable, page-aligned chunks. Pages whose digest

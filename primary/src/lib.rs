@@ -8,6 +8,7 @@
 //!   [`plan`] decides where a stream starts, [`base_copy`] sends database files.
 //! - [`retention`]: which shipped logs may leave the production disk.
 //! - [`metrics`]: Prometheus text and the status document.
+//! - [`outbox`]: the bounded channel a session's duties write to.
 //! - [`context`]: what all of the above share.
 //! - [`registry`]: the standbys the primary knows (one owner of their records).
 //! - [`log_watch`]: follows the end of the verified log.
@@ -19,6 +20,7 @@ pub mod context;
 pub mod identity;
 pub mod log_watch;
 pub mod metrics;
+pub mod outbox;
 pub mod plan;
 pub mod registry;
 pub mod retention;

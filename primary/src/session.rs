@@ -16,6 +16,7 @@
 use crate::base_copy::{base_boundary, ship_base, BaseCommand};
 use crate::context::Shared;
 use crate::log_watch::LogEnd;
+use crate::outbox::{io_status, send, Outbox};
 use crate::plan::{Plan, Refusal};
 use crate::registry::SessionGuard;
 use std::collections::BTreeSet;
@@ -26,33 +27,17 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_shared::logfile::read_verified;
 use tandem_shared::wire::{
-    primary_message::Kind, standby_message, BaseStart, Heartbeat, Hello, LogChunk, PrimaryMessage,
-    StandbyMessage, Welcome,
+    primary_message::Kind, standby_message, BaseStart, Heartbeat, Hello, LogChunk, StandbyMessage,
+    Welcome,
 };
 use tandem_shared::{LogPosition, MAX_CHUNK};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-pub type Outbox = mpsc::Sender<Result<PrimaryMessage, Status>>;
-
 /// How long a standby has to say Hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-pub(crate) fn msg(kind: Kind) -> Result<PrimaryMessage, Status> {
-    Ok(PrimaryMessage { kind: Some(kind) })
-}
-
-async fn send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
-    tx.send(msg(kind))
-        .await
-        .map_err(|_| Status::cancelled("standby went away"))
-}
-
-pub(crate) fn io_status(what: &str, e: io::Error) -> Status {
-    Status::internal(format!("{what}: {e}"))
-}
 
 pub async fn run(
     shared: Arc<Shared>,
