@@ -1,16 +1,29 @@
 //! `tandem-primary`: runs beside the production environment and streams its
 //! database files and its log, as it grows, to standbys.
 //!
+//! Imports point down this list:
+//!
+//! - [`server`]: the top: starts everything, serves gRPC, shuts down in order.
+//! - [`session`]: one standby's stream: plan, base copy, log shipping, acks;
+//!   [`plan`] decides where a stream starts, [`base_copy`] sends database files.
+//! - [`switchover`]: may a standby take over now (`PrepareSwitchover`).
+//! - [`retention`]: which shipped logs may leave the production disk.
+//! - [`metrics`]: Prometheus text and the status document.
+//! - [`outbox`]: the bounded channel a session's duties write to.
+//! - [`context`]: what all of the above share.
+//! - [`registry`]: the standbys the primary knows (one owner of their records).
+//! - [`log_watch`]: follows the end of the verified log.
 //! - [`identity`]: the environment identity and epoch, and the lock that
 //!   keeps a second primary off the same environment.
-//! - [`log_watch`]: follows the end of the verified log.
-//! - [`session`]: one standby's stream: base copy, log shipping, acks.
-//! - [`server`]: the gRPC service and the listener.
-//! - [`switchover`]: may a standby take over now (`PrepareSwitchover`).
 
+pub mod base_copy;
+pub mod context;
 pub mod identity;
 pub mod log_watch;
 pub mod metrics;
+pub mod outbox;
+pub mod plan;
+pub mod registry;
 pub mod retention;
 pub mod server;
 pub mod session;

@@ -9,6 +9,7 @@ use tandem_shared::envlayout::EnvLayout;
 use tandem_shared::logfile::{read_verified, walk_file, walk_from};
 use tandem_shared::LogPosition;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LogEnd {
@@ -24,7 +25,15 @@ struct Tail {
     end: u32,
     last_record: Option<u32>,
     lg_max: u32,
+    /// Reads in a row that found nothing new.
+    idle_reads: u32,
 }
+
+/// Idle reads between two listings of the log directory, which find a next
+/// file removed before the watcher reached it (retention or an operator
+/// removing the log of a dropped standby). Without them the watcher would
+/// wait for that file forever and every session with it.
+const LIST_EVERY_IDLE_READS: u32 = 50;
 
 fn open_tail(layout: &EnvLayout, file_no: u32, prev: Option<u32>) -> std::io::Result<Tail> {
     let file = File::open(layout.log_path(file_no))?;
@@ -35,14 +44,20 @@ fn open_tail(layout: &EnvLayout, file_no: u32, prev: Option<u32>) -> std::io::Re
         end: w.end,
         last_record: w.last_record,
         lg_max: w.header.map_or(0, |h| h.lg_max),
+        idle_reads: 0,
     })
 }
 
-/// Starts the watcher. The channel holds `LogEnd::default()` until a log
-/// file exists.
-pub fn spawn(layout: EnvLayout, poll: Duration) -> watch::Receiver<LogEnd> {
+/// Starts the watcher; it stops when `stop` is cancelled (within a poll
+/// interval) and the handle joins it. The channel holds `LogEnd::default()`
+/// until a log file exists.
+pub fn spawn(
+    layout: EnvLayout,
+    poll: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<(watch::Receiver<LogEnd>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = watch::channel(LogEnd::default());
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("log-watch".into())
         .spawn(move || {
             let mut tail: Option<Tail> = None;
@@ -50,7 +65,7 @@ pub fn spawn(layout: EnvLayout, poll: Duration) -> watch::Receiver<LogEnd> {
             // Idle, the poll slows down to IDLE_FACTOR times the interval;
             // the first new record brings it back to full speed.
             let mut idle_polls = 0u32;
-            while !tx.is_closed() {
+            while !tx.is_closed() && !stop.is_cancelled() {
                 match step(&layout, &mut tail, &tx) {
                     Ok(moved) => {
                         warned = false;
@@ -67,9 +82,8 @@ pub fn spawn(layout: EnvLayout, poll: Duration) -> watch::Receiver<LogEnd> {
                 let factor = if idle_polls > IDLE_AFTER_POLLS { IDLE_FACTOR } else { 1 };
                 std::thread::sleep(poll * factor);
             }
-        })
-        .expect("spawning a thread at start-up");
-    rx
+        })?;
+    Ok((rx, handle))
 }
 
 /// Polls without news before the watcher slows down, and by how much.
@@ -103,6 +117,20 @@ fn step(
         if r.walk.records > 0 {
             t.end = r.walk.end;
             t.last_record = r.walk.last_record;
+            t.idle_reads = 0;
+        } else {
+            t.idle_reads += 1;
+            if t.idle_reads >= LIST_EVERY_IDLE_READS {
+                t.idle_reads = 0;
+                let files = layout.log_files().map_err(std::io::Error::other)?;
+                if let Some(&newest) = files.last().filter(|n| **n > t.file_no + 1) {
+                    tracing::warn!(
+                        from = %layout.log_name(t.file_no), to = %layout.log_name(newest),
+                        "the next log file is gone; following the newest"
+                    );
+                    *t = open_tail(layout, newest, None)?;
+                }
+            }
         }
     }
     let now = LogEnd {
@@ -114,4 +142,32 @@ fn step(
         *cur = now;
         changed
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_shared::logfile::synth;
+
+    #[test]
+    fn the_watcher_follows_past_a_next_file_that_was_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |n: u32| {
+            let image = synth::file(0, 1 << 16, &[b"one", b"two"], 4096);
+            std::fs::write(dir.path().join(format!("log.{n:010}")), image).unwrap();
+        };
+        write(1);
+        let layout = EnvLayout::open(dir.path()).unwrap();
+        let (tx, rx) = watch::channel(LogEnd::default());
+        let mut tail = None;
+        step(&layout, &mut tail, &tx).unwrap();
+        assert_eq!(rx.borrow().end.file, 1);
+        // Files 2 and 3 were written and 2 removed before the next look.
+        write(3);
+        for _ in 0..LIST_EVERY_IDLE_READS {
+            step(&layout, &mut tail, &tx).unwrap();
+        }
+        assert_eq!(rx.borrow().end.file, 3);
+        assert!(rx.borrow().end.offset > 0);
+    }
 }

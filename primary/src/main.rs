@@ -259,6 +259,9 @@ async fn status(a: StatusArgs) -> Result<()> {
         "role:        primary\nenvironment: {}\nepoch:       {}\nend of log:  {end}",
         s.env_id, s.epoch
     );
+    if !s.retention_blocked.is_empty() {
+        println!("RETENTION BLOCKED: {}", s.retention_blocked);
+    }
     if s.standbys.is_empty() {
         println!("standbys:    none has connected");
     }

@@ -1,6 +1,6 @@
 //! The primary's Prometheus metrics.
 
-use crate::server::Shared;
+use crate::context::Shared;
 use std::sync::atomic::Ordering;
 use tandem_shared::metrics::PromText;
 
@@ -36,6 +36,11 @@ pub fn render(shared: &Shared) -> String {
         .gauge("tandem_primary_log_end_file", "Log file number of the primary's end of verified log.", f64::from(end.file))
         .gauge("tandem_primary_log_end_offset_bytes", "Offset of the primary's end of verified log.", f64::from(end.offset))
         .gauge("tandem_primary_epoch", "The primary's epoch (fencing token).", shared.identity.epoch as f64)
+        .gauge(
+            "tandem_primary_retention_blocked",
+            "1 while log retention removes nothing because the known standbys cannot be read.",
+            f64::from(u8::from(!status.retention_blocked.is_empty())),
+        )
         .gauge_by("tandem_primary_standby_lag_bytes", "Log bytes not yet acknowledged durable, per standby.", "standby", &lag)
         .gauge_by("tandem_primary_standby_retained_bytes", "Log bytes kept on the primary only for this standby (retention on).", "standby", &held)
         .gauge_by(
@@ -75,5 +80,6 @@ pub fn status_document(s: &tandem_shared::wire::PrimaryStatus) -> serde_json::Va
     serde_json::json!({
         "role": "primary", "env_id": s.env_id, "epoch": s.epoch,
         "end_lsn": {"file": end.file, "offset": end.offset}, "standbys": standbys,
+        "retention_blocked": (!s.retention_blocked.is_empty()).then_some(&s.retention_blocked),
     })
 }

@@ -1,28 +1,40 @@
-//! The primary's gRPC service: accepts standbys over mutual TLS and runs a
-//! session for each; answers status requests.
+//! The top of the primary: builds the shared context, starts the log
+//! watcher, retention and the gRPC service, and shuts them down in order.
+//!
+//! The service only serves: a session per standby stream (tracked, so
+//! shutdown can join them), status, switchover. Shutdown is one
+//! cancellation token: sessions end their streams, the server drains,
+//! sessions, retention and the log watcher are joined (each within a
+//! bound), and the environment lock is released last.
 
-use crate::identity::{PrimaryIdentity, PrimaryState};
-use crate::log_watch::{self, LogEnd};
+pub use crate::context::{Counters, Shared};
+use crate::identity::PrimaryState;
+use crate::log_watch;
+use crate::registry::StandbyRegistry;
 use crate::session;
 use anyhow::{Context, Result};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tandem_shared::bdb::BdbTools;
 use tandem_shared::envlayout::EnvLayout;
 use tandem_shared::tls::TlsFiles;
 use tandem_shared::wire::replication_server::{Replication, ReplicationServer};
 use tandem_shared::wire::{
-    PrimaryMessage, PrimaryStatus, StandbyInfo, StandbyMessage, StatusRequest, SwitchoverReply,
+    PrimaryMessage, PrimaryStatus, StandbyMessage, StatusRequest, SwitchoverReply,
     SwitchoverRequest,
 };
-use tandem_shared::{LogPosition, MAX_MESSAGE_BYTES};
-use tokio::sync::{mpsc, watch};
+use tandem_shared::MAX_MESSAGE_BYTES;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
+
+/// How long shutdown waits for each stage (sessions, retention, the log
+/// watcher) before it goes on without it.
+const SHUTDOWN_STAGE: Duration = Duration::from_secs(5);
 
 /// Everything `tandem-primary run` needs, after flags and config file are
 /// merged.
@@ -42,138 +54,9 @@ pub struct PrimaryConfig {
     pub retention: Option<crate::retention::RetentionConfig>,
 }
 
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub file_bytes: AtomicU64,
-    pub log_bytes: AtomicU64,
-    pub chunks: AtomicU64,
-    pub sessions: AtomicU64,
-}
-
-/// What the primary knows of a standby. Kept in the state directory so a
-/// restarted primary still holds back the logs an offline standby needs,
-/// like a replication slot.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct StandbyRecord {
-    pub peer: String,
-    #[serde(skip)]
-    pub connected: bool,
-    pub base_id: String,
-    pub acked: LogPosition,
-    pub last_contact_unix_ms: u64,
-    /// Dropped for holding back more log than the cap allows: its logs are
-    /// no longer kept, and it will need a new base.
-    #[serde(default)]
-    pub dropped: bool,
-    /// End of the log archived by the standby's continuous archive; `None`
-    /// when it has none registered.
-    #[serde(default)]
-    pub archived: Option<LogPosition>,
-    /// The archive fell behind by more than the cap: files below this were
-    /// removed without waiting for it (0: never).
-    #[serde(default)]
-    pub archive_released_below: u32,
-    /// Log bytes kept only for this standby.
-    #[serde(skip)]
-    pub held_back_bytes: u64,
-    /// Of those, bytes kept only because its archive lacks them.
-    #[serde(skip)]
-    pub held_for_archive_bytes: u64,
-}
-
-impl StandbyRecord {
-    /// First log file this standby still needs on the primary: the one its
-    /// acknowledged position is in, or an earlier one its archive lacks.
-    pub fn needs_from(&self) -> u32 {
-        match self.archived {
-            Some(a) => self.acked.file.min(a.file.max(self.archive_released_below)),
-            None => self.acked.file,
-        }
-    }
-}
-
-/// State shared by every session of one primary.
-pub struct Shared {
-    pub layout: EnvLayout,
-    pub identity: PrimaryIdentity,
-    pub log_end: watch::Receiver<LogEnd>,
-    pub tools: BdbTools,
-    pub heartbeat_interval: Duration,
-    pub rescan_interval: Duration,
-    pub corrupt_chunk: Option<u64>,
-    pub counters: Counters,
-    pub standbys: Mutex<BTreeMap<String, StandbyRecord>>,
-    /// Turns true when the primary shuts down: sessions end their streams,
-    /// so the server's graceful shutdown does not wait on them forever.
-    pub stopping: watch::Receiver<bool>,
-}
-
-impl Shared {
-    fn with_standby(&self, name: &str, f: impl FnOnce(&mut StandbyRecord)) {
-        if let Ok(mut map) = self.standbys.lock() {
-            f(map.entry(name.to_owned()).or_default());
-        }
-    }
-
-    pub fn standby_connected(&self, name: &str, peer: &str, base_id: &str, from: LogPosition) {
-        self.counters.sessions.fetch_add(1, Ordering::Relaxed);
-        self.with_standby(name, |r| {
-            r.peer = peer.to_owned();
-            r.connected = true;
-            r.base_id = base_id.to_owned();
-            r.acked = from;
-            r.dropped = false;
-            r.last_contact_unix_ms = tandem_shared::now_unix_ms();
-        });
-    }
-
-    pub fn standby_acked(&self, name: &str, at: LogPosition, archived: Option<LogPosition>) {
-        self.with_standby(name, |r| {
-            r.acked = at;
-            r.archived = archived;
-            r.last_contact_unix_ms = tandem_shared::now_unix_ms();
-        });
-    }
-
-    pub fn standby_disconnected(&self, name: &str) {
-        self.with_standby(name, |r| r.connected = false);
-    }
-
-    pub fn status(&self) -> PrimaryStatus {
-        let end = *self.log_end.borrow();
-        let standbys = self
-            .standbys
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(name, r)| StandbyInfo {
-                        name: name.clone(),
-                        peer: r.peer.clone(),
-                        connected: r.connected,
-                        acked: Some(r.acked.into()),
-                        lag_bytes: r.acked.bytes_until(end.end, end.lg_max),
-                        last_contact_unix_ms: r.last_contact_unix_ms,
-                        base_id: r.base_id.clone(),
-                        held_back_bytes: r.held_back_bytes,
-                        dropped: r.dropped,
-                        archived: r.archived.map(Into::into),
-                        held_for_archive_bytes: r.held_for_archive_bytes,
-                        archive_released_below: r.archive_released_below,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        PrimaryStatus {
-            env_id: self.identity.env_id.clone(),
-            epoch: self.identity.epoch,
-            end: Some(end.end.into()),
-            standbys,
-        }
-    }
-}
-
 struct Service {
     shared: Arc<Shared>,
+    sessions: TaskTracker,
 }
 
 #[tonic::async_trait]
@@ -189,7 +72,7 @@ impl Replication for Service {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".into());
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(session::run(
+        self.sessions.spawn(session::run(
             self.shared.clone(),
             peer,
             request.into_inner(),
@@ -227,23 +110,36 @@ pub async fn serve(
     layout.database_files().context("the environment holds a file Tandem cannot ship, and a standby without it would not recover")?;
     let state = PrimaryState::open(&cfg.state_dir, promoted_epoch(&cfg.env))?;
     let tls = cfg.tls.server_config().context("loading TLS files")?;
-    let log_end = log_watch::spawn(layout.clone(), cfg.poll_interval);
-    let (stop, stopping) = watch::channel(false);
+    let stop = CancellationToken::new();
+    // Every way out of this function, early errors included, stops the
+    // tasks started below.
+    let _stop_on_return = stop.clone().drop_guard();
+    let (log_end, watcher) = log_watch::spawn(layout.clone(), cfg.poll_interval, stop.clone())
+        .context("starting the log watcher")?;
+    let tools = BdbTools::default();
+    let registry = Arc::new(StandbyRegistry::open(&cfg.state_dir));
     let shared = Arc::new(Shared {
-        layout,
+        layout: layout.clone(),
         identity: state.identity.clone(),
         log_end,
-        tools: BdbTools::default(),
+        tools: tools.clone(),
         heartbeat_interval: cfg.heartbeat_interval,
         rescan_interval: cfg.rescan_interval,
         corrupt_chunk: cfg.corrupt_chunk,
         counters: Counters::default(),
-        standbys: Mutex::new(crate::retention::load_standbys(&cfg.state_dir)),
-        stopping,
+        registry: registry.clone(),
+        stop: stop.clone(),
     });
-    if let Some(r) = cfg.retention.clone() {
-        crate::retention::spawn(shared.clone(), cfg.state_dir.clone(), r);
-    }
+    let retention = cfg.retention.clone().map(|r| {
+        tokio::spawn(crate::retention::run(
+            registry,
+            layout,
+            tools,
+            r,
+            stop.clone(),
+        ))
+    });
+    let sessions = TaskTracker::new();
     let incoming = tonic::transport::server::TcpIncoming::bind(cfg.listen)
         .with_context(|| format!("listening on {}", cfg.listen))?
         .with_nodelay(Some(true));
@@ -264,10 +160,13 @@ pub async fn serve(
     );
     on_bound(bound);
     tandem_shared::sdnotify::ready();
-    let service = ReplicationServer::new(Service { shared })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    let service = ReplicationServer::new(Service {
+        shared,
+        sessions: sessions.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("TLS configuration")?
         .initial_stream_window_size(Some(tandem_shared::STREAM_WINDOW))
@@ -275,13 +174,56 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            let _ = stop.send(true);
-        })
+        .serve_with_incoming_shutdown(incoming, {
+            let stop = stop.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = stop.cancelled() => {}
+                }
+                tracing::info!("shutting down");
+                stop.cancel();
+            }
+        });
+    // Graceful shutdown waits for every connection to close; a peer that
+    // keeps one open must not hold the primary up past the bound.
+    let served = tokio::select! {
+        r = server => r,
+        _ = async {
+            stop.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_STAGE).await;
+        } => {
+            tracing::warn!("connections did not close in time; closing them");
+            Ok(())
+        }
+    };
+    // Also on a serving error: everything below must stop either way.
+    stop.cancel();
+    sessions.close();
+    if tokio::time::timeout(SHUTDOWN_STAGE, sessions.wait())
         .await
-        .context("serving")?;
+        .is_err()
+    {
+        tracing::warn!(
+            left = sessions.len(),
+            "standby sessions did not end in time; exiting without them"
+        );
+    }
+    if let Some(r) = retention {
+        // A pass in progress runs to its end (it may be removing files).
+        if tokio::time::timeout(SHUTDOWN_STAGE, r).await.is_err() {
+            tracing::warn!("the retention pass did not end in time; exiting without it");
+        }
+    }
+    let joined = tokio::task::spawn_blocking(move || watcher.join());
+    if tokio::time::timeout(SHUTDOWN_STAGE, joined).await.is_err() {
+        tracing::warn!("the log watcher did not stop in time; exiting without it");
+    }
+    served.context("serving")?;
+    // Last: the lock keeps a second primary off the environment until
+    // every task above has stopped touching it.
     drop(state);
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -293,27 +235,5 @@ fn promoted_epoch(env: &std::path::Path) -> u64 {
     match tandem_shared::durable::ControlFile::load::<serde_json::Value>(&path, u32::MAX) {
         Ok(Some(v)) => v["promoted"]["epoch"].as_u64().unwrap_or(0),
         _ => 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_standby_needs_the_log_from_what_it_or_its_archive_lacks() {
-        let mut r = StandbyRecord {
-            acked: LogPosition::new(9, 100),
-            ..Default::default()
-        };
-        assert_eq!(r.needs_from(), 9);
-        r.archived = Some(LogPosition::new(4, 28));
-        assert_eq!(r.needs_from(), 4);
-        // Released past the cap: the archive no longer holds files below 7.
-        r.archive_released_below = 7;
-        assert_eq!(r.needs_from(), 7);
-        // An archive ahead of the standby never extends what it needs.
-        r.archived = Some(LogPosition::new(12, 0));
-        assert_eq!(r.needs_from(), 9);
     }
 }

@@ -1,66 +1,43 @@
 //! One standby's stream. The standby says what it holds (`Hello`); the
-//! session either continues from there or starts a new base, then runs
-//! three duties side by side until the standby goes away:
+//! session claims its name in the registry, decides where to start (see
+//! [`crate::plan`]: continue, new base, or refuse), then runs three duties
+//! side by side until the standby goes away or the primary stops:
 //!
-//! - the base copy: every database file (and `DB_CONFIG`), read in stable
-//!   pages, then a rescan now and then for databases created later;
+//! - the base copy ([`crate::base_copy`]), on a blocking thread;
 //! - the log: every verified record from the base boundary or the resume
 //!   point on, following the live tail;
 //! - heartbeats carrying the primary's end of log, for lag.
 //!
 //! All three feed one bounded channel, so a slow standby slows the readers
-//! instead of filling memory.
+//! instead of filling memory. A session ends by joining all three; the
+//! registry's guard marks the standby disconnected when the last of them
+//! lets go of it.
 
+use crate::base_copy::{base_boundary, ship_base, BaseCommand};
+use crate::context::Shared;
 use crate::log_watch::LogEnd;
-use crate::server::Shared;
-use std::collections::{BTreeMap, BTreeSet};
+use crate::outbox::{io_status, send, Outbox};
+use crate::plan::{Plan, Refusal};
+use crate::registry::SessionGuard;
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_shared::envlayout::DB_CONFIG;
-use tandem_shared::logfile::{read_verified, walk_file};
-use tandem_shared::pages::read_stable_pages;
+use tandem_shared::logfile::read_verified;
 use tandem_shared::wire::{
-    primary_message::Kind, standby_message, BaseFilesDone, BaseStart, FileChunk, FileEnd, FileKind,
-    FileSame, FileStart, Heartbeat, Hello, LogChunk, PageDigests, PrimaryMessage, StandbyMessage,
+    primary_message::Kind, standby_message, BaseStart, Heartbeat, Hello, LogChunk, StandbyMessage,
     Welcome,
 };
 use tandem_shared::{LogPosition, MAX_CHUNK};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
-
-pub type Outbox = mpsc::Sender<Result<PrimaryMessage, Status>>;
 
 /// How long a standby has to say Hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where the log stream starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Plan {
-    Resume {
-        from: LogPosition,
-        prev: Option<u32>,
-    },
-    NewBase {
-        reason: String,
-    },
-}
-
-fn msg(kind: Kind) -> Result<PrimaryMessage, Status> {
-    Ok(PrimaryMessage { kind: Some(kind) })
-}
-
-async fn send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
-    tx.send(msg(kind))
-        .await
-        .map_err(|_| Status::cancelled("standby went away"))
-}
-
-fn io_status(what: &str, e: io::Error) -> Status {
-    Status::internal(format!("{what}: {e}"))
-}
 
 pub async fn run(
     shared: Arc<Shared>,
@@ -100,13 +77,19 @@ pub async fn run(
     } else {
         hello.standby_name.clone()
     };
-    match start(&shared, &name, &peer, &hello, &tx).await {
-        Ok((tasks, commands)) => {
-            follow_acks(&shared, &name, &mut inbound, commands).await;
-            for t in tasks {
-                t.abort();
-            }
-            if *shared.stopping.borrow() {
+    let guard = match shared.registry.claim(&name, &peer) {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            tracing::error!(standby = %name, %peer, error = %e, "refusing a standby: its name is in use");
+            let _ = tx.send(Err(Status::already_exists(e.to_string()))).await;
+            return;
+        }
+    };
+    match start(&shared, &guard, &peer, &hello, &tx).await {
+        Ok(duties) => {
+            follow_acks(&shared, &guard, &mut inbound, &duties.commands).await;
+            duties.join().await;
+            if shared.stop.is_cancelled() {
                 let _ = tx
                     .send(Err(Status::unavailable("the primary is shutting down")))
                     .await;
@@ -116,24 +99,46 @@ pub async fn run(
             let _ = tx.send(Err(status)).await;
         }
     }
-    shared.standby_disconnected(&name);
+    drop(guard);
     tracing::info!(standby = %name, %peer, "standby disconnected");
+}
+
+/// The running duties of one session.
+struct Duties {
+    log: JoinHandle<()>,
+    heartbeats: JoinHandle<()>,
+    base: JoinHandle<()>,
+    commands: std::sync::mpsc::Sender<BaseCommand>,
+    /// Stops the base copy between chunks (it runs on a blocking thread,
+    /// which `abort` cannot stop).
+    stop: CancellationToken,
+}
+
+impl Duties {
+    async fn join(self) {
+        self.log.abort();
+        self.heartbeats.abort();
+        self.stop.cancel();
+        drop(self.commands);
+        for t in [self.log, self.heartbeats, self.base] {
+            if let Err(e) = t.await {
+                if e.is_panic() {
+                    tracing::error!(error = %e, "a session task panicked");
+                }
+            }
+        }
+    }
 }
 
 /// Checks the Hello, decides where to start, and starts the duties.
 async fn start(
     shared: &Arc<Shared>,
-    name: &str,
+    guard: &Arc<SessionGuard>,
     peer: &str,
     hello: &Hello,
     tx: &Outbox,
-) -> Result<
-    (
-        Vec<tokio::task::JoinHandle<()>>,
-        std::sync::mpsc::Sender<BaseCommand>,
-    ),
-    Status,
-> {
+) -> Result<Duties, Status> {
+    let name = guard.name();
     let id = &shared.identity;
     if hello.protocol_version != tandem_shared::wire::PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
@@ -159,7 +164,22 @@ async fn start(
             hello.env_id, id.env_id
         )));
     }
-    let plan = tokio::task::block_in_place(|| plan(shared, hello));
+    let plan = match tokio::task::block_in_place(|| crate::plan::plan(&shared.layout, hello)) {
+        Ok(p) => p,
+        Err(r) => {
+            match &r {
+                Refusal::Diverged(d) => tracing::error!(
+                    standby = %name, %peer, standby_end = %d.standby, primary_end = %d.primary_end,
+                    beyond_bytes = ?d.beyond, "DIVERGED: {d}"
+                ),
+                Refusal::Unavailable(why) => tracing::error!(
+                    standby = %name, %peer, error = %why,
+                    "cannot read the log to plan this standby's stream; refusing for now (it retries), no new base"
+                ),
+            }
+            return Err(r.into());
+        }
+    };
     let (base_id, from, prev, complete, files_done) = match plan {
         Plan::Resume { from, prev } => {
             tracing::info!(standby = %name, %peer, %from, "standby connected; resuming");
@@ -191,31 +211,47 @@ async fn start(
             (base_id, from, None, BTreeSet::new(), false)
         }
     };
-    shared.standby_connected(name, peer, &base_id, from);
+    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    guard.started(&base_id, from);
 
-    let mut tasks = Vec::new();
     let (commands, base_commands) = std::sync::mpsc::channel();
-    {
+    let stop = shared.stop.child_token();
+    let log = {
         let (shared, tx) = (shared.clone(), tx.clone());
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             if let Err(status) = ship_log(&shared, &tx, from, prev).await {
                 let _ = tx.send(Err(status)).await;
             }
-        }));
-    }
-    {
-        let (shared, tx) = (shared.clone(), tx.clone());
-        tasks.push(tokio::task::spawn_blocking(move || {
-            if let Err(status) = ship_base(&shared, &tx, complete, files_done, base_commands) {
+        })
+    };
+    let base = {
+        let (shared, tx, guard, stop) = (shared.clone(), tx.clone(), guard.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            let r = ship_base(
+                &shared,
+                &tx,
+                &guard,
+                &stop,
+                complete,
+                files_done,
+                base_commands,
+            );
+            if let Err(status) = r {
                 let _ = tx.blocking_send(Err(status));
             }
-        }));
-    }
-    {
+        })
+    };
+    let heartbeats = {
         let (shared, tx) = (shared.clone(), tx.clone());
-        tasks.push(tokio::spawn(async move { heartbeats(&shared, &tx).await }));
-    }
-    Ok((tasks, commands))
+        tokio::spawn(async move { heartbeats(&shared, &tx).await })
+    };
+    Ok(Duties {
+        log,
+        heartbeats,
+        base,
+        commands,
+        stop,
+    })
 }
 
 fn welcome(shared: &Shared, resume: bool) -> Kind {
@@ -227,31 +263,24 @@ fn welcome(shared: &Shared, resume: bool) -> Kind {
     })
 }
 
-/// What the standby asks of the base task.
-pub enum BaseCommand {
-    Digests(PageDigests),
-    /// With where the standby's current base starts.
-    Rebase(LogPosition),
-}
-
 async fn follow_acks(
     shared: &Shared,
-    name: &str,
+    guard: &SessionGuard,
     inbound: &mut Streaming<StandbyMessage>,
-    commands: std::sync::mpsc::Sender<BaseCommand>,
+    commands: &std::sync::mpsc::Sender<BaseCommand>,
 ) {
-    let mut stopping = shared.stopping.clone();
+    let name = guard.name();
     loop {
         let next = tokio::select! {
             m = inbound.message() => m,
-            _ = stopping.wait_for(|s| *s) => return,
+            _ = shared.stop.cancelled() => return,
         };
         match next {
             Ok(Some(StandbyMessage {
                 kind: Some(standby_message::Kind::Ack(ack)),
             })) => {
                 if let Some(p) = ack.durable {
-                    shared.standby_acked(name, p.into(), ack.archived.map(Into::into));
+                    guard.acked(p.into(), ack.archived.map(Into::into));
                 }
             }
             Ok(Some(StandbyMessage {
@@ -275,97 +304,6 @@ async fn follow_acks(
             }
         }
     }
-}
-
-/// Can the standby's log be continued, or does it need a new base?
-fn plan(shared: &Shared, hello: &Hello) -> Plan {
-    let new_base = |reason: String| Plan::NewBase { reason };
-    if hello.base_id.is_empty() {
-        return new_base("the standby holds no base yet".into());
-    }
-    let d: LogPosition = hello.durable.unwrap_or_default().into();
-    if d.file == 0 {
-        return new_base("the standby holds no log position".into());
-    }
-    let files = match shared.layout.log_files() {
-        Ok(f) => f,
-        Err(e) => return new_base(format!("cannot list the primary's log files: {e}")),
-    };
-    let newest = files.last().copied().unwrap_or(0);
-    let missing: Vec<u32> = (d.file..=newest.max(d.file))
-        .filter(|n| files.binary_search(n).is_err())
-        .collect();
-    if !missing.is_empty() {
-        let names: Vec<String> = missing
-            .iter()
-            .take(5)
-            .map(|n| shared.layout.log_name(*n))
-            .collect();
-        return new_base(format!(
-            "log files the standby needs to continue from {d} are gone from the primary ({}{}); they were removed before \
-             they were shipped, so the standby's copy cannot be continued",
-            names.join(", "),
-            if missing.len() > 5 { ", ..." } else { "" }
-        ));
-    }
-    if d.offset == 0 {
-        return Plan::Resume {
-            from: d,
-            prev: None,
-        };
-    }
-    let check = || -> io::Result<Plan> {
-        let f = File::open(shared.layout.log_path(d.file))?;
-        let r = read_verified(&f, 0, None, d.offset as usize)?;
-        if r.walk.end != d.offset {
-            return Ok(new_base(format!("the standby's log ends at {d}, which is not a record boundary of the primary's log")));
-        }
-        let last = r.walk.last_record.unwrap_or(0) as usize;
-        if !hello.last_record_digest.is_empty()
-            && blake3::hash(&r.bytes[last..]).as_bytes()[..] != hello.last_record_digest[..]
-        {
-            return Ok(new_base(format!(
-                "the standby's last log record before {d} differs from the primary's"
-            )));
-        }
-        Ok(Plan::Resume {
-            from: d,
-            prev: r.walk.last_record,
-        })
-    };
-    match check() {
-        Ok(p) => p,
-        Err(e) => new_base(format!("cannot read the primary's log at {d}: {e}")),
-    }
-}
-
-/// The first log file a base copy taken now needs: the one holding the last
-/// checkpoint's `ckp_lsn`, i.e. the first file `db_archive` does not list
-/// (BDB.md §7). Without a checkpoint, every log file is needed.
-fn base_boundary(shared: &Shared) -> Result<LogPosition, Status> {
-    let files = shared
-        .layout
-        .log_files()
-        .map_err(|e| Status::internal(e.to_string()))?;
-    let Some(&newest) = files.last() else {
-        return Err(Status::unavailable(format!(
-            "no log files in {}: is this a transactional Berkeley DB environment?",
-            shared.layout.log_dir().display()
-        )));
-    };
-    let inactive = shared
-        .tools
-        .inactive_logs(&shared.layout.home)
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "db_archive failed; the base will include every log file");
-            Vec::new()
-        });
-    let first = files
-        .iter()
-        .copied()
-        .find(|n| !inactive.contains(n))
-        .unwrap_or(newest);
-    Ok(LogPosition::new(first, 0))
 }
 
 /// Ships the log from `pos` on, following the live tail.
@@ -451,7 +389,7 @@ async fn ship_log(
             let chunk = LogChunk {
                 file: pos.file,
                 offset: pos.offset,
-                blake3: digest(shared, &data),
+                blake3: shared.digest(&data),
                 data,
                 file_size: *size,
             };
@@ -490,275 +428,6 @@ async fn wait_for_log(ends: &mut watch::Receiver<LogEnd>) {
     let _ = tokio::time::timeout(Duration::from_millis(20), ends.changed()).await;
 }
 
-fn digest(shared: &Shared, data: &[u8]) -> bytes::Bytes {
-    let mut d = blake3::hash(data).as_bytes().to_vec();
-    // Test-only fault injection: corrupt the digest of the Nth chunk so the
-    // standby sees a chunk whose bytes do not match (as if flipped in
-    // transit, below TLS).
-    let n = shared.counters.chunks.fetch_add(1, Ordering::Relaxed) + 1;
-    if shared.corrupt_chunk == Some(n) {
-        tracing::warn!(chunk = n, "fault injection: corrupting this chunk's digest");
-        d[0] ^= 0xff;
-    }
-    bytes::Bytes::from(d)
-}
-
-/// Ships the database files the standby does not have, then rescans for
-/// databases created later and serves rebase requests.
-fn ship_base(
-    shared: &Shared,
-    tx: &Outbox,
-    mut sent: BTreeSet<String>,
-    files_done: bool,
-    commands: std::sync::mpsc::Receiver<BaseCommand>,
-) -> Result<(), Status> {
-    if !files_done {
-        ship_files(shared, tx, &mut sent, &BTreeMap::new())?;
-    }
-    // Page digests of the standby's files, collected for a rebase.
-    let mut theirs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    loop {
-        match commands.recv_timeout(shared.rescan_interval) {
-            Ok(BaseCommand::Digests(d)) => {
-                let at = d.first_page as usize * tandem_shared::pages::PAGE_DIGEST_LEN;
-                let v = theirs.entry(d.name).or_default();
-                if v.len() < at + d.digests.len() {
-                    v.resize(at + d.digests.len(), 0);
-                }
-                v[at..at + d.digests.len()].copy_from_slice(&d.digests);
-                continue;
-            }
-            Ok(BaseCommand::Rebase(current)) => {
-                let log_start = base_boundary(shared)?;
-                if log_start.file <= current.file {
-                    tracing::warn!(
-                        boundary = %log_start, current = %current,
-                        "rebase requested but BDB still needs the log from the standby's current base on \
-                         (no checkpoint since, or a long-running transaction): not rebasing"
-                    );
-                    theirs.clear();
-                    continue;
-                }
-                let base_id = crate::identity::random_id();
-                tracing::info!(base = %base_id, %log_start, "rebase: sending a fresh base, only pages the standby lacks");
-                blocking_send(
-                    tx,
-                    Kind::BaseStart(BaseStart {
-                        base_id,
-                        log_start: Some(log_start.into()),
-                        reason: "rebase requested by the standby".into(),
-                        rebase: true,
-                    }),
-                )?;
-                let mut fresh = BTreeSet::new();
-                ship_files(shared, tx, &mut fresh, &theirs)?;
-                sent = fresh;
-                theirs.clear();
-                continue;
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
-        }
-        if tx.is_closed() {
-            return Ok(());
-        }
-        for (name, kind, page_size) in list_unsent(shared, &sent)? {
-            tracing::info!(file = %name, "new database file; shipping it");
-            ship_file(shared, tx, &name, kind, page_size, None, None)?;
-            sent.insert(name);
-        }
-    }
-}
-
-/// Database files (and DB_CONFIG) not in `sent`.
-fn list_unsent(
-    shared: &Shared,
-    sent: &BTreeSet<String>,
-) -> Result<Vec<(String, FileKind, u32)>, Status> {
-    let mut out = Vec::new();
-    if shared.layout.home.join(DB_CONFIG).is_file() && !sent.contains(DB_CONFIG) {
-        out.push((DB_CONFIG.to_owned(), FileKind::Config, 4096));
-    }
-    for f in shared
-        .layout
-        .database_files()
-        .map_err(|e| Status::internal(e.to_string()))?
-    {
-        if !sent.contains(&f.name) {
-            out.push((f.name, FileKind::Database, f.page_size));
-        }
-    }
-    Ok(out)
-}
-
-/// A base's file copy: every file not yet sent, then BaseFilesDone.
-fn ship_files(
-    shared: &Shared,
-    tx: &Outbox,
-    sent: &mut BTreeSet<String>,
-    theirs: &BTreeMap<String, Vec<u8>>,
-) -> Result<(), Status> {
-    let started = std::time::Instant::now();
-    let (mut bytes, mut skipped) = (0, 0);
-    let files = list_unsent(shared, sent)?;
-    let sizes: Vec<u64> = files
-        .iter()
-        .map(|(name, _, _)| std::fs::metadata(shared.layout.home.join(name)).map_or(0, |m| m.len()))
-        .collect();
-    for (i, (name, kind, page_size)) in files.into_iter().enumerate() {
-        let after: u64 = sizes[i + 1..].iter().sum();
-        let (b, s) = ship_file(
-            shared,
-            tx,
-            &name,
-            kind,
-            page_size,
-            theirs.get(&name).map(Vec::as_slice),
-            Some(after),
-        )?;
-        bytes += b;
-        skipped += s;
-        sent.insert(name);
-    }
-    // Read after the copy: WAL puts every copied page's log record
-    // before this point.
-    let consistent_at = current_log_end(shared).map_err(|e| io_status("read end of log", e))?;
-    tracing::info!(files = sent.len(), bytes, skipped, secs = started.elapsed().as_secs_f64(), %consistent_at, "base copy sent");
-    blocking_send(
-        tx,
-        Kind::BaseFilesDone(BaseFilesDone {
-            consistent_at: Some(consistent_at.into()),
-        }),
-    )
-}
-
-fn blocking_send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
-    tx.blocking_send(msg(kind))
-        .map_err(|_| Status::cancelled("standby went away"))
-}
-
-/// Ships one file in stable, page-aligned chunks. Pages whose digest
-/// matches the standby's copy (`theirs`, during a rebase) are sent as
-/// FileSame instead of bytes. `after`: bytes of the files that follow it in
-/// this base copy (for the standby's progress); `None` for a file that
-/// appeared after the copy. Returns (bytes sent, skipped).
-fn ship_file(
-    shared: &Shared,
-    tx: &Outbox,
-    name: &str,
-    kind: FileKind,
-    page_size: u32,
-    theirs: Option<&[u8]>,
-    after: Option<u64>,
-) -> Result<(u64, u64), Status> {
-    let (in_base, after) = (after.is_some(), after.unwrap_or(0));
-    let path = shared.layout.home.join(name);
-    let file = match File::open(&path) {
-        Ok(f) => f,
-        // Removed since it was listed: nothing to ship.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
-        Err(e) => return Err(io_status(&format!("open {}", path.display()), e)),
-    };
-    let size = file.metadata().map_err(|e| io_status("stat", e))?.len();
-    blocking_send(
-        tx,
-        Kind::FileStart(FileStart {
-            name: name.to_owned(),
-            size,
-            kind: kind as i32,
-            page_size,
-            base_bytes_left: if in_base { size + after } else { 0 },
-        }),
-    )?;
-    let page = page_size.max(512) as usize;
-    let chunk_len = (MAX_CHUNK / page).max(1) * page;
-    let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);
-    let mut second_read = Vec::new();
-    while offset < size {
-        let want = chunk_len.min((size - offset) as usize);
-        let data = read_stable_pages(&file, offset, want, page, &mut second_read)
-            .map_err(|e| io_status(&format!("read {name}"), e))?;
-        // Owned by the message from here on: runs are slices of it, not copies.
-        let data = bytes::Bytes::from(data);
-        if data.is_empty() {
-            break; // the file shrank while we read it
-        }
-        let len = data.len() as u64;
-        for (run_offset, run_len, same) in runs(&data, offset, page, theirs) {
-            if same {
-                blocking_send(
-                    tx,
-                    Kind::FileSame(FileSame {
-                        name: name.to_owned(),
-                        offset: run_offset,
-                        len: run_len as u64,
-                    }),
-                )?;
-                skipped += run_len as u64;
-            } else {
-                let start = (run_offset - offset) as usize;
-                let bytes = data.slice(start..start + run_len);
-                shared
-                    .counters
-                    .file_bytes
-                    .fetch_add(run_len as u64, Ordering::Relaxed);
-                blocking_send(
-                    tx,
-                    Kind::FileChunk(FileChunk {
-                        name: name.to_owned(),
-                        offset: run_offset,
-                        blake3: digest(shared, &bytes),
-                        data: bytes,
-                    }),
-                )?;
-                sent += run_len as u64;
-            }
-        }
-        offset += len;
-    }
-    blocking_send(
-        tx,
-        Kind::FileEnd(FileEnd {
-            name: name.to_owned(),
-            size: offset,
-        }),
-    )?;
-    Ok((sent, skipped))
-}
-
-/// Splits a chunk read at `offset` into runs of pages that are the same as
-/// the standby's (`true`) or not, as (file offset, length, same).
-fn runs(data: &[u8], offset: u64, page: usize, theirs: Option<&[u8]>) -> Vec<(u64, usize, bool)> {
-    use tandem_shared::pages::{page_digests, PAGE_DIGEST_LEN};
-    let Some(theirs) = theirs else {
-        return vec![(offset, data.len(), false)];
-    };
-    let ours = page_digests(data, page);
-    let first_page = (offset / page as u64) as usize;
-    let mut out: Vec<(u64, usize, bool)> = Vec::new();
-    for (i, chunk) in data.chunks(page).enumerate() {
-        let d = &ours[i * PAGE_DIGEST_LEN..(i + 1) * PAGE_DIGEST_LEN];
-        let at = (first_page + i) * PAGE_DIGEST_LEN;
-        // A short last page is never "the same": its length may differ.
-        let same = chunk.len() == page && theirs.get(at..at + PAGE_DIGEST_LEN) == Some(d);
-        match out.last_mut() {
-            Some(last) if last.2 == same => last.1 += chunk.len(),
-            _ => out.push((offset + (i * page) as u64, chunk.len(), same)),
-        }
-    }
-    out
-}
-
-/// Walks the newest log file now (not the watcher's possibly older view).
-fn current_log_end(shared: &Shared) -> io::Result<LogPosition> {
-    let files = shared.layout.log_files().map_err(io::Error::other)?;
-    let Some(&newest) = files.last() else {
-        return Ok(LogPosition::ZERO);
-    };
-    let w = walk_file(&File::open(shared.layout.log_path(newest))?, None)?;
-    Ok(LogPosition::new(newest, w.end))
-}
-
 async fn heartbeats(shared: &Shared, tx: &Outbox) {
     let mut tick = tokio::time::interval(shared.heartbeat_interval);
     loop {
@@ -771,28 +440,5 @@ async fn heartbeats(shared: &Shared, tx: &Outbox) {
         if send(tx, Kind::Heartbeat(hb)).await.is_err() {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::runs;
-    use tandem_shared::pages::page_digests;
-
-    #[test]
-    fn runs_skip_pages_the_standby_has() {
-        let mut data = vec![1u8; 4096 * 4];
-        let theirs = page_digests(&data, 4096);
-        data[4096 * 2 + 7] = 9; // page 2 changed
-        assert_eq!(
-            runs(&data, 0, 4096, Some(&theirs)),
-            vec![(0, 8192, true), (8192, 4096, false), (12288, 4096, true)]
-        );
-        assert_eq!(runs(&data, 0, 4096, None), vec![(0, 16384, false)]);
-        // The same pages later in the file are compared with their own index.
-        assert_eq!(
-            runs(&data[8192..], 8192, 4096, Some(&theirs)),
-            vec![(8192, 4096, false), (12288, 4096, true)]
-        );
     }
 }

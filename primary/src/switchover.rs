@@ -4,7 +4,7 @@
 //! commit), the verified end of log, and whether the asking standby holds
 //! all of it.
 
-use crate::server::Shared;
+use crate::context::Shared;
 use std::fs::File;
 use tandem_shared::envlayout::EnvLayout;
 use tandem_shared::envusers::env_users_but_my_children;

@@ -399,3 +399,67 @@ fn a_connected_standby_ends_complete_whether_or_not_a_burst_drops_it() -> Result
     );
     Ok(())
 }
+
+#[test]
+fn an_unreadable_standbys_file_holds_every_log_file_until_it_is_repaired() -> Result<()> {
+    let (s, mut primary, mut standby) = retained_pair(64)?;
+    let first_base = base_id(&s.path("standby"))?;
+    // The standby goes offline: its slot holds the logs it lacks...
+    assert!(standby.stop(LONG)?.success());
+    assert!(primary.proc.stop(LONG)?.success());
+    // ...but the primary's record of it is damaged (one flipped byte).
+    let file = s.path("env").join(".tandem-primary").join("standbys");
+    let mut bytes = std::fs::read(&file)?;
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x20;
+    std::fs::write(&file, &bytes)?;
+    let kept = tandem_shared::envlayout::EnvLayout::open(&s.path("env"))?.log_files()?;
+    let args = [
+        "--retention",
+        "--retention-interval-secs",
+        "1",
+        "--retention-cap-mib",
+        "64",
+    ];
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
+    bdb::run_workload(&s.path("env"), &workload(5000))?;
+    // Several passes after the log moved on: each one removes nothing.
+    let blocked = "retention removes nothing until the file is repaired";
+    let seen = primary.proc.log_text().matches(blocked).count();
+    wait_for(
+        "two more retention passes that keep every file",
+        LONG,
+        || {
+            let now = tandem_shared::envlayout::EnvLayout::open(&s.path("env"))?.log_files()?;
+            if let Some(n) = kept.iter().find(|n| !now.contains(n)) {
+                anyhow::bail!("log {n} was removed while retention was blocked");
+            }
+            Ok(primary.proc.log_text().matches(blocked).count() >= seen + 2)
+        },
+    )?;
+    let status = primary_status(&s, &primary)?;
+    assert!(
+        status["retention_blocked"]
+            .as_str()
+            .is_some_and(|b| b.contains("checksum")),
+        "{status}"
+    );
+    // The standby returns and continues its own base: nothing it needed went.
+    let _standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &QUIET,
+    )?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    assert_eq!(base_id(&s.path("standby"))?, first_base);
+    // The operator removes the damaged file (the standby is connected, so
+    // the primary knows it again): retention resumes.
+    std::fs::remove_file(&file)?;
+    wait_for("retention to resume", LONG, || {
+        Ok(log_count(&s.path("env"))? <= 4)
+    })?;
+    assert!(primary_status(&s, &primary)?["retention_blocked"].is_null());
+    Ok(())
+}

@@ -1,0 +1,342 @@
+//! The base copy of one session: every database file (and `DB_CONFIG`),
+//! read in stable pages, then a rescan now and then for databases created
+//! later, and rebases when the standby asks. Runs on a blocking thread;
+//! it ends when the session drops its command channel or the primary stops.
+
+use crate::context::Shared;
+use crate::outbox::{blocking_send, io_status, Outbox};
+use crate::registry::SessionGuard;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io;
+use std::sync::atomic::Ordering;
+use tandem_shared::envlayout::DB_CONFIG;
+use tandem_shared::logfile::walk_file;
+use tandem_shared::pages::read_stable_pages;
+use tandem_shared::wire::{
+    primary_message::Kind, BaseFilesDone, BaseStart, FileChunk, FileEnd, FileKind, FileSame,
+    FileStart, PageDigests,
+};
+use tandem_shared::{LogPosition, MAX_CHUNK};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// What the standby asks of the base task.
+pub enum BaseCommand {
+    Digests(PageDigests),
+    /// With where the standby's current base starts.
+    Rebase(LogPosition),
+}
+
+/// The first log file a base copy taken now needs: the one holding the last
+/// checkpoint's `ckp_lsn`, i.e. the first file `db_archive` does not list
+/// (BDB.md §7). Without a checkpoint, every log file is needed.
+pub fn base_boundary(shared: &Shared) -> Result<LogPosition, Status> {
+    let files = shared
+        .layout
+        .log_files()
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let Some(&newest) = files.last() else {
+        return Err(Status::unavailable(format!(
+            "no log files in {}: is this a transactional Berkeley DB environment?",
+            shared.layout.log_dir().display()
+        )));
+    };
+    let inactive = shared
+        .tools
+        .inactive_logs(&shared.layout.home)
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "db_archive failed; the base will include every log file");
+            Vec::new()
+        });
+    let first = files
+        .iter()
+        .copied()
+        .find(|n| !inactive.contains(n))
+        .unwrap_or(newest);
+    Ok(LogPosition::new(first, 0))
+}
+
+/// Ships the database files the standby does not have, then rescans for
+/// databases created later and serves rebase requests.
+pub fn ship_base(
+    shared: &Shared,
+    tx: &Outbox,
+    guard: &SessionGuard,
+    stop: &CancellationToken,
+    mut sent: BTreeSet<String>,
+    files_done: bool,
+    commands: std::sync::mpsc::Receiver<BaseCommand>,
+) -> Result<(), Status> {
+    if !files_done {
+        ship_files(shared, tx, stop, &mut sent, &BTreeMap::new())?;
+    }
+    // Page digests of the standby's files, collected for a rebase.
+    let mut theirs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    loop {
+        match commands.recv_timeout(shared.rescan_interval) {
+            Ok(BaseCommand::Digests(d)) => {
+                let at = d.first_page as usize * tandem_shared::pages::PAGE_DIGEST_LEN;
+                let v = theirs.entry(d.name).or_default();
+                if v.len() < at + d.digests.len() {
+                    v.resize(at + d.digests.len(), 0);
+                }
+                v[at..at + d.digests.len()].copy_from_slice(&d.digests);
+                continue;
+            }
+            Ok(BaseCommand::Rebase(current)) => {
+                let log_start = base_boundary(shared)?;
+                if log_start.file <= current.file {
+                    tracing::warn!(
+                        boundary = %log_start, current = %current,
+                        "rebase requested but BDB still needs the log from the standby's current base on \
+                         (no checkpoint since, or a long-running transaction): not rebasing"
+                    );
+                    theirs.clear();
+                    continue;
+                }
+                let base_id = crate::identity::random_id();
+                tracing::info!(base = %base_id, %log_start, "rebase: sending a fresh base, only pages the standby lacks");
+                blocking_send(
+                    tx,
+                    Kind::BaseStart(BaseStart {
+                        base_id: base_id.clone(),
+                        log_start: Some(log_start.into()),
+                        reason: "rebase requested by the standby".into(),
+                        rebase: true,
+                    }),
+                )?;
+                guard.rebased(&base_id);
+                let mut fresh = BTreeSet::new();
+                ship_files(shared, tx, stop, &mut fresh, &theirs)?;
+                sent = fresh;
+                theirs.clear();
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+        if tx.is_closed() || stop.is_cancelled() {
+            return Ok(());
+        }
+        for (name, kind, page_size) in list_unsent(shared, &sent)? {
+            tracing::info!(file = %name, "new database file; shipping it");
+            ship_file(shared, tx, stop, &name, kind, page_size, None, None)?;
+            sent.insert(name);
+        }
+    }
+}
+
+/// Database files (and DB_CONFIG) not in `sent`.
+fn list_unsent(
+    shared: &Shared,
+    sent: &BTreeSet<String>,
+) -> Result<Vec<(String, FileKind, u32)>, Status> {
+    let mut out = Vec::new();
+    if shared.layout.home.join(DB_CONFIG).is_file() && !sent.contains(DB_CONFIG) {
+        out.push((DB_CONFIG.to_owned(), FileKind::Config, 4096));
+    }
+    for f in shared
+        .layout
+        .database_files()
+        .map_err(|e| Status::internal(e.to_string()))?
+    {
+        if !sent.contains(&f.name) {
+            out.push((f.name, FileKind::Database, f.page_size));
+        }
+    }
+    Ok(out)
+}
+
+/// A base's file copy: every file not yet sent, then BaseFilesDone.
+fn ship_files(
+    shared: &Shared,
+    tx: &Outbox,
+    stop: &CancellationToken,
+    sent: &mut BTreeSet<String>,
+    theirs: &BTreeMap<String, Vec<u8>>,
+) -> Result<(), Status> {
+    let started = std::time::Instant::now();
+    let (mut bytes, mut skipped) = (0, 0);
+    let files = list_unsent(shared, sent)?;
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|(name, _, _)| std::fs::metadata(shared.layout.home.join(name)).map_or(0, |m| m.len()))
+        .collect();
+    for (i, (name, kind, page_size)) in files.into_iter().enumerate() {
+        let after: u64 = sizes[i + 1..].iter().sum();
+        let (b, s) = ship_file(
+            shared,
+            tx,
+            stop,
+            &name,
+            kind,
+            page_size,
+            theirs.get(&name).map(Vec::as_slice),
+            Some(after),
+        )?;
+        bytes += b;
+        skipped += s;
+        sent.insert(name);
+    }
+    // Read after the copy: WAL puts every copied page's log record
+    // before this point.
+    let consistent_at = current_log_end(shared).map_err(|e| io_status("read end of log", e))?;
+    tracing::info!(files = sent.len(), bytes, skipped, secs = started.elapsed().as_secs_f64(), %consistent_at, "base copy sent");
+    blocking_send(
+        tx,
+        Kind::BaseFilesDone(BaseFilesDone {
+            consistent_at: Some(consistent_at.into()),
+        }),
+    )
+}
+
+/// Ships one file in stable, page-aligned chunks. Pages whose digest
+/// matches the standby's copy (`theirs`, during a rebase) are sent as
+/// FileSame instead of bytes. `after`: bytes of the files that follow it in
+/// this base copy (for the standby's progress); `None` for a file that
+/// appeared after the copy. Returns (bytes sent, skipped).
+#[allow(clippy::too_many_arguments)]
+fn ship_file(
+    shared: &Shared,
+    tx: &Outbox,
+    stop: &CancellationToken,
+    name: &str,
+    kind: FileKind,
+    page_size: u32,
+    theirs: Option<&[u8]>,
+    after: Option<u64>,
+) -> Result<(u64, u64), Status> {
+    let (in_base, after) = (after.is_some(), after.unwrap_or(0));
+    let path = shared.layout.home.join(name);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        // Removed since it was listed: nothing to ship.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(io_status(&format!("open {}", path.display()), e)),
+    };
+    let size = file.metadata().map_err(|e| io_status("stat", e))?.len();
+    blocking_send(
+        tx,
+        Kind::FileStart(FileStart {
+            name: name.to_owned(),
+            size,
+            kind: kind as i32,
+            page_size,
+            base_bytes_left: if in_base { size + after } else { 0 },
+        }),
+    )?;
+    let page = page_size.max(512) as usize;
+    let chunk_len = (MAX_CHUNK / page).max(1) * page;
+    let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);
+    let mut second_read = Vec::new();
+    while offset < size {
+        if stop.is_cancelled() {
+            return Err(Status::cancelled("the session is ending"));
+        }
+        let want = chunk_len.min((size - offset) as usize);
+        let data = read_stable_pages(&file, offset, want, page, &mut second_read)
+            .map_err(|e| io_status(&format!("read {name}"), e))?;
+        // Owned by the message from here on: runs are slices of it, not copies.
+        let data = bytes::Bytes::from(data);
+        if data.is_empty() {
+            break; // the file shrank while we read it
+        }
+        let len = data.len() as u64;
+        for (run_offset, run_len, same) in runs(&data, offset, page, theirs) {
+            if same {
+                blocking_send(
+                    tx,
+                    Kind::FileSame(FileSame {
+                        name: name.to_owned(),
+                        offset: run_offset,
+                        len: run_len as u64,
+                    }),
+                )?;
+                skipped += run_len as u64;
+            } else {
+                let start = (run_offset - offset) as usize;
+                let bytes = data.slice(start..start + run_len);
+                shared
+                    .counters
+                    .file_bytes
+                    .fetch_add(run_len as u64, Ordering::Relaxed);
+                blocking_send(
+                    tx,
+                    Kind::FileChunk(FileChunk {
+                        name: name.to_owned(),
+                        offset: run_offset,
+                        blake3: shared.digest(&bytes),
+                        data: bytes,
+                    }),
+                )?;
+                sent += run_len as u64;
+            }
+        }
+        offset += len;
+    }
+    blocking_send(
+        tx,
+        Kind::FileEnd(FileEnd {
+            name: name.to_owned(),
+            size: offset,
+        }),
+    )?;
+    Ok((sent, skipped))
+}
+
+/// Splits a chunk read at `offset` into runs of pages that are the same as
+/// the standby's (`true`) or not, as (file offset, length, same).
+fn runs(data: &[u8], offset: u64, page: usize, theirs: Option<&[u8]>) -> Vec<(u64, usize, bool)> {
+    use tandem_shared::pages::{page_digests, PAGE_DIGEST_LEN};
+    let Some(theirs) = theirs else {
+        return vec![(offset, data.len(), false)];
+    };
+    let ours = page_digests(data, page);
+    let first_page = (offset / page as u64) as usize;
+    let mut out: Vec<(u64, usize, bool)> = Vec::new();
+    for (i, chunk) in data.chunks(page).enumerate() {
+        let d = &ours[i * PAGE_DIGEST_LEN..(i + 1) * PAGE_DIGEST_LEN];
+        let at = (first_page + i) * PAGE_DIGEST_LEN;
+        // A short last page is never "the same": its length may differ.
+        let same = chunk.len() == page && theirs.get(at..at + PAGE_DIGEST_LEN) == Some(d);
+        match out.last_mut() {
+            Some(last) if last.2 == same => last.1 += chunk.len(),
+            _ => out.push((offset + (i * page) as u64, chunk.len(), same)),
+        }
+    }
+    out
+}
+
+/// Walks the newest log file now (not the watcher's possibly older view).
+fn current_log_end(shared: &Shared) -> io::Result<LogPosition> {
+    let files = shared.layout.log_files().map_err(io::Error::other)?;
+    let Some(&newest) = files.last() else {
+        return Ok(LogPosition::ZERO);
+    };
+    let w = walk_file(&File::open(shared.layout.log_path(newest))?, None)?;
+    Ok(LogPosition::new(newest, w.end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+    use tandem_shared::pages::page_digests;
+
+    #[test]
+    fn runs_skip_pages_the_standby_has() {
+        let mut data = vec![1u8; 4096 * 4];
+        let theirs = page_digests(&data, 4096);
+        data[4096 * 2 + 7] = 9; // page 2 changed
+        assert_eq!(
+            runs(&data, 0, 4096, Some(&theirs)),
+            vec![(0, 8192, true), (8192, 4096, false), (12288, 4096, true)]
+        );
+        assert_eq!(runs(&data, 0, 4096, None), vec![(0, 16384, false)]);
+        // The same pages later in the file are compared with their own index.
+        assert_eq!(
+            runs(&data[8192..], 8192, 4096, Some(&theirs)),
+            vec![(8192, 4096, false), (12288, 4096, true)]
+        );
+    }
+}

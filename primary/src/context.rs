@@ -1,0 +1,82 @@
+//! What every part of a running primary shares: the environment, its
+//! identity, the end of its log, the standby registry and the stop signal.
+//! The bottom of the crate: it depends on nothing above it, and the
+//! server, the sessions, retention and metrics depend on it.
+
+use crate::identity::PrimaryIdentity;
+use crate::log_watch::LogEnd;
+use crate::registry::StandbyRegistry;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_shared::bdb::BdbTools;
+use tandem_shared::envlayout::EnvLayout;
+use tandem_shared::wire::PrimaryStatus;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub file_bytes: AtomicU64,
+    pub log_bytes: AtomicU64,
+    pub chunks: AtomicU64,
+    pub sessions: AtomicU64,
+}
+
+/// State shared by every session of one primary.
+pub struct Shared {
+    pub layout: EnvLayout,
+    pub identity: PrimaryIdentity,
+    pub log_end: watch::Receiver<LogEnd>,
+    pub tools: BdbTools,
+    pub heartbeat_interval: Duration,
+    pub rescan_interval: Duration,
+    pub corrupt_chunk: Option<u64>,
+    pub counters: Counters,
+    pub registry: Arc<StandbyRegistry>,
+    /// Cancelled when the primary shuts down: sessions end their streams
+    /// (so the server's graceful shutdown does not wait on them forever),
+    /// retention and the log watcher stop.
+    pub stop: CancellationToken,
+}
+
+impl Shared {
+    pub fn status(&self) -> PrimaryStatus {
+        let end = *self.log_end.borrow();
+        PrimaryStatus {
+            env_id: self.identity.env_id.clone(),
+            epoch: self.identity.epoch,
+            end: Some(end.end.into()),
+            standbys: self.registry.status(end.end, end.lg_max),
+            retention_blocked: self
+                .registry
+                .unreadable()
+                .map(|why| {
+                    format!(
+                        "{why}; no log file is removed until the standbys file is repaired or removed"
+                    )
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl Shared {
+    /// The blake3 digest a chunk travels with.
+    pub fn digest(&self, data: &[u8]) -> bytes::Bytes {
+        let mut d = blake3::hash(data).as_bytes().to_vec();
+        // Test-only fault injection: corrupt the digest of the Nth chunk so
+        // the standby sees a chunk whose bytes do not match (as if flipped in
+        // transit, below TLS).
+        let n = self
+            .counters
+            .chunks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if self.corrupt_chunk == Some(n) {
+            tracing::warn!(chunk = n, "fault injection: corrupting this chunk's digest");
+            d[0] ^= 0xff;
+        }
+        bytes::Bytes::from(d)
+    }
+}

@@ -1,0 +1,385 @@
+//! Where a standby's stream starts: continue its log, send a new base, or
+//! refuse.
+//!
+//! A new base makes the standby replace what it holds, so it is sent only
+//! when nothing the standby holds can be lost by it: the standby holds no
+//! base, asked for one (`Hello.new_base_request`), or needs log files that
+//! are gone from the primary (a gap: what it holds is older than anything
+//! the primary can continue). Everything else that stops a resume is
+//! refused instead:
+//!
+//! - the primary cannot read its own log: `unavailable`, the standby
+//!   retries; a passing I/O error must never cost a standby its copy;
+//! - the standby's log does not continue the primary's (it ends beyond the
+//!   primary's end, not on a record boundary, or with a different last
+//!   record): `failed_precondition`, "diverged: …". The standby may hold
+//!   transactions this primary lost (a primary restored from an older copy,
+//!   or whose unsynced log was lost in a crash), so only the operator may
+//!   choose between promoting it and starting it over.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use tandem_shared::envlayout::EnvLayout;
+use tandem_shared::logfile::{read_verified, walk_file, WalkStop};
+use tandem_shared::wire::Hello;
+use tandem_shared::LogPosition;
+use tonic::Status;
+
+/// Where the log stream starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    Resume {
+        from: LogPosition,
+        prev: Option<u32>,
+    },
+    NewBase {
+        reason: String,
+    },
+}
+
+/// Why the primary will not serve this standby now.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("the primary cannot read its log now ({0}); retry later")]
+    Unavailable(String),
+    #[error(transparent)]
+    Diverged(#[from] Divergence),
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Self {
+        match &r {
+            Refusal::Unavailable(_) => Status::unavailable(r.to_string()),
+            Refusal::Diverged(_) => Status::failed_precondition(r.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DivergenceKind {
+    /// The standby holds log past the primary's end of log.
+    BeyondEnd,
+    /// The standby's end falls inside one of the primary's records.
+    NotARecordBoundary,
+    /// The record before the standby's end differs from the primary's.
+    LastRecordDiffers,
+}
+
+/// The standby's log does not continue the primary's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Divergence {
+    pub kind: DivergenceKind,
+    /// End of the log the standby holds durably.
+    pub standby: LogPosition,
+    /// The primary's end of log.
+    pub primary_end: LogPosition,
+    /// Log bytes the standby holds beyond the point where the two agree,
+    /// at least; `None` when that point is unknown.
+    pub beyond: Option<u64>,
+}
+
+impl fmt::Display for Divergence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = match self.kind {
+            DivergenceKind::BeyondEnd => "the standby holds log beyond this primary's end of log",
+            DivergenceKind::NotARecordBoundary => {
+                "the standby's end of log falls inside one of this primary's log records"
+            }
+            DivergenceKind::LastRecordDiffers => {
+                "the standby's last log record differs from this primary's record at the same position"
+            }
+        };
+        let beyond = match self.beyond {
+            Some(n) => format!("at least {n} bytes of log beyond the point where the two agree"),
+            None => "log beyond the point where the two agree (how much is unknown)".into(),
+        };
+        write!(
+            f,
+            "diverged: {why}: the standby holds the log up to {} durably, this primary's log ends at {}; \
+             the standby holds {beyond}. Nothing was sent and the standby's directory was not touched. \
+             Choose one: promote the standby (`tandem-standby promote`), since it may hold transactions \
+             this primary lost; or restart it with `tandem-standby run --start-over` to discard what it \
+             holds and take a new base from this primary",
+            self.standby, self.primary_end
+        )
+    }
+}
+
+/// Can the standby's log be continued, does it need a new base, or must
+/// it be refused?
+pub fn plan(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
+    let new_base = |reason: String| Ok(Plan::NewBase { reason });
+    if hello.base_id.is_empty() {
+        return new_base("the standby holds no base yet".into());
+    }
+    if !hello.new_base_request.is_empty() {
+        return new_base(format!(
+            "the standby asked for one: {}",
+            hello.new_base_request
+        ));
+    }
+    let d: LogPosition = hello.durable.unwrap_or_default().into();
+    if d.file == 0 {
+        return new_base("the standby holds no log position".into());
+    }
+    let unavailable =
+        |what: &str, e: &dyn fmt::Display| Refusal::Unavailable(format!("{what}: {e}"));
+    let files = layout
+        .log_files()
+        .map_err(|e| unavailable("listing the log files", &e))?;
+    let Some(&newest) = files.last() else {
+        return Err(Refusal::Unavailable(format!(
+            "no log files in {}",
+            layout.log_dir().display()
+        )));
+    };
+    let (end, lg_max) = log_end(layout, newest)
+        .map_err(|e| unavailable(&format!("reading {}", layout.log_name(newest)), &e))?;
+    // The very start of the file after the primary's newest is where a
+    // caught-up standby waits for BDB's next file: nothing beyond.
+    let waiting_for_next = d.offset == 0 && d.file == newest + 1;
+    if d > end && !waiting_for_next {
+        return Err(Divergence {
+            kind: DivergenceKind::BeyondEnd,
+            standby: d,
+            primary_end: end,
+            beyond: Some(end.bytes_until(d, lg_max)),
+        }
+        .into());
+    }
+    let missing: Vec<u32> = (d.file..=newest)
+        .filter(|n| files.binary_search(n).is_err())
+        .collect();
+    if !missing.is_empty() {
+        let names: Vec<String> = missing
+            .iter()
+            .take(5)
+            .map(|n| layout.log_name(*n))
+            .collect();
+        return new_base(format!(
+            "log files the standby needs to continue from {d} are gone from the primary ({}{}); they were removed before \
+             they were shipped, so the standby's copy cannot be continued",
+            names.join(", "),
+            if missing.len() > 5 { ", ..." } else { "" }
+        ));
+    }
+    if d.offset == 0 {
+        return Ok(Plan::Resume {
+            from: d,
+            prev: None,
+        });
+    }
+    let path = layout.log_path(d.file);
+    let read = || -> io::Result<_> {
+        let f = File::open(&path)?;
+        let r = read_verified(&f, 0, None, d.offset as usize)?;
+        // Where this file's verified records end, when they end before d.
+        let file_end = if r.walk.end < d.offset && r.walk.stop != WalkStop::EndOfBuffer {
+            Some(walk_file(&f, None)?.end)
+        } else {
+            None
+        };
+        Ok((r, file_end))
+    };
+    let (r, file_end) =
+        read().map_err(|e| unavailable(&format!("reading {}", path.display()), &e))?;
+    let diverged = |kind, beyond| {
+        Err(Divergence {
+            kind,
+            standby: d,
+            primary_end: end,
+            beyond,
+        }
+        .into())
+    };
+    if r.walk.end != d.offset {
+        return match file_end {
+            // This file of the primary's ends before d (an older, complete
+            // file that is shorter than the standby's copy of it).
+            Some(fe) if fe < d.offset => {
+                diverged(DivergenceKind::BeyondEnd, Some(u64::from(d.offset - fe)))
+            }
+            _ => diverged(DivergenceKind::NotARecordBoundary, None),
+        };
+    }
+    let last = r.walk.last_record.unwrap_or(0) as usize;
+    if !hello.last_record_digest.is_empty()
+        && blake3::hash(&r.bytes[last..]).as_bytes()[..] != hello.last_record_digest[..]
+    {
+        return diverged(
+            DivergenceKind::LastRecordDiffers,
+            Some(u64::from(d.offset) - last as u64),
+        );
+    }
+    Ok(Plan::Resume {
+        from: d,
+        prev: r.walk.last_record,
+    })
+}
+
+/// The primary's end of verified log, walked now (not the watcher's
+/// possibly older view), and the log file size from its header.
+fn log_end(layout: &EnvLayout, newest: u32) -> io::Result<(LogPosition, u32)> {
+    let w = walk_file(&File::open(layout.log_path(newest))?, None)?;
+    Ok((
+        LogPosition::new(newest, w.end),
+        w.header.map_or(0, |h| h.lg_max),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_shared::logfile::synth;
+
+    const LG_MAX: u32 = 1 << 16;
+
+    /// An environment with log files 1 and 2, three records each; returns
+    /// the layout and, per file, the offsets just past each record.
+    fn env(dir: &std::path::Path) -> (EnvLayout, Vec<Vec<u32>>) {
+        let bodies: [&[u8]; 3] = [b"alpha record", b"beta", b"gamma gamma gamma"];
+        let mut ends = Vec::new();
+        for n in 1..=2u32 {
+            let image = synth::file(0, LG_MAX, &bodies, 4096);
+            let w = tandem_shared::logfile::walk(&image, 0, None);
+            let mut file_ends = vec![];
+            let mut at = 0u32;
+            for body in std::iter::once(&[0u8; 16][..]).chain(bodies.iter().copied()) {
+                at += 12 + body.len() as u32;
+                file_ends.push(at);
+            }
+            assert_eq!(*file_ends.last().unwrap(), w.end);
+            ends.push(file_ends);
+            std::fs::write(dir.join(format!("log.{n:010}")), image).unwrap();
+        }
+        (EnvLayout::open(dir).unwrap(), ends)
+    }
+
+    fn hello(durable: LogPosition, digest: Vec<u8>) -> Hello {
+        Hello {
+            base_id: "base".into(),
+            durable: Some(durable.into()),
+            last_record_digest: digest.into(),
+            ..Default::default()
+        }
+    }
+
+    fn digest_of_last_record(layout: &EnvLayout, at: LogPosition) -> Vec<u8> {
+        let f = File::open(layout.log_path(at.file)).unwrap();
+        let r = read_verified(&f, 0, None, at.offset as usize).unwrap();
+        let last = r.walk.last_record.unwrap() as usize;
+        blake3::hash(&r.bytes[last..]).as_bytes().to_vec()
+    }
+
+    #[test]
+    fn a_standby_at_a_matching_record_boundary_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let at = LogPosition::new(2, ends[1][2]);
+        let p = plan(&layout, &hello(at, digest_of_last_record(&layout, at))).unwrap();
+        assert!(matches!(p, Plan::Resume { from, prev: Some(_) } if from == at));
+    }
+
+    #[test]
+    fn an_io_error_reading_the_log_is_unavailable_never_a_new_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let at = LogPosition::new(1, ends[0][2]);
+        // A directory where the log file was: listed, opened, unreadable.
+        std::fs::remove_file(layout.log_path(1)).unwrap();
+        std::fs::create_dir(layout.log_path(1)).unwrap();
+        let r = plan(&layout, &hello(at, vec![])).unwrap_err();
+        assert!(matches!(r, Refusal::Unavailable(_)), "{r}");
+        assert_eq!(Status::from(r).code(), tonic::Code::Unavailable);
+        // The same with the newest file, read for the end of log.
+        std::fs::remove_file(layout.log_path(2)).unwrap();
+        std::fs::create_dir(layout.log_path(2)).unwrap();
+        let r = plan(&layout, &hello(at, vec![])).unwrap_err();
+        assert!(matches!(r, Refusal::Unavailable(_)), "{r}");
+    }
+
+    #[test]
+    fn a_standby_beyond_the_end_of_log_has_diverged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let end = LogPosition::new(2, ends[1][3]);
+        for (at, beyond) in [
+            (LogPosition::new(2, end.offset + 100), 100),
+            (
+                LogPosition::new(4, 500),
+                u64::from(LG_MAX - end.offset + LG_MAX + 500),
+            ),
+        ] {
+            let Err(Refusal::Diverged(d)) = plan(&layout, &hello(at, vec![])) else {
+                panic!("{at} must be refused");
+            };
+            assert_eq!(d.kind, DivergenceKind::BeyondEnd);
+            assert_eq!(d.beyond, Some(beyond));
+            let msg = Status::from(Refusal::Diverged(d)).message().to_owned();
+            assert!(msg.starts_with("diverged:"), "{msg}");
+            for needle in [
+                at.to_string(),
+                end.to_string(),
+                "--start-over".into(),
+                "promote".into(),
+            ] {
+                assert!(msg.contains(&needle), "{msg} lacks {needle}");
+            }
+        }
+        // Waiting at the start of the next file is not beyond anything.
+        let next = LogPosition::new(3, 0);
+        assert!(matches!(
+            plan(&layout, &hello(next, vec![])),
+            Ok(Plan::Resume { from, .. }) if from == next
+        ));
+    }
+
+    #[test]
+    fn a_standby_longer_than_an_older_file_has_diverged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let at = LogPosition::new(1, ends[0][3] + 40);
+        let Err(Refusal::Diverged(d)) = plan(&layout, &hello(at, vec![])) else {
+            panic!("must be refused");
+        };
+        assert_eq!((d.kind, d.beyond), (DivergenceKind::BeyondEnd, Some(40)));
+    }
+
+    #[test]
+    fn a_standby_inside_a_record_or_with_another_last_record_has_diverged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let inside = LogPosition::new(2, ends[1][2] - 3);
+        let Err(Refusal::Diverged(d)) = plan(&layout, &hello(inside, vec![])) else {
+            panic!("must be refused");
+        };
+        assert_eq!(d.kind, DivergenceKind::NotARecordBoundary);
+        let at = LogPosition::new(2, ends[1][2]);
+        let Err(Refusal::Diverged(d)) = plan(&layout, &hello(at, vec![7; 32])) else {
+            panic!("must be refused");
+        };
+        assert_eq!(d.kind, DivergenceKind::LastRecordDiffers);
+        assert_eq!(d.beyond, Some(u64::from(ends[1][2] - ends[1][1])));
+    }
+
+    #[test]
+    fn a_gap_a_request_or_no_base_lead_to_a_new_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let at = LogPosition::new(1, ends[0][2]);
+        let mut h = hello(at, vec![]);
+        h.new_base_request = "operator: run --start-over".into();
+        assert!(
+            matches!(plan(&layout, &h), Ok(Plan::NewBase { reason }) if reason.contains("--start-over"))
+        );
+        h.new_base_request.clear();
+        h.base_id.clear();
+        assert!(matches!(plan(&layout, &h), Ok(Plan::NewBase { .. })));
+        std::fs::remove_file(layout.log_path(1)).unwrap();
+        assert!(matches!(
+            plan(&layout, &hello(at, vec![])),
+            Ok(Plan::NewBase { reason }) if reason.contains("are gone from the primary")
+        ));
+    }
+}

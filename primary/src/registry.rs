@@ -1,0 +1,378 @@
+//! The standbys this primary knows, like replication slots: the one owner
+//! of their records and of the file that keeps them across restarts.
+//!
+//! Sessions claim a record by name and get a [`SessionGuard`] whose drop
+//! marks the standby disconnected, so no exit path of a session can leave
+//! a standby "connected" forever. Retention reads the records and hands
+//! back its decisions through [`StandbyRegistry::decide`]; nobody else
+//! writes them.
+//!
+//! Names are the key. A name belongs to one standby at a time: a second
+//! session under a name that is connected is refused, naming the peer that
+//! holds it. A reconnect under a known name with a different base (another
+//! machine reusing the name, or the same machine after a start-over) takes
+//! the slot over; that is logged with the previous base and position, and
+//! the slot keeps holding logs from the older of the two positions until
+//! the new holder acknowledges, so a takeover never releases logs silently.
+//!
+//! The file fails closed: when it cannot be read at start, the registry
+//! remembers why, retention removes nothing, the file is not overwritten
+//! (that would forget offline standbys), and every retention pass tries to
+//! read it again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tandem_shared::durable::{ControlFile, ControlFileError};
+use tandem_shared::wire::StandbyInfo;
+use tandem_shared::LogPosition;
+
+const STANDBYS_FILE: &str = "standbys";
+const FORMAT_VERSION: u32 = 1;
+
+/// What the primary knows of a standby. Kept in the state directory so a
+/// restarted primary still holds back the logs an offline standby needs,
+/// like a replication slot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StandbyRecord {
+    pub peer: String,
+    #[serde(skip)]
+    pub connected: bool,
+    pub base_id: String,
+    pub acked: LogPosition,
+    pub last_contact_unix_ms: u64,
+    /// Dropped for holding back more log than the cap allows: its logs are
+    /// no longer kept, and it will need a new base.
+    #[serde(default)]
+    pub dropped: bool,
+    /// End of the log archived by the standby's continuous archive; `None`
+    /// when it has none registered.
+    #[serde(default)]
+    pub archived: Option<LogPosition>,
+    /// The archive fell behind by more than the cap: files below this were
+    /// removed without waiting for it (0: never).
+    #[serde(default)]
+    pub archive_released_below: u32,
+    /// Log bytes kept only for this standby.
+    #[serde(skip)]
+    pub held_back_bytes: u64,
+    /// Of those, bytes kept only because its archive lacks them.
+    #[serde(skip)]
+    pub held_for_archive_bytes: u64,
+}
+
+impl StandbyRecord {
+    /// First log file this standby still needs on the primary: the one its
+    /// acknowledged position is in, or an earlier one its archive lacks.
+    pub fn needs_from(&self) -> u32 {
+        match self.archived {
+            Some(a) => self.acked.file.min(a.file.max(self.archive_released_below)),
+            None => self.acked.file,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "a standby named {name:?} is already connected to this primary (from {peer}); \
+         standby names must be unique: give this one another --name"
+    )]
+    NameInUse { name: String, peer: String },
+    #[error(
+        "the known standbys cannot be read ({0}); retention removes nothing until the file is repaired or removed"
+    )]
+    Unreadable(String),
+    #[error("saving the known standbys: {0}")]
+    Store(#[from] ControlFileError),
+}
+
+struct Records {
+    map: BTreeMap<String, StandbyRecord>,
+    /// Why the standbys file could not be read; `None` once it could.
+    unreadable: Option<String>,
+}
+
+pub struct StandbyRegistry {
+    path: PathBuf,
+    records: Mutex<Records>,
+}
+
+fn load(path: &Path) -> Result<BTreeMap<String, StandbyRecord>, ControlFileError> {
+    Ok(ControlFile::load(path, FORMAT_VERSION)?.unwrap_or_default())
+}
+
+impl StandbyRegistry {
+    /// Loads the records kept in `state_dir`. An unreadable file is not an
+    /// error here (the primary still serves), but it blocks retention.
+    pub fn open(state_dir: &Path) -> Self {
+        let path = state_dir.join(STANDBYS_FILE);
+        let (map, unreadable) = match load(&path) {
+            Ok(map) => (map, None),
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    "RETENTION BLOCKED: cannot read the known standbys; no log file will be removed until \
+                     the file is repaired, or removed by an operator who knows no offline standby needs the logs"
+                );
+                (BTreeMap::new(), Some(e.to_string()))
+            }
+        };
+        Self {
+            path,
+            records: Mutex::new(Records { map, unreadable }),
+        }
+    }
+
+    /// The records hold plain data with no invariant a panic could break
+    /// half-way, so a poisoned lock is still usable.
+    fn lock(&self) -> MutexGuard<'_, Records> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims `name` for a session, or refuses when a session under that
+    /// name is still connected.
+    pub fn claim(self: &Arc<Self>, name: &str, peer: &str) -> Result<SessionGuard, RegistryError> {
+        let mut records = self.lock();
+        let created = !records.map.contains_key(name);
+        let r = records.map.entry(name.to_owned()).or_default();
+        if r.connected {
+            return Err(RegistryError::NameInUse {
+                name: name.to_owned(),
+                peer: r.peer.clone(),
+            });
+        }
+        r.connected = true;
+        r.peer = peer.to_owned();
+        r.last_contact_unix_ms = tandem_shared::now_unix_ms();
+        Ok(SessionGuard {
+            registry: self.clone(),
+            name: name.to_owned(),
+            unstarted_new: AtomicBool::new(created),
+        })
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, StandbyRecord> {
+        self.lock().map.clone()
+    }
+
+    /// Why retention is blocked, if it is.
+    pub fn unreadable(&self) -> Option<String> {
+        self.lock().unreadable.clone()
+    }
+
+    /// Runs `decide` on the records under the lock, so no session changes
+    /// them between the decision and its application, then makes the
+    /// result durable. Refuses while the file is unreadable (after trying
+    /// to read it once more): the caller then removes nothing.
+    pub fn decide<T>(
+        &self,
+        decide: impl FnOnce(&mut BTreeMap<String, StandbyRecord>) -> T,
+    ) -> Result<T, RegistryError> {
+        let (out, snapshot) = {
+            let mut records = self.lock();
+            if records.unreadable.is_some() {
+                match load(&self.path) {
+                    Ok(loaded) => {
+                        tracing::warn!("the known standbys can be read again; retention resumes");
+                        records.unreadable = None;
+                        for (name, r) in loaded {
+                            // A standby that connected meanwhile is newer.
+                            if !records.map.get(&name).is_some_and(|m| m.connected) {
+                                records.map.insert(name, r);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let why = e.to_string();
+                        records.unreadable = Some(why.clone());
+                        return Err(RegistryError::Unreadable(why));
+                    }
+                }
+            }
+            let out = decide(&mut records.map);
+            (out, records.map.clone())
+        };
+        // Durable before anything is removed, so a restarted primary never
+        // forgets a standby it removed files for.
+        ControlFile::store(&self.path, FORMAT_VERSION, &snapshot)?;
+        Ok(out)
+    }
+
+    /// The records as the status reports them, lag measured against `end`.
+    pub fn status(&self, end: LogPosition, lg_max: u32) -> Vec<StandbyInfo> {
+        self.lock()
+            .map
+            .iter()
+            .map(|(name, r)| StandbyInfo {
+                name: name.clone(),
+                peer: r.peer.clone(),
+                connected: r.connected,
+                acked: Some(r.acked.into()),
+                lag_bytes: r.acked.bytes_until(end, lg_max),
+                last_contact_unix_ms: r.last_contact_unix_ms,
+                base_id: r.base_id.clone(),
+                held_back_bytes: r.held_back_bytes,
+                dropped: r.dropped,
+                archived: r.archived.map(Into::into),
+                held_for_archive_bytes: r.held_for_archive_bytes,
+                archive_released_below: r.archive_released_below,
+            })
+            .collect()
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut StandbyRecord)) {
+        if let Some(r) = self.lock().map.get_mut(name) {
+            f(r);
+        }
+    }
+}
+
+/// A session's hold on its standby's record; dropping it marks the standby
+/// disconnected.
+pub struct SessionGuard {
+    registry: Arc<StandbyRegistry>,
+    name: String,
+    /// The record was created by this claim and no stream has started: a
+    /// refused standby (wrong environment, fenced, diverged) must not
+    /// leave a slot behind that holds every log file.
+    unstarted_new: AtomicBool,
+}
+
+impl SessionGuard {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The session starts streaming `base_id` from `from`.
+    pub fn started(&self, base_id: &str, from: LogPosition) {
+        self.unstarted_new.store(false, Ordering::Relaxed);
+        self.registry.update(&self.name, |r| {
+            if !r.base_id.is_empty() && r.base_id != base_id && !r.dropped {
+                tracing::warn!(
+                    standby = %self.name, previous_base = %r.base_id, previous_acked = %r.acked, base = %base_id, %from,
+                    "this standby name now holds a different base (a start-over, a new base after a gap, or another \
+                     machine using the same --name, which must not happen); its slot keeps the older position held \
+                     until the new holder acknowledges"
+                );
+                r.acked = r.acked.min(from);
+            } else {
+                r.acked = from;
+            }
+            r.base_id = base_id.to_owned();
+            r.dropped = false;
+            r.last_contact_unix_ms = tandem_shared::now_unix_ms();
+        });
+    }
+
+    /// A rebase moved the standby to a new base mid-session.
+    pub fn rebased(&self, base_id: &str) {
+        self.registry
+            .update(&self.name, |r| r.base_id = base_id.to_owned());
+    }
+
+    pub fn acked(&self, at: LogPosition, archived: Option<LogPosition>) {
+        self.registry.update(&self.name, |r| {
+            r.acked = at;
+            r.archived = archived;
+            r.last_contact_unix_ms = tandem_shared::now_unix_ms();
+        });
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.unstarted_new.load(Ordering::Relaxed) {
+            self.registry.lock().map.remove(&self.name);
+        } else {
+            self.registry.update(&self.name, |r| r.connected = false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_needs_the_log_from_what_it_or_its_archive_lacks() {
+        let mut r = StandbyRecord {
+            acked: LogPosition::new(9, 100),
+            ..Default::default()
+        };
+        assert_eq!(r.needs_from(), 9);
+        r.archived = Some(LogPosition::new(4, 28));
+        assert_eq!(r.needs_from(), 4);
+        // Released past the cap: the archive no longer holds files below 7.
+        r.archive_released_below = 7;
+        assert_eq!(r.needs_from(), 7);
+        // An archive ahead of the standby never extends what it needs.
+        r.archived = Some(LogPosition::new(12, 0));
+        assert_eq!(r.needs_from(), 9);
+    }
+
+    #[test]
+    fn a_name_is_held_by_one_session_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(StandbyRegistry::open(dir.path()));
+        let first = reg.claim("east", "10.0.0.1:5000").unwrap();
+        first.started("base-1", LogPosition::new(1, 0));
+        let err = reg.claim("east", "10.0.0.2:6000").err().unwrap();
+        assert!(err.to_string().contains("10.0.0.1:5000"), "{err}");
+        drop(first);
+        assert!(!reg.snapshot()["east"].connected);
+        let _second = reg.claim("east", "10.0.0.2:6000").unwrap();
+        assert!(reg.snapshot()["east"].connected);
+    }
+
+    #[test]
+    fn a_standby_refused_before_its_stream_started_leaves_no_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(StandbyRegistry::open(dir.path()));
+        drop(reg.claim("wrong-env", "a").unwrap());
+        assert!(reg.snapshot().is_empty());
+        // A known standby refused later keeps its slot.
+        let g = reg.claim("east", "a").unwrap();
+        g.started("base-1", LogPosition::new(4, 0));
+        drop(g);
+        drop(reg.claim("east", "a").unwrap());
+        assert_eq!(reg.snapshot()["east"].acked, LogPosition::new(4, 0));
+    }
+
+    #[test]
+    fn a_takeover_keeps_the_older_position_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(StandbyRegistry::open(dir.path()));
+        let g = reg.claim("east", "a").unwrap();
+        g.started("base-1", LogPosition::new(3, 0));
+        g.acked(LogPosition::new(5, 100), None);
+        drop(g);
+        let g = reg.claim("east", "b").unwrap();
+        g.started("base-2", LogPosition::new(9, 0));
+        assert_eq!(reg.snapshot()["east"].acked, LogPosition::new(5, 100));
+        g.acked(LogPosition::new(9, 200), None);
+        assert_eq!(reg.snapshot()["east"].acked, LogPosition::new(9, 200));
+    }
+
+    #[test]
+    fn an_unreadable_file_blocks_decisions_and_is_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STANDBYS_FILE);
+        std::fs::write(&path, b"garbage").unwrap();
+        let reg = Arc::new(StandbyRegistry::open(dir.path()));
+        assert!(reg.unreadable().is_some());
+        let g = reg.claim("east", "a").unwrap();
+        g.started("base-1", LogPosition::new(1, 0));
+        assert!(matches!(
+            reg.decide(|_| ()),
+            Err(RegistryError::Unreadable(_))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"garbage");
+        // Repaired (here: removed by the operator): decisions resume.
+        std::fs::remove_file(&path).unwrap();
+        reg.decide(|_| ()).unwrap();
+        assert!(reg.unreadable().is_none());
+        assert!(reg.snapshot()["east"].connected);
+    }
+}
