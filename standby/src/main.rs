@@ -475,6 +475,7 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
         archive_hold_cap_bytes: a
             .archive_hold_cap_mib
             .map_or(tandem_standby::archive_hold::DEFAULT_CAP_BYTES, |m| m << 20),
+        primary_silence: follow::DEFAULT_PRIMARY_SILENCE,
     })
 }
 

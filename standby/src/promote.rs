@@ -185,7 +185,7 @@ fn stop_follower(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, Log
             }
             continue;
         }
-        if s.lag_bytes == 0 && s.durable_lsn >= s.primary_end_lsn {
+        if s.lag_bytes == Some(0) && s.durable_lsn >= s.primary_end_lsn {
             match stable_since {
                 Some((at, since))
                     if at == s.primary_end_lsn

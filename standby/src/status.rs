@@ -24,13 +24,23 @@ pub struct StandbyStatus {
     pub base_id: Option<String>,
     /// The directory holds a complete base and the log it needs.
     pub recoverable: bool,
+    /// The primary's end of log as last heard (a heartbeat or a log chunk).
     pub primary_end_lsn: LogPosition,
     pub durable_lsn: LogPosition,
-    pub lag_bytes: u64,
-    /// Seconds since the standby last held everything the primary had
-    /// (0 when caught up).
+    /// Log bytes the primary has that the standby does not hold durably;
+    /// `null` when unknown: not connected, or no word from the primary for
+    /// longer than the silence deadline (the primary may have written any
+    /// amount since). A cut network never reads as "caught up".
+    pub lag_bytes: Option<u64>,
+    /// Seconds since the standby last knew it held everything the primary
+    /// had: 0 while connected and caught up; while nothing arrives it grows
+    /// with the time since the last contact.
     pub lag_seconds: f64,
     pub last_contact_unix_ms: u64,
+    /// The follow loop's silence deadline: no word from the primary for
+    /// this long ends the session, and makes `lag_bytes` unknown.
+    #[serde(default)]
+    pub primary_silence_ms: u64,
     pub updated_unix_ms: u64,
     pub log_bytes_received: u64,
     pub file_bytes_received: u64,
@@ -135,19 +145,53 @@ impl StandbyStatus {
         }
     }
 
-    pub fn compute_lag(&mut self) {
-        self.lag_bytes = self
+    /// Called whenever the primary's end or the durable position moves:
+    /// while connected, holding the primary's last known end is "caught up".
+    pub fn note_progress(&mut self, now_ms: u64) {
+        if self.connected
+            && self
+                .durable_lsn
+                .bytes_until(self.primary_end_lsn, self.lg_max)
+                == 0
+        {
+            self.caught_up_unix_ms = now_ms;
+        }
+    }
+
+    /// Lag as of `now_ms`. The primary's end is only known as of the last
+    /// contact: past `silence_ms` without one, bytes are unknown and the
+    /// seconds count from the last moment the standby knew it was caught up
+    /// (or, if never, from the last contact).
+    pub fn compute_lag(&mut self, now_ms: u64, silence_ms: u64) {
+        let fresh = self.connected
+            && self.last_contact_unix_ms != 0
+            && now_ms.saturating_sub(self.last_contact_unix_ms) <= silence_ms;
+        let behind = self
             .durable_lsn
             .bytes_until(self.primary_end_lsn, self.lg_max);
-        let now = tandem_shared::now_unix_ms();
-        if self.lag_bytes == 0 {
-            self.caught_up_unix_ms = now;
-        }
-        self.lag_seconds = if self.lag_bytes == 0 || self.caught_up_unix_ms == 0 {
+        self.lag_bytes = fresh.then_some(behind);
+        let since = match (self.caught_up_unix_ms, self.last_contact_unix_ms) {
+            (0, 0) => now_ms,
+            (0, contact) => contact,
+            (caught_up, _) => caught_up,
+        };
+        self.lag_seconds = if fresh && behind == 0 {
             0.0
         } else {
-            now.saturating_sub(self.caught_up_unix_ms) as f64 / 1000.0
+            now_ms.saturating_sub(since) as f64 / 1000.0
         };
+    }
+
+    /// "1234 bytes" or "unknown (no word from the primary for 7.4 s)".
+    pub fn lag_bytes_text(&self, now_ms: u64) -> String {
+        match self.lag_bytes {
+            Some(b) => format!("{b} bytes"),
+            None if self.last_contact_unix_ms == 0 => "unknown bytes (no contact yet)".into(),
+            None => format!(
+                "unknown bytes (no word from the primary for {:.1} s)",
+                now_ms.saturating_sub(self.last_contact_unix_ms) as f64 / 1000.0
+            ),
+        }
     }
 }
 
@@ -160,6 +204,9 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
         if let Some(mut s) = last.clone() {
             s.running = true;
             s.pid = Some(pid);
+            // Recomputed now: a status file written before a silence must
+            // not keep reading "caught up".
+            s.compute_lag(tandem_shared::now_unix_ms(), s.primary_silence_ms);
             return Ok(s);
         }
     }
@@ -181,7 +228,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
         s.lg_max = tail.lg_max;
     }
     s.last_check = crate::readiness::last_check(dir).or(s.last_check);
-    s.compute_lag();
+    s.compute_lag(tandem_shared::now_unix_ms(), 0);
     s.fill_from_state(&state);
     s.set_archive(crate::archive_hold::observe(dir));
     Ok(s)
@@ -198,7 +245,7 @@ pub fn render(s: &StandbyStatus) -> String {
         }
     };
     let mut out = format!(
-        "role:         {}{}\nphase:        {}\nprimary:      {} ({})\nenvironment:  {}\nepoch:        {}\nprimary end:  {}\ndurable:      {}\nlag:          {} bytes, {:.1} s\nrecoverable:  {}\nlast contact: {}\n",
+        "role:         {}{}\nphase:        {}\nprimary:      {} ({})\nenvironment:  {}\nepoch:        {}\nprimary end:  {}\ndurable:      {}\nlag:          {}, {:.1} s\nrecoverable:  {}\nlast contact: {}\n",
         s.role,
         if s.running { format!(" (running, pid {})", s.pid.unwrap_or(0)) } else { " (not running)".into() },
         s.phase,
@@ -208,7 +255,7 @@ pub fn render(s: &StandbyStatus) -> String {
         s.epoch,
         s.primary_end_lsn,
         s.durable_lsn,
-        s.lag_bytes,
+        s.lag_bytes_text(tandem_shared::now_unix_ms()),
         s.lag_seconds,
         if s.recoverable { "yes" } else { "no" },
         when(s.last_contact_unix_ms),
@@ -283,11 +330,8 @@ fn base_copy_progress(s: &StandbyStatus) -> String {
     )
 }
 
-/// Prometheus text for a running standby.
-pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
-    let Ok(s) = live.lock().map(|s| s.clone()) else {
-        return String::new();
-    };
+/// Prometheus text for a running standby (lag already computed).
+pub fn metrics(s: &StandbyStatus) -> String {
     tandem_shared::metrics::PromText::default()
         .counter(
             "tandem_standby_log_bytes_received_total",
@@ -321,12 +365,19 @@ pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
         )
         .gauge(
             "tandem_standby_lag_bytes",
-            "Log bytes the primary has that the standby does not hold durably.",
-            s.lag_bytes as f64,
+            "Log bytes the primary has that the standby does not hold durably; NaN when unknown \
+             (not connected, or no word from the primary): alert on lag_seconds.",
+            s.lag_bytes.map_or(f64::NAN, |b| b as f64),
+        )
+        .gauge(
+            "tandem_standby_lag_bytes_known",
+            "1 while lag_bytes is known (connected, and the primary was heard from recently).",
+            f64::from(u8::from(s.lag_bytes.is_some())),
         )
         .gauge(
             "tandem_standby_lag_seconds",
-            "Seconds since the standby last held everything the primary had.",
+            "Seconds since the standby last knew it held everything the primary had; grows \
+             while nothing arrives from the primary.",
             s.lag_seconds,
         )
         .gauge(
