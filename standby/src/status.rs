@@ -146,15 +146,17 @@ impl StandbyStatus {
     }
 
     /// Called whenever the primary's end or the durable position moves:
-    /// while connected, holding the primary's last known end is "caught up".
-    pub fn note_progress(&mut self, now_ms: u64) {
+    /// holding the primary's end as last heard means the standby was caught
+    /// up as of that contact (not as of now: the primary may have written
+    /// more since, and a cut network is only noticed later).
+    pub fn note_progress(&mut self) {
         if self.connected
             && self
                 .durable_lsn
                 .bytes_until(self.primary_end_lsn, self.lg_max)
                 == 0
         {
-            self.caught_up_unix_ms = now_ms;
+            self.caught_up_unix_ms = self.caught_up_unix_ms.max(self.last_contact_unix_ms);
         }
     }
 

@@ -114,7 +114,7 @@ impl Applier {
                 s.lg_max = mirror.tail.lg_max;
             }
             s.fill_from_state(&mirror.state);
-            s.note_progress(now_unix_ms());
+            s.note_progress();
         });
         self.durable.send_replace(Some(durable));
         Ok(durable)
@@ -203,7 +203,7 @@ pub(super) fn note_contact(s: &mut StandbyStatus, kind: &Kind) {
         }
         _ => {}
     }
-    s.note_progress(now);
+    s.note_progress();
 }
 
 /// The base copy's progress (the applier's part of the status).
