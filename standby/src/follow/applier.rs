@@ -1,6 +1,6 @@
 //! The applier: the one task that owns the mirror during a session. It
 //! applies what the reader queued, fsyncs once per batch (when the queue is
-//! empty, or after `SYNC_EVERY_BYTES` of log), then publishes: the durable
+//! empty, or after `SYNC_EVERY_BYTES` of log or `SYNC_EVERY`), then publishes: the durable
 //! position for the acker, and the mirror's part of the status. It also
 //! finishes rebases and asks for them when due.
 //!
@@ -17,8 +17,13 @@ use tandem_shared::wire::{primary_message::Kind, standby_message, RebaseRequest,
 use tandem_shared::{now_unix_ms, LogPosition};
 use tokio::sync::{mpsc, watch};
 
-/// Flush and acknowledge at least this often while data streams in.
-const SYNC_EVERY_BYTES: u64 = 8 << 20;
+/// Flush and acknowledge at least this often while data streams in (a
+/// queue that never empties would otherwise never be acknowledged): the
+/// primary's retention counts what is acknowledged, and a standby whose
+/// acks trail by more than its cap (4 MiB in tests) is dropped although
+/// it holds the log.
+const SYNC_EVERY_BYTES: u64 = 2 << 20;
+const SYNC_EVERY: Duration = Duration::from_millis(200);
 /// A rebase request not answered by then is asked again.
 const REBASE_RETRY: Duration = Duration::from_secs(120);
 /// How often a blocked send to the primary looks whether the session ended.
@@ -55,10 +60,11 @@ impl Applier {
         let mut rebase_asked: Option<Instant> = None;
         while let Some(first) = queued.blocking_recv() {
             let mut pending = 0u64;
+            let started = Instant::now();
             let mut next = Some(first);
             while let Some(kind) = next {
                 pending += self.apply(mirror, kind)?;
-                next = if pending >= SYNC_EVERY_BYTES {
+                next = if pending >= SYNC_EVERY_BYTES || started.elapsed() >= SYNC_EVERY {
                     None
                 } else {
                     queued.try_recv().ok()
