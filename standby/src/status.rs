@@ -452,6 +452,64 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lag_is_unknown_and_growing_while_the_primary_is_silent() {
+        let lsn = LogPosition::new;
+        let base = StandbyStatus {
+            lg_max: 1000,
+            ..Default::default()
+        };
+        // (connected, durable, primary end, ms since contact, ms since
+        // caught up) -> (lag_bytes, lag_seconds)
+        let cases = [
+            // Connected and caught up: no lag.
+            (true, lsn(2, 100), lsn(2, 100), 300, 300, Some(0), 0.0),
+            // Connected, behind: bytes known, seconds since caught up.
+            (true, lsn(2, 100), lsn(3, 50), 300, 2_000, Some(950), 2.0),
+            // Silent past the deadline: bytes unknown even though the last
+            // word said "caught up", and the seconds count from it.
+            (true, lsn(2, 100), lsn(2, 100), 7_400, 7_400, None, 7.4),
+            // Not connected: unknown.
+            (false, lsn(2, 100), lsn(2, 100), 1_000, 1_000, None, 1.0),
+        ];
+        let now = 1_000_000u64;
+        for (connected, durable, end, contact_ago, caught_up_ago, bytes, secs) in cases {
+            let mut s = StandbyStatus {
+                connected,
+                durable_lsn: durable,
+                primary_end_lsn: end,
+                last_contact_unix_ms: now - contact_ago,
+                caught_up_unix_ms: now - caught_up_ago,
+                ..base.clone()
+            };
+            s.compute_lag(now, 5_000);
+            assert_eq!(
+                (s.lag_bytes, s.lag_seconds),
+                (bytes, secs),
+                "{connected} {durable} {end}"
+            );
+        }
+    }
+
+    #[test]
+    fn caught_up_counts_from_the_contact_not_from_the_apply() {
+        let mut s = StandbyStatus {
+            connected: true,
+            lg_max: 1000,
+            primary_end_lsn: LogPosition::new(2, 100),
+            durable_lsn: LogPosition::new(2, 100),
+            last_contact_unix_ms: 5_000,
+            ..Default::default()
+        };
+        s.note_progress();
+        assert_eq!(s.caught_up_unix_ms, 5_000);
+        s.compute_lag(20_000, 5_000);
+        assert_eq!((s.lag_bytes, s.lag_seconds), (None, 15.0));
+        assert!(s
+            .lag_bytes_text(20_000)
+            .contains("unknown bytes (no word from the primary for 15.0 s)"));
+    }
+
+    #[test]
     fn base_copy_progress_reads_like_a_progress_bar() {
         let mut s = StandbyStatus {
             base_copy_active: true,

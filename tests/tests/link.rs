@@ -245,3 +245,32 @@ fn sigterm_ends_a_streaming_standby_promptly_and_it_resumes() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_slow_lossy_link_still_ends_with_an_exact_copy() -> Result<()> {
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
+    let link = FaultyLink::start(primary.addr)?;
+    link.delay(20);
+    link.stall_randomly(0.05);
+    let _standby = start_standby(s.root(), &s.path("standby"), &link.url(), &s.certs, &QUIET)?;
+    let last = bdb::run_workload(
+        &s.path("env"),
+        &WorkloadOptions {
+            rate: 1000,
+            ..workload(3000)
+        },
+    )?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    let (up, down) = link.bytes();
+    eprintln!(
+        "through the link: {up} bytes up, {down} down, {} connections",
+        link.connections()
+    );
+    assert_eq!(
+        recover_copy(&s.path("standby"), &s.path("recovered"))?,
+        last
+    );
+    Ok(())
+}
