@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_shared::now_unix_ms;
 use tandem_shared::tls::TlsFiles;
+use tandem_shared::wire::{Hello, PROTOCOL_VERSION};
 use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
@@ -179,6 +180,25 @@ pub async fn run(
     drop(mirror);
     drop(lock);
     result
+}
+
+/// What the mirror holds, for the primary to decide where to start.
+fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
+    let base = mirror.state.base.as_ref();
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        standby_name: cfg.name.clone(),
+        env_id: mirror.state.env_id.clone().unwrap_or_default(),
+        epoch: mirror.state.epoch,
+        base_id: base.map(|b| b.base_id.clone()).unwrap_or_default(),
+        complete_files: base
+            .map(|b| b.complete_files.iter().cloned().collect())
+            .unwrap_or_default(),
+        base_files_done: base.is_some_and(|b| b.files_done),
+        durable: Some(mirror.tail.durable.into()),
+        last_record_digest: mirror.tail.last_record_digest.clone().into(),
+        new_base_request: String::new(),
+    }
 }
 
 /// Sessions one after another, until `stop` or a refusal.

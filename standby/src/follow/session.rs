@@ -21,8 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_shared::wire::{
-    primary_message::Kind, standby_message, Ack, Hello, PrimaryMessage, StandbyMessage,
-    PROTOCOL_VERSION,
+    primary_message::Kind, standby_message, Ack, PrimaryMessage, StandbyMessage,
 };
 use tandem_shared::{now_unix_ms, LogPosition};
 use tokio::sync::{mpsc, watch};
@@ -45,24 +44,6 @@ pub(super) fn retry(why: impl ToString) -> SessionError {
     SessionError::Retry {
         why: why.to_string(),
         immediately: false,
-    }
-}
-
-fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
-    let base = mirror.state.base.as_ref();
-    Hello {
-        protocol_version: PROTOCOL_VERSION,
-        standby_name: cfg.name.clone(),
-        env_id: mirror.state.env_id.clone().unwrap_or_default(),
-        epoch: mirror.state.epoch,
-        base_id: base.map(|b| b.base_id.clone()).unwrap_or_default(),
-        complete_files: base
-            .map(|b| b.complete_files.iter().cloned().collect())
-            .unwrap_or_default(),
-        base_files_done: base.is_some_and(|b| b.files_done),
-        durable: Some(mirror.tail.durable.into()),
-        last_record_digest: mirror.tail.last_record_digest.clone().into(),
-        new_base_request: String::new(),
     }
 }
 
@@ -89,7 +70,7 @@ pub(super) async fn run(
     mirror.begin_session();
     let (out, out_rx) = mpsc::channel::<StandbyMessage>(OUTBOX);
     let _ = out.try_send(StandbyMessage {
-        kind: Some(standby_message::Kind::Hello(hello(cfg, &mirror))),
+        kind: Some(standby_message::Kind::Hello(super::hello(cfg, &mirror))),
     });
     let opened = tokio::select! {
         r = client.stream(ReceiverStream::new(out_rx)) => r,
