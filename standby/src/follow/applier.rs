@@ -75,9 +75,11 @@ impl Applier {
                 .finish_rebase()
                 .map_err(|e| self.rejected(e, mirror))?
             {
+                // The new base changes what a promotion would replay.
                 self.status.send_modify(|s| {
                     s.rebases += 1;
                     s.last_rebase = Some(report);
+                    s.fill_from_state(&mirror.state);
                 });
                 rebase_asked = None;
             }
