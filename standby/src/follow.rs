@@ -118,11 +118,6 @@ pub async fn run(
     let status: StatusTx = Arc::new(watch::Sender::new(initial));
     let (stop_tx, stop) = watch::channel(false);
 
-    let writer = tokio::spawn(write_status_forever(
-        dir.clone(),
-        status.clone(),
-        stop.clone(),
-    ));
     if let Some(addr) = cfg.metrics_listen {
         let (for_metrics, for_status) = (status.subscribe(), status.subscribe());
         let pages = tandem_shared::metrics::AdminPages {
@@ -136,6 +131,11 @@ pub async fn run(
             .map_err(anyhow::Error::from)?;
         tracing::info!(%bound, "serving metrics");
     }
+    let writer = tokio::spawn(write_status_forever(
+        dir.clone(),
+        status.clone(),
+        stop.clone(),
+    ));
     tandem_shared::sdnotify::ready();
     let checker = cfg.check_interval.map(|every| {
         tokio::spawn(check_forever(

@@ -115,6 +115,12 @@ fn a_cut_network_is_noticed_on_both_sides_and_lag_grows_until_it_heals() -> Resu
     // The primary's log moved on; it knows the standby is behind.
     assert!(w.wait_exit(LONG)?.success());
     let last = bdb::parse_done(&w.log_text()).unwrap_or(0);
+    let st = primary_status(&s, &primary)?;
+    let behind = st["standbys"][0]["lag_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        behind > 0,
+        "the primary must count the standby as behind: {st}"
+    );
 
     link.heal();
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
