@@ -48,8 +48,11 @@ fn endpoint_host(url: &str) -> Result<(Endpoint, String), ConnectError> {
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// ... and the connection is closed when one is not answered within this:
 /// a cut network (no FIN, no RST) is noticed within seconds instead of
-/// after TCP's retransmission timeouts (minutes).
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// after TCP's retransmission timeouts (minutes). Not shorter: a ping waits
+/// behind what the kernel already holds to send (megabytes during a base
+/// copy), which on a slow WAN link takes seconds. The standby notices
+/// sooner anyway, by its silence deadline.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects to `url` (`https://HOST:PORT`). The primary's certificate must
 /// chain to `tls.ca` and name `server_name` (default: the URL's host).

@@ -13,7 +13,7 @@ use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(180);
 /// The standby's silence deadline is 5 s and keepalive pings time out after
-/// 2 + 5 s; "within seconds" with room for a loaded 2-core machine.
+/// 2 + 10 s; "within seconds" with room for a loaded 2-core machine.
 const NOTICE_BOUND: Duration = Duration::from_secs(25);
 const QUIET: [&str; 4] = ["--check-interval-secs", "0", "--rebase-after-mib", "0"];
 
