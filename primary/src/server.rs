@@ -171,8 +171,8 @@ pub async fn serve(
         .context("TLS configuration")?
         .initial_stream_window_size(Some(tandem_shared::STREAM_WINDOW))
         .initial_connection_window_size(Some(tandem_shared::STREAM_WINDOW * 2))
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(tandem_shared::client::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(tandem_shared::client::KEEPALIVE_TIMEOUT))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, {
             let stop = stop.clone();

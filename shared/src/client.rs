@@ -12,6 +12,8 @@ pub enum ConnectError {
     BadUrl { url: String, why: String },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot connect to {url}: no TLS session within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
     #[error("cannot connect to {url}: {}", chain(.source))]
     Connect {
         url: String,
@@ -42,8 +44,21 @@ fn endpoint_host(url: &str) -> Result<(Endpoint, String), ConnectError> {
     Ok((endpoint, host))
 }
 
+/// HTTP/2 keepalive: a ping this often, even while no request is active ...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// ... and the connection is closed when one is not answered within this:
+/// a cut network (no FIN, no RST) is noticed within seconds instead of
+/// after TCP's retransmission timeouts (minutes). Not shorter: a ping waits
+/// behind what the kernel already holds to send (megabytes during a base
+/// copy), which on a slow WAN link takes seconds. The standby notices
+/// sooner anyway, by its silence deadline.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connects to `url` (`https://HOST:PORT`). The primary's certificate must
 /// chain to `tls.ca` and name `server_name` (default: the URL's host).
+/// `timeout` bounds the whole connection set-up, TLS handshake included:
+/// over a cut network the TCP connect may succeed (a proxy, a middlebox)
+/// while the handshake never completes.
 pub async fn connect(
     url: &str,
     server_name: Option<&str>,
@@ -64,11 +79,15 @@ pub async fn connect(
         // disk speed; a base copy is one long stream.
         .initial_stream_window_size(crate::STREAM_WINDOW)
         .initial_connection_window_size(crate::STREAM_WINDOW * 2)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let channel = endpoint
-        .connect()
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
+        .map_err(|_| ConnectError::Timeout {
+            url: url.to_owned(),
+            timeout,
+        })?
         .map_err(|source| ConnectError::Connect {
             url: url.to_owned(),
             source,

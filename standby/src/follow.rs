@@ -1,21 +1,39 @@
-//! The standby's connection loop: dial the primary, say what the mirror
-//! holds, apply what arrives, fsync, acknowledge; on any failure, reconnect
-//! and resume from what is durable. Only errors no retry can fix (another
-//! environment, a newer epoch, a promoted directory) end the loop.
+//! `tandem-standby run`: follow the primary until told to stop or refused.
+//!
+//! The work is a pipeline per connection (see [`session`]): a reader takes
+//! messages off the network under a silence deadline, a bounded queue hands
+//! them to the applier ([`applier`], one blocking task that owns the
+//! [`Mirror`], applies, fsyncs and publishes what is durable), and an acker
+//! sends back only what the applier published. On any failure the session
+//! ends, the mirror comes back to this loop, and it reconnects and resumes
+//! from what is durable. Only errors no retry can fix (another environment,
+//! a newer epoch, a promoted directory) end the loop.
+//!
+//! Status has one channel (`tokio::sync::watch`) and each part of it one
+//! writer: the reader the link (connected, last contact, the primary's end),
+//! the applier the mirror (durable position, counters, base copy, rebase),
+//! this loop the lifecycle (reconnects, last error), the status writer the
+//! archive registration, the checker the last readiness check. The status
+//! file, `/status` and `/metrics` read snapshots of it, with lag computed at
+//! the moment they are read.
+//!
+//! Shutdown is one signal (`stop`): the session's reader stops, the applier
+//! drains its queue and fsyncs, the status writer and the readiness checker
+//! finish what they are doing and are joined, the final status is written,
+//! and the directory lock is released last.
 
-use crate::mirror::{ApplyError, Mirror};
+mod applier;
+mod session;
+
+use crate::mirror::Mirror;
 use crate::state::{DirLock, StandbyDir};
 use crate::status::StandbyStatus;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+use tandem_shared::now_unix_ms;
 use tandem_shared::tls::TlsFiles;
-use tandem_shared::wire::{
-    primary_message::Kind, standby_message, Ack, Hello, RebaseRequest, StandbyMessage,
-    PROTOCOL_VERSION,
-};
-use tandem_shared::{now_unix_ms, LogPosition};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tandem_shared::wire::{Hello, PROTOCOL_VERSION};
+use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
 pub struct StandbyConfig {
@@ -39,7 +57,14 @@ pub struct StandbyConfig {
     pub start_over: bool,
     /// How often to scrub the mirror (None: never).
     pub scrub_interval: Option<Duration>,
+    /// No message from the primary for this long ends the session ("no
+    /// word from the primary"): the primary sends a heartbeat every
+    /// `--heartbeat-ms` (500 ms by default), so this is many heartbeats.
+    pub primary_silence: Duration,
 }
+
+/// The silence deadline by default: ten of the primary's default heartbeats.
+pub const DEFAULT_PRIMARY_SILENCE: Duration = Duration::from_secs(5);
 
 /// Why `run` stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -52,16 +77,16 @@ pub enum FollowError {
     Other(#[from] anyhow::Error),
 }
 
-/// Flush and acknowledge at least this often while data streams in.
-const SYNC_EVERY_BYTES: u64 = 8 << 20;
 const STATUS_EVERY: Duration = Duration::from_millis(200);
 
-type Live = Arc<Mutex<StandbyStatus>>;
+/// The live status; see the module doc for who writes which part.
+pub(crate) type StatusTx = Arc<watch::Sender<StandbyStatus>>;
 
-fn update(live: &Live, f: impl FnOnce(&mut StandbyStatus)) {
-    if let Ok(mut s) = live.lock() {
-        f(&mut s);
-    }
+/// What status readers see: the live status with lag computed now.
+fn snapshot(status: &watch::Receiver<StandbyStatus>) -> StandbyStatus {
+    let mut s = status.borrow().clone();
+    s.compute_lag(now_unix_ms(), s.primary_silence_ms);
+    s
 }
 
 /// Follows the primary until `shutdown` resolves or a permanent error.
@@ -85,30 +110,27 @@ pub async fn run(
             p.kind
         )));
     }
-    let live: Live = Arc::new(Mutex::new(StandbyStatus {
+    let mut initial = StandbyStatus {
         running: true,
         pid: Some(std::process::id()),
         primary: Some(cfg.primary.clone()),
         durable_lsn: mirror.tail().durable,
+        lg_max: mirror.tail().lg_max,
+        primary_silence_ms: cfg.primary_silence.as_millis() as u64,
+        last_check: crate::readiness::last_check(&dir),
+        scrub: crate::scrub::last_report(&dir),
         ..Default::default()
-    }));
-    update(&live, |s| {
-        s.lg_max = mirror.tail().lg_max;
-        s.last_check = crate::readiness::last_check(&dir);
-        s.scrub = crate::scrub::last_report(&dir);
-        s.fill_from_state(&mirror.state);
-    });
-    let writer = tokio::spawn(write_status_forever(dir.clone(), live.clone()));
+    };
+    initial.fill_from_state(&mirror.state);
+    let status: StatusTx = Arc::new(watch::Sender::new(initial));
+    let (stop_tx, stop) = watch::channel(false);
+
     if let Some(addr) = cfg.metrics_listen {
-        let (for_metrics, for_status) = (live.clone(), live.clone());
+        let (for_metrics, for_status) = (status.subscribe(), status.subscribe());
         let pages = tandem_shared::metrics::AdminPages {
-            metrics: Box::new(move || crate::status::metrics(&for_metrics)),
+            metrics: Box::new(move || crate::status::metrics(&snapshot(&for_metrics))),
             status_json: Box::new(move || {
-                for_status
-                    .lock()
-                    .ok()
-                    .and_then(|s| serde_json::to_string_pretty(&*s).ok())
-                    .unwrap_or_default()
+                serde_json::to_string_pretty(&snapshot(&for_status)).unwrap_or_default()
             }),
         };
         let bound = tandem_shared::metrics::serve(addr, pages)
@@ -116,78 +138,66 @@ pub async fn run(
             .map_err(anyhow::Error::from)?;
         tracing::info!(%bound, "serving metrics");
     }
-
+    let writer = tokio::spawn(write_status_forever(
+        dir.clone(),
+        status.clone(),
+        stop.clone(),
+    ));
     tandem_shared::sdnotify::ready();
-    let checker = cfg
-        .check_interval
-        .map(|every| tokio::spawn(check_forever(dir.clone(), live.clone(), every)));
+    let checker = cfg.check_interval.map(|every| {
+        tokio::spawn(check_forever(
+            dir.clone(),
+            status.clone(),
+            every,
+            stop.clone(),
+        ))
+    });
     let scrubber = cfg.scrub_interval.map(|every| {
         tokio::spawn(crate::scrub::heal::scrub_forever(
             dir.clone(),
-            live.clone(),
+            status.clone(),
             every,
+            stop.clone(),
         ))
     });
-    tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(100);
-    let result = loop {
-        let outcome = tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            r = session(&cfg, &mut mirror, &live) => r,
-        };
-        update(&live, |s| s.connected = false);
-        match outcome {
-            Ok(()) => tracing::info!("primary closed the stream; reconnecting"),
-            Err(SessionError::Refused(why)) => {
-                update(&live, |s| s.last_error = Some(format!("refused: {why}")));
-                break Err(FollowError::Refused(why));
-            }
-            Err(SessionError::Retry { why, immediately }) => {
-                update(&live, |s| s.last_error = Some(why.clone()));
-                if immediately {
-                    backoff = Duration::from_millis(100);
-                }
-                tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "stream interrupted");
-            }
-        }
-        update(&live, |s| s.reconnects += 1);
-        tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+
+    let follower = {
+        let (cfg, status, stop) = (cfg.clone(), status.clone(), stop.clone());
+        tokio::spawn(async move { follow(cfg, mirror, status, stop).await })
     };
+    tokio::pin!(follower);
+    tokio::pin!(shutdown);
+    let joined = tokio::select! {
+        _ = &mut shutdown => None,
+        j = &mut follower => Some(j),
+    };
+    let _ = stop_tx.send(true);
+    let joined = match joined {
+        Some(j) => j,
+        None => follower.await,
+    };
+    let (mut mirror, result) =
+        joined.map_err(|e| anyhow::anyhow!("the follow task failed: {e}"))?;
     // Whatever was written is made durable before exiting.
-    let _ = tokio::task::block_in_place(|| mirror.sync());
-    update(&live, |s| {
+    if let Err(e) = tokio::task::block_in_place(|| mirror.sync()) {
+        tracing::error!(error = %e, "final fsync failed");
+    }
+    let _ = writer.await;
+    for task in checker.into_iter().chain(scrubber) {
+        let _ = task.await;
+    }
+    status.send_modify(|s| {
         s.running = false;
         s.connected = false;
         s.durable_lsn = mirror.tail().durable;
     });
-    writer.abort();
-    if let Some(c) = checker {
-        c.abort();
-    }
-    if let Some(s) = scrubber {
-        s.abort();
-    }
-    write_status(&dir, &live);
+    write_status(&dir, &status);
+    drop(mirror);
     drop(lock);
     result
 }
 
-enum SessionError {
-    Refused(String),
-    Retry { why: String, immediately: bool },
-}
-
-fn retry(why: impl ToString) -> SessionError {
-    SessionError::Retry {
-        why: why.to_string(),
-        immediately: false,
-    }
-}
-
+/// What the mirror holds, for the primary to decide where to start.
 fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
     let base = mirror.state.base.as_ref();
     Hello {
@@ -206,289 +216,72 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
     }
 }
 
-/// One connection, until it ends.
-async fn session(
-    cfg: &StandbyConfig,
-    mirror: &mut Mirror,
-    live: &Live,
-) -> Result<(), SessionError> {
-    let mut client = tandem_shared::client::connect(
-        &cfg.primary,
-        cfg.server_name.as_deref(),
-        &cfg.tls,
-        Duration::from_secs(5),
-    )
-    .await
-    .map_err(retry)?;
-    mirror.begin_session();
-    let (tx, rx) = mpsc::channel::<StandbyMessage>(64);
-    let hello = hello(cfg, mirror);
-    let asked_new_base = hello.new_base_request.clone();
-    let _ = tx.try_send(StandbyMessage {
-        kind: Some(standby_message::Kind::Hello(hello)),
-    });
-    let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return Err(classify(status)),
-    };
-    tracing::info!(primary = %cfg.primary, durable = %mirror.tail().durable, "connected to the primary");
-    let mut rebase_asked: Option<std::time::Instant> = None;
-    // Sent once per session at least: the primary remembers the last one.
-    let mut archived_sent: Option<Option<LogPosition>> = None;
-    update(live, |s| {
-        s.connected = true;
-        s.last_contact_unix_ms = now_unix_ms();
-    });
+/// Sessions one after another, until `stop` or a refusal.
+async fn follow(
+    cfg: StandbyConfig,
+    mut mirror: Mirror,
+    status: StatusTx,
+    mut stop: watch::Receiver<bool>,
+) -> (Mirror, Result<(), FollowError>) {
+    let mut backoff = Duration::from_millis(100);
     loop {
-        let first = match inbound.message().await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Ok(()),
-            Err(status) => return Err(classify(status)),
-        };
-        // Apply everything that is already here, then fsync once: one
-        // fsync per batch, not per chunk.
-        let mut batch = vec![first];
-        let mut pending: u64 = 0;
-        loop {
-            let mut end_of_batch = false;
-            for m in batch.drain(..) {
-                let Some(kind) = m.kind else { continue };
-                note_message(live, &kind);
-                let welcome = matches!(kind, Kind::Welcome(_));
-                let applied = tokio::task::block_in_place(|| mirror.apply(kind));
-                match applied {
-                    Ok(a) => {
-                        if welcome {
-                            remember_follow_config(&mirror.dir, cfg);
-                        }
-                        pending += a.log_bytes;
-                        update(live, |s| {
-                            s.log_bytes_received += a.log_bytes;
-                            s.file_bytes_received += a.file_bytes;
-                        });
-                    }
-                    Err(e) => return Err(rejected(e, live, mirror)),
+        let (back, outcome) = session::run(&cfg, mirror, &status, stop.clone()).await;
+        mirror = back;
+        status.send_modify(|s| s.connected = false);
+        if *stop.borrow() {
+            return (mirror, Ok(()));
+        }
+        match outcome {
+            Ok(()) => tracing::info!("primary closed the stream; reconnecting"),
+            Err(session::SessionError::Refused(why)) => {
+                status.send_modify(|s| s.last_error = Some(format!("refused: {why}")));
+                return (mirror, Err(FollowError::Refused(why)));
+            }
+            Err(session::SessionError::Retry { why, immediately }) => {
+                status.send_modify(|s| s.last_error = Some(why.clone()));
+                if immediately {
+                    backoff = Duration::from_millis(100);
                 }
-            }
-            if pending >= SYNC_EVERY_BYTES {
-                end_of_batch = true;
-            } else {
-                match tokio::time::timeout(Duration::ZERO, inbound.message()).await {
-                    Ok(Ok(Some(m))) => batch.push(m),
-                    Ok(Ok(None)) => end_of_batch = true,
-                    Ok(Err(status)) => return Err(classify(status)),
-                    Err(_) => end_of_batch = true,
-                }
-            }
-            if end_of_batch {
-                break;
+                tracing::warn!(error = %why, retry_in_ms = backoff.as_millis() as u64, "stream interrupted");
             }
         }
-        let durable =
-            tokio::task::block_in_place(|| mirror.sync()).map_err(|e| rejected(e, live, mirror))?;
-        // The status writer re-reads the archive's registration; the loop
-        // wakes at least on every heartbeat, so a moving archive is
-        // reported while the log is idle too.
-        let archived = live.lock().ok().and_then(|s| s.archived_lsn);
-        // Not before the standby holds any log: an Ack of position zero
-        // would tell the primary's retention to keep every file.
-        if pending > 0 || (archived_sent != Some(archived) && durable > LogPosition::ZERO) {
-            let ack = Ack {
-                durable: Some(durable.into()),
-                archived: archived.map(Into::into),
-            };
-            if tx
-                .try_send(StandbyMessage {
-                    kind: Some(standby_message::Kind::Ack(ack)),
-                })
-                .is_ok()
-            {
-                archived_sent = Some(archived);
-            }
+        status.send_modify(|s| s.reconnects += 1);
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return (mirror, Ok(())),
+            _ = tokio::time::sleep(backoff) => {}
         }
-        if let Some(report) = tokio::task::block_in_place(|| mirror.finish_rebase())
-            .map_err(|e| rejected(e, live, mirror))?
-        {
-            update(live, |s| {
-                s.rebases += 1;
-                s.last_rebase = Some(report);
-            });
-            rebase_asked = None;
-        }
-        let retry_due =
-            rebase_asked.is_none_or(|at: std::time::Instant| at.elapsed() > REBASE_RETRY);
-        if retry_due
-            && mirror.rebase.is_none()
-            && mirror.rebase_due(cfg.rebase_after_bytes, cfg.rebase_after_secs)
-        {
-            rebase_asked = Some(std::time::Instant::now());
-            request_rebase(mirror, &tx)
-                .await
-                .map_err(|e| rejected(e, live, mirror))?;
-        }
-        if let Some(why) = crate::scrub::heal::reconnect_for_new_base(live, mirror, &asked_new_base)
-        {
-            return Err(retry(why));
-        }
-        if crate::scrub::heal::rebase_due(live, mirror, &mut rebase_asked) {
-            crate::scrub::heal::request_rebase(mirror, &tx)
-                .await
-                .map_err(|e| rejected(e, live, mirror))?;
-        }
-        update(live, |s| {
-            // The mirror's own end, not the Ack's: while a replacement base
-            // is staged the Ack reports the staged log, but the directory
-            // (what status and `recoverable` describe) is the mirror.
-            s.durable_lsn = mirror.tail().durable;
-            s.last_contact_unix_ms = now_unix_ms();
-            s.compute_lag();
-            s.fill_from_state(&mirror.state);
-        });
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-/// A rebase request not answered by then is asked again.
-const REBASE_RETRY: Duration = Duration::from_secs(120);
-
-/// Sends the page digests of the mirror's files, then the request.
-async fn request_rebase(
-    mirror: &Mirror,
-    tx: &mpsc::Sender<StandbyMessage>,
-) -> Result<(), ApplyError> {
-    let base = mirror
-        .state
-        .base
-        .as_ref()
-        .map(|b| b.base_id.clone())
-        .unwrap_or_default();
-    let log_start = mirror
-        .state
-        .base
-        .as_ref()
-        .map(|b| b.log_start)
-        .unwrap_or_default();
-    let digests = tokio::task::block_in_place(|| mirror.page_digests())?;
-    tracing::info!(base = %base, durable = %mirror.tail().durable, "the log since the base passed the threshold: asking for a rebase");
-    for d in digests {
-        if tx
-            .send(StandbyMessage {
-                kind: Some(standby_message::Kind::PageDigests(d)),
-            })
-            .await
-            .is_err()
-        {
-            return Ok(());
-        }
-    }
-    let _ = tx
-        .send(StandbyMessage {
-            kind: Some(standby_message::Kind::RebaseRequest(RebaseRequest {
-                base_id: base,
-                log_start: Some(log_start.into()),
-            })),
-        })
-        .await;
-    Ok(())
-}
-
-/// What a message tells about the primary and the base copy's progress.
-fn note_message(live: &Live, kind: &Kind) {
-    match kind {
-        Kind::Heartbeat(h) => update(live, |s| {
-            s.primary_end_lsn = s
-                .primary_end_lsn
-                .max(h.primary_end.unwrap_or_default().into());
-            s.last_contact_unix_ms = now_unix_ms();
-            s.compute_lag();
-        }),
-        Kind::BaseStart(_) => update(live, |s| {
-            s.base_copy_active = true;
-            s.base_copy_done_bytes = 0;
-            s.base_copy_total_bytes = 0;
-            s.base_copy_started_unix_ms = now_unix_ms();
-        }),
-        Kind::FileStart(f) if f.base_bytes_left > 0 => update(live, |s| {
-            // A copy resumed by a new process has no BaseStart: it starts here.
-            if !s.base_copy_active {
-                s.base_copy_active = true;
-                s.base_copy_done_bytes = 0;
-                s.base_copy_started_unix_ms = now_unix_ms();
-            }
-            s.base_copy_total_bytes = s.base_copy_done_bytes + f.base_bytes_left;
-        }),
-        Kind::FileChunk(c) => update(live, |s| s.note_base_copy_bytes(c.data.len() as u64)),
-        Kind::FileSame(f) => update(live, |s| s.note_base_copy_bytes(f.len)),
-        Kind::BaseFilesDone(_) => update(live, |s| {
-            s.base_copy_active = false;
-            s.base_copy_done_bytes = s.base_copy_total_bytes;
-        }),
-        Kind::LogChunk(c) => update(live, |s| {
-            s.lg_max = (c.file_size as u32).saturating_add(1);
-            let end = LogPosition::new(c.file, c.offset + c.data.len() as u32);
-            if end > s.primary_end_lsn {
-                s.primary_end_lsn = end;
-            }
-            s.compute_lag();
-        }),
-        _ => {}
-    }
-}
-
-fn rejected(e: ApplyError, live: &Live, mirror: &Mirror) -> SessionError {
-    update(live, |s| {
-        s.rejected_messages += 1;
-        if matches!(e, ApplyError::Digest { .. }) {
-            s.digest_failures += 1;
-        }
-        s.fill_from_state(&mirror.state);
-    });
-    if e.is_permanent() {
-        tracing::error!(error = %e, "refusing the primary's data");
-        return SessionError::Refused(e.to_string());
-    }
-    tracing::error!(error = %e, "rejected a message from the primary; nothing after the last acknowledged position was kept, re-requesting");
-    // A corrupted chunk is worth an immediate retry; anything else may be
-    // persistent, so back off.
-    let immediately = matches!(e, ApplyError::Digest { .. });
-    SessionError::Retry {
-        why: e.to_string(),
-        immediately,
-    }
-}
-
-fn classify(status: tonic::Status) -> SessionError {
-    // The status message alone can be "transport error"; its causes say why.
-    let msg = tandem_shared::client::chain(&status);
-    match status.code() {
-        tonic::Code::FailedPrecondition => {
-            SessionError::Refused(format!("the primary refused this standby: {msg}"))
-        }
-        tonic::Code::DataLoss => SessionError::Retry {
-            why: format!("the primary reported lost log: {msg}"),
-            immediately: true,
-        },
-        _ => retry(format!("{}: {msg}", status.code())),
-    }
-}
-
-async fn write_status_forever(dir: StandbyDir, live: Live) {
+async fn write_status_forever(dir: StandbyDir, status: StatusTx, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(STATUS_EVERY);
     loop {
-        tick.tick().await;
-        write_status(&dir, &live);
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let d = dir.clone();
+        // File reads, off the runtime's threads.
+        let Ok(archive) =
+            tokio::task::spawn_blocking(move || crate::archive_hold::observe(&d)).await
+        else {
+            continue;
+        };
+        status.send_if_modified(|s| {
+            let before = (s.archive.clone(), s.archived_lsn, s.archive_held_log_bytes);
+            s.set_archive(archive);
+            before != (s.archive.clone(), s.archived_lsn, s.archive_held_log_bytes)
+        });
+        let d = dir.clone();
+        let s = status.clone();
+        let _ = tokio::task::spawn_blocking(move || write_status(&d, &s)).await;
     }
 }
 
 /// Informational, so written atomically but without fsync.
-fn write_status(dir: &StandbyDir, live: &Live) {
-    // File reads outside the lock the session takes for every message.
-    let archive = crate::archive_hold::observe(dir);
-    let Ok(mut s) = live.lock().map(|mut s| {
-        s.set_archive(archive);
-        s.clone()
-    }) else {
-        return;
-    };
+fn write_status(dir: &StandbyDir, status: &StatusTx) {
+    let mut s = snapshot(&status.subscribe());
     s.updated_unix_ms = now_unix_ms();
     let Ok(bytes) = serde_json::to_vec_pretty(&s) else {
         return;
@@ -500,21 +293,30 @@ fn write_status(dir: &StandbyDir, live: &Live) {
 }
 
 /// Readiness checks on a timer, once the mirror is recoverable. A failure
-/// is logged, shown in status and metrics, and streaming goes on.
-async fn check_forever(dir: StandbyDir, live: Live, every: Duration) {
+/// is logged, shown in status and metrics, and streaming goes on. A check
+/// under way when `stop` comes is finished, not abandoned: the directory
+/// lock is released only after it.
+async fn check_forever(
+    dir: StandbyDir,
+    status: StatusTx,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
-        tick.tick().await;
-        let recoverable = live.lock().map(|s| s.recoverable).unwrap_or(false);
-        if !recoverable {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !status.borrow().recoverable {
             continue;
         }
         let d = dir.clone();
         if let Ok(report) =
             tokio::task::spawn_blocking(move || crate::readiness::run_check(&d)).await
         {
-            update(&live, |s| {
+            status.send_modify(|s| {
                 s.recoverable &= report.ok;
                 s.last_check = Some(report);
             });

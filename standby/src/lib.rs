@@ -4,7 +4,8 @@
 //! - [`state`]: the standby directory, its durable state and its lock.
 //! - [`mirror`]: applies what the primary sends, after checking it (a
 //!   facade over [`logwriter`], [`receiver`] and [`swap`]).
-//! - [`follow`]: the connection loop: hello, receive, fsync, acknowledge.
+//! - [`follow`]: the connection loop, a pipeline: receive, apply and fsync,
+//!   acknowledge; status published on a watch channel.
 //! - [`status`]: what `tandem-standby status` reports.
 //! - [`scrub`]: proves the mirror still holds what was written; heals it.
 

@@ -541,6 +541,7 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
             .archive_hold_cap_mib
             .map_or(tandem_standby::archive_hold::DEFAULT_CAP_BYTES, |m| m << 20),
         start_over: false,
+        primary_silence: follow::DEFAULT_PRIMARY_SILENCE,
     })
 }
 

@@ -27,13 +27,23 @@ pub struct StandbyStatus {
     /// current base is not a failure). Never contradicts the check: a
     /// failure holds until a check passes again or the base is replaced.
     pub recoverable: bool,
+    /// The primary's end of log as last heard (a heartbeat or a log chunk).
     pub primary_end_lsn: LogPosition,
     pub durable_lsn: LogPosition,
-    pub lag_bytes: u64,
-    /// Seconds since the standby last held everything the primary had
-    /// (0 when caught up).
+    /// Log bytes the primary has that the standby does not hold durably;
+    /// `null` when unknown: not connected, or no word from the primary for
+    /// longer than the silence deadline (the primary may have written any
+    /// amount since). A cut network never reads as "caught up".
+    pub lag_bytes: Option<u64>,
+    /// Seconds since the standby last knew it held everything the primary
+    /// had: 0 while connected and caught up; while nothing arrives it grows
+    /// with the time since the last contact.
     pub lag_seconds: f64,
     pub last_contact_unix_ms: u64,
+    /// The follow loop's silence deadline: no word from the primary for
+    /// this long ends the session, and makes `lag_bytes` unknown.
+    #[serde(default)]
+    pub primary_silence_ms: u64,
     pub updated_unix_ms: u64,
     pub log_bytes_received: u64,
     pub file_bytes_received: u64,
@@ -149,19 +159,55 @@ impl StandbyStatus {
         }
     }
 
-    pub fn compute_lag(&mut self) {
-        self.lag_bytes = self
+    /// Called whenever the primary's end or the durable position moves:
+    /// holding the primary's end as last heard means the standby was caught
+    /// up as of that contact (not as of now: the primary may have written
+    /// more since, and a cut network is only noticed later).
+    pub fn note_progress(&mut self) {
+        if self.connected
+            && self
+                .durable_lsn
+                .bytes_until(self.primary_end_lsn, self.lg_max)
+                == 0
+        {
+            self.caught_up_unix_ms = self.caught_up_unix_ms.max(self.last_contact_unix_ms);
+        }
+    }
+
+    /// Lag as of `now_ms`. The primary's end is only known as of the last
+    /// contact: past `silence_ms` without one, bytes are unknown and the
+    /// seconds count from the last moment the standby knew it was caught up
+    /// (or, if never, from the last contact).
+    pub fn compute_lag(&mut self, now_ms: u64, silence_ms: u64) {
+        let fresh = self.connected
+            && self.last_contact_unix_ms != 0
+            && now_ms.saturating_sub(self.last_contact_unix_ms) <= silence_ms;
+        let behind = self
             .durable_lsn
             .bytes_until(self.primary_end_lsn, self.lg_max);
-        let now = tandem_shared::now_unix_ms();
-        if self.lag_bytes == 0 {
-            self.caught_up_unix_ms = now;
-        }
-        self.lag_seconds = if self.lag_bytes == 0 || self.caught_up_unix_ms == 0 {
+        self.lag_bytes = fresh.then_some(behind);
+        let since = match (self.caught_up_unix_ms, self.last_contact_unix_ms) {
+            (0, 0) => now_ms,
+            (0, contact) => contact,
+            (caught_up, _) => caught_up,
+        };
+        self.lag_seconds = if fresh && behind == 0 {
             0.0
         } else {
-            now.saturating_sub(self.caught_up_unix_ms) as f64 / 1000.0
+            now_ms.saturating_sub(since) as f64 / 1000.0
         };
+    }
+
+    /// "1234 bytes" or "unknown (no word from the primary for 7.4 s)".
+    pub fn lag_bytes_text(&self, now_ms: u64) -> String {
+        match self.lag_bytes {
+            Some(b) => format!("{b} bytes"),
+            None if self.last_contact_unix_ms == 0 => "unknown bytes (no contact yet)".into(),
+            None => format!(
+                "unknown bytes (no word from the primary for {:.1} s)",
+                now_ms.saturating_sub(self.last_contact_unix_ms) as f64 / 1000.0
+            ),
+        }
     }
 }
 
@@ -174,6 +220,9 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
         if let Some(mut s) = last.clone() {
             s.running = true;
             s.pid = Some(pid);
+            // Recomputed now: a status file written before a silence must
+            // not keep reading "caught up".
+            s.compute_lag(tandem_shared::now_unix_ms(), s.primary_silence_ms);
             return Ok(s);
         }
     }
@@ -196,7 +245,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     }
     s.last_check = crate::readiness::last_check(dir).or(s.last_check);
     s.scrub = crate::scrub::last_report(dir).or(s.scrub);
-    s.compute_lag();
+    s.compute_lag(tandem_shared::now_unix_ms(), 0);
     s.fill_from_state(&state);
     s.set_archive(crate::archive_hold::observe(dir));
     Ok(s)
@@ -213,7 +262,7 @@ pub fn render(s: &StandbyStatus) -> String {
         }
     };
     let mut out = format!(
-        "role:         {}{}\nphase:        {}\nprimary:      {} ({})\nenvironment:  {}\nepoch:        {}\nprimary end:  {}\ndurable:      {}\nlag:          {} bytes, {:.1} s\nrecoverable:  {}\nlast contact: {}\n",
+        "role:         {}{}\nphase:        {}\nprimary:      {} ({})\nenvironment:  {}\nepoch:        {}\nprimary end:  {}\ndurable:      {}\nlag:          {}, {:.1} s\nrecoverable:  {}\nlast contact: {}\n",
         s.role,
         if s.running { format!(" (running, pid {})", s.pid.unwrap_or(0)) } else { " (not running)".into() },
         s.phase,
@@ -223,7 +272,7 @@ pub fn render(s: &StandbyStatus) -> String {
         s.epoch,
         s.primary_end_lsn,
         s.durable_lsn,
-        s.lag_bytes,
+        s.lag_bytes_text(tandem_shared::now_unix_ms()),
         s.lag_seconds,
         if s.recoverable { "yes" } else { "no" },
         when(s.last_contact_unix_ms),
@@ -299,11 +348,8 @@ fn base_copy_progress(s: &StandbyStatus) -> String {
     )
 }
 
-/// Prometheus text for a running standby.
-pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
-    let Ok(s) = live.lock().map(|s| s.clone()) else {
-        return String::new();
-    };
+/// Prometheus text for a running standby (lag already computed).
+pub fn metrics(s: &StandbyStatus) -> String {
     tandem_shared::metrics::PromText::default()
         .counter(
             "tandem_standby_log_bytes_received_total",
@@ -337,12 +383,19 @@ pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
         )
         .gauge(
             "tandem_standby_lag_bytes",
-            "Log bytes the primary has that the standby does not hold durably.",
-            s.lag_bytes as f64,
+            "Log bytes the primary has that the standby does not hold durably; NaN when unknown \
+             (not connected, or no word from the primary): alert on lag_seconds.",
+            s.lag_bytes.map_or(f64::NAN, |b| b as f64),
+        )
+        .gauge(
+            "tandem_standby_lag_bytes_known",
+            "1 while lag_bytes is known (connected, and the primary was heard from recently).",
+            f64::from(u8::from(s.lag_bytes.is_some())),
         )
         .gauge(
             "tandem_standby_lag_seconds",
-            "Seconds since the standby last held everything the primary had.",
+            "Seconds since the standby last knew it held everything the primary had; grows \
+             while nothing arrives from the primary.",
             s.lag_seconds,
         )
         .gauge(
@@ -428,6 +481,64 @@ pub fn metrics(live: &std::sync::Mutex<StandbyStatus>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_is_unknown_and_growing_while_the_primary_is_silent() {
+        let lsn = LogPosition::new;
+        let base = StandbyStatus {
+            lg_max: 1000,
+            ..Default::default()
+        };
+        // (connected, durable, primary end, ms since contact, ms since
+        // caught up) -> (lag_bytes, lag_seconds)
+        let cases = [
+            // Connected and caught up: no lag.
+            (true, lsn(2, 100), lsn(2, 100), 300, 300, Some(0), 0.0),
+            // Connected, behind: bytes known, seconds since caught up.
+            (true, lsn(2, 100), lsn(3, 50), 300, 2_000, Some(950), 2.0),
+            // Silent past the deadline: bytes unknown even though the last
+            // word said "caught up", and the seconds count from it.
+            (true, lsn(2, 100), lsn(2, 100), 7_400, 7_400, None, 7.4),
+            // Not connected: unknown.
+            (false, lsn(2, 100), lsn(2, 100), 1_000, 1_000, None, 1.0),
+        ];
+        let now = 1_000_000u64;
+        for (connected, durable, end, contact_ago, caught_up_ago, bytes, secs) in cases {
+            let mut s = StandbyStatus {
+                connected,
+                durable_lsn: durable,
+                primary_end_lsn: end,
+                last_contact_unix_ms: now - contact_ago,
+                caught_up_unix_ms: now - caught_up_ago,
+                ..base.clone()
+            };
+            s.compute_lag(now, 5_000);
+            assert_eq!(
+                (s.lag_bytes, s.lag_seconds),
+                (bytes, secs),
+                "{connected} {durable} {end}"
+            );
+        }
+    }
+
+    #[test]
+    fn caught_up_counts_from_the_contact_not_from_the_apply() {
+        let mut s = StandbyStatus {
+            connected: true,
+            lg_max: 1000,
+            primary_end_lsn: LogPosition::new(2, 100),
+            durable_lsn: LogPosition::new(2, 100),
+            last_contact_unix_ms: 5_000,
+            ..Default::default()
+        };
+        s.note_progress();
+        assert_eq!(s.caught_up_unix_ms, 5_000);
+        s.compute_lag(20_000, 5_000);
+        assert_eq!((s.lag_bytes, s.lag_seconds), (None, 15.0));
+        assert!(s
+            .lag_bytes_text(20_000)
+            .contains("unknown bytes (no word from the primary for 15.0 s)"));
+    }
 
     #[test]
     fn base_copy_progress_reads_like_a_progress_bar() {

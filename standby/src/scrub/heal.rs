@@ -14,15 +14,15 @@
 //! status says recoverable only once a scrub passed.
 
 use super::{last_report, scrub_once, ScrubOptions, ScrubReport, RUN_BYTES_PER_SEC};
-use crate::mirror::{ApplyError, Mirror};
+use crate::follow::StatusTx;
+use crate::mirror::Mirror;
 use crate::state::StandbyDir;
 use crate::status::StandbyStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem_shared::wire::{standby_message, RebaseRequest, StandbyMessage};
 use tandem_shared::LogPosition;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
 /// A heal request not answered by a rebase is asked again after this.
 const HEAL_RETRY: Duration = Duration::from_secs(60);
@@ -45,41 +45,52 @@ impl Drop for StopOnDrop {
     }
 }
 
-type Live = Arc<Mutex<StandbyStatus>>;
+type Live = watch::Receiver<StandbyStatus>;
 
 /// Looks at the last scrub without copying it: this runs after every batch
 /// the session applies.
 fn with_scrub<T>(live: &Live, f: impl FnOnce(&ScrubReport) -> Option<T>) -> Option<T> {
-    live.lock().ok().and_then(|s| s.scrub.as_ref().and_then(f))
+    live.borrow().scrub.as_ref().and_then(f)
 }
 
 /// Scrubs the mirror every `every`, counted from the last recorded scrub
 /// (a restart does not postpone it), once the base's files are complete;
 /// at once after a failed scrub when the base has changed since (a rebase
-/// healed it, or not). Runs until aborted, which stops a scrub under way.
-pub async fn scrub_forever(dir: StandbyDir, live: Live, every: Duration) {
+/// healed it, or not). Runs until `stop`, which stops a scrub under way.
+pub async fn scrub_forever(
+    dir: StandbyDir,
+    status: StatusTx,
+    every: Duration,
+    mut stop_signal: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(POLL);
     let mut not_before = Instant::now() + every.min(STARTUP_GRACE);
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_drop = StopOnDrop(stop.clone());
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop_signal.wait_for(|s| *s) => return,
+        }
         let on_disk = last_report(&dir);
-        let (current, base_id, complete, durable) = match live.lock() {
-            Ok(mut s) => {
-                // A one-off scrub's newer report counts here too.
-                if on_disk.as_ref().map(|r| r.unix_ms) > s.scrub.as_ref().map(|r| r.unix_ms) {
-                    s.scrub = on_disk.clone();
-                    s.recoverable &= on_disk.as_ref().is_none_or(|r| r.ok);
-                }
-                (
-                    s.scrub.clone(),
-                    s.base_id.clone().unwrap_or_default(),
-                    !matches!(s.phase.as_str(), "no base" | "copying base" | "promoted"),
-                    s.durable_lsn,
-                )
+        let mut current = None;
+        status.send_if_modified(|s| {
+            // A one-off scrub's newer report counts here too.
+            let newer = on_disk.as_ref().map(|r| r.unix_ms) > s.scrub.as_ref().map(|r| r.unix_ms);
+            if newer {
+                s.scrub = on_disk.clone();
+                s.recoverable &= on_disk.as_ref().is_none_or(|r| r.ok);
             }
-            Err(_) => return,
+            current = Some((
+                s.scrub.clone(),
+                s.base_id.clone().unwrap_or_default(),
+                !matches!(s.phase.as_str(), "no base" | "copying base" | "promoted"),
+                s.durable_lsn,
+            ));
+            newer
+        });
+        let Some((current, base_id, complete, durable)) = current else {
+            return;
         };
         if !complete || Instant::now() < not_before {
             continue;
@@ -103,12 +114,10 @@ pub async fn scrub_forever(dir: StandbyDir, live: Live, every: Duration) {
             },
         );
         match tokio::task::spawn_blocking(move || scrub_once(&d, &opts)).await {
-            Ok(Some(report)) => {
-                if let Ok(mut s) = live.lock() {
-                    s.recoverable &= report.ok;
-                    s.scrub = Some(report);
-                }
-            }
+            Ok(Some(report)) => status.send_modify(|s| {
+                s.recoverable &= report.ok;
+                s.scrub = Some(report);
+            }),
             Ok(None) | Err(_) => not_before = Instant::now() + DISCARDED_RETRY,
         }
     }
@@ -119,61 +128,31 @@ pub async fn scrub_forever(dir: StandbyDir, live: Live, every: Duration) {
 /// `asked` is the session's time of its last rebase request, scheduled or
 /// not: two requests in flight would make the primary answer the second
 /// with page digests of files the first one has since replaced.
-pub fn rebase_due(live: &Live, mirror: &Mirror, asked: &mut Option<Instant>) -> bool {
-    let Some(base) = mirror.state.base.as_ref().filter(|b| b.files_done) else {
-        return false;
-    };
+///
+/// Returns the `log_start` to put in the request: one file before the
+/// base's start. The primary skips a rebase that would start no later than
+/// `log_start` (pointless for a scheduled rebase); a heal needs one even at
+/// the same boundary, and must never get one that starts earlier than the
+/// log the standby holds, which this still refuses.
+pub fn rebase_due(
+    live: &Live,
+    mirror: &Mirror,
+    asked: &mut Option<Instant>,
+) -> Option<LogPosition> {
+    let base = mirror.state.base.as_ref().filter(|b| b.files_done)?;
     let damaged_db = with_scrub(live, |r| {
         let found = !r.ok && r.base_id == base.base_id && r.damage.iter().any(|d| !d.in_log());
         found.then_some(())
     });
     if damaged_db.is_none() || mirror.rebase.is_some() {
-        return false;
+        return None;
     }
     if asked.is_some_and(|at| at.elapsed() < HEAL_RETRY) {
-        return false;
+        return None;
     }
     *asked = Some(Instant::now());
-    true
-}
-
-/// Sends the digests of the mirror's pages as they are now (a damaged page
-/// does not match the primary's, so the primary sends it), then a
-/// RebaseRequest.
-///
-/// `log_start` in the request is one file before the base's start. The
-/// primary skips a rebase that would start no later than `log_start`
-/// (pointless for a scheduled rebase); a heal needs one even at the same
-/// boundary, and must never get one that starts earlier than the log the
-/// standby holds, which this still refuses.
-pub async fn request_rebase(
-    mirror: &Mirror,
-    tx: &mpsc::Sender<StandbyMessage>,
-) -> Result<(), ApplyError> {
-    let Some(base) = mirror.state.base.as_ref() else {
-        return Ok(());
-    };
-    let digests = tokio::task::block_in_place(|| mirror.page_digests())?;
     tracing::warn!(base = %base.base_id, "the scrub found damage in a database file: asking the primary for a rebase to heal it");
-    for d in digests {
-        let m = StandbyMessage {
-            kind: Some(standby_message::Kind::PageDigests(d)),
-        };
-        if tx.send(m).await.is_err() {
-            return Ok(());
-        }
-    }
-    let start = base.log_start;
-    let request = RebaseRequest {
-        base_id: base.base_id.clone(),
-        log_start: Some(LogPosition::new(start.file.saturating_sub(1), 0).into()),
-    };
-    let _ = tx
-        .send(StandbyMessage {
-            kind: Some(standby_message::Kind::RebaseRequest(request)),
-        })
-        .await;
-    Ok(())
+    Some(LogPosition::new(base.log_start.file.saturating_sub(1), 0))
 }
 
 /// `Hello.new_base_request`: why the standby needs a new base, when the

@@ -1,0 +1,208 @@
+//! One connection to the primary, as a pipeline:
+//!
+//! ```text
+//! network ─ reader ─(bounded queue)─ applier ─(watch: durable)─ acker ─ network
+//! ```
+//!
+//! The reader owns the receiving half: it takes messages off the stream,
+//! notes the contact (the primary's end, when it was last heard) and queues
+//! them; no message for `primary_silence` ends the session as "no word from
+//! the primary", so a cut network is noticed even when TCP never says so.
+//! The applier (a blocking task that owns the mirror) applies, fsyncs and
+//! publishes the durable position; the acker sends an Ack for each position
+//! the applier published, never for one it did not make durable. When the
+//! reader ends, for whatever reason, it closes the queue; the applier drains
+//! it, fsyncs and hands the mirror back.
+
+use super::applier::{self, Applier};
+use super::{StandbyConfig, StatusTx};
+use crate::mirror::Mirror;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_shared::wire::{
+    primary_message::Kind, standby_message, Ack, PrimaryMessage, StandbyMessage,
+};
+use tandem_shared::{now_unix_ms, LogPosition};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Messages read but not yet applied. Small: back-pressure reaches the
+/// primary through HTTP/2 flow control instead of memory filling here.
+const QUEUE: usize = 32;
+/// Messages to the primary (acks, page digests, requests) not yet sent.
+const OUTBOX: usize = 64;
+/// How long connecting (TCP and TLS) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) enum SessionError {
+    Refused(String),
+    Retry { why: String, immediately: bool },
+}
+
+pub(super) fn retry(why: impl ToString) -> SessionError {
+    SessionError::Retry {
+        why: why.to_string(),
+        immediately: false,
+    }
+}
+
+/// One connection, until it ends or `stop`. The mirror always comes back.
+pub(super) async fn run(
+    cfg: &StandbyConfig,
+    mut mirror: Mirror,
+    status: &StatusTx,
+    mut stop: watch::Receiver<bool>,
+) -> (Mirror, Result<(), SessionError>) {
+    let connect = tandem_shared::client::connect(
+        &cfg.primary,
+        cfg.server_name.as_deref(),
+        &cfg.tls,
+        CONNECT_TIMEOUT,
+    );
+    let mut client = tokio::select! {
+        c = connect => match c {
+            Ok(c) => c,
+            Err(e) => return (mirror, Err(retry(e))),
+        },
+        _ = stop.wait_for(|s| *s) => return (mirror, Ok(())),
+    };
+    mirror.begin_session();
+    let (out, out_rx) = mpsc::channel::<StandbyMessage>(OUTBOX);
+    let hello = super::hello(cfg, &mirror);
+    let asked_new_base = hello.new_base_request.clone();
+    let _ = out.try_send(StandbyMessage {
+        kind: Some(standby_message::Kind::Hello(hello)),
+    });
+    let opened = tokio::select! {
+        r = client.stream(ReceiverStream::new(out_rx)) => r,
+        _ = stop.wait_for(|s| *s) => return (mirror, Ok(())),
+    };
+    let inbound = match opened {
+        Ok(r) => r.into_inner(),
+        Err(status) => return (mirror, Err(classify(status))),
+    };
+    tracing::info!(primary = %cfg.primary, durable = %mirror.tail().durable, "connected to the primary");
+    status.send_modify(|s| {
+        s.connected = true;
+        s.last_contact_unix_ms = now_unix_ms();
+    });
+
+    let (queue, queued) = mpsc::channel::<Kind>(QUEUE);
+    let (durable_tx, durable_rx) = watch::channel::<Option<LogPosition>>(None);
+    let reader_done = Arc::new(AtomicBool::new(false));
+    let applier = Applier {
+        cfg: cfg.clone(),
+        status: status.clone(),
+        out: out.clone(),
+        durable: durable_tx,
+        reader_done: reader_done.clone(),
+        asked_new_base,
+    };
+    let applying = tokio::task::spawn_blocking(move || applier.run(mirror, queued));
+    let acker = tokio::spawn(acknowledge(out, durable_rx, status.subscribe()));
+
+    let read = read(cfg.primary_silence, inbound, &queue, status, stop).await;
+    reader_done.store(true, Ordering::SeqCst);
+    drop(queue);
+    let (mirror, applied) = match applying.await {
+        Ok(r) => r,
+        // The applier panicked: the mirror is gone with it, and so is any
+        // safe way to go on in this process.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("the applier was cancelled with the mirror: {e}"),
+    };
+    acker.abort();
+    let _ = acker.await;
+    // The applier's error says why the stream was dropped; it wins.
+    (mirror, applied.and(read))
+}
+
+/// Takes messages off the stream into the queue, under the silence deadline.
+async fn read(
+    silence: Duration,
+    mut inbound: tonic::Streaming<PrimaryMessage>,
+    queue: &mpsc::Sender<Kind>,
+    status: &StatusTx,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), SessionError> {
+    loop {
+        let next = tokio::select! {
+            r = tokio::time::timeout(silence, inbound.message()) => r,
+            _ = queue.closed() => return Ok(()),
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        let kind = match next {
+            Err(_) => {
+                let why = format!(
+                    "no word from the primary for {:.1} s (it sends heartbeats): the network or the primary is down",
+                    silence.as_secs_f64()
+                );
+                tracing::warn!("{why}");
+                return Err(retry(why));
+            }
+            Ok(Ok(Some(m))) => m.kind,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(status)) => return Err(classify(status)),
+        };
+        let Some(kind) = kind else { continue };
+        status.send_modify(|s| applier::note_contact(s, &kind));
+        tokio::select! {
+            r = queue.send(kind) => if r.is_err() { return Ok(()) },
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+    }
+}
+
+/// Sends an Ack for every durable position the applier publishes, and when
+/// the continuous archive's position (in status) moves. Never before the
+/// standby holds any log: an Ack of position zero would tell the primary's
+/// retention to keep every file.
+async fn acknowledge(
+    out: mpsc::Sender<StandbyMessage>,
+    mut durable: watch::Receiver<Option<LogPosition>>,
+    mut status: watch::Receiver<crate::status::StandbyStatus>,
+) {
+    // The primary remembers the last archive position: sent once per
+    // session at least.
+    let mut sent: Option<(LogPosition, Option<LogPosition>)> = None;
+    loop {
+        tokio::select! {
+            r = durable.changed() => if r.is_err() { return },
+            r = status.changed() => if r.is_err() { return },
+        }
+        let Some(at) = *durable.borrow_and_update() else {
+            continue;
+        };
+        let archived = status.borrow_and_update().archived_lsn;
+        if at == LogPosition::ZERO || sent == Some((at, archived)) {
+            continue;
+        }
+        let ack = Ack {
+            durable: Some(at.into()),
+            archived: archived.map(Into::into),
+        };
+        let msg = StandbyMessage {
+            kind: Some(standby_message::Kind::Ack(ack)),
+        };
+        if out.send(msg).await.is_err() {
+            return;
+        }
+        sent = Some((at, archived));
+    }
+}
+
+pub(super) fn classify(status: tonic::Status) -> SessionError {
+    // The status message alone can be "transport error"; its causes say why.
+    let msg = tandem_shared::client::chain(&status);
+    match status.code() {
+        tonic::Code::FailedPrecondition => {
+            SessionError::Refused(format!("the primary refused this standby: {msg}"))
+        }
+        tonic::Code::DataLoss => SessionError::Retry {
+            why: format!("the primary reported lost log: {msg}"),
+            immediately: true,
+        },
+        _ => retry(format!("{}: {msg}", status.code())),
+    }
+}
