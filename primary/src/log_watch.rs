@@ -108,17 +108,7 @@ fn step(
     };
     // A newer file means BDB finished this one: read it to its end once
     // more (on from what is already verified), then follow the new one.
-    let next_exists = layout.log_path(t.file_no + 1).exists();
-    if !next_exists && !layout.log_path(t.file_no).exists() {
-        // This file and the next were removed (retention or an operator)
-        // before the watcher got there, e.g. when it fell behind during a
-        // burst: BDB is writing a newer file. Without looking again the
-        // watcher would stay here forever and every session with it, each
-        // heartbeat reporting this stale end as "caught up".
-        *tail = None;
-        return Ok(false);
-    }
-    if next_exists {
+    if layout.log_path(t.file_no + 1).exists() {
         let w = walk_from(&t.file, t.end, t.last_record)?;
         let next = open_tail(layout, t.file_no + 1, w.last_record)?;
         *t = next;
