@@ -54,7 +54,31 @@ pub fn base_boundary(shared: &Shared) -> Result<LogPosition, Status> {
         .copied()
         .find(|n| !inactive.contains(n))
         .unwrap_or(newest);
-    Ok(LogPosition::new(first, 0))
+    let after_gap = first_after_last_gap(&files);
+    if after_gap > first {
+        // A base cannot start before a hole in the log: shipping would hit
+        // it, report lost log and start the same base again, forever. (With
+        // a hole, `db_archive` may list nothing.) If BDB's checkpoint is
+        // before the hole the base will not recover; the standby's
+        // readiness check says so.
+        tracing::warn!(
+            first = %shared.layout.log_name(first), after_gap = %shared.layout.log_name(after_gap),
+            "the primary's log has a hole (files removed out of order): the base starts after it"
+        );
+    }
+    Ok(LogPosition::new(first.max(after_gap), 0))
+}
+
+/// The first log file after the last hole in `files` (sorted), or the
+/// first file when there is none.
+fn first_after_last_gap(files: &[u32]) -> u32 {
+    files
+        .windows(2)
+        .filter(|w| w[1] != w[0] + 1)
+        .map(|w| w[1])
+        .last()
+        .or(files.first().copied())
+        .unwrap_or(0)
 }
 
 /// Ships the database files the standby does not have, then rescans for
@@ -338,5 +362,13 @@ mod tests {
             runs(&data[8192..], 8192, 4096, Some(&theirs)),
             vec![(8192, 4096, false), (12288, 4096, true)]
         );
+    }
+
+    #[test]
+    fn a_base_never_starts_before_a_hole_in_the_log() {
+        assert_eq!(super::first_after_last_gap(&[3, 4, 5]), 3);
+        assert_eq!(super::first_after_last_gap(&[3, 4, 7, 8, 10]), 10);
+        assert_eq!(super::first_after_last_gap(&[3, 4, 7, 8]), 7);
+        assert_eq!(super::first_after_last_gap(&[]), 0);
     }
 }
