@@ -74,9 +74,9 @@ pub fn base_boundary(shared: &Shared) -> Result<LogPosition, Status> {
 fn first_after_last_gap(files: &[u32]) -> u32 {
     files
         .windows(2)
-        .filter(|w| w[1] != w[0] + 1)
+        .rev()
+        .find(|w| w[1] != w[0] + 1)
         .map(|w| w[1])
-        .last()
         .or(files.first().copied())
         .unwrap_or(0)
 }
