@@ -290,7 +290,6 @@ fn a_flipped_log_byte_is_found_by_the_scrub_and_status_says_not_recoverable() ->
 }
 
 #[test]
-#[ignore = "the heal needs the primary to honour Hello.new_base_request and a new base staged beside the mirror (other branches of issue 11)"]
 fn a_flipped_log_byte_is_healed_by_a_new_base() -> Result<()> {
     let s = Scratch::new()?;
     let last = bdb::run_workload(&s.path("env"), &workload())?;
