@@ -5,6 +5,7 @@
 //! - [`mirror`]: applies what the primary sends, after checking it.
 //! - [`follow`]: the connection loop: hello, receive, fsync, acknowledge.
 //! - [`status`]: what `tandem-standby status` reports.
+//! - [`archive`]: backups of the mirror, their verification and restore.
 
 pub mod archive;
 pub mod archive_hold;
@@ -12,6 +13,5 @@ pub mod follow;
 pub mod mirror;
 pub mod promote;
 pub mod readiness;
-pub mod restore;
 pub mod state;
 pub mod status;
