@@ -95,7 +95,7 @@ pub async fn run(
     if let Some(addr) = cfg.metrics_listen {
         let (for_metrics, for_status) = (live.clone(), live.clone());
         let pages = tandem_shared::metrics::AdminPages {
-            metrics: Box::new(move || crate::status::metrics(&for_metrics)),
+            metrics: Box::new(move || crate::metrics::render(&for_metrics)),
             status_json: Box::new(move || {
                 for_status
                     .lock()
