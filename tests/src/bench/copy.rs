@@ -74,7 +74,7 @@ impl Sshd {
         let mut cmd = Command::new("/usr/sbin/sshd");
         cmd.args(["-D", "-e", "-f"]).arg(dir.join("sshd_config"));
         let mut proc = Proc::spawn("sshd", cmd, &dir.join("sshd.log"))?;
-        wait_alive("sshd to listen", Duration::from_secs(20), &mut proc, || {
+        wait_while_running("sshd to listen", Duration::from_secs(20), &mut proc, || {
             Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
         })?;
         let user = first_line({
@@ -217,12 +217,12 @@ impl Bench {
         )?;
         let mut standby_cpu = 0.0;
         let pid = sb.pid();
-        wait_alive(
+        wait_while_running(
             "the base copy to complete",
             copy_timeout(big.bytes),
             &mut sb,
             || {
-                let m = scrape(port)?;
+                let m = scrape_metrics(&format!("127.0.0.1:{port}"))?;
                 let done = m.get("tandem_standby_recoverable") == Some(&1.0)
                     && m.get("tandem_standby_connected") == Some(&1.0)
                     && m.get("tandem_standby_lag_bytes") == Some(&0.0);

@@ -45,16 +45,10 @@ pub(crate) struct CostRun {
 /// A tmpfs directory with room to spare, for [`Attach::StandbyOnTmpfs`]:
 /// under `BENCH_TMPFS` (bench/run makes one and removes it) or /dev/shm.
 pub(crate) fn tmpfs_dir() -> Option<tempfile::TempDir> {
-    use std::os::unix::ffi::OsStrExt;
     let shm = env_str("BENCH_TMPFS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/dev/shm"));
-    let c = std::ffi::CString::new(shm.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statfs into a zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
+    let st = rustix::fs::statfs(&shm).ok()?;
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     let free = st.f_bavail as u64 * st.f_bsize as u64;
     if st.f_type as i64 != TMPFS_MAGIC || free < (4u64 << 30) {
@@ -79,7 +73,7 @@ impl Bench {
         remove_dir(&dir);
         std::fs::create_dir_all(&dir)?;
         let env = dir.join("env");
-        copy_tree(&seed.env, &env)?;
+        copy_env(&seed.env, &env)?;
         let lg_max = env_lg_max(&env)?;
         let start_end = primary_log_end(&env)?;
         let tmpfs = if attach == Attach::StandbyOnTmpfs {
@@ -98,7 +92,7 @@ impl Bench {
         let mut standby = match (&primary, attach) {
             (Some(p), Attach::Standby | Attach::StandbyOnTmpfs) => {
                 let mut sb = start_standby(&dir, &standby_dir, &p.url(), &self.certs, &[])?;
-                caught_up(&standby_dir, &env, Duration::from_secs(120), &mut sb)?;
+                wait_caught_up_running(&standby_dir, &env, Duration::from_secs(120), &mut sb)?;
                 Some(sb)
             }
             _ => None,
@@ -147,8 +141,8 @@ impl Bench {
             r.primary_hwm_mib = proc_hwm_mib(pp)?;
         }
         if let Some(sb) = standby.as_mut() {
-            let caught =
-                caught_up(&standby_dir, &env, Duration::from_secs(600), sb).and_then(|()| {
+            let caught = wait_caught_up_running(&standby_dir, &env, Duration::from_secs(600), sb)
+                .and_then(|()| {
                     wait_for(
                         "the primary to see the final acknowledgement",
                         Duration::from_secs(60),

@@ -1,6 +1,7 @@
 //! Section 2, `lag`: commit-to-durable-on-standby delay per commit.
 
 use super::*;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 /// Follows the workload's `-L` file with inotify and timestamps each line
 /// as it appears.
@@ -9,20 +10,11 @@ pub(crate) fn spawn_commit_tail(
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<Result<Vec<CommitSeen>>> {
     std::thread::spawn(move || {
-        use std::os::unix::ffi::OsStrExt;
-        let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: plain syscalls on a descriptor this thread owns.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            bail!("inotify_init1: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is ours, cpath is a valid C string.
-        if unsafe { libc::inotify_add_watch(fd, cpath.as_ptr(), libc::IN_MODIFY) } < 0 {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: closing our own descriptor.
-            unsafe { libc::close(fd) };
-            bail!("inotify_add_watch {}: {e}", path.display());
-        }
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        let fd =
+            inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC).context("inotify_init1")?;
+        inotify::add_watch(&fd, &path, WatchFlags::MODIFY)
+            .with_context(|| format!("inotify_add_watch {}", path.display()))?;
         let mut file = File::open(&path)?;
         let mut out = Vec::new();
         let mut partial = String::new();
@@ -31,15 +23,16 @@ pub(crate) fn spawn_commit_tail(
         let result = (|| -> Result<()> {
             loop {
                 let stopping = stop.load(Ordering::Relaxed);
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
+                // Woken by a write to the file, or every 20 ms to check `stop`.
+                let mut pfd = [PollFd::new(&fd, PollFlags::IN)];
+                let tick = Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 20_000_000,
                 };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut pfd, 1, 20) };
-                // SAFETY: reading into a buffer we own; EAGAIN ends the drain.
-                while unsafe { libc::read(fd, events.as_mut_ptr().cast(), events.len()) } > 0 {}
+                let _ = poll(&mut pfd, Some(&tick));
+                // Drain the events (non-blocking: EAGAIN ends it); the file
+                // itself says what changed.
+                while matches!(rustix::io::read(&fd, &mut events[..]), Ok(n) if n > 0) {}
                 loop {
                     let n = file.read(&mut buf)?;
                     if n == 0 {
@@ -63,8 +56,6 @@ pub(crate) fn spawn_commit_tail(
                 }
             }
         })();
-        // SAFETY: closing our own descriptor.
-        unsafe { libc::close(fd) };
         result.map(|()| out)
     })
 }
@@ -151,19 +142,23 @@ impl Bench {
         remove_dir(&dir);
         std::fs::create_dir_all(&dir)?;
         let env = dir.join("env");
-        copy_tree(&seed.env, &env)?;
+        copy_env(&seed.env, &env)?;
         let tmpfs = if on_tmpfs {
             Some(tmpfs_dir().context("no tmpfs with 4 GiB free (BENCH_TMPFS or /dev/shm)")?)
         } else {
             None
         };
-        let primary = start_primary(&dir, &env, &self.certs, "127.0.0.1:0", &[])?;
         let standby_dir = tmpfs
             .as_ref()
             .map(|t| t.path().join("standby"))
             .unwrap_or_else(|| dir.join("standby"));
-        let mut standby = start_standby(&dir, &standby_dir, &primary.url(), &self.certs, &[])?;
-        caught_up(&standby_dir, &env, Duration::from_secs(120), &mut standby)?;
+        let (primary, standby) = start_caught_up(
+            &dir,
+            &env,
+            &standby_dir,
+            &self.certs,
+            Duration::from_secs(120),
+        )?;
         Ok(Pair {
             dir,
             env,
@@ -216,7 +211,7 @@ impl Bench {
             }
             let exited = Instant::now();
             let end = primary_log_end(&pair.env)?;
-            caught_up(
+            wait_caught_up_running(
                 &pair.standby_dir,
                 &pair.env,
                 Duration::from_secs(300),

@@ -23,7 +23,7 @@ impl Bench {
             opts.command(&pair.env),
             &pair.dir.join("workload.log"),
         )?;
-        wait_alive(
+        wait_while_running(
             &format!("{mb} MiB of log"),
             Duration::from_secs(900),
             &mut w,
@@ -33,7 +33,7 @@ impl Bench {
         if !status.success() {
             bail!("workload failed: {}", w.log_text());
         }
-        caught_up(
+        wait_caught_up_running(
             &pair.standby_dir,
             &pair.env,
             Duration::from_secs(600),

@@ -23,7 +23,7 @@ impl Bench {
             None => {
                 let dir = self.path("resume-standby");
                 let mut sb = start_standby(self.root.path(), &dir, &url, &self.certs, &[])?;
-                caught_up(&dir, &big.env, copy_timeout(big.bytes), &mut sb)?;
+                wait_caught_up_running(&dir, &big.env, copy_timeout(big.bytes), &mut sb)?;
                 sb.stop(Duration::from_secs(60))?;
                 let st = standby_status(&dir)?;
                 let full =
@@ -32,7 +32,7 @@ impl Bench {
             }
         };
         let mut standby = start_standby(self.root.path(), &dir, &url, &self.certs, &[])?;
-        caught_up(&dir, &big.env, Duration::from_secs(300), &mut standby)?;
+        wait_caught_up_running(&dir, &big.env, Duration::from_secs(300), &mut standby)?;
         let step = cfg.resume_mb as f64 / 2.0;
         let mut resent = Vec::new();
         let mut necessary = Vec::new();
@@ -57,7 +57,7 @@ impl Bench {
                 &self.path(&format!("resume-workload-{run}.log")),
             )?;
             let advance = |from: LogPosition, mib: f64, w: &mut Proc| -> Result<()> {
-                wait_alive(
+                wait_while_running(
                     &format!("{mib} MiB more log"),
                     Duration::from_secs(600),
                     w,
@@ -73,7 +73,7 @@ impl Bench {
             if !status.success() {
                 bail!("workload failed: {}", w.log_text());
             }
-            caught_up(&dir, &big.env, Duration::from_secs(600), &mut standby)?;
+            wait_caught_up_running(&dir, &big.env, Duration::from_secs(600), &mut standby)?;
             let st = standby_status(&dir)?;
             let end = primary_log_end(&big.env)?;
             let sent =
@@ -261,7 +261,7 @@ impl Bench {
         let mut report: Option<(serde_json::Value, f64)> = None;
         // The status file of the previous process is read until the new one
         // rewrites it: only a rebase finished after the start counts.
-        wait_alive("a rebase", copy_timeout(big.bytes), &mut sb, || {
+        wait_while_running("a rebase", copy_timeout(big.bytes), &mut sb, || {
             let st = standby_status(dir)?;
             let r = &st["last_rebase"];
             if r["unix_ms"].as_u64().unwrap_or(0) >= since_ms {
@@ -269,7 +269,7 @@ impl Bench {
             }
             Ok(report.is_some())
         })?;
-        caught_up(dir, &big.env, Duration::from_secs(600), &mut sb)?;
+        wait_caught_up_running(dir, &big.env, Duration::from_secs(600), &mut sb)?;
         sb.stop(Duration::from_secs(60))?;
         report.context("no rebase report")
     }

@@ -113,8 +113,7 @@ pub(crate) fn proc_cpu_secs(pid: u32) -> Result<f64> {
         + f.get(12)
             .and_then(|v| v.parse::<f64>().ok())
             .context("stime")?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = rustix::param::clock_ticks_per_second() as f64;
     Ok(ticks / if hz > 0.0 { hz } else { 100.0 })
 }
 
@@ -130,69 +129,8 @@ pub(crate) fn proc_hwm_mib(pid: u32) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
-/// Like `harness::wait_for`, but gives up at once when `proc` exits.
-pub(crate) fn wait_alive(
-    what: &str,
-    timeout: Duration,
-    proc: &mut Proc,
-    mut cond: impl FnMut() -> Result<bool>,
-) -> Result<()> {
-    let mut died = false;
-    wait_for(what, timeout, || {
-        if !proc.is_running() {
-            died = true;
-            return Ok(true);
-        }
-        cond()
-    })?;
-    if died {
-        bail!(
-            "{} exited while waiting for {what}: {}",
-            proc.name,
-            proc.log_text()
-        );
-    }
-    Ok(())
-}
-
-/// `harness::wait_caught_up`, failing at once if the standby exits.
-pub(crate) fn caught_up(
-    standby_dir: &Path,
-    env: &Path,
-    timeout: Duration,
-    standby: &mut Proc,
-) -> Result<()> {
-    wait_alive("the standby to catch up", timeout, standby, || {
-        let s = standby_status(standby_dir)?;
-        Ok(s["recoverable"] == true && lsn_of(&s["durable_lsn"]) == primary_log_end(env)?)
-    })
-}
-
-pub(crate) fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// `GET /metrics` from a daemon's metrics endpoint on loopback.
-pub(crate) fn scrape(port: u16) -> Result<BTreeMap<String, f64>> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok(body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            l.rsplit_once(' ')
-                .and_then(|(k, v)| v.parse().ok().map(|v| (k.to_owned(), v)))
-        })
-        .collect())
-}
-
 pub(crate) fn sync_all() {
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
+    rustix::fs::sync();
 }
 
 /// Writes back dirty pages and drops the page cache; false without the
@@ -219,14 +157,6 @@ pub(crate) fn log_mib_between(a: LogPosition, b: LogPosition, lg_max: u32) -> f6
 
 pub(crate) fn remove_dir(p: &Path) {
     let _ = std::fs::remove_dir_all(p);
-}
-
-pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    let status = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
-    if !status.success() {
-        bail!("cp -a {} {} failed", from.display(), to.display());
-    }
-    Ok(())
 }
 
 pub(crate) fn status_u64(s: &serde_json::Value, key: &str) -> u64 {
