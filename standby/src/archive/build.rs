@@ -23,7 +23,7 @@ use super::manifest::{
 use super::proof::{prove_recovers, ProofError};
 use super::store::{
     clean_temps, copy_hashed, fsync_tree, io_err as store_io, list_backups, lock_archive,
-    remove_tree, temp_dir_in, StoreError, PUBLISH_LOCK, TEMP_PREFIX, WRITER_LOCK,
+    remove_tree, target_exists, temp_dir_in, StoreError, PUBLISH_LOCK, TEMP_PREFIX, WRITER_LOCK,
 };
 use super::time::{backup_name, rfc3339};
 use crate::mirror::{is_recoverable, scan_tail};
@@ -456,9 +456,7 @@ fn publish_new(
                 fsync_dir(archive).map_err(io_err(format!("fsync of {}", archive.display())))?;
                 return Ok(candidate);
             }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {
-                continue
-            }
+            Err(e) if target_exists(&e) => continue,
             Err(e) => {
                 return Err(io_err(format!(
                     "renaming the new backup to {}",

@@ -27,7 +27,9 @@ use super::manifest::{
 use super::proof::{
     boost_cache, restore_config, run_recover, verify_databases, ProofError, ScratchDir,
 };
-use super::store::{archive_of, copy_backup, fsync_tree, lock_archive, StoreError, PUBLISH_LOCK};
+use super::store::{
+    archive_of, copy_backup, fsync_tree, lock_archive, target_exists, StoreError, PUBLISH_LOCK,
+};
 use super::time::{bdb_time_utc, parse_time, rfc3339, TimeError};
 use super::verify::{check_backup, resolve_backups, VerifyError};
 use serde::Serialize;
@@ -289,9 +291,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     )
     .map_err(io_err(format!("writing {}", info_path.display())))?;
     fsync_tree(&temp.path).map_err(io_err(format!("fsync of {}", temp.path.display())))?;
-    fs::rename(&temp.path, &opts.to).map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOTEMPTY) | Some(libc::EEXIST) => RestoreError::TargetNotEmpty(opts.to.clone()),
-        _ => io_err(format!(
+    fs::rename(&temp.path, &opts.to).map_err(|e| match target_exists(&e) {
+        true => RestoreError::TargetNotEmpty(opts.to.clone()),
+        false => io_err(format!(
             "renaming the restored environment to {}",
             opts.to.display()
         ))(e),

@@ -463,6 +463,15 @@ pub fn exchange_dirs(a: &Path, b: &Path) -> io::Result<()> {
     renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE).map_err(io::Error::from)
 }
 
+/// Did a rename fail because its target exists (a non-empty directory)?
+pub fn target_exists(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        Errno::from_io_error(e),
+        Some(Errno::NOTEMPTY | Errno::EXIST)
+    )
+}
+
 /// Is this error a filesystem saying it cannot swap directories?
 pub fn cannot_exchange(e: &io::Error) -> bool {
     use rustix::io::Errno;
