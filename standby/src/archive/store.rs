@@ -480,3 +480,56 @@ pub fn cannot_exchange(e: &io::Error) -> bool {
         Some(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::fs::{flock, FlockOperation};
+
+    /// Whether another open file description could take `op` on the lock
+    /// file now (flock conflicts between descriptions, even in a process).
+    fn could_take(path: &Path, op: FlockOperation) -> bool {
+        let f = File::open(path).unwrap();
+        flock(&f, op).is_ok()
+    }
+
+    #[test]
+    fn the_writer_lock_excludes_and_readers_share() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(
+            lock_archive(d.path(), PUBLISH_LOCK, false, false)
+                .unwrap()
+                .is_none(),
+            "a reader creates nothing where no writer ever ran"
+        );
+        let path = d.path().join(WRITER_LOCK);
+        let held = lock_archive(d.path(), WRITER_LOCK, true, true).unwrap();
+        assert!(!could_take(&path, FlockOperation::NonBlockingLockShared));
+        drop(held);
+        assert!(could_take(&path, FlockOperation::NonBlockingLockExclusive));
+        let shared = lock_archive(d.path(), WRITER_LOCK, false, true).unwrap();
+        assert!(could_take(&path, FlockOperation::NonBlockingLockShared));
+        assert!(!could_take(&path, FlockOperation::NonBlockingLockExclusive));
+        drop(shared);
+    }
+
+    #[test]
+    fn exchange_swaps_two_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        fs::write(a.join("x"), b"from a").unwrap();
+        fs::write(b.join("x"), b"from b").unwrap();
+        match exchange_dirs(&a, &b) {
+            Ok(()) => {
+                assert_eq!(fs::read(a.join("x")).unwrap(), b"from b");
+                assert_eq!(fs::read(b.join("x")).unwrap(), b"from a");
+            }
+            // A filesystem without RENAME_EXCHANGE: the caller falls back.
+            Err(e) => assert!(cannot_exchange(&e), "{e}"),
+        }
+        let e = fs::rename(&a, &b).unwrap_err();
+        assert!(target_exists(&e), "{e}");
+    }
+}
