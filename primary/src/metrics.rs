@@ -1,45 +1,54 @@
-//! The primary's Prometheus metrics.
+//! The primary's metrics page and its status as JSON (served by
+//! [`tandem_shared::metrics::serve`] on `--metrics-listen`), built from a
+//! snapshot on each scrape. The names are the interface: README's
+//! monitoring table lists them, dashboards and alerts use them.
 
 use crate::context::Shared;
 use std::sync::atomic::Ordering;
-use tandem_shared::metrics::PromText;
+use tandem_shared::metrics::MetricsPage;
 
+/// A byte count or epoch as a gauge value (they stay far below 2^63).
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The metrics page of a running primary.
 pub fn render(shared: &Shared) -> String {
     let c = &shared.counters;
     let status = shared.status();
-    let lag: Vec<(String, f64)> = status
+    let lag: Vec<(String, i64)> = status
         .standbys
         .iter()
-        .map(|s| (s.name.clone(), s.lag_bytes as f64))
+        .map(|s| (s.name.clone(), int(s.lag_bytes)))
         .collect();
-    let held: Vec<(String, f64)> = status
+    let held: Vec<(String, i64)> = status
         .standbys
         .iter()
-        .map(|s| (s.name.clone(), s.held_back_bytes as f64))
+        .map(|s| (s.name.clone(), int(s.held_back_bytes)))
         .collect();
-    let for_archive: Vec<(String, f64)> = status
+    let for_archive: Vec<(String, i64)> = status
         .standbys
         .iter()
-        .map(|s| (s.name.clone(), s.held_for_archive_bytes as f64))
+        .map(|s| (s.name.clone(), int(s.held_for_archive_bytes)))
         .collect();
-    let connected: Vec<(String, f64)> = status
+    let connected: Vec<(String, i64)> = status
         .standbys
         .iter()
-        .map(|s| (s.name.clone(), f64::from(u8::from(s.connected))))
+        .map(|s| (s.name.clone(), i64::from(s.connected)))
         .collect();
     let end = status.end.unwrap_or_default();
-    PromText::default()
+    MetricsPage::default()
         .counter("tandem_primary_file_bytes_sent_total", "Database file bytes sent to standbys.", c.file_bytes.load(Ordering::Relaxed))
         .counter("tandem_primary_log_bytes_sent_total", "Log bytes sent to standbys.", c.log_bytes.load(Ordering::Relaxed))
         .counter("tandem_primary_chunks_sent_total", "File and log chunks sent.", c.chunks.load(Ordering::Relaxed))
         .counter("tandem_primary_sessions_total", "Standby sessions started (connects and reconnects).", c.sessions.load(Ordering::Relaxed))
-        .gauge("tandem_primary_log_end_file", "Log file number of the primary's end of verified log.", f64::from(end.file))
-        .gauge("tandem_primary_log_end_offset_bytes", "Offset of the primary's end of verified log.", f64::from(end.offset))
-        .gauge("tandem_primary_epoch", "The primary's epoch (fencing token).", shared.identity.epoch as f64)
-        .gauge(
+        .gauge_int("tandem_primary_log_end_file", "Log file number of the primary's end of verified log.", i64::from(end.file))
+        .gauge_int("tandem_primary_log_end_offset_bytes", "Offset of the primary's end of verified log.", i64::from(end.offset))
+        .gauge_int("tandem_primary_epoch", "The primary's epoch (fencing token).", int(shared.identity.epoch))
+        .gauge_int(
             "tandem_primary_retention_blocked",
             "1 while log retention removes nothing because the known standbys cannot be read.",
-            f64::from(u8::from(!status.retention_blocked.is_empty())),
+            i64::from(!status.retention_blocked.is_empty()),
         )
         .gauge_by("tandem_primary_standby_lag_bytes", "Log bytes not yet acknowledged durable, per standby.", "standby", &lag)
         .gauge_by("tandem_primary_standby_retained_bytes", "Log bytes kept on the primary only for this standby (retention on).", "standby", &held)

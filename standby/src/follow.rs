@@ -128,7 +128,7 @@ pub async fn run(
     if let Some(addr) = cfg.metrics_listen {
         let (for_metrics, for_status) = (status.subscribe(), status.subscribe());
         let pages = tandem_shared::metrics::AdminPages {
-            metrics: Box::new(move || crate::status::metrics(&snapshot(&for_metrics))),
+            metrics: Box::new(move || crate::metrics::render(&snapshot(&for_metrics))),
             status_json: Box::new(move || {
                 serde_json::to_string_pretty(&snapshot(&for_status)).unwrap_or_default()
             }),

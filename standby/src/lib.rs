@@ -8,6 +8,8 @@
 //!   acknowledge; status published on a watch channel.
 //! - [`status`]: what `tandem-standby status` reports.
 //! - [`scrub`]: proves the mirror still holds what was written; heals it.
+//! - [`metrics`]: the metrics page of a running standby.
+//! - [`archive`]: backups of the mirror, their verification and restore.
 
 pub mod apply_error;
 pub mod archive;
@@ -16,11 +18,11 @@ mod base_files;
 mod dirs;
 pub mod follow;
 pub mod logwriter;
+pub mod metrics;
 pub mod mirror;
 pub mod promote;
 pub mod readiness;
 pub mod receiver;
-pub mod restore;
 pub mod scrub;
 pub mod state;
 pub mod status;

@@ -16,10 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_shared::telemetry::{self, LogFormat};
 use tandem_shared::tls::TlsFiles;
-use tandem_standby::archive::{self, ArchiveOptions, ArchiveReport};
+use tandem_standby::archive::{
+    self, restore, verify, ArchiveOptions, ArchiveReport, RestoreOptions, RestoreReport,
+    VerifyReport,
+};
 use tandem_standby::follow::{self, FollowError, StandbyConfig};
 use tandem_standby::promote::{self, PromoteOptions};
-use tandem_standby::restore::{self, RestoreOptions, RestoreReport, VerifyReport};
 use tandem_standby::scrub;
 use tandem_standby::state::StandbyDir;
 use tandem_standby::status;
@@ -427,10 +429,10 @@ async fn dispatch(command: Command) -> ExitCode {
         } => {
             telemetry::init(LogFormat::Human);
             let reports = tokio::task::spawn_blocking(move || -> Result<Vec<VerifyReport>> {
-                let backups = restore::resolve_backups(&target, all)?;
+                let backups = verify::resolve_backups(&target, all)?;
                 Ok(backups
                     .iter()
-                    .map(|b| restore::verify_backup(b, scratch.as_deref()))
+                    .map(|b| verify::verify_backup(b, scratch.as_deref()))
                     .collect())
             });
             match reports.await {
@@ -447,7 +449,7 @@ async fn dispatch(command: Command) -> ExitCode {
         } => {
             telemetry::init(LogFormat::Human);
             if let Some(t) = &until {
-                if let Err(e) = restore::parse_time(t) {
+                if let Err(e) = archive::parse_time(t) {
                     eprintln!("tandem-standby: error: {e}");
                     return ExitCode::from(EXIT_USAGE);
                 }

@@ -385,3 +385,91 @@ pub fn pair(initial: &bdb::WorkloadOptions) -> Result<Pair> {
         standby,
     })
 }
+
+// ------------------------------------------- shared with the benchmark driver
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound, then
+/// released: pass it to a process that binds it at once).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// [`wait_for`], failing at once with `proc`'s log when it exits first.
+pub fn wait_while_running(
+    what: &str,
+    timeout: Duration,
+    proc: &mut Proc,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let mut exited = false;
+    wait_for(what, timeout, || {
+        if !proc.is_running() {
+            exited = true;
+            return Ok(true);
+        }
+        cond()
+    })?;
+    if exited {
+        bail!(
+            "{} exited while waiting for {what}: {}",
+            proc.name,
+            proc.log_text()
+        );
+    }
+    Ok(())
+}
+
+/// [`wait_caught_up`], failing at once when the standby exits.
+pub fn wait_caught_up_running(
+    standby_dir: &Path,
+    env: &Path,
+    timeout: Duration,
+    standby: &mut Proc,
+) -> Result<()> {
+    wait_while_running("the standby to catch up", timeout, standby, || {
+        let s = standby_status(standby_dir)?;
+        Ok(s["recoverable"] == true && lsn_of(&s["durable_lsn"]) == primary_log_end(env)?)
+    })
+}
+
+/// A primary serving `env` and a standby in `standby_dir` that holds its
+/// whole log (logs and addresses under `work`).
+pub fn start_caught_up(
+    work: &Path,
+    env: &Path,
+    standby_dir: &Path,
+    certs: &Certs,
+    timeout: Duration,
+) -> Result<(Primary, Proc)> {
+    let primary = start_primary(work, env, certs, "127.0.0.1:0", &[])?;
+    let mut standby = start_standby(work, standby_dir, &primary.url(), certs, &[])?;
+    wait_caught_up_running(standby_dir, env, timeout, &mut standby)?;
+    Ok((primary, standby))
+}
+
+/// `GET /metrics` from a daemon's admin endpoint (`--metrics-listen`):
+/// each sample (name with its labels) and its value.
+pub fn scrape_metrics(addr: &str) -> Result<BTreeMap<String, f64>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("not an HTTP response: {text:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET /metrics from {addr}: {head}");
+    }
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .and_then(|(k, v)| v.parse().ok().map(|v| (k.to_owned(), v)))
+        })
+        .collect())
+}

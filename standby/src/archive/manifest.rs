@@ -1,0 +1,193 @@
+//! `MANIFEST.json`, the description a backup carries of itself: every file
+//! with its size and blake3, the environment and base it came from, the log
+//! range, the commit times found in the log, and a digest over all of that.
+//! Parsing checks everything a reader relies on before any file is opened.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use tandem_shared::envlayout::rel_name;
+use tandem_shared::logfile::log_file_name;
+use tandem_shared::wirepath;
+use tandem_shared::LogPosition;
+
+pub const MANIFEST_FILE: &str = "MANIFEST.json";
+pub const MANIFEST_FORMAT: &str = "tandem-backup/1";
+
+/// A manifest that cannot be read or does not hold together.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {why}", .path.display())]
+pub struct ManifestError {
+    pub path: PathBuf,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    Database,
+    Config,
+    Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestFile {
+    /// Path relative to the backup (= environment home), '/'-separated.
+    pub name: String,
+    pub kind: FileKind,
+    pub size: u64,
+    pub blake3: String,
+}
+
+/// `MANIFEST.json`. `digest` is the blake3 of the compact JSON of the
+/// manifest with `digest` empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub env_id: String,
+    pub base_id: String,
+    pub epoch: u64,
+    /// The standby directory it was copied from (informational).
+    pub source: String,
+    pub created_unix_ms: u64,
+    /// Last extended by `--follow` (= created otherwise).
+    pub updated_unix_ms: u64,
+    /// Log directory relative to the home ("" = the home).
+    pub log_dir: String,
+    pub log_start: LogPosition,
+    /// End of the verified log: the last log file holds records up to here.
+    pub log_end: LogPosition,
+    pub lg_max: u32,
+    /// Commit records (`__txn_regop`, opcode commit) in the log.
+    pub commits: u64,
+    pub first_commit_unix: Option<i64>,
+    pub last_commit_unix: Option<i64>,
+    /// Timestamp of the first checkpoint whose ckp_lsn is at or after the
+    /// first log record: `db_recover -t` refuses earlier times.
+    pub earliest_checkpoint_unix: Option<i64>,
+    pub files: Vec<ManifestFile>,
+    pub digest: String,
+}
+
+impl Manifest {
+    pub fn compute_digest(&self) -> String {
+        let mut body = self.clone();
+        body.digest = String::new();
+        // Serializing plain structs, strings and integers cannot fail.
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        blake3::hash(&bytes).to_hex().to_string()
+    }
+
+    pub fn seal(&mut self) {
+        self.digest = self.compute_digest();
+    }
+
+    /// The earliest time `restore --until` accepts: no earlier than the
+    /// first commit in the log (older commits are baked into the database
+    /// files and cannot be undone) and no earlier than BDB's own limit.
+    pub fn earliest_restore_unix(&self) -> Option<i64> {
+        window_start(self.first_commit_unix, self.earliest_checkpoint_unix)
+    }
+
+    pub fn databases(&self) -> impl Iterator<Item = &ManifestFile> {
+        self.files.iter().filter(|f| f.kind == FileKind::Database)
+    }
+
+    pub fn log_path(&self, home: &Path, number: u32) -> PathBuf {
+        home.join(&self.log_dir).join(log_file_name(number))
+    }
+
+    /// Bytes of all files listed.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Parses and checks a manifest: format, digest, file names, log range.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self, ManifestError> {
+        let bad = |why: String| ManifestError {
+            path: path.to_path_buf(),
+            why,
+        };
+        let m: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| bad(format!("not a readable manifest (damaged?): {e}")))?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(bad(format!(
+                "format {:?} is not {MANIFEST_FORMAT:?}",
+                m.format
+            )));
+        }
+        let computed = m.compute_digest();
+        if computed != m.digest {
+            return Err(bad(format!("manifest digest mismatch: the manifest was altered or damaged (recorded {}, computed {computed})", m.digest)));
+        }
+        let mut seen = BTreeSet::new();
+        for f in &m.files {
+            wirepath::validate(&f.name).map_err(|e| bad(format!("refused file name: {e}")))?;
+            if f.name == MANIFEST_FILE {
+                return Err(bad(format!("lists {MANIFEST_FILE} as a file")));
+            }
+            if !seen.insert(f.name.as_str()) {
+                return Err(bad(format!("lists {} twice", f.name)));
+            }
+        }
+        if !m.log_dir.is_empty() {
+            wirepath::validate(&m.log_dir)
+                .map_err(|e| bad(format!("refused log directory: {e}")))?;
+        }
+        if m.log_start.file == 0 || m.log_end.file < m.log_start.file {
+            return Err(bad(format!(
+                "impossible log range {} .. {}",
+                m.log_start, m.log_end
+            )));
+        }
+        let logs: BTreeSet<&str> = m
+            .files
+            .iter()
+            .filter(|f| f.kind == FileKind::Log)
+            .map(|f| f.name.as_str())
+            .collect();
+        for n in m.log_start.file..=m.log_end.file {
+            let name = log_rel_name(&m.log_dir, n);
+            if !logs.contains(name.as_str()) {
+                return Err(bad(format!(
+                    "the log range {} .. {} needs {name}, which it does not list",
+                    m.log_start, m.log_end
+                )));
+            }
+        }
+        if logs.len() as u64 != u64::from(m.log_end.file - m.log_start.file) + 1 {
+            return Err(bad("lists log files outside its log range".into()));
+        }
+        Ok(m)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+}
+
+/// Where a backup's restorable window starts: the later of its first
+/// commit and BDB's earliest checkpoint; `None` without either.
+pub fn window_start(first_commit: Option<i64>, earliest_checkpoint: Option<i64>) -> Option<i64> {
+    Some(first_commit?.max(earliest_checkpoint?))
+}
+
+/// Reads and checks `backup/MANIFEST.json`.
+pub fn read_manifest(backup: &Path) -> Result<Manifest, ManifestError> {
+    let path = backup.join(MANIFEST_FILE);
+    let bytes = fs::read(&path).map_err(|e| ManifestError {
+        path: path.clone(),
+        why: format!("cannot read it: {e}"),
+    })?;
+    Manifest::parse(&bytes, &path)
+}
+
+/// A log file's name relative to the home, '/'-separated.
+pub fn log_rel_name(log_dir: &str, number: u32) -> String {
+    rel_name(&Path::new(log_dir).join(log_file_name(number)))
+}

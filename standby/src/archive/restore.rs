@@ -1,0 +1,391 @@
+//! `tandem-standby restore`: turns a backup into an environment
+//! applications open, optionally as of a past time.
+//!
+//! Restore writes nothing until the backup passed every check of
+//! [`super::verify::check_backup`] and the requested time is known to lie
+//! inside the backup's window; then it copies the backup beside the
+//! target, runs catastrophic recovery and `db_verify` there, and renames
+//! the recovered environment into place, so the target appears complete or
+//! not at all.
+//!
+//! Point in time. `db_recover -t` keeps exactly the transactions whose
+//! commit record's timestamp (whole seconds, the primary's clock) is at or
+//! before the given time and rolls back the rest; it reads the time in the
+//! local time zone of its process, so Tandem passes UTC and runs it with
+//! `TZ=UTC0`. The window a backup can restore to starts at the later of
+//! its first commit (transactions committed before the backup's first log
+//! file are part of its database files and cannot be undone) and BDB's own
+//! limit, the first checkpoint whose ckp_lsn is at or after the first log
+//! record (earlier times fail with BDB1509; without such a checkpoint `-t`
+//! fails with DB_NOTFOUND). It ends at the last commit in the backup: what
+//! was committed after that is unknown to the backup.
+
+use super::logscan::{scan_logs, LogSummary, ScanError};
+use super::manifest::{
+    log_rel_name, read_manifest, window_start, Manifest, ManifestError, MANIFEST_FILE,
+};
+use super::proof::{
+    boost_cache, restore_config, run_recover, verify_databases, ProofError, ScratchDir,
+};
+use super::store::{
+    archive_of, copy_backup, fsync_tree, lock_archive, target_exists, StoreError, PUBLISH_LOCK,
+};
+use super::time::{bdb_time_utc, parse_time, rfc3339, TimeError};
+use super::verify::{check_backup, resolve_backups, VerifyError};
+use serde::Serialize;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tandem_shared::durable::fsync_dir;
+use tandem_shared::logfile::{log_file_name, parse_log_file_name};
+use tandem_shared::LogPosition;
+
+/// Provenance written into a restored environment (hidden: BDB and Tandem
+/// ignore it).
+pub const RESTORE_INFO_FILE: &str = ".tandem-restore.json";
+
+/// Why a restore was refused or failed; the target was not created.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Time(#[from] TimeError),
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    #[error(transparent)]
+    Proof(#[from] ProofError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("no backups in {} (a backup is a directory holding {MANIFEST_FILE})", .0.display())]
+    NoBackups(PathBuf),
+    #[error("{} exists and is not empty: restore only into a new or empty directory", .0.display())]
+    TargetNotEmpty(PathBuf),
+    #[error("{requested} is outside the restorable window {from} .. {to} of {backup}: {why}")]
+    OutsideWindow {
+        backup: String,
+        requested: String,
+        from: String,
+        to: String,
+        why: String,
+    },
+    #[error("no point-in-time restore from {backup}: {why}")]
+    NoPointInTime { backup: String, why: String },
+    /// The target cannot be named, or recovery kept what it must not.
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> RestoreError {
+    let what = what.into();
+    move |source| RestoreError::Io { what, source }
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub from: PathBuf,
+    pub to: PathBuf,
+    /// As given on the command line (see [`parse_time`]).
+    pub until: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreReport {
+    pub backup: String,
+    pub target: String,
+    pub env_id: String,
+    pub base_id: String,
+    pub until: Option<String>,
+    pub until_unix: Option<i64>,
+    /// What `-t` was given (UTC, run with TZ=UTC0).
+    pub until_bdb: Option<String>,
+    pub window_from: Option<String>,
+    pub window_to: Option<String>,
+    pub log_end: LogPosition,
+    pub recovered_to: Option<LogPosition>,
+    /// The newest commit left in the restored log (with --until).
+    pub last_commit_kept: Option<String>,
+    pub files: usize,
+    pub bytes: u64,
+    pub recovery_seconds: f64,
+    pub databases_verified: usize,
+    pub seconds: f64,
+}
+
+/// Refuses a target that exists and is not an empty directory.
+fn ensure_empty_target(to: &Path) -> Result<(), RestoreError> {
+    match fs::symlink_metadata(to) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(format!("reading {}", to.display()))(e)),
+        Ok(md) if md.is_dir() => {
+            let mut entries =
+                fs::read_dir(to).map_err(io_err(format!("reading {}", to.display())))?;
+            if entries.next().is_none() {
+                Ok(())
+            } else {
+                Err(RestoreError::TargetNotEmpty(to.to_path_buf()))
+            }
+        }
+        Ok(_) => Err(RestoreError::TargetNotEmpty(to.to_path_buf())),
+    }
+}
+
+fn window_of(m: &Manifest) -> Option<(i64, i64)> {
+    Some((
+        window_start(m.first_commit_unix, m.earliest_checkpoint_unix)?,
+        m.last_commit_unix?,
+    ))
+}
+
+/// The backup to restore from: `from` itself, or the newest backup in it
+/// (with a time: the newest whose window holds it).
+fn choose_backup(from: &Path, until: Option<i64>) -> Result<PathBuf, RestoreError> {
+    if fs::symlink_metadata(from.join(MANIFEST_FILE)).is_ok() {
+        return Ok(from.to_path_buf());
+    }
+    let backups = resolve_backups(from, true)?;
+    let mut windows = Vec::new();
+    for b in backups.iter().rev() {
+        let m = match read_manifest(b) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping a backup whose manifest is unreadable");
+                continue;
+            }
+        };
+        let Some(t) = until else { return Ok(b.clone()) };
+        if let Some((lo, hi)) = window_of(&m) {
+            if (lo..=hi).contains(&t) {
+                return Ok(b.clone());
+            }
+            windows.push((lo, hi));
+        }
+    }
+    let edge = |w: Option<i64>| w.map(rfc3339).unwrap_or_else(|| "-".into());
+    match until {
+        None => Err(RestoreError::NoBackups(from.to_path_buf())),
+        Some(t) => Err(RestoreError::OutsideWindow {
+            backup: from.display().to_string(),
+            requested: rfc3339(t),
+            from: edge(windows.iter().map(|w| w.0).min()),
+            to: edge(windows.iter().map(|w| w.1).max()),
+            why: "no backup in the archive covers that time".into(),
+        }),
+    }
+}
+
+/// Is `t` a time this backup's log can restore to?
+pub fn check_window(t: i64, s: &LogSummary, backup: &Path) -> Result<(i64, i64), RestoreError> {
+    let name = backup.display().to_string();
+    let (Some(first), Some(last)) = (s.first_commit_unix, s.last_commit_unix) else {
+        return Err(RestoreError::NoPointInTime {
+            backup: name,
+            why: "its log holds no committed transaction".into(),
+        });
+    };
+    let Some(ckp) = s.earliest_checkpoint_unix else {
+        return Err(RestoreError::NoPointInTime {
+            backup: name,
+            why: "its log holds no checkpoint at or after its first record, which db_recover -t needs (it fails with DB_NOTFOUND)".into(),
+        });
+    };
+    let from = first.max(ckp);
+    let outside = |why: &str| RestoreError::OutsideWindow {
+        backup: name.clone(),
+        requested: format!("{} (@{t})", rfc3339(t)),
+        from: rfc3339(from),
+        to: rfc3339(last),
+        why: why.into(),
+    };
+    if t < first {
+        return Err(outside("it is before the first commit in the backup; older transactions are part of its database files and cannot be undone"));
+    }
+    if t < ckp {
+        return Err(outside("it is before the backup's first checkpoint, the earliest time db_recover -t accepts (BDB1509)"));
+    }
+    if t > last {
+        return Err(outside("it is after the last commit in the backup, which cannot tell what was committed after that"));
+    }
+    Ok((from, last))
+}
+
+/// Restores a backup into a new environment home.
+pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
+    let started = Instant::now();
+    let until = opts.until.as_deref().map(parse_time).transpose()?;
+    ensure_empty_target(&opts.to)?;
+    let backup = choose_backup(&opts.from, until)?;
+    let lock = lock_archive(&archive_of(&backup), PUBLISH_LOCK, false, false)?;
+    let m = read_manifest(&backup)?;
+    let summary = check_backup(&backup, &m)?;
+    let mut report = RestoreReport {
+        backup: backup.display().to_string(),
+        target: opts.to.display().to_string(),
+        env_id: m.env_id.clone(),
+        base_id: m.base_id.clone(),
+        until: until.map(rfc3339),
+        until_unix: until,
+        until_bdb: until.map(bdb_time_utc),
+        log_end: m.log_end,
+        files: m.files.len(),
+        bytes: m.bytes(),
+        ..Default::default()
+    };
+    if let Some(t) = until {
+        let (from, to) = check_window(t, &summary, &backup)?;
+        report.window_from = Some(rfc3339(from));
+        report.window_to = Some(rfc3339(to));
+    }
+    // Everything checked: now write, beside the target, under a temp name.
+    ensure_empty_target(&opts.to)?;
+    let name = opts
+        .to
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            RestoreError::Refused(format!("{} has no usable file name", opts.to.display()))
+        })?;
+    let parent = match opts.to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
+    let mut temp = ScratchDir {
+        path: parent.join(format!(".{name}.tandem-restore-{}", std::process::id())),
+        keep: false,
+    };
+    let _ = fs::remove_dir_all(&temp.path);
+    fs::create_dir(&temp.path).map_err(io_err(format!("creating {}", temp.path.display())))?;
+    copy_backup(&backup, &m, &temp.path)?;
+    drop(lock);
+    let config = boost_cache(&temp.path)?;
+    let rec = run_recover(&temp.path, until)?;
+    restore_config(&temp.path, config)?;
+    report.recovered_to = rec.recovered_to;
+    report.recovery_seconds = rec.seconds;
+    report.databases_verified = verify_databases(&temp.path, &m)?;
+    if let Some(t) = until {
+        let kept = restored_log_summary(&temp.path, &m)?;
+        if let Some(last) = kept.last_commit_unix.filter(|last| *last > t) {
+            return Err(RestoreError::Refused(format!(
+                "recovery to {} kept a commit stamped {}: refusing the result",
+                rfc3339(t),
+                rfc3339(last)
+            )));
+        }
+        report.last_commit_kept = kept.last_commit_unix.map(rfc3339);
+    }
+    let info = serde_json::json!({
+        "restored_from": report.backup, "env_id": m.env_id, "base_id": m.base_id, "log_end": m.log_end,
+        "until": report.until, "recovered_to": report.recovered_to, "unix_ms": tandem_shared::now_unix_ms(),
+    });
+    let info_path = temp.path.join(RESTORE_INFO_FILE);
+    fs::write(
+        &info_path,
+        serde_json::to_vec_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(io_err(format!("writing {}", info_path.display())))?;
+    fsync_tree(&temp.path).map_err(io_err(format!("fsync of {}", temp.path.display())))?;
+    fs::rename(&temp.path, &opts.to).map_err(|e| match target_exists(&e) {
+        true => RestoreError::TargetNotEmpty(opts.to.clone()),
+        false => io_err(format!(
+            "renaming the restored environment to {}",
+            opts.to.display()
+        ))(e),
+    })?;
+    temp.keep = true;
+    fsync_dir(&parent).map_err(io_err(format!("fsync of {}", parent.display())))?;
+    report.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(backup = %report.backup, target = %report.target, until = ?report.until, "restored");
+    Ok(report)
+}
+
+/// The commits left in a restored environment's log (recovery to a time
+/// truncates the log after the last transaction it keeps).
+fn restored_log_summary(home: &Path, m: &Manifest) -> Result<LogSummary, RestoreError> {
+    let log_dir = home.join(&m.log_dir);
+    let mut numbers: Vec<u32> = fs::read_dir(&log_dir)
+        .map_err(io_err(format!("listing {}", log_dir.display())))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(parse_log_file_name))
+        .filter(|n| *n >= m.log_start.file)
+        .collect();
+    numbers.sort_unstable();
+    let mut last = m.log_start.file;
+    for n in numbers {
+        if n == last + 1 {
+            last = n;
+        }
+    }
+    if fs::symlink_metadata(log_dir.join(log_file_name(m.log_start.file))).is_err() {
+        return Err(RestoreError::Refused(format!(
+            "recovery removed {}",
+            log_rel_name(&m.log_dir, m.log_start.file)
+        )));
+    }
+    Ok(scan_logs(&log_dir, m.log_start.file, last, None, None)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_checks() {
+        let s = LogSummary {
+            first_commit_unix: Some(100),
+            last_commit_unix: Some(200),
+            earliest_checkpoint_unix: Some(120),
+            ..Default::default()
+        };
+        let p = Path::new("b");
+        assert_eq!(check_window(120, &s, p).unwrap(), (120, 200));
+        assert_eq!(check_window(200, &s, p).unwrap(), (120, 200));
+        for outside in [99, 110, 201] {
+            assert!(
+                matches!(
+                    check_window(outside, &s, p),
+                    Err(RestoreError::OutsideWindow { .. })
+                ),
+                "{outside}"
+            );
+        }
+        let no_ckp = LogSummary {
+            earliest_checkpoint_unix: None,
+            ..s.clone()
+        };
+        assert!(matches!(
+            check_window(150, &no_ckp, p),
+            Err(RestoreError::NoPointInTime { .. })
+        ));
+        let no_commit = LogSummary::default();
+        assert!(matches!(
+            check_window(150, &no_commit, p),
+            Err(RestoreError::NoPointInTime { .. })
+        ));
+    }
+
+    #[test]
+    fn an_empty_directory_is_a_valid_target_and_anything_else_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(ensure_empty_target(&d.path().join("new")).is_ok());
+        std::fs::create_dir(d.path().join("empty")).unwrap();
+        assert!(ensure_empty_target(&d.path().join("empty")).is_ok());
+        std::fs::create_dir(d.path().join("full")).unwrap();
+        std::fs::write(d.path().join("full/x"), b"x").unwrap();
+        assert!(matches!(
+            ensure_empty_target(&d.path().join("full")),
+            Err(RestoreError::TargetNotEmpty(_))
+        ));
+        std::fs::write(d.path().join("file"), b"x").unwrap();
+        assert!(matches!(
+            ensure_empty_target(&d.path().join("file")),
+            Err(RestoreError::TargetNotEmpty(_))
+        ));
+    }
+}

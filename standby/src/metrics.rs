@@ -1,0 +1,166 @@
+//! The standby's metrics page (served by [`tandem_shared::metrics::serve`]
+//! on `--metrics-listen`), built from a snapshot of its status on each
+//! scrape. The names are the interface: README's monitoring table lists
+//! them, dashboards and alerts use them.
+
+use crate::status::StandbyStatus;
+use tandem_shared::metrics::MetricsPage;
+
+/// A byte count or epoch as a gauge value (they stay far below 2^63).
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The metrics page of a running standby (lag already computed).
+pub fn render(s: &StandbyStatus) -> String {
+    MetricsPage::default()
+        .counter(
+            "tandem_standby_log_bytes_received_total",
+            "Log bytes received, verified and written.",
+            s.log_bytes_received,
+        )
+        .counter(
+            "tandem_standby_file_bytes_received_total",
+            "Database file bytes received, verified and written.",
+            s.file_bytes_received,
+        )
+        .counter(
+            "tandem_standby_chunk_verification_failures_total",
+            "Chunks whose blake3 digest did not match.",
+            s.digest_failures,
+        )
+        .counter(
+            "tandem_standby_rejected_messages_total",
+            "Messages from the primary that were refused.",
+            s.rejected_messages,
+        )
+        .counter(
+            "tandem_standby_reconnects_total",
+            "Reconnections to the primary.",
+            s.reconnects,
+        )
+        .gauge_int(
+            "tandem_standby_connected",
+            "1 while connected to the primary.",
+            i64::from(s.connected),
+        )
+        .gauge(
+            "tandem_standby_lag_bytes",
+            "Log bytes the primary has that the standby does not hold durably; NaN when unknown \
+             (not connected, or no word from the primary): alert on lag_seconds.",
+            s.lag_bytes.map_or(f64::NAN, |b| b as f64),
+        )
+        .gauge_int(
+            "tandem_standby_lag_bytes_known",
+            "1 while lag_bytes is known (connected, and the primary was heard from recently).",
+            i64::from(s.lag_bytes.is_some()),
+        )
+        .gauge(
+            "tandem_standby_lag_seconds",
+            "Seconds since the standby last knew it held everything the primary had; grows \
+             while nothing arrives from the primary.",
+            s.lag_seconds,
+        )
+        .gauge_int(
+            "tandem_standby_recoverable",
+            "1 when the directory holds a complete base and the log it needs, and neither a \
+             readiness check nor a scrub of that base failed since.",
+            i64::from(s.recoverable),
+        )
+        .gauge_int("tandem_standby_epoch", "Highest epoch seen.", int(s.epoch))
+        .counter(
+            "tandem_standby_rebases_total",
+            "Rebases completed.",
+            s.rebases,
+        )
+        .gauge_int(
+            "tandem_standby_promotion_replay_bytes",
+            "Log bytes a promotion would replay now.",
+            int(s.replay_log_bytes),
+        )
+        .gauge(
+            "tandem_standby_promotion_replay_estimate_seconds",
+            "Estimated recovery time of a promotion now.",
+            s.replay_estimate_seconds,
+        )
+        .gauge_int(
+            "tandem_standby_readiness_check_ok",
+            "1 if the last readiness check passed, 0 if it failed or none ran.",
+            i64::from(s.last_check.as_ref().is_some_and(|c| c.ok)),
+        )
+        .gauge(
+            "tandem_standby_readiness_check_duration_seconds",
+            "Duration of the last readiness check.",
+            s.last_check.as_ref().map_or(0.0, |c| c.seconds),
+        )
+        .gauge(
+            "tandem_standby_readiness_check_timestamp_seconds",
+            "When the last readiness check ran.",
+            s.last_check
+                .as_ref()
+                .map_or(0.0, |c| c.unix_ms as f64 / 1000.0),
+        )
+        .gauge_int(
+            "tandem_standby_scrub_ok",
+            "1 if the last scrub found every page and log record as written, 0 if it found damage or none ran.",
+            i64::from(s.scrub.as_ref().is_some_and(|r| r.ok)),
+        )
+        .counter(
+            "tandem_standby_scrub_failures_total",
+            "Scrubs of this directory that found damage.",
+            s.scrub.as_ref().map_or(0, |r| r.failures_total),
+        )
+        .gauge(
+            "tandem_standby_scrub_timestamp_seconds",
+            "When the last scrub ended.",
+            s.scrub.as_ref().map_or(0.0, |r| r.unix_ms as f64 / 1000.0),
+        )
+        .gauge_int(
+            "tandem_standby_base_copy_done_bytes",
+            "Bytes of the base copy under way received or reused (0 when none).",
+            int(s.base_copy_done_bytes),
+        )
+        .gauge_int(
+            "tandem_standby_base_copy_total_bytes",
+            "Bytes of the base copy under way, as the primary listed them (0 when none).",
+            int(s.base_copy_total_bytes),
+        )
+        .gauge_int(
+            "tandem_standby_archive_held_log_bytes",
+            "Log bytes kept only because the continuous archive lacks them.",
+            int(s.archive_held_log_bytes),
+        )
+        .gauge(
+            "tandem_standby_last_contact_timestamp_seconds",
+            "When the primary was last heard from.",
+            s.last_contact_unix_ms as f64 / 1000.0,
+        )
+        .finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_figure_is_on_the_page_under_its_name() {
+        let s = StandbyStatus {
+            connected: true,
+            lag_bytes: Some(4096),
+            log_bytes_received: 12,
+            lag_seconds: 1.5,
+            ..Default::default()
+        };
+        let text = render(&s);
+        for line in [
+            "tandem_standby_connected 1\n",
+            "tandem_standby_lag_bytes 4096\n",
+            "tandem_standby_log_bytes_received_total 12\n",
+            "tandem_standby_lag_seconds 1.5\n",
+            "tandem_standby_recoverable 0\n",
+            "tandem_standby_archive_held_log_bytes 0\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+    }
+}
