@@ -154,7 +154,7 @@ mod tests {
         let text = render(&s);
         for line in [
             "tandem_standby_connected 1\n",
-            "tandem_standby_lag_bytes 4096\n",
+            "tandem_standby_lag_bytes 4096.0\n",
             "tandem_standby_log_bytes_received_total 12\n",
             "tandem_standby_lag_seconds 1.5\n",
             "tandem_standby_recoverable 0\n",

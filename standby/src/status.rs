@@ -216,10 +216,13 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     let last: Option<StandbyStatus> = std::fs::read(dir.status_path())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    if let Some(pid) = dir.lock_holder() {
-        if let Some(mut s) = last.clone() {
+    let holder = dir.lock_holder();
+    if let Some(pid) = holder {
+        // Only the file the running process wrote describes it: one left
+        // by an earlier process (the new one is still opening the mirror)
+        // would say what was true before, e.g. "recoverable".
+        if let Some(mut s) = last.clone().filter(|s| s.pid == Some(pid)) {
             s.running = true;
-            s.pid = Some(pid);
             // Recomputed now: a status file written before a silence must
             // not keep reading "caught up".
             s.compute_lag(tandem_shared::now_unix_ms(), s.primary_silence_ms);
@@ -235,8 +238,8 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     let state = dir.load_state()?;
     let tail = scan_tail(dir, &state)?;
     let mut s = last.unwrap_or_default();
-    s.running = false;
-    s.pid = None;
+    s.running = holder.is_some();
+    s.pid = holder;
     s.connected = false;
     s.base_copy_active = false;
     s.durable_lsn = tail.durable;

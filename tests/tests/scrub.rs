@@ -271,9 +271,20 @@ fn a_flipped_log_byte_is_found_by_the_scrub_and_status_says_not_recoverable() ->
             .contains("reconnecting to ask for a new base"))
     })?;
 
-    // A stopped standby: the one-off scrub finds it too, and status (read
-    // from the directory) still says not recoverable.
+    // A stopped standby: the one-off scrub finds damage too, and status
+    // (read from the directory) says not recoverable. (The running standby
+    // may have healed the first flip by now: flip another byte, not the
+    // same one, which would undo it.)
     standby.stop(LONG)?;
+    let mut logs: Vec<String> = std::fs::read_dir(&standby_dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| n.starts_with("log."))
+        .collect();
+    logs.sort();
+    let name = logs.first().context("no log files in the mirror")?.clone();
+    let at = log_record_byte(&standby_dir.join(&name))?;
+    flip_byte(&standby_dir.join(&name), at + 1)?;
     let out = Command::new(bin("tandem-standby"))
         .args(["scrub", "--dir"])
         .arg(&standby_dir)
