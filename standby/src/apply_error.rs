@@ -99,3 +99,10 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Apply
         }
     }
 }
+
+/// What applying a message changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub log_bytes: u64,
+    pub file_bytes: u64,
+}

@@ -23,6 +23,7 @@
 //! and the directory lock is released last.
 
 mod applier;
+mod heal;
 mod session;
 
 use crate::mirror::Mirror;
@@ -153,7 +154,7 @@ pub async fn run(
         ))
     });
     let scrubber = cfg.scrub_interval.map(|every| {
-        tokio::spawn(crate::scrub::heal::scrub_forever(
+        tokio::spawn(heal::scrub_forever(
             dir.clone(),
             status.clone(),
             every,

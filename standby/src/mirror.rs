@@ -29,7 +29,7 @@
 //!   chain is verified across every file.
 
 use crate::apply_error::io_err;
-pub use crate::apply_error::ApplyError;
+pub use crate::apply_error::{Applied, ApplyError};
 use crate::base_files;
 use crate::dirs::{create_dirs_durably, remove_if_exists, remove_tree_durably};
 pub use crate::logwriter::LogTail;
@@ -68,13 +68,6 @@ pub struct RebaseReport {
     pub reused_bytes: u64,
     pub removed_log_files: usize,
     pub unix_ms: u64,
-}
-
-/// What applying a message changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Applied {
-    pub log_bytes: u64,
-    pub file_bytes: u64,
 }
 
 pub struct Mirror {
@@ -140,7 +133,10 @@ impl Mirror {
         if self.start_over {
             START_OVER_REQUEST.into()
         } else {
-            crate::scrub::heal::new_base_request(self)
+            crate::scrub::new_base_request(
+                &self.dir,
+                self.state.base.as_ref().map(|b| b.base_id.as_str()),
+            )
         }
     }
 

@@ -21,7 +21,6 @@
 //! [`heal`] asks the primary for what repairs it.
 
 pub mod digests;
-pub mod heal;
 
 use crate::state::{BaseState, StandbyDir, StandbyState};
 use serde::{Deserialize, Serialize};
@@ -245,7 +244,14 @@ pub fn last_report(dir: &StandbyDir) -> Option<ScrubReport> {
 /// The durable end a running (or last) `run` published in its status, if it
 /// describes the current base: what a one-off scrub must find verified.
 pub fn published_durable(dir: &StandbyDir, state: &StandbyState) -> Option<(String, LogPosition)> {
-    let s: crate::status::StandbyStatus = std::fs::read(dir.status_path())
+    // The two fields it needs, not the status type: the scrub sits below
+    // the status that reports it.
+    #[derive(serde::Deserialize)]
+    struct Published {
+        base_id: Option<String>,
+        durable_lsn: LogPosition,
+    }
+    let s: Published = std::fs::read(dir.status_path())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())?;
     let base = state.base.as_ref()?;
@@ -575,6 +581,41 @@ impl Pacer {
                 _ => return,
             }
         }
+    }
+}
+
+/// `Hello.new_base_request`: why the standby needs a new base, when the
+/// last scrub found damage in the log of the base it still holds.
+pub fn new_base_request(dir: &StandbyDir, base_id: Option<&str>) -> String {
+    let report = last_report(dir);
+    new_base_reason(report.as_ref(), base_id).unwrap_or_default()
+}
+
+pub fn new_base_reason(report: Option<&ScrubReport>, base_id: Option<&str>) -> Option<String> {
+    let report = report.filter(|r| !r.ok)?;
+    if base_id? != report.base_id {
+        return None;
+    }
+    let damage = report.damage.iter().find(|d| d.in_log())?;
+    Some(format!("scrub found damage in {damage}"))
+}
+
+/// The status line about the last scrub.
+pub fn render(report: Option<&ScrubReport>) -> String {
+    let ago = |ms: u64| tandem_shared::now_unix_ms().saturating_sub(ms) as f64 / 1000.0;
+    match report {
+        None => "last scrub:   none yet\n".into(),
+        Some(r) if r.ok => format!(
+            "last scrub:   passed {:.1} s ago ({} pages, log verified to {})\n",
+            ago(r.unix_ms),
+            r.pages,
+            r.log_verified_to
+        ),
+        Some(r) => format!(
+            "last scrub:   FAILED {:.1} s ago: {} (healed by a rebase or new base from the primary; not recoverable until a scrub passes)\n",
+            ago(r.unix_ms),
+            r.summary()
+        ),
     }
 }
 

@@ -301,7 +301,7 @@ pub fn render(s: &StandbyStatus) -> String {
         )),
         None => out.push_str("last check:   none yet\n"),
     }
-    out.push_str(&crate::scrub::heal::render(s.scrub.as_ref()));
+    out.push_str(&crate::scrub::render(s.scrub.as_ref()));
     match (&s.archive, s.archived_lsn) {
         (Some(a), Some(end)) => out.push_str(&format!(
             "archive:      {a} holds the log up to {end}; {} bytes of log held for it\n",

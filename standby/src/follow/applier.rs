@@ -101,13 +101,11 @@ impl Applier {
             // scheduled rebase's timer: one request in flight).
             let status = self.status.subscribe();
             if let Some(why) =
-                crate::scrub::heal::reconnect_for_new_base(&status, mirror, &self.asked_new_base)
+                super::heal::reconnect_for_new_base(&status, mirror, &self.asked_new_base)
             {
                 return Err(retry(why));
             }
-            if let Some(log_start) =
-                crate::scrub::heal::rebase_due(&status, mirror, &mut rebase_asked)
-            {
+            if let Some(log_start) = super::heal::rebase_due(&status, mirror, &mut rebase_asked) {
                 self.request_rebase(mirror, log_start)
                     .map_err(|e| self.rejected(e, mirror))?;
             }

@@ -1,4 +1,4 @@
-//! The scrub inside `run`: when it runs, and what it asks the primary for
+//! The scrub inside `run` ([`crate::scrub`] does the checking): when it runs, and what it asks the primary for
 //! when it finds damage.
 //!
 //! - Damage in a database file is healed by a rebase: the standby sends the
@@ -13,9 +13,9 @@
 //! After a rebase or new base swapped in, the scrub runs again at once:
 //! status says recoverable only once a scrub passed.
 
-use super::{last_report, scrub_once, ScrubOptions, ScrubReport, RUN_BYTES_PER_SEC};
-use crate::follow::StatusTx;
+use super::StatusTx;
 use crate::mirror::Mirror;
+use crate::scrub::{self, last_report, scrub_once, ScrubOptions, ScrubReport, RUN_BYTES_PER_SEC};
 use crate::state::StandbyDir;
 use crate::status::StandbyStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -155,13 +155,6 @@ pub fn rebase_due(
     Some(LogPosition::new(base.log_start.file.saturating_sub(1), 0))
 }
 
-/// `Hello.new_base_request`: why the standby needs a new base, when the
-/// last scrub found damage in the log of the base it still holds.
-pub fn new_base_request(mirror: &Mirror) -> String {
-    let report = last_report(&mirror.dir);
-    new_base_reason(report.as_ref(), mirror).unwrap_or_default()
-}
-
 /// The scrub found log damage since this session's Hello, which did not ask
 /// for a new base: end the session so the next Hello asks. Only once the
 /// recorded report says so, or the next Hello would not ask either.
@@ -169,36 +162,8 @@ pub fn reconnect_for_new_base(live: &Live, mirror: &Mirror, asked: &str) -> Opti
     if !asked.is_empty() {
         return None;
     }
-    with_scrub(live, |r| new_base_reason(Some(r), mirror))?;
-    let why = new_base_request(mirror);
+    let base_id = mirror.state.base.as_ref().map(|b| b.base_id.as_str());
+    with_scrub(live, |r| scrub::new_base_reason(Some(r), base_id))?;
+    let why = scrub::new_base_request(&mirror.dir, base_id);
     (!why.is_empty()).then(|| format!("reconnecting to ask for a new base: {why}"))
-}
-
-fn new_base_reason(report: Option<&ScrubReport>, mirror: &Mirror) -> Option<String> {
-    let report = report.filter(|r| !r.ok)?;
-    let base = mirror.state.base.as_ref()?;
-    if base.base_id != report.base_id {
-        return None;
-    }
-    let damage = report.damage.iter().find(|d| d.in_log())?;
-    Some(format!("scrub found damage in {damage}"))
-}
-
-/// The status line about the last scrub.
-pub fn render(report: Option<&ScrubReport>) -> String {
-    let ago = |ms: u64| tandem_shared::now_unix_ms().saturating_sub(ms) as f64 / 1000.0;
-    match report {
-        None => "last scrub:   none yet\n".into(),
-        Some(r) if r.ok => format!(
-            "last scrub:   passed {:.1} s ago ({} pages, log verified to {})\n",
-            ago(r.unix_ms),
-            r.pages,
-            r.log_verified_to
-        ),
-        Some(r) => format!(
-            "last scrub:   FAILED {:.1} s ago: {} (healed by a rebase or new base from the primary; not recoverable until a scrub passes)\n",
-            ago(r.unix_ms),
-            r.summary()
-        ),
-    }
 }
