@@ -64,6 +64,11 @@ pub struct StandbyConfig {
     pub primary_silence: Duration,
 }
 
+/// `run --check-interval-secs` by default.
+pub const DEFAULT_CHECK_INTERVAL_SECS: u64 = 300;
+/// `run --rebase-after-mib` by default.
+pub const DEFAULT_REBASE_AFTER_MIB: u64 = 1024;
+
 /// The silence deadline by default: ten of the primary's default heartbeats.
 pub const DEFAULT_PRIMARY_SILENCE: Duration = Duration::from_secs(5);
 

@@ -395,3 +395,27 @@ fn spawn_catch_up(dir: &StandbyDir, fc: &FollowConfig) -> Result<std::process::C
     }
     Ok(child)
 }
+
+impl std::fmt::Display for PromoteReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.already_promoted {
+            return write!(
+                f,
+                "{} is already promoted ({}, epoch {}); nothing to do",
+                self.env, self.kind, self.epoch
+            );
+        }
+        write!(
+            f,
+            "promoted {} ({}): epoch {}, recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s\nApplications can now open {} as their environment home.",
+            self.env,
+            self.kind,
+            self.epoch,
+            self.recovered_to.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            self.databases_verified,
+            self.recovery_seconds,
+            self.total_seconds,
+            self.env
+        )
+    }
+}

@@ -619,5 +619,34 @@ pub fn render(report: Option<&ScrubReport>) -> String {
     }
 }
 
+impl std::fmt::Display for ScrubReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.ok {
+            let mut first = true;
+            for d in &self.damage {
+                if !first {
+                    writeln!(f)?;
+                }
+                first = false;
+                write!(f, "SCRUB FAILED: {d}")?;
+            }
+            return Ok(());
+        }
+        write!(
+            f,
+            "scrub passed: {} database files ({} pages) as written, {} log files verified to {}",
+            self.database_files, self.pages, self.log_files, self.log_verified_to
+        )?;
+        if !self.recorded_now.is_empty() {
+            write!(
+                f,
+                "; no digests were recorded for {} (recorded now)",
+                self.recorded_now.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests;

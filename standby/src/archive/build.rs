@@ -523,3 +523,35 @@ fn apply_retention(
     }
     Ok(removed)
 }
+
+impl std::fmt::Display for ArchiveReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self;
+        if r.action == "unchanged" {
+            return write!(f, "{}: unchanged, log ends at {}", r.backup, r.log_end);
+        }
+        write!(
+            f,
+            "{} {}: {} files, {} bytes, log {} .. {}, {} commits ({} .. {}); {}{}",
+            r.action,
+            r.backup,
+            r.files,
+            r.bytes,
+            r.log_start,
+            r.log_end,
+            r.commits,
+            r.first_commit.as_deref().unwrap_or("-"),
+            r.last_commit.as_deref().unwrap_or("-"),
+            if r.verified {
+                format!("proven recoverable (recovery {:.2} s)", r.recovery_seconds)
+            } else {
+                "not recovery-tested".into()
+            },
+            if r.removed.is_empty() {
+                String::new()
+            } else {
+                format!("; retention deleted {}", r.removed.join(", "))
+            },
+        )
+    }
+}

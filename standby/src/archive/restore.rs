@@ -331,6 +331,24 @@ fn restored_log_summary(home: &Path, m: &Manifest) -> Result<LogSummary, Restore
     Ok(scan_logs(&log_dir, m.log_start.file, last, None, None)?)
 }
 
+impl std::fmt::Display for RestoreReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self;
+        write!(
+            f,
+            "restored {} into {}{}: recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s\nApplications can now open {} as their environment home.",
+            r.backup,
+            r.target,
+            r.until.as_deref().map(|u| format!(" as of {u} (last commit kept: {})", r.last_commit_kept.as_deref().unwrap_or("-"))).unwrap_or_default(),
+            r.recovered_to.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            r.databases_verified,
+            r.recovery_seconds,
+            r.seconds,
+            r.target
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

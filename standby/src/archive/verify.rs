@@ -167,3 +167,35 @@ pub fn check_backup(backup: &Path, m: &Manifest) -> Result<LogSummary, VerifyErr
         None,
     )?)
 }
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self;
+        if !r.ok {
+            write!(
+                f,
+                "FAILED {}: {}",
+                r.backup,
+                r.error.as_deref().unwrap_or("?")
+            )?;
+            for p in &r.problems {
+                write!(f, "\n  {p}")?;
+            }
+            return Ok(());
+        }
+        write!(
+            f,
+            "OK {}: {} files, {} bytes match the manifest; log {} .. {}; recovered to {} in {:.2} s; {} databases verified; restorable {} .. {}",
+            r.backup,
+            r.files,
+            r.bytes,
+            r.log_start,
+            r.log_end,
+            r.recovered_to.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            r.recovery_seconds,
+            r.databases_verified,
+            r.earliest_restore.as_deref().unwrap_or("-"),
+            r.last_commit.as_deref().unwrap_or("-"),
+        )
+    }
+}
