@@ -222,6 +222,22 @@ impl StandbyRegistry {
             .collect()
     }
 
+    /// Makes the records durable now (outside a retention pass). A slot
+    /// that exists only in memory is forgotten by a primary killed before
+    /// its next retention pass, and the restarted primary would then remove
+    /// every log file that standby still needs.
+    fn persist(&self) -> Result<(), ControlFileError> {
+        let snapshot = {
+            let records = self.lock();
+            if records.unreadable.is_some() {
+                // Never overwrite a file that could not be read.
+                return Ok(());
+            }
+            records.map.clone()
+        };
+        ControlFile::store(&self.path, FORMAT_VERSION, &snapshot)
+    }
+
     fn update(&self, name: &str, f: impl FnOnce(&mut StandbyRecord)) {
         if let Some(r) = self.lock().map.get_mut(name) {
             f(r);
@@ -264,6 +280,9 @@ impl SessionGuard {
             r.dropped = false;
             r.last_contact_unix_ms = tandem_shared::now_unix_ms();
         });
+        if let Err(e) = self.registry.persist() {
+            tracing::error!(standby = %self.name, error = %e, "cannot record the standby's slot durably; retention keeps it in memory only");
+        }
     }
 
     /// A rebase moved the standby to a new base mid-session.

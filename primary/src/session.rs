@@ -212,7 +212,7 @@ async fn start(
         }
     };
     shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
-    guard.started(&base_id, from);
+    tokio::task::block_in_place(|| guard.started(&base_id, from));
 
     let (commands, base_commands) = std::sync::mpsc::channel();
     let stop = shared.stop.child_token();

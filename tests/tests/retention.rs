@@ -463,3 +463,66 @@ fn an_unreadable_standbys_file_holds_every_log_file_until_it_is_repaired() -> Re
     assert!(primary_status(&s, &primary)?["retention_blocked"].is_null());
     Ok(())
 }
+
+/// A primary killed -9 before its next retention pass must still know the
+/// standby that connected since the last one: the slot is durable when the
+/// stream starts, not only at the next pass. (Found by the fault campaign:
+/// the restarted primary removed log files its standby still needed.)
+#[test]
+fn a_primary_killed_before_its_next_retention_pass_still_holds_its_standbys_logs() -> Result<()> {
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    let hourly = ["--retention", "--retention-interval-secs", "3600"];
+    let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &hourly)?;
+    let mut standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &QUIET,
+    )?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    standby.stop(LONG)?;
+    let needed = lsn_of(&standby_status(&s.path("standby"))?["durable_lsn"]).file;
+    // More log and checkpoints: the file the standby stopped in becomes
+    // inactive, so only the standby's slot keeps it.
+    bdb::run_workload(&s.path("env"), &workload(3000))?;
+    let layout = tandem_shared::envlayout::EnvLayout::open(&s.path("env"))?;
+    let inactive = tandem_shared::bdb::BdbTools::default().inactive_logs(&s.path("env"))?;
+    assert!(
+        inactive.contains(&needed),
+        "log {needed} must be inactive by now"
+    );
+    primary.proc.kill9()?;
+
+    let standbys_file = s.path("env").join(".tandem-primary").join("standbys");
+    let before = std::fs::metadata(&standbys_file)?.modified()?;
+    let every_second = ["--retention", "--retention-interval-secs", "1"];
+    let primary = start_primary(
+        s.root(),
+        &s.path("env"),
+        &s.certs,
+        "127.0.0.1:0",
+        &every_second,
+    )?;
+    wait_for("a retention pass of the restarted primary", LONG, || {
+        Ok(std::fs::metadata(&standbys_file)?.modified()? > before)
+    })?;
+    assert!(
+        layout.log_path(needed).exists(),
+        "log {needed}, which the offline standby needs, was removed by the restarted primary"
+    );
+    let _standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &QUIET,
+    )?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    assert_eq!(
+        recover_copy(&s.path("standby"), &s.path("recovered"))?,
+        bdb::check(&s.path("env"))?
+    );
+    Ok(())
+}
