@@ -1,5 +1,7 @@
-//! Shared by the integration tests, the demo and the benchmarks: the real
-//! BDB workload and checker ([`bdb`]) and the process harness ([`harness`]).
+//! Shared by the integration tests, the demo, the benchmarks and the fault
+//! campaign: the real BDB workload and checker ([`bdb`]), the process
+//! harness ([`harness`]) and the campaign itself ([`faults`]).
 
 pub mod bdb;
+pub mod faults;
 pub mod harness;
