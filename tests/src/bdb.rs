@@ -211,12 +211,15 @@ pub fn read_lsn_log(path: &Path) -> Result<Vec<(u64, u32, u32)>> {
         .collect()
 }
 
+/// One line of a `-L` file: transaction, log file, offset.
+pub type LsnLine = (u64, u32, u32);
+
 /// Reads the complete lines of a `-L` file from byte `from` on, for a reader
 /// that follows a running workload: returns the new `(t, log file, offset)`
 /// entries and the offset to pass next time (just after the last complete
 /// line, so a line being written is read whole later). A missing file reads
 /// as empty.
-pub fn read_lsn_log_from(path: &Path, from: u64) -> Result<(Vec<(u64, u32, u32)>, u64)> {
+pub fn read_lsn_log_from(path: &Path, from: u64) -> Result<(Vec<LsnLine>, u64)> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -313,7 +316,10 @@ mod tests {
         assert_eq!(first, vec![(1, 1, 100), (2, 1, 250)]);
         std::fs::write(&p, "1 1 100\n2 1 250\n3 2 20\n").unwrap();
         assert_eq!(read_lsn_log_from(&p, at).unwrap().0, vec![(3, 2, 20)]);
-        assert!(read_lsn_log_from(&dir.join("missing"), 0).unwrap().0.is_empty());
+        assert!(read_lsn_log_from(&dir.join("missing"), 0)
+            .unwrap()
+            .0
+            .is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -33,7 +33,7 @@ impl World {
         match fault {
             Fault::KillStandby => {
                 let i = self.pick_standby();
-                self.detail(format!("{}", self.standbys[i].name));
+                self.detail(self.standbys[i].name.clone());
                 self.kill_standby(i)?;
                 self.hold()?;
                 self.start_standby(i, &[])
@@ -247,6 +247,7 @@ impl World {
         self.lineage.truncate_to(snap.t);
         self.start_primary()?;
         let mut refused = Vec::new();
+        #[allow(clippy::needless_range_loop)] // `i` names the standby to every helper
         for i in 0..self.standbys.len() {
             let env = self.env.clone();
             let mut outcome = None;
@@ -259,7 +260,8 @@ impl World {
                     return Ok(false);
                 };
                 let d = lsn_of(&s["durable_lsn"]);
-                if s["recoverable"] == true && s["connected"] == true && d == primary_log_end(&env)? {
+                if s["recoverable"] == true && s["connected"] == true && d == primary_log_end(&env)?
+                {
                     outcome = Some(Ok(d));
                     return Ok(true);
                 }
@@ -348,7 +350,8 @@ impl World {
             }
             Some(Some(2)) => {
                 self.note(
-                    "this build has no --start-over: the driver emptied the directory instead".into(),
+                    "this build has no --start-over: the driver emptied the directory instead"
+                        .into(),
                 );
                 self.fresh_standby(i)?;
             }
@@ -364,7 +367,11 @@ impl World {
         Ok(())
     }
 
-    fn promote(&mut self, i: usize, catch_up_secs: u64) -> Result<(ExitStatus, serde_json::Value, String)> {
+    fn promote(
+        &mut self,
+        i: usize,
+        catch_up_secs: u64,
+    ) -> Result<(ExitStatus, serde_json::Value, String)> {
         let out = Command::new(bin("tandem-standby"))
             .args(["promote", "--json", "--catch-up-timeout-secs"])
             .arg(catch_up_secs.to_string())
@@ -380,7 +387,12 @@ impl World {
     /// After a successful promote: checks the promoted environment holds a
     /// prefix with everything the standby acknowledged (all of `must_hold`
     /// at least), and makes it the next generation's primary.
-    fn promote_into_next_generation(&mut self, i: usize, history: Vec<Entry>, promoted: bool) -> Result<()> {
+    fn promote_into_next_generation(
+        &mut self,
+        i: usize,
+        history: Vec<Entry>,
+        promoted: bool,
+    ) -> Result<()> {
         let name = self.standbys[i].name.clone();
         if !promoted {
             let (status, report, stderr) = self.promote(i, 10)?;
@@ -450,7 +462,7 @@ impl World {
         let i = self.pick_standby();
         self.detail(self.standbys[i].name.clone());
         let (status, report, _) = self.promote(i, 10)?;
-        self.count("promotions refused while the application commits");
+        self.count("promotes tried while the application commits");
         if !status.success() {
             let role = standby_status(&self.standbys[i].dir)?["role"].clone();
             if role != "standby" {
@@ -545,7 +557,11 @@ fn replace_bdb_files(env: &Path, snapshot: &Path) -> Result<()> {
         .arg(env)
         .status()?;
     if !st.success() {
-        anyhow::bail!("copying {} into {} failed", snapshot.display(), env.display());
+        anyhow::bail!(
+            "copying {} into {} failed",
+            snapshot.display(),
+            env.display()
+        );
     }
     // The log must look like the snapshot's, not like a newer one.
     let _ = EnvLayout::open(env)?;

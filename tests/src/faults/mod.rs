@@ -418,3 +418,32 @@ pub fn render(r: &Report) -> String {
     s += &format!("  replay: {}\n", r.replay);
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_and_replay() {
+        let args: Vec<String> = [
+            "--seed",
+            "7",
+            "--faults",
+            "kill-app,rollback",
+            "--standbys",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let c = Config::from_args(&args).unwrap();
+        assert_eq!(c.seed, 7);
+        assert_eq!(c.rounds, Some(20));
+        assert_eq!(c.faults, vec![Fault::KillApp, Fault::Rollback]);
+        let replay = c.replay_command();
+        assert!(replay.contains("--seed 7") && replay.contains("--faults kill-app,rollback"));
+        assert!(Config::from_args(&["--faults".into(), "nope".into()]).is_err());
+        assert!(Config::from_args(&["--standbys".into(), "3".into()]).is_err());
+        assert_eq!(Fault::parse_list("all").unwrap().len(), Fault::ALL.len());
+    }
+}
