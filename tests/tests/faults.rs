@@ -16,7 +16,7 @@ use tandem_tests::faults::{self, Config, Fault};
 /// the primary dead). Not yet: rollback (issue 11 finding 1), link-stall
 /// (finding 7), flip-db / flip-log (the scrub), promote-live (finding 3).
 const LANDED: &str =
-    "kill-standby,kill-primary,kill-app,disk-full,link-cut,link-delay,promote-failover,promote-planned";
+    "kill-standby,kill-primary,kill-app,disk-full,link-cut,link-delay,link-lossy,promote-failover,promote-planned";
 
 #[test]
 fn a_short_fault_campaign_breaks_no_promise() -> Result<()> {

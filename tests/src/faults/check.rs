@@ -204,7 +204,7 @@ impl World {
         Ok(())
     }
 
-    /// One look at retention: a running standby that is recoverable needs
+    /// One look at retention: a standby that is recoverable needs
     /// the primary's log from its durable file on; the primary must still
     /// have that file. Confirmed with a status written after the look, so a
     /// status file that trails the standby's acknowledgements is no alarm.
@@ -215,15 +215,39 @@ impl World {
         let Some(&oldest) = layout.log_files()?.first() else {
             return Ok(());
         };
+        if self.retention_oldest != 0 && oldest > self.retention_oldest {
+            for _ in self.retention_oldest..oldest {
+                self.count("log files the primary removed (retention)");
+            }
+        }
+        self.retention_oldest = self.retention_oldest.max(oldest);
         let looked = tandem_shared::now_unix_ms();
         for i in 0..self.standbys.len() {
-            if self.standbys[i].diverged.is_some() || self.standby_exit(i).is_some() {
+            if self.standbys[i].diverged.is_some() {
                 continue;
             }
             let Ok(s) = standby_status(&self.standbys[i].dir) else {
                 continue;
             };
-            if s["running"] != true || s["recoverable"] != true || s["base_copy_active"] == true {
+            if s["recoverable"] != true || s["base_copy_active"] == true {
+                continue;
+            }
+            let stopped = self.standbys[i].proc.is_none() || self.standby_exit(i).is_some();
+            if stopped {
+                // Its files do not change: what they end at is final, and the
+                // primary's record of it can only be older.
+                self.count("retention looks (primary keeps what standbys need)");
+                let d = lsn_of(&s["durable_lsn"]);
+                if d.file != 0 && d.file < oldest {
+                    self.violation(format!(
+                        "the primary removed log files below {oldest} while the stopped {} still needed them \
+                         (it holds log to {d})",
+                        self.standbys[i].name
+                    ));
+                }
+                continue;
+            }
+            if s["running"] != true {
                 continue;
             }
             self.count("retention looks (primary keeps what standbys need)");

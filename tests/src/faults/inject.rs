@@ -55,6 +55,10 @@ impl World {
                 let d = Duration::from_millis(self.rng.random_range(10..300));
                 self.link_fault(LinkMode::Delay(d))
             }
+            Fault::LinkLossy => {
+                let percent = self.rng.random_range(2..30);
+                self.link_fault(LinkMode::Lossy(percent))
+            }
             Fault::FlipDb => self.flip(true),
             Fault::FlipLog => self.flip(false),
             Fault::PromoteFailover => self.promote_failover(),
@@ -244,6 +248,7 @@ impl World {
             before.push((data_digest(&self.standbys[i].dir)?, durable));
         }
         replace_bdb_files(&self.env, &snap.dir)?;
+        self.retention_oldest = 0;
         self.lineage.truncate_to(snap.t);
         self.start_primary()?;
         let mut refused = Vec::new();
@@ -319,6 +324,9 @@ impl World {
                     .max_by_key(|i| before[**i].1)
                     .unwrap_or(&refused[0]);
                 self.detail(format!("-> promote {}", self.standbys[best].name));
+                // The operator gives up on the rolled-back primary: a
+                // failover from what the standby durably holds.
+                self.kill_primary()?;
                 let history = self.standbys[best].diverged.clone().unwrap_or_default();
                 self.promote_into_next_generation(best, history, false)
             }

@@ -32,6 +32,9 @@ pub enum LinkMode {
     Stall,
     /// A clean cut: open connections are reset and new ones are closed at once.
     Cut,
+    /// A lossy network: each chunk is held, with this probability in
+    /// percent, for 200 ms to 1 s (about a TCP retransmission timeout).
+    Lossy(u8),
 }
 
 /// A faultable network path from a standby to the primary.
@@ -203,6 +206,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>) {
                 }
                 LinkMode::Delay(d) => {
                     thread::sleep(d);
+                    break;
+                }
+                LinkMode::Lossy(percent) => {
+                    let roll: u8 = rand::random_range(0..100);
+                    if roll < percent {
+                        thread::sleep(Duration::from_millis(rand::random_range(200..1000)));
+                    }
                     break;
                 }
                 LinkMode::Pass => break,

@@ -56,6 +56,8 @@ pub enum Fault {
     LinkStall,
     /// The link adds latency to every chunk for a while.
     LinkDelay,
+    /// The link holds random chunks for a retransmission timeout.
+    LinkLossy,
     /// A byte flipped in a mirror database file at rest.
     FlipDb,
     /// A byte flipped in a mirror log file at rest, before the durable end.
@@ -71,7 +73,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub const ALL: [Fault; 13] = [
+    pub const ALL: [Fault; 14] = [
         Fault::KillStandby,
         Fault::KillPrimary,
         Fault::KillApp,
@@ -80,6 +82,7 @@ impl Fault {
         Fault::LinkCut,
         Fault::LinkStall,
         Fault::LinkDelay,
+        Fault::LinkLossy,
         Fault::FlipDb,
         Fault::FlipLog,
         Fault::PromoteFailover,
@@ -97,6 +100,7 @@ impl Fault {
             Fault::LinkCut => "link-cut",
             Fault::LinkStall => "link-stall",
             Fault::LinkDelay => "link-delay",
+            Fault::LinkLossy => "link-lossy",
             Fault::FlipDb => "flip-db",
             Fault::FlipLog => "flip-log",
             Fault::PromoteFailover => "promote-failover",
@@ -185,7 +189,7 @@ usage: tandem-faults [--rounds N] [--seconds S] [--seed X] [--faults LIST]
 Stops after N rounds or S seconds, whichever comes first (default 20 rounds).
 LIST is comma-separated fault kinds, or all (default):
   kill-standby kill-primary kill-app rollback disk-full link-cut link-stall
-  link-delay flip-db flip-log promote-failover promote-live promote-planned
+  link-delay link-lossy flip-db flip-log promote-failover promote-live promote-planned
 Exit status: 0 no violations, 1 violations or a driver error, 2 bad usage.";
 
 impl Config {

@@ -162,6 +162,8 @@ pub struct World {
     /// The current round's fault and its details.
     pub fault: String,
     pub(super) last_monitor: Instant,
+    /// The primary's oldest log file at the last look (0: not looked yet).
+    pub retention_oldest: u32,
     keep: bool,
     // Dropped last, in this order: processes are gone before the tmpfs is
     // unmounted and the work directory removed.
@@ -233,6 +235,7 @@ impl World {
             round: 0,
             fault: "setup".into(),
             last_monitor: Instant::now(),
+            retention_oldest: 0,
             keep,
             tmpfs,
             scratch,
@@ -455,6 +458,7 @@ impl World {
         let gen_dir = self.root.join(format!("gen{}", self.gen));
         std::fs::create_dir_all(&gen_dir)?;
         self.env = gen_dir.join("env");
+        self.retention_oldest = 0;
         let env_t = match from {
             Some((dir, entries, m)) => {
                 // Copied whole, .tandem included: the new primary reads the
