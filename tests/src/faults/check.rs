@@ -75,7 +75,8 @@ impl World {
                 let Ok(s) = standby_status(&w.standbys[i].dir) else {
                     return Ok(false);
                 };
-                let ok = s["recoverable"] == true && lsn_of(&s["durable_lsn"]) >= target;
+                let fresh = s["updated_unix_ms"].as_u64().unwrap_or(0) >= w.standbys[i].started_ms;
+                let ok = fresh && s["recoverable"] == true && lsn_of(&s["durable_lsn"]) >= target;
                 last = s;
                 Ok(ok)
             })?;

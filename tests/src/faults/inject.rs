@@ -341,16 +341,27 @@ impl World {
     }
 
     fn start_over(&mut self, i: usize) -> Result<()> {
+        let old_base = standby_status(&self.standbys[i].dir)?["base_id"].clone();
         self.standbys[i].proc = None;
         self.start_standby(i, &["--start-over"])?;
         let mut code = None;
-        self.wait_until(LONG, |w| {
+        // It holds the old history until the new base is swapped in.
+        let done = self.wait_until(LONG, |w| {
             if let Some(c) = w.standby_exit(i) {
                 code = Some(c);
                 return Ok(true);
             }
-            Ok(standby_status(&w.standbys[i].dir).is_ok_and(|s| s["recoverable"] == true))
+            Ok(standby_status(&w.standbys[i].dir)
+                .is_ok_and(|s| s["recoverable"] == true && s["base_id"] != old_base))
         })?;
+        if !done {
+            let tail = self.standby_log_tail(i);
+            self.violation(format!(
+                "liveness: {} --start-over took no new base within {LONG:?}: {tail}",
+                self.standbys[i].name
+            ));
+            return self.fresh_standby(i);
+        }
         match code {
             None => {
                 self.standbys[i].floor = 0;

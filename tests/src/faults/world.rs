@@ -89,6 +89,9 @@ pub struct Standby {
     /// refused a rolled-back primary): that history.
     pub diverged: Option<Vec<Entry>>,
     pub on_tmpfs: bool,
+    /// When its process last started (unix ms): a status written before
+    /// then says nothing about the running process.
+    pub started_ms: u64,
 }
 
 /// A consistent copy of the primary's environment taken while the
@@ -213,6 +216,7 @@ impl World {
                 floor: 0,
                 diverged: None,
                 on_tmpfs,
+                started_ms: 0,
             });
         }
         let keep = cfg.keep;
@@ -382,8 +386,10 @@ impl World {
         let s = &self.standbys[i];
         let mut args = vec!["--check-interval-secs", "20", "--rebase-after-mib", "8"];
         args.extend_from_slice(extra);
+        let started = tandem_shared::now_unix_ms();
         let p = harness::start_standby_as(&self.logs, &s.dir, &url, &self.certs, &s.name, &args)?;
         self.standbys[i].proc = Some(p);
+        self.standbys[i].started_ms = started;
         Ok(())
     }
 
