@@ -152,9 +152,11 @@ impl World {
         }
         std::fs::create_dir_all(dest.parent().unwrap_or(&self.root))?;
         let (st, copied) = {
+            // An exited (reaped) process is not signalled: its pid may be reused.
+            let running = self.standby_exit(i).is_none();
             let _frozen = match self.standbys[i].proc.as_ref() {
-                Some(p) => Some(Frozen::new(p.pid())?),
-                None => None,
+                Some(p) if running => Some(Frozen::new(p.pid())?),
+                _ => None,
             };
             let st = standby_status(&dir)?;
             let copied = if st["recoverable"] == true {

@@ -220,7 +220,27 @@ impl World {
             path.file_name().unwrap_or_default().to_string_lossy(),
             b[0]
         ));
-        self.start_standby(i, &[])
+        let flipped_ms = tandem_shared::now_unix_ms();
+        self.start_standby(i, &[])?;
+        if self.has_standby_flag("--scrub-interval-secs") {
+            // Nothing can know of a silent flip before reading it: the
+            // promise is that a scrub finds it (status not recoverable) and
+            // it is healed, so the checks wait for a scrub after the flip.
+            let secs = self.cfg.settle_secs;
+            let scrubbed = self.wait_until(Duration::from_secs(secs), |w| {
+                Ok(standby_status(&w.standbys[i].dir)
+                    .is_ok_and(|s| s["scrub"]["unix_ms"].as_u64().unwrap_or(0) > flipped_ms))
+            })?;
+            self.count("scrubs after a flipped byte");
+            if !scrubbed {
+                let tail = self.standby_log_tail(i);
+                self.violation(format!(
+                    "liveness: {} ran no scrub within {secs} s of a flipped byte: {tail}",
+                    self.standbys[i].name
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The primary comes back with an older environment (power loss before
@@ -341,6 +361,12 @@ impl World {
     }
 
     fn start_over(&mut self, i: usize) -> Result<()> {
+        if !self.has_standby_flag("--start-over") {
+            self.note(
+                "this build has no --start-over: the driver emptied the directory instead".into(),
+            );
+            return self.fresh_standby(i);
+        }
         let old_base = standby_status(&self.standbys[i].dir)?["base_id"].clone();
         self.standbys[i].proc = None;
         self.start_standby(i, &["--start-over"])?;

@@ -25,6 +25,9 @@ pub type Entry = (u64, LogPosition);
 /// LSN log: nothing is acknowledged for them, the checker still proves them).
 const INITIAL_TXNS: u64 = 2000;
 const LONG: Duration = Duration::from_secs(300);
+/// How often standbys scrub (when the build can): often enough that a
+/// flipped byte is found within a round, cheap on mirrors this small.
+const SCRUB_SECS: &str = "10";
 
 /// The committed history of the current primary environment, as the
 /// application logged it: positions grow with transaction numbers.
@@ -168,6 +171,9 @@ pub struct World {
     /// The primary's oldest log file at the last look (0: not looked yet).
     pub retention_oldest: u32,
     keep: bool,
+    /// `run` flags this build of tandem-standby has (fixes landing on
+    /// other branches add them): `--scrub-interval-secs`, `--start-over`.
+    pub standby_flags: String,
     // Dropped last, in this order: processes are gone before the tmpfs is
     // unmounted and the work directory removed.
     tmpfs: Option<Tmpfs>,
@@ -220,6 +226,11 @@ impl World {
             });
         }
         let keep = cfg.keep;
+        let help = Command::new(harness::bin("tandem-standby"))
+            .args(["run", "--help"])
+            .output()
+            .context("tandem-standby run --help (build the binaries first)")?;
+        let standby_flags = String::from_utf8_lossy(&help.stdout).into_owned();
         let mut w = World {
             rng: StdRng::seed_from_u64(cfg.seed),
             cfg,
@@ -241,11 +252,16 @@ impl World {
             last_monitor: Instant::now(),
             retention_oldest: 0,
             keep,
+            standby_flags,
             tmpfs,
             scratch,
         };
         w.new_generation(None)?;
         Ok(w)
+    }
+
+    pub fn has_standby_flag(&self, flag: &str) -> bool {
+        self.standby_flags.contains(flag)
     }
 
     pub fn has_tmpfs(&self) -> bool {
@@ -360,7 +376,7 @@ impl World {
     /// it has and exits).
     pub fn stop_workload(&mut self, crash: bool) -> Result<()> {
         if let Some(mut w) = self.workload.take() {
-            if crash {
+            if crash || !w.is_running() {
                 w.kill9()?;
             } else {
                 let st = w.stop(LONG)?;
@@ -385,6 +401,9 @@ impl World {
         let url = self.standby_url(i);
         let s = &self.standbys[i];
         let mut args = vec!["--check-interval-secs", "20", "--rebase-after-mib", "8"];
+        if self.has_standby_flag("--scrub-interval-secs") {
+            args.extend_from_slice(&["--scrub-interval-secs", SCRUB_SECS]);
+        }
         args.extend_from_slice(extra);
         let started = tandem_shared::now_unix_ms();
         let p = harness::start_standby_as(&self.logs, &s.dir, &url, &self.certs, &s.name, &args)?;
