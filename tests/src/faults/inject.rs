@@ -27,6 +27,7 @@ const NOTICE: Duration = Duration::from_secs(20);
 impl World {
     pub fn inject(&mut self, fault: Fault) -> Result<()> {
         self.fault = fault.name().to_string();
+        self.ensure_tmpfs_room()?;
         if self.rng.random_bool(0.1) && fault != Fault::Rollback {
             self.take_snapshot()?;
         }
@@ -316,10 +317,13 @@ impl World {
                 }
                 Some(Ok(now)) => {
                     if now < held {
+                        // Reported once here; the copy check below then
+                        // proves what it holds now.
+                        let acked = self.standbys[i].floor;
+                        self.standbys[i].floor = snap.t.min(acked);
                         self.violation(format!(
-                            "{name} held log to {held} (transactions 1..{}) and now follows the rolled-back \
-                             primary at {now}: it discarded acknowledged transactions instead of refusing",
-                            self.standbys[i].floor
+                            "{name} held log to {held} (transactions 1..{acked}) and now follows the rolled-back \
+                             primary at {now}: it discarded acknowledged transactions instead of refusing"
                         ));
                     }
                     // Before the application reuses the transaction numbers.

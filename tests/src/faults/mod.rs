@@ -259,6 +259,9 @@ impl Config {
             );
         }
         s += &format!(" --standbys {} --rate {}", self.standbys, self.rate);
+        if self.tmpfs_mib != Config::default().tmpfs_mib {
+            s += &format!(" --tmpfs-mib {}", self.tmpfs_mib);
+        }
         if self.on_divergence == OnDivergence::StartOver {
             s += " --on-divergence start-over";
         }

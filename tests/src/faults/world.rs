@@ -140,6 +140,21 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// Grows the filesystem to `mib` (tmpfs resizes in place; only used
+    /// pages take memory).
+    fn grow(&self, mib: u64) -> Result<()> {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={mib}m")])
+            .arg(&self.path)
+            .status()?;
+        if !st.success() {
+            bail!("remount {} with size {mib} MiB failed", self.path.display());
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.path).status();
@@ -174,6 +189,7 @@ pub struct World {
     /// `run` flags this build of tandem-standby has (fixes landing on
     /// other branches add them): `--scrub-interval-secs`, `--start-over`.
     pub standby_flags: String,
+    tmpfs_size_mib: u64,
     // Dropped last, in this order: processes are gone before the tmpfs is
     // unmounted and the work directory removed.
     tmpfs: Option<Tmpfs>,
@@ -226,6 +242,7 @@ impl World {
             });
         }
         let keep = cfg.keep;
+        let cfg_tmpfs_mib = cfg.tmpfs_mib;
         let help = Command::new(harness::bin("tandem-standby"))
             .args(["run", "--help"])
             .output()
@@ -253,6 +270,7 @@ impl World {
             retention_oldest: 0,
             keep,
             standby_flags,
+            tmpfs_size_mib: cfg_tmpfs_mib,
             tmpfs,
             scratch,
         };
@@ -262,6 +280,23 @@ impl World {
 
     pub fn has_standby_flag(&self, flag: &str) -> bool {
         self.standby_flags.contains(flag)
+    }
+
+    /// Keeps the small disk big enough for a mirror of the environment as it
+    /// grows (its base, a rebase's staged copy and a readiness check's
+    /// clone), so it is full only when the disk-full fault fills it.
+    pub fn ensure_tmpfs_room(&mut self) -> Result<()> {
+        let Some(t) = &self.tmpfs else {
+            return Ok(());
+        };
+        let env_mib = dir_bytes(&self.env)? >> 20;
+        let want = self.cfg.tmpfs_mib.max(4 * env_mib + 128);
+        if want > self.tmpfs_size_mib {
+            t.grow(want)?;
+            self.tmpfs_size_mib = want;
+            self.count("tmpfs grown with the environment");
+        }
+        Ok(())
     }
 
     pub fn has_tmpfs(&self) -> bool {
@@ -527,6 +562,7 @@ impl World {
             dir: snap,
             t: env_t,
         });
+        self.ensure_tmpfs_room()?;
         self.start_primary()?;
         let tmpfs = self.tmpfs_path();
         for i in 0..self.standbys.len() {
@@ -620,6 +656,24 @@ impl Drop for World {
             }
         }
     }
+}
+
+/// Bytes in the files under `dir`.
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// The last `n` lines of `text`, on one line.
