@@ -77,10 +77,10 @@ impl World {
     }
 
     /// Holds a fault while the application commits a random number of
-    /// transactions (between half a second and three seconds of commits).
+    /// transactions (between half a second and ten seconds of commits).
     fn hold(&mut self) -> Result<()> {
         let rate = self.cfg.rate;
-        let k = self.rng.random_range(rate / 2 + 1..=rate * 3 + 1);
+        let k = self.rng.random_range(rate / 2 + 1..=rate * 10 + 1);
         let from = self.lineage.last_t();
         if !self.wait_until(LONG, |w| Ok(w.lineage.last_t() >= from + k))? {
             self.note("the application committed nothing for 120 s during a fault".into());
