@@ -272,6 +272,26 @@ pub fn db_dump_all(dir: &Path, dbs: &[&str]) -> Result<Vec<u8>> {
     Ok(all)
 }
 
+/// `db5.3_verify -h dir NAME...` (structure of every page, key order); fails
+/// with its output. Run after recovery, as `promote` does.
+pub fn verify(dir: &Path, dbs: &[&str]) -> Result<()> {
+    let out = Command::new("db5.3_verify")
+        .arg("-h")
+        .arg(dir)
+        .args(dbs)
+        .output()
+        .context("run db5.3_verify (install db5.3-util: scripts/setup)")?;
+    if !out.status.success() {
+        bail!(
+            "db5.3_verify -h {} {} failed: {}",
+            dir.display(),
+            dbs.join(" "),
+            describe(&out)
+        );
+    }
+    Ok(())
+}
+
 /// `db5.3_recover -c -h dir` (catastrophic recovery: replays every log file in
 /// `dir`); fails with its stderr.
 pub fn recover_catastrophic(dir: &Path) -> Result<()> {

@@ -176,15 +176,18 @@ impl World {
         s.floor = s.floor.max(acked);
         let floor = s.floor;
         self.count("standby copies recovered and checked");
-        let result = bdb::recover_catastrophic(&dest).and_then(|_| bdb::check(&dest));
+        // What promote would do: recover, verify, then the exact prefix.
+        let result = bdb::recover_catastrophic(&dest)
+            .and_then(|_| bdb::verify(&dest, &bdb::WORKLOAD_DBS))
+            .and_then(|_| bdb::check(&dest));
         let _ = std::fs::remove_dir_all(&dest);
         let m = match result {
             Ok(m) => m,
             Err(e) => {
                 let t = self.standby_log_tail(i);
                 self.violation(format!(
-                    "{name}'s status said recoverable (durable {durable}, phase {}) but a copy does not \
-                     recover to a committed prefix: {e:#} -- standby log: {t}",
+                    "{name}'s status said recoverable (durable {durable}, phase {}) but a copy fails \
+                     recovery, db_verify or the prefix check: {e:#} -- standby log: {t}",
                     st["phase"]
                 ));
                 // Started over, so later rounds test something.

@@ -422,6 +422,7 @@ impl World {
         catch_up_secs: u64,
     ) -> Result<(ExitStatus, serde_json::Value, String)> {
         let out = Command::new(bin("tandem-standby"))
+            .env("NO_COLOR", "1")
             .args(["promote", "--json", "--catch-up-timeout-secs"])
             .arg(catch_up_secs.to_string())
             .arg("--dir")

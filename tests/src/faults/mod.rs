@@ -5,7 +5,8 @@
 //!
 //! Promises checked (a broken one is a *violation*; the count must be 0):
 //! - a copy of each standby, taken while the standby is frozen, recovers
-//!   (`db_recover -c`) whenever its status says `recoverable`, to exactly a
+//!   (`db_recover -c`, then `db_verify`, as promote does) whenever its
+//!   status says `recoverable`, to exactly a
 //!   prefix of the committed transactions that includes every transaction
 //!   the standby ever acknowledged (its durable position against the LSN
 //!   log), unless the operator (the driver) explicitly started it over;
