@@ -24,8 +24,11 @@
 //! replays the same sequence of faults (timing still varies).
 
 mod check;
+mod history;
 mod inject;
 pub mod link;
+mod promote;
+mod tmpfs;
 mod world;
 
 use std::collections::BTreeMap;

@@ -4,22 +4,20 @@
 //! (`check.rs`) act on it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tandem_shared::LogPosition;
 
+use super::history::{Entry, Lineage, Snapshot};
 use super::link::{Link, LinkMode, Proxy};
+use super::tmpfs::{dir_bytes, Tmpfs};
 use super::{Config, Violation};
 use crate::bdb::{self, WorkloadOptions};
 use crate::harness::{self, Certs, Primary, Proc};
-
-/// A committed transaction: its number and the end of log after its commit.
-pub type Entry = (u64, LogPosition);
 
 /// Transactions the workload wrote before the campaign's first round (no
 /// LSN log: nothing is acknowledged for them, the checker still proves them).
@@ -28,56 +26,6 @@ const LONG: Duration = Duration::from_secs(300);
 /// How often standbys scrub (when the build can): often enough that a
 /// flipped byte is found within a round, cheap on mirrors this small.
 const SCRUB_SECS: &str = "10";
-
-/// The committed history of the current primary environment, as the
-/// application logged it: positions grow with transaction numbers.
-#[derive(Debug, Default, Clone)]
-pub struct Lineage {
-    pub entries: Vec<Entry>,
-    /// The running workload's LSN log and how far it was read.
-    file: Option<(PathBuf, u64)>,
-}
-
-impl Lineage {
-    pub fn follow(&mut self, path: PathBuf) {
-        self.file = Some((path, 0));
-    }
-
-    /// Reads what the workload logged since the last call.
-    pub fn poll(&mut self) -> Result<()> {
-        if let Some((path, at)) = &mut self.file {
-            let (new, next) = bdb::read_lsn_log_from(path, *at)?;
-            *at = next;
-            self.entries
-                .extend(new.into_iter().map(|(t, f, o)| (t, LogPosition::new(f, o))));
-        }
-        Ok(())
-    }
-
-    pub fn close(&mut self) -> Result<()> {
-        self.poll()?;
-        self.file = None;
-        Ok(())
-    }
-
-    pub fn last_t(&self) -> u64 {
-        self.entries.last().map_or(0, |e| e.0)
-    }
-
-    /// The newest transaction whose commit lies at or before `durable`.
-    pub fn acked_t(&self, durable: LogPosition) -> u64 {
-        let n = self.entries.partition_point(|e| e.1 <= durable);
-        if n == 0 {
-            0
-        } else {
-            self.entries[n - 1].0
-        }
-    }
-
-    pub fn truncate_to(&mut self, t: u64) {
-        self.entries.retain(|e| e.0 <= t);
-    }
-}
 
 /// One standby slot: its directory, link and what it has acknowledged.
 pub struct Standby {
@@ -97,68 +45,12 @@ pub struct Standby {
     pub started_ms: u64,
 }
 
-/// A consistent copy of the primary's environment taken while the
-/// application was stopped, to roll the primary back to.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub dir: PathBuf,
-    /// The last transaction it holds.
-    pub t: u64,
-}
-
 #[derive(Default)]
 pub struct Tally {
     pub faults: BTreeMap<&'static str, u64>,
     pub checks: BTreeMap<&'static str, u64>,
     pub violations: Vec<Violation>,
     pub notes: Vec<String>,
-}
-
-/// A tmpfs mounted for the campaign; unmounted when dropped.
-pub struct Tmpfs {
-    pub path: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(path: &Path, mib: u64) -> Result<Self> {
-        std::fs::create_dir_all(path)?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={mib}m"))
-            .arg("tandem-faults")
-            .arg(path)
-            .output()
-            .context("run mount")?;
-        if !out.status.success() {
-            bail!(
-                "mount tmpfs on {}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(Tmpfs { path: path.into() })
-    }
-}
-
-impl Tmpfs {
-    /// Grows the filesystem to `mib` (tmpfs resizes in place; only used
-    /// pages take memory).
-    fn grow(&self, mib: u64) -> Result<()> {
-        let st = Command::new("mount")
-            .args(["-o", &format!("remount,size={mib}m")])
-            .arg(&self.path)
-            .status()?;
-        if !st.success() {
-            bail!("remount {} with size {mib} MiB failed", self.path.display());
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-    }
 }
 
 pub struct World {
@@ -531,10 +423,7 @@ impl World {
                 if !st.success() {
                     bail!("cp -a {} {} failed", dir.display(), self.env.display());
                 }
-                self.lineage = Lineage {
-                    entries,
-                    file: None,
-                };
+                self.lineage = Lineage::from_entries(entries);
                 self.lineage.truncate_to(m);
                 m
             }
@@ -658,49 +547,8 @@ impl Drop for World {
     }
 }
 
-/// Bytes in the files under `dir`.
-fn dir_bytes(dir: &Path) -> Result<u64> {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            let m = e.metadata()?;
-            if m.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += m.len();
-            }
-        }
-    }
-    Ok(total)
-}
-
 /// The last `n` lines of `text`, on one line.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn acked_is_the_last_commit_at_or_before_the_durable_position() {
-        let mut l = Lineage {
-            entries: vec![
-                (10, LogPosition::new(1, 100)),
-                (11, LogPosition::new(1, 900)),
-                (12, LogPosition::new(2, 40)),
-            ],
-            file: None,
-        };
-        assert_eq!(l.acked_t(LogPosition::new(1, 99)), 0);
-        assert_eq!(l.acked_t(LogPosition::new(1, 100)), 10);
-        assert_eq!(l.acked_t(LogPosition::new(2, 0)), 11);
-        assert_eq!(l.acked_t(LogPosition::new(9, 0)), 12);
-        l.truncate_to(11);
-        assert_eq!(l.last_t(), 11);
-    }
 }
