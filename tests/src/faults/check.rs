@@ -13,6 +13,9 @@ use super::world::{tail, World};
 use crate::bdb;
 use crate::harness::{copy_env, lsn_of, primary_log_end, standby_status};
 
+/// What tandem-primary logs when a standby's next log file is gone.
+const GAP_LOG: &str = "are gone from the primary";
+
 /// Stops a process (SIGSTOP) for as long as the guard lives, so a copy of
 /// its directory is a state it could crash in.
 struct Frozen(i32);
@@ -131,7 +134,31 @@ impl World {
                 self.check_copy(i)?;
             }
         }
+        self.check_gaps();
         self.monitor_retention()
+    }
+
+    /// The primary's own word that it removed log a standby needed (the
+    /// standby then needs a new base): the look in [`monitor_retention`]
+    /// can miss it when the new base comes quickly, this cannot.
+    fn check_gaps(&mut self) {
+        let Some(p) = &self.primary else { return };
+        let lines: Vec<String> = p
+            .proc
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(GAP_LOG))
+            .map(|l| l.to_string())
+            .collect();
+        self.count("primary logs read for gaps");
+        for line in lines.iter().skip(self.gaps_seen) {
+            let at = line.find("standby=").unwrap_or(0);
+            let what = line[at..].chars().take(220).collect::<String>();
+            self.violation(format!(
+                "the primary removed log files a standby still needed; it says: {what}"
+            ));
+        }
+        self.gaps_seen = self.gaps_seen.max(lines.len());
     }
 
     /// Freezes standby `i`, copies its directory, thaws it, and proves the

@@ -77,6 +77,8 @@ pub struct World {
     pub(super) last_monitor: Instant,
     /// The primary's oldest log file at the last look (0: not looked yet).
     pub retention_oldest: u32,
+    /// Gaps the running primary has logged so far (already reported).
+    pub gaps_seen: usize,
     keep: bool,
     /// `run` flags this build of tandem-standby has (fixes landing on
     /// other branches add them): `--scrub-interval-secs`, `--start-over`.
@@ -160,6 +162,7 @@ impl World {
             fault: "setup".into(),
             last_monitor: Instant::now(),
             retention_oldest: 0,
+            gaps_seen: 0,
             keep,
             standby_flags,
             tmpfs_size_mib: cfg_tmpfs_mib,
@@ -265,6 +268,7 @@ impl World {
             s.link.retarget(p.addr);
         }
         self.primary = Some(p);
+        self.gaps_seen = 0;
         Ok(())
     }
 
