@@ -211,6 +211,41 @@ pub fn read_lsn_log(path: &Path) -> Result<Vec<(u64, u32, u32)>> {
         .collect()
 }
 
+/// One line of a `-L` file: transaction, log file, offset.
+pub type LsnLine = (u64, u32, u32);
+
+/// Reads the complete lines of a `-L` file from byte `from` on, for a reader
+/// that follows a running workload: returns the new `(t, log file, offset)`
+/// entries and the offset to pass next time (just after the last complete
+/// line, so a line being written is read whole later). A missing file reads
+/// as empty.
+pub fn read_lsn_log_from(path: &Path, from: u64) -> Result<(Vec<LsnLine>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), from)),
+        Err(e) => return Err(e).with_context(|| format!("open {}", path.display())),
+    };
+    f.seek(SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let mut out = Vec::new();
+    for line in String::from_utf8_lossy(&bytes[..complete]).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match (f.first(), f.get(1), f.get(2)) {
+            (Some(t), Some(file), Some(off)) if f.len() == 3 => {
+                match (t.parse(), file.parse(), off.parse()) {
+                    (Ok(t), Ok(file), Ok(off)) => out.push((t, file, off)),
+                    _ => bail!("{}: bad line {:?}", path.display(), line),
+                }
+            }
+            _ => bail!("{}: bad line {:?}", path.display(), line),
+        }
+    }
+    Ok((out, from + complete as u64))
+}
+
 /// `db5.3_dump -p -h dir NAME` for each database, concatenated, each preceded
 /// by a `### NAME` line: equal outputs mean equal logical contents (for
 /// comparing two environments with the same history).
@@ -235,6 +270,26 @@ pub fn db_dump_all(dir: &Path, dbs: &[&str]) -> Result<Vec<u8>> {
         all.extend_from_slice(&out.stdout);
     }
     Ok(all)
+}
+
+/// `db5.3_verify -h dir NAME...` (structure of every page, key order); fails
+/// with its output. Run after recovery, as `promote` does.
+pub fn verify(dir: &Path, dbs: &[&str]) -> Result<()> {
+    let out = Command::new("db5.3_verify")
+        .arg("-h")
+        .arg(dir)
+        .args(dbs)
+        .output()
+        .context("run db5.3_verify (install db5.3-util: scripts/setup)")?;
+    if !out.status.success() {
+        bail!(
+            "db5.3_verify -h {} {} failed: {}",
+            dir.display(),
+            dbs.join(" "),
+            describe(&out)
+        );
+    }
+    Ok(())
 }
 
 /// `db5.3_recover -c -h dir` (catastrophic recovery: replays every log file in
@@ -276,6 +331,15 @@ mod tests {
         assert_eq!(read_lsn_log(&p).unwrap(), vec![(1, 1, 100), (2, 1, 250)]);
         std::fs::write(&p, "1 x 100\n").unwrap();
         assert!(read_lsn_log(&p).is_err());
+        std::fs::write(&p, "1 1 100\n2 1 250\n3 2 2").unwrap();
+        let (first, at) = read_lsn_log_from(&p, 0).unwrap();
+        assert_eq!(first, vec![(1, 1, 100), (2, 1, 250)]);
+        std::fs::write(&p, "1 1 100\n2 1 250\n3 2 20\n").unwrap();
+        assert_eq!(read_lsn_log_from(&p, at).unwrap().0, vec![(3, 2, 20)]);
+        assert!(read_lsn_log_from(&dir.join("missing"), 0)
+            .unwrap()
+            .0
+            .is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

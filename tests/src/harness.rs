@@ -245,6 +245,34 @@ pub fn start_standby(
     )
 }
 
+/// Starts `tandem-standby run` for `dir` following `url` under `name` (the
+/// name the primary keeps its retention slot under: two standbys of one
+/// primary need two names).
+pub fn start_standby_as(
+    work: &Path,
+    dir: &Path,
+    url: &str,
+    certs: &Certs,
+    name: &str,
+    extra: &[&str],
+) -> Result<Proc> {
+    let exe = bin("tandem-standby");
+    check_bin(&exe)?;
+    let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
+    let mut cmd = Command::new(&exe);
+    cmd.arg("run")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--primary", url, "--name", name])
+        .args(certs.args("standby"))
+        .args(extra);
+    Proc::spawn(
+        &format!("tandem-standby {name}"),
+        cmd,
+        &work.join(format!("standby-{name}-{n}.log")),
+    )
+}
+
 /// `tandem-standby status --json`.
 pub fn standby_status(dir: &Path) -> Result<serde_json::Value> {
     let out = Command::new(bin("tandem-standby"))
