@@ -135,7 +135,11 @@ impl World {
             }
         }
         self.check_gaps();
-        self.monitor_retention()
+        self.monitor_retention()?;
+        for s in &mut self.standbys {
+            s.log_damaged = false;
+        }
+        Ok(())
     }
 
     /// The primary's own word that it removed log a standby needed (the
@@ -154,6 +158,14 @@ impl World {
         for line in lines.iter().skip(self.gaps_seen) {
             let at = line.find("standby=").unwrap_or(0);
             let what = line[at..].chars().take(220).collect::<String>();
+            let damaged = self
+                .standbys
+                .iter()
+                .any(|s| s.log_damaged && what.starts_with(&format!("standby={} ", s.name)));
+            if damaged {
+                self.count("new bases after log damage at rest (the heal)");
+                continue;
+            }
             self.violation(format!(
                 "the primary removed log files a standby still needed; it says: {what}"
             ));
@@ -256,7 +268,7 @@ impl World {
         self.retention_oldest = self.retention_oldest.max(oldest);
         let looked = tandem_shared::now_unix_ms();
         for i in 0..self.standbys.len() {
-            if self.standbys[i].diverged.is_some() {
+            if self.standbys[i].diverged.is_some() || self.standbys[i].log_damaged {
                 continue;
             }
             let Ok(s) = standby_status(&self.standbys[i].dir) else {

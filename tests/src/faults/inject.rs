@@ -221,6 +221,7 @@ impl World {
             b[0]
         ));
         let flipped_ms = tandem_shared::now_unix_ms();
+        self.standbys[i].log_damaged = !database;
         self.start_standby(i, &[])?;
         if self.has_standby_flag("--scrub-interval-secs") {
             // Nothing can know of a silent flip before reading it: the

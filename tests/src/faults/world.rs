@@ -40,6 +40,10 @@ pub struct Standby {
     /// refused a rolled-back primary): that history.
     pub diverged: Option<Vec<Entry>>,
     pub on_tmpfs: bool,
+    /// A byte of its log was flipped at rest this round: it may need log
+    /// from before what it acknowledged (the damaged record on), which the
+    /// primary rightly removed; the heal is a new base, not retention.
+    pub log_damaged: bool,
     /// When its process last started (unix ms): a status written before
     /// then says nothing about the running process.
     pub started_ms: u64,
@@ -133,6 +137,7 @@ impl World {
                 diverged: None,
                 on_tmpfs,
                 started_ms: 0,
+                log_damaged: false,
             });
         }
         let keep = cfg.keep;
