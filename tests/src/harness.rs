@@ -228,21 +228,7 @@ pub fn start_standby(
     certs: &Certs,
     extra: &[&str],
 ) -> Result<Proc> {
-    let exe = bin("tandem-standby");
-    check_bin(&exe)?;
-    let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
-    let mut cmd = Command::new(&exe);
-    cmd.arg("run")
-        .arg("--dir")
-        .arg(dir)
-        .args(["--primary", url, "--name", "test-standby"])
-        .args(certs.args("standby"))
-        .args(extra);
-    Proc::spawn(
-        "tandem-standby",
-        cmd,
-        &work.join(format!("standby-{n}.log")),
-    )
+    start_standby_as(work, dir, url, certs, "test-standby", extra)
 }
 
 /// Starts `tandem-standby run` for `dir` following `url` under `name` (the
