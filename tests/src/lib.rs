@@ -1,9 +1,12 @@
 //! Shared by the integration tests, the demo, the benchmarks and the fault
 //! campaign: the real BDB workload and checker ([`bdb`]), the process
-//! harness ([`harness`]), a misbehaving TCP proxy for network faults
-//! ([`faulty_link`]) and the campaign itself ([`faults`]).
+//! harness ([`harness`]), the archive commands ([`archive_cmd`]), the
+//! helpers of the refusal tests ([`refusal`]), a misbehaving TCP proxy for
+//! network faults ([`faulty_link`]) and the campaign itself ([`faults`]).
 
+pub mod archive_cmd;
 pub mod bdb;
 pub mod faults;
 pub mod faulty_link;
 pub mod harness;
+pub mod refusal;
