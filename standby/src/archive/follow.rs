@@ -66,8 +66,12 @@ pub fn follow_round(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError
             // The standby moved to another base: first carry the previous
             // backup as far as the log goes, so point-in-time restore has
             // no gap between it and the new one.
+            // A failed finish ends the round: the log held for it is
+            // deleted only once a backup holds it (the next round tries
+            // again; --archive-hold-cap-mib bounds what waits, loudly).
             if let Err(e) = extend_backup(&dir, opts, &b, &m, true) {
-                tracing::warn!(backup = %b.name, error = %e, "could not finish the previous backup with the log held for it");
+                tracing::error!(backup = %b.name, error = %e, "could not finish the previous backup with the log held for it; keeping that log and trying again next round");
+                return Err(e);
             }
             new_backup(opts)?
         }

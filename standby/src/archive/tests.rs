@@ -427,6 +427,54 @@ fn follow_extends_the_latest_backup_then_starts_a_new_one_on_a_new_base() {
 }
 
 #[test]
+fn held_log_stays_until_a_failed_finish_of_the_previous_backup_succeeds() {
+    let f = fixture();
+    let first = follow_round(&opts(&f)).unwrap();
+    let backup = PathBuf::from(&first.backup);
+    // More log arrives (log.5), then a rebase retires logs 3 and 4: the
+    // archive lacks what log.4 gained since, so they are held for it.
+    let log4 = f.dir.root.join("log.0000000004");
+    let mut img = std::fs::read(&log4).unwrap();
+    let rec = synth::record(f.last4, &regop(104));
+    let at = f.end4 as usize;
+    img[at..at + rec.len()].copy_from_slice(&rec);
+    img[at + rec.len()..].fill(0);
+    std::fs::write(&log4, &img).unwrap();
+    let (log5, _, _) = log_image(at as u32, &[regop(105), ckp(5, 28, 105)]);
+    std::fs::write(f.dir.root.join("log.0000000005"), &log5).unwrap();
+    crate::archive_hold::retire_logs(&f.dir, &f.dir.root, 5, u64::MAX).unwrap();
+    let mut state = f.dir.load_state().unwrap();
+    let base = state.base.as_mut().unwrap();
+    base.base_id = "c999".into();
+    base.log_start = LogPosition::new(5, 0);
+    base.consistent_at = Some(LogPosition::new(5, 28));
+    f.dir.store_state(&state).unwrap();
+    let held = crate::archive_hold::held_files(&f.dir);
+    assert!(!held.is_empty(), "logs must be held for the archive");
+
+    // Finishing the previous backup fails (one of its files is gone):
+    // the round fails and the held log stays.
+    let gone = backup.join("a.db");
+    let saved = std::fs::read(&gone).unwrap();
+    std::fs::remove_file(&gone).unwrap();
+    assert!(follow_round(&opts(&f)).is_err());
+    assert_eq!(crate::archive_hold::held_files(&f.dir), held);
+    assert_eq!(
+        list_backups(&f.archive).unwrap().len(),
+        1,
+        "no new backup before the finish"
+    );
+
+    // Repaired: the previous backup is finished, then a new one starts,
+    // and only then is the held log deleted.
+    std::fs::write(&gone, saved).unwrap();
+    let r = follow_round(&opts(&f)).unwrap();
+    assert_eq!(r.action, "created");
+    assert!(read_manifest(&backup).unwrap().log_end.file >= 4);
+    assert!(crate::archive_hold::held_files(&f.dir).is_empty());
+}
+
+#[test]
 fn follow_refuses_a_mirror_that_no_longer_matches_the_backup() {
     let f = fixture();
     archive_once(&opts(&f)).unwrap();
