@@ -21,7 +21,6 @@ use crate::apply_error::{io_err, ApplyError};
 use crate::dirs::create_dirs_durably;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
@@ -170,16 +169,14 @@ impl LogWriter {
             return Ok(());
         }
         let len = f.metadata()?.len().saturating_sub(u64::from(end.offset));
-        // SAFETY: fallocate on an fd we own; punching keeps the size.
-        let rc = unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                i64::from(end.offset),
-                len as i64,
-            )
-        };
-        if rc != 0 {
+        // Punching keeps the size; where the filesystem cannot, write zeros.
+        let punched = rustix::fs::fallocate(
+            &f,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            u64::from(end.offset),
+            len,
+        );
+        if punched.is_err() {
             let zeros = vec![0u8; len.min(1 << 20) as usize];
             let mut at = u64::from(end.offset);
             let stop = at + len;

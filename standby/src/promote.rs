@@ -25,7 +25,6 @@ use crate::status::StandbyStatus;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 use tandem_shared::wire::{SwitchoverReply, SwitchoverRequest};
 use tandem_shared::LogPosition;
@@ -75,8 +74,7 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
     // the metadata directory itself, so a refused promote leaves no file
     // behind.
     let guard = File::open(dir.meta()).context("opening .tandem for the promote lock")?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(guard.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if rustix::fs::flock(&guard, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         bail!(
             "another promote is already running on {}",
             dir.root.display()
@@ -328,8 +326,8 @@ fn refuse_or_force(
 /// released it; reaps `child` if promote started it.
 fn stop_running(dir: &StandbyDir, child: Option<std::process::Child>) -> Result<()> {
     if let Some(pid) = dir.lock_holder() {
-        // SAFETY: sending SIGTERM to the pid that holds our directory's lock.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        // The pid that holds our directory's lock.
+        terminate(pid);
         let stop_deadline = Instant::now() + Duration::from_secs(30);
         while dir.lock_holder().is_some() {
             if Instant::now() > stop_deadline {
@@ -348,8 +346,7 @@ fn stop_running(dir: &StandbyDir, child: Option<std::process::Child>) -> Result<
 /// finishes what it is writing and releases the directory).
 fn stop_child(child: Option<std::process::Child>) {
     if let Some(mut c) = child {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        terminate(c.id());
         let _ = c.wait();
     }
 }
@@ -417,5 +414,15 @@ impl std::fmt::Display for PromoteReport {
             self.total_seconds,
             self.env
         )
+    }
+}
+
+/// Asks process `pid` to stop (SIGTERM); one already gone is fine.
+fn terminate(pid: u32) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
 }

@@ -19,7 +19,6 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -276,9 +275,7 @@ fn clone_file(from: &Path, to: &Path, limit: Option<u64>) -> std::io::Result<()>
     let dst = File::create(to)?;
     if limit.is_none() {
         // FICLONE: share the blocks, copy-on-write (btrfs, xfs).
-        const FICLONE: libc::c_ulong = 0x4004_9409;
-        // SAFETY: ioctl on two fds we own.
-        if unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) } == 0 {
+        if rustix::fs::ioctl_ficlone(&dst, &src).is_ok() {
             return Ok(());
         }
     }

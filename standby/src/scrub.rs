@@ -26,7 +26,6 @@ use crate::state::{BaseState, StandbyDir, StandbyState};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -530,15 +529,13 @@ fn first_record_prev(path: &std::path::Path) -> Option<u32> {
 /// the end) so the next read comes from the disk: a bit flipped at rest is
 /// invisible while the page cache still holds what was written.
 fn drop_cached(f: &File, offset: u64, len: u64) {
-    // SAFETY: an advisory call on an fd we own; it changes no data.
-    unsafe {
-        libc::posix_fadvise(
-            f.as_raw_fd(),
-            offset as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_DONTNEED,
-        );
-    }
+    // Advisory: a failure only means the read may come from the cache.
+    let _ = rustix::fs::fadvise(
+        f,
+        offset,
+        std::num::NonZeroU64::new(len),
+        rustix::fs::Advice::DontNeed,
+    );
 }
 
 /// Keeps a scrub's reads under a byte rate, and notices a stop request.
