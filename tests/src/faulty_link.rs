@@ -9,6 +9,11 @@
 //! daemon can only notice a cut by its own deadlines (keepalive pings, a
 //! receive timeout), which is what these tests are for.
 //!
+//! A sever is the other kind of cut, a reset: open connections are shut
+//! down at once and new ones closed as soon as they are accepted, so a daemon
+//! notices it immediately. `retarget` points new connections at a restarted
+//! peer listening on another port while the proxy's own address stays put.
+//!
 //! Each connection gets two pumps (one per direction); a pump is a reader
 //! thread and a writer thread joined by a small bounded queue, so a cut or
 //! a delay also stops the reader once the queue is full: back-pressure
@@ -17,7 +22,7 @@
 use anyhow::{Context, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,9 +33,10 @@ const POLL: Duration = Duration::from_millis(10);
 /// Chunks in flight per direction before the reader stops reading.
 const QUEUE_CHUNKS: usize = 16;
 const CHUNK: usize = 64 << 10;
-/// How long one random stall holds a chunk: about a TCP retransmission
-/// timeout on a lossy link.
-const STALL: Duration = Duration::from_millis(300);
+/// How long one random stall holds a chunk, drawn from this range: about a
+/// TCP retransmission timeout on a lossy link.
+const STALL_MIN_MS: u64 = 200;
+const STALL_MAX_MS: u64 = 1000;
 
 /// The proxy. Dropping it closes every connection and joins every thread.
 pub struct FaultyLink {
@@ -39,15 +45,18 @@ pub struct FaultyLink {
     acceptor: Option<JoinHandle<()>>,
 }
 
-#[derive(Default)]
 struct Control {
     stop: AtomicBool,
     cut: AtomicBool,
+    severed: AtomicBool,
     delay_ms: AtomicU64,
     /// Probability of a stall per chunk, in millionths.
     stall_ppm: AtomicU64,
-    /// Sockets to shut down and threads to join when the proxy goes.
-    sockets: Mutex<Vec<TcpStream>>,
+    /// Where new connections are forwarded.
+    target: Mutex<SocketAddr>,
+    /// Open connections, to shut down on a sever and when the proxy goes.
+    conns: Mutex<Vec<Conn>>,
+    /// Pump threads to join when the proxy goes.
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Connections accepted so far (a reconnect shows up here).
     accepted: AtomicU64,
@@ -56,22 +65,54 @@ struct Control {
     to_client: AtomicU64,
 }
 
+/// Both sockets of one proxied connection, kept while any of its four pump
+/// threads runs.
+struct Conn {
+    sockets: [TcpStream; 2],
+    live: Arc<AtomicUsize>,
+}
+
+impl Conn {
+    fn shutdown(&self) {
+        for s in &self.sockets {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn ensure_loopback(target: SocketAddr) -> Result<()> {
+    anyhow::ensure!(
+        target.ip().is_loopback(),
+        "FaultyLink forwards on loopback only, not to {target}"
+    );
+    Ok(())
+}
+
 impl FaultyLink {
     /// Listens on 127.0.0.1 (any port) and forwards every connection to
     /// `target`, which must be a loopback address.
     pub fn start(target: SocketAddr) -> Result<Self> {
-        anyhow::ensure!(
-            target.ip().is_loopback(),
-            "FaultyLink forwards on loopback only, not to {target}"
-        );
+        ensure_loopback(target)?;
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the faulty link")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let ctl = Arc::new(Control::default());
+        let ctl = Arc::new(Control {
+            stop: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
+            severed: AtomicBool::new(false),
+            delay_ms: AtomicU64::new(0),
+            stall_ppm: AtomicU64::new(0),
+            target: Mutex::new(target),
+            conns: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+            accepted: AtomicU64::new(0),
+            to_server: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+        });
         let c = ctl.clone();
         let acceptor = std::thread::Builder::new()
             .name("faulty-link-accept".into())
-            .spawn(move || accept_loop(listener, target, c))?;
+            .spawn(move || accept_loop(listener, c))?;
         Ok(Self {
             addr,
             ctl,
@@ -95,9 +136,44 @@ impl FaultyLink {
         self.ctl.cut.store(true, Ordering::SeqCst);
     }
 
-    /// Forwards again, starting with what was held during the cut.
+    /// Shuts down every open connection and closes new ones as soon as they
+    /// are accepted, until `heal()`: a reset rather than a silent drop.
+    /// Whatever was in flight is lost with the connections.
+    pub fn sever(&self) {
+        self.ctl.severed.store(true, Ordering::SeqCst);
+        // Taken after the flag is set: a connection the acceptor registers
+        // later sees the flag under this same lock.
+        if let Ok(conns) = self.ctl.conns.lock() {
+            conns.iter().for_each(Conn::shutdown);
+        }
+    }
+
+    /// Forwards again after a cut or a sever, starting with what was held
+    /// during a cut.
     pub fn heal(&self) {
+        self.ctl.severed.store(false, Ordering::SeqCst);
         self.ctl.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Forwards as a plain proxy again: heals, and drops any delay and
+    /// random stalls.
+    pub fn restore(&self) {
+        self.delay(0);
+        self.stall_randomly(0.0);
+        self.heal();
+    }
+
+    /// Forwards connections accepted from now on to `target` (a restarted
+    /// peer listening on a new port); open ones keep their old peer.
+    pub fn retarget(&self, target: SocketAddr) -> Result<()> {
+        ensure_loopback(target)?;
+        let mut t = self
+            .ctl
+            .target
+            .lock()
+            .map_err(|_| anyhow::anyhow!("faulty link target lock poisoned"))?;
+        *t = target;
+        Ok(())
     }
 
     /// Holds every chunk this long before delivering it (0: no delay).
@@ -105,8 +181,8 @@ impl FaultyLink {
         self.ctl.delay_ms.store(ms, Ordering::SeqCst);
     }
 
-    /// Holds each chunk for a retransmission timeout with this probability
-    /// (0.0 to 1.0), like a lossy link.
+    /// Holds each chunk for a retransmission timeout (200 ms to 1 s) with
+    /// this probability (0.0 to 1.0), like a lossy link.
     pub fn stall_randomly(&self, probability: f64) {
         let ppm = (probability.clamp(0.0, 1.0) * 1e6) as u64;
         self.ctl.stall_ppm.store(ppm, Ordering::SeqCst);
@@ -132,10 +208,8 @@ impl Drop for FaultyLink {
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
         }
-        if let Ok(socks) = self.ctl.sockets.lock() {
-            for s in socks.iter() {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+        if let Ok(conns) = self.ctl.conns.lock() {
+            conns.iter().for_each(Conn::shutdown);
         }
         let threads = self
             .ctl
@@ -149,12 +223,16 @@ impl Drop for FaultyLink {
     }
 }
 
-fn accept_loop(listener: TcpListener, target: SocketAddr, ctl: Arc<Control>) {
+fn accept_loop(listener: TcpListener, ctl: Arc<Control>) {
     while !ctl.stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((client, _)) => {
                 ctl.accepted.fetch_add(1, Ordering::SeqCst);
-                if let Err(e) = connect_pair(client, target, &ctl) {
+                if ctl.severed.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                if let Err(e) = connect_pair(client, &ctl) {
                     eprintln!("faulty link: cannot forward a connection: {e:#}");
                 }
             }
@@ -167,19 +245,54 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, ctl: Arc<Control>) {
     }
 }
 
-fn connect_pair(client: TcpStream, target: SocketAddr, ctl: &Arc<Control>) -> Result<()> {
+fn connect_pair(client: TcpStream, ctl: &Arc<Control>) -> Result<()> {
     client.set_nonblocking(false)?;
-    let server = TcpStream::connect(target).with_context(|| format!("connecting to {target}"))?;
+    let target = *ctl
+        .target
+        .lock()
+        .map_err(|_| anyhow::anyhow!("faulty link target lock poisoned"))?;
+    let server = match TcpStream::connect(target) {
+        Ok(s) => s,
+        // The peer is down: the client sees its connection closed, as a
+        // daemon dialing a stopped peer would, and that is no error here.
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("connecting to {target}")),
+    };
     for s in [&client, &server] {
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(POLL))?;
     }
-    if let Ok(mut socks) = ctl.sockets.lock() {
-        socks.push(client.try_clone()?);
-        socks.push(server.try_clone()?);
+    let live = Arc::new(AtomicUsize::new(4));
+    {
+        let mut conns = ctl
+            .conns
+            .lock()
+            .map_err(|_| anyhow::anyhow!("faulty link connections lock poisoned"))?;
+        let conn = Conn {
+            sockets: [client.try_clone()?, server.try_clone()?],
+            live: live.clone(),
+        };
+        // Checked under the lock `sever` takes after setting the flag, so
+        // no connection slips past a sever.
+        if ctl.severed.load(Ordering::SeqCst) {
+            conn.shutdown();
+            return Ok(());
+        }
+        // A long campaign opens many connections: forget finished ones.
+        conns.retain(|c| c.live.load(Ordering::SeqCst) > 0);
+        conns.push(conn);
     }
-    pump(client.try_clone()?, server.try_clone()?, ctl, true)?;
-    pump(server, client, ctl, false)?;
+    if let Ok(mut threads) = ctl.threads.lock() {
+        let (done, running) = std::mem::take(&mut *threads)
+            .into_iter()
+            .partition::<Vec<_>, _>(|t| t.is_finished());
+        *threads = running;
+        for t in done {
+            let _ = t.join();
+        }
+    }
+    pump(client.try_clone()?, server.try_clone()?, ctl, true, &live)?;
+    pump(server, client, ctl, false, &live)?;
     Ok(())
 }
 
@@ -189,16 +302,29 @@ enum Item {
 }
 
 /// Starts the reader and writer threads of one direction.
-fn pump(from: TcpStream, to: TcpStream, ctl: &Arc<Control>, to_server: bool) -> Result<()> {
+fn pump(
+    from: TcpStream,
+    to: TcpStream,
+    ctl: &Arc<Control>,
+    to_server: bool,
+    live: &Arc<AtomicUsize>,
+) -> Result<()> {
     let (tx, rx) = sync_channel(QUEUE_CHUNKS);
     let (c1, c2) = (ctl.clone(), ctl.clone());
+    let (l1, l2) = (live.clone(), live.clone());
     let reader = std::thread::Builder::new()
         .name("faulty-link-read".into())
-        .spawn(move || read_side(from, tx, &c1))?;
-    let seed = Instant::now().elapsed().as_nanos() as u64 ^ ((to_server as u64) << 63);
+        .spawn(move || {
+            read_side(from, tx, &c1);
+            l1.fetch_sub(1, Ordering::SeqCst);
+        })?;
+    let seed = rand::random::<u64>() ^ ((to_server as u64) << 63);
     let writer = std::thread::Builder::new()
         .name("faulty-link-write".into())
-        .spawn(move || write_side(to, rx, &c2, to_server, seed))?;
+        .spawn(move || {
+            write_side(to, rx, &c2, to_server, seed);
+            l2.fetch_sub(1, Ordering::SeqCst);
+        })?;
     if let Ok(mut t) = ctl.threads.lock() {
         t.push(reader);
         t.push(writer);
@@ -278,7 +404,8 @@ fn write_side(mut to: TcpStream, rx: Receiver<Item>, ctl: &Control, to_server: b
         rng ^= rng >> 7;
         rng ^= rng << 17;
         if rng % 1_000_000 < ctl.stall_ppm.load(Ordering::SeqCst) {
-            due = due.max(Instant::now() + STALL);
+            let ms = STALL_MIN_MS + (rng >> 20) % (STALL_MAX_MS - STALL_MIN_MS);
+            due = due.max(Instant::now() + Duration::from_millis(ms));
         }
         if !hold(ctl, Some(due)) {
             return;
@@ -291,10 +418,10 @@ fn write_side(mut to: TcpStream, rx: Receiver<Item>, ctl: &Control, to_server: b
 }
 
 /// Waits until `due` has passed and the link is not cut; false if the
-/// proxy stops meanwhile.
+/// proxy stops or the link is severed meanwhile.
 fn hold(ctl: &Control, due: Option<Instant>) -> bool {
     loop {
-        if ctl.stop.load(Ordering::SeqCst) {
+        if ctl.stop.load(Ordering::SeqCst) || ctl.severed.load(Ordering::SeqCst) {
             return false;
         }
         let early = due.is_some_and(|d| Instant::now() < d);
@@ -309,20 +436,41 @@ fn hold(ctl: &Control, due: Option<Instant>) -> bool {
 mod tests {
     use super::*;
 
-    fn echo_server() -> Result<(SocketAddr, JoinHandle<()>)> {
+    /// Echoes every connection, or answers each byte with `tag` (unless 0),
+    /// so a test can tell which server it reached.
+    fn tagged_echo_server(tag: u8) -> Result<(SocketAddr, JoinHandle<()>)> {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let addr = l.local_addr()?;
         let h = std::thread::spawn(move || {
-            if let Ok((mut s, _)) = l.accept() {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if tag != 0 {
+                            buf[..n].fill(tag);
+                        }
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
                     }
-                }
+                });
             }
         });
         Ok((addr, h))
+    }
+
+    fn echo_server() -> Result<(SocketAddr, JoinHandle<()>)> {
+        tagged_echo_server(0)
+    }
+
+    /// True if the peer closed `c` (reads end or fail) within its timeout.
+    fn closed(c: &mut TcpStream) -> bool {
+        let mut rest = Vec::new();
+        match c.read_to_end(&mut rest) {
+            Ok(_) => true,
+            Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        }
     }
 
     #[test]
@@ -371,6 +519,71 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_sever_closes_open_connections_and_new_ones_until_heal() -> Result<()> {
+        let (target, _server) = echo_server()?;
+        let link = FaultyLink::start(target)?;
+        let mut c = TcpStream::connect(link.addr())?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut b = [0u8; 5];
+        c.write_all(b"hello")?;
+        c.read_exact(&mut b)?;
+        assert_eq!(&b, b"hello");
+
+        link.sever();
+        assert!(closed(&mut c), "an open connection survived a sever");
+        let mut again = TcpStream::connect(link.addr())?;
+        again.set_read_timeout(Some(Duration::from_secs(10)))?;
+        assert!(
+            closed(&mut again),
+            "a new connection was kept while severed"
+        );
+
+        link.heal();
+        let mut healed = TcpStream::connect(link.addr())?;
+        healed.set_read_timeout(Some(Duration::from_secs(10)))?;
+        healed.write_all(b"again")?;
+        healed.read_exact(&mut b)?;
+        assert_eq!(&b, b"again");
+        Ok(())
+    }
+
+    #[test]
+    fn retarget_sends_new_connections_to_the_new_peer() -> Result<()> {
+        let (first, _a) = tagged_echo_server(b'A')?;
+        let (second, _b) = tagged_echo_server(b'B')?;
+        let link = FaultyLink::start(first)?;
+        let mut old = TcpStream::connect(link.addr())?;
+        old.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut b = [0u8; 2];
+        old.write_all(b"xx")?;
+        old.read_exact(&mut b)?;
+        assert_eq!(&b, b"AA");
+
+        link.retarget(second)?;
+        let mut new = TcpStream::connect(link.addr())?;
+        new.set_read_timeout(Some(Duration::from_secs(10)))?;
+        new.write_all(b"yy")?;
+        new.read_exact(&mut b)?;
+        assert_eq!(&b, b"BB");
+        // An open connection keeps its peer.
+        old.write_all(b"zz")?;
+        old.read_exact(&mut b)?;
+        assert_eq!(&b, b"AA");
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_a_non_loopback_target() -> Result<()> {
+        let outside: SocketAddr = "192.0.2.1:7400".parse()?;
+        assert!(FaultyLink::start(outside).is_err());
+        let (target, _server) = echo_server()?;
+        let link = FaultyLink::start(target)?;
+        assert!(link.retarget(outside).is_err());
+        assert!(link.addr().ip().is_loopback());
         Ok(())
     }
 }

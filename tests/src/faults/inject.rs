@@ -14,14 +14,44 @@ use rand::Rng;
 use tandem_shared::envlayout::EnvLayout;
 use tandem_shared::LogPosition;
 
-use super::link::LinkMode;
 use super::world::World;
 use super::{Fault, OnDivergence};
+use crate::faulty_link::FaultyLink;
 use crate::harness::{self, dir_digest, lsn_of, primary_log_end, standby_status};
 
 const LONG: Duration = Duration::from_secs(120);
 /// How soon a cut or stalled link must show in status ("within seconds").
 const NOTICE: Duration = Duration::from_secs(20);
+
+/// What a link fault does to the bytes between a standby and its primary
+/// (`FaultyLink::restore` ends it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMode {
+    /// Each chunk waits this long before it is forwarded.
+    Delay(Duration),
+    /// A silent partition: connections stay open, new ones are accepted, and
+    /// nothing is delivered until the mode changes (the held bytes are then
+    /// delivered, as TCP retransmission would).
+    Stall,
+    /// A clean cut: open connections are shut down and new ones closed at once.
+    Cut,
+    /// A lossy network: each chunk is held, with this probability in
+    /// percent, for a retransmission timeout.
+    Lossy(u8),
+}
+
+impl LinkMode {
+    /// Puts `link` in this mode alone (whatever the previous mode did stops).
+    pub fn apply(self, link: &FaultyLink) {
+        link.restore();
+        match self {
+            LinkMode::Delay(d) => link.delay(d.as_millis() as u64),
+            LinkMode::Stall => link.cut(),
+            LinkMode::Cut => link.sever(),
+            LinkMode::Lossy(percent) => link.stall_randomly(f64::from(percent) / 100.0),
+        }
+    }
+}
 
 impl World {
     pub fn inject(&mut self, fault: Fault) -> Result<()> {
@@ -104,7 +134,7 @@ impl World {
                 .join(",")
         ));
         for i in &which {
-            self.standbys[*i].link.set(mode);
+            mode.apply(&self.standbys[*i].link);
         }
         if matches!(mode, LinkMode::Cut | LinkMode::Stall) {
             for &i in &which {
@@ -137,7 +167,7 @@ impl World {
         }
         self.hold()?;
         for i in &which {
-            self.standbys[*i].link.set(LinkMode::Pass);
+            self.standbys[*i].link.restore();
         }
         Ok(())
     }

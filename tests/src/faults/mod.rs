@@ -26,7 +26,6 @@
 mod check;
 mod history;
 mod inject;
-pub mod link;
 mod promote;
 mod tmpfs;
 mod world;

@@ -13,10 +13,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::history::{Entry, Lineage, Snapshot};
-use super::link::{Link, LinkMode, Proxy};
 use super::tmpfs::{dir_bytes, Tmpfs};
 use super::{Config, Violation};
 use crate::bdb::{self, WorkloadOptions};
+use crate::faulty_link::FaultyLink;
 use crate::harness::{self, Certs, Primary, Proc};
 
 /// Transactions the workload wrote before the campaign's first round (no
@@ -31,7 +31,7 @@ const SCRUB_SECS: &str = "10";
 pub struct Standby {
     pub name: String,
     pub dir: PathBuf,
-    pub link: Box<dyn Link>,
+    pub link: FaultyLink,
     pub proc: Option<Proc>,
     /// Every transaction up to this one was acknowledged by this standby
     /// (durable): it must never hold less, unless the driver starts it over.
@@ -127,7 +127,7 @@ impl World {
         for i in 0..cfg.standbys {
             let on_tmpfs = i == 0 && tmpfs.is_some();
             // Placeholder target until the first primary listens.
-            let link: Box<dyn Link> = Box::new(Proxy::start("127.0.0.1:9".parse()?)?);
+            let link = FaultyLink::start("127.0.0.1:9".parse()?)?;
             standbys.push(Standby {
                 name: format!("s{i}"),
                 dir: PathBuf::new(),
@@ -270,7 +270,7 @@ impl World {
             &["--retention", "--retention-interval-secs", "1"],
         )?;
         for s in &self.standbys {
-            s.link.retarget(p.addr);
+            s.link.retarget(p.addr)?;
         }
         self.primary = Some(p);
         self.gaps_seen = 0;
@@ -412,7 +412,7 @@ impl World {
         self.kill_primary()?;
         for i in 0..self.standbys.len() {
             self.kill_standby(i)?;
-            self.standbys[i].link.set(LinkMode::Pass);
+            self.standbys[i].link.restore();
         }
         let old_gen_dir = self.root.join(format!("gen{}", self.gen));
         self.gen += 1;
