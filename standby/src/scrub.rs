@@ -18,7 +18,11 @@
 //! the scrub sees what the disk holds, not what was written. A failure is
 //! logged (`SCRUB FAILED`), recorded in `.tandem/scrub.json`, and makes
 //! status say not recoverable until a later scrub passes; inside `run`,
-//! [`heal`] asks the primary for what repairs it.
+//! the follow loop's scrub scheduler asks the primary for what repairs it.
+//!
+//! One file of about 650 lines on purpose: the page pass, the log pass and
+//! the report they fill share the pacing and stop logic; the digests
+//! recorded at write time live in [`digests`].
 
 pub mod digests;
 
