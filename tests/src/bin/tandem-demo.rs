@@ -109,16 +109,19 @@ fn run() -> Result<()> {
     let mut lag_sum = 0u64;
     while w.is_running() {
         let st = standby_status(&standby_dir)?;
-        let lag = st["lag_bytes"].as_u64().unwrap_or(0);
-        max_lag = max_lag.max(lag);
-        lag_sum += lag;
-        samples += 1;
+        // Unknown (null) while the standby has not heard from the primary.
+        let lag = st["lag_bytes"].as_u64();
+        if let Some(lag) = lag {
+            max_lag = max_lag.max(lag);
+            lag_sum += lag;
+            samples += 1;
+        }
         let line = format!(
             "      committed {:>7}   primary end {:<16} standby durable {:<16} lag {:>8} bytes",
             first + committed(&w),
             lsn_of(&st["primary_end_lsn"]).to_string(),
             lsn_of(&st["durable_lsn"]).to_string(),
-            lag
+            lag.map_or("unknown".to_owned(), |l| l.to_string())
         );
         if tty {
             print!("\r{line}");
