@@ -72,13 +72,16 @@ fn a_standby_with_a_certificate_from_another_ca_is_refused() -> Result<()> {
         &foreign.dir,
         &s.certs.dir.join("ca.pem"),
     )?;
-    wait_for("two refused connections", LONG, || {
+    // Both sides: the standby may see the second refusal before the
+    // primary has written its line about it.
+    wait_for("two refused connections, on both sides", LONG, || {
         ensure!(
             standby.is_running(),
             "the standby exited: {}",
             standby.log_text()
         );
-        Ok(count(&standby.log_text(), "stream interrupted") >= 2)
+        Ok(count(&standby.log_text(), "stream interrupted") >= 2
+            && count(&primary.proc.log_text(), "tls accept error") >= 2)
     })?;
     let log = standby.log_text();
     let plog = primary.proc.log_text();
