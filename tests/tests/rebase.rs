@@ -115,9 +115,12 @@ fn rebasing_under_load_keeps_the_replay_bounded_and_the_mirror_recoverable() -> 
     })?;
     let mut w = Proc::spawn(
         "workload",
+        // Throttled: what arrives while a rebase is in flight scales with
+        // the log rate and the machine's load, and the bound below is about
+        // the rebases keeping up, not about this machine's speed.
         WorkloadOptions {
-            rate: 3000,
-            ..workload(30_000)
+            rate: 1500,
+            ..workload(15_000)
         }
         .command(&s.path("env")),
         &s.path("w.log"),
