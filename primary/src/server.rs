@@ -144,6 +144,7 @@ pub async fn serve(
         .with_context(|| format!("listening on {}", cfg.listen))?
         .with_nodelay(Some(true));
     let bound = incoming.local_addr().context("local address")?;
+    let mut admin = None;
     if let Some(addr) = cfg.metrics_listen {
         let shared = shared.clone();
         let for_status = shared.clone();
@@ -151,8 +152,9 @@ pub async fn serve(
             metrics: Box::new(move || crate::metrics::render(&shared)),
             status_json: Box::new(move || crate::metrics::status_json(&for_status)),
         };
-        let bound = tandem_shared::metrics::serve(addr, pages).await?;
-        tracing::info!(%bound, "serving metrics");
+        let server = tandem_shared::metrics::serve(addr, pages).await?;
+        tracing::info!(bound = %server.bound, "serving metrics");
+        admin = Some(server);
     }
     tracing::info!(
         listen = %bound, env = %cfg.env.display(), env_id = %state.identity.env_id, epoch = state.identity.epoch,
@@ -220,6 +222,9 @@ pub async fn serve(
         tracing::warn!("the log watcher did not stop in time; exiting without it");
     }
     served.context("serving")?;
+    if let Some(server) = admin {
+        server.stop().await;
+    }
     // Last: the lock keeps a second primary off the environment until
     // every task above has stopped touching it.
     drop(state);

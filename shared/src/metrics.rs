@@ -145,11 +145,11 @@ fn respond(pages: &AdminPages, req: &Request<Incoming>) -> Response<Full<Bytes>>
 /// One request per connection (the response says `Connection: close`):
 /// scrapes are seconds apart, and a client reading to the end of the
 /// stream (curl, a test) gets it at once.
-pub async fn serve(addr: SocketAddr, pages: AdminPages) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, pages: AdminPages) -> std::io::Result<AdminServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let pages = Arc::new(pages);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let sock = match listener.accept().await {
                 Ok((sock, _)) => sock,
@@ -175,7 +175,21 @@ pub async fn serve(addr: SocketAddr, pages: AdminPages) -> std::io::Result<Socke
             });
         }
     });
-    Ok(bound)
+    Ok(AdminServer { bound, task })
+}
+
+/// The running admin endpoint: stopped and joined at shutdown, so nothing
+/// of a daemon outlives it (a request under way is at most one page).
+pub struct AdminServer {
+    pub bound: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminServer {
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
 }
 
 #[cfg(test)]
@@ -213,7 +227,8 @@ mod tests {
             metrics: Box::new(|| MetricsPage::default().gauge_int("m", "M.", 7).finish()),
             status_json: Box::new(|| "{\"role\":\"test\"}".into()),
         };
-        let addr = serve("127.0.0.1:0".parse().unwrap(), pages).await.unwrap();
+        let server = serve("127.0.0.1:0".parse().unwrap(), pages).await.unwrap();
+        let addr = server.bound;
         for (path, want_type, want_body) in [
             ("/metrics", OPENMETRICS_TYPE, "m 7\n"),
             ("/status", "application/json", "{\"role\":\"test\"}"),
@@ -236,5 +251,8 @@ mod tests {
             );
             assert!(out.contains(want_body), "{path}: {out}");
         }
+        // Stopped and joined: nothing listens any more.
+        server.stop().await;
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     }
 }

@@ -131,6 +131,7 @@ pub async fn run(
     let status: StatusTx = Arc::new(watch::Sender::new(initial));
     let (stop_tx, stop) = watch::channel(false);
 
+    let mut admin = None;
     if let Some(addr) = cfg.metrics_listen {
         let (for_metrics, for_status) = (status.subscribe(), status.subscribe());
         let pages = tandem_shared::metrics::AdminPages {
@@ -139,10 +140,11 @@ pub async fn run(
                 serde_json::to_string_pretty(&snapshot(&for_status)).unwrap_or_default()
             }),
         };
-        let bound = tandem_shared::metrics::serve(addr, pages)
+        let server = tandem_shared::metrics::serve(addr, pages)
             .await
             .map_err(anyhow::Error::from)?;
-        tracing::info!(%bound, "serving metrics");
+        tracing::info!(bound = %server.bound, "serving metrics");
+        admin = Some(server);
     }
     let writer = tokio::spawn(write_status_forever(
         dir.clone(),
@@ -198,6 +200,9 @@ pub async fn run(
         s.durable_lsn = mirror.tail().durable;
     });
     write_status(&dir, &status);
+    if let Some(server) = admin {
+        server.stop().await;
+    }
     drop(mirror);
     drop(lock);
     result
