@@ -372,7 +372,11 @@ fn scrubbing_under_load_and_rebases_finds_no_damage() -> Result<()> {
         scrubs.len()
     );
     assert!(rebases >= 1, "the load must have rebased: {st:#}");
-    assert!(scrubs.len() >= 3, "scrubs must have run during the load");
+    // The report seen before the load counts as one: at least one more
+    // scrub completed while rebases (about one a second) swapped bases
+    // under it. How many more depends on the machine's load, not on
+    // correctness; what must hold for each is "no false alarm" (above).
+    assert!(scrubs.len() >= 2, "scrubs must have run during the load");
     assert_eq!(scrub_report(&st)["failures_total"], 0, "{st:#}");
     assert_eq!(recover_copy(&standby_dir, &s.path("recovered"))?, last);
     Ok(())

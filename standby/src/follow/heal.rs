@@ -29,8 +29,10 @@ const HEAL_RETRY: Duration = Duration::from_secs(60);
 /// How often the scheduler looks at the time, the base and the report
 /// file (a one-off `tandem-standby scrub` may have written one).
 const POLL: Duration = Duration::from_secs(1);
-/// A scrub discarded because the base changed under it is retried after.
-const DISCARDED_RETRY: Duration = Duration::from_secs(5);
+/// A scrub discarded because the base changed under it is retried after
+/// this: soon, since under steady rebases (one a second in tests) a longer
+/// wait meant hardly any scrub completed.
+const DISCARDED_RETRY: Duration = Duration::from_secs(1);
 /// The first scrub of a process waits this long (or the interval, if
 /// shorter): a `run` that is refused at its first contact (another
 /// environment, a newer epoch) leaves the directory as it found it.
