@@ -99,7 +99,17 @@ fn standby_kill9_resumes_without_resending_files() -> Result<()> {
     let resumed: Vec<String> = restarted
         .log_text()
         .lines()
-        .filter(|l| l.contains("connected to the primary") || l.contains("BROKEN"))
+        .filter(|l| {
+            [
+                "connected to the primary",
+                "BROKEN",
+                "SCRUB",
+                "base",
+                "rebase",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
         .map(str::to_owned)
         .collect();
     assert_eq!(
