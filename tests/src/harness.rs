@@ -320,6 +320,17 @@ pub fn copy_env(from: &Path, to: &Path) -> Result<()> {
 /// blake3 of every file under `dir` (relative path -> digest), to prove a
 /// directory did not change.
 pub fn dir_digest(dir: &Path) -> Result<BTreeMap<String, String>> {
+    digest_tree(dir, |_| false)
+}
+
+/// [`dir_digest`] of a standby directory's environment: everything but
+/// Tandem's own `.tandem`, which is not even read, since a running standby
+/// renames files there (status, scrub reports) while the walk is under way.
+pub fn env_digest(dir: &Path) -> Result<BTreeMap<String, String>> {
+    digest_tree(dir, |rel| rel == ".tandem")
+}
+
+fn digest_tree(dir: &Path, skip: impl Fn(&str) -> bool) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -327,6 +338,9 @@ pub fn dir_digest(dir: &Path) -> Result<BTreeMap<String, String>> {
             let e = e?;
             let p = e.path();
             let rel = p.strip_prefix(dir)?.display().to_string();
+            if skip(&rel) {
+                continue;
+            }
             if e.file_type()?.is_dir() {
                 stack.push(p);
             } else if rel != ".tandem/status.json" && rel != ".tandem/lock" {

@@ -17,7 +17,7 @@ use tandem_shared::LogPosition;
 use super::world::World;
 use super::{Fault, OnDivergence};
 use crate::faulty_link::FaultyLink;
-use crate::harness::{self, dir_digest, lsn_of, primary_log_end, standby_status};
+use crate::harness::{self, env_digest, lsn_of, primary_log_end, standby_status};
 
 const LONG: Duration = Duration::from_secs(120);
 /// How soon a cut or stalled link must show in status ("within seconds").
@@ -296,7 +296,7 @@ impl World {
             let durable = lsn_of(&st["durable_lsn"]);
             let acked = self.lineage.acked_t(durable);
             self.standbys[i].floor = self.standbys[i].floor.max(acked);
-            before.push((data_digest(&self.standbys[i].dir)?, durable));
+            before.push((env_digest(&self.standbys[i].dir)?, durable));
         }
         replace_bdb_files(&self.env, &snap.dir)?;
         self.retention_oldest = 0;
@@ -328,7 +328,7 @@ impl World {
             match outcome {
                 Some(Err(Some(3))) => {
                     self.count("refusals of a shorter primary, directory unchanged");
-                    if data_digest(&self.standbys[i].dir)? != digest {
+                    if env_digest(&self.standbys[i].dir)? != digest {
                         self.violation(format!(
                             "{name} refused the rolled-back primary (exit 3) but changed its directory"
                         ));
@@ -445,14 +445,6 @@ impl World {
         }
         Ok(())
     }
-}
-
-/// blake3 of every file of a standby directory outside `.tandem`.
-fn data_digest(dir: &Path) -> Result<Vec<(String, String)>> {
-    Ok(dir_digest(dir)?
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with(".tandem"))
-        .collect())
 }
 
 /// Replaces the environment's BDB files (databases, logs, regions) with
