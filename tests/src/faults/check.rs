@@ -178,8 +178,6 @@ impl World {
     /// finds an exact prefix 1..M, M covers every acknowledged transaction
     /// and nothing beyond what was committed.
     pub fn check_copy(&mut self, i: usize) -> Result<()> {
-        self.lineage.poll()?;
-        self.max_t = self.max_t.max(self.lineage.last_t());
         let name = self.standbys[i].name.clone();
         let dir = self.standbys[i].dir.clone();
         let dest = self
@@ -209,6 +207,12 @@ impl World {
             self.note("a standby was not recoverable at check time: no copy checked".into());
             return Ok(());
         }
+        // Read what was committed only now: every transaction in the copy
+        // was committed before the copy was taken, and the application
+        // keeps committing while this runs (read before the copy, a copy
+        // holding the commits of the last moments looked like invention).
+        self.lineage.poll()?;
+        self.max_t = self.max_t.max(self.lineage.last_t());
         let durable = lsn_of(&st["durable_lsn"]);
         let acked = self.lineage.acked_t(durable);
         let s = &mut self.standbys[i];
