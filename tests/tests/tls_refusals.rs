@@ -82,6 +82,13 @@ fn a_standby_with_a_certificate_from_another_ca_is_refused() -> Result<()> {
         );
         Ok(count(&standby.log_text(), "stream interrupted") >= 2
             && count(&primary.proc.log_text(), "tls accept error") >= 2)
+    })
+    .with_context(|| {
+        format!(
+            "standby:\n{}\nprimary:\n{}",
+            tail(&standby.log_text(), 8),
+            tail(&primary.proc.log_text(), 8)
+        )
     })?;
     let log = standby.log_text();
     let plog = primary.proc.log_text();
