@@ -57,6 +57,7 @@ impl Shared {
                     )
                 })
                 .unwrap_or_default(),
+            ..Default::default()
         }
     }
 }

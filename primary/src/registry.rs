@@ -218,6 +218,7 @@ impl StandbyRegistry {
                 archived: r.archived.map(Into::into),
                 held_for_archive_bytes: r.held_for_archive_bytes,
                 archive_released_below: r.archive_released_below,
+                ..Default::default()
             })
             .collect()
     }

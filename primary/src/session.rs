@@ -260,6 +260,7 @@ fn welcome(shared: &Shared, resume: bool) -> Kind {
         epoch: shared.identity.epoch,
         log_dir: tandem_shared::envlayout::rel_name(&shared.layout.log_dir_rel()),
         resume,
+        ..Default::default()
     })
 }
 
