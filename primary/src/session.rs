@@ -164,8 +164,8 @@ async fn start(
             hello.epoch, id.epoch
         );
         return Err(Status::failed_precondition(format!(
-            "FENCED: the standby has seen epoch {} but this primary is at epoch {}: a newer primary exists, and \
-             this one must not be followed. Nothing was sent. Point the standby at the current primary",
+            "FENCED: the standby has seen epoch {} but this primary is at epoch {}: a newer primary exists and \
+             this one is fenced. Nothing was sent. Point the standby at the current primary",
             hello.epoch, id.epoch
         )));
     }
