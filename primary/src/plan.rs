@@ -15,12 +15,19 @@
 //!   record): `failed_precondition`, "diverged: …". The standby may hold
 //!   transactions this primary lost (a primary restored from an older copy,
 //!   or whose unsynced log was lost in a crash), so only the operator may
-//!   choose between promoting it and starting it over.
+//!   choose between promoting it and starting it over;
+//! - the standby is at an older epoch and holds log beyond the position
+//!   where the next epoch began (it was ahead of the standby promoted to
+//!   this primary): `failed_precondition`, "diverged: …", naming that
+//!   position and the bytes it would discard ([`check_history`]). A standby
+//!   at an older epoch that holds only a prefix of this primary's history
+//!   continues streaming like any other: no new base, no file re-sent.
 
 use std::fmt;
 use std::fs::File;
 use std::io;
 use tandem_shared::envlayout::EnvLayout;
+use tandem_shared::epochs::{parting_point, EpochStart};
 use tandem_shared::logfile::{read_verified, walk_file, WalkStop};
 use tandem_shared::wire::Hello;
 use tandem_shared::LogPosition;
@@ -45,13 +52,25 @@ pub enum Refusal {
     Unavailable(String),
     #[error(transparent)]
     Diverged(#[from] Divergence),
+    #[error(
+        "diverged: the standby is at epoch {standby_epoch} and this primary at epoch {primary_epoch}, but this \
+         primary's history does not say where the epochs after {standby_epoch} began (it was promoted by an older \
+         Tandem), so it cannot prove the standby holds a prefix of its log. Nothing was sent and the standby's \
+         directory was not touched. Restart the standby with `tandem-standby run --start-over` to take a new base"
+    )]
+    HistoryUnknown {
+        standby_epoch: u64,
+        primary_epoch: u64,
+    },
 }
 
 impl From<Refusal> for Status {
     fn from(r: Refusal) -> Self {
         match &r {
             Refusal::Unavailable(_) => Status::unavailable(r.to_string()),
-            Refusal::Diverged(_) => Status::failed_precondition(r.to_string()),
+            Refusal::Diverged(_) | Refusal::HistoryUnknown { .. } => {
+                Status::failed_precondition(r.to_string())
+            }
         }
     }
 }
@@ -64,6 +83,9 @@ pub enum DivergenceKind {
     NotARecordBoundary,
     /// The record before the standby's end differs from the primary's.
     LastRecordDiffers,
+    /// The standby, at an older epoch, holds log beyond `start`, where
+    /// epoch `epoch` (this primary's history) began.
+    BeyondEpochStart { epoch: u64, start: LogPosition },
 }
 
 /// The standby's log does not continue the primary's.
@@ -81,6 +103,20 @@ pub struct Divergence {
 
 impl fmt::Display for Divergence {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let DivergenceKind::BeyondEpochStart { epoch, start } = self.kind {
+            return write!(
+                f,
+                "diverged: epoch {epoch} of this environment began at {start} (where the standby promoted to this \
+                 primary ended), but this standby holds the log up to {} durably: {} bytes of log beyond {start} \
+                 that this primary's history does not contain (it was ahead of the promoted standby on the old \
+                 primary). Continuing would discard them, so nothing was sent and the standby's directory was not \
+                 touched. Choose one: promote this standby (`tandem-standby promote`) if those transactions must \
+                 survive; or restart it with `tandem-standby run --rejoin` to discard the log beyond {start} and \
+                 follow this primary",
+                self.standby,
+                self.beyond.unwrap_or(0)
+            );
+        }
         let why = match self.kind {
             DivergenceKind::BeyondEnd => "the standby holds log beyond this primary's end of log",
             DivergenceKind::NotARecordBoundary => {
@@ -89,6 +125,7 @@ impl fmt::Display for Divergence {
             DivergenceKind::LastRecordDiffers => {
                 "the standby's last log record differs from this primary's record at the same position"
             }
+            DivergenceKind::BeyondEpochStart { .. } => unreachable!("written above"),
         };
         let beyond = match self.beyond {
             Some(n) => format!("at least {n} bytes of log beyond the point where the two agree"),
@@ -106,9 +143,60 @@ impl fmt::Display for Divergence {
     }
 }
 
+/// What the epoch history says of a standby's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryVerdict {
+    /// The standby is at this primary's epoch, or what it holds ends at or
+    /// before the start of every newer epoch: a prefix of this
+    /// primary's history (the usual checks of its last record still apply).
+    Continue,
+    /// The standby holds log beyond `switch_at.start`: `beyond` bytes of it
+    /// are not this primary's.
+    Beyond {
+        switch_at: EpochStart,
+        standby: LogPosition,
+        beyond: u64,
+    },
+    /// The standby is at an older epoch and the history does not say where
+    /// the one after it began.
+    Unknown,
+}
+
+/// Where the standby's log, at `hello.epoch`, leaves this primary's
+/// history (`our_epoch`, `history`). `lg_max` sizes the bytes beyond.
+pub fn check_history(
+    hello: &Hello,
+    our_epoch: u64,
+    history: &[EpochStart],
+    lg_max: u32,
+) -> HistoryVerdict {
+    // Epoch 0: a standby that never saw a primary (it holds nothing that
+    // could belong to another epoch).
+    if hello.epoch == 0 || hello.epoch >= our_epoch {
+        return HistoryVerdict::Continue;
+    }
+    let Some(next) = parting_point(history, hello.epoch) else {
+        return HistoryVerdict::Unknown;
+    };
+    let d: LogPosition = hello.durable.unwrap_or_default().into();
+    if d <= next.start {
+        return HistoryVerdict::Continue;
+    }
+    HistoryVerdict::Beyond {
+        switch_at: next.clone(),
+        standby: d,
+        beyond: next.start.bytes_until(d, lg_max),
+    }
+}
+
 /// Can the standby's log be continued, does it need a new base, or must
-/// it be refused?
-pub fn plan(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
+/// it be refused? `our_epoch` and `history` are this primary's.
+pub fn plan(
+    layout: &EnvLayout,
+    hello: &Hello,
+    our_epoch: u64,
+    history: &[EpochStart],
+) -> Result<Plan, Refusal> {
     let new_base = |reason: String| Ok(Plan::NewBase { reason });
     if hello.base_id.is_empty() {
         return new_base("the standby holds no base yet".into());
@@ -136,6 +224,31 @@ pub fn plan(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
     };
     let (end, lg_max) = log_end(layout, newest)
         .map_err(|e| unavailable(&format!("reading {}", layout.log_name(newest)), &e))?;
+    match check_history(hello, our_epoch, history, lg_max) {
+        HistoryVerdict::Continue => {}
+        HistoryVerdict::Unknown => {
+            return Err(Refusal::HistoryUnknown {
+                standby_epoch: hello.epoch,
+                primary_epoch: our_epoch,
+            })
+        }
+        HistoryVerdict::Beyond {
+            switch_at,
+            standby,
+            beyond,
+        } => {
+            return Err(Divergence {
+                kind: DivergenceKind::BeyondEpochStart {
+                    epoch: switch_at.epoch,
+                    start: switch_at.start,
+                },
+                standby,
+                primary_end: end,
+                beyond: Some(beyond),
+            }
+            .into())
+        }
+    }
     // The very start of the file after the primary's newest is where a
     // caught-up standby waits for BDB's next file: nothing beyond.
     let waiting_for_next = d.offset == 0 && d.file == newest + 1;
@@ -229,157 +342,5 @@ fn log_end(layout: &EnvLayout, newest: u32) -> io::Result<(LogPosition, u32)> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tandem_shared::logfile::synth;
-
-    const LG_MAX: u32 = 1 << 16;
-
-    /// An environment with log files 1 and 2, three records each; returns
-    /// the layout and, per file, the offsets just past each record.
-    fn env(dir: &std::path::Path) -> (EnvLayout, Vec<Vec<u32>>) {
-        let bodies: [&[u8]; 3] = [b"alpha record", b"beta", b"gamma gamma gamma"];
-        let mut ends = Vec::new();
-        for n in 1..=2u32 {
-            let image = synth::file(0, LG_MAX, &bodies, 4096);
-            let w = tandem_shared::logfile::walk(&image, 0, None);
-            let mut file_ends = vec![];
-            let mut at = 0u32;
-            for body in std::iter::once(&[0u8; 16][..]).chain(bodies.iter().copied()) {
-                at += 12 + body.len() as u32;
-                file_ends.push(at);
-            }
-            assert_eq!(*file_ends.last().unwrap(), w.end);
-            ends.push(file_ends);
-            std::fs::write(dir.join(format!("log.{n:010}")), image).unwrap();
-        }
-        (EnvLayout::open(dir).unwrap(), ends)
-    }
-
-    fn hello(durable: LogPosition, digest: Vec<u8>) -> Hello {
-        Hello {
-            base_id: "base".into(),
-            durable: Some(durable.into()),
-            last_record_digest: digest.into(),
-            ..Default::default()
-        }
-    }
-
-    fn digest_of_last_record(layout: &EnvLayout, at: LogPosition) -> Vec<u8> {
-        let f = File::open(layout.log_path(at.file)).unwrap();
-        let r = read_verified(&f, 0, None, at.offset as usize).unwrap();
-        let last = r.walk.last_record.unwrap() as usize;
-        blake3::hash(&r.bytes[last..]).as_bytes().to_vec()
-    }
-
-    #[test]
-    fn a_standby_at_a_matching_record_boundary_resumes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (layout, ends) = env(dir.path());
-        let at = LogPosition::new(2, ends[1][2]);
-        let p = plan(&layout, &hello(at, digest_of_last_record(&layout, at))).unwrap();
-        assert!(matches!(p, Plan::Resume { from, prev: Some(_) } if from == at));
-    }
-
-    #[test]
-    fn an_io_error_reading_the_log_is_unavailable_never_a_new_base() {
-        let dir = tempfile::tempdir().unwrap();
-        let (layout, ends) = env(dir.path());
-        let at = LogPosition::new(1, ends[0][2]);
-        // A directory where the log file was: listed, opened, unreadable.
-        std::fs::remove_file(layout.log_path(1)).unwrap();
-        std::fs::create_dir(layout.log_path(1)).unwrap();
-        let r = plan(&layout, &hello(at, vec![])).unwrap_err();
-        assert!(matches!(r, Refusal::Unavailable(_)), "{r}");
-        assert_eq!(Status::from(r).code(), tonic::Code::Unavailable);
-        // The same with the newest file, read for the end of log.
-        std::fs::remove_file(layout.log_path(2)).unwrap();
-        std::fs::create_dir(layout.log_path(2)).unwrap();
-        let r = plan(&layout, &hello(at, vec![])).unwrap_err();
-        assert!(matches!(r, Refusal::Unavailable(_)), "{r}");
-    }
-
-    #[test]
-    fn a_standby_beyond_the_end_of_log_has_diverged() {
-        let dir = tempfile::tempdir().unwrap();
-        let (layout, ends) = env(dir.path());
-        let end = LogPosition::new(2, ends[1][3]);
-        for (at, beyond) in [
-            (LogPosition::new(2, end.offset + 100), 100),
-            (
-                LogPosition::new(4, 500),
-                u64::from(LG_MAX - end.offset + LG_MAX + 500),
-            ),
-        ] {
-            let Err(Refusal::Diverged(d)) = plan(&layout, &hello(at, vec![])) else {
-                panic!("{at} must be refused");
-            };
-            assert_eq!(d.kind, DivergenceKind::BeyondEnd);
-            assert_eq!(d.beyond, Some(beyond));
-            let msg = Status::from(Refusal::Diverged(d)).message().to_owned();
-            assert!(msg.starts_with("diverged:"), "{msg}");
-            for needle in [
-                at.to_string(),
-                end.to_string(),
-                "--start-over".into(),
-                "promote".into(),
-            ] {
-                assert!(msg.contains(&needle), "{msg} lacks {needle}");
-            }
-        }
-        // Waiting at the start of the next file is not beyond anything.
-        let next = LogPosition::new(3, 0);
-        assert!(matches!(
-            plan(&layout, &hello(next, vec![])),
-            Ok(Plan::Resume { from, .. }) if from == next
-        ));
-    }
-
-    #[test]
-    fn a_standby_longer_than_an_older_file_has_diverged() {
-        let dir = tempfile::tempdir().unwrap();
-        let (layout, ends) = env(dir.path());
-        let at = LogPosition::new(1, ends[0][3] + 40);
-        let Err(Refusal::Diverged(d)) = plan(&layout, &hello(at, vec![])) else {
-            panic!("must be refused");
-        };
-        assert_eq!((d.kind, d.beyond), (DivergenceKind::BeyondEnd, Some(40)));
-    }
-
-    #[test]
-    fn a_standby_inside_a_record_or_with_another_last_record_has_diverged() {
-        let dir = tempfile::tempdir().unwrap();
-        let (layout, ends) = env(dir.path());
-        let inside = LogPosition::new(2, ends[1][2] - 3);
-        let Err(Refusal::Diverged(d)) = plan(&layout, &hello(inside, vec![])) else {
-            panic!("must be refused");
-        };
-        assert_eq!(d.kind, DivergenceKind::NotARecordBoundary);
-        let at = LogPosition::new(2, ends[1][2]);
-        let Err(Refusal::Diverged(d)) = plan(&layout, &hello(at, vec![7; 32])) else {
-            panic!("must be refused");
-        };
-        assert_eq!(d.kind, DivergenceKind::LastRecordDiffers);
-        assert_eq!(d.beyond, Some(u64::from(ends[1][2] - ends[1][1])));
-    }
-
-    #[test]
-    fn a_gap_a_request_or_no_base_lead_to_a_new_base() {
-        let dir = tempfile::tempdir().unwrap();
-        let (layout, ends) = env(dir.path());
-        let at = LogPosition::new(1, ends[0][2]);
-        let mut h = hello(at, vec![]);
-        h.new_base_request = "operator: run --start-over".into();
-        assert!(
-            matches!(plan(&layout, &h), Ok(Plan::NewBase { reason }) if reason.contains("--start-over"))
-        );
-        h.new_base_request.clear();
-        h.base_id.clear();
-        assert!(matches!(plan(&layout, &h), Ok(Plan::NewBase { .. })));
-        std::fs::remove_file(layout.log_path(1)).unwrap();
-        assert!(matches!(
-            plan(&layout, &hello(at, vec![])),
-            Ok(Plan::NewBase { reason }) if reason.contains("are gone from the primary")
-        ));
-    }
-}
+#[path = "plan_tests.rs"]
+mod tests;

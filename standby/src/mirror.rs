@@ -43,6 +43,7 @@ use crate::state::{BaseState, StagedLog, StandbyDir, StandbyState};
 use crate::swap::{self, save_state, Steps};
 use std::io;
 use tandem_shared::durable::fsync_dir;
+use tandem_shared::epochs::EpochStart;
 use tandem_shared::wire::primary_message::Kind;
 use tandem_shared::wirepath;
 use tandem_shared::LogPosition;
@@ -210,6 +211,9 @@ impl Mirror {
                         theirs: w.epoch,
                     });
                 }
+                let theirs: Vec<EpochStart> = w.history.iter().map(Into::into).collect();
+                tandem_shared::epochs::check_agrees(&self.state.history, &theirs)?;
+                let history = tandem_shared::epochs::merge(&self.state.history, theirs);
                 if !w.log_dir.is_empty() {
                     wirepath::validate(&w.log_dir)?;
                 }
@@ -221,11 +225,13 @@ impl Mirror {
                 }
                 let changed = self.state.env_id.as_deref() != Some(w.env_id.as_str())
                     || self.state.epoch != w.epoch
-                    || self.state.log_dir != w.log_dir;
+                    || self.state.log_dir != w.log_dir
+                    || self.state.history != history;
                 if changed {
                     self.state.env_id = Some(w.env_id);
                     self.state.epoch = w.epoch;
                     self.state.log_dir = w.log_dir;
+                    self.state.history = history;
                     self.save()?;
                 }
                 Ok(Applied::default())
