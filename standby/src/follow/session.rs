@@ -71,6 +71,7 @@ pub(super) async fn run(
     let (out, out_rx) = mpsc::channel::<StandbyMessage>(OUTBOX);
     let hello = super::hello(cfg, &mirror);
     let asked_new_base = hello.new_base_request.clone();
+    let said_durable: LogPosition = hello.durable.unwrap_or_default().into();
     let _ = out.try_send(StandbyMessage {
         kind: Some(standby_message::Kind::Hello(hello)),
     });
@@ -100,7 +101,12 @@ pub(super) async fn run(
         asked_new_base,
     };
     let applying = tokio::task::spawn_blocking(move || applier.run(mirror, queued));
-    let acker = tokio::spawn(acknowledge(out, durable_rx, status.subscribe()));
+    let acker = tokio::spawn(acknowledge(
+        out,
+        said_durable,
+        durable_rx,
+        status.subscribe(),
+    ));
 
     let read = read(cfg.primary_silence, inbound, &queue, status, stop).await;
     reader_done.store(true, Ordering::SeqCst);
@@ -160,12 +166,15 @@ async fn read(
 /// retention to keep every file.
 async fn acknowledge(
     out: mpsc::Sender<StandbyMessage>,
+    said_in_hello: LogPosition,
     mut durable: watch::Receiver<Option<LogPosition>>,
     mut status: watch::Receiver<crate::status::StandbyStatus>,
 ) {
-    // The primary remembers the last archive position: sent once per
-    // session at least.
-    let mut sent: Option<(LogPosition, Option<LogPosition>)> = None;
+    // The Hello already told the primary what is durable: acknowledging it
+    // again says nothing (and to a primary that sends nothing valid, the
+    // standby acknowledges nothing). The archive position is not in the
+    // Hello: the first ack of a session carries it whenever one is set.
+    let mut sent: Option<(LogPosition, Option<LogPosition>)> = Some((said_in_hello, None));
     loop {
         tokio::select! {
             r = durable.changed() => if r.is_err() { return },
