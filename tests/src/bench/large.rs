@@ -44,7 +44,7 @@ struct Row {
 impl Bench {
     /// The size to run at (MiB) and why, from the setting and the free space.
     fn large_size_mb(&self) -> Result<(u64, String)> {
-        let wanted = self.cfg.large_gb << 10;
+        let wanted = (self.cfg.large_gb * 1024.0) as u64;
         let free = free_bytes(self.root.path())?;
         // Environment + mirror + staged rebase, plus one round of log.
         let fits = (free.saturating_sub(RESERVE + ROUND) / 3) >> 20;
@@ -57,7 +57,7 @@ impl Bench {
         Ok((
             fits,
             format!(
-                "cut from {} GiB: {:.1} GiB free at the start, and the peak (environment, mirror and a staged rebase) must leave {} GiB free",
+                "cut from {:.1} GiB: {:.1} GiB free at the start, and the peak (environment, mirror and a staged rebase) must leave {} GiB free",
                 self.cfg.large_gb,
                 free as f64 / MIB / 1024.0,
                 RESERVE >> 30
@@ -79,7 +79,7 @@ impl Bench {
                     txns,
                     value_len: 4000,
                     updates: 0,
-                    lg_max: LG_MAX,
+                    lg_max: BIG_LG_MAX,
                     cache_mb: Some(256),
                     checkpoint_every: 20_000,
                     quiet: true,
@@ -116,10 +116,10 @@ impl Bench {
     pub(crate) fn section_large(&self) -> Result<Section> {
         let (size_mb, why) = self.large_size_mb()?;
         let mut s = Section::default();
-        if size_mb < 1024 {
+        if size_mb < 256 {
             let _ = writeln!(
                 s.md,
-                "## 7. Large environment: skipped\n\nNot enough free disk for even 1 GiB ({why}).\n"
+                "## 7. Large environment: skipped\n\nNot enough free disk for even 256 MiB ({why}).\n"
             );
             return Ok(s);
         }
@@ -306,10 +306,10 @@ impl Bench {
         bdb::run_workload(
             &big.env,
             &WorkloadOptions {
-                txns: (pages / 200 / 17).max(10),
+                txns: (pages / 200 / 17).max(100),
                 value_len: 4000,
                 updates: 7,
-                lg_max: LG_MAX,
+                lg_max: BIG_LG_MAX,
                 cache_mb: Some(256),
                 checkpoint_every: 500,
                 quiet: true,

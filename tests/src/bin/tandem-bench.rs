@@ -136,7 +136,7 @@ fn run() -> Result<bool> {
         }
     }
     drop(big);
-    if cfg.wants("large") && cfg.large_gb > 0 {
+    if cfg.wants("large") && cfg.large_gb > 0.0 {
         let load = loadavg();
         let r = bench.section_large();
         record("7. large", load, r, &mut md);
