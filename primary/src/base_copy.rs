@@ -240,6 +240,7 @@ fn ship_file(
         Err(e) => return Err(io_status(&format!("open {}", path.display()), e)),
     };
     let size = file.metadata().map_err(|e| io_status("stat", e))?.len();
+    advise_sequential(&file);
     blocking_send(
         tx,
         Kind::FileStart(FileStart {
@@ -254,6 +255,7 @@ fn ship_file(
     let chunk_len = (MAX_CHUNK / page).max(1) * page;
     let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);
     let mut second_read = Vec::new();
+    let mut ahead = ReadAhead::default();
     while offset < size {
         if stop.is_cancelled() {
             return Err(Status::cancelled("the session is ending"));
@@ -261,6 +263,7 @@ fn ship_file(
         let want = chunk_len.min((size - offset) as usize);
         let data = read_stable_pages(&file, offset, want, page, &mut second_read)
             .map_err(|e| io_status(&format!("read {name}"), e))?;
+        ahead.advise(&file, offset + data.len() as u64, size);
         // Owned by the message from here on: runs are slices of it, not copies.
         let data = bytes::Bytes::from(data);
         if data.is_empty() {
@@ -287,12 +290,7 @@ fn ship_file(
                     .fetch_add(run_len as u64, Ordering::Relaxed);
                 blocking_send(
                     tx,
-                    Kind::FileChunk(FileChunk {
-                        name: name.to_owned(),
-                        offset: run_offset,
-                        blake3: shared.digest(&bytes),
-                        data: bytes,
-                    }),
+                    Kind::FileChunk(file_chunk(shared, name, run_offset, bytes)),
                 )?;
                 sent += run_len as u64;
             }
@@ -307,6 +305,18 @@ fn ship_file(
         }),
     )?;
     Ok((sent, skipped))
+}
+
+/// The one place a chunk of a database file is encoded for the wire: the
+/// digest is over the bytes as read, and the message owns them (a slice of
+/// the read buffer, not a copy).
+fn file_chunk(shared: &Shared, name: &str, offset: u64, data: bytes::Bytes) -> FileChunk {
+    FileChunk {
+        name: name.to_owned(),
+        offset,
+        blake3: shared.digest(&data),
+        data,
+    }
 }
 
 /// Splits a chunk read at `offset` into runs of pages that are the same as
@@ -330,6 +340,46 @@ fn runs(data: &[u8], offset: u64, page: usize, theirs: Option<&[u8]>) -> Vec<(u6
         }
     }
     out
+}
+
+/// Tells the kernel the file is read front to back once (a larger
+/// read-ahead window). A hint only; failing is harmless.
+fn advise_sequential(file: &File) {
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Sequential);
+}
+
+/// Bytes of a file asked from the disk ahead of the chunk being read.
+const READ_AHEAD: u64 = 8 << 20;
+
+/// Keeps the disk reading [`READ_AHEAD`] bytes past the chunk just read
+/// (`POSIX_FADV_WILLNEED` starts the reads and returns), so that a copy
+/// from a cold cache reads the next chunks while this one is checked,
+/// hashed and sent, instead of waiting for each read in turn.
+#[derive(Default)]
+struct ReadAhead {
+    /// Reads asked for up to here.
+    asked: u64,
+}
+
+impl ReadAhead {
+    fn advise(&mut self, file: &File, read_to: u64, size: u64) {
+        if let Some((from, len)) = self.next(read_to, size) {
+            let _ = rustix::fs::fadvise(file, from, Some(len), rustix::fs::Advice::WillNeed);
+        }
+    }
+
+    /// The range to ask for after reading up to `read_to`, if any.
+    fn next(&mut self, read_to: u64, size: u64) -> Option<(u64, std::num::NonZeroU64)> {
+        let want = (read_to + READ_AHEAD).min(size);
+        // Ask in steps of half the window (one call per few chunks), and
+        // for the file's tail once.
+        if want <= self.asked || (want < size && want <= self.asked + READ_AHEAD / 2) {
+            return None;
+        }
+        let from = self.asked.max(read_to);
+        self.asked = want;
+        std::num::NonZeroU64::new(want.saturating_sub(from)).map(|len| (from, len))
+    }
 }
 
 /// Walks the newest log file now (not the watcher's possibly older view).
@@ -361,6 +411,32 @@ mod tests {
         assert_eq!(
             runs(&data[8192..], 8192, 4096, Some(&theirs)),
             vec![(8192, 4096, false), (12288, 4096, true)]
+        );
+    }
+
+    #[test]
+    fn read_ahead_covers_every_byte_once_and_stays_a_window_ahead() {
+        const MIB: u64 = 1 << 20;
+        let size = 37 * MIB + 5;
+        let mut ahead = super::ReadAhead::default();
+        let (mut covered, mut calls) = (MIB, 0);
+        let mut read_to = 0;
+        while read_to < size {
+            read_to = (read_to + MIB).min(size);
+            if let Some((from, len)) = ahead.next(read_to, size) {
+                // Contiguous, never behind what was read, never past the end.
+                assert_eq!(from, covered.max(read_to));
+                covered = from + len.get();
+                assert!(covered <= size);
+                calls += 1;
+            }
+            // At least half a window ahead, or to the end.
+            assert!(covered >= (read_to + super::READ_AHEAD / 2).min(size));
+        }
+        assert_eq!(covered, size);
+        assert!(
+            calls < 12,
+            "one call per few chunks, not per chunk: {calls}"
         );
     }
 

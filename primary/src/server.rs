@@ -174,6 +174,7 @@ pub async fn serve(
         .context("TLS configuration")?
         .initial_stream_window_size(Some(tandem_shared::STREAM_WINDOW))
         .initial_connection_window_size(Some(tandem_shared::STREAM_WINDOW * 2))
+        .max_frame_size(Some(tandem_shared::MAX_FRAME))
         .http2_keepalive_interval(Some(tandem_shared::client::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(tandem_shared::client::KEEPALIVE_TIMEOUT))
         .add_service(service)

@@ -79,6 +79,7 @@ pub async fn connect(
         // disk speed; a base copy is one long stream.
         .initial_stream_window_size(crate::STREAM_WINDOW)
         .initial_connection_window_size(crate::STREAM_WINDOW * 2)
+        .max_frame_size(crate::MAX_FRAME)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);

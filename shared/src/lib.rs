@@ -36,6 +36,10 @@ pub use tandem_proto as wire;
 pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK + 64 * 1024;
 /// HTTP/2 flow-control window for the replication stream (both sides).
 pub const STREAM_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame either side accepts: a chunk in a few frames
+/// instead of 64 of the default 16 KiB, each with its own bookkeeping and
+/// wake-ups on both sides (TLS still cuts records at 16 KiB).
+pub const MAX_FRAME: u32 = 256 << 10;
 /// Largest payload of one file or log chunk.
 pub const MAX_CHUNK: usize = 1 << 20;
 

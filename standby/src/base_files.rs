@@ -1,6 +1,7 @@
-//! The base's database files as they sit in the mirror: made durable at
-//! open, and digested page by page for a rebase request (so the primary
-//! sends only the pages that differ).
+//! The base's database files as they sit in the mirror: their page digests
+//! recorded for the scrub when placed, made durable at open, and digested
+//! page by page for a rebase request (so the primary sends only the pages
+//! that differ).
 
 use crate::apply_error::{io_err, ApplyError};
 use crate::state::{BaseState, StandbyDir, StandbyState};
@@ -11,6 +12,29 @@ use std::path::PathBuf;
 use tandem_shared::durable::fsync_dir;
 use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::wirepath;
+
+/// Records the page digests of a file just placed in the mirror for the
+/// scrub: those computed as it arrived when they are in the page size the
+/// scrub uses for it (its BDB page size), else read from the file again.
+pub fn record_page_digests(
+    dir: &StandbyDir,
+    base_id: &str,
+    placed: crate::receiver::Placed,
+) -> io::Result<()> {
+    use crate::scrub::digests;
+    let path = wirepath::resolve_under(&dir.root, &placed.name).map_err(io::Error::other)?;
+    if digests::page_size_of(&path)? != placed.page_size {
+        return digests::on_install(dir, base_id, &placed.name, &path);
+    }
+    let record = digests::PageRecord {
+        name: placed.name,
+        base_id: base_id.to_owned(),
+        page_size: placed.page_size,
+        size: placed.size,
+        digests: placed.page_digests,
+    };
+    digests::store(dir, &record).map_err(digests::DigestError::into_io)
+}
 
 /// Fsyncs the base's database files and their directories: a crash may
 /// have left a rename or a write only in the page cache, and nothing may be

@@ -27,3 +27,4 @@ pub mod scrub;
 pub mod state;
 pub mod status;
 pub mod swap;
+pub mod write_behind;

@@ -313,14 +313,14 @@ impl Mirror {
             }
             Kind::FileEnd(e) => {
                 if let Some(r) = self.rebase.as_mut() {
-                    let name = self.files.end(e, &self.dir.rebase_dir())?;
-                    r.base.complete_files.insert(name);
+                    let placed = self.files.end(e, &self.dir.rebase_dir())?;
+                    r.base.complete_files.insert(placed.name);
                     return Ok(Applied::default());
                 }
-                let name = self.files.end(e, &self.dir.root)?;
+                let placed = self.files.end(e, &self.dir.root)?;
                 let base_id = self.base()?.base_id.clone();
-                let path = wirepath::resolve_under(&self.dir.root, &name)?;
-                crate::scrub::digests::on_install(&self.dir, &base_id, &name, &path)
+                let name = placed.name.clone();
+                base_files::record_page_digests(&self.dir, &base_id, placed)
                     .map_err(io_err(format!("recording the page digests of {name}")))?;
                 self.base_mut()?.complete_files.insert(name);
                 self.save()?;

@@ -10,18 +10,25 @@
 //!   at FileStart against the mirror and again when placed, against the
 //!   destination: a symlink may have appeared meanwhile);
 //! - a file appears under its name only when complete and fsynced, then its
-//!   directory is fsynced.
+//!   directory is fsynced. Its writeback starts while it arrives
+//!   ([`crate::write_behind`]), so that fsync finds little left to write.
 
 use crate::apply_error::{io_err, ApplyError, MAX_FILE_SIZE};
 use crate::dirs::create_dirs_durably;
+use crate::write_behind::WriteBehind;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
 use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::logfile::parse_log_file_name;
+use tandem_shared::pages::page_digests;
 use tandem_shared::wire::{FileChunk, FileEnd, FileKind, FileSame, FileStart};
 use tandem_shared::wirepath;
+
+/// The page size digests are kept in when a FileStart names none (the
+/// scrub's size for files that are not databases).
+const DEFAULT_PAGE_SIZE: u32 = 4096;
 
 /// A database file being received.
 #[derive(Debug)]
@@ -31,6 +38,79 @@ struct Incoming {
     file: File,
     size: u64,
     written: u64,
+    behind: WriteBehind,
+    pages: PageDigester,
+}
+
+/// A file placed by [`FileReceiver::end`]: its name, and the digests of its
+/// pages as written (computed from the bytes in memory, so recording them
+/// for the scrub does not read the file again).
+#[derive(Debug)]
+pub struct Placed {
+    pub name: String,
+    pub page_size: u32,
+    pub size: u64,
+    pub page_digests: Vec<u8>,
+}
+
+/// Page digests of a file as its bytes arrive, page by page as
+/// `scrub::digests::digest_file` computes them from the file (16 bytes of
+/// blake3 per page, a short last page digested as it is).
+#[derive(Debug)]
+struct PageDigester {
+    page: usize,
+    partial: Vec<u8>,
+    digests: Vec<u8>,
+}
+
+impl PageDigester {
+    fn new(page_size: u32) -> Self {
+        Self {
+            page: page_size.max(1) as usize,
+            partial: Vec::new(),
+            digests: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, mut data: &[u8]) {
+        if !self.partial.is_empty() {
+            let take = (self.page - self.partial.len()).min(data.len());
+            self.partial.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.partial.len() < self.page {
+                return;
+            }
+            self.digests
+                .extend_from_slice(&page_digests(&self.partial, self.page));
+            self.partial.clear();
+        }
+        let whole = data.len() - data.len() % self.page;
+        self.digests
+            .extend_from_slice(&page_digests(&data[..whole], self.page));
+        self.partial.extend_from_slice(&data[whole..]);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if !self.partial.is_empty() {
+            self.digests
+                .extend_from_slice(&page_digests(&self.partial, self.page));
+        }
+        self.digests
+    }
+}
+
+impl Incoming {
+    /// Writes `data` at the next offset and starts its way to disk.
+    fn append(&mut self, data: &[u8]) -> Result<(), ApplyError> {
+        self.pages.add(data);
+        self.file
+            .write_all_at(data, self.written)
+            .map_err(io_err(format!("writing {}", self.name)))?;
+        self.written += data.len() as u64;
+        self.behind
+            .wrote(&self.file, self.written)
+            .map_err(io_err(format!("writing {}", self.name)))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +176,12 @@ impl FileReceiver {
             file,
             size: f.size,
             written: 0,
+            behind: WriteBehind::default(),
+            pages: PageDigester::new(if f.page_size == 0 {
+                DEFAULT_PAGE_SIZE
+            } else {
+                f.page_size
+            }),
         });
         Ok(())
     }
@@ -131,10 +217,7 @@ impl FileReceiver {
                 what: format!("{} at offset {}", c.name, c.offset),
             });
         }
-        inc.file
-            .write_all_at(&c.data, c.offset)
-            .map_err(io_err(format!("writing {}", inc.name)))?;
-        inc.written += len;
+        inc.append(&c.data)?;
         Ok(len)
     }
 
@@ -171,16 +254,13 @@ impl FileReceiver {
                 ))
             })?;
         check(&f.name, f.offset, &buf).map_err(ApplyError::Protocol)?;
-        inc.file
-            .write_all_at(&buf, f.offset)
-            .map_err(io_err(format!("writing {}", inc.name)))?;
-        inc.written += f.len;
+        inc.append(&buf)?;
         Ok(f.len)
     }
 
     /// Ends a file: makes it durable and gives it its name under `dest`.
-    /// Returns the name, for the caller to record.
-    pub fn end(&mut self, e: FileEnd, dest: &Path) -> Result<String, ApplyError> {
+    /// Returns its name and page digests, for the caller to record.
+    pub fn end(&mut self, e: FileEnd, dest: &Path) -> Result<Placed, ApplyError> {
         let Some(inc) = self.incoming.take_if(|i| i.name == e.name) else {
             return Err(ApplyError::UnknownFile(e.name));
         };
@@ -201,6 +281,77 @@ impl FileReceiver {
             .map_err(io_err(format!("creating the directory of {}", inc.name)))?;
         std::fs::rename(&inc.temp, &path).map_err(io_err(format!("placing {}", inc.name)))?;
         fsync_dir(&parent).map_err(io_err("fsync of a directory"))?;
-        Ok(inc.name)
+        Ok(Placed {
+            name: inc.name,
+            page_size: inc.pages.page as u32,
+            size: inc.written,
+            page_digests: inc.pages.finish(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileReceiver;
+    use tandem_shared::wire::{FileChunk, FileEnd, FileKind, FileStart};
+
+    /// The digests recorded from the bytes as they arrive are the ones the
+    /// scrub computes from the file afterwards, however the bytes were cut
+    /// into chunks (pages split across chunks, a short last page).
+    #[test]
+    fn page_digests_as_received_match_the_file_on_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (root, scratch) = (dir.path().join("root"), dir.path().join("in"));
+        std::fs::create_dir_all(&root).expect("root");
+        std::fs::create_dir_all(&scratch).expect("scratch");
+        let data: Vec<u8> = (0..(4096 * 5 + 1000) as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let mut r = FileReceiver::default();
+        r.start(
+            &root,
+            &scratch,
+            FileStart {
+                name: "a.db".into(),
+                size: data.len() as u64,
+                kind: FileKind::Database as i32,
+                page_size: 4096,
+                base_bytes_left: 0,
+            },
+        )
+        .expect("start");
+        let mut at = 0;
+        for len in [100, 4096, 5000, 3092, 1, 20_000] {
+            let end = (at + len).min(data.len());
+            let piece = bytes::Bytes::copy_from_slice(&data[at..end]);
+            r.chunk(FileChunk {
+                name: "a.db".into(),
+                offset: at as u64,
+                blake3: bytes::Bytes::copy_from_slice(blake3::hash(&piece).as_bytes()),
+                data: piece,
+            })
+            .expect("chunk");
+            at = end;
+        }
+        assert_eq!(at, data.len());
+        let placed = r
+            .end(
+                FileEnd {
+                    name: "a.db".into(),
+                    size: data.len() as u64,
+                },
+                &root,
+            )
+            .expect("end");
+        assert_eq!(std::fs::read(root.join("a.db")).expect("read"), data);
+        let on_disk =
+            crate::scrub::digests::digest_file("a.db", "b", &root.join("a.db")).expect("digest");
+        assert_eq!(placed.page_size, 4096);
+        assert_eq!(placed.size, data.len() as u64);
+        assert_eq!(placed.page_digests.len(), 6 * 16);
+        // digest_file reads the page size from the file: not a database
+        // here, so the scrub's default, which is the one used above.
+        assert_eq!(on_disk.page_size, placed.page_size);
+        assert_eq!(on_disk.digests, placed.page_digests);
     }
 }

@@ -28,13 +28,17 @@ pub(crate) struct Config {
     pub(crate) cost_secs: u64,
     pub(crate) promote_mb: Vec<u64>,
     pub(crate) resume_mb: u64,
+    /// GiB of the large environment (0: the `large` section is skipped).
+    pub(crate) large_gb: f64,
     pub(crate) sections: Vec<String>,
     pub(crate) work_parent: PathBuf,
     pub(crate) out: Option<PathBuf>,
     pub(crate) keep: bool,
 }
 
-pub(crate) const SECTIONS: [&str; 5] = ["copy", "lag", "cost", "promote", "resume"];
+pub(crate) const SECTIONS: [&str; 7] = [
+    "copy", "restore", "lag", "cost", "promote", "resume", "large",
+];
 
 pub(crate) fn env_str(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -107,6 +111,21 @@ impl Config {
                 if quick { &[25, 100] } else { &[100, 500] },
             )?,
             resume_mb: env_u64("BENCH_RESUME_MB", if quick { 2 } else { 8 })?.max(1),
+            large_gb: match env_str("BENCH_LARGE_GB") {
+                None => {
+                    if quick {
+                        0.0
+                    } else {
+                        10.0
+                    }
+                }
+                Some(v) => v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|g| g.is_finite() && *g >= 0.0)
+                    .with_context(|| format!("BENCH_LARGE_GB={v:?} is not a size in GiB"))?,
+            },
             sections,
             work_parent: env_str("BENCH_DIR")
                 .map(PathBuf::from)

@@ -492,6 +492,17 @@ impl Bench {
                 met: Some(vs_cp >= 0.8),
             });
             s.targets.push(Target {
+                what: format!("base copy wall time vs cp -r + sync ({})", cache.name()),
+                goal: "≤ 1.25× cp (issue #14)".into(),
+                measured: format!(
+                    "{:.2}× ({:.2} vs {:.2} s)",
+                    1.0 / vs_cp,
+                    median(&t.secs),
+                    median(&cp.secs)
+                ),
+                met: Some(1.0 / vs_cp <= 1.25),
+            });
+            s.targets.push(Target {
                 what: format!("base copy vs rsync over ssh ({})", cache.name()),
                 goal: "≥ 2× rsync".into(),
                 measured: format!(

@@ -8,7 +8,8 @@
 //! release binaries first; never part of `cargo test` (nothing here is a
 //! timed test). What each figure means and its caveats: `bench/README.md`.
 //!
-//! Sections (each can be selected with `BENCH_ONLY=copy,lag,cost,promote,resume`):
+//! Sections (each can be selected with
+//! `BENCH_ONLY=copy,restore,lag,cost,promote,resume,large`):
 //! 1. `copy`: base copy of an environment of `BENCH_SIZE_MB` over loopback
 //!    mTLS, against cp, rsync over ssh, db_hotbackup, raw loopback TCP, disk
 //!    and blake3 limits; page cache dropped ("cold") and/or warm.
@@ -19,6 +20,10 @@
 //! 4. `promote`: `tandem-standby promote` (failover) after N MB of log.
 //! 5. `resume`: bytes sent after a standby `kill -9` and restart, against a
 //!    full copy.
+//! 6. `restore`: `tandem-standby restore` of a backup of section 1's mirror,
+//!    against cp + `db_recover -c` of the same bytes.
+//! 7. `large`: base copy, rebase and promotion of a `BENCH_LARGE_GB`
+//!    environment against cp and rsync, with the daemons' memory sampled.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
@@ -48,8 +53,10 @@ pub(crate) mod config;
 pub(crate) mod copy;
 pub(crate) mod cost;
 pub(crate) mod lag;
+pub(crate) mod large;
 pub(crate) mod promote;
 pub(crate) mod report;
+pub(crate) mod restore;
 pub(crate) mod resume;
 pub(crate) mod stats;
 pub(crate) mod system;

@@ -76,7 +76,7 @@ pub(crate) fn machine_md(cfg: &Config, work: &Path) -> String {
     format!(
         "Machine: {cores} cores ({cpu}), {mem} RAM, kernel {kernel}; work dir {} on {fs}; load average {} at the start. Tandem {commit}.\n\
          Tools: {}.\n\
-         Settings: {}size {} MiB, {} run(s), cache {}, lag {} s at {} commits/s, cost {} s, promote after {:?} MiB, resume step {} MiB.\n",
+         Settings: {}size {} MiB, {} run(s), cache {}, lag {} s at {} commits/s, cost {} s, promote after {:?} MiB, resume step {} MiB, large environment {} GiB.\n",
         work.display(),
         loadavg(),
         tools.join("; "),
@@ -88,7 +88,8 @@ pub(crate) fn machine_md(cfg: &Config, work: &Path) -> String {
         cfg.lag_rate,
         cfg.cost_secs,
         cfg.promote_mb,
-        cfg.resume_mb
+        cfg.resume_mb,
+        cfg.large_gb
     )
 }
 

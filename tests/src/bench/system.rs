@@ -129,6 +129,24 @@ pub(crate) fn proc_hwm_mib(pid: u32) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
+/// Resident set now (VmRSS) of a process, in MiB.
+pub(crate) fn proc_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+/// Bytes free for an unprivileged user on the file system holding `p`.
+pub(crate) fn free_bytes(p: &Path) -> Result<u64> {
+    let s = rustix::fs::statvfs(p).with_context(|| format!("statvfs {}", p.display()))?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
 pub(crate) fn sync_all() {
     rustix::fs::sync();
 }

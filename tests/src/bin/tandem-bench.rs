@@ -68,7 +68,7 @@ fn run() -> Result<bool> {
         }
     };
 
-    let needs_big = cfg.wants("copy") || cfg.wants("resume");
+    let needs_big = cfg.wants("copy") || cfg.wants("resume") || cfg.wants("restore");
     let mut big = if needs_big {
         match bench.make_big_env() {
             Ok(b) => Some(b),
@@ -90,6 +90,13 @@ fn run() -> Result<bool> {
             if let Some(mut p) = b.primary.take() {
                 let _ = p.proc.stop(Duration::from_secs(30));
             }
+        }
+    }
+    if cfg.wants("restore") {
+        if let Some(b) = big.as_ref() {
+            let load = loadavg();
+            let r = bench.section_restore(b);
+            record("6. restore", load, r, &mut md);
         }
     }
     let needs_seed = ["lag", "cost", "promote"].iter().any(|s| cfg.wants(s));
@@ -129,6 +136,11 @@ fn run() -> Result<bool> {
         }
     }
     drop(big);
+    if cfg.wants("large") && cfg.large_gb > 0.0 {
+        let load = loadavg();
+        let r = bench.section_large();
+        record("7. large", load, r, &mut md);
+    }
     md.push_str(&targets_md(&targets));
     let _ = writeln!(
         md,
