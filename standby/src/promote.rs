@@ -17,21 +17,27 @@
 //!    of every database ([`crate::readiness::recover_and_verify`], the same
 //!    routine the readiness check runs on a clone).
 //! 4. Record the promotion durably with a new epoch (the fencing token).
+//!
+//! Promotion time is downtime: the report splits it into phases
+//! ([`PromotePhases`]), one connection serves every question to the primary
+//! ([`ask`]), the recovery gets the readiness check's cache
+//! ([`recovery_cache`]) and the databases are verified in parallel.
+
+mod ask;
+mod recovery_cache;
 
 use crate::follow::FollowConfig;
 use crate::mirror::{is_recoverable, scan_tail};
 use crate::state::{Promotion, StandbyDir};
 use crate::status::StandbyStatus;
 use anyhow::{bail, Context, Result};
+use ask::{Answer, Primary};
+use recovery_cache::{boost_recovery_cache, restore_db_config};
 use serde::Serialize;
 use std::fs::File;
 use std::time::{Duration, Instant};
-use tandem_shared::durable::{fsync_dir, write_file_atomic};
-use tandem_shared::envlayout::DB_CONFIG;
-use tandem_shared::wire::replication_client::ReplicationClient;
-use tandem_shared::wire::{SwitchoverReply, SwitchoverRequest};
+use tandem_shared::wire::SwitchoverReply;
 use tandem_shared::LogPosition;
-use tonic::transport::Channel;
 
 /// How long promote waits to reach the recorded primary before it counts
 /// as gone.
@@ -240,156 +246,6 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         databases_verified: proof.databases_verified,
         phases,
     })
-}
-
-/// The environment's own `DB_CONFIG` (or `None`: it had none), kept in
-/// `.tandem` while promote's recovery runs with a bigger cache.
-const SAVED_DB_CONFIG: &str = "promote-db-config.json";
-
-/// Gives promote's recovery the cache the readiness check recovers with
-/// (`RECOVERY_CACHE`), unless the environment sets its own: the same
-/// replay rate the check measured, and up to half the replay time. The
-/// original is saved durably first, so [`restore_db_config`] puts it back
-/// even after a crash. Returns whether it changed `DB_CONFIG`.
-fn boost_recovery_cache(dir: &StandbyDir) -> Result<bool> {
-    let path = dir.root.join(DB_CONFIG);
-    let original = match std::fs::read(&path) {
-        Ok(b) => Some(b),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).context("reading DB_CONFIG"),
-    };
-    if original
-        .as_deref()
-        .is_some_and(|b| String::from_utf8_lossy(b).contains("set_cachesize"))
-    {
-        return Ok(false);
-    }
-    let saved = serde_json::to_vec(&original).context("saving DB_CONFIG")?;
-    write_file_atomic(&dir.meta().join(SAVED_DB_CONFIG), &saved)
-        .context("saving DB_CONFIG before the recovery")?;
-    let mut boosted = original.unwrap_or_default();
-    boosted.extend_from_slice(format!("\n{}\n", crate::readiness::RECOVERY_CACHE).as_bytes());
-    write_file_atomic(&path, &boosted).context("giving the recovery a bigger cache")?;
-    Ok(true)
-}
-
-/// Puts back the `DB_CONFIG` [`boost_recovery_cache`] saved, if any.
-fn restore_db_config(dir: &StandbyDir) -> Result<()> {
-    let saved_path = dir.meta().join(SAVED_DB_CONFIG);
-    let saved = match std::fs::read(&saved_path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).context("reading the saved DB_CONFIG"),
-    };
-    let original: Option<Vec<u8>> =
-        serde_json::from_slice(&saved).context("reading the saved DB_CONFIG")?;
-    let path = dir.root.join(DB_CONFIG);
-    match original {
-        Some(bytes) => write_file_atomic(&path, &bytes).context("restoring DB_CONFIG")?,
-        None => match std::fs::remove_file(&path) {
-            Ok(()) => fsync_dir(&dir.root).context("removing the recovery's DB_CONFIG")?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).context("removing the recovery's DB_CONFIG"),
-        },
-    }
-    std::fs::remove_file(&saved_path).context("removing the saved DB_CONFIG")?;
-    Ok(())
-}
-
-/// What the recorded primary said, or why it could not be asked.
-enum Answer {
-    Reply(SwitchoverReply),
-    Unreachable(String),
-}
-
-/// The recorded primary, asked over one connection for the whole promote:
-/// a catch-up asks again, and a TLS handshake per question is time the
-/// applications wait.
-struct Primary<'a> {
-    fc: &'a FollowConfig,
-    runtime: Option<tokio::runtime::Runtime>,
-    client: Option<ReplicationClient<Channel>>,
-}
-
-impl<'a> Primary<'a> {
-    fn new(fc: &'a FollowConfig) -> Self {
-        Self {
-            fc,
-            runtime: None,
-            client: None,
-        }
-    }
-
-    /// Asks whether a switchover is safe with the standby's durable end at
-    /// `durable`. A connection kept from an earlier question that fails is
-    /// replaced once before the primary counts as unreachable: a closed
-    /// idle connection is not a primary that is gone.
-    fn ask(&mut self, durable: LogPosition) -> Answer {
-        let reused = self.client.is_some();
-        match self.ask_once(durable) {
-            Answer::Unreachable(_) if reused => {
-                self.client = None;
-                self.ask_once(durable)
-            }
-            a => a,
-        }
-    }
-
-    fn ask_once(&mut self, durable: LogPosition) -> Answer {
-        if self.runtime.is_none() {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => self.runtime = Some(r),
-                Err(e) => return Answer::Unreachable(format!("cannot start a runtime: {e}")),
-            }
-        }
-        let Some(runtime) = &self.runtime else {
-            return Answer::Unreachable("no runtime".into());
-        };
-        let fc = self.fc;
-        let client = &mut self.client;
-        runtime.block_on(async {
-            if client.is_none() {
-                match tandem_shared::client::connect(
-                    &fc.primary,
-                    fc.server_name.as_deref(),
-                    &fc.tls,
-                    PRIMARY_TIMEOUT,
-                )
-                .await
-                {
-                    Ok(c) => *client = Some(c),
-                    Err(e) => return Answer::Unreachable(e.to_string()),
-                }
-            }
-            let Some(c) = client.as_mut() else {
-                return Answer::Unreachable("no connection".into());
-            };
-            let req = SwitchoverRequest {
-                standby_name: fc.name.clone(),
-                durable: Some(durable.into()),
-            };
-            match tokio::time::timeout(PRIMARY_TIMEOUT * 6, c.prepare_switchover(req)).await {
-                Err(_) => Answer::Unreachable("PrepareSwitchover timed out".into()),
-                Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
-                    Answer::Unreachable(s.message().to_owned())
-                }
-                // A primary that answers but cannot confirm (too old, or it
-                // cannot read /proc) is not a primary that is gone.
-                Ok(Err(s)) => Answer::Reply(SwitchoverReply {
-                    reason: format!(
-                        "the primary could not confirm a switchover: {}",
-                        s.message()
-                    ),
-                    env_users: vec![format!("unknown ({})", s.message())],
-                    ..Default::default()
-                }),
-                Ok(Ok(r)) => Answer::Reply(r.into_inner()),
-            }
-        })
-    }
 }
 
 fn follow_config(dir: &StandbyDir) -> Result<Option<FollowConfig>> {
@@ -617,9 +473,9 @@ impl std::fmt::Display for PromoteReport {
                 self.env, self.kind, self.epoch
             );
         }
-        write!(
+        writeln!(
             f,
-            "promoted {} ({}): epoch {}, recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s\n",
+            "promoted {} ({}): epoch {}, recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s",
             self.env,
             self.kind,
             self.epoch,
