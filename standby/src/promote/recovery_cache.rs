@@ -60,3 +60,49 @@ pub(super) fn restore_db_config(dir: &StandbyDir) -> Result<()> {
     std::fs::remove_file(&saved_path).context("removing the saved DB_CONFIG")?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> (tempfile::TempDir, StandbyDir) {
+        let t = tempfile::tempdir().unwrap();
+        let d = StandbyDir::new(t.path());
+        d.create().unwrap();
+        (t, d)
+    }
+
+    #[test]
+    fn an_environment_without_db_config_gets_none_back() {
+        let (_t, d) = dir();
+        assert!(boost_recovery_cache(&d).unwrap());
+        let during = std::fs::read_to_string(d.root.join(DB_CONFIG)).unwrap();
+        assert!(during.contains("set_cachesize"));
+        // A crash here: the next promote puts it back first.
+        restore_db_config(&d).unwrap();
+        assert!(!d.root.join(DB_CONFIG).exists());
+        assert!(!d.meta().join(SAVED_DB_CONFIG).exists());
+        restore_db_config(&d).unwrap();
+    }
+
+    #[test]
+    fn the_environment_s_own_config_comes_back_byte_for_byte() {
+        let (_t, d) = dir();
+        let own = b"set_lg_dir logs\nset_flags DB_TXN_WRITE_NOSYNC\n\xff";
+        std::fs::write(d.root.join(DB_CONFIG), own).unwrap();
+        assert!(boost_recovery_cache(&d).unwrap());
+        assert_ne!(std::fs::read(d.root.join(DB_CONFIG)).unwrap(), own);
+        restore_db_config(&d).unwrap();
+        assert_eq!(std::fs::read(d.root.join(DB_CONFIG)).unwrap(), own);
+    }
+
+    #[test]
+    fn a_cache_the_environment_sets_is_left_alone() {
+        let (_t, d) = dir();
+        let own = b"set_cachesize 0 1048576 1\n";
+        std::fs::write(d.root.join(DB_CONFIG), own).unwrap();
+        assert!(!boost_recovery_cache(&d).unwrap());
+        assert_eq!(std::fs::read(d.root.join(DB_CONFIG)).unwrap(), own);
+        assert!(!d.meta().join(SAVED_DB_CONFIG).exists());
+    }
+}
