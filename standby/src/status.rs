@@ -97,10 +97,11 @@ pub struct StandbyStatus {
 
 /// Catastrophic recovery's replay rate before any check measured one.
 const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
-/// What a promote spends besides recovery and verify: starting, asking the
-/// primary, stopping the standby, `db_recover`'s own start and the
-/// recovery's final checkpoint, recording (measured by the benchmark's
-/// promote section on 2 cores).
+/// What a promote spends besides recovery and verify: process start,
+/// asking the primary, stopping the standby, recording. Its own phases took
+/// 20–60 ms in the benchmark's promote section (2 cores, loaded); the rest
+/// is margin for a slower start. A primary host that drops packets instead
+/// of refusing adds up to promote's 5 s connect timeout, not counted here.
 const PROMOTE_OWN_SECONDS: f64 = 0.15;
 
 impl StandbyStatus {
