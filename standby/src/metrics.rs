@@ -88,6 +88,11 @@ pub fn render(s: &StandbyStatus) -> String {
             "Estimated recovery time of a promotion now.",
             s.replay_estimate_seconds,
         )
+        .gauge(
+            "tandem_standby_promotion_estimate_seconds",
+            "Estimated time of a whole promote now (recovery, verify, promote's own steps).",
+            s.promotion_estimate_seconds,
+        )
         .gauge_int(
             "tandem_standby_readiness_check_ok",
             "1 if the last readiness check passed, 0 if it failed or none ran.",

@@ -22,21 +22,36 @@
 //!    after X (BDB.md §4.1), so the new primary's log is the old one's up
 //!    to X; the environment keeps its identity, and other standbys that
 //!    hold no log past X follow the new primary without a new base.
+//!
+//! Promotion time is downtime: the report splits it into phases
+//! ([`PromotePhases`]), one connection serves every question to the primary
+//! ([`ask`]), the recovery gets the readiness check's cache
+//! ([`recovery_cache`]) and the databases are verified in parallel.
+
+mod ask;
+mod recovery_cache;
 
 use crate::follow::FollowConfig;
 use crate::mirror::{is_recoverable, scan_tail};
 use crate::state::{Promotion, StandbyDir};
 use crate::status::StandbyStatus;
 use anyhow::{bail, Context, Result};
+use ask::{Answer, Primary};
+use recovery_cache::{boost_recovery_cache, restore_db_config};
 use serde::Serialize;
 use std::fs::File;
 use std::time::{Duration, Instant};
-use tandem_shared::wire::{SwitchoverReply, SwitchoverRequest};
+use tandem_shared::wire::SwitchoverReply;
 use tandem_shared::LogPosition;
 
 /// How long promote waits to reach the recorded primary before it counts
 /// as gone.
 const PRIMARY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often promote looks whether the standby caught up, and whether the
+/// stopped standby released the directory: both are cheap reads, and every
+/// interval is downtime.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+const STOP_POLL: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PromoteReport {
@@ -50,6 +65,71 @@ pub struct PromoteReport {
     pub total_seconds: f64,
     pub already_promoted: bool,
     pub databases_verified: usize,
+    /// Where the time went; the phases add up to `total_seconds`.
+    pub phases: PromotePhases,
+}
+
+/// Seconds spent in each step of a promote, in order. Every instant from
+/// the start to the end of the promote counts in exactly one phase.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct PromotePhases {
+    /// Reading the directory, and asking the primary (`PrepareSwitchover`)
+    /// or finding it unreachable.
+    pub ask_primary: f64,
+    /// Waiting for the standby to hold the primary's end of log, and
+    /// asking again (zero when it already held it).
+    pub catch_up: f64,
+    /// Stopping the standby running on the directory.
+    pub stop_standby: f64,
+    /// Taking the directory, finishing an interrupted swap, reading the
+    /// durable end.
+    pub finish_swap: f64,
+    /// Catastrophic recovery (`db_recover -c`).
+    pub recovery: f64,
+    /// `db_verify` of every database.
+    pub verify: f64,
+    /// Recording the promotion durably.
+    pub record: f64,
+}
+
+impl PromotePhases {
+    pub fn sum(&self) -> f64 {
+        self.ask_primary
+            + self.catch_up
+            + self.stop_standby
+            + self.finish_swap
+            + self.recovery
+            + self.verify
+            + self.record
+    }
+}
+
+/// Splits the promote's wall time into its phases: each [`Clock::lap`]
+/// charges the time since the previous one to a phase.
+struct Clock {
+    started: Instant,
+    last: Instant,
+}
+
+impl Clock {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            last: started,
+        }
+    }
+
+    fn lap(&mut self) -> f64 {
+        let now = Instant::now();
+        let d = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        d
+    }
+
+    /// The time up to the last lap, so the phases add up to it exactly.
+    fn total(&self) -> f64 {
+        self.last.duration_since(self.started).as_secs_f64()
+    }
 }
 
 pub struct PromoteOptions {
@@ -99,12 +179,19 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
             total_seconds: started.elapsed().as_secs_f64(),
             already_promoted: true,
             databases_verified: 0,
+            phases: PromotePhases::default(),
         });
     }
 
-    let (kind, primary_end) = decide_and_stop(dir, opts)?;
+    let mut clock = Clock::new(started);
+    let mut phases = PromotePhases::default();
+    let (kind, primary_end, child) = decide(dir, opts, &mut clock, &mut phases)?;
+    stop_running(dir, child)?;
+    phases.stop_standby = clock.lap();
     let _lock = dir.lock().context("taking the standby directory")?;
     crate::mirror::finish_interrupted_swap(dir)?;
+    // A promote that died during its recovery left the bigger cache in.
+    restore_db_config(dir)?;
     let mut state = dir.load_state()?;
     let tail = scan_tail(dir, &state)?;
     if !is_recoverable(&state, tail.durable) {
@@ -121,10 +208,19 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
             }
         );
     }
+    phases.finish_swap = clock.lap();
     tracing::info!(%kind, durable = %tail.durable, "running catastrophic recovery");
-    let proof = crate::readiness::recover_and_verify(&dir.root).context(
+    let boosted = boost_recovery_cache(dir)?;
+    let proof = crate::readiness::recover_and_verify(&dir.root);
+    if boosted {
+        restore_db_config(dir)?;
+    }
+    let proof = proof.context(
         "the directory did not prove recoverable; it is left as it was after recovery ran",
     )?;
+    let proved = clock.lap();
+    phases.recovery = proof.recovery.duration.as_secs_f64().min(proved);
+    phases.verify = proved - phases.recovery;
     let epoch = state.epoch + 1;
     state.epoch = epoch;
     state.history.retain(|e| e.epoch < epoch);
@@ -140,9 +236,14 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         recovered_to: proof.recovery.recovered_to,
     });
     dir.store_state(&state)?;
+    phases.record = clock.lap();
+    let p = &phases;
     tracing::info!(
         %kind, epoch, starts_at = %tail.durable, recovered_to = ?proof.recovery.recovered_to,
-        history = %tandem_shared::epochs::describe(&state.history), "promoted"
+        history = %tandem_shared::epochs::describe(&state.history), total_s = clock.total(),
+        ask_primary_s = p.ask_primary, catch_up_s = p.catch_up, stop_standby_s = p.stop_standby,
+        finish_swap_s = p.finish_swap, recovery_s = p.recovery, verify_s = p.verify, record_s = p.record,
+        "promoted"
     );
     Ok(PromoteReport {
         env: dir.root.display().to_string(),
@@ -152,61 +253,10 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         durable_lsn: tail.durable,
         primary_end_lsn: primary_end,
         recovery_seconds: proof.recovery.duration.as_secs_f64(),
-        total_seconds: started.elapsed().as_secs_f64(),
+        total_seconds: clock.total(),
         already_promoted: false,
         databases_verified: proof.databases_verified,
-    })
-}
-
-/// What the recorded primary said, or why it could not be asked.
-enum Answer {
-    Reply(SwitchoverReply),
-    Unreachable(String),
-}
-
-/// Asks the recorded primary whether a switchover is safe with the
-/// standby's durable end at `durable`.
-fn ask(fc: &FollowConfig, durable: LogPosition) -> Answer {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return Answer::Unreachable(format!("cannot start a runtime: {e}")),
-    };
-    runtime.block_on(async {
-        let mut client = match tandem_shared::client::connect(
-            &fc.primary,
-            fc.server_name.as_deref(),
-            &fc.tls,
-            PRIMARY_TIMEOUT,
-        )
-        .await
-        {
-            Ok(c) => c,
-            Err(e) => return Answer::Unreachable(e.to_string()),
-        };
-        let req = SwitchoverRequest {
-            standby_name: fc.name.clone(),
-            durable: Some(durable.into()),
-        };
-        match tokio::time::timeout(PRIMARY_TIMEOUT * 6, client.prepare_switchover(req)).await {
-            Err(_) => Answer::Unreachable("PrepareSwitchover timed out".into()),
-            Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {
-                Answer::Unreachable(s.message().to_owned())
-            }
-            // A primary that answers but cannot confirm (too old, or it
-            // cannot read /proc) is not a primary that is gone.
-            Ok(Err(s)) => Answer::Reply(SwitchoverReply {
-                reason: format!(
-                    "the primary could not confirm a switchover: {}",
-                    s.message()
-                ),
-                env_users: vec![format!("unknown ({})", s.message())],
-                ..Default::default()
-            }),
-            Ok(Ok(r)) => Answer::Reply(r.into_inner()),
-        }
+        phases,
     })
 }
 
@@ -220,22 +270,33 @@ fn follow_config(dir: &StandbyDir) -> Result<Option<FollowConfig>> {
     }
 }
 
-/// Decides switchover or failover (or refuses), then stops whatever
-/// follows on the directory. Returns the kind and the primary's end.
-fn decide_and_stop(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, LogPosition)> {
+/// What promote does next: the kind, the primary's end, and the catch-up
+/// standby promote started, if any (the caller stops whatever runs).
+type Decision = (String, LogPosition, Option<std::process::Child>);
+
+/// Decides switchover or failover (or refuses), catching up first when
+/// the primary is reachable and nobody has its environment open.
+fn decide(
+    dir: &StandbyDir,
+    opts: &PromoteOptions,
+    clock: &mut Clock,
+    phases: &mut PromotePhases,
+) -> Result<Decision> {
     let status = crate::status::read(dir)?;
     let Some(fc) = follow_config(dir)? else {
         tracing::warn!(
             "no primary is recorded for this directory: promoting with what is durable (failover)"
         );
-        stop_running(dir, None)?;
-        return Ok(("failover".into(), status.primary_end_lsn));
+        phases.ask_primary = clock.lap();
+        return Ok(("failover".into(), status.primary_end_lsn, None));
     };
-    let reply = match ask(&fc, status.durable_lsn) {
+    let mut primary = Primary::new(&fc);
+    let answer = primary.ask(status.durable_lsn);
+    phases.ask_primary = clock.lap();
+    let reply = match answer {
         Answer::Unreachable(why) => {
             tracing::warn!(primary = %fc.primary, error = %why, "the primary is unreachable: promoting with what is durable (failover)");
-            stop_running(dir, None)?;
-            return Ok(("failover".into(), status.primary_end_lsn));
+            return Ok(("failover".into(), status.primary_end_lsn, None));
         }
         Answer::Reply(r) => r,
     };
@@ -249,27 +310,37 @@ fn decide_and_stop(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, L
             .into());
         }
         tracing::error!(primary = %fc.primary, theirs = %reply.env_id, %ours, "FORCED PROMOTION: the recorded primary serves another environment; promoting as a failover");
-        stop_running(dir, None)?;
-        return Ok(("failover".into(), status.primary_end_lsn));
+        return Ok(("failover".into(), status.primary_end_lsn, None));
     }
     if !reply.env_users.is_empty() {
-        return refuse_or_force(dir, opts, &fc, &reply, None);
+        return refuse_or_force(opts, &fc, &reply, None);
     }
     if reply.safe {
-        stop_running(dir, None)?;
-        return Ok(("switchover".into(), end_of(&reply)));
+        return Ok(("switchover".into(), end_of(&reply), None));
     }
-    // Nobody can commit any more: fetch the rest, then ask again.
+    let decision = catch_up(dir, opts, &fc, &mut primary, end_of(&reply));
+    phases.catch_up = clock.lap();
+    decision
+}
+
+/// Nobody can commit on the primary any more: waits until the standby
+/// holds the rest (starting one when none runs), then asks again.
+fn catch_up(
+    dir: &StandbyDir,
+    opts: &PromoteOptions,
+    fc: &FollowConfig,
+    primary: &mut Primary,
+    mut target: LogPosition,
+) -> Result<Decision> {
     let child = match dir.lock_holder() {
         Some(_) => None,
-        None => Some(spawn_catch_up(dir, &fc)?),
+        None => Some(spawn_catch_up(dir, fc)?),
     };
     let pid = dir
         .lock_holder()
         .context("the standby stopped during the catch-up")?;
     let since = tandem_shared::now_unix_ms();
     let deadline = Instant::now() + opts.catch_up_timeout;
-    let mut target = end_of(&reply);
     tracing::info!(primary = %fc.primary, end = %target, "no application has the primary's environment open: catching up for a switchover");
     loop {
         if Instant::now() >= deadline {
@@ -280,27 +351,27 @@ fn decide_and_stop(dir: &StandbyDir, opts: &PromoteOptions) -> Result<(String, L
             ))
             .into());
         }
-        std::thread::sleep(Duration::from_millis(100));
         let s: StandbyStatus = crate::status::read(dir)?;
         // Only a status written by that process since promote began counts.
         if s.pid != Some(pid) || s.updated_unix_ms < since || s.durable_lsn < target {
             if dir.lock_holder() != Some(pid) {
                 bail!("the standby (pid {pid}) stopped during the catch-up; nothing was promoted");
             }
+            // The status file is rewritten every 200 ms and is cheap to
+            // read: a short poll costs little and wastes no downtime.
+            std::thread::sleep(CATCH_UP_POLL);
             continue;
         }
-        match ask(&fc, s.durable_lsn) {
+        match primary.ask(s.durable_lsn) {
             Answer::Unreachable(why) => {
                 tracing::warn!(error = %why, "the primary became unreachable during the catch-up: promoting with what is durable (failover)");
-                stop_running(dir, child)?;
-                return Ok(("failover".into(), target));
+                return Ok(("failover".into(), target, child));
             }
             Answer::Reply(r) if !r.env_users.is_empty() => {
-                return refuse_or_force(dir, opts, &fc, &r, child);
+                return refuse_or_force(opts, fc, &r, child);
             }
             Answer::Reply(r) if r.safe => {
-                stop_running(dir, child)?;
-                return Ok(("switchover".into(), end_of(&r)));
+                return Ok(("switchover".into(), end_of(&r), child));
             }
             Answer::Reply(r) => target = end_of(&r).max(target),
         }
@@ -314,17 +385,15 @@ fn end_of(reply: &SwitchoverReply) -> LogPosition {
 /// An application has the primary's environment open: refuse, or with
 /// `--force` fail over anyway.
 fn refuse_or_force(
-    dir: &StandbyDir,
     opts: &PromoteOptions,
     fc: &FollowConfig,
     reply: &SwitchoverReply,
     child: Option<std::process::Child>,
-) -> Result<(String, LogPosition)> {
+) -> Result<Decision> {
     let users = reply.env_users.join(", ");
     if opts.force {
         tracing::error!(primary = %fc.primary, %users, "FORCED PROMOTION while the primary's environment is open by {users}: promoting as a failover; anything they commit from now on is lost, and both environments accept writes until they are stopped");
-        stop_running(dir, child)?;
-        return Ok(("failover".into(), end_of(reply)));
+        return Ok(("failover".into(), end_of(reply), child));
     }
     // A standby promote started for the catch-up goes; one the operator
     // runs keeps following.
@@ -347,7 +416,7 @@ fn stop_running(dir: &StandbyDir, child: Option<std::process::Child>) -> Result<
             if Instant::now() > stop_deadline {
                 bail!("the running standby (pid {pid}) did not stop within 30 s");
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(STOP_POLL);
         }
     }
     if let Some(mut c) = child {
@@ -416,9 +485,9 @@ impl std::fmt::Display for PromoteReport {
                 self.env, self.kind, self.epoch
             );
         }
-        write!(
+        writeln!(
             f,
-            "promoted {} ({}): epoch {}, recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s\nApplications can now open {} as their environment home.",
+            "promoted {} ({}): epoch {}, recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s",
             self.env,
             self.kind,
             self.epoch,
@@ -426,6 +495,16 @@ impl std::fmt::Display for PromoteReport {
             self.databases_verified,
             self.recovery_seconds,
             self.total_seconds,
+        )?;
+        let p = &self.phases;
+        writeln!(
+            f,
+            "time: ask primary {:.2} s, catch-up {:.2} s, stop standby {:.2} s, finish swap {:.2} s, recovery {:.2} s, verify {:.2} s, record {:.2} s",
+            p.ask_primary, p.catch_up, p.stop_standby, p.finish_swap, p.recovery, p.verify, p.record
+        )?;
+        write!(
+            f,
+            "Applications can now open {} as their environment home.",
             self.env
         )
     }

@@ -66,6 +66,11 @@ pub struct StandbyStatus {
     /// Estimated recovery time of a promotion now, from the last check's
     /// replay rate (or 100 MB/s, BDB.md §5, before the first check).
     pub replay_estimate_seconds: f64,
+    /// Estimated time of a whole `promote` now: the replay above, the last
+    /// check's `db_verify` time, and promote's own steps (stop, ask,
+    /// record).
+    #[serde(default)]
+    pub promotion_estimate_seconds: f64,
     /// A base copy (or rebase) under way, and its progress: bytes received
     /// or reused of the files the primary listed.
     #[serde(default)]
@@ -95,6 +100,12 @@ pub struct StandbyStatus {
 
 /// Catastrophic recovery's replay rate before any check measured one.
 const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
+/// What a promote spends besides recovery and verify: process start,
+/// asking the primary, stopping the standby, recording. Its own phases took
+/// 20–60 ms in the benchmark's promote section (2 cores, loaded); the rest
+/// is margin for a slower start. A primary host that drops packets instead
+/// of refusing adds up to promote's 5 s connect timeout, not counted here.
+const PROMOTE_OWN_SECONDS: f64 = 0.15;
 
 impl StandbyStatus {
     pub fn phase_of(
@@ -143,6 +154,12 @@ impl StandbyStatus {
             _ => DEFAULT_REPLAY_BYTES_PER_SEC,
         };
         self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
+        let verify = match &self.last_check {
+            Some(c) if c.ok => c.verify_seconds,
+            _ => 0.0,
+        };
+        self.promotion_estimate_seconds =
+            self.replay_estimate_seconds + verify + PROMOTE_OWN_SECONDS;
     }
 
     /// The continuous archive's registration and the log held for it
@@ -227,6 +244,16 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
         // would say what was true before, e.g. "recoverable".
         if let Some(mut s) = last.clone().filter(|s| s.pid == Some(pid)) {
             s.running = true;
+            // A `check` run beside the standby is newer than the one the
+            // standby last wrote: the estimates follow the newest.
+            if let Some(c) = crate::readiness::last_check(dir)
+                .filter(|c| s.last_check.as_ref().is_none_or(|l| c.unix_ms > l.unix_ms))
+            {
+                s.last_check = Some(c);
+                if let Ok(state) = dir.load_state() {
+                    s.fill_from_state(&state);
+                }
+            }
             // Recomputed now: a status file written before a silence must
             // not keep reading "caught up".
             s.compute_lag(tandem_shared::now_unix_ms(), s.primary_silence_ms);
@@ -292,8 +319,8 @@ pub fn render(s: &StandbyStatus) -> String {
         out.push_str(&format!("base copy:    {}\n", base_copy_progress(s)));
     }
     out.push_str(&format!(
-        "promotion:    would replay {} bytes of log, about {:.1} s\n",
-        s.replay_log_bytes, s.replay_estimate_seconds
+        "promotion:    would replay {} bytes of log, about {:.1} s; promote about {:.1} s\n",
+        s.replay_log_bytes, s.replay_estimate_seconds, s.promotion_estimate_seconds
     ));
     match &s.last_check {
         Some(c) if c.ok => out.push_str(&format!(

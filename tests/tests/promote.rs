@@ -36,6 +36,57 @@ fn promote(dir: &Path) -> Result<(std::process::ExitStatus, serde_json::Value, S
     Ok((out.status, json, stderr))
 }
 
+/// The report's per-phase breakdown is there, and its phases add up to the
+/// total (no timing is asserted: speed is the benchmark's business).
+fn assert_phases_add_up(report: &serde_json::Value) -> Result<()> {
+    let phases = report["phases"]
+        .as_object()
+        .with_context(|| format!("no phases in {report}"))?;
+    let names = [
+        "ask_primary",
+        "catch_up",
+        "stop_standby",
+        "finish_swap",
+        "recovery",
+        "verify",
+        "record",
+    ];
+    let mut sum = 0.0;
+    for name in names {
+        let v = phases[name]
+            .as_f64()
+            .with_context(|| format!("phase {name} missing in {report}"))?;
+        ensure!(v >= 0.0, "phase {name} is negative: {report}");
+        sum += v;
+    }
+    ensure!(phases.len() == names.len(), "unexpected phases: {report}");
+    let total = report["total_seconds"].as_f64().context("total_seconds")?;
+    ensure!(
+        (sum - total).abs() < 1e-3,
+        "the phases add up to {sum} s, the total is {total} s: {report}"
+    );
+    ensure!(
+        report["phases"]["recovery"].as_f64() <= report["recovery_seconds"].as_f64(),
+        "{report}"
+    );
+    Ok(())
+}
+
+/// Promote runs its recovery with a bigger cache in `DB_CONFIG`, and must
+/// leave the environment's own configuration exactly as the primary's.
+fn assert_db_config_as_primary(p: &Pair) -> Result<()> {
+    let read = |dir: &Path| std::fs::read(dir.join("DB_CONFIG")).ok();
+    ensure!(
+        read(&p.s.path("standby")) == read(&p.s.path("env")),
+        "promote changed DB_CONFIG"
+    );
+    ensure!(
+        !p.s.path("standby/.tandem/promote-db-config.json").exists(),
+        "promote left its saved DB_CONFIG behind"
+    );
+    Ok(())
+}
+
 fn pair(initial: u64) -> Result<Pair> {
     tandem_tests::harness::pair(&workload(initial))
 }
@@ -82,6 +133,8 @@ fn failover_after_kill9_holds_every_acknowledged_transaction() -> Result<()> {
         let (status, report, stderr) = promote(&p.s.path("standby"))?;
         ensure!(status.success(), "trial {trial}: promote failed: {stderr}");
         assert_eq!(report["kind"], "failover", "trial {trial}: {report}");
+        assert_phases_add_up(&report)?;
+        assert_db_config_as_primary(&p)?;
         let m = bdb::check(&p.s.path("standby")).with_context(|| format!("trial {trial}"))?;
         // A prefix: nothing the primary did not commit (the LSN log trails
         // commits by at most the one transaction being logged at the kill),
@@ -112,6 +165,8 @@ fn planned_switchover_keeps_every_transaction_and_fences_the_directory() -> Resu
     assert_eq!(report["kind"], "switchover", "{report}");
     assert_eq!(report["epoch"], 2);
     assert!(report["databases_verified"].as_u64().unwrap_or(0) >= 3);
+    assert_phases_add_up(&report)?;
+    assert_db_config_as_primary(&p)?;
     assert_eq!(bdb::check(&p.s.path("standby"))?, last);
     assert_eq!(
         bdb::db_dump_all(&p.s.path("env"), &WORKLOAD_DBS)?,
