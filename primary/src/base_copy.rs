@@ -90,22 +90,18 @@ pub fn ship_base(
     stop: &CancellationToken,
     mut sent: BTreeSet<String>,
     files_done: bool,
+    rejoin_digests: &BTreeMap<String, Vec<u8>>,
     commands: std::sync::mpsc::Receiver<BaseCommand>,
 ) -> Result<(), Status> {
     if !files_done {
-        ship_files(shared, tx, stop, &mut sent, &BTreeMap::new())?;
+        ship_files(shared, tx, stop, &mut sent, rejoin_digests)?;
     }
     // Page digests of the standby's files, collected for a rebase.
     let mut theirs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     loop {
         match commands.recv_timeout(shared.rescan_interval) {
             Ok(BaseCommand::Digests(d)) => {
-                let at = d.first_page as usize * tandem_shared::pages::PAGE_DIGEST_LEN;
-                let v = theirs.entry(d.name).or_default();
-                if v.len() < at + d.digests.len() {
-                    v.resize(at + d.digests.len(), 0);
-                }
-                v[at..at + d.digests.len()].copy_from_slice(&d.digests);
+                merge_digests(&mut theirs, d);
                 continue;
             }
             Ok(BaseCommand::Rebase(current)) => {
@@ -128,6 +124,7 @@ pub fn ship_base(
                         log_start: Some(log_start.into()),
                         reason: "rebase requested by the standby".into(),
                         rebase: true,
+                        discard_after: None,
                     }),
                 )?;
                 guard.rebased(&base_id);
@@ -149,6 +146,16 @@ pub fn ship_base(
             sent.insert(name);
         }
     }
+}
+
+/// Adds one PageDigests message to the standby's digests by file.
+pub fn merge_digests(theirs: &mut BTreeMap<String, Vec<u8>>, d: PageDigests) {
+    let at = d.first_page as usize * tandem_shared::pages::PAGE_DIGEST_LEN;
+    let v = theirs.entry(d.name).or_default();
+    if v.len() < at + d.digests.len() {
+        v.resize(at + d.digests.len(), 0);
+    }
+    v[at..at + d.digests.len()].copy_from_slice(&d.digests);
 }
 
 /// Database files (and DB_CONFIG) not in `sent`.

@@ -36,6 +36,13 @@ pub enum Plan {
     NewBase {
         reason: String,
     },
+    /// The standby ran `--rejoin` and its log does not continue this
+    /// primary's: a new base, page delta against its files, replacing what
+    /// it holds from `discard_after` on (at most; see [`Divergence::agreed`]).
+    Rejoin {
+        reason: String,
+        discard_after: LogPosition,
+    },
 }
 
 /// Why the primary will not serve this standby now.
@@ -77,6 +84,22 @@ pub struct Divergence {
     /// Log bytes the standby holds beyond the point where the two agree,
     /// at least; `None` when that point is unknown.
     pub beyond: Option<u64>,
+    /// The last position both logs are known to agree on, at most (the
+    /// primary sees only the standby's end and last record).
+    pub agreed: LogPosition,
+}
+
+impl Divergence {
+    /// The plan for a standby that asked to rejoin: a page-delta new base.
+    fn rejoin(self) -> Plan {
+        Plan::Rejoin {
+            reason: format!(
+                "rejoin: the standby's log leaves this primary's history at {} or earlier (its log ends at {}, this primary's at {})",
+                self.agreed, self.standby, self.primary_end
+            ),
+            discard_after: self.agreed,
+        }
+    }
 }
 
 impl fmt::Display for Divergence {
@@ -107,8 +130,16 @@ impl fmt::Display for Divergence {
 }
 
 /// Can the standby's log be continued, does it need a new base, or must
-/// it be refused?
+/// it be refused? A standby that asked to rejoin (`Hello.rejoin`) gets a
+/// page-delta new base where another would be refused as diverged.
 pub fn plan(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
+    match plan_strict(layout, hello) {
+        Err(Refusal::Diverged(d)) if hello.rejoin => Ok(d.rejoin()),
+        other => other,
+    }
+}
+
+fn plan_strict(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
     let new_base = |reason: String| Ok(Plan::NewBase { reason });
     if hello.base_id.is_empty() {
         return new_base("the standby holds no base yet".into());
@@ -145,6 +176,7 @@ pub fn plan(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
             standby: d,
             primary_end: end,
             beyond: Some(end.bytes_until(d, lg_max)),
+            agreed: end,
         }
         .into());
     }
@@ -184,12 +216,13 @@ pub fn plan(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
     };
     let (r, file_end) =
         read().map_err(|e| unavailable(&format!("reading {}", path.display()), &e))?;
-    let diverged = |kind, beyond| {
+    let diverged = |kind, beyond, agreed_offset: u32| {
         Err(Divergence {
             kind,
             standby: d,
             primary_end: end,
             beyond,
+            agreed: LogPosition::new(d.file, agreed_offset),
         }
         .into())
     };
@@ -197,10 +230,17 @@ pub fn plan(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
         return match file_end {
             // This file of the primary's ends before d (an older, complete
             // file that is shorter than the standby's copy of it).
-            Some(fe) if fe < d.offset => {
-                diverged(DivergenceKind::BeyondEnd, Some(u64::from(d.offset - fe)))
-            }
-            _ => diverged(DivergenceKind::NotARecordBoundary, None),
+            Some(fe) if fe < d.offset => diverged(
+                DivergenceKind::BeyondEnd,
+                Some(u64::from(d.offset - fe)),
+                fe,
+            ),
+            // The last record boundary before d that the primary has.
+            _ => diverged(
+                DivergenceKind::NotARecordBoundary,
+                None,
+                r.walk.last_record.unwrap_or(0),
+            ),
         };
     }
     let last = r.walk.last_record.unwrap_or(0) as usize;
@@ -210,6 +250,7 @@ pub fn plan(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
         return diverged(
             DivergenceKind::LastRecordDiffers,
             Some(u64::from(d.offset) - last as u64),
+            last as u32,
         );
     }
     Ok(Plan::Resume {
@@ -361,6 +402,30 @@ mod tests {
         };
         assert_eq!(d.kind, DivergenceKind::LastRecordDiffers);
         assert_eq!(d.beyond, Some(u64::from(ends[1][2] - ends[1][1])));
+    }
+
+    #[test]
+    fn a_diverged_standby_that_asks_to_rejoin_gets_a_page_delta_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let end = LogPosition::new(2, ends[1][3]);
+        let mut h = hello(LogPosition::new(2, end.offset + 100), vec![]);
+        h.rejoin = true;
+        assert!(matches!(
+            plan(&layout, &h),
+            Ok(Plan::Rejoin { discard_after, .. }) if discard_after == end
+        ));
+        let at = LogPosition::new(2, ends[1][2]);
+        let mut h = hello(at, vec![7; 32]);
+        h.rejoin = true;
+        assert!(matches!(
+            plan(&layout, &h),
+            Ok(Plan::Rejoin { discard_after, .. }) if discard_after == LogPosition::new(2, ends[1][1])
+        ));
+        // One it can continue is continued: no base.
+        let mut h = hello(at, digest_of_last_record(&layout, at));
+        h.rejoin = true;
+        assert!(matches!(plan(&layout, &h), Ok(Plan::Resume { .. })));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::log_watch::LogEnd;
 use crate::outbox::{io_status, send, Outbox};
 use crate::plan::{Plan, Refusal};
 use crate::registry::SessionGuard;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -85,7 +85,19 @@ pub async fn run(
             return;
         }
     };
-    match start(&shared, &guard, &peer, &hello, &tx).await {
+    let theirs = if hello.rejoin {
+        match rejoin_digests(&mut inbound).await {
+            Ok(d) => d,
+            Err(status) => {
+                tracing::warn!(standby = %name, %peer, error = %status, "a rejoining standby did not send its page digests");
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+    } else {
+        BTreeMap::new()
+    };
+    match start(&shared, &guard, &peer, &hello, &tx, theirs).await {
         Ok(duties) => {
             follow_acks(&shared, &guard, &mut inbound, &duties.commands).await;
             duties.join().await;
@@ -101,6 +113,39 @@ pub async fn run(
     }
     drop(guard);
     tracing::info!(standby = %name, %peer, "standby disconnected");
+}
+
+/// How long a rejoining standby has to send the digests of its pages.
+const DIGESTS_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The page digests a rejoining standby sends after its Hello, up to the
+/// RebaseRequest that ends them.
+async fn rejoin_digests(
+    inbound: &mut Streaming<StandbyMessage>,
+) -> Result<BTreeMap<String, Vec<u8>>, Status> {
+    let mut theirs = BTreeMap::new();
+    let collect = async {
+        loop {
+            match inbound.message().await? {
+                Some(StandbyMessage {
+                    kind: Some(standby_message::Kind::PageDigests(d)),
+                }) => crate::base_copy::merge_digests(&mut theirs, d),
+                Some(StandbyMessage {
+                    kind: Some(standby_message::Kind::RebaseRequest(_)),
+                }) => return Ok(()),
+                Some(_) => return Err(Status::invalid_argument(
+                    "a rejoining standby sends page digests, then a RebaseRequest, after its Hello",
+                )),
+                None => return Err(Status::cancelled("the standby went away")),
+            }
+        }
+    };
+    match tokio::time::timeout(DIGESTS_TIMEOUT, collect).await {
+        Ok(r) => r.map(|()| theirs),
+        Err(_) => Err(Status::deadline_exceeded(
+            "the rejoining standby's page digests did not arrive within 600 s",
+        )),
+    }
 }
 
 /// The running duties of one session.
@@ -137,6 +182,7 @@ async fn start(
     peer: &str,
     hello: &Hello,
     tx: &Outbox,
+    theirs: BTreeMap<String, Vec<u8>>,
 ) -> Result<Duties, Status> {
     let name = guard.name();
     let id = &shared.identity;
@@ -180,6 +226,7 @@ async fn start(
             return Err(r.into());
         }
     };
+    let mut theirs = Some(theirs);
     let (base_id, from, prev, complete, files_done) = match plan {
         Plan::Resume { from, prev } => {
             tracing::info!(standby = %name, %peer, %from, "standby connected; resuming");
@@ -193,7 +240,22 @@ async fn start(
                 hello.base_files_done,
             )
         }
-        Plan::NewBase { reason } => {
+        Plan::NewBase { .. } | Plan::Rejoin { .. } => {
+            let (reason, discard_after) = match plan {
+                Plan::Rejoin {
+                    reason,
+                    discard_after,
+                } => {
+                    tracing::warn!(standby = %name, %peer, %discard_after, "REJOIN: {reason}; sending a page-delta new base");
+                    (reason, Some(discard_after.into()))
+                }
+                Plan::NewBase { reason } => {
+                    // Digests are only for a rejoin's page delta.
+                    theirs = None;
+                    (reason, None)
+                }
+                Plan::Resume { .. } => unreachable!("matched above"),
+            };
             let from = tokio::task::block_in_place(|| base_boundary(shared))?;
             let base_id = crate::identity::random_id();
             tracing::info!(standby = %name, %peer, %reason, base = %base_id, boundary = %from, "standby connected; starting a new base");
@@ -205,12 +267,14 @@ async fn start(
                     log_start: Some(from.into()),
                     reason,
                     rebase: false,
+                    discard_after,
                 }),
             )
             .await?;
             (base_id, from, None, BTreeSet::new(), false)
         }
     };
+    let theirs = theirs.unwrap_or_default();
     shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
     tokio::task::block_in_place(|| guard.started(&base_id, from));
 
@@ -234,6 +298,7 @@ async fn start(
                 &stop,
                 complete,
                 files_done,
+                &theirs,
                 base_commands,
             );
             if let Err(status) = r {

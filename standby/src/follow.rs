@@ -56,6 +56,9 @@ pub struct StandbyConfig {
     /// Ask for a new base that replaces what the mirror holds (`run
     /// --start-over`).
     pub start_over: bool,
+    /// Accept a directory whose log went beyond the primary's history and
+    /// bring it up to date with a page-delta new base (`run --rejoin`).
+    pub rejoin: bool,
     /// How often to scrub the mirror (None: never).
     pub scrub_interval: Option<Duration>,
     /// No message from the primary for this long ends the session ("no
@@ -101,6 +104,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), FollowError> {
     let dir = StandbyDir::new(&cfg.dir);
+    refuse_foreign(&dir, cfg.rejoin)?;
     let lock: DirLock = dir
         .lock()
         .map_err(|e| FollowError::Refused(e.to_string()))?;
@@ -108,6 +112,7 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!(e))?;
     mirror.archive_hold_cap = cfg.archive_hold_cap_bytes;
     mirror.start_over = cfg.start_over;
+    mirror.rejoin = cfg.rejoin;
     if let Some(p) = &mirror.state.promoted {
         return Err(FollowError::Refused(format!(
             "{} was promoted (epoch {}, {}); a promoted directory never follows a primary again",
@@ -125,6 +130,8 @@ pub async fn run(
         primary_silence_ms: cfg.primary_silence.as_millis() as u64,
         last_check: crate::readiness::last_check(&dir),
         scrub: crate::scrub::last_report(&dir),
+        rejoining: mirror.rejoin,
+        discarded: crate::rejoin::reports(&dir),
         ..Default::default()
     };
     initial.fill_from_state(&mirror.state);
@@ -224,7 +231,45 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
         durable: Some(mirror.tail().durable.into()),
         last_record_digest: mirror.tail().last_record_digest.clone().into(),
         new_base_request: mirror.new_base_request(),
+        rejoin: mirror.rejoin,
     }
+}
+
+/// A directory with no standby state that holds anything (an environment,
+/// most likely: an old primary's home, a restored backup) is never taken
+/// over: a first base would write the primary's files over it. Checked
+/// before the lock, so nothing in it changes.
+fn refuse_foreign(dir: &StandbyDir, rejoin: bool) -> Result<(), FollowError> {
+    if dir.state_path().exists() {
+        return Ok(());
+    }
+    let Ok(entries) = std::fs::read_dir(&dir.root) else {
+        return Ok(()); // missing: created empty by the lock
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != crate::state::META_DIR && n != "lost+found")
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    let more = if names.len() > 5 { ", ..." } else { "" };
+    let what = format!(
+        "{} holds files ({shown}{more}) but no standby state: it is not a standby of any primary, and          Tandem never writes a base over files it did not put there. Nothing was changed.",
+        dir.root.display()
+    );
+    Err(FollowError::Refused(if rejoin {
+        format!(
+            "{what} --rejoin takes over a standby directory whose log went beyond the primary's; an old              primary's home is not taken over in place yet: start a standby in an empty directory instead"
+        )
+    } else {
+        format!(
+            "{what} Point --dir at an empty directory, or at this primary's standby directory; for a              standby whose log went beyond the primary's, use --rejoin"
+        )
+    }))
 }
 
 /// Sessions one after another, until `stop` or a refusal.

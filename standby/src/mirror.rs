@@ -61,6 +61,9 @@ pub struct Rebase {
     /// A replacement base: its log is its own (staged too), not the
     /// continuation of the mirror's.
     pub replaces: bool,
+    /// A rejoin's replacement base: where the primary says the mirror's
+    /// log leaves its history, at most.
+    pub discard_after: Option<LogPosition>,
 }
 
 /// A finished rebase (or replacement base), for logs and status.
@@ -72,6 +75,9 @@ pub struct RebaseReport {
     pub reused_bytes: u64,
     pub removed_log_files: usize,
     pub unix_ms: u64,
+    /// A rejoin: what the mirror's log held beyond the primary's history.
+    #[serde(default)]
+    pub discarded: Option<crate::rejoin::DiscardReport>,
 }
 
 pub struct Mirror {
@@ -89,6 +95,12 @@ pub struct Mirror {
     /// The operator asked to start over (`run --start-over`): a new base may
     /// replace what the mirror holds. Cleared once one has.
     pub start_over: bool,
+    /// The operator asked to rejoin (`run --rejoin`): as `start_over`, but
+    /// the new base is a page delta against the mirror's files, and what
+    /// the mirror's log holds beyond the primary's history is set aside
+    /// (see [`crate::rejoin`]). Cleared once the primary continues the
+    /// mirror's log or the new base is swapped in.
+    pub rejoin: bool,
     steps: Steps,
 }
 
@@ -123,6 +135,7 @@ impl Mirror {
             files: FileReceiver::default(),
             archive_hold_cap: crate::archive_hold::DEFAULT_CAP_BYTES,
             start_over: false,
+            rejoin: false,
             steps,
         })
     }
@@ -222,6 +235,10 @@ impl Mirror {
                 let changed = self.state.env_id.as_deref() != Some(w.env_id.as_str())
                     || self.state.epoch != w.epoch
                     || self.state.log_dir != w.log_dir;
+                if w.resume {
+                    // The primary continues this log: nothing to discard.
+                    self.rejoin = false;
+                }
                 if changed {
                     self.state.env_id = Some(w.env_id);
                     self.state.epoch = w.epoch;
@@ -254,7 +271,10 @@ impl Mirror {
                     tracing::info!(log_start = %start, "rebase started: staging a new base beside the current one");
                 } else if let Some(holds) = self.holds() {
                     let end = self.log.tail().durable;
-                    let asked = self.new_base_request();
+                    let mut asked = self.new_base_request();
+                    if asked.is_empty() && self.rejoin {
+                        asked = crate::rejoin::REJOIN_REASON.into();
+                    }
                     if start <= end && asked.is_empty() {
                         return Err(ApplyError::Diverged {
                             primary_start: start,
@@ -271,6 +291,9 @@ impl Mirror {
                     tracing::warn!(base = %b.base_id, log_start = %start, durable = %end, reason = %b.reason,
                         "the primary sends a new base; taking it because {why}: staging it beside the current mirror, which stays as it is until the new base is complete");
                     self.stage(b.base_id, start, true)?;
+                    if let Some(r) = self.rebase.as_mut() {
+                        r.discard_after = b.discard_after.map(Into::into);
+                    }
                 } else {
                     self.start_base(b.base_id, start)?;
                 }
@@ -292,7 +315,10 @@ impl Mirror {
                 })
             }
             Kind::FileSame(f) => {
-                if self.rebase.as_ref().is_none_or(|r| r.replaces) {
+                // A replacement base refers to the mirror's files only in a
+                // rejoin, whose Hello sent their digests.
+                let rejoin = self.rejoin;
+                if self.rebase.as_ref().is_none_or(|r| r.replaces && !rejoin) {
                     return Err(ApplyError::Protocol("FileSame outside a rebase".into()));
                 }
                 let base_id = self.base()?.base_id.clone();
@@ -466,6 +492,7 @@ impl Mirror {
         if !ready {
             return Ok(None);
         }
+        let discarded = self.set_aside_discarded()?;
         let Some(r) = self.rebase.take() else {
             return Ok(None);
         };
@@ -494,6 +521,7 @@ impl Mirror {
                 w.rehome(&self.dir.root);
                 self.log = w;
                 self.start_over = false;
+                self.rejoin = false;
             }
         }
         let removed = swapped?;
@@ -504,10 +532,41 @@ impl Mirror {
             reused_bytes: r.reused_bytes,
             removed_log_files: removed,
             unix_ms: tandem_shared::now_unix_ms(),
+            discarded,
         };
         tracing::info!(base = %report.base_id, log_start = %report.log_start, sent = report.sent_bytes, reused = report.reused_bytes,
             removed_logs = removed, replaced_history = r.replaces, "staged base swapped in");
         Ok(Some(report))
+    }
+
+    /// A rejoin's replacement base is complete: before anything is
+    /// replaced, find where the mirror's log leaves the staged one's
+    /// history and set what lies beyond aside (see [`crate::rejoin`]).
+    fn set_aside_discarded(&mut self) -> Result<Option<crate::rejoin::DiscardReport>, ApplyError> {
+        let (Some(r), Some(staged)) = (self.rebase.as_ref(), self.staged_log.as_ref()) else {
+            return Ok(None);
+        };
+        if !(r.replaces && self.rejoin) {
+            return Ok(None);
+        }
+        let old_dir = checked_log_dir(&self.dir.root, &self.state.log_dir)?;
+        let new_dir = checked_log_dir(&self.dir.rebase_dir(), &self.state.log_dir)?;
+        let old_end = self.log.tail().durable;
+        let from = crate::rejoin::agreed_point(
+            &old_dir,
+            &new_dir,
+            r.base.log_start.file,
+            staged.tail().durable,
+            old_end,
+            r.discard_after.unwrap_or(old_end),
+        )
+        .and_then(|from| crate::rejoin::set_aside(&self.dir, &old_dir, old_end, from))
+        .map_err(io_err("setting the discarded log aside"))?;
+        if let Some(d) = &from {
+            tracing::warn!(from = %d.from, to = %d.to, bytes = d.bytes, committed = d.committed_transactions,
+                kept_in = %d.kept_in, "REJOIN: {d}");
+        }
+        Ok(from)
     }
 
     /// Is it time to ask for a rebase? (The base is complete, none is under
