@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_shared::logfile::read_verified;
 use tandem_shared::wire::{
-    primary_message::Kind, standby_message, BaseStart, Heartbeat, Hello, LogChunk, StandbyMessage,
-    Welcome,
+    primary_message::Kind, standby_message, BaseStart, Heartbeat, Hello, LogChunk, LogFileDigest,
+    StandbyMessage, Welcome,
 };
 use tandem_shared::{LogPosition, MAX_CHUNK};
 use tokio::sync::watch;
@@ -85,7 +85,7 @@ pub async fn run(
             return;
         }
     };
-    let theirs = if hello.rejoin {
+    let rejoin = if hello.rejoin {
         match rejoin_digests(&mut inbound).await {
             Ok(d) => d,
             Err(status) => {
@@ -95,9 +95,9 @@ pub async fn run(
             }
         }
     } else {
-        BTreeMap::new()
+        RejoinDigests::default()
     };
-    match start(&shared, &guard, &peer, &hello, &tx, theirs).await {
+    match start(&shared, &guard, &peer, &hello, &tx, rejoin).await {
         Ok(duties) => {
             follow_acks(&shared, &guard, &mut inbound, &duties.commands).await;
             duties.join().await;
@@ -118,21 +118,30 @@ pub async fn run(
 /// How long a rejoining standby has to send the digests of its pages.
 const DIGESTS_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The page digests a rejoining standby sends after its Hello, up to the
-/// RebaseRequest that ends them.
+/// What a rejoining standby sends after its Hello: the digests of its
+/// pages, then a RebaseRequest with the digests of its log files.
+#[derive(Default)]
+struct RejoinDigests {
+    pages: BTreeMap<String, Vec<u8>>,
+    log_files: Vec<LogFileDigest>,
+}
+
 async fn rejoin_digests(
     inbound: &mut Streaming<StandbyMessage>,
-) -> Result<BTreeMap<String, Vec<u8>>, Status> {
-    let mut theirs = BTreeMap::new();
+) -> Result<RejoinDigests, Status> {
+    let mut theirs = RejoinDigests::default();
     let collect = async {
         loop {
             match inbound.message().await? {
                 Some(StandbyMessage {
                     kind: Some(standby_message::Kind::PageDigests(d)),
-                }) => crate::base_copy::merge_digests(&mut theirs, d),
+                }) => crate::base_copy::merge_digests(&mut theirs.pages, d),
                 Some(StandbyMessage {
-                    kind: Some(standby_message::Kind::RebaseRequest(_)),
-                }) => return Ok(()),
+                    kind: Some(standby_message::Kind::RebaseRequest(r)),
+                }) => {
+                    theirs.log_files = r.log_files;
+                    return Ok(());
+                }
                 Some(_) => return Err(Status::invalid_argument(
                     "a rejoining standby sends page digests, then a RebaseRequest, after its Hello",
                 )),
@@ -182,7 +191,7 @@ async fn start(
     peer: &str,
     hello: &Hello,
     tx: &Outbox,
-    theirs: BTreeMap<String, Vec<u8>>,
+    rejoin: RejoinDigests,
 ) -> Result<Duties, Status> {
     let name = guard.name();
     let id = &shared.identity;
@@ -226,7 +235,7 @@ async fn start(
             return Err(r.into());
         }
     };
-    let mut theirs = Some(theirs);
+    let mut theirs = Some(rejoin.pages);
     let (base_id, from, prev, complete, files_done) = match plan {
         Plan::Resume { from, prev } => {
             tracing::info!(standby = %name, %peer, %from, "standby connected; resuming");
@@ -256,7 +265,15 @@ async fn start(
                 }
                 Plan::Resume { .. } => unreachable!("matched above"),
             };
-            let from = tokio::task::block_in_place(|| base_boundary(shared))?;
+            let mut from = tokio::task::block_in_place(|| base_boundary(shared))?;
+            if discard_after.is_some() {
+                // The standby finds where the histories part by comparing
+                // its log with this one: start at the newest file both share.
+                let shared_file = tokio::task::block_in_place(|| {
+                    crate::plan::newest_shared_log_file(&shared.layout, &rejoin.log_files, from)
+                });
+                from = LogPosition::new(shared_file, 0);
+            }
             let base_id = crate::identity::random_id();
             tracing::info!(standby = %name, %peer, %reason, base = %base_id, boundary = %from, "standby connected; starting a new base");
             send(tx, welcome(shared, false)).await?;

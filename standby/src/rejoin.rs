@@ -19,6 +19,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::{fsync_dir, write_file_atomic};
 use tandem_shared::logfile::{log_file_name, read_verified, RECORD_HEADER_LEN};
+use tandem_shared::wire::LogFileDigest;
 use tandem_shared::LogPosition;
 
 /// What the Hello of `run --rejoin` asks, for logs and the staging decision.
@@ -148,6 +149,31 @@ pub fn count(log_dir: &Path, from: LogPosition, to: LogPosition) -> io::Result<(
         }
     }
     Ok((bytes, commits))
+}
+
+/// Per log file of the mirror, the blake3 of its verified records (the
+/// last file up to the durable end), for the primary to find the newest
+/// file both histories share.
+pub fn log_file_digests(mirror: &crate::mirror::Mirror) -> io::Result<Vec<LogFileDigest>> {
+    let Some(base) = &mirror.state.base else {
+        return Ok(Vec::new());
+    };
+    let end = mirror.tail().durable;
+    let log_dir = mirror.dir.log_dir(&mirror.state);
+    let mut out = Vec::new();
+    for n in base.log_start.file..=end.file {
+        let limit = (n == end.file).then_some(end.offset);
+        let records = verified(&log_dir.join(log_file_name(n)), limit)?;
+        if records.is_empty() {
+            continue;
+        }
+        out.push(LogFileDigest {
+            file: n,
+            len: records.len() as u32,
+            blake3: blake3::hash(&records).as_bytes().to_vec().into(),
+        });
+    }
+    Ok(out)
 }
 
 /// The directory's discarded-log area.

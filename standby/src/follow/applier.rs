@@ -171,6 +171,7 @@ impl Applier {
         self.send(standby_message::Kind::RebaseRequest(RebaseRequest {
             base_id,
             log_start: Some(log_start.into()),
+            log_files: Vec::new(),
         }));
         Ok(())
     }

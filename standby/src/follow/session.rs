@@ -78,8 +78,13 @@ pub(super) async fn run(
     // A rejoin's Hello is followed by the digests of the mirror's pages,
     // ended by a RebaseRequest, for the primary's page delta.
     let digests = if rejoin {
-        match tokio::task::block_in_place(|| mirror.page_digests()) {
-            Ok(d) => Some(send_digests(out.clone(), d, mirror_base_id(&mirror))),
+        let read = || -> Result<_, String> {
+            let pages = mirror.page_digests().map_err(|e| e.to_string())?;
+            let logs = crate::rejoin::log_file_digests(&mirror).map_err(|e| e.to_string())?;
+            Ok((pages, logs))
+        };
+        match tokio::task::block_in_place(read) {
+            Ok((pages, logs)) => Some(send_digests(out.clone(), pages, logs, mirror_base_id(&mirror))),
             Err(e) => {
                 return (
                     mirror,
@@ -152,6 +157,7 @@ fn mirror_base_id(mirror: &Mirror) -> String {
 fn send_digests(
     out: mpsc::Sender<StandbyMessage>,
     digests: Vec<tandem_shared::wire::PageDigests>,
+    log_files: Vec<tandem_shared::wire::LogFileDigest>,
     base_id: String,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -162,6 +168,7 @@ fn send_digests(
                 tandem_shared::wire::RebaseRequest {
                     base_id,
                     log_start: None,
+                    log_files,
                 },
             )));
         for kind in kinds {

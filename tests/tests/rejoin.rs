@@ -1,0 +1,211 @@
+//! Issue 12, part B: a directory whose log went beyond its primary's
+//! history rejoins with `run --rejoin`, by page delta. Real BDB, the real
+//! binaries on loopback.
+//!
+//! - Without `--rejoin`, a directory that holds an environment but is not a
+//!   standby is refused and left byte for byte as it was.
+//! - A standby that holds log its primary does not (the primary was rolled
+//!   back to an older copy and written on) rejoins: the discarded range and
+//!   its committed transactions are reported, its log files kept in
+//!   `.tandem/discarded/`, only a small fraction of the database's bytes is
+//!   sent, and the directory ends exactly at the primary's transactions.
+//! - The same, killed with SIGKILL in the middle of the rejoin and rerun:
+//!   it ends exact, and the discarded log is kept once.
+
+use anyhow::{ensure, Context, Result};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use tandem_tests::bdb::{self, WorkloadOptions};
+use tandem_tests::faulty_link::FaultyLink;
+use tandem_tests::harness::*;
+
+const LONG: Duration = Duration::from_secs(300);
+const QUIET: [&str; 6] = [
+    "--check-interval-secs",
+    "0",
+    "--rebase-after-mib",
+    "0",
+    "--scrub-interval-secs",
+    "0",
+];
+/// Exit code of `tandem-standby run` refused for good.
+const EXIT_REFUSED: i32 = 3;
+/// Transactions of the shared history, then the standby's own, then the
+/// rolled-back primary's.
+const SHARED: u64 = 4000;
+const STANDBY_ONLY: u64 = 300;
+const PRIMARY_ONLY: u64 = 200;
+
+fn workload(txns: u64) -> WorkloadOptions {
+    WorkloadOptions {
+        txns,
+        checkpoint_every: 200,
+        lg_max: 4 << 20,
+        value_len: 400,
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+fn cp_a(from: &Path, to: &Path) -> Result<()> {
+    let status = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    ensure!(status.success(), "cp -a {} {}", from.display(), to.display());
+    Ok(())
+}
+
+/// A primary on `env` and a standby that catches up with it, then both
+/// stopped; returns the primary's address (to restart it on).
+fn follow_then_stop(s: &Scratch, listen: &str) -> Result<String> {
+    let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, listen, &[])?;
+    let mut standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &QUIET,
+    )?;
+    wait_caught_up_running(&s.path("standby"), &s.path("env"), LONG, &mut standby)?;
+    standby.stop(LONG)?;
+    primary.proc.stop(LONG)?;
+    Ok(primary.addr.to_string())
+}
+
+/// Bytes of the environment's database files.
+fn database_bytes(env: &Path) -> Result<u64> {
+    let mut n = 0;
+    for e in std::fs::read_dir(env)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().ends_with(".db") {
+            n += e.metadata()?.len();
+        }
+    }
+    Ok(n)
+}
+
+/// A standby holding SHARED + STANDBY_ONLY transactions and a primary
+/// (stopped) rolled back to SHARED and written on with PRIMARY_ONLY others.
+/// Returns the primary's address.
+fn standby_ahead_of_its_primary(s: &Scratch) -> Result<String> {
+    let env = s.path("env");
+    bdb::run_workload(&env, &workload(SHARED))?;
+    let addr = follow_then_stop(s, "127.0.0.1:0")?;
+    cp_a(&env, &s.path("env-backup"))?;
+    let held = bdb::run_workload(&env, &workload(STANDBY_ONLY))?;
+    follow_then_stop(s, &addr)?;
+    ensure!(held == SHARED + STANDBY_ONLY, "the primary holds {held}");
+    std::fs::remove_dir_all(&env)?;
+    std::fs::rename(s.path("env-backup"), &env)?;
+    let now = bdb::run_workload(&env, &workload(PRIMARY_ONLY))?;
+    ensure!(now == SHARED + PRIMARY_ONLY, "the rolled-back primary holds {now}");
+    Ok(addr)
+}
+
+/// After a rejoin: the discard reported (in status, in the log) and kept,
+/// the standby exact.
+fn check_rejoined(s: &Scratch, log: &str) -> Result<serde_json::Value> {
+    let dir = s.path("standby");
+    let status = standby_status(&dir)?;
+    let discarded = status["discarded"]
+        .as_array()
+        .context("status lists no discards")?;
+    ensure!(discarded.len() == 1, "one discard expected: {status}");
+    let d = &discarded[0];
+    ensure!(
+        d["committed_transactions"] == STANDBY_ONLY,
+        "the standby's {STANDBY_ONLY} own transactions must be reported discarded: {d}"
+    );
+    ensure!(log.contains("REJOIN: discarded 300 committed transactions in ["), "{log}");
+    let kept = dir.join(d["kept_in"].as_str().unwrap_or_default());
+    let from = lsn_of(&d["from"]);
+    let to = lsn_of(&d["to"]);
+    for n in from.file..=to.file {
+        let name = tandem_shared::logfile::log_file_name(n);
+        ensure!(kept.join(&name).is_file(), "{name} not kept in {}", kept.display());
+    }
+    ensure!(status["rejoining"] == false, "{status}");
+    let m = recover_copy(&dir, &s.path(&format!("copy-{}", std::process::id())))?;
+    ensure!(
+        m == SHARED + PRIMARY_ONLY,
+        "after the rejoin the standby recovers {m}, the primary holds {}",
+        SHARED + PRIMARY_ONLY
+    );
+    Ok(status)
+}
+
+#[test]
+fn a_directory_holding_an_environment_is_refused_and_left_unchanged() -> Result<()> {
+    let s = Scratch::new()?;
+    bdb::run_workload(&s.path("env"), &workload(200))?;
+    // Another environment (say, an old primary's home) where a standby
+    // directory was expected.
+    let other = s.path("other");
+    bdb::run_workload(&other, &workload(100))?;
+    let before = dir_digest(&other)?;
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
+    for flags in [&[][..], &["--rejoin"][..]] {
+        let args = [QUIET.as_slice(), flags].concat();
+        let mut standby = start_standby(s.root(), &other, &primary.url(), &s.certs, &args)?;
+        let code = standby.wait_exit(LONG)?;
+        let log = standby.log_text();
+        ensure!(code.code() == Some(EXIT_REFUSED), "not refused ({code}): {log}");
+        ensure!(log.contains("no standby state"), "{log}");
+        ensure!(dir_digest(&other)? == before, "refusing changed the directory");
+    }
+    ensure!(bdb::run_workload(&other, &WorkloadOptions { recover: true, ..workload(1) })? == 101);
+    Ok(())
+}
+
+#[test]
+fn a_standby_ahead_of_its_primary_rejoins_by_page_delta() -> Result<()> {
+    let s = Scratch::new()?;
+    let addr = standby_ahead_of_its_primary(&s)?;
+    let env = s.path("env");
+    let primary = start_primary(s.root(), &env, &s.certs, &addr, &[])?;
+    let dir = s.path("standby");
+    let args = [QUIET.as_slice(), &["--rejoin"]].concat();
+    let mut standby = start_standby(s.root(), &dir, &primary.url(), &s.certs, &args)?;
+    wait_caught_up_running(&dir, &env, LONG, &mut standby)?;
+    let log = standby.log_text();
+    let status = check_rejoined(&s, &log)?;
+    let sent = status["last_rebase"]["sent_bytes"].as_u64().unwrap_or(u64::MAX);
+    let reused = status["last_rebase"]["reused_bytes"].as_u64().unwrap_or(0);
+    let db = database_bytes(&env)?;
+    eprintln!("rejoin: {sent} file bytes sent, {reused} reused, database {db} bytes");
+    ensure!(
+        sent * 10 < db,
+        "a page delta sends a small fraction of the database: {sent} of {db} bytes"
+    );
+    // Then it is an ordinary standby: it follows new commits.
+    bdb::run_workload(&env, &workload(50))?;
+    wait_caught_up_running(&dir, &env, LONG, &mut standby)?;
+    standby.stop(LONG)?;
+    Ok(())
+}
+
+#[test]
+fn a_rejoin_killed_midway_and_rerun_ends_exact() -> Result<()> {
+    let s = Scratch::new()?;
+    let addr = standby_ahead_of_its_primary(&s)?;
+    let env = s.path("env");
+    let primary = start_primary(s.root(), &env, &s.certs, &addr, &[])?;
+    let dir = s.path("standby");
+    let args = [QUIET.as_slice(), &["--rejoin"]].concat();
+    // A slow link keeps the rejoin under way long enough to kill it there.
+    let link = FaultyLink::start(primary.addr)?;
+    link.delay(100);
+    let mut standby = start_standby(s.root(), &dir, &link.url(), &s.certs, &args)?;
+    wait_while_running("the rejoin's base copy", LONG, &mut standby, || {
+        let st = standby_status(&dir)?;
+        Ok(st["rejoining"] == true && st["base_copy_done_bytes"].as_u64().unwrap_or(0) > 0)
+    })?;
+    standby.kill9()?;
+    let st = standby_status(&dir)?;
+    ensure!(st["discarded"].as_array().is_none_or(|d| d.is_empty()), "{st}");
+    let mut standby = start_standby(s.root(), &dir, &primary.url(), &s.certs, &args)?;
+    wait_caught_up_running(&dir, &env, LONG, &mut standby)?;
+    let log = standby.log_text();
+    check_rejoined(&s, &log)?;
+    standby.stop(LONG)?;
+    Ok(())
+}
