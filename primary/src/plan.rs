@@ -263,8 +263,9 @@ fn plan_strict(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
 /// verified records' length and blake3) whose records this primary's file
 /// of the same number starts with, no later than `boundary` (a base needs
 /// its log from there); the first log file the new base's log may start
-/// at so that it covers where the two histories part. `boundary`'s file
-/// when none is shared, or when a file from the shared one on is gone.
+/// at so that it covers where the two histories part. None shared: the
+/// standby's oldest file. `boundary`'s file when a file from there on is
+/// gone from this primary.
 pub fn newest_shared_log_file(
     layout: &EnvLayout,
     theirs: &[tandem_shared::wire::LogFileDigest],
@@ -287,13 +288,19 @@ pub fn newest_shared_log_file(
     };
     let mut newest_first: Vec<_> = theirs.iter().filter(|d| d.file <= boundary.file).collect();
     newest_first.sort_by_key(|d| std::cmp::Reverse(d.file));
-    for d in newest_first {
-        if shares(d) {
-            let present = (d.file..=boundary.file).all(|n| files.binary_search(&n).is_ok());
-            return if present { d.file } else { boundary.file };
-        }
+    // None shared: the histories part in the standby's oldest file (or
+    // before it, where the standby holds nothing).
+    let start = newest_first
+        .iter()
+        .find(|d| shares(d))
+        .or(newest_first.last())
+        .map_or(boundary.file, |d| d.file);
+    let present = (start..=boundary.file).all(|n| files.binary_search(&n).is_ok());
+    if present {
+        start
+    } else {
+        boundary.file
     }
-    boundary.file
 }
 
 /// The primary's end of verified log, walked now (not the watcher's
