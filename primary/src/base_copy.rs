@@ -81,8 +81,10 @@ fn first_after_last_gap(files: &[u32]) -> u32 {
         .unwrap_or(0)
 }
 
-/// Ships the database files the standby does not have, then rescans for
+/// Ships the database files the standby does not have (pages a rejoining
+/// standby has, by `rejoin_digests`, as FileSame), then rescans for
 /// databases created later and serves rebase requests.
+#[allow(clippy::too_many_arguments)]
 pub fn ship_base(
     shared: &Shared,
     tx: &Outbox,

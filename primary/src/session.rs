@@ -126,9 +126,7 @@ struct RejoinDigests {
     log_files: Vec<LogFileDigest>,
 }
 
-async fn rejoin_digests(
-    inbound: &mut Streaming<StandbyMessage>,
-) -> Result<RejoinDigests, Status> {
+async fn rejoin_digests(inbound: &mut Streaming<StandbyMessage>) -> Result<RejoinDigests, Status> {
     let mut theirs = RejoinDigests::default();
     let collect = async {
         loop {

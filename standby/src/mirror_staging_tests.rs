@@ -12,6 +12,7 @@ fn rebase_start(id: &str, file: u32) -> Kind {
         log_start: Some(LogPosition::new(file, 0).into()),
         reason: "test".into(),
         rebase: true,
+        ..Default::default()
     })
 }
 

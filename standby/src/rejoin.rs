@@ -261,8 +261,9 @@ mod tests {
         let other = vec![5u8; 40];
         let mut theirs = regop();
         theirs[23] = 9;
-        let a: Vec<&[u8]> = vec![&other, &regop(), &regop(), &regop()];
-        let b: Vec<&[u8]> = vec![&other, &regop(), &theirs];
+        let ours = regop();
+        let a: Vec<&[u8]> = vec![&other, &ours, &ours, &ours];
+        let b: Vec<&[u8]> = vec![&other, &ours, &theirs];
         let img_a = synth::file(0, 1 << 16, &a, 4096);
         let img_b = synth::file(0, 1 << 16, &b, 4096);
         std::fs::write(old.path().join(log_file_name(1)), &img_a).unwrap();

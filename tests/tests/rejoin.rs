@@ -62,7 +62,12 @@ fn appends(txns: u64) -> WorkloadOptions {
 
 fn cp_a(from: &Path, to: &Path) -> Result<()> {
     let status = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
-    ensure!(status.success(), "cp -a {} {}", from.display(), to.display());
+    ensure!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
     Ok(())
 }
 
@@ -109,7 +114,10 @@ fn standby_ahead_of_its_primary(s: &Scratch) -> Result<String> {
     std::fs::remove_dir_all(&env)?;
     std::fs::rename(s.path("env-backup"), &env)?;
     let now = bdb::run_workload(&env, &appends(PRIMARY_ONLY))?;
-    ensure!(now == SHARED + PRIMARY_ONLY, "the rolled-back primary holds {now}");
+    ensure!(
+        now == SHARED + PRIMARY_ONLY,
+        "the rolled-back primary holds {now}"
+    );
     Ok(addr)
 }
 
@@ -139,7 +147,11 @@ fn check_rejoined(s: &Scratch, log: &str) -> Result<serde_json::Value> {
     let to = lsn_of(&d["to"]);
     for n in from.file..=to.file {
         let name = tandem_shared::logfile::log_file_name(n);
-        ensure!(kept.join(&name).is_file(), "{name} not kept in {}", kept.display());
+        ensure!(
+            kept.join(&name).is_file(),
+            "{name} not kept in {}",
+            kept.display()
+        );
     }
     ensure!(status["rejoining"] == false, "{status}");
     let m = recover_copy(&dir, &s.path(&format!("copy-{}", std::process::id())))?;
@@ -166,11 +178,25 @@ fn a_directory_holding_an_environment_is_refused_and_left_unchanged() -> Result<
         let mut standby = start_standby(s.root(), &other, &primary.url(), &s.certs, &args)?;
         let code = standby.wait_exit(LONG)?;
         let log = standby.log_text();
-        ensure!(code.code() == Some(EXIT_REFUSED), "not refused ({code}): {log}");
+        ensure!(
+            code.code() == Some(EXIT_REFUSED),
+            "not refused ({code}): {log}"
+        );
         ensure!(log.contains("no standby state"), "{log}");
-        ensure!(dir_digest(&other)? == before, "refusing changed the directory");
+        ensure!(
+            dir_digest(&other)? == before,
+            "refusing changed the directory"
+        );
     }
-    ensure!(bdb::run_workload(&other, &WorkloadOptions { recover: true, ..workload(1) })? == 101);
+    ensure!(
+        bdb::run_workload(
+            &other,
+            &WorkloadOptions {
+                recover: true,
+                ..workload(1)
+            }
+        )? == 101
+    );
     Ok(())
 }
 
@@ -186,7 +212,9 @@ fn a_standby_ahead_of_its_primary_rejoins_by_page_delta() -> Result<()> {
     wait_caught_up_running(&dir, &env, LONG, &mut standby)?;
     let log = standby.log_text();
     let status = check_rejoined(&s, &log)?;
-    let sent = status["last_rebase"]["sent_bytes"].as_u64().unwrap_or(u64::MAX);
+    let sent = status["last_rebase"]["sent_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
     let reused = status["last_rebase"]["reused_bytes"].as_u64().unwrap_or(0);
     let db = database_bytes(&env)?;
     eprintln!("rejoin: {sent} file bytes sent, {reused} reused, database {db} bytes");
@@ -219,7 +247,10 @@ fn a_rejoin_killed_midway_and_rerun_ends_exact() -> Result<()> {
     })?;
     standby.kill9()?;
     let st = standby_status(&dir)?;
-    ensure!(st["discarded"].as_array().is_none_or(|d| d.is_empty()), "{st}");
+    ensure!(
+        st["discarded"].as_array().is_none_or(|d| d.is_empty()),
+        "{st}"
+    );
     let mut standby = start_standby(s.root(), &dir, &primary.url(), &s.certs, &args)?;
     wait_caught_up_running(&dir, &env, LONG, &mut standby)?;
     let log = standby.log_text();

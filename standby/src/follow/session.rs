@@ -84,7 +84,12 @@ pub(super) async fn run(
             Ok((pages, logs))
         };
         match tokio::task::block_in_place(read) {
-            Ok((pages, logs)) => Some(send_digests(out.clone(), pages, logs, mirror_base_id(&mirror))),
+            Ok((pages, logs)) => Some(send_digests(
+                out.clone(),
+                pages,
+                logs,
+                mirror_base_id(&mirror),
+            )),
             Err(e) => {
                 return (
                     mirror,
