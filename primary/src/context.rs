@@ -21,6 +21,8 @@ pub struct Counters {
     pub log_bytes: AtomicU64,
     pub chunks: AtomicU64,
     pub sessions: AtomicU64,
+    /// Hellos from standbys that had seen a newer epoch than this primary's.
+    pub fenced_hellos: AtomicU64,
 }
 
 /// State shared by every session of one primary.
@@ -57,6 +59,11 @@ impl Shared {
                     )
                 })
                 .unwrap_or_default(),
+            history: self.identity.history.iter().map(Into::into).collect(),
+            fenced_hellos: self
+                .counters
+                .fenced_hellos
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }

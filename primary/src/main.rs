@@ -259,6 +259,15 @@ async fn status(a: StatusArgs) -> Result<()> {
         "role:        primary\nenvironment: {}\nepoch:       {}\nend of log:  {end}",
         s.env_id, s.epoch
     );
+    let history: Vec<tandem_shared::epochs::EpochStart> =
+        s.history.iter().map(Into::into).collect();
+    println!("history:     {}", tandem_shared::epochs::describe(&history));
+    if s.fenced_hellos > 0 {
+        println!(
+            "FENCED:      {} standby Hellos came from a newer epoch: a standby was promoted past this primary; stop the application here",
+            s.fenced_hellos
+        );
+    }
     if !s.retention_blocked.is_empty() {
         println!("RETENTION BLOCKED: {}", s.retention_blocked);
     }
@@ -300,6 +309,9 @@ async fn status(a: StatusArgs) -> Result<()> {
                 println!("  archive: holds the log up to {a}{released}");
             }
             None => println!("  archive: none registered"),
+        }
+        if !b.refused.is_empty() {
+            println!("  REFUSED (epoch {}): {}", b.epoch, b.refused);
         }
     }
     Ok(())

@@ -36,6 +36,11 @@ pub fn render(shared: &Shared) -> String {
         .iter()
         .map(|s| (s.name.clone(), i64::from(s.connected)))
         .collect();
+    let refused: Vec<(String, i64)> = status
+        .standbys
+        .iter()
+        .map(|s| (s.name.clone(), i64::from(!s.refused.is_empty())))
+        .collect();
     let end = status.end.unwrap_or_default();
     MetricsPage::default()
         .counter("tandem_primary_file_bytes_sent_total", "Database file bytes sent to standbys.", c.file_bytes.load(Ordering::Relaxed))
@@ -45,6 +50,11 @@ pub fn render(shared: &Shared) -> String {
         .gauge_int("tandem_primary_log_end_file", "Log file number of the primary's end of verified log.", i64::from(end.file))
         .gauge_int("tandem_primary_log_end_offset_bytes", "Offset of the primary's end of verified log.", i64::from(end.offset))
         .gauge_int("tandem_primary_epoch", "The primary's epoch (fencing token).", int(shared.identity.epoch))
+        .counter(
+            "tandem_primary_fenced_hellos_total",
+            "Standbys refused because they had seen a newer epoch: this primary is fenced (a standby was promoted past it).",
+            c.fenced_hellos.load(Ordering::Relaxed),
+        )
         .gauge_int(
             "tandem_primary_retention_blocked",
             "1 while log retention removes nothing because the known standbys cannot be read.",
@@ -59,6 +69,12 @@ pub fn render(shared: &Shared) -> String {
             &for_archive,
         )
         .gauge_by("tandem_primary_standby_connected", "1 while the standby is connected.", "standby", &connected)
+        .gauge_by(
+            "tandem_primary_standby_refused",
+            "1 while the standby's last Hello was refused (fenced, diverged, another environment).",
+            "standby",
+            &refused,
+        )
         .finish()
 }
 
@@ -82,6 +98,8 @@ pub fn status_document(s: &tandem_shared::wire::PrimaryStatus) -> serde_json::Va
                 "held_for_archive_bytes": b.held_for_archive_bytes,
                 "archived_lsn": b.archived.map(|a| serde_json::json!({"file": a.file, "offset": a.offset})),
                 "archive_released_below": b.archive_released_below,
+                "epoch": b.epoch,
+                "refused": (!b.refused.is_empty()).then_some(&b.refused),
             })
         })
         .collect();
@@ -90,5 +108,24 @@ pub fn status_document(s: &tandem_shared::wire::PrimaryStatus) -> serde_json::Va
         "role": "primary", "env_id": s.env_id, "epoch": s.epoch,
         "end_lsn": {"file": end.file, "offset": end.offset}, "standbys": standbys,
         "retention_blocked": (!s.retention_blocked.is_empty()).then_some(&s.retention_blocked),
+        "history": history_document(&s.history),
+        "fenced_hellos": s.fenced_hellos,
     })
+}
+
+/// The epoch history as JSON: `[{"epoch", "start_lsn", "prev_record_digest"}]`.
+pub fn history_document(history: &[tandem_shared::wire::EpochStart]) -> serde_json::Value {
+    history
+        .iter()
+        .map(|e| {
+            let start = e.start.unwrap_or_default();
+            serde_json::json!({
+                "epoch": e.epoch,
+                "start_lsn": {"file": start.file, "offset": start.offset},
+                "prev_record_digest": blake3::Hash::from_slice(&e.prev_record_digest)
+                    .map(|h| h.to_hex().to_string())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
 }

@@ -15,12 +15,19 @@
 //!   record): `failed_precondition`, "diverged: …". The standby may hold
 //!   transactions this primary lost (a primary restored from an older copy,
 //!   or whose unsynced log was lost in a crash), so only the operator may
-//!   choose between promoting it and starting it over.
+//!   choose between promoting it and starting it over;
+//! - the standby is at an older epoch and holds log beyond the position
+//!   where the next epoch began (it was ahead of the standby promoted to
+//!   this primary): `failed_precondition`, "diverged: …", naming that
+//!   position and the bytes it would discard ([`check_history`]). A standby
+//!   at an older epoch that holds only a prefix of this primary's history
+//!   continues streaming like any other: no new base, no file re-sent.
 
 use std::fmt;
 use std::fs::File;
 use std::io;
 use tandem_shared::envlayout::EnvLayout;
+use tandem_shared::epochs::{parting_point, EpochStart};
 use tandem_shared::logfile::{read_verified, walk_file, WalkStop};
 use tandem_shared::wire::Hello;
 use tandem_shared::LogPosition;
@@ -52,13 +59,25 @@ pub enum Refusal {
     Unavailable(String),
     #[error(transparent)]
     Diverged(#[from] Divergence),
+    #[error(
+        "diverged: the standby is at epoch {standby_epoch} and this primary at epoch {primary_epoch}, but this \
+         primary's history does not say where the epochs after {standby_epoch} began (it was promoted by an older \
+         Tandem), so it cannot prove the standby holds a prefix of its log. Nothing was sent and the standby's \
+         directory was not touched. Restart the standby with `tandem-standby run --start-over` to take a new base"
+    )]
+    HistoryUnknown {
+        standby_epoch: u64,
+        primary_epoch: u64,
+    },
 }
 
 impl From<Refusal> for Status {
     fn from(r: Refusal) -> Self {
         match &r {
             Refusal::Unavailable(_) => Status::unavailable(r.to_string()),
-            Refusal::Diverged(_) => Status::failed_precondition(r.to_string()),
+            Refusal::Diverged(_) | Refusal::HistoryUnknown { .. } => {
+                Status::failed_precondition(r.to_string())
+            }
         }
     }
 }
@@ -71,6 +90,9 @@ pub enum DivergenceKind {
     NotARecordBoundary,
     /// The record before the standby's end differs from the primary's.
     LastRecordDiffers,
+    /// The standby, at an older epoch, holds log beyond `start`, where
+    /// epoch `epoch` (this primary's history) began.
+    BeyondEpochStart { epoch: u64, start: LogPosition },
 }
 
 /// The standby's log does not continue the primary's.
@@ -104,6 +126,20 @@ impl Divergence {
 
 impl fmt::Display for Divergence {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let DivergenceKind::BeyondEpochStart { epoch, start } = self.kind {
+            return write!(
+                f,
+                "diverged: epoch {epoch} of this environment began at {start} (where the standby promoted to this \
+                 primary ended), but this standby holds the log up to {} durably: {} bytes of log beyond {start} \
+                 that this primary's history does not contain (it was ahead of the promoted standby on the old \
+                 primary). Continuing would discard them, so nothing was sent and the standby's directory was not \
+                 touched. Choose one: promote this standby (`tandem-standby promote`) if those transactions must \
+                 survive; or restart it with `tandem-standby run --rejoin` to discard the log beyond {start} and \
+                 follow this primary",
+                self.standby,
+                self.beyond.unwrap_or(0)
+            );
+        }
         let why = match self.kind {
             DivergenceKind::BeyondEnd => "the standby holds log beyond this primary's end of log",
             DivergenceKind::NotARecordBoundary => {
@@ -112,6 +148,7 @@ impl fmt::Display for Divergence {
             DivergenceKind::LastRecordDiffers => {
                 "the standby's last log record differs from this primary's record at the same position"
             }
+            DivergenceKind::BeyondEpochStart { .. } => unreachable!("written above"),
         };
         let beyond = match self.beyond {
             Some(n) => format!("at least {n} bytes of log beyond the point where the two agree"),
@@ -129,17 +166,74 @@ impl fmt::Display for Divergence {
     }
 }
 
+/// What the epoch history says of a standby's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HistoryVerdict {
+    /// The standby is at this primary's epoch, or what it holds ends at or
+    /// before the start of every newer epoch: a prefix of this
+    /// primary's history (the usual checks of its last record still apply).
+    Continue,
+    /// The standby holds log beyond `switch_at.start`: `beyond` bytes of it
+    /// are not this primary's.
+    Beyond {
+        switch_at: EpochStart,
+        standby: LogPosition,
+        beyond: u64,
+    },
+    /// The standby is at an older epoch and the history does not say where
+    /// the one after it began.
+    Unknown,
+}
+
+/// Where the standby's log, at `hello.epoch`, leaves this primary's
+/// history (`our_epoch`, `history`). `lg_max` sizes the bytes beyond.
+pub fn check_history(
+    hello: &Hello,
+    our_epoch: u64,
+    history: &[EpochStart],
+    lg_max: u32,
+) -> HistoryVerdict {
+    // Epoch 0: a standby that never saw a primary (it holds nothing that
+    // could belong to another epoch).
+    if hello.epoch == 0 || hello.epoch >= our_epoch {
+        return HistoryVerdict::Continue;
+    }
+    let Some(next) = parting_point(history, hello.epoch) else {
+        return HistoryVerdict::Unknown;
+    };
+    let d: LogPosition = hello.durable.unwrap_or_default().into();
+    if d <= next.start {
+        return HistoryVerdict::Continue;
+    }
+    HistoryVerdict::Beyond {
+        switch_at: next.clone(),
+        standby: d,
+        beyond: next.start.bytes_until(d, lg_max),
+    }
+}
+
 /// Can the standby's log be continued, does it need a new base, or must
-/// it be refused? A standby that asked to rejoin (`Hello.rejoin`) gets a
-/// page-delta new base where another would be refused as diverged.
-pub fn plan(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
-    match plan_strict(layout, hello) {
+/// it be refused? `our_epoch` and `history` are this primary's. A standby
+/// that asked to rejoin (`Hello.rejoin`) gets a page-delta new base where
+/// another would be refused as diverged.
+pub fn plan(
+    layout: &EnvLayout,
+    hello: &Hello,
+    our_epoch: u64,
+    history: &[EpochStart],
+) -> Result<Plan, Refusal> {
+    match plan_strict(layout, hello, our_epoch, history) {
         Err(Refusal::Diverged(d)) if hello.rejoin => Ok(d.rejoin()),
         other => other,
     }
 }
 
-fn plan_strict(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
+fn plan_strict(
+    layout: &EnvLayout,
+    hello: &Hello,
+    our_epoch: u64,
+    history: &[EpochStart],
+) -> Result<Plan, Refusal> {
     let new_base = |reason: String| Ok(Plan::NewBase { reason });
     if hello.base_id.is_empty() {
         return new_base("the standby holds no base yet".into());
@@ -167,6 +261,32 @@ fn plan_strict(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
     };
     let (end, lg_max) = log_end(layout, newest)
         .map_err(|e| unavailable(&format!("reading {}", layout.log_name(newest)), &e))?;
+    match check_history(hello, our_epoch, history, lg_max) {
+        HistoryVerdict::Continue => {}
+        HistoryVerdict::Unknown => {
+            return Err(Refusal::HistoryUnknown {
+                standby_epoch: hello.epoch,
+                primary_epoch: our_epoch,
+            })
+        }
+        HistoryVerdict::Beyond {
+            switch_at,
+            standby,
+            beyond,
+        } => {
+            return Err(Divergence {
+                kind: DivergenceKind::BeyondEpochStart {
+                    epoch: switch_at.epoch,
+                    start: switch_at.start,
+                },
+                standby,
+                primary_end: end,
+                beyond: Some(beyond),
+                agreed: switch_at.start,
+            }
+            .into())
+        }
+    }
     // The very start of the file after the primary's newest is where a
     // caught-up standby waits for BDB's next file: nothing beyond.
     let waiting_for_next = d.offset == 0 && d.file == newest + 1;
@@ -350,6 +470,11 @@ mod tests {
         }
     }
 
+    /// A primary at epoch 1, with no history.
+    fn plan1(layout: &EnvLayout, hello: &Hello) -> Result<Plan, Refusal> {
+        plan(layout, hello, 1, &[])
+    }
+
     fn digest_of_last_record(layout: &EnvLayout, at: LogPosition) -> Vec<u8> {
         let f = File::open(layout.log_path(at.file)).unwrap();
         let r = read_verified(&f, 0, None, at.offset as usize).unwrap();
@@ -362,7 +487,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (layout, ends) = env(dir.path());
         let at = LogPosition::new(2, ends[1][2]);
-        let p = plan(&layout, &hello(at, digest_of_last_record(&layout, at))).unwrap();
+        let p = plan1(&layout, &hello(at, digest_of_last_record(&layout, at))).unwrap();
         assert!(matches!(p, Plan::Resume { from, prev: Some(_) } if from == at));
     }
 
@@ -374,13 +499,13 @@ mod tests {
         // A directory where the log file was: listed, opened, unreadable.
         std::fs::remove_file(layout.log_path(1)).unwrap();
         std::fs::create_dir(layout.log_path(1)).unwrap();
-        let r = plan(&layout, &hello(at, vec![])).unwrap_err();
+        let r = plan1(&layout, &hello(at, vec![])).unwrap_err();
         assert!(matches!(r, Refusal::Unavailable(_)), "{r}");
         assert_eq!(Status::from(r).code(), tonic::Code::Unavailable);
         // The same with the newest file, read for the end of log.
         std::fs::remove_file(layout.log_path(2)).unwrap();
         std::fs::create_dir(layout.log_path(2)).unwrap();
-        let r = plan(&layout, &hello(at, vec![])).unwrap_err();
+        let r = plan1(&layout, &hello(at, vec![])).unwrap_err();
         assert!(matches!(r, Refusal::Unavailable(_)), "{r}");
     }
 
@@ -396,7 +521,7 @@ mod tests {
                 u64::from(LG_MAX - end.offset + LG_MAX + 500),
             ),
         ] {
-            let Err(Refusal::Diverged(d)) = plan(&layout, &hello(at, vec![])) else {
+            let Err(Refusal::Diverged(d)) = plan1(&layout, &hello(at, vec![])) else {
                 panic!("{at} must be refused");
             };
             assert_eq!(d.kind, DivergenceKind::BeyondEnd);
@@ -415,7 +540,7 @@ mod tests {
         // Waiting at the start of the next file is not beyond anything.
         let next = LogPosition::new(3, 0);
         assert!(matches!(
-            plan(&layout, &hello(next, vec![])),
+            plan1(&layout, &hello(next, vec![])),
             Ok(Plan::Resume { from, .. }) if from == next
         ));
     }
@@ -425,7 +550,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (layout, ends) = env(dir.path());
         let at = LogPosition::new(1, ends[0][3] + 40);
-        let Err(Refusal::Diverged(d)) = plan(&layout, &hello(at, vec![])) else {
+        let Err(Refusal::Diverged(d)) = plan1(&layout, &hello(at, vec![])) else {
             panic!("must be refused");
         };
         assert_eq!((d.kind, d.beyond), (DivergenceKind::BeyondEnd, Some(40)));
@@ -436,12 +561,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (layout, ends) = env(dir.path());
         let inside = LogPosition::new(2, ends[1][2] - 3);
-        let Err(Refusal::Diverged(d)) = plan(&layout, &hello(inside, vec![])) else {
+        let Err(Refusal::Diverged(d)) = plan1(&layout, &hello(inside, vec![])) else {
             panic!("must be refused");
         };
         assert_eq!(d.kind, DivergenceKind::NotARecordBoundary);
         let at = LogPosition::new(2, ends[1][2]);
-        let Err(Refusal::Diverged(d)) = plan(&layout, &hello(at, vec![7; 32])) else {
+        let Err(Refusal::Diverged(d)) = plan1(&layout, &hello(at, vec![7; 32])) else {
             panic!("must be refused");
         };
         assert_eq!(d.kind, DivergenceKind::LastRecordDiffers);
@@ -456,20 +581,20 @@ mod tests {
         let mut h = hello(LogPosition::new(2, end.offset + 100), vec![]);
         h.rejoin = true;
         assert!(matches!(
-            plan(&layout, &h),
+            plan1(&layout, &h),
             Ok(Plan::Rejoin { discard_after, .. }) if discard_after == end
         ));
         let at = LogPosition::new(2, ends[1][2]);
         let mut h = hello(at, vec![7; 32]);
         h.rejoin = true;
         assert!(matches!(
-            plan(&layout, &h),
+            plan1(&layout, &h),
             Ok(Plan::Rejoin { discard_after, .. }) if discard_after == LogPosition::new(2, ends[1][1])
         ));
         // One it can continue is continued: no base.
         let mut h = hello(at, digest_of_last_record(&layout, at));
         h.rejoin = true;
-        assert!(matches!(plan(&layout, &h), Ok(Plan::Resume { .. })));
+        assert!(matches!(plan1(&layout, &h), Ok(Plan::Resume { .. })));
     }
 
     #[test]
@@ -480,15 +605,111 @@ mod tests {
         let mut h = hello(at, vec![]);
         h.new_base_request = "operator: run --start-over".into();
         assert!(
-            matches!(plan(&layout, &h), Ok(Plan::NewBase { reason }) if reason.contains("--start-over"))
+            matches!(plan1(&layout, &h), Ok(Plan::NewBase { reason }) if reason.contains("--start-over"))
         );
         h.new_base_request.clear();
         h.base_id.clear();
-        assert!(matches!(plan(&layout, &h), Ok(Plan::NewBase { .. })));
+        assert!(matches!(plan1(&layout, &h), Ok(Plan::NewBase { .. })));
         std::fs::remove_file(layout.log_path(1)).unwrap();
         assert!(matches!(
-            plan(&layout, &hello(at, vec![])),
+            plan1(&layout, &hello(at, vec![])),
             Ok(Plan::NewBase { reason }) if reason.contains("are gone from the primary")
         ));
+    }
+
+    /// Epoch 2 began at `x`, the end of record 2 of file 2.
+    fn history_at(layout: &EnvLayout, x: LogPosition) -> Vec<EpochStart> {
+        vec![EpochStart {
+            epoch: 2,
+            start: x,
+            prev_record_digest: digest_of_last_record(layout, x),
+        }]
+    }
+
+    #[test]
+    fn an_older_epoch_holding_a_prefix_of_the_history_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let x = LogPosition::new(2, ends[1][2]);
+        let history = history_at(&layout, x);
+        for at in [
+            x,
+            LogPosition::new(1, ends[0][3]),
+            LogPosition::new(2, ends[1][1]),
+        ] {
+            let mut h = hello(at, digest_of_last_record(&layout, at));
+            h.epoch = 1;
+            let p = plan(&layout, &h, 2, &history).unwrap();
+            assert!(
+                matches!(p, Plan::Resume { from, .. } if from == at),
+                "{at}: {p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_older_epoch_holding_log_beyond_the_epoch_start_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let x = LogPosition::new(2, ends[1][1]);
+        let history = history_at(&layout, x);
+        // The standby's last record matches the primary's at its position:
+        // only the history tells the two apart.
+        let at = LogPosition::new(2, ends[1][3]);
+        let mut h = hello(at, digest_of_last_record(&layout, at));
+        h.epoch = 1;
+        let Err(Refusal::Diverged(d)) = plan(&layout, &h, 2, &history) else {
+            panic!("must be refused");
+        };
+        assert_eq!(
+            d.kind,
+            DivergenceKind::BeyondEpochStart { epoch: 2, start: x }
+        );
+        let beyond = u64::from(ends[1][3] - ends[1][1]);
+        assert_eq!(d.beyond, Some(beyond));
+        let status = Status::from(Refusal::Diverged(d));
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        let msg = status.message();
+        assert!(msg.starts_with("diverged:"), "{msg}");
+        for needle in [
+            x.to_string(),
+            at.to_string(),
+            format!("{beyond} bytes"),
+            "--rejoin".into(),
+            "promote".into(),
+        ] {
+            assert!(msg.contains(&needle), "{msg} lacks {needle}");
+        }
+        // The same standby once it follows epoch 2 (its log is epoch 2's).
+        h.epoch = 2;
+        assert!(matches!(
+            plan(&layout, &h, 2, &history),
+            Ok(Plan::Resume { .. })
+        ));
+        // An empty standby or one that asks for a new base is not refused.
+        h.epoch = 1;
+        h.new_base_request = "operator: run --start-over".into();
+        assert!(matches!(
+            plan(&layout, &h, 2, &history),
+            Ok(Plan::NewBase { .. })
+        ));
+    }
+
+    #[test]
+    fn an_older_epoch_without_a_recorded_start_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (layout, ends) = env(dir.path());
+        let at = LogPosition::new(2, ends[1][1]);
+        let mut h = hello(at, digest_of_last_record(&layout, at));
+        h.epoch = 1;
+        let r = plan(&layout, &h, 2, &[]).unwrap_err();
+        assert!(matches!(r, Refusal::HistoryUnknown { .. }), "{r}");
+        // The history names epoch 3 only: where epoch 2 left epoch 1's log
+        // is unknown.
+        let x = LogPosition::new(2, ends[1][2]);
+        let mut history = history_at(&layout, x);
+        history[0].epoch = 3;
+        let r = plan(&layout, &h, 3, &history).unwrap_err();
+        assert!(matches!(r, Refusal::HistoryUnknown { .. }), "{r}");
     }
 }

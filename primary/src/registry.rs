@@ -88,8 +88,20 @@ pub enum RegistryError {
     Store(#[from] ControlFileError),
 }
 
+/// The last Hello of a standby, in memory only: for the status, so an
+/// operator sees a fenced or refused standby (a refused new standby has
+/// no record).
+#[derive(Debug, Clone, Default)]
+struct LastHello {
+    peer: String,
+    epoch: u64,
+    /// Why it was refused; empty when accepted.
+    refused: String,
+}
+
 struct Records {
     map: BTreeMap<String, StandbyRecord>,
+    hellos: BTreeMap<String, LastHello>,
     /// Why the standbys file could not be read; `None` once it could.
     unreadable: Option<String>,
 }
@@ -121,7 +133,11 @@ impl StandbyRegistry {
         };
         Self {
             path,
-            records: Mutex::new(Records { map, unreadable }),
+            records: Mutex::new(Records {
+                map,
+                hellos: BTreeMap::new(),
+                unreadable,
+            }),
         }
     }
 
@@ -200,9 +216,36 @@ impl StandbyRegistry {
         Ok(out)
     }
 
-    /// The records as the status reports them, lag measured against `end`.
+    /// Notes a standby's Hello at `epoch` and why it was refused (`None`:
+    /// accepted), for the status.
+    pub fn hello_seen(&self, name: &str, peer: &str, epoch: u64, refused: Option<&str>) {
+        self.lock().hellos.insert(
+            name.to_owned(),
+            LastHello {
+                peer: peer.to_owned(),
+                epoch,
+                refused: refused.unwrap_or_default().to_owned(),
+            },
+        );
+    }
+
+    /// The records as the status reports them, lag measured against `end`,
+    /// and the standbys refused before they got one.
     pub fn status(&self, end: LogPosition, lg_max: u32) -> Vec<StandbyInfo> {
-        self.lock()
+        let records = self.lock();
+        let hello = |name: &str| records.hellos.get(name).cloned().unwrap_or_default();
+        let unrecorded = records
+            .hellos
+            .iter()
+            .filter(|(name, _)| !records.map.contains_key(*name))
+            .map(|(name, h)| StandbyInfo {
+                name: name.clone(),
+                peer: h.peer.clone(),
+                epoch: h.epoch,
+                refused: h.refused.clone(),
+                ..Default::default()
+            });
+        records
             .map
             .iter()
             .map(|(name, r)| StandbyInfo {
@@ -218,7 +261,10 @@ impl StandbyRegistry {
                 archived: r.archived.map(Into::into),
                 held_for_archive_bytes: r.held_for_archive_bytes,
                 archive_released_below: r.archive_released_below,
+                refused: hello(name).refused,
+                epoch: hello(name).epoch,
             })
+            .chain(unrecorded)
             .collect()
     }
 

@@ -8,7 +8,7 @@
 //! bound), and the environment lock is released last.
 
 pub use crate::context::{Counters, Shared};
-use crate::identity::PrimaryState;
+use crate::identity::{PrimaryState, Promoted};
 use crate::log_watch;
 use crate::registry::StandbyRegistry;
 use crate::session;
@@ -108,7 +108,8 @@ pub async fn serve(
     let layout = EnvLayout::open(&cfg.env)
         .with_context(|| format!("opening environment {}", cfg.env.display()))?;
     layout.database_files().context("the environment holds a file Tandem cannot ship, and a standby without it would not recover")?;
-    let state = PrimaryState::open(&cfg.state_dir, promoted_epoch(&cfg.env))?;
+    let promoted = promoted(&cfg.env)?;
+    let state = PrimaryState::open(&cfg.state_dir, promoted.as_ref())?;
     let tls = cfg.tls.server_config().context("loading TLS files")?;
     let stop = CancellationToken::new();
     // Every way out of this function, early errors included, stops the
@@ -232,13 +233,36 @@ pub async fn serve(
     Ok(())
 }
 
-/// The epoch of a promoted standby directory, when a primary is started on
-/// one: the new primary must be ahead of the one it replaced, so standbys
-/// that have seen it refuse the old one.
-fn promoted_epoch(env: &std::path::Path) -> u64 {
+/// What a promotion recorded, when a primary is started on a promoted
+/// standby's directory: the new primary keeps the environment's identity
+/// and history and is ahead of the one it replaced, so standbys that have
+/// seen it refuse the old one and the others can follow it.
+fn promoted(env: &std::path::Path) -> Result<Option<Promoted>> {
     let path = env.join(".tandem").join("state");
-    match tandem_shared::durable::ControlFile::load::<serde_json::Value>(&path, u32::MAX) {
-        Ok(Some(v)) => v["promoted"]["epoch"].as_u64().unwrap_or(0),
-        _ => 0,
-    }
+    // Read as plain JSON: only these fields matter here, whatever the
+    // standby state's format version.
+    let v = match tandem_shared::durable::ControlFile::load::<serde_json::Value>(&path, u32::MAX) {
+        Ok(Some(v)) => v,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the standby state in the environment; starting as if it was never a standby");
+            return Ok(None);
+        }
+    };
+    let Some(epoch) = v["promoted"]["epoch"].as_u64() else {
+        return Ok(None);
+    };
+    let history = match v.get("history") {
+        Some(h) => serde_json::from_value(h.clone())
+            .with_context(|| format!("reading the epoch history in {}", path.display()))?,
+        None => Vec::new(),
+    };
+    Ok(Some(Promoted {
+        env_id: v["env_id"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(crate::identity::random_id),
+        epoch,
+        history,
+    }))
 }

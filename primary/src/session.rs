@@ -97,7 +97,12 @@ pub async fn run(
     } else {
         RejoinDigests::default()
     };
-    match start(&shared, &guard, &peer, &hello, &tx, rejoin).await {
+    let started = start(&shared, &guard, &peer, &hello, &tx, rejoin).await;
+    let refused = started.as_ref().err().map(|s| s.message().to_owned());
+    shared
+        .registry
+        .hello_seen(&name, &peer, hello.epoch, refused.as_deref());
+    match started {
         Ok(duties) => {
             follow_acks(&shared, &guard, &mut inbound, &duties.commands).await;
             duties.join().await;
@@ -201,13 +206,19 @@ async fn start(
         )));
     }
     if hello.epoch > id.epoch {
+        shared
+            .counters
+            .fenced_hellos
+            .fetch_add(1, Ordering::Relaxed);
         tracing::error!(
-            standby = %name, standby_epoch = hello.epoch, our_epoch = id.epoch,
-            "FENCED: this standby has seen a newer epoch: a standby was promoted past this primary. \
-             Not shipping to it. Stop the application on this machine; it is no longer the primary."
+            standby = %name, %peer, standby_epoch = hello.epoch, our_epoch = id.epoch,
+            "FENCED: this standby has seen epoch {} but this primary is at epoch {}: a standby was promoted past \
+             this primary. Not shipping to it. Stop the application on this machine; it is no longer the primary",
+            hello.epoch, id.epoch
         );
         return Err(Status::failed_precondition(format!(
-            "fenced: the standby has seen epoch {} but this primary is at epoch {}; a newer primary exists",
+            "FENCED: the standby has seen epoch {} but this primary is at epoch {}: a newer primary exists and \
+             this one is fenced. Nothing was sent. Point the standby at the current primary",
             hello.epoch, id.epoch
         )));
     }
@@ -217,7 +228,9 @@ async fn start(
             hello.env_id, id.env_id
         )));
     }
-    let plan = match tokio::task::block_in_place(|| crate::plan::plan(&shared.layout, hello)) {
+    let plan = match tokio::task::block_in_place(|| {
+        crate::plan::plan(&shared.layout, hello, id.epoch, &id.history)
+    }) {
         Ok(p) => p,
         Err(r) => {
             match &r {
@@ -229,6 +242,9 @@ async fn start(
                     standby = %name, %peer, error = %why,
                     "cannot read the log to plan this standby's stream; refusing for now (it retries), no new base"
                 ),
+                Refusal::HistoryUnknown { .. } => {
+                    tracing::error!(standby = %name, %peer, "DIVERGED: {r}")
+                }
             }
             return Err(r.into());
         }
@@ -340,6 +356,7 @@ fn welcome(shared: &Shared, resume: bool) -> Kind {
         epoch: shared.identity.epoch,
         log_dir: tandem_shared::envlayout::rel_name(&shared.layout.log_dir_rel()),
         resume,
+        history: shared.identity.history.iter().map(Into::into).collect(),
     })
 }
 

@@ -3,6 +3,7 @@
 //! - [`lsn`]: `LogPosition`, the one way positions are expressed.
 //! - [`logfile`]: BDB's log file format and the record walker.
 //! - [`envlayout`]: which files make up an environment and where they live.
+//! - [`epochs`]: the epoch history promotions write and standbys follow.
 //! - [`envusers`]: which processes have an environment open.
 //! - [`pages`]: reading database pages without shipping a torn one.
 //! - [`wirepath`]: accepting file names from the network safely.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod durable;
 pub mod envlayout;
 pub mod envusers;
+pub mod epochs;
 pub mod logfile;
 pub mod lsn;
 pub mod metrics;

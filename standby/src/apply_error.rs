@@ -44,8 +44,15 @@ pub enum ApplyError {
     TooLarge { name: String, size: u64 },
     #[error("environment mismatch: this directory mirrors environment {ours}, the primary serves {theirs}")]
     IdentityMismatch { ours: String, theirs: String },
-    #[error("fenced: this standby has seen epoch {ours}, the primary is at epoch {theirs} (a newer primary exists)")]
+    #[error(
+        "FENCED: this standby has seen epoch {ours}, the primary is at the older epoch {theirs}: a standby was \
+         promoted past it, and a newer primary exists. Nothing was written. Point this standby at the current primary"
+    )]
     Fenced { ours: u64, theirs: u64 },
+    /// The primary's epoch history gives an epoch another start than the
+    /// one this standby knows: two promotions made the same epoch.
+    #[error("{0}. Nothing was written; find out which primary is current before pointing this standby at it")]
+    HistoryConflict(#[from] tandem_shared::epochs::HistoryConflict),
     /// The primary offered a new base although this standby holds log the
     /// primary's history does not continue (a primary rolled back, restored
     /// from an older copy, or that lost its unsynced tail).
@@ -79,6 +86,7 @@ impl ApplyError {
             self,
             ApplyError::IdentityMismatch { .. }
                 | ApplyError::Fenced { .. }
+                | ApplyError::HistoryConflict(_)
                 | ApplyError::Diverged { .. }
         )
     }

@@ -68,6 +68,11 @@ pub fn render(s: &StandbyStatus) -> String {
             i64::from(s.recoverable),
         )
         .gauge_int("tandem_standby_epoch", "Highest epoch seen.", int(s.epoch))
+        .gauge_int(
+            "tandem_standby_epoch_history_length",
+            "Promotions recorded in the epoch history this directory knows.",
+            int(s.history.len() as u64),
+        )
         .counter(
             "tandem_standby_rebases_total",
             "Rebases completed.",

@@ -43,6 +43,7 @@ use crate::state::{BaseState, StagedLog, StandbyDir, StandbyState};
 use crate::swap::{self, save_state, Steps};
 use std::io;
 use tandem_shared::durable::fsync_dir;
+use tandem_shared::epochs::EpochStart;
 use tandem_shared::wire::primary_message::Kind;
 use tandem_shared::wirepath;
 use tandem_shared::LogPosition;
@@ -223,6 +224,9 @@ impl Mirror {
                         theirs: w.epoch,
                     });
                 }
+                let theirs: Vec<EpochStart> = w.history.iter().map(Into::into).collect();
+                tandem_shared::epochs::check_agrees(&self.state.history, &theirs)?;
+                let history = merge_history(&self.state.history, theirs);
                 if !w.log_dir.is_empty() {
                     wirepath::validate(&w.log_dir)?;
                 }
@@ -234,7 +238,8 @@ impl Mirror {
                 }
                 let changed = self.state.env_id.as_deref() != Some(w.env_id.as_str())
                     || self.state.epoch != w.epoch
-                    || self.state.log_dir != w.log_dir;
+                    || self.state.log_dir != w.log_dir
+                    || self.state.history != history;
                 if w.resume {
                     // The primary continues this log: nothing to discard.
                     self.rejoin = false;
@@ -243,6 +248,7 @@ impl Mirror {
                     self.state.env_id = Some(w.env_id);
                     self.state.epoch = w.epoch;
                     self.state.log_dir = w.log_dir;
+                    self.state.history = history;
                     self.save()?;
                 }
                 Ok(Applied::default())
@@ -670,6 +676,19 @@ fn clear_incoming(dir: &StandbyDir) -> io::Result<()> {
         remove_if_exists(&e.path())?;
     }
     Ok(())
+}
+
+/// The epochs both histories know (they agree on each, checked before),
+/// oldest first: a primary never makes a standby forget an epoch start.
+fn merge_history(ours: &[EpochStart], theirs: Vec<EpochStart>) -> Vec<EpochStart> {
+    let mut all = theirs;
+    for o in ours {
+        if !all.iter().any(|t| t.epoch == o.epoch) {
+            all.push(o.clone());
+        }
+    }
+    all.sort_by_key(|e| e.epoch);
+    all
 }
 
 /// Reads the end of the mirror's log from the files (read-only, no fsync):

@@ -16,7 +16,12 @@
 //! 3. Prove it recovers, in place: catastrophic recovery, then `db_verify`
 //!    of every database ([`crate::readiness::recover_and_verify`], the same
 //!    routine the readiness check runs on a clone).
-//! 4. Record the promotion durably with a new epoch (the fencing token).
+//! 4. Record the promotion durably with a new epoch (the fencing token)
+//!    and where it began: the durable end of log X before recovery, and the
+//!    digest of the last record before X. Recovery appends its own records
+//!    after X (BDB.md §4.1), so the new primary's log is the old one's up
+//!    to X; the environment keeps its identity, and other standbys that
+//!    hold no log past X follow the new primary without a new base.
 
 use crate::follow::FollowConfig;
 use crate::mirror::{is_recoverable, scan_tail};
@@ -122,6 +127,12 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
     )?;
     let epoch = state.epoch + 1;
     state.epoch = epoch;
+    state.history.retain(|e| e.epoch < epoch);
+    state.history.push(tandem_shared::epochs::EpochStart {
+        epoch,
+        start: tail.durable,
+        prev_record_digest: tail.last_record_digest.clone(),
+    });
     state.promoted = Some(Promotion {
         epoch,
         unix_ms: tandem_shared::now_unix_ms(),
@@ -129,7 +140,10 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         recovered_to: proof.recovery.recovered_to,
     });
     dir.store_state(&state)?;
-    tracing::info!(%kind, epoch, recovered_to = ?proof.recovery.recovered_to, "promoted");
+    tracing::info!(
+        %kind, epoch, starts_at = %tail.durable, recovered_to = ?proof.recovery.recovered_to,
+        history = %tandem_shared::epochs::describe(&state.history), "promoted"
+    );
     Ok(PromoteReport {
         env: dir.root.display().to_string(),
         kind,

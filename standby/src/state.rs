@@ -1,6 +1,7 @@
 //! The standby's durable state, kept in `DIR/.tandem/state` (BDB ignores
 //! the hidden directory): which environment it mirrors, the highest epoch it
-//! has seen, the base it holds and whether it was promoted. The log position
+//! has seen and the epoch history (where each promotion began in the log),
+//! the base it holds and whether it was promoted. The log position
 //! is not stored here: it is read from the log files themselves (the end of
 //! their verified record chain), so it can never disagree with them.
 
@@ -10,6 +11,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::{ControlFile, ControlFileError};
+use tandem_shared::epochs::EpochStart;
 use tandem_shared::LogPosition;
 
 pub const META_DIR: &str = ".tandem";
@@ -42,6 +44,11 @@ pub struct StandbyState {
     #[serde(default)]
     pub pending_swap_log: Option<StagedLog>,
     pub promoted: Option<Promotion>,
+    /// Every epoch after the environment's first, oldest first: from the
+    /// primary's Welcome, plus the one this directory's promotion made.
+    /// A primary started on a promoted directory adopts it.
+    #[serde(default)]
+    pub history: Vec<EpochStart>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

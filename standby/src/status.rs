@@ -96,6 +96,9 @@ pub struct StandbyStatus {
     /// until the operator removes it; oldest first.
     #[serde(default)]
     pub discarded: Vec<crate::rejoin::DiscardReport>,
+    /// The epoch history this directory knows (where each promotion began).
+    #[serde(default)]
+    pub history: Vec<tandem_shared::epochs::EpochStart>,
 }
 
 /// Catastrophic recovery's replay rate before any check measured one.
@@ -125,6 +128,7 @@ impl StandbyStatus {
         .into();
         self.env_id = state.env_id.clone();
         self.epoch = state.epoch;
+        self.history = state.history.clone();
         self.base_id = state.base.as_ref().map(|b| b.base_id.clone());
         let base_id = state.base.as_ref().map(|b| &b.base_id);
         let check_failed = self
@@ -290,6 +294,10 @@ pub fn render(s: &StandbyStatus) -> String {
         if s.recoverable { "yes" } else { "no" },
         when(s.last_contact_unix_ms),
     );
+    out.push_str(&format!(
+        "history:      {}\n",
+        tandem_shared::epochs::describe(&s.history)
+    ));
     if s.base_copy_active {
         out.push_str(&format!("base copy:    {}\n", base_copy_progress(s)));
     }
