@@ -104,10 +104,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), FollowError> {
     let dir = StandbyDir::new(&cfg.dir);
-    refuse_foreign(&dir, cfg.rejoin)?;
+    let adopt = refuse_foreign(&dir, cfg.rejoin)?;
     let lock: DirLock = dir
         .lock()
         .map_err(|e| FollowError::Refused(e.to_string()))?;
+    if adopt {
+        tokio::task::block_in_place(|| crate::rejoin::adopt_old_primary(&dir))
+            .map_err(FollowError::Refused)?;
+    }
     let mut mirror = tokio::task::block_in_place(|| Mirror::open(dir.clone()))
         .map_err(|e| anyhow::anyhow!(e))?;
     mirror.archive_hold_cap = cfg.archive_hold_cap_bytes;
@@ -237,14 +241,15 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
 
 /// A directory with no standby state that holds anything (an environment,
 /// most likely: an old primary's home, a restored backup) is never taken
-/// over: a first base would write the primary's files over it. Checked
-/// before the lock, so nothing in it changes.
-fn refuse_foreign(dir: &StandbyDir, rejoin: bool) -> Result<(), FollowError> {
+/// over by a first base, which would write the primary's files over it.
+/// Checked before the lock, so nothing in it changes. With `--rejoin`, an
+/// old primary's home is taken over by a rejoin: `Ok(true)`.
+fn refuse_foreign(dir: &StandbyDir, rejoin: bool) -> Result<bool, FollowError> {
     if dir.state_path().exists() {
-        return Ok(());
+        return Ok(false);
     }
     let Ok(entries) = std::fs::read_dir(&dir.root) else {
-        return Ok(()); // missing: created empty by the lock
+        return Ok(false); // missing: created empty by the lock
     };
     let mut names: Vec<String> = entries
         .flatten()
@@ -252,7 +257,10 @@ fn refuse_foreign(dir: &StandbyDir, rejoin: bool) -> Result<(), FollowError> {
         .filter(|n| n != crate::state::META_DIR && n != "lost+found")
         .collect();
     if names.is_empty() {
-        return Ok(());
+        return Ok(false);
+    }
+    if rejoin && dir.root.join(crate::rejoin::OLD_PRIMARY_STATE).is_dir() {
+        return Ok(true);
     }
     names.sort();
     let shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
@@ -263,11 +271,14 @@ fn refuse_foreign(dir: &StandbyDir, rejoin: bool) -> Result<(), FollowError> {
     );
     Err(FollowError::Refused(if rejoin {
         format!(
-            "{what} --rejoin takes over a standby directory whose log went beyond the primary's; an old              primary's home is not taken over in place yet: start a standby in an empty directory instead"
+            "{what} --rejoin takes over a standby directory whose log went beyond the primary's, or an old \
+             primary's home (with its {} state directory); this is neither",
+            crate::rejoin::OLD_PRIMARY_STATE
         )
     } else {
         format!(
-            "{what} Point --dir at an empty directory, or at this primary's standby directory; for a              standby whose log went beyond the primary's, use --rejoin"
+            "{what} Point --dir at an empty directory, or at this primary's standby directory; for a \
+             standby whose log went beyond the primary's, or an old primary's home, use --rejoin"
         )
     }))
 }

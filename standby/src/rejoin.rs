@@ -176,6 +176,121 @@ pub fn log_file_digests(mirror: &crate::mirror::Mirror) -> io::Result<Vec<LogFil
     Ok(out)
 }
 
+/// The identity an old primary left in its home (`.tandem-primary/identity`,
+/// written by `tandem-primary`); only the fields a rejoin needs.
+#[derive(Deserialize)]
+struct OldPrimaryIdentity {
+    env_id: String,
+    epoch: u64,
+    #[serde(default)]
+    history: Vec<tandem_shared::epochs::EpochStart>,
+}
+
+/// The primary's state directory inside its home, by default.
+pub const OLD_PRIMARY_STATE: &str = ".tandem-primary";
+const OLD_PRIMARY_IDENTITY_VERSION: u32 = 2;
+
+/// `run --rejoin` on an old primary's home (an environment, no standby
+/// state): records it as a standby directory holding that environment as
+/// its base (the environment's files untouched), so the rejoin can send
+/// only the pages that differ. Refused while any process maps the
+/// environment's region files, or without the old primary's identity.
+pub fn adopt_old_primary(dir: &StandbyDir) -> Result<(), String> {
+    let root = &dir.root;
+    let users = tandem_shared::envusers::env_users(root).map_err(|e| {
+        format!(
+            "cannot tell whether a process has {} open: {e}",
+            root.display()
+        )
+    })?;
+    if !users.is_empty() {
+        let who: Vec<String> = users.iter().map(ToString::to_string).collect();
+        return Err(format!(
+            "{} is open by {}: stop the application (and tandem-primary) on this environment before it rejoins. \
+             Nothing was changed",
+            root.display(),
+            who.join(", ")
+        ));
+    }
+    let id_path = root.join(OLD_PRIMARY_STATE).join("identity");
+    let id: OldPrimaryIdentity =
+        tandem_shared::durable::ControlFile::load(&id_path, OLD_PRIMARY_IDENTITY_VERSION)
+            .map_err(|e| format!("reading {}: {e}", id_path.display()))?
+            .ok_or_else(|| {
+                format!(
+                    "{} holds files but neither standby state nor a primary's identity ({}): Tandem cannot tell which \
+                     environment it is, so it does not take it over. Nothing was changed",
+                    root.display(),
+                    id_path.display()
+                )
+            })?;
+    let layout = tandem_shared::envlayout::EnvLayout::open(root).map_err(|e| e.to_string())?;
+    let logs = layout.log_files().map_err(|e| e.to_string())?;
+    let (Some(&first), Some(&last)) = (logs.first(), logs.last()) else {
+        return Err(format!("{} holds no log files", root.display()));
+    };
+    let end = File::open(layout.log_path(last))
+        .and_then(|f| tandem_shared::logfile::walk_file(&f, None))
+        .map_err(|e| format!("reading {}: {e}", layout.log_name(last)))?
+        .end;
+    let mut files: std::collections::BTreeSet<String> = layout
+        .database_files()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    if root.join(tandem_shared::envlayout::DB_CONFIG).is_file() {
+        files.insert(tandem_shared::envlayout::DB_CONFIG.to_owned());
+    }
+    let now = tandem_shared::now_unix_ms();
+    move_leftovers(dir, &discarded_root(dir).join(format!("{now}-old-primary")))
+        .map_err(|e| format!("moving the old primary's region files and state aside: {e}"))?;
+    let state = crate::state::StandbyState {
+        env_id: Some(id.env_id),
+        epoch: id.epoch,
+        log_dir: tandem_shared::envlayout::rel_name(&layout.log_dir_rel()),
+        base: Some(crate::state::BaseState {
+            base_id: format!("old-primary-{now}"),
+            log_start: LogPosition::new(first, 0),
+            complete_files: files,
+            files_done: true,
+            consistent_at: Some(LogPosition::new(last, end)),
+            started_unix_ms: now,
+        }),
+        history: id.history,
+        ..Default::default()
+    };
+    dir.create().map_err(|e| e.to_string())?;
+    dir.store_state(&state).map_err(|e| e.to_string())?;
+    tracing::warn!(dir = %root.display(), epoch = state.epoch, log_start = %LogPosition::new(first, 0), end = %LogPosition::new(last, end),
+        "REJOIN: taking over an old primary's home as a standby directory; its files stay as they are until the primary's page-delta base is complete");
+    Ok(())
+}
+
+/// Moves what an old primary's home holds that no base owns (BDB's region
+/// files `__db.*`, no process mapping them, and the old primary's state
+/// directory) into `keep_in`: never left to confuse a later recovery or
+/// primary, never deleted. The environment's data is not touched.
+pub fn move_leftovers(dir: &StandbyDir, keep_in: &Path) -> io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(&dir.root) else {
+        return Ok(());
+    };
+    let mut moved = false;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("__db.") || name == OLD_PRIMARY_STATE {
+            std::fs::create_dir_all(keep_in)?;
+            std::fs::rename(e.path(), keep_in.join(&name))?;
+            moved = true;
+        }
+    }
+    if moved {
+        fsync_dir(keep_in)?;
+        fsync_dir(&dir.root)?;
+    }
+    Ok(())
+}
+
 /// The directory's discarded-log area.
 pub fn discarded_root(dir: &StandbyDir) -> PathBuf {
     dir.meta().join(DISCARDED_DIR)

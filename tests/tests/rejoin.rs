@@ -124,14 +124,28 @@ fn standby_ahead_of_its_primary(s: &Scratch) -> Result<String> {
 /// After a rejoin: the discard reported (in status, in the log) and kept,
 /// the standby exact.
 fn check_rejoined(s: &Scratch, log: &str) -> Result<serde_json::Value> {
-    let dir = s.path("standby");
-    let status = standby_status(&dir)?;
+    check_rejoined_in(
+        s,
+        &s.path("standby"),
+        log,
+        STANDBY_ONLY + OPENS,
+        SHARED + PRIMARY_ONLY,
+    )
+}
+
+fn check_rejoined_in(
+    s: &Scratch,
+    dir: &Path,
+    log: &str,
+    discarded_commits: u64,
+    expected: u64,
+) -> Result<serde_json::Value> {
+    let status = standby_status(dir)?;
     let discarded = status["discarded"]
         .as_array()
         .context("status lists no discards")?;
     ensure!(discarded.len() == 1, "one discard expected: {status}");
     let d = &discarded[0];
-    let discarded_commits = STANDBY_ONLY + OPENS;
     ensure!(
         d["committed_transactions"] == discarded_commits,
         "the standby's {discarded_commits} own commits must be reported discarded: {d}"
@@ -154,11 +168,10 @@ fn check_rejoined(s: &Scratch, log: &str) -> Result<serde_json::Value> {
         );
     }
     ensure!(status["rejoining"] == false, "{status}");
-    let m = recover_copy(&dir, &s.path(&format!("copy-{}", std::process::id())))?;
+    let m = recover_copy(dir, &s.path("copy-after-rejoin"))?;
     ensure!(
-        m == SHARED + PRIMARY_ONLY,
-        "after the rejoin the standby recovers {m}, the primary holds {}",
-        SHARED + PRIMARY_ONLY
+        m == expected,
+        "after the rejoin the standby recovers {m}, the primary holds {expected}"
     );
     Ok(status)
 }
@@ -256,5 +269,79 @@ fn a_rejoin_killed_midway_and_rerun_ends_exact() -> Result<()> {
     let log = standby.log_text();
     check_rejoined(&s, &log)?;
     standby.stop(LONG)?;
+    Ok(())
+}
+
+/// `tandem-standby promote --json`; fails unless it promoted.
+fn promote(dir: &Path) -> Result<serde_json::Value> {
+    let out = Command::new(bin("tandem-standby"))
+        .args([
+            "promote",
+            "--json",
+            "--catch-up-timeout-secs",
+            "120",
+            "--dir",
+        ])
+        .arg(dir)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "promote failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Issue 12, done-when 3: after a switchover to A, the old primary P's
+/// environment is written on (its application kept committing); it rejoins
+/// A with `--rejoin`, by page delta, and ends exact, its own transactions
+/// reported discarded.
+#[test]
+fn the_old_primary_written_on_after_a_switchover_rejoins_by_page_delta() -> Result<()> {
+    let s = Scratch::new()?;
+    let (env, a_dir) = (s.path("env"), s.path("a"));
+    bdb::run_workload(&env, &workload(SHARED))?;
+    let mut p = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
+    let mut a = start_standby(s.root(), &a_dir, &p.url(), &s.certs, &QUIET)?;
+    wait_caught_up_running(&a_dir, &env, LONG, &mut a)?;
+    let report = promote(&a_dir)?;
+    ensure!(report["kind"] == "switchover", "{report}");
+    let _ = a.wait_exit(LONG);
+    p.proc.stop(LONG)?;
+    // The old primary's application goes on committing on P.
+    let old = bdb::run_workload(&env, &appends(STANDBY_ONLY))?;
+    ensure!(old == SHARED + STANDBY_ONLY, "P holds {old}");
+    let new_p = start_primary(s.root(), &a_dir, &s.certs, "127.0.0.1:0", &[])?;
+    let now = bdb::run_workload(&a_dir, &appends(PRIMARY_ONLY))?;
+    ensure!(now == SHARED + PRIMARY_ONLY, "A holds {now}");
+
+    let args = [QUIET.as_slice(), &["--rejoin"]].concat();
+    let mut rejoined = start_standby(s.root(), &env, &new_p.url(), &s.certs, &args)?;
+    wait_caught_up_running(&env, &a_dir, LONG, &mut rejoined)?;
+    let log = rejoined.log_text();
+    let status = check_rejoined_in(&s, &env, &log, STANDBY_ONLY + OPENS, now)?;
+    let sent = status["last_rebase"]["sent_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    let db = database_bytes(&a_dir)?;
+    eprintln!("old primary rejoin: {sent} file bytes sent of a {db}-byte database");
+    ensure!(sent * 10 < db, "{sent} of {db} bytes sent");
+    ensure!(status["epoch"] == 2, "{status}");
+    for e in std::fs::read_dir(&env)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        ensure!(
+            !name.starts_with("__db.") && name != ".tandem-primary",
+            "{name} left in the rejoined directory"
+        );
+    }
+    // An ordinary standby of A from now on.
+    let last = bdb::run_workload(&a_dir, &appends(50))?;
+    wait_caught_up_running(&env, &a_dir, LONG, &mut rejoined)?;
+    rejoined.stop(LONG)?;
+    let m = recover_copy(&env, &s.path("copy-after-following"))?;
+    ensure!(
+        m == last,
+        "the rejoined standby recovers {m}, A holds {last}"
+    );
     Ok(())
 }
