@@ -108,7 +108,13 @@ pub async fn run(
     let lock: DirLock = dir
         .lock()
         .map_err(|e| FollowError::Refused(e.to_string()))?;
-    if adopt {
+    // A promoted directory that has served as primary since rejoins like
+    // an old primary's home (a switchback).
+    let promoted = cfg.rejoin
+        && dir
+            .load_state()
+            .is_ok_and(|s| s.promoted.is_some() && s.base.is_some());
+    if adopt || promoted {
         tokio::task::block_in_place(|| crate::rejoin::adopt_old_primary(&dir))
             .map_err(FollowError::Refused)?;
     }

@@ -213,9 +213,20 @@ pub fn adopt_old_primary(dir: &StandbyDir) -> Result<(), String> {
         ));
     }
     let id_path = root.join(OLD_PRIMARY_STATE).join("identity");
+    // A promoted standby directory knows its identity even if no primary
+    // ran on it.
+    let promoted = dir.load_state().ok().filter(|s| s.promoted.is_some());
     let id: OldPrimaryIdentity =
         tandem_shared::durable::ControlFile::load(&id_path, OLD_PRIMARY_IDENTITY_VERSION)
             .map_err(|e| format!("reading {}: {e}", id_path.display()))?
+            .filter(|id: &OldPrimaryIdentity| promoted.as_ref().is_none_or(|s| id.epoch >= s.epoch))
+            .or(promoted.and_then(|s| {
+                Some(OldPrimaryIdentity {
+                    env_id: s.env_id?,
+                    epoch: s.epoch,
+                    history: s.history,
+                })
+            }))
             .ok_or_else(|| {
                 format!(
                     "{} holds files but neither standby state nor a primary's identity ({}): Tandem cannot tell which \

@@ -345,3 +345,46 @@ fn the_old_primary_written_on_after_a_switchover_rejoins_by_page_delta() -> Resu
     );
     Ok(())
 }
+
+/// Issue 12, done-when 4: a switchover and a switchback, three times over:
+/// the old primary rejoins the promoted one each time, never by a full
+/// copy, and no committed transaction is ever lost.
+#[test]
+fn switchover_and_switchback_three_times_never_copy_the_database() -> Result<()> {
+    let s = Scratch::new()?;
+    let (mut p_dir, mut q_dir) = (s.path("env"), s.path("b"));
+    bdb::run_workload(&p_dir, &workload(SHARED))?;
+    let db = database_bytes(&p_dir)?;
+    let mut primary = start_primary(s.root(), &p_dir, &s.certs, "127.0.0.1:0", &[])?;
+    let mut standby = start_standby(s.root(), &q_dir, &primary.url(), &s.certs, &QUIET)?;
+    let rejoin = [QUIET.as_slice(), &["--rejoin"]].concat();
+    let mut file_bytes = 0;
+    for round in 1..=6 {
+        // The application commits on the primary, then is stopped.
+        let committed = bdb::run_workload(&p_dir, &appends(100))?;
+        wait_caught_up_running(&q_dir, &p_dir, LONG, &mut standby)?;
+        let report = promote(&q_dir)?;
+        ensure!(report["kind"] == "switchover", "round {round}: {report}");
+        let _ = standby.wait_exit(LONG);
+        primary.proc.stop(LONG)?;
+        primary = start_primary(s.root(), &q_dir, &s.certs, "127.0.0.1:0", &[])?;
+        standby = start_standby(s.root(), &p_dir, &primary.url(), &s.certs, &rejoin)?;
+        wait_caught_up_running(&p_dir, &q_dir, LONG, &mut standby)?;
+        let st = standby_status(&p_dir)?;
+        ensure!(st["rejoining"] == false, "round {round}: {st}");
+        file_bytes += st["file_bytes_received"].as_u64().unwrap_or(u64::MAX / 2);
+        let m = recover_copy(&p_dir, &s.path(&format!("copy-{round}")))?;
+        ensure!(
+            m == committed,
+            "round {round}: the rejoined directory recovers {m}, {committed} were committed"
+        );
+        std::mem::swap(&mut p_dir, &mut q_dir);
+    }
+    eprintln!("six role changes: {file_bytes} file bytes sent, database {db} bytes");
+    ensure!(
+        file_bytes * 10 < db,
+        "{file_bytes} file bytes sent over six role changes, database {db} bytes"
+    );
+    standby.stop(LONG)?;
+    Ok(())
+}
