@@ -568,6 +568,10 @@ impl Mirror {
         )
         .and_then(|from| crate::rejoin::set_aside(&self.dir, &old_dir, old_end, from))
         .map_err(io_err("setting the discarded log aside"))?;
+        if let (Some(d), Some(old)) = (&from, &self.state.base) {
+            crate::rejoin::keep_unowned(&self.dir, old, &r.base, &d.kept_in)
+                .map_err(io_err("keeping files the new base does not own"))?;
+        }
         if let Some(d) = &from {
             tracing::warn!(from = %d.from, to = %d.to, bytes = d.bytes, committed = d.committed_transactions,
                 kept_in = %d.kept_in, "REJOIN: {d}");

@@ -302,6 +302,35 @@ pub fn move_leftovers(dir: &StandbyDir, keep_in: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Copies the database files of the `old` base that the `new` one does not
+/// own (the swap removes them) into `kept_in/files/`.
+pub fn keep_unowned(
+    dir: &StandbyDir,
+    old: &crate::state::BaseState,
+    new: &crate::state::BaseState,
+    kept_in: &str,
+) -> io::Result<()> {
+    let keep = dir.root.join(kept_in).join("files");
+    for name in old.complete_files.difference(&new.complete_files) {
+        let (Ok(src), Ok(dst)) = (
+            tandem_shared::wirepath::resolve_under(&dir.root, name),
+            tandem_shared::wirepath::resolve_under(&keep, name),
+        ) else {
+            continue;
+        };
+        if !src.is_file() || dst.is_file() {
+            continue;
+        }
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(&src, &dst)?;
+        File::open(&dst)?.sync_all()?;
+        tracing::warn!(file = %name, kept_in = %keep.display(), "REJOIN: the new base does not hold this file; kept a copy");
+    }
+    Ok(())
+}
+
 /// The directory's discarded-log area.
 pub fn discarded_root(dir: &StandbyDir) -> PathBuf {
     dir.meta().join(DISCARDED_DIR)

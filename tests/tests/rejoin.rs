@@ -311,6 +311,19 @@ fn the_old_primary_written_on_after_a_switchover_rejoins_by_page_delta() -> Resu
     // The old primary's application goes on committing on P.
     let old = bdb::run_workload(&env, &appends(STANDBY_ONLY))?;
     ensure!(old == SHARED + STANDBY_ONLY, "P holds {old}");
+    // And creates a database the new primary never had.
+    let mut load = Command::new("db5.3_load")
+        .args(["-T", "-t", "btree", "-h"])
+        .arg(&env)
+        .arg("extra.db")
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    use std::io::Write;
+    load.stdin
+        .take()
+        .context("db_load stdin")?
+        .write_all(b"k\nv\n")?;
+    ensure!(load.wait()?.success(), "db5.3_load failed");
     let new_p = start_primary(s.root(), &a_dir, &s.certs, "127.0.0.1:0", &[])?;
     let now = bdb::run_workload(&a_dir, &appends(PRIMARY_ONLY))?;
     ensure!(now == SHARED + PRIMARY_ONLY, "A holds {now}");
@@ -319,7 +332,8 @@ fn the_old_primary_written_on_after_a_switchover_rejoins_by_page_delta() -> Resu
     let mut rejoined = start_standby(s.root(), &env, &new_p.url(), &s.certs, &args)?;
     wait_caught_up_running(&env, &a_dir, LONG, &mut rejoined)?;
     let log = rejoined.log_text();
-    let status = check_rejoined_in(&s, &env, &log, STANDBY_ONLY + OPENS, now)?;
+    // db5.3_load committed two more: the create and the record.
+    let status = check_rejoined_in(&s, &env, &log, STANDBY_ONLY + OPENS + 2, now)?;
     let sent = status["last_rebase"]["sent_bytes"]
         .as_u64()
         .unwrap_or(u64::MAX);
@@ -334,6 +348,19 @@ fn the_old_primary_written_on_after_a_switchover_rejoins_by_page_delta() -> Resu
             "{name} left in the rejoined directory"
         );
     }
+    // The database A never had is kept outside the environment.
+    ensure!(
+        !env.join("extra.db").exists(),
+        "extra.db left in the environment"
+    );
+    let kept = env
+        .join(
+            status["discarded"][0]["kept_in"]
+                .as_str()
+                .unwrap_or_default(),
+        )
+        .join("files/extra.db");
+    ensure!(kept.is_file(), "{} missing", kept.display());
     // An ordinary standby of A from now on.
     let last = bdb::run_workload(&a_dir, &appends(50))?;
     wait_caught_up_running(&env, &a_dir, LONG, &mut rejoined)?;
