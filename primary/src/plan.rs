@@ -379,50 +379,6 @@ fn plan_strict(
     })
 }
 
-/// For a rejoin: the newest of the standby's log files (`theirs`: their
-/// verified records' length and blake3) whose records this primary's file
-/// of the same number starts with, no later than `boundary` (a base needs
-/// its log from there); the first log file the new base's log may start
-/// at so that it covers where the two histories part. None shared: the
-/// standby's oldest file. `boundary`'s file when a file from there on is
-/// gone from this primary.
-pub fn newest_shared_log_file(
-    layout: &EnvLayout,
-    theirs: &[tandem_shared::wire::LogFileDigest],
-    boundary: LogPosition,
-) -> u32 {
-    let Ok(files) = layout.log_files() else {
-        return boundary.file;
-    };
-    let shares = |d: &tandem_shared::wire::LogFileDigest| -> bool {
-        let Ok(f) = File::open(layout.log_path(d.file)) else {
-            return false;
-        };
-        match read_verified(&f, 0, None, d.len as usize) {
-            Ok(r) => {
-                r.bytes.len() == d.len as usize
-                    && blake3::hash(&r.bytes).as_bytes()[..] == d.blake3[..]
-            }
-            Err(_) => false,
-        }
-    };
-    let mut newest_first: Vec<_> = theirs.iter().filter(|d| d.file <= boundary.file).collect();
-    newest_first.sort_by_key(|d| std::cmp::Reverse(d.file));
-    // None shared: the histories part in the standby's oldest file (or
-    // before it, where the standby holds nothing).
-    let start = newest_first
-        .iter()
-        .find(|d| shares(d))
-        .or(newest_first.last())
-        .map_or(boundary.file, |d| d.file);
-    let present = (start..=boundary.file).all(|n| files.binary_search(&n).is_ok());
-    if present {
-        start
-    } else {
-        boundary.file
-    }
-}
-
 /// The primary's end of verified log, walked now (not the watcher's
 /// possibly older view), and the log file size from its header.
 fn log_end(layout: &EnvLayout, newest: u32) -> io::Result<(LogPosition, u32)> {

@@ -19,7 +19,7 @@ use crate::log_watch::LogEnd;
 use crate::outbox::{io_status, send, Outbox};
 use crate::plan::{Plan, Refusal};
 use crate::registry::SessionGuard;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_shared::logfile::read_verified;
 use tandem_shared::wire::{
-    primary_message::Kind, standby_message, BaseStart, Heartbeat, Hello, LogChunk, LogFileDigest,
-    StandbyMessage, Welcome,
+    primary_message::Kind, standby_message, BaseStart, Heartbeat, Hello, LogChunk, StandbyMessage,
+    Welcome,
 };
 use tandem_shared::{LogPosition, MAX_CHUNK};
 use tokio::sync::watch;
@@ -86,7 +86,7 @@ pub async fn run(
         }
     };
     let rejoin = if hello.rejoin {
-        match rejoin_digests(&mut inbound).await {
+        match crate::rejoin::rejoin_digests(&mut inbound).await {
             Ok(d) => d,
             Err(status) => {
                 tracing::warn!(standby = %name, %peer, error = %status, "a rejoining standby did not send its page digests");
@@ -95,7 +95,7 @@ pub async fn run(
             }
         }
     } else {
-        RejoinDigests::default()
+        crate::rejoin::RejoinDigests::default()
     };
     let started = start(&shared, &guard, &peer, &hello, &tx, rejoin).await;
     let refused = started.as_ref().err().map(|s| s.message().to_owned());
@@ -118,46 +118,6 @@ pub async fn run(
     }
     drop(guard);
     tracing::info!(standby = %name, %peer, "standby disconnected");
-}
-
-/// How long a rejoining standby has to send the digests of its pages.
-const DIGESTS_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// What a rejoining standby sends after its Hello: the digests of its
-/// pages, then a RebaseRequest with the digests of its log files.
-#[derive(Default)]
-struct RejoinDigests {
-    pages: BTreeMap<String, Vec<u8>>,
-    log_files: Vec<LogFileDigest>,
-}
-
-async fn rejoin_digests(inbound: &mut Streaming<StandbyMessage>) -> Result<RejoinDigests, Status> {
-    let mut theirs = RejoinDigests::default();
-    let collect = async {
-        loop {
-            match inbound.message().await? {
-                Some(StandbyMessage {
-                    kind: Some(standby_message::Kind::PageDigests(d)),
-                }) => crate::base_copy::merge_digests(&mut theirs.pages, d),
-                Some(StandbyMessage {
-                    kind: Some(standby_message::Kind::RebaseRequest(r)),
-                }) => {
-                    theirs.log_files = r.log_files;
-                    return Ok(());
-                }
-                Some(_) => return Err(Status::invalid_argument(
-                    "a rejoining standby sends page digests, then a RebaseRequest, after its Hello",
-                )),
-                None => return Err(Status::cancelled("the standby went away")),
-            }
-        }
-    };
-    match tokio::time::timeout(DIGESTS_TIMEOUT, collect).await {
-        Ok(r) => r.map(|()| theirs),
-        Err(_) => Err(Status::deadline_exceeded(
-            "the rejoining standby's page digests did not arrive within 600 s",
-        )),
-    }
 }
 
 /// The running duties of one session.
@@ -194,7 +154,7 @@ async fn start(
     peer: &str,
     hello: &Hello,
     tx: &Outbox,
-    rejoin: RejoinDigests,
+    rejoin: crate::rejoin::RejoinDigests,
 ) -> Result<Duties, Status> {
     let name = guard.name();
     let id = &shared.identity;
@@ -284,7 +244,7 @@ async fn start(
                 // The standby finds where the histories part by comparing
                 // its log with this one: start at the newest file both share.
                 let shared_file = tokio::task::block_in_place(|| {
-                    crate::plan::newest_shared_log_file(&shared.layout, &rejoin.log_files, from)
+                    crate::rejoin::newest_shared_log_file(&shared.layout, &rejoin.log_files, from)
                 });
                 from = LogPosition::new(shared_file, 0);
             }

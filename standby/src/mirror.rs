@@ -545,38 +545,22 @@ impl Mirror {
         Ok(Some(report))
     }
 
-    /// A rejoin's replacement base is complete: before anything is
-    /// replaced, find where the mirror's log leaves the staged one's
-    /// history and set what lies beyond aside (see [`crate::rejoin`]).
+    /// A rejoin's replacement base is complete: set aside what the
+    /// mirror holds beyond the primary's history before it is replaced.
     fn set_aside_discarded(&mut self) -> Result<Option<crate::rejoin::DiscardReport>, ApplyError> {
-        let (Some(r), Some(staged)) = (self.rebase.as_ref(), self.staged_log.as_ref()) else {
-            return Ok(None);
-        };
-        if !(r.replaces && self.rejoin) {
-            return Ok(None);
+        match (self.rebase.as_ref(), self.staged_log.as_ref()) {
+            (Some(r), Some(staged)) if r.replaces && self.rejoin => {
+                crate::rejoin::set_aside_for_swap(
+                    &self.dir,
+                    &self.state,
+                    &r.base,
+                    r.discard_after,
+                    self.log.tail().durable,
+                    staged.tail().durable,
+                )
+            }
+            _ => Ok(None),
         }
-        let old_dir = checked_log_dir(&self.dir.root, &self.state.log_dir)?;
-        let new_dir = checked_log_dir(&self.dir.rebase_dir(), &self.state.log_dir)?;
-        let old_end = self.log.tail().durable;
-        let from = crate::rejoin::agreed_point(
-            &old_dir,
-            &new_dir,
-            r.base.log_start.file,
-            staged.tail().durable,
-            old_end,
-            r.discard_after.unwrap_or(old_end),
-        )
-        .and_then(|from| crate::rejoin::set_aside(&self.dir, &old_dir, old_end, from))
-        .map_err(io_err("setting the discarded log aside"))?;
-        if let (Some(d), Some(old)) = (&from, &self.state.base) {
-            crate::rejoin::keep_unowned(&self.dir, old, &r.base, &d.kept_in)
-                .map_err(io_err("keeping files the new base does not own"))?;
-        }
-        if let Some(d) = &from {
-            tracing::warn!(from = %d.from, to = %d.to, bytes = d.bytes, committed = d.committed_transactions,
-                kept_in = %d.kept_in, "REJOIN: {d}");
-        }
-        Ok(from)
     }
 
     /// Is it time to ask for a rebase? (The base is complete, none is under

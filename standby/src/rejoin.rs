@@ -176,6 +176,41 @@ pub fn log_file_digests(mirror: &crate::mirror::Mirror) -> io::Result<Vec<LogFil
     Ok(out)
 }
 
+/// Before a rejoin's replacement base (`new`, its log staged up to
+/// `new_end`) is swapped in: finds where the mirror's log (up to `old_end`)
+/// leaves the staged one's history, no later than the primary's
+/// `discard_after`, and sets what lies beyond aside, with the database
+/// files `new` does not own.
+pub fn set_aside_for_swap(
+    dir: &StandbyDir,
+    state: &crate::state::StandbyState,
+    new: &crate::state::BaseState,
+    discard_after: Option<LogPosition>,
+    old_end: LogPosition,
+    new_end: LogPosition,
+) -> Result<Option<DiscardReport>, crate::apply_error::ApplyError> {
+    use crate::apply_error::io_err;
+    let old_dir = crate::logwriter::checked_log_dir(&dir.root, &state.log_dir)?;
+    let new_dir = crate::logwriter::checked_log_dir(&dir.rebase_dir(), &state.log_dir)?;
+    let report = agreed_point(
+        &old_dir,
+        &new_dir,
+        new.log_start.file,
+        new_end,
+        old_end,
+        discard_after.unwrap_or(old_end),
+    )
+    .and_then(|from| set_aside(dir, &old_dir, old_end, from))
+    .map_err(io_err("setting the discarded log aside"))?;
+    if let (Some(d), Some(old)) = (&report, &state.base) {
+        keep_unowned(dir, old, new, &d.kept_in)
+            .map_err(io_err("keeping files the new base does not own"))?;
+        tracing::warn!(from = %d.from, to = %d.to, bytes = d.bytes, committed = d.committed_transactions,
+            kept_in = %d.kept_in, "REJOIN: {d}");
+    }
+    Ok(report)
+}
+
 /// The identity an old primary left in its home (`.tandem-primary/identity`,
 /// written by `tandem-primary`); only the fields a rejoin needs.
 #[derive(Deserialize)]
