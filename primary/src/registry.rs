@@ -406,6 +406,26 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_standby_shows_in_the_status_until_it_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(StandbyRegistry::open(dir.path()));
+        let end = LogPosition::new(1, 0);
+        // Refused before it got a slot: shown all the same.
+        drop(reg.claim("b", "peer-b").unwrap());
+        reg.hello_seen("b", "peer-b", 2, Some("FENCED: test"));
+        let st = reg.status(end, 0);
+        assert_eq!(st.len(), 1);
+        assert_eq!((st[0].epoch, st[0].refused.as_str()), (2, "FENCED: test"));
+        // Accepted later: the refusal is gone, the record is there.
+        let g = reg.claim("b", "peer-b").unwrap();
+        g.started("base", end);
+        reg.hello_seen("b", "peer-b", 2, None);
+        let st = reg.status(end, 0);
+        assert_eq!(st.len(), 1);
+        assert!(st[0].connected && st[0].refused.is_empty(), "{st:?}");
+    }
+
+    #[test]
     fn a_takeover_keeps_the_older_position_held() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Arc::new(StandbyRegistry::open(dir.path()));

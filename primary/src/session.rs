@@ -98,7 +98,13 @@ pub async fn run(
         crate::rejoin::RejoinDigests::default()
     };
     let started = start(&shared, &guard, &peer, &hello, &tx, rejoin).await;
-    let refused = started.as_ref().err().map(|s| s.message().to_owned());
+    // Refusals the operator must act on (fenced, diverged, another
+    // environment), not a stream that failed on its way.
+    let refused = started
+        .as_ref()
+        .err()
+        .filter(|s| s.code() == tonic::Code::FailedPrecondition)
+        .map(|s| s.message().to_owned());
     shared
         .registry
         .hello_seen(&name, &peer, hello.epoch, refused.as_deref());

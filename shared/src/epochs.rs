@@ -90,6 +90,20 @@ pub fn check_agrees(ours: &[EpochStart], theirs: &[EpochStart]) -> Result<(), Hi
     Ok(())
 }
 
+/// The epochs both histories know (they agree on each: see
+/// [`check_agrees`]), oldest first: a primary that leaves out an epoch
+/// never makes a standby forget where it began.
+pub fn merge(ours: &[EpochStart], theirs: Vec<EpochStart>) -> Vec<EpochStart> {
+    let mut all = theirs;
+    for o in ours {
+        if !all.iter().any(|t| t.epoch == o.epoch) {
+            all.push(o.clone());
+        }
+    }
+    all.sort_by_key(|e| e.epoch);
+    all
+}
+
 /// One line for logs and status: "2 from [3][1200], 3 from [5][28]".
 pub fn describe(history: &[EpochStart]) -> String {
     if history.is_empty() {

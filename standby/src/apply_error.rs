@@ -46,7 +46,7 @@ pub enum ApplyError {
     IdentityMismatch { ours: String, theirs: String },
     #[error(
         "FENCED: this standby has seen epoch {ours}, the primary is at the older epoch {theirs}: a standby was \
-         promoted past it, and a newer primary exists. Nothing was written. Point this standby at the current primary"
+         promoted past it, so it is fenced: a newer primary exists. Nothing was written. Point this standby at the current primary"
     )]
     Fenced { ours: u64, theirs: u64 },
     /// The primary's epoch history gives an epoch another start than the

@@ -226,7 +226,7 @@ impl Mirror {
                 }
                 let theirs: Vec<EpochStart> = w.history.iter().map(Into::into).collect();
                 tandem_shared::epochs::check_agrees(&self.state.history, &theirs)?;
-                let history = merge_history(&self.state.history, theirs);
+                let history = tandem_shared::epochs::merge(&self.state.history, theirs);
                 if !w.log_dir.is_empty() {
                     wirepath::validate(&w.log_dir)?;
                 }
@@ -664,19 +664,6 @@ fn clear_incoming(dir: &StandbyDir) -> io::Result<()> {
         remove_if_exists(&e.path())?;
     }
     Ok(())
-}
-
-/// The epochs both histories know (they agree on each, checked before),
-/// oldest first: a primary never makes a standby forget an epoch start.
-fn merge_history(ours: &[EpochStart], theirs: Vec<EpochStart>) -> Vec<EpochStart> {
-    let mut all = theirs;
-    for o in ours {
-        if !all.iter().any(|t| t.epoch == o.epoch) {
-            all.push(o.clone());
-        }
-    }
-    all.sort_by_key(|e| e.epoch);
-    all
 }
 
 /// Reads the end of the mirror's log from the files (read-only, no fsync):

@@ -50,6 +50,49 @@ fn an_older_epoch_is_fenced() {
     fx.ok(welcome(ENV, 5, ""));
 }
 
+fn epoch_start(epoch: u64, offset: u32) -> tandem_shared::wire::EpochStart {
+    tandem_shared::wire::EpochStart {
+        epoch,
+        start: Some(LogPosition::new(1, offset).into()),
+        prev_record_digest: vec![epoch as u8; 32].into(),
+    }
+}
+
+fn welcome_with_history(epoch: u64, history: Vec<tandem_shared::wire::EpochStart>) -> Kind {
+    Kind::Welcome(Welcome {
+        env_id: ENV.into(),
+        epoch,
+        history,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn the_epoch_history_is_stored_and_a_conflicting_one_refused() {
+    let mut fx = populated();
+    let (e2, e3) = (epoch_start(2, 100), epoch_start(3, 300));
+    fx.ok(welcome_with_history(2, vec![e2.clone()]));
+    let stored = |fx: &Fx| fx.m.dir.load_state().expect("state").history;
+    assert_eq!(stored(&fx), vec![(&e2).into()], "stored durably");
+    // Another primary whose history gives epoch 2 another start (two
+    // promotions made epoch 2): refused for good, nothing stored.
+    for other in [epoch_start(2, 140), {
+        let mut d = e2.clone();
+        d.prev_record_digest = vec![7; 32].into();
+        d
+    }] {
+        let err = fx.refuse(welcome_with_history(3, vec![other, e3.clone()]));
+        assert!(matches!(err, ApplyError::HistoryConflict(_)), "{err:?}");
+        assert!(err.is_permanent());
+        assert!(err.to_string().contains("epoch 2"), "{err}");
+    }
+    // A primary that leaves out an epoch this standby knows does not make
+    // it forget the epoch's start.
+    fx.ok(welcome_with_history(3, vec![e3.clone()]));
+    assert_eq!(stored(&fx), vec![(&e2).into(), (&e3).into()]);
+    assert_eq!(fx.m.state.epoch, 3);
+}
+
 #[test]
 fn a_changed_log_directory_is_refused_while_a_base_is_held() {
     let mut fx = populated();

@@ -124,6 +124,14 @@ fn other_standbys_follow_a_promoted_one_and_refuse_the_old_primary() -> Result<(
         b_now["log_bytes_received"].as_u64().unwrap_or(0) > 0,
         "{b_now}"
     );
+    let db_bytes: u64 = WORKLOAD_DBS
+        .iter()
+        .map(|d| std::fs::metadata(a_dir.join(d)).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()?;
+    eprintln!(
+        "B followed the promoted A: {} file bytes and {} log bytes received, databases {db_bytes} bytes",
+        b_now["file_bytes_received"], b_now["log_bytes_received"]
+    );
     b.stop(LONG)?;
     assert_holds_exactly(&s, &b_dir, &a_dir, last, "after-follow")?;
 
