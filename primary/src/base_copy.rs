@@ -81,8 +81,10 @@ fn first_after_last_gap(files: &[u32]) -> u32 {
         .unwrap_or(0)
 }
 
-/// Ships the database files the standby does not have, then rescans for
+/// Ships the database files the standby does not have (pages a rejoining
+/// standby has, by `rejoin_digests`, as FileSame), then rescans for
 /// databases created later and serves rebase requests.
+#[allow(clippy::too_many_arguments)]
 pub fn ship_base(
     shared: &Shared,
     tx: &Outbox,
@@ -90,22 +92,18 @@ pub fn ship_base(
     stop: &CancellationToken,
     mut sent: BTreeSet<String>,
     files_done: bool,
+    rejoin_digests: &BTreeMap<String, Vec<u8>>,
     commands: std::sync::mpsc::Receiver<BaseCommand>,
 ) -> Result<(), Status> {
     if !files_done {
-        ship_files(shared, tx, stop, &mut sent, &BTreeMap::new())?;
+        ship_files(shared, tx, stop, &mut sent, rejoin_digests)?;
     }
     // Page digests of the standby's files, collected for a rebase.
     let mut theirs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     loop {
         match commands.recv_timeout(shared.rescan_interval) {
             Ok(BaseCommand::Digests(d)) => {
-                let at = d.first_page as usize * tandem_shared::pages::PAGE_DIGEST_LEN;
-                let v = theirs.entry(d.name).or_default();
-                if v.len() < at + d.digests.len() {
-                    v.resize(at + d.digests.len(), 0);
-                }
-                v[at..at + d.digests.len()].copy_from_slice(&d.digests);
+                merge_digests(&mut theirs, d);
                 continue;
             }
             Ok(BaseCommand::Rebase(current)) => {
@@ -128,6 +126,7 @@ pub fn ship_base(
                         log_start: Some(log_start.into()),
                         reason: "rebase requested by the standby".into(),
                         rebase: true,
+                        discard_after: None,
                     }),
                 )?;
                 guard.rebased(&base_id);
@@ -149,6 +148,16 @@ pub fn ship_base(
             sent.insert(name);
         }
     }
+}
+
+/// Adds one PageDigests message to the standby's digests by file.
+pub fn merge_digests(theirs: &mut BTreeMap<String, Vec<u8>>, d: PageDigests) {
+    let at = d.first_page as usize * tandem_shared::pages::PAGE_DIGEST_LEN;
+    let v = theirs.entry(d.name).or_default();
+    if v.len() < at + d.digests.len() {
+        v.resize(at + d.digests.len(), 0);
+    }
+    v[at..at + d.digests.len()].copy_from_slice(&d.digests);
 }
 
 /// Database files (and DB_CONFIG) not in `sent`.

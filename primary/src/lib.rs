@@ -5,7 +5,8 @@
 //!
 //! - [`server`]: the top: starts everything, serves gRPC, shuts down in order.
 //! - [`session`]: one standby's stream: plan, base copy, log shipping, acks;
-//!   [`plan`] decides where a stream starts, [`base_copy`] sends database files.
+//!   [`plan`] decides where a stream starts, [`base_copy`] sends database files,
+//!   [`rejoin`] takes a rejoining standby's digests.
 //! - [`switchover`]: may a standby take over now (`PrepareSwitchover`).
 //! - [`retention`]: which shipped logs may leave the production disk.
 //! - [`metrics`]: Prometheus text and the status document.
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod plan;
 pub mod registry;
+pub mod rejoin;
 pub mod retention;
 pub mod server;
 pub mod session;

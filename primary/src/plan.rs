@@ -43,6 +43,13 @@ pub enum Plan {
     NewBase {
         reason: String,
     },
+    /// The standby ran `--rejoin` and its log does not continue this
+    /// primary's: a new base, page delta against its files, replacing what
+    /// it holds from `discard_after` on (at most; see [`Divergence::agreed`]).
+    Rejoin {
+        reason: String,
+        discard_after: LogPosition,
+    },
 }
 
 /// Why the primary will not serve this standby now.
@@ -99,6 +106,22 @@ pub struct Divergence {
     /// Log bytes the standby holds beyond the point where the two agree,
     /// at least; `None` when that point is unknown.
     pub beyond: Option<u64>,
+    /// The last position both logs are known to agree on, at most (the
+    /// primary sees only the standby's end and last record).
+    pub agreed: LogPosition,
+}
+
+impl Divergence {
+    /// The plan for a standby that asked to rejoin: a page-delta new base.
+    fn rejoin(self) -> Plan {
+        Plan::Rejoin {
+            reason: format!(
+                "rejoin: the standby's log leaves this primary's history at {} or earlier (its log ends at {}, this primary's at {})",
+                self.agreed, self.standby, self.primary_end
+            ),
+            discard_after: self.agreed,
+        }
+    }
 }
 
 impl fmt::Display for Divergence {
@@ -190,8 +213,22 @@ pub fn check_history(
 }
 
 /// Can the standby's log be continued, does it need a new base, or must
-/// it be refused? `our_epoch` and `history` are this primary's.
+/// it be refused? `our_epoch` and `history` are this primary's. A standby
+/// that asked to rejoin (`Hello.rejoin`) gets a page-delta new base where
+/// another would be refused as diverged.
 pub fn plan(
+    layout: &EnvLayout,
+    hello: &Hello,
+    our_epoch: u64,
+    history: &[EpochStart],
+) -> Result<Plan, Refusal> {
+    match plan_strict(layout, hello, our_epoch, history) {
+        Err(Refusal::Diverged(d)) if hello.rejoin => Ok(d.rejoin()),
+        other => other,
+    }
+}
+
+fn plan_strict(
     layout: &EnvLayout,
     hello: &Hello,
     our_epoch: u64,
@@ -245,6 +282,7 @@ pub fn plan(
                 standby,
                 primary_end: end,
                 beyond: Some(beyond),
+                agreed: switch_at.start,
             }
             .into())
         }
@@ -258,6 +296,7 @@ pub fn plan(
             standby: d,
             primary_end: end,
             beyond: Some(end.bytes_until(d, lg_max)),
+            agreed: end,
         }
         .into());
     }
@@ -297,12 +336,13 @@ pub fn plan(
     };
     let (r, file_end) =
         read().map_err(|e| unavailable(&format!("reading {}", path.display()), &e))?;
-    let diverged = |kind, beyond| {
+    let diverged = |kind, beyond, agreed_offset: u32| {
         Err(Divergence {
             kind,
             standby: d,
             primary_end: end,
             beyond,
+            agreed: LogPosition::new(d.file, agreed_offset),
         }
         .into())
     };
@@ -310,10 +350,17 @@ pub fn plan(
         return match file_end {
             // This file of the primary's ends before d (an older, complete
             // file that is shorter than the standby's copy of it).
-            Some(fe) if fe < d.offset => {
-                diverged(DivergenceKind::BeyondEnd, Some(u64::from(d.offset - fe)))
-            }
-            _ => diverged(DivergenceKind::NotARecordBoundary, None),
+            Some(fe) if fe < d.offset => diverged(
+                DivergenceKind::BeyondEnd,
+                Some(u64::from(d.offset - fe)),
+                fe,
+            ),
+            // The last record boundary before d that the primary has.
+            _ => diverged(
+                DivergenceKind::NotARecordBoundary,
+                None,
+                r.walk.last_record.unwrap_or(0),
+            ),
         };
     }
     let last = r.walk.last_record.unwrap_or(0) as usize;
@@ -323,6 +370,7 @@ pub fn plan(
         return diverged(
             DivergenceKind::LastRecordDiffers,
             Some(u64::from(d.offset) - last as u64),
+            last as u32,
         );
     }
     Ok(Plan::Resume {

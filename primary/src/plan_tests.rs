@@ -254,3 +254,27 @@ fn an_older_epoch_without_a_recorded_start_is_refused() {
     let r = plan(&layout, &h, 3, &history).unwrap_err();
     assert!(matches!(r, Refusal::HistoryUnknown { .. }), "{r}");
 }
+
+#[test]
+fn a_diverged_standby_that_asks_to_rejoin_gets_a_page_delta_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (layout, ends) = env(dir.path());
+    let end = LogPosition::new(2, ends[1][3]);
+    let mut h = hello(LogPosition::new(2, end.offset + 100), vec![]);
+    h.rejoin = true;
+    assert!(matches!(
+        plan1(&layout, &h),
+        Ok(Plan::Rejoin { discard_after, .. }) if discard_after == end
+    ));
+    let at = LogPosition::new(2, ends[1][2]);
+    let mut h = hello(at, vec![7; 32]);
+    h.rejoin = true;
+    assert!(matches!(
+        plan1(&layout, &h),
+        Ok(Plan::Rejoin { discard_after, .. }) if discard_after == LogPosition::new(2, ends[1][1])
+    ));
+    // One it can continue is continued: no base.
+    let mut h = hello(at, digest_of_last_record(&layout, at));
+    h.rejoin = true;
+    assert!(matches!(plan1(&layout, &h), Ok(Plan::Resume { .. })));
+}

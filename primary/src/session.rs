@@ -85,7 +85,19 @@ pub async fn run(
             return;
         }
     };
-    let started = start(&shared, &guard, &peer, &hello, &tx).await;
+    let rejoin = if hello.rejoin {
+        match crate::rejoin::rejoin_digests(&mut inbound).await {
+            Ok(d) => d,
+            Err(status) => {
+                tracing::warn!(standby = %name, %peer, error = %status, "a rejoining standby did not send its page digests");
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+    } else {
+        crate::rejoin::RejoinDigests::default()
+    };
+    let started = start(&shared, &guard, &peer, &hello, &tx, rejoin).await;
     // Refusals the operator must act on (fenced, diverged, another
     // environment), not a stream that failed on its way.
     let refused = started
@@ -148,6 +160,7 @@ async fn start(
     peer: &str,
     hello: &Hello,
     tx: &Outbox,
+    rejoin: crate::rejoin::RejoinDigests,
 ) -> Result<Duties, Status> {
     let name = guard.name();
     let id = &shared.identity;
@@ -202,6 +215,7 @@ async fn start(
             return Err(r.into());
         }
     };
+    let mut theirs = Some(rejoin.pages);
     let (base_id, from, prev, complete, files_done) = match plan {
         Plan::Resume { from, prev } => {
             tracing::info!(standby = %name, %peer, %from, "standby connected; resuming");
@@ -215,8 +229,31 @@ async fn start(
                 hello.base_files_done,
             )
         }
-        Plan::NewBase { reason } => {
-            let from = tokio::task::block_in_place(|| base_boundary(shared))?;
+        Plan::NewBase { .. } | Plan::Rejoin { .. } => {
+            let (reason, discard_after) = match plan {
+                Plan::Rejoin {
+                    reason,
+                    discard_after,
+                } => {
+                    tracing::warn!(standby = %name, %peer, %discard_after, "REJOIN: {reason}; sending a page-delta new base");
+                    (reason, Some(discard_after.into()))
+                }
+                Plan::NewBase { reason } => {
+                    // Digests are only for a rejoin's page delta.
+                    theirs = None;
+                    (reason, None)
+                }
+                Plan::Resume { .. } => unreachable!("matched above"),
+            };
+            let mut from = tokio::task::block_in_place(|| base_boundary(shared))?;
+            if discard_after.is_some() {
+                // The standby finds where the histories part by comparing
+                // its log with this one: start at the newest file both share.
+                let shared_file = tokio::task::block_in_place(|| {
+                    crate::rejoin::newest_shared_log_file(&shared.layout, &rejoin.log_files, from)
+                });
+                from = LogPosition::new(shared_file, 0);
+            }
             let base_id = crate::identity::random_id();
             tracing::info!(standby = %name, %peer, %reason, base = %base_id, boundary = %from, "standby connected; starting a new base");
             send(tx, welcome(shared, false)).await?;
@@ -227,12 +264,14 @@ async fn start(
                     log_start: Some(from.into()),
                     reason,
                     rebase: false,
+                    discard_after,
                 }),
             )
             .await?;
             (base_id, from, None, BTreeSet::new(), false)
         }
     };
+    let theirs = theirs.unwrap_or_default();
     shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
     tokio::task::block_in_place(|| guard.started(&base_id, from));
 
@@ -256,6 +295,7 @@ async fn start(
                 &stop,
                 complete,
                 files_done,
+                &theirs,
                 base_commands,
             );
             if let Err(status) = r {

@@ -292,6 +292,18 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(skip)]
     pub start_over: bool,
+    /// Take over a standby directory whose log went beyond this primary's
+    /// history (a standby that was ahead, or promoted and written on): it
+    /// is brought up to date with a page-delta new base (only pages that
+    /// differ are sent), staged beside it and swapped in complete. What its
+    /// log holds beyond the primary's history is reported (range, bytes,
+    /// committed transactions) and its log files kept in
+    /// DIR/.tandem/discarded/ until you remove them. A primary that can
+    /// continue the directory's log just continues it. Not read from the
+    /// config file, so it applies to this run only.
+    #[arg(long, conflicts_with = "start_over")]
+    #[serde(skip)]
+    pub rejoin: bool,
 }
 
 #[cfg(test)]

@@ -56,6 +56,9 @@ pub struct StandbyConfig {
     /// Ask for a new base that replaces what the mirror holds (`run
     /// --start-over`).
     pub start_over: bool,
+    /// Accept a directory whose log went beyond the primary's history and
+    /// bring it up to date with a page-delta new base (`run --rejoin`).
+    pub rejoin: bool,
     /// How often to scrub the mirror (None: never).
     pub scrub_interval: Option<Duration>,
     /// No message from the primary for this long ends the session ("no
@@ -101,13 +104,25 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), FollowError> {
     let dir = StandbyDir::new(&cfg.dir);
+    let adopt = refuse_foreign(&dir, cfg.rejoin)?;
     let lock: DirLock = dir
         .lock()
         .map_err(|e| FollowError::Refused(e.to_string()))?;
+    // A promoted directory that has served as primary since rejoins like
+    // an old primary's home (a switchback).
+    let promoted = cfg.rejoin
+        && dir
+            .load_state()
+            .is_ok_and(|s| s.promoted.is_some() && s.base.is_some());
+    if adopt || promoted {
+        tokio::task::block_in_place(|| crate::rejoin::adopt_old_primary(&dir))
+            .map_err(FollowError::Refused)?;
+    }
     let mut mirror = tokio::task::block_in_place(|| Mirror::open(dir.clone()))
         .map_err(|e| anyhow::anyhow!(e))?;
     mirror.archive_hold_cap = cfg.archive_hold_cap_bytes;
     mirror.start_over = cfg.start_over;
+    mirror.rejoin = cfg.rejoin;
     if let Some(p) = &mirror.state.promoted {
         return Err(FollowError::Refused(format!(
             "{} was promoted (epoch {}, {}); a promoted directory never follows a primary again",
@@ -125,6 +140,8 @@ pub async fn run(
         primary_silence_ms: cfg.primary_silence.as_millis() as u64,
         last_check: crate::readiness::last_check(&dir),
         scrub: crate::scrub::last_report(&dir),
+        rejoining: mirror.rejoin,
+        discarded: crate::rejoin::reports(&dir),
         ..Default::default()
     };
     initial.fill_from_state(&mirror.state);
@@ -224,7 +241,52 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
         durable: Some(mirror.tail().durable.into()),
         last_record_digest: mirror.tail().last_record_digest.clone().into(),
         new_base_request: mirror.new_base_request(),
+        rejoin: mirror.rejoin,
     }
+}
+
+/// A directory with no standby state that holds anything (an environment,
+/// most likely: an old primary's home, a restored backup) is never taken
+/// over by a first base, which would write the primary's files over it.
+/// Checked before the lock, so nothing in it changes. With `--rejoin`, an
+/// old primary's home is taken over by a rejoin: `Ok(true)`.
+fn refuse_foreign(dir: &StandbyDir, rejoin: bool) -> Result<bool, FollowError> {
+    if dir.state_path().exists() {
+        return Ok(false);
+    }
+    let Ok(entries) = std::fs::read_dir(&dir.root) else {
+        return Ok(false); // missing: created empty by the lock
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != crate::state::META_DIR && n != "lost+found")
+        .collect();
+    if names.is_empty() {
+        return Ok(false);
+    }
+    if rejoin && dir.root.join(crate::rejoin::OLD_PRIMARY_STATE).is_dir() {
+        return Ok(true);
+    }
+    names.sort();
+    let shown = names.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    let more = if names.len() > 5 { ", ..." } else { "" };
+    let what = format!(
+        "{} holds files ({shown}{more}) but no standby state: it is not a standby of any primary, and          Tandem never writes a base over files it did not put there. Nothing was changed.",
+        dir.root.display()
+    );
+    Err(FollowError::Refused(if rejoin {
+        format!(
+            "{what} --rejoin takes over a standby directory whose log went beyond the primary's, or an old \
+             primary's home (with its {} state directory); this is neither",
+            crate::rejoin::OLD_PRIMARY_STATE
+        )
+    } else {
+        format!(
+            "{what} Point --dir at an empty directory, or at this primary's standby directory; for a \
+             standby whose log went beyond the primary's, or an old primary's home, use --rejoin"
+        )
+    }))
 }
 
 /// Sessions one after another, until `stop` or a refusal.

@@ -9,6 +9,7 @@
 //! - [`status`]: what `tandem-standby status` reports.
 //! - [`scrub`]: proves the mirror still holds what was written; heals it.
 //! - [`metrics`]: the metrics page of a running standby.
+//! - [`rejoin`]: what `run --rejoin` discards, set aside before the swap.
 //! - [`archive`]: backups of the mirror, their verification and restore.
 
 pub mod apply_error;
@@ -23,6 +24,7 @@ pub mod mirror;
 pub mod promote;
 pub mod readiness;
 pub mod receiver;
+pub mod rejoin;
 pub mod scrub;
 pub mod state;
 pub mod status;

@@ -199,6 +199,7 @@ async fn run(flags: RunArgs) -> ExitCode {
     let cfg = match config(a) {
         Ok(c) => StandbyConfig {
             start_over: flags.start_over,
+            rejoin: flags.rejoin,
             ..c
         },
         Err(e) => {
@@ -264,6 +265,7 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
             .archive_hold_cap_mib
             .map_or(tandem_standby::archive_hold::DEFAULT_CAP_BYTES, |m| m << 20),
         start_over: false,
+        rejoin: false,
         primary_silence: follow::DEFAULT_PRIMARY_SILENCE,
     })
 }

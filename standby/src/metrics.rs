@@ -79,6 +79,21 @@ pub fn render(s: &StandbyStatus) -> String {
             s.rebases,
         )
         .gauge_int(
+            "tandem_standby_rejoining",
+            "1 while `run --rejoin` brings the directory up to date with a page-delta base.",
+            i64::from(s.rejoining),
+        )
+        .gauge_int(
+            "tandem_standby_discarded_transactions",
+            "Committed transactions rejoins discarded (their log kept in .tandem/discarded).",
+            int(s.discarded.iter().map(|d| d.committed_transactions).sum()),
+        )
+        .gauge_int(
+            "tandem_standby_discarded_log_bytes",
+            "Log bytes rejoins discarded (kept in .tandem/discarded).",
+            int(s.discarded.iter().map(|d| d.bytes).sum()),
+        )
+        .gauge_int(
             "tandem_standby_promotion_replay_bytes",
             "Log bytes a promotion would replay now.",
             int(s.replay_log_bytes),

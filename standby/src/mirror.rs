@@ -62,6 +62,9 @@ pub struct Rebase {
     /// A replacement base: its log is its own (staged too), not the
     /// continuation of the mirror's.
     pub replaces: bool,
+    /// A rejoin's replacement base: where the primary says the mirror's
+    /// log leaves its history, at most.
+    pub discard_after: Option<LogPosition>,
 }
 
 /// A finished rebase (or replacement base), for logs and status.
@@ -73,6 +76,9 @@ pub struct RebaseReport {
     pub reused_bytes: u64,
     pub removed_log_files: usize,
     pub unix_ms: u64,
+    /// A rejoin: what the mirror's log held beyond the primary's history.
+    #[serde(default)]
+    pub discarded: Option<crate::rejoin::DiscardReport>,
 }
 
 pub struct Mirror {
@@ -90,6 +96,12 @@ pub struct Mirror {
     /// The operator asked to start over (`run --start-over`): a new base may
     /// replace what the mirror holds. Cleared once one has.
     pub start_over: bool,
+    /// The operator asked to rejoin (`run --rejoin`): as `start_over`, but
+    /// the new base is a page delta against the mirror's files, and what
+    /// the mirror's log holds beyond the primary's history is set aside
+    /// (see [`crate::rejoin`]). Cleared once the primary continues the
+    /// mirror's log or the new base is swapped in.
+    pub rejoin: bool,
     steps: Steps,
 }
 
@@ -124,6 +136,7 @@ impl Mirror {
             files: FileReceiver::default(),
             archive_hold_cap: crate::archive_hold::DEFAULT_CAP_BYTES,
             start_over: false,
+            rejoin: false,
             steps,
         })
     }
@@ -227,6 +240,10 @@ impl Mirror {
                     || self.state.epoch != w.epoch
                     || self.state.log_dir != w.log_dir
                     || self.state.history != history;
+                if w.resume {
+                    // The primary continues this log: nothing to discard.
+                    self.rejoin = false;
+                }
                 if changed {
                     self.state.env_id = Some(w.env_id);
                     self.state.epoch = w.epoch;
@@ -260,7 +277,10 @@ impl Mirror {
                     tracing::info!(log_start = %start, "rebase started: staging a new base beside the current one");
                 } else if let Some(holds) = self.holds() {
                     let end = self.log.tail().durable;
-                    let asked = self.new_base_request();
+                    let mut asked = self.new_base_request();
+                    if asked.is_empty() && self.rejoin {
+                        asked = crate::rejoin::REJOIN_REASON.into();
+                    }
                     if start <= end && asked.is_empty() {
                         return Err(ApplyError::Diverged {
                             primary_start: start,
@@ -277,6 +297,9 @@ impl Mirror {
                     tracing::warn!(base = %b.base_id, log_start = %start, durable = %end, reason = %b.reason,
                         "the primary sends a new base; taking it because {why}: staging it beside the current mirror, which stays as it is until the new base is complete");
                     self.stage(b.base_id, start, true)?;
+                    if let Some(r) = self.rebase.as_mut() {
+                        r.discard_after = b.discard_after.map(Into::into);
+                    }
                 } else {
                     self.start_base(b.base_id, start)?;
                 }
@@ -298,7 +321,10 @@ impl Mirror {
                 })
             }
             Kind::FileSame(f) => {
-                if self.rebase.as_ref().is_none_or(|r| r.replaces) {
+                // A replacement base refers to the mirror's files only in a
+                // rejoin, whose Hello sent their digests.
+                let rejoin = self.rejoin;
+                if self.rebase.as_ref().is_none_or(|r| r.replaces && !rejoin) {
                     return Err(ApplyError::Protocol("FileSame outside a rebase".into()));
                 }
                 let base_id = self.base()?.base_id.clone();
@@ -472,6 +498,7 @@ impl Mirror {
         if !ready {
             return Ok(None);
         }
+        let discarded = self.set_aside_discarded()?;
         let Some(r) = self.rebase.take() else {
             return Ok(None);
         };
@@ -500,6 +527,7 @@ impl Mirror {
                 w.rehome(&self.dir.root);
                 self.log = w;
                 self.start_over = false;
+                self.rejoin = false;
             }
         }
         let removed = swapped?;
@@ -510,10 +538,29 @@ impl Mirror {
             reused_bytes: r.reused_bytes,
             removed_log_files: removed,
             unix_ms: tandem_shared::now_unix_ms(),
+            discarded,
         };
         tracing::info!(base = %report.base_id, log_start = %report.log_start, sent = report.sent_bytes, reused = report.reused_bytes,
             removed_logs = removed, replaced_history = r.replaces, "staged base swapped in");
         Ok(Some(report))
+    }
+
+    /// A rejoin's replacement base is complete: set aside what the
+    /// mirror holds beyond the primary's history before it is replaced.
+    fn set_aside_discarded(&mut self) -> Result<Option<crate::rejoin::DiscardReport>, ApplyError> {
+        match (self.rebase.as_ref(), self.staged_log.as_ref()) {
+            (Some(r), Some(staged)) if r.replaces && self.rejoin => {
+                crate::rejoin::set_aside_for_swap(
+                    &self.dir,
+                    &self.state,
+                    &r.base,
+                    r.discard_after,
+                    self.log.tail().durable,
+                    staged.tail().durable,
+                )
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Is it time to ask for a rebase? (The base is complete, none is under

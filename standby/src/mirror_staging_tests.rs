@@ -12,6 +12,7 @@ fn rebase_start(id: &str, file: u32) -> Kind {
         log_start: Some(LogPosition::new(file, 0).into()),
         reason: "test".into(),
         rebase: true,
+        ..Default::default()
     })
 }
 
@@ -449,4 +450,66 @@ fn promote_finishes_an_interrupted_replacement_swap_before_recovering() {
         assert!(state.pending_swap.is_none());
         fx.m = Mirror::open(dir).expect("reopen");
     });
+}
+
+/// Pages of data.db as the standby holds them, by reference.
+fn data_db_same() -> Kind {
+    Kind::FileSame(tandem_shared::wire::FileSame {
+        name: "data.db".into(),
+        offset: 0,
+        len: 16384,
+    })
+}
+
+#[test]
+fn a_replacement_base_refers_to_the_mirrors_pages_only_in_a_rejoin() {
+    // --start-over: every page is sent; a FileSame is refused.
+    let mut fx = holding();
+    fx.m.start_over = true;
+    fx.ok(base_start("base-2", 1, 0));
+    fx.ok(file_start("data.db", 16384, FileKind::Database));
+    let err = fx.refuse(data_db_same());
+    assert!(matches!(err, ApplyError::Protocol(_)), "{err:?}");
+
+    // --rejoin: the held pages are reused, the discarded log and the file
+    // the new base lacks (gone.db) are kept, then the swap.
+    let mut fx = holding();
+    let old_end = fx.m.tail().durable;
+    fx.m.rejoin = true;
+    let env_before = env_tree(&fx);
+    fx.ok(base_start("base-2", 1, 0));
+    fx.ok(file_start("data.db", 16384, FileKind::Database));
+    fx.ok(data_db_same());
+    fx.ok(file_end("data.db", 16384));
+    fx.ship(DB_CONFIG, FileKind::Config, b"set_lg_max 1048576\n");
+    assert_eq!(env_tree(&fx), env_before, "staging touched the environment");
+    let (img, _) = log_file(0, 500, 4);
+    fx.ok(log_chunk(1, 0, &img));
+    fx.ok(files_done(1, img.len() as u32));
+    fx.m.sync().expect("sync");
+    let report = fx.m.finish_rebase().expect("swap").expect("ready");
+    // Only DB_CONFIG was sent.
+    assert_eq!((report.sent_bytes, report.reused_bytes), (19, 16384));
+    let d = report
+        .discarded
+        .expect("a rejoin reports what it discarded");
+    assert_eq!(d.to, old_end);
+    assert!(d.from < old_end && d.bytes > 0, "{d:?}");
+    let kept = fx.root().join(&d.kept_in);
+    for name in ["log.0000000001", "log.0000000002", "files/gone.db"] {
+        assert!(kept.join(name).is_file(), "{name} not kept");
+    }
+    assert!(!fx.m.rejoin, "a rejoin ends with the swap");
+    assert_eq!(crate::rejoin::reports(&fx.m.dir), vec![d]);
+    assert_eq!(
+        fx.m.state.base.as_ref().map(|b| b.base_id.as_str()),
+        Some("base-2")
+    );
+    assert!(fx.m.recoverable());
+    assert_eq!(log_numbers_of(&fx), vec![1]);
+    assert!(!fx.root().join("gone.db").exists());
+    assert_eq!(
+        std::fs::read(fx.root().join("data.db")).expect("data.db"),
+        db_bytes(16384, 1)
+    );
 }

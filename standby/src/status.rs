@@ -93,6 +93,14 @@ pub struct StandbyStatus {
     /// The last scrub (every page and log record against what was written).
     #[serde(default)]
     pub scrub: Option<crate::scrub::ScrubReport>,
+    /// `run --rejoin` is under way: the page-delta new base (its progress
+    /// is the base copy's) has not replaced the mirror yet.
+    #[serde(default)]
+    pub rejoining: bool,
+    /// What rejoins discarded, whose log is kept in `.tandem/discarded/`
+    /// until the operator removes it; oldest first.
+    #[serde(default)]
+    pub discarded: Vec<crate::rejoin::DiscardReport>,
     /// The epoch history this directory knows (where each promotion began).
     #[serde(default)]
     pub history: Vec<tandem_shared::epochs::EpochStart>,
@@ -279,6 +287,8 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     }
     s.last_check = crate::readiness::last_check(dir).or(s.last_check);
     s.scrub = crate::scrub::last_report(dir).or(s.scrub);
+    s.rejoining = false;
+    s.discarded = crate::rejoin::reports(dir);
     s.compute_lag(tandem_shared::now_unix_ms(), 0);
     s.fill_from_state(&state);
     s.set_archive(crate::archive_hold::observe(dir));
@@ -317,6 +327,12 @@ pub fn render(s: &StandbyStatus) -> String {
     ));
     if s.base_copy_active {
         out.push_str(&format!("base copy:    {}\n", base_copy_progress(s)));
+    }
+    if s.rejoining {
+        out.push_str("rejoin:       under way: the mirror is replaced once the page-delta base is complete\n");
+    }
+    for d in &s.discarded {
+        out.push_str(&format!("discarded:    {d}\n"));
     }
     out.push_str(&format!(
         "promotion:    would replay {} bytes of log, about {:.1} s; promote about {:.1} s\n",

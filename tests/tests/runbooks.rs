@@ -29,6 +29,11 @@ fn runbook(name: &str) -> Result<String> {
 }
 
 fn run_runbook(name: &str, standby_dir: &std::path::Path) -> Result<String> {
+    run_runbook_with(name, &[("STANDBY_DIR", standby_dir.display().to_string())])
+}
+
+/// Runs runbook `name` with these variables set.
+fn run_runbook_with(name: &str, vars: &[(&str, String)]) -> Result<String> {
     let script = runbook(name)?;
     let bins = bin("tandem-standby")
         .parent()
@@ -41,7 +46,7 @@ fn run_runbook(name: &str, standby_dir: &std::path::Path) -> Result<String> {
     );
     let out = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
-        .env("STANDBY_DIR", standby_dir)
+        .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
         .env("PATH", path)
         .output()?;
     let text = format!(
@@ -101,5 +106,68 @@ fn check_runbook() -> Result<()> {
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let out = run_runbook("check", &s.path("standby"))?;
     assert!(out.contains("recoverable"), "{out}");
+    Ok(())
+}
+
+/// The rejoin runbook, for `old_home` following `primary`; returns its
+/// output and the pid of the `run` it left in the background.
+fn rejoin_runbook(
+    s: &Scratch,
+    old_home: &std::path::Path,
+    primary: &Primary,
+) -> Result<(String, u32)> {
+    let a = s.certs.args("standby");
+    let out = run_runbook_with(
+        "rejoin",
+        &[
+            ("OLD_HOME", old_home.display().to_string()),
+            ("NEW_PRIMARY", primary.url()),
+            ("CERT", a[1].clone()),
+            ("KEY", a[3].clone()),
+            ("CA", a[5].clone()),
+        ],
+    )?;
+    let pid = standby_status(old_home)?["pid"]
+        .as_u64()
+        .context("the rejoined standby's pid")? as u32;
+    Ok((out, pid))
+}
+
+/// Stops the `run` a runbook left in the background (SIGTERM, by its pid).
+fn stop_background(dir: &std::path::Path, pid: u32) -> Result<()> {
+    Command::new("kill").arg(pid.to_string()).status()?;
+    wait_for("the background standby to stop", LONG, || {
+        Ok(standby_status(dir)?["running"] == false)
+    })
+}
+
+#[test]
+fn switchover_and_switchback_runbook() -> Result<()> {
+    let s = Scratch::new()?;
+    let (a, b) = (s.path("env"), s.path("standby"));
+    bdb::run_workload(&a, &workload(2000))?;
+    let mut primary = start_primary(s.root(), &a, &s.certs, "127.0.0.1:0", &[])?;
+    let _standby = start_standby(s.root(), &b, &primary.url(), &s.certs, &[])?;
+    // A -> B: the application stops on A; switchover on B.
+    let last = bdb::run_workload(&a, &workload(1000))?;
+    run_runbook("switchover", &b)?;
+    primary.proc.stop(LONG)?;
+    let mut primary = start_primary(s.root(), &b, &s.certs, "127.0.0.1:0", &[])?;
+    let (out, pid) = rejoin_runbook(&s, &a, &primary)?;
+    assert!(out.contains("streaming"), "{out}");
+    assert_eq!(standby_status(&a)?["file_bytes_received"], 0, "{out}");
+    assert_eq!(recover_copy(&a, &s.path("copy-a"))?, last);
+    // Maintenance done; the application ran on B. B -> A.
+    let last = bdb::run_workload(&b, &workload(1000))?;
+    wait_caught_up(&a, &b, LONG)?;
+    stop_background(&a, pid)?;
+    run_runbook_with("switchover", &[("STANDBY_DIR", a.display().to_string())])?;
+    primary.proc.stop(LONG)?;
+    let primary = start_primary(s.root(), &a, &s.certs, "127.0.0.1:0", &[])?;
+    let (out, pid) = rejoin_runbook(&s, &b, &primary)?;
+    assert!(out.contains("streaming"), "{out}");
+    assert_eq!(standby_status(&b)?["file_bytes_received"], 0, "{out}");
+    assert_eq!(recover_copy(&b, &s.path("copy-b"))?, last);
+    stop_background(&b, pid)?;
     Ok(())
 }

@@ -80,6 +80,8 @@ impl Applier {
                 // The new base changes what a promotion would replay.
                 self.status.send_modify(|s| {
                     s.rebases += 1;
+                    s.rejoining = mirror.rejoin;
+                    s.discarded.extend(report.discarded.clone());
                     s.last_rebase = Some(report);
                     s.fill_from_state(&mirror.state);
                 });
@@ -120,6 +122,8 @@ impl Applier {
         let a = mirror.apply(kind).map_err(|e| self.rejected(e, mirror))?;
         if welcome {
             super::remember_follow_config(&mirror.dir, &self.cfg);
+            // A primary that continues the log ends a rejoin at once.
+            self.status.send_modify(|s| s.rejoining = mirror.rejoin);
         }
         if a.log_bytes > 0 || a.file_bytes > 0 {
             self.status.send_modify(|s| {
@@ -167,6 +171,7 @@ impl Applier {
         self.send(standby_message::Kind::RebaseRequest(RebaseRequest {
             base_id,
             log_start: Some(log_start.into()),
+            log_files: Vec::new(),
         }));
         Ok(())
     }

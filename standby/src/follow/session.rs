@@ -72,9 +72,35 @@ pub(super) async fn run(
     let hello = super::hello(cfg, &mirror);
     let asked_new_base = hello.new_base_request.clone();
     let said_durable: LogPosition = hello.durable.unwrap_or_default().into();
+    let rejoin = hello.rejoin;
     let _ = out.try_send(StandbyMessage {
         kind: Some(standby_message::Kind::Hello(hello)),
     });
+    // A rejoin's Hello is followed by the digests of the mirror's pages,
+    // ended by a RebaseRequest, for the primary's page delta.
+    let digests = if rejoin {
+        let read = || -> Result<_, String> {
+            let pages = mirror.page_digests().map_err(|e| e.to_string())?;
+            let logs = crate::rejoin::log_file_digests(&mirror).map_err(|e| e.to_string())?;
+            Ok((pages, logs))
+        };
+        match tokio::task::block_in_place(read) {
+            Ok((pages, logs)) => Some(send_digests(
+                out.clone(),
+                pages,
+                logs,
+                mirror_base_id(&mirror),
+            )),
+            Err(e) => {
+                return (
+                    mirror,
+                    Err(retry(format!("reading the page digests for --rejoin: {e}"))),
+                )
+            }
+        }
+    } else {
+        None
+    };
     let opened = tokio::select! {
         r = client.stream(ReceiverStream::new(out_rx)) => r,
         _ = stop.wait_for(|s| *s) => return (mirror, Ok(())),
@@ -120,8 +146,48 @@ pub(super) async fn run(
     };
     acker.abort();
     let _ = acker.await;
+    if let Some(d) = digests {
+        d.abort();
+        let _ = d.await;
+    }
     // The applier's error says why the stream was dropped; it wins.
     (mirror, applied.and(read))
+}
+
+fn mirror_base_id(mirror: &Mirror) -> String {
+    mirror
+        .state
+        .base
+        .as_ref()
+        .map(|b| b.base_id.clone())
+        .unwrap_or_default()
+}
+
+/// Sends a rejoin's page digests then the RebaseRequest that ends them,
+/// as the stream takes them.
+fn send_digests(
+    out: mpsc::Sender<StandbyMessage>,
+    digests: Vec<tandem_shared::wire::PageDigests>,
+    log_files: Vec<tandem_shared::wire::LogFileDigest>,
+    base_id: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let kinds = digests
+            .into_iter()
+            .map(standby_message::Kind::PageDigests)
+            .chain(std::iter::once(standby_message::Kind::RebaseRequest(
+                tandem_shared::wire::RebaseRequest {
+                    base_id,
+                    log_start: None,
+                    log_files,
+                },
+            )));
+        for kind in kinds {
+            if out.send(StandbyMessage { kind: Some(kind) }).await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// Takes messages off the stream into the queue, under the silence deadline.
