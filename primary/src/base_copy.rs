@@ -292,6 +292,7 @@ fn ship_file(
                         offset: run_offset,
                         blake3: shared.digest(&bytes),
                         data: bytes,
+                        ..Default::default()
                     }),
                 )?;
                 sent += run_len as u64;

@@ -265,6 +265,7 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
             .map_or(tandem_standby::archive_hold::DEFAULT_CAP_BYTES, |m| m << 20),
         start_over: false,
         primary_silence: follow::DEFAULT_PRIMARY_SILENCE,
+        compression: a.compression.unwrap_or_default(),
     })
 }
 

@@ -89,6 +89,9 @@ pub struct Mirror {
     /// The operator asked to start over (`run --start-over`): a new base may
     /// replace what the mirror holds. Cleared once one has.
     pub start_over: bool,
+    /// This standby offered zstd in its Hello (`--compression auto`); a
+    /// zstd chunk without that offer is a protocol violation.
+    pub accepts_zstd: bool,
     steps: Steps,
 }
 
@@ -123,6 +126,7 @@ impl Mirror {
             files: FileReceiver::default(),
             archive_hold_cap: crate::archive_hold::DEFAULT_CAP_BYTES,
             start_over: false,
+            accepts_zstd: true,
             steps,
         })
     }
@@ -194,6 +198,10 @@ impl Mirror {
 
     /// Applies one message from the primary.
     pub fn apply(&mut self, kind: Kind) -> Result<Applied, ApplyError> {
+        // Chunks are decoded here, before their digest is checked against
+        // the original bytes and before anything is written.
+        let kind = tandem_shared::compress::decode_kind(kind, self.accepts_zstd)
+            .map_err(|e| ApplyError::Protocol(e.to_string()))?;
         match kind {
             Kind::Welcome(w) => {
                 if let Some(ours) = &self.state.env_id {
