@@ -28,13 +28,17 @@ pub(crate) struct Config {
     pub(crate) cost_secs: u64,
     pub(crate) promote_mb: Vec<u64>,
     pub(crate) resume_mb: u64,
+    /// `slowlink`: MiB of text records in the environment, and loaded
+    /// while the standby is away.
+    pub(crate) slow_mb: u64,
+    pub(crate) slow_log_mb: u64,
     pub(crate) sections: Vec<String>,
     pub(crate) work_parent: PathBuf,
     pub(crate) out: Option<PathBuf>,
     pub(crate) keep: bool,
 }
 
-pub(crate) const SECTIONS: [&str; 5] = ["copy", "lag", "cost", "promote", "resume"];
+pub(crate) const SECTIONS: [&str; 6] = ["copy", "lag", "cost", "promote", "resume", "slowlink"];
 
 pub(crate) fn env_str(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -107,6 +111,8 @@ impl Config {
                 if quick { &[25, 100] } else { &[100, 500] },
             )?,
             resume_mb: env_u64("BENCH_RESUME_MB", if quick { 2 } else { 8 })?.max(1),
+            slow_mb: env_u64("BENCH_SLOW_MB", if quick { 32 } else { 64 })?.max(1),
+            slow_log_mb: env_u64("BENCH_SLOW_LOG_MB", if quick { 4 } else { 8 })?.max(1),
             sections,
             work_parent: env_str("BENCH_DIR")
                 .map(PathBuf::from)

@@ -19,6 +19,9 @@
 //! 4. `promote`: `tandem-standby promote` (failover) after N MB of log.
 //! 5. `resume`: bytes sent after a standby `kill -9` and restart, against a
 //!    full copy.
+//! 6. `slowlink`: base copy, log catch-up and commit → durable over a
+//!    rate-limited, delayed link between two network namespaces, with and
+//!    without zstd.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
@@ -48,9 +51,11 @@ pub(crate) mod config;
 pub(crate) mod copy;
 pub(crate) mod cost;
 pub(crate) mod lag;
+pub(crate) mod netns;
 pub(crate) mod promote;
 pub(crate) mod report;
 pub(crate) mod resume;
+pub(crate) mod slowlink;
 pub(crate) mod stats;
 pub(crate) mod system;
 
