@@ -39,9 +39,7 @@ impl Outbox {
 
     /// Fixes the session's encoding ("" = none), as named in the Welcome.
     pub fn negotiated(&self, encoding: &str) {
-        let _ = self
-            .encoder
-            .set(Encoder::new(encoding, self.stats.clone()));
+        let _ = self.encoder.set(Encoder::new(encoding, self.stats.clone()));
     }
 
     fn encode(&self, kind: Kind) -> Kind {

@@ -47,7 +47,10 @@ fn compressible_chunks_are_zstd_and_round_trip() {
     let back = decode(e.encoding as i32, e.data.clone(), e.raw_len, true).unwrap();
     assert_eq!(back, data);
     assert_eq!(stats.raw_bytes.load(Ordering::Relaxed), data.len() as u64);
-    assert_eq!(stats.sent_bytes.load(Ordering::Relaxed), e.data.len() as u64);
+    assert_eq!(
+        stats.sent_bytes.load(Ordering::Relaxed),
+        e.data.len() as u64
+    );
     assert_eq!(stats.zstd_chunks.load(Ordering::Relaxed), 1);
 }
 

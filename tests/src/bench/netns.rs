@@ -101,7 +101,9 @@ impl Link {
             ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             let out = Command::new("ip")
-                .args(["netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root"])
+                .args([
+                    "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
+                ])
                 .args(["tbf", "rate", &rate, "burst", &burst, "latency", "100ms"])
                 .output()
                 .context("running tc")?;
@@ -162,7 +164,8 @@ pub(crate) fn delay_proxy_main(args: &[String]) -> Result<()> {
     std::fs::write(ready, l.local_addr()?.to_string())?;
     for conn in l.incoming() {
         let down = conn?;
-        let up = TcpStream::connect(target.as_str()).with_context(|| format!("connect {target}"))?;
+        let up =
+            TcpStream::connect(target.as_str()).with_context(|| format!("connect {target}"))?;
         for s in [&down, &up] {
             s.set_nodelay(true)?;
         }
@@ -182,7 +185,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }

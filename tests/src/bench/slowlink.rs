@@ -153,10 +153,15 @@ impl Bench {
         ]);
         let mut proxy = Proc::spawn("delay-proxy", proxy_cmd, &dir.join("proxy.log"))?;
         let mut proxy_addr = String::new();
-        wait_while_running("the delay proxy", Duration::from_secs(30), &mut proxy, || {
-            proxy_addr = std::fs::read_to_string(&ready).unwrap_or_default();
-            Ok(!proxy_addr.is_empty())
-        })?;
+        wait_while_running(
+            "the delay proxy",
+            Duration::from_secs(30),
+            &mut proxy,
+            || {
+                proxy_addr = std::fs::read_to_string(&ready).unwrap_or_default();
+                Ok(!proxy_addr.is_empty())
+            },
+        )?;
         let url = format!("https://{proxy_addr}");
         let sdir = dir.join("standby");
         let wire = |m: &BTreeMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0) / MIB;
@@ -191,15 +196,15 @@ impl Bench {
             ..self.stream_workload()
         };
         let mut w = Proc::spawn("workload", opts.command(&env), &dir.join("workload.log"))?;
-        let ran = w
-            .wait_exit(Duration::from_secs(secs + 120))
-            .and_then(|st| {
-                anyhow::ensure!(st.success(), "workload failed: {}", w.log_text());
-                let end = primary_log_end(&env)?;
-                wait_for("the final acknowledgement", Duration::from_secs(300), || {
-                    Ok(latest.lock().map(|l| *l >= end).unwrap_or(false))
-                })
-            });
+        let ran = w.wait_exit(Duration::from_secs(secs + 120)).and_then(|st| {
+            anyhow::ensure!(st.success(), "workload failed: {}", w.log_text());
+            let end = primary_log_end(&env)?;
+            wait_for(
+                "the final acknowledgement",
+                Duration::from_secs(300),
+                || Ok(latest.lock().map(|l| *l >= end).unwrap_or(false)),
+            )
+        });
         stop.store(true, Ordering::Relaxed);
         let commits = tail.join().map_err(|_| anyhow!("tail thread panicked"))??;
         let samples = poller.join().map_err(|_| anyhow!("poller panicked"))??;
@@ -213,7 +218,11 @@ impl Bench {
         standby.stop(Duration::from_secs(60))?;
         let m1 = scrape_metrics(&metrics)?;
         let before = primary_log_end(&env)?;
-        self.db_load(&env, &self.path("slow-more.dump"), &dir.join("load-more.log"))?;
+        self.db_load(
+            &env,
+            &self.path("slow-more.dump"),
+            &dir.join("load-more.log"),
+        )?;
         let after = primary_log_end(&env)?;
         sync_all();
         let mut standby = self.start_slow_standby(link, &dir, &url, compression, "catchup")?;
@@ -351,7 +360,11 @@ impl Bench {
                     let m = median(&p99);
                     let goal = 20.0 + spec.rtt_ms;
                     s.targets.push(Target {
-                        what: format!("p99 commit → durable at {} commits/s, {}", cfg.lag_rate, spec.label()),
+                        what: format!(
+                            "p99 commit → durable at {} commits/s, {}",
+                            cfg.lag_rate,
+                            spec.label()
+                        ),
                         goal: format!("< 20 ms + RTT = {goal:.0} ms"),
                         measured: format!("{m:.1} ms (p50 {:.1} ms)", median(&p50)),
                         met: Some(m < goal && unmatched == 0),
