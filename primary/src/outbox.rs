@@ -66,11 +66,18 @@ pub fn msg(kind: Kind) -> Result<PrimaryMessage, Status> {
 }
 
 pub async fn send(tx: &Outbox, kind: Kind) -> Result<(), Status> {
-    // zstd on a megabyte takes milliseconds: off the async worker.
-    let kind = if matches!(kind, Kind::FileChunk(_) | Kind::LogChunk(_)) {
+    // zstd on a megabyte takes milliseconds: off the async worker. A
+    // small chunk (the live tail's few records) takes microseconds, less
+    // than handing the worker over would.
+    let len = match &kind {
+        Kind::FileChunk(c) => c.data.len(),
+        Kind::LogChunk(c) => c.data.len(),
+        _ => 0,
+    };
+    let kind = if len >= 64 << 10 {
         tokio::task::block_in_place(|| tx.encode(kind))
     } else {
-        kind
+        tx.encode(kind)
     };
     tx.send(msg(kind))
         .await
