@@ -112,7 +112,7 @@ impl Config {
             )?,
             resume_mb: env_u64("BENCH_RESUME_MB", if quick { 2 } else { 8 })?.max(1),
             slow_mb: env_u64("BENCH_SLOW_MB", if quick { 32 } else { 64 })?.max(1),
-            slow_log_mb: env_u64("BENCH_SLOW_LOG_MB", if quick { 8 } else { 16 })?.max(1),
+            slow_log_mb: env_u64("BENCH_SLOW_LOG_MB", if quick { 16 } else { 48 })?.max(1),
             sections,
             work_parent: env_str("BENCH_DIR")
                 .map(PathBuf::from)
