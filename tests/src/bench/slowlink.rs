@@ -19,6 +19,7 @@ struct SlowRun {
     catchup_log_mib: f64,
     catchup_secs: f64,
     catchup_wire_mib: f64,
+    catchup_raw_mib: f64,
     delays_ms: Vec<f64>,
     unmatched: usize,
 }
@@ -259,6 +260,7 @@ impl Bench {
             catchup_log_mib: log_mib_between(from, after, lg_max),
             catchup_secs,
             catchup_wire_mib: wire(&m2, sent) - wire(&m1, sent),
+            catchup_raw_mib: wire(&m2, raw) - wire(&m1, raw),
             delays_ms: delays,
             unmatched,
         })
@@ -347,7 +349,7 @@ impl Bench {
                     median(&col(&|r| r.copy_raw_mib)),
                     spread(&catchup, 1),
                     median(&col(&|r| r.catchup_wire_mib)),
-                    median(&col(&|r| r.catchup_log_mib)),
+                    median(&col(&|r| r.catchup_raw_mib)),
                     median(&p50),
                     median(&p99),
                     if unmatched > 0 {
