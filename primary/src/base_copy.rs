@@ -325,6 +325,7 @@ fn file_chunk(shared: &Shared, name: &str, offset: u64, data: bytes::Bytes) -> F
         offset,
         blake3: shared.digest(&data),
         data,
+        ..Default::default()
     }
 }
 

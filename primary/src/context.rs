@@ -35,6 +35,10 @@ pub struct Shared {
     pub rescan_interval: Duration,
     pub corrupt_chunk: Option<u64>,
     pub counters: Counters,
+    /// `--compression`: whether sessions may use what a standby offers.
+    pub compression: tandem_shared::compress::Compression,
+    /// Chunk bytes before and after encoding, over all sessions.
+    pub wire: Arc<tandem_shared::compress::WireStats>,
     pub registry: Arc<StandbyRegistry>,
     /// Cancelled when the primary shuts down: sessions end their streams
     /// (so the server's graceful shutdown does not wait on them forever),

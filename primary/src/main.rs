@@ -119,6 +119,11 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<LogFormat>,
+    /// Compress chunks with zstd for standbys that offer it (auto), chosen
+    /// per chunk, the level following the link; or never (off) [default: auto].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compression: Option<tandem_shared::compress::Compression>,
     /// Testing only: corrupt the digest of the Nth chunk sent.
     #[arg(long, hide = true)]
     #[serde(skip)]
@@ -210,6 +215,7 @@ async fn run(flags: RunArgs) -> Result<()> {
         rescan_interval: Duration::from_millis(a.rescan_interval_ms.unwrap_or(2000).max(10)),
         metrics_listen: a.metrics_listen,
         corrupt_chunk: fault,
+        compression: a.compression.unwrap_or_default(),
         retention: a.retention.unwrap_or(false).then(|| {
             tandem_primary::retention::RetentionConfig {
                 cap_bytes: a.retention_cap_mib.unwrap_or(10240) << 20,

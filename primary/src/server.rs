@@ -10,6 +10,7 @@
 pub use crate::context::{Counters, Shared};
 use crate::identity::{PrimaryState, Promoted};
 use crate::log_watch;
+use crate::outbox::Outbox;
 use crate::registry::StandbyRegistry;
 use crate::session;
 use anyhow::{Context, Result};
@@ -52,6 +53,8 @@ pub struct PrimaryConfig {
     pub corrupt_chunk: Option<u64>,
     /// Remove shipped, inactive log files from the environment (off: None).
     pub retention: Option<crate::retention::RetentionConfig>,
+    /// `--compression`: use zstd with standbys that offer it.
+    pub compression: tandem_shared::compress::Compression,
 }
 
 struct Service {
@@ -76,7 +79,7 @@ impl Replication for Service {
             self.shared.clone(),
             peer,
             request.into_inner(),
-            tx,
+            Outbox::new(tx, self.shared.wire.clone()),
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -128,6 +131,8 @@ pub async fn serve(
         rescan_interval: cfg.rescan_interval,
         corrupt_chunk: cfg.corrupt_chunk,
         counters: Counters::default(),
+        compression: cfg.compression,
+        wire: Default::default(),
         registry: registry.clone(),
         stop: stop.clone(),
     });

@@ -219,7 +219,7 @@ async fn start(
     let (base_id, from, prev, complete, files_done) = match plan {
         Plan::Resume { from, prev } => {
             tracing::info!(standby = %name, %peer, %from, "standby connected; resuming");
-            send(tx, welcome(shared, true)).await?;
+            send(tx, welcome(shared, hello, tx, true)).await?;
             let complete: BTreeSet<String> = hello.complete_files.iter().cloned().collect();
             (
                 hello.base_id.clone(),
@@ -256,7 +256,7 @@ async fn start(
             }
             let base_id = crate::identity::random_id();
             tracing::info!(standby = %name, %peer, %reason, base = %base_id, boundary = %from, "standby connected; starting a new base");
-            send(tx, welcome(shared, false)).await?;
+            send(tx, welcome(shared, hello, tx, false)).await?;
             send(
                 tx,
                 Kind::BaseStart(BaseStart {
@@ -316,8 +316,12 @@ async fn start(
     })
 }
 
-fn welcome(shared: &Shared, resume: bool) -> Kind {
+/// The Welcome, which also fixes the session's chunk encoding.
+fn welcome(shared: &Shared, hello: &Hello, tx: &Outbox, resume: bool) -> Kind {
+    let encoding = shared.compression.choose(&hello.accept_encodings);
+    tx.negotiated(encoding);
     Kind::Welcome(Welcome {
+        encoding: encoding.to_owned(),
         env_id: shared.identity.env_id.clone(),
         epoch: shared.identity.epoch,
         log_dir: tandem_shared::envlayout::rel_name(&shared.layout.log_dir_rel()),
@@ -455,6 +459,7 @@ async fn ship_log(
                 blake3: shared.digest(&data),
                 data,
                 file_size: *size,
+                ..Default::default()
             };
             send(tx, Kind::LogChunk(chunk)).await?;
             pos.offset = r.walk.end;

@@ -10,10 +10,12 @@
 //! - [`durable`]: fsync discipline and checksummed control files.
 //! - [`tls`]: mutual TLS for both ends, and certificate generation.
 //! - [`bdb`]: the Berkeley DB command-line tools Tandem runs.
+//! - [`compress`]: per-chunk zstd of what is shipped, negotiated per session.
 //! - [`wire`]: the generated gRPC protocol.
 
 pub mod bdb;
 pub mod client;
+pub mod compress;
 pub mod config;
 pub mod durable;
 pub mod envlayout;

@@ -280,6 +280,11 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_hold_cap_mib: Option<u64>,
+    /// Offer zstd to the primary (auto), which then compresses the chunks
+    /// worth it; or receive everything as it is (off) [default: auto].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<tandem_shared::compress::Compression>,
     /// Log format: human or json [default: human].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

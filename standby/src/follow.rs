@@ -65,6 +65,8 @@ pub struct StandbyConfig {
     /// word from the primary"): the primary sends a heartbeat every
     /// `--heartbeat-ms` (500 ms by default), so this is many heartbeats.
     pub primary_silence: Duration,
+    /// `--compression`: whether the Hello offers zstd.
+    pub compression: tandem_shared::compress::Compression,
 }
 
 /// `run --check-interval-secs` by default.
@@ -123,6 +125,7 @@ pub async fn run(
     mirror.archive_hold_cap = cfg.archive_hold_cap_bytes;
     mirror.start_over = cfg.start_over;
     mirror.rejoin = cfg.rejoin;
+    mirror.accepts_zstd = cfg.compression == tandem_shared::compress::Compression::Auto;
     if let Some(p) = &mirror.state.promoted {
         return Err(FollowError::Refused(format!(
             "{} was promoted (epoch {}, {}); a promoted directory never follows a primary again",
@@ -242,6 +245,7 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
         last_record_digest: mirror.tail().last_record_digest.clone().into(),
         new_base_request: mirror.new_base_request(),
         rejoin: mirror.rejoin,
+        accept_encodings: cfg.compression.offers(),
     }
 }
 

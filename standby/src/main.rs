@@ -267,6 +267,7 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
         start_over: false,
         rejoin: false,
         primary_silence: follow::DEFAULT_PRIMARY_SILENCE,
+        compression: a.compression.unwrap_or_default(),
     })
 }
 

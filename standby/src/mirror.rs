@@ -102,6 +102,9 @@ pub struct Mirror {
     /// (see [`crate::rejoin`]). Cleared once the primary continues the
     /// mirror's log or the new base is swapped in.
     pub rejoin: bool,
+    /// This standby offered zstd in its Hello (`--compression auto`); a
+    /// zstd chunk without that offer is a protocol violation.
+    pub accepts_zstd: bool,
     steps: Steps,
 }
 
@@ -137,6 +140,7 @@ impl Mirror {
             archive_hold_cap: crate::archive_hold::DEFAULT_CAP_BYTES,
             start_over: false,
             rejoin: false,
+            accepts_zstd: true,
             steps,
         })
     }
@@ -208,6 +212,10 @@ impl Mirror {
 
     /// Applies one message from the primary.
     pub fn apply(&mut self, kind: Kind) -> Result<Applied, ApplyError> {
+        // Chunks are decoded here, before their digest is checked against
+        // the original bytes and before anything is written.
+        let kind = tandem_shared::compress::decode_kind(kind, self.accepts_zstd)
+            .map_err(|e| ApplyError::Protocol(e.to_string()))?;
         match kind {
             Kind::Welcome(w) => {
                 if let Some(ours) = &self.state.env_id {

@@ -376,3 +376,8 @@ mod session;
 // log chain at open: a file of their own (this one is long enough).
 #[path = "mirror_staging_tests.rs"]
 mod staging;
+
+// zstd-encoded chunks: decoded before the digest check, refused whole when
+// they lie.
+#[path = "mirror_zstd_tests.rs"]
+mod zstd;

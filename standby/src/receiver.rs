@@ -329,6 +329,7 @@ mod tests {
                 offset: at as u64,
                 blake3: bytes::Bytes::copy_from_slice(blake3::hash(&piece).as_bytes()),
                 data: piece,
+                ..Default::default()
             })
             .expect("chunk");
             at = end;

@@ -30,14 +30,18 @@ pub(crate) struct Config {
     pub(crate) resume_mb: u64,
     /// GiB of the large environment (0: the `large` section is skipped).
     pub(crate) large_gb: f64,
+    /// `slowlink`: MiB of text records in the environment, and loaded
+    /// while the standby is away.
+    pub(crate) slow_mb: u64,
+    pub(crate) slow_log_mb: u64,
     pub(crate) sections: Vec<String>,
     pub(crate) work_parent: PathBuf,
     pub(crate) out: Option<PathBuf>,
     pub(crate) keep: bool,
 }
 
-pub(crate) const SECTIONS: [&str; 7] = [
-    "copy", "restore", "lag", "cost", "promote", "resume", "large",
+pub(crate) const SECTIONS: [&str; 8] = [
+    "copy", "restore", "lag", "cost", "promote", "resume", "large", "slowlink",
 ];
 
 pub(crate) fn env_str(name: &str) -> Option<String> {
@@ -126,6 +130,8 @@ impl Config {
                     .filter(|g| g.is_finite() && *g >= 0.0)
                     .with_context(|| format!("BENCH_LARGE_GB={v:?} is not a size in GiB"))?,
             },
+            slow_mb: env_u64("BENCH_SLOW_MB", if quick { 32 } else { 64 })?.max(1),
+            slow_log_mb: env_u64("BENCH_SLOW_LOG_MB", if quick { 16 } else { 48 })?.max(1),
             sections,
             work_parent: env_str("BENCH_DIR")
                 .map(PathBuf::from)

@@ -24,6 +24,9 @@
 //!    against cp + `db_recover -c` of the same bytes.
 //! 7. `large`: base copy, rebase and promotion of a `BENCH_LARGE_GB`
 //!    environment against cp and rsync, with the daemons' memory sampled.
+//! 8. `slowlink`: base copy, log catch-up and commit → durable over a
+//!    rate-limited, delayed link between two network namespaces, with and
+//!    without zstd.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
@@ -54,10 +57,12 @@ pub(crate) mod copy;
 pub(crate) mod cost;
 pub(crate) mod lag;
 pub(crate) mod large;
+pub(crate) mod netns;
 pub(crate) mod promote;
 pub(crate) mod report;
 pub(crate) mod restore;
 pub(crate) mod resume;
+pub(crate) mod slowlink;
 pub(crate) mod stats;
 pub(crate) mod system;
 

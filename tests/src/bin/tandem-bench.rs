@@ -15,6 +15,18 @@ use std::time::{Duration, Instant};
 use tandem_tests::harness::{self, Certs};
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("delay-proxy") {
+        // The slowlink section starts this copy of itself in the standby's
+        // namespace as the link's delay.
+        return match bench::netns::delay_proxy_main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tandem-bench delay-proxy: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match run() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -140,6 +152,11 @@ fn run() -> Result<bool> {
         let load = loadavg();
         let r = bench.section_large();
         record("7. large", load, r, &mut md);
+    }
+    if cfg.wants("slowlink") {
+        let load = loadavg();
+        let r = bench.section_slowlink();
+        record("8. slow links", load, r, &mut md);
     }
     md.push_str(&targets_md(&targets));
     let _ = writeln!(
