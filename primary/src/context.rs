@@ -34,6 +34,8 @@ pub struct Shared {
     pub corrupt_chunk: Option<u64>,
     pub counters: Counters,
     pub registry: Arc<StandbyRegistry>,
+    /// Figures of the commit waits served on the wait socket.
+    pub waits: Arc<crate::wait::WaitStats>,
     /// Cancelled when the primary shuts down: sessions end their streams
     /// (so the server's graceful shutdown does not wait on them forever),
     /// retention and the log watcher stop.

@@ -7,6 +7,8 @@
 //! - [`session`]: one standby's stream: plan, base copy, log shipping, acks;
 //!   [`plan`] decides where a stream starts, [`base_copy`] sends database files.
 //! - [`switchover`]: may a standby take over now (`PrepareSwitchover`).
+//! - [`wait`]: the wait socket, where applications wait until a commit is
+//!   durable on K standbys.
 //! - [`retention`]: which shipped logs may leave the production disk.
 //! - [`metrics`]: Prometheus text and the status document.
 //! - [`outbox`]: the bounded channel a session's duties write to.
@@ -28,3 +30,4 @@ pub mod retention;
 pub mod server;
 pub mod session;
 pub mod switchover;
+pub mod wait;

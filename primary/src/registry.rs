@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tandem_shared::durable::{ControlFile, ControlFileError};
 use tandem_shared::wire::StandbyInfo;
 use tandem_shared::LogPosition;
+use tokio::sync::watch;
 
 const STANDBYS_FILE: &str = "standbys";
 const FORMAT_VERSION: u32 = 1;
@@ -60,6 +61,12 @@ pub struct StandbyRecord {
     /// Of those, bytes kept only because its archive lacks them.
     #[serde(skip)]
     pub held_for_archive_bytes: u64,
+    /// What this standby acknowledged as fsynced in its current session;
+    /// `None` before its first ack. Unlike `acked` (which a session's start
+    /// or a takeover also sets, for retention), only an ack sets it, so a
+    /// commit waiter never counts a position the standby did not fsync.
+    #[serde(skip)]
+    pub session_acked: Option<LogPosition>,
 }
 
 impl StandbyRecord {
@@ -97,6 +104,41 @@ struct Records {
 pub struct StandbyRegistry {
     path: PathBuf,
     records: Mutex<Records>,
+    /// The connected standbys' durable acks, republished on every ack,
+    /// connect and disconnect: commit waiters wake on it (see `wait`).
+    durable: watch::Sender<DurableAcks>,
+}
+
+/// What the connected standbys hold durably, as commit waiters see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DurableAcks {
+    /// Standbys connected now.
+    pub connected: usize,
+    /// Their acknowledged durable ends in this session, highest first
+    /// (a connected standby that has not acknowledged yet is absent).
+    pub durable: Vec<LogPosition>,
+}
+
+impl DurableAcks {
+    fn of(map: &BTreeMap<String, StandbyRecord>) -> Self {
+        let mut durable: Vec<LogPosition> = map
+            .values()
+            .filter(|r| r.connected)
+            .filter_map(|r| r.session_acked)
+            .collect();
+        durable.sort_unstable_by(|a, b| b.cmp(a));
+        Self {
+            connected: map.values().filter(|r| r.connected).count(),
+            durable,
+        }
+    }
+
+    /// How many connected standbys hold the log record that starts at
+    /// `lsn`: their durable end is strictly beyond it (BDB.md §10: a commit
+    /// token names where the commit record starts).
+    pub fn holding(&self, lsn: LogPosition) -> usize {
+        self.durable.iter().take_while(|d| **d > lsn).count()
+    }
 }
 
 fn load(path: &Path) -> Result<BTreeMap<String, StandbyRecord>, ControlFileError> {
@@ -122,7 +164,26 @@ impl StandbyRegistry {
         Self {
             path,
             records: Mutex::new(Records { map, unreadable }),
+            durable: watch::channel(DurableAcks::default()).0,
         }
+    }
+
+    /// The connected standbys' durable acks, updated as they change.
+    pub fn durable_acks(&self) -> watch::Receiver<DurableAcks> {
+        self.durable.subscribe()
+    }
+
+    /// Republishes the durable acks after a change under the lock; waiters
+    /// wake only when what they can see changed.
+    fn publish(&self, map: &BTreeMap<String, StandbyRecord>) {
+        let now = DurableAcks::of(map);
+        self.durable.send_if_modified(|cur| {
+            let changed = *cur != now;
+            if changed {
+                *cur = now;
+            }
+            changed
+        });
     }
 
     /// The records hold plain data with no invariant a panic could break
@@ -144,8 +205,10 @@ impl StandbyRegistry {
             });
         }
         r.connected = true;
+        r.session_acked = None;
         r.peer = peer.to_owned();
         r.last_contact_unix_ms = tandem_shared::now_unix_ms();
+        self.publish(&records.map);
         Ok(SessionGuard {
             registry: self.clone(),
             name: name.to_owned(),
@@ -239,8 +302,10 @@ impl StandbyRegistry {
     }
 
     fn update(&self, name: &str, f: impl FnOnce(&mut StandbyRecord)) {
-        if let Some(r) = self.lock().map.get_mut(name) {
+        let mut records = self.lock();
+        if let Some(r) = records.map.get_mut(name) {
             f(r);
+            self.publish(&records.map);
         }
     }
 }
@@ -294,6 +359,7 @@ impl SessionGuard {
     pub fn acked(&self, at: LogPosition, archived: Option<LogPosition>) {
         self.registry.update(&self.name, |r| {
             r.acked = at;
+            r.session_acked = Some(at);
             r.archived = archived;
             r.last_contact_unix_ms = tandem_shared::now_unix_ms();
         });
@@ -303,9 +369,14 @@ impl SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         if self.unstarted_new.load(Ordering::Relaxed) {
-            self.registry.lock().map.remove(&self.name);
+            let mut records = self.registry.lock();
+            records.map.remove(&self.name);
+            self.registry.publish(&records.map);
         } else {
-            self.registry.update(&self.name, |r| r.connected = false);
+            self.registry.update(&self.name, |r| {
+                r.connected = false;
+                r.session_acked = None;
+            });
         }
     }
 }
