@@ -363,14 +363,20 @@ fn wait_durable(a: WaitArgs) -> ExitCode {
         eprintln!("tandem-primary: {e}");
         ExitCode::from(code)
     };
-    let socket = a
-        .wait_socket
-        .clone()
-        .unwrap_or_else(|| a.env.join(".tandem-primary").join(tandem_primary::wait::socket::SOCKET_NAME));
+    let socket = a.wait_socket.clone().unwrap_or_else(|| {
+        a.env
+            .join(".tandem-primary")
+            .join(tandem_primary::wait::socket::SOCKET_NAME)
+    });
     let lsn = match &a.lsn {
         Some(s) => match client::parse_lsn(s) {
             Some(p) => p,
-            None => return fail(2, &format!("bad --lsn {s:?}: expected FILE/OFFSET or [FILE][OFFSET]")),
+            None => {
+                return fail(
+                    2,
+                    &format!("bad --lsn {s:?}: expected FILE/OFFSET or [FILE][OFFSET]"),
+                )
+            }
         },
         None => match client::last_record(&a.env) {
             Ok(p) => p,
@@ -387,7 +393,8 @@ fn wait_durable(a: WaitArgs) -> ExitCode {
         Err(e @ ClientError::NoPrimary { .. }) => return fail(EXIT_NO_PRIMARY, &e),
         Err(e) => return fail(1, &e),
     };
-    let pos = |p: tandem_shared::LogPosition| serde_json::json!({"file": p.file, "offset": p.offset});
+    let pos =
+        |p: tandem_shared::LogPosition| serde_json::json!({"file": p.file, "offset": p.offset});
     let (code, doc, text) = match &reply {
         Reply::Durable { at, holding } => (
             0,

@@ -221,13 +221,10 @@ pub async fn wait(
 ) -> WaitOutcome {
     let started = Instant::now();
     stats.waits.fetch_add(1, Ordering::Relaxed);
-    let found = tokio::time::timeout(
-        req.timeout,
-        acks.wait_for(|a| judge(a, &req).is_some()),
-    )
-    .await
-    .ok()
-    .and_then(|r| r.ok().and_then(|a| judge(&a, &req)));
+    let found = tokio::time::timeout(req.timeout, acks.wait_for(|a| judge(a, &req).is_some()))
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|a| judge(&a, &req)));
     if let Some(o) = found {
         stats.latency.observe(started.elapsed().as_secs_f64());
         return o;
@@ -244,7 +241,10 @@ mod tests {
     fn acks(connected: usize, durable: &[(u32, u32)]) -> DurableAcks {
         DurableAcks {
             connected,
-            durable: durable.iter().map(|&(f, o)| LogPosition::new(f, o)).collect(),
+            durable: durable
+                .iter()
+                .map(|&(f, o)| LogPosition::new(f, o))
+                .collect(),
         }
     }
 
