@@ -8,7 +8,7 @@
 //! release binaries first; never part of `cargo test` (nothing here is a
 //! timed test). What each figure means and its caveats: `bench/README.md`.
 //!
-//! Sections (each can be selected with `BENCH_ONLY=copy,lag,cost,promote,resume`):
+//! Sections (each can be selected with `BENCH_ONLY=copy,lag,cost,promote,resume,wait`):
 //! 1. `copy`: base copy of an environment of `BENCH_SIZE_MB` over loopback
 //!    mTLS, against cp, rsync over ssh, db_hotbackup, raw loopback TCP, disk
 //!    and blake3 limits; page cache dropped ("cold") and/or warm.
@@ -19,6 +19,9 @@
 //! 4. `promote`: `tandem-standby promote` (failover) after N MB of log.
 //! 5. `resume`: bytes sent after a standby `kill -9` and restart, against a
 //!    full copy.
+//! 6. `wait`: waiting after each commit until it is durable on the standby:
+//!    latency at 1,000 commits/s, and a multi-threaded commit rate with and
+//!    without waiting.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
@@ -53,6 +56,7 @@ pub(crate) mod report;
 pub(crate) mod resume;
 pub(crate) mod stats;
 pub(crate) mod system;
+pub(crate) mod wait;
 
 pub(crate) use config::*;
 pub(crate) use copy::*;

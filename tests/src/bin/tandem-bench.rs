@@ -129,6 +129,11 @@ fn run() -> Result<bool> {
         }
     }
     drop(big);
+    if cfg.wants("wait") {
+        let load = loadavg();
+        let r = bench.section_wait();
+        record("6. wait", load, r, &mut md);
+    }
     md.push_str(&targets_md(&targets));
     let _ = writeln!(
         md,
