@@ -403,6 +403,38 @@ mod tests {
     }
 
     #[test]
+    fn waiters_see_only_what_connected_standbys_acked_in_their_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(StandbyRegistry::open(dir.path()));
+        let acks = reg.durable_acks();
+        let at = LogPosition::new(3, 500);
+        let east = reg.claim("east", "a").unwrap();
+        // Where a stream starts is not something the standby fsynced here.
+        east.started("base-1", LogPosition::new(3, 900));
+        assert_eq!(acks.borrow().connected, 1);
+        assert_eq!(acks.borrow().holding(at), 0);
+        east.acked(LogPosition::new(3, 600), None);
+        let west = reg.claim("west", "b").unwrap();
+        west.started("base-1", LogPosition::new(1, 0));
+        west.acked(LogPosition::new(3, 400), None);
+        assert_eq!(acks.borrow().connected, 2);
+        assert_eq!(acks.borrow().holding(at), 1);
+        west.acked(LogPosition::new(4, 28), None);
+        assert_eq!(acks.borrow().holding(at), 2);
+        assert_eq!(acks.borrow().durable[0], LogPosition::new(4, 28));
+        // Gone: what it acknowledged no longer counts, nor after it returns.
+        drop(west);
+        assert_eq!(acks.borrow().holding(at), 1);
+        let west = reg.claim("west", "b").unwrap();
+        west.started("base-1", LogPosition::new(4, 28));
+        assert_eq!(acks.borrow().connected, 2);
+        assert_eq!(acks.borrow().holding(at), 1);
+        drop(east);
+        drop(west);
+        assert_eq!(*acks.borrow(), DurableAcks::default());
+    }
+
+    #[test]
     fn a_name_is_held_by_one_session_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let reg = Arc::new(StandbyRegistry::open(dir.path()));
