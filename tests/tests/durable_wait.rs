@@ -290,13 +290,19 @@ fn the_wait_socket_is_private_refuses_bad_requests_and_replaces_a_stale_file() -
             ..Default::default()
         },
     )?;
-    let socket_arg = socket.to_string_lossy().into_owned();
+    // Through the config file: `wait-socket` there is the --wait-socket flag.
+    let config = s.path("other.toml");
+    std::fs::write(
+        &config,
+        format!("wait-socket = {:?}\n", socket.display().to_string()),
+    )?;
+    let config_arg = config.to_string_lossy().into_owned();
     let err = start_primary(
         s.root(),
         &other,
         &s.certs,
         "127.0.0.1:0",
-        &["--wait-socket", &socket_arg],
+        &["--config", &config_arg],
     )
     .err()
     .context("a second primary started on a live wait socket")?;
