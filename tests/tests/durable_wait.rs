@@ -297,18 +297,22 @@ fn the_wait_socket_is_private_refuses_bad_requests_and_replaces_a_stale_file() -
         format!("wait-socket = {:?}\n", socket.display().to_string()),
     )?;
     let config_arg = config.to_string_lossy().into_owned();
-    let err = start_primary(
-        s.root(),
-        &other,
-        &s.certs,
-        "127.0.0.1:0",
-        &["--config", &config_arg],
-    )
-    .err()
-    .context("a second primary started on a live wait socket")?;
+    let mut cmd = Command::new(bin("tandem-primary"));
+    cmd.arg("run")
+        .arg("--env")
+        .arg(&other)
+        .args(["--listen", "127.0.0.1:0", "--config", &config_arg])
+        .args(s.certs.args("primary"));
+    let mut second = Proc::spawn("tandem-primary (second)", cmd, &s.path("second.log"))?;
+    let status = second.wait_exit(LONG)?;
+    let log = second.log_text();
     assert!(
-        format!("{err:#}").contains("another tandem-primary serves commit waits"),
-        "{err:#}"
+        !status.success(),
+        "a second primary started on a live wait socket: {log}"
+    );
+    assert!(
+        log.contains("another tandem-primary serves commit waits"),
+        "{log}"
     );
     let (reply, _) = ask(&socket, b"WAIT 1 0 1 0\n")?;
     assert!(reply.starts_with("TIMEOUT "), "{reply}");
