@@ -1,7 +1,7 @@
 //! The client side of the wait socket, for `tandem-primary wait-durable`:
 //! where the log ends now, one request, its reply.
 
-use super::{Slash, WaitRequest, MAX_REQUEST};
+use super::{WaitRequest, MAX_REQUEST};
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -141,11 +141,6 @@ pub fn parse_lsn(s: &str) -> Option<LogPosition> {
         return Some(LogPosition::new(f.parse().ok()?, o.parse().ok()?));
     }
     position(s)
-}
-
-/// `FILE/OFFSET`, for messages.
-pub fn show(p: LogPosition) -> String {
-    Slash(p).to_string()
 }
 
 #[cfg(test)]
