@@ -5,8 +5,14 @@
 //! * `tandem-check` (tests/c/check.c): proves a recovered copy holds exactly a
 //!   committed prefix of those transactions.
 //!
-//! Both are linked with `-ldb-5.3` and placed in OUT_DIR; their absolute paths
-//! are exported as `TANDEM_WORKLOAD_BIN` and `TANDEM_CHECK_BIN` for `env!()`.
+//! * `tandem-waitbench` (tests/c/waitbench.c): a multi-threaded workload that
+//!   may wait after every commit, for the wait benchmark.
+//!
+//! The workload and the wait benchmark link the C wait client
+//! (`contrib/c/tandem_wait.c`), as an application would. All are linked with
+//! `-ldb-5.3` and placed in OUT_DIR; their absolute paths are exported as
+//! `TANDEM_WORKLOAD_BIN`, `TANDEM_CHECK_BIN` and `TANDEM_WAITBENCH_BIN` for
+//! `env!()`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,19 +26,30 @@ fn main() {
     let c_dir = manifest_dir.join("c");
 
     println!("cargo:rerun-if-changed=build.rs");
-    for f in ["workload.c", "check.c", "workload_common.h"] {
+    let client_dir = manifest_dir.join("..").join("contrib").join("c");
+    for f in ["workload.c", "check.c", "workload_common.h", "waitbench.c"] {
         println!("cargo:rerun-if-changed={}", c_dir.join(f).display());
+    }
+    for f in ["tandem_wait.c", "tandem_wait.h"] {
+        println!("cargo:rerun-if-changed={}", client_dir.join(f).display());
     }
 
     probe_db_header(&out_dir);
 
     let workload = out_dir.join("tandem-workload");
     let check = out_dir.join("tandem-check");
-    compile(&c_dir.join("workload.c"), &workload);
-    compile(&c_dir.join("check.c"), &check);
+    let waitbench = out_dir.join("tandem-waitbench");
+    let client = [client_dir.join("tandem_wait.c")];
+    compile(&c_dir.join("workload.c"), &workload, &client, &client_dir);
+    compile(&c_dir.join("check.c"), &check, &[], &client_dir);
+    compile(&c_dir.join("waitbench.c"), &waitbench, &client, &client_dir);
 
     println!("cargo:rustc-env=TANDEM_WORKLOAD_BIN={}", workload.display());
     println!("cargo:rustc-env=TANDEM_CHECK_BIN={}", check.display());
+    println!(
+        "cargo:rustc-env=TANDEM_WAITBENCH_BIN={}",
+        waitbench.display()
+    );
 }
 
 fn compiler() -> Command {
@@ -78,11 +95,15 @@ fn probe_db_header(out_dir: &Path) {
     }
 }
 
-fn compile(src: &Path, exe: &Path) {
+fn compile(src: &Path, exe: &Path, extra: &[PathBuf], include: &Path) {
     let mut cmd = compiler();
-    cmd.args(["-O2", "-Wall", "-o"])
+    cmd.args(["-O2", "-Wall", "-pthread"])
+        .arg("-I")
+        .arg(include)
+        .arg("-o")
         .arg(exe)
         .arg(src)
+        .args(extra)
         .arg("-ldb-5.3");
     let output = cmd
         .output()

@@ -40,6 +40,8 @@ pub struct Shared {
     /// Chunk bytes before and after encoding, over all sessions.
     pub wire: Arc<tandem_shared::compress::WireStats>,
     pub registry: Arc<StandbyRegistry>,
+    /// Figures of the commit waits served on the wait socket.
+    pub waits: Arc<crate::wait::WaitStats>,
     /// Cancelled when the primary shuts down: sessions end their streams
     /// (so the server's graceful shutdown does not wait on them forever),
     /// retention and the log watcher stop.

@@ -8,6 +8,8 @@
 //!   [`plan`] decides where a stream starts, [`base_copy`] sends database files,
 //!   [`rejoin`] takes a rejoining standby's digests.
 //! - [`switchover`]: may a standby take over now (`PrepareSwitchover`).
+//! - [`wait`]: the wait socket, where applications wait until a commit is
+//!   durable on K standbys.
 //! - [`retention`]: which shipped logs may leave the production disk.
 //! - [`metrics`]: Prometheus text and the status document.
 //! - [`outbox`]: the bounded channel a session's duties write to.
@@ -30,3 +32,4 @@ pub mod retention;
 pub mod server;
 pub mod session;
 pub mod switchover;
+pub mod wait;

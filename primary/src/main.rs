@@ -47,6 +47,47 @@ enum Command {
     },
     /// Show the primary's end of log and its standbys, from a running primary.
     Status(StatusArgs),
+    /// Wait until the log up to a position is fsynced on K standbys.
+    ///
+    /// Asks the primary running for ENV, on its wait socket, and returns
+    /// when K connected standbys acknowledged the log record at --lsn (by
+    /// default the environment's last record now, so everything committed
+    /// before this command started) as durable. Nothing falls back: with no
+    /// standby connected, or fewer than K, it waits --timeout-ms and fails.
+    ///
+    /// Exit codes: 0 durable; 5 timed out (the message says why: no standby
+    /// connected, fewer than K, or not acknowledged yet); 6 no primary runs
+    /// for ENV (nothing listens on the wait socket); 1 any other failure;
+    /// 2 bad usage.
+    WaitDurable(WaitArgs),
+}
+
+/// Exit code of `wait-durable` when the wait timed out.
+const EXIT_TIMEOUT: u8 = 5;
+/// Exit code of `wait-durable` when no primary serves the environment.
+const EXIT_NO_PRIMARY: u8 = 6;
+
+#[derive(Args)]
+struct WaitArgs {
+    /// The environment the primary serves.
+    #[arg(long)]
+    env: PathBuf,
+    /// Log position of a record, FILE/OFFSET or [FILE][OFFSET] (e.g. a commit
+    /// token's LSN) [default: the environment's last log record now].
+    #[arg(long)]
+    lsn: Option<String>,
+    /// How many connected standbys must hold it.
+    #[arg(long, default_value_t = 1)]
+    standbys: usize,
+    /// How long to wait, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// The primary's wait socket [default: ENV/.tandem-primary/wait.sock].
+    #[arg(long)]
+    wait_socket: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Every `run` option; each can also come from the TOML file given with
@@ -128,6 +169,12 @@ struct RunArgs {
     #[arg(long, hide = true)]
     #[serde(skip)]
     fault_corrupt_chunk: Option<u64>,
+    /// Unix socket where applications wait for commits to be durable on
+    /// standbys (owner-only; see README "Waiting for a commit")
+    /// [default: STATE_DIR/wait.sock].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wait_socket: Option<PathBuf>,
     /// Write the address actually bound (useful with port 0) to this file.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -157,6 +204,9 @@ struct StatusArgs {
 fn main() -> ExitCode {
     tandem_shared::keep_freed_memory();
     let cli = Cli::parse();
+    if let Command::WaitDurable(a) = cli.command {
+        return wait_durable(a);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -189,6 +239,7 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Status(args) => status(args).await,
+        Command::WaitDurable(_) => unreachable!("handled before the runtime starts"),
     }
 }
 
@@ -222,6 +273,7 @@ async fn run(flags: RunArgs) -> Result<()> {
                 interval: Duration::from_secs(a.retention_interval_secs.unwrap_or(10).max(1)),
             }
         }),
+        wait_socket: a.wait_socket,
         env,
     };
     let addr_file = a.bound_addr_file;
@@ -321,4 +373,72 @@ async fn status(a: StatusArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn wait_durable(a: WaitArgs) -> ExitCode {
+    use tandem_primary::wait::client::{self, ClientError, Reply};
+    let fail = |code: u8, e: &dyn std::fmt::Display| {
+        eprintln!("tandem-primary: {e}");
+        ExitCode::from(code)
+    };
+    let socket = a.wait_socket.clone().unwrap_or_else(|| {
+        a.env
+            .join(".tandem-primary")
+            .join(tandem_primary::wait::socket::SOCKET_NAME)
+    });
+    let lsn = match &a.lsn {
+        Some(s) => match client::parse_lsn(s) {
+            Some(p) => p,
+            None => {
+                return fail(
+                    2,
+                    &format!("bad --lsn {s:?}: expected FILE/OFFSET or [FILE][OFFSET]"),
+                )
+            }
+        },
+        None => match client::last_record(&a.env) {
+            Ok(p) => p,
+            Err(e) => return fail(1, &e),
+        },
+    };
+    let req = tandem_primary::wait::WaitRequest {
+        lsn,
+        k: a.standbys,
+        timeout: Duration::from_millis(a.timeout_ms),
+    };
+    let reply = match client::request(&socket, &req) {
+        Ok(r) => r,
+        Err(e @ ClientError::NoPrimary { .. }) => return fail(EXIT_NO_PRIMARY, &e),
+        Err(e) => return fail(1, &e),
+    };
+    let pos =
+        |p: tandem_shared::LogPosition| serde_json::json!({"file": p.file, "offset": p.offset});
+    let (code, doc, text) = match &reply {
+        Reply::Durable { at, holding } => (
+            0,
+            serde_json::json!({"outcome": "durable", "lsn": pos(lsn), "durable_lsn": pos(*at), "standbys": holding}),
+            format!("durable: {} is on {holding} standby(s) (their durable end {at})", lsn),
+        ),
+        Reply::TimedOut { best, connected, reason } => (
+            EXIT_TIMEOUT,
+            serde_json::json!({"outcome": "timeout", "lsn": pos(lsn), "best_durable_lsn": pos(*best), "connected": connected, "reason": reason}),
+            format!(
+                "NOT durable on {} standby(s) after {} ms: {reason} (best durable end {best}, {connected} connected)",
+                a.standbys, a.timeout_ms
+            ),
+        ),
+        Reply::Error(m) => (
+            1,
+            serde_json::json!({"outcome": "error", "lsn": pos(lsn), "message": m}),
+            format!("the primary refused the request: {m}"),
+        ),
+    };
+    if a.json {
+        println!("{doc}");
+    } else if code == 0 {
+        println!("{text}");
+    } else {
+        eprintln!("tandem-primary: {text}");
+    }
+    ExitCode::from(code)
 }

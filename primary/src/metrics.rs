@@ -78,6 +78,10 @@ pub fn render(shared: &Shared) -> String {
             "standby",
             &refused,
         )
+        .counter("tandem_primary_commit_waits_total", "Waits for a commit to be durable on standbys (wait socket).", shared.waits.waits.load(Ordering::Relaxed))
+        .counter("tandem_primary_commit_wait_timeouts_total", "Of those, waits that timed out.", shared.waits.timeouts.load(Ordering::Relaxed))
+        .counter("tandem_primary_commit_wait_bad_requests_total", "Malformed or oversized requests refused on the wait socket.", shared.waits.bad_requests.load(Ordering::Relaxed))
+        .histogram("tandem_primary_commit_wait_seconds", "Time from request to answer of the waits that ended durable.", &shared.waits.latency)
         .finish()
 }
 

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tandem_shared::durable::{ControlFile, ControlFileError};
 use tandem_shared::wire::StandbyInfo;
 use tandem_shared::LogPosition;
+use tokio::sync::watch;
 
 const STANDBYS_FILE: &str = "standbys";
 const FORMAT_VERSION: u32 = 1;
@@ -60,6 +61,12 @@ pub struct StandbyRecord {
     /// Of those, bytes kept only because its archive lacks them.
     #[serde(skip)]
     pub held_for_archive_bytes: u64,
+    /// What this standby acknowledged as fsynced in its current session;
+    /// `None` before its first ack. Unlike `acked` (which a session's start
+    /// or a takeover also sets, for retention), only an ack sets it, so a
+    /// commit waiter never counts a position the standby did not fsync.
+    #[serde(skip)]
+    pub session_acked: Option<LogPosition>,
 }
 
 impl StandbyRecord {
@@ -109,6 +116,41 @@ struct Records {
 pub struct StandbyRegistry {
     path: PathBuf,
     records: Mutex<Records>,
+    /// The connected standbys' durable acks, republished on every ack,
+    /// connect and disconnect: commit waiters wake on it (see `wait`).
+    durable: watch::Sender<DurableAcks>,
+}
+
+/// What the connected standbys hold durably, as commit waiters see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DurableAcks {
+    /// Standbys connected now.
+    pub connected: usize,
+    /// Their acknowledged durable ends in this session, highest first
+    /// (a connected standby that has not acknowledged yet is absent).
+    pub durable: Vec<LogPosition>,
+}
+
+impl DurableAcks {
+    fn of(map: &BTreeMap<String, StandbyRecord>) -> Self {
+        let mut durable: Vec<LogPosition> = map
+            .values()
+            .filter(|r| r.connected)
+            .filter_map(|r| r.session_acked)
+            .collect();
+        durable.sort_unstable_by(|a, b| b.cmp(a));
+        Self {
+            connected: map.values().filter(|r| r.connected).count(),
+            durable,
+        }
+    }
+
+    /// How many connected standbys hold the log record that starts at
+    /// `lsn`: their durable end is strictly beyond it (BDB.md §10: a commit
+    /// token names where the commit record starts).
+    pub fn holding(&self, lsn: LogPosition) -> usize {
+        self.durable.iter().take_while(|d| **d > lsn).count()
+    }
 }
 
 fn load(path: &Path) -> Result<BTreeMap<String, StandbyRecord>, ControlFileError> {
@@ -138,7 +180,26 @@ impl StandbyRegistry {
                 hellos: BTreeMap::new(),
                 unreadable,
             }),
+            durable: watch::channel(DurableAcks::default()).0,
         }
+    }
+
+    /// The connected standbys' durable acks, updated as they change.
+    pub fn durable_acks(&self) -> watch::Receiver<DurableAcks> {
+        self.durable.subscribe()
+    }
+
+    /// Republishes the durable acks after a change under the lock; waiters
+    /// wake only when what they can see changed.
+    fn publish(&self, map: &BTreeMap<String, StandbyRecord>) {
+        let now = DurableAcks::of(map);
+        self.durable.send_if_modified(|cur| {
+            let changed = *cur != now;
+            if changed {
+                *cur = now;
+            }
+            changed
+        });
     }
 
     /// The records hold plain data with no invariant a panic could break
@@ -160,8 +221,10 @@ impl StandbyRegistry {
             });
         }
         r.connected = true;
+        r.session_acked = None;
         r.peer = peer.to_owned();
         r.last_contact_unix_ms = tandem_shared::now_unix_ms();
+        self.publish(&records.map);
         Ok(SessionGuard {
             registry: self.clone(),
             name: name.to_owned(),
@@ -285,8 +348,10 @@ impl StandbyRegistry {
     }
 
     fn update(&self, name: &str, f: impl FnOnce(&mut StandbyRecord)) {
-        if let Some(r) = self.lock().map.get_mut(name) {
+        let mut records = self.lock();
+        if let Some(r) = records.map.get_mut(name) {
             f(r);
+            self.publish(&records.map);
         }
     }
 }
@@ -340,6 +405,7 @@ impl SessionGuard {
     pub fn acked(&self, at: LogPosition, archived: Option<LogPosition>) {
         self.registry.update(&self.name, |r| {
             r.acked = at;
+            r.session_acked = Some(at);
             r.archived = archived;
             r.last_contact_unix_ms = tandem_shared::now_unix_ms();
         });
@@ -349,9 +415,14 @@ impl SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         if self.unstarted_new.load(Ordering::Relaxed) {
-            self.registry.lock().map.remove(&self.name);
+            let mut records = self.registry.lock();
+            records.map.remove(&self.name);
+            self.registry.publish(&records.map);
         } else {
-            self.registry.update(&self.name, |r| r.connected = false);
+            self.registry.update(&self.name, |r| {
+                r.connected = false;
+                r.session_acked = None;
+            });
         }
     }
 }
@@ -375,6 +446,38 @@ mod tests {
         // An archive ahead of the standby never extends what it needs.
         r.archived = Some(LogPosition::new(12, 0));
         assert_eq!(r.needs_from(), 9);
+    }
+
+    #[test]
+    fn waiters_see_only_what_connected_standbys_acked_in_their_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Arc::new(StandbyRegistry::open(dir.path()));
+        let acks = reg.durable_acks();
+        let at = LogPosition::new(3, 500);
+        let east = reg.claim("east", "a").unwrap();
+        // Where a stream starts is not something the standby fsynced here.
+        east.started("base-1", LogPosition::new(3, 900));
+        assert_eq!(acks.borrow().connected, 1);
+        assert_eq!(acks.borrow().holding(at), 0);
+        east.acked(LogPosition::new(3, 600), None);
+        let west = reg.claim("west", "b").unwrap();
+        west.started("base-1", LogPosition::new(1, 0));
+        west.acked(LogPosition::new(3, 400), None);
+        assert_eq!(acks.borrow().connected, 2);
+        assert_eq!(acks.borrow().holding(at), 1);
+        west.acked(LogPosition::new(4, 28), None);
+        assert_eq!(acks.borrow().holding(at), 2);
+        assert_eq!(acks.borrow().durable[0], LogPosition::new(4, 28));
+        // Gone: what it acknowledged no longer counts, nor after it returns.
+        drop(west);
+        assert_eq!(acks.borrow().holding(at), 1);
+        let west = reg.claim("west", "b").unwrap();
+        west.started("base-1", LogPosition::new(4, 28));
+        assert_eq!(acks.borrow().connected, 2);
+        assert_eq!(acks.borrow().holding(at), 1);
+        drop(east);
+        drop(west);
+        assert_eq!(*acks.borrow(), DurableAcks::default());
     }
 
     #[test]

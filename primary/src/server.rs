@@ -55,6 +55,8 @@ pub struct PrimaryConfig {
     pub retention: Option<crate::retention::RetentionConfig>,
     /// `--compression`: use zstd with standbys that offer it.
     pub compression: tandem_shared::compress::Compression,
+    /// The wait socket [default: STATE_DIR/wait.sock].
+    pub wait_socket: Option<PathBuf>,
 }
 
 struct Service {
@@ -122,6 +124,20 @@ pub async fn serve(
         .context("starting the log watcher")?;
     let tools = BdbTools::default();
     let registry = Arc::new(StandbyRegistry::open(&cfg.state_dir));
+    // After the state directory's lock: a second primary on this
+    // environment never gets here to look at our socket.
+    let socket_path = cfg
+        .wait_socket
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join(crate::wait::socket::SOCKET_NAME));
+    let (wait_listener, wait_socket) = crate::wait::socket::bind(&socket_path)?;
+    let waits = Arc::new(crate::wait::WaitStats::default());
+    let wait_server = tokio::spawn(crate::wait::socket::serve(
+        wait_listener,
+        registry.durable_acks(),
+        waits.clone(),
+        stop.clone(),
+    ));
     let shared = Arc::new(Shared {
         layout: layout.clone(),
         identity: state.identity.clone(),
@@ -134,6 +150,7 @@ pub async fn serve(
         compression: cfg.compression,
         wire: Default::default(),
         registry: registry.clone(),
+        waits,
         stop: stop.clone(),
     });
     let retention = cfg.retention.clone().map(|r| {
@@ -163,7 +180,7 @@ pub async fn serve(
         admin = Some(server);
     }
     tracing::info!(
-        listen = %bound, env = %cfg.env.display(), env_id = %state.identity.env_id, epoch = state.identity.epoch,
+        listen = %bound, wait_socket = %wait_socket.path.display(), env = %cfg.env.display(), env_id = %state.identity.env_id, epoch = state.identity.epoch,
         "tandem-primary listening"
     );
     on_bound(bound);
@@ -224,6 +241,13 @@ pub async fn serve(
             tracing::warn!("the retention pass did not end in time; exiting without it");
         }
     }
+    if tokio::time::timeout(SHUTDOWN_STAGE, wait_server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("wait clients did not end in time; exiting without them");
+    }
+    drop(wait_socket);
     let joined = tokio::task::spawn_blocking(move || watcher.join());
     if tokio::time::timeout(SHUTDOWN_STAGE, joined).await.is_err() {
         tracing::warn!("the log watcher did not stop in time; exiting without it");

@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+pub use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::convert::Infallible;
@@ -86,6 +87,14 @@ impl MetricsPage {
                 samples: samples.to_vec(),
             },
         );
+        self
+    }
+
+    /// A histogram the daemon observes in place (a clone shares its
+    /// buckets); `name` without the `_seconds`-style unit suffix rules of
+    /// counters: it appears as given, with `_bucket`, `_sum`, `_count`.
+    pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) -> &mut Self {
+        self.registry.register(name, help_text(help), h.clone());
         self
     }
 

@@ -21,6 +21,12 @@
  *   -R        DB_RECOVER on environment open
  *   -S        full sync commits (default DB_TXN_WRITE_NOSYNC)
  *   -q        quiet: print only OPEN and DONE lines
+ *   -W SOCKET after each commit, wait on tandem-primary's wait socket
+ *             (contrib/c/tandem_wait.c) until 1 standby holds it durably
+ *             (timeout 10 s), with the commit token set at commit
+ *   -D FILE   with -W: append "t\n" for each transaction whose wait
+ *             returned durable, after it returned; a timeout or error is
+ *             printed on stderr ("WAIT t CODE") and the workload goes on
  * Output: "COMMITTED t" every 1000th t, "DONE last=t" at exit.
  * SIGTERM/SIGINT: finish the current transaction, close cleanly, DONE, exit 0.
  * Errors: message on stderr, exit 1.
@@ -40,6 +46,7 @@
 #include <unistd.h>
 
 #include "workload_common.h"
+#include "tandem_wait.h"
 
 static volatile sig_atomic_t stop_requested;
 
@@ -57,7 +64,7 @@ static void die_usage(const char *msg)
 	fprintf(stderr,
 	    "usage: %s -h ENVDIR [-n N] [-T SECS] [-r RATE] [-c N] [-m BYTES]\n"
 	    "       [-M MB] [-p PAGESIZE] [-K] [-u U] [-v V] [-O K] [-o SECS]\n"
-	    "       [-L FILE] [-R] [-S] [-q]\n", progname);
+	    "       [-L FILE] [-R] [-S] [-q] [-W SOCKET [-D FILE]]\n", progname);
 	exit(1);
 }
 
@@ -208,6 +215,7 @@ static int do_writes(DB_TXN *txn, uint64_t t, uint32_t u, uint32_t v,
 int main(int argc, char **argv)
 {
 	const char *home = NULL, *lsn_path = NULL;
+	const char *wait_socket = NULL, *durable_path = NULL;
 	uint64_t ntxn = 0, tsecs = 0, rate = 0, ckp_every = 0;
 	uint64_t lg_max = 1048576, cache_mb = 8, pagesize = 0;
 	uint64_t updates = 3, vlen = 100, open_k = 0;
@@ -216,7 +224,7 @@ int main(int argc, char **argv)
 	int fullsync = 0, quiet = 0;
 	int ch, ret;
 
-	while ((ch = getopt(argc, argv, "h:n:T:r:c:m:M:p:Ku:v:O:o:L:RSq")) != -1) {
+	while ((ch = getopt(argc, argv, "h:n:T:r:c:m:M:p:Ku:v:O:o:L:RSqW:D:")) != -1) {
 		switch (ch) {
 		case 'h': home = optarg; break;
 		case 'n': ntxn = parse_u64(optarg, "-n"); break;
@@ -235,6 +243,8 @@ int main(int argc, char **argv)
 		case 'R': recover = 1; break;
 		case 'S': fullsync = 1; break;
 		case 'q': quiet = 1; break;
+		case 'W': wait_socket = optarg; break;
+		case 'D': durable_path = optarg; break;
 		default: die_usage("unknown option");
 		}
 	}
@@ -251,6 +261,8 @@ int main(int argc, char **argv)
 		die_usage("-m, -M or -p out of range");
 	if (have_O && !have_o)
 		die_usage("-O needs -o");
+	if (durable_path != NULL && wait_socket == NULL)
+		die_usage("-D needs -W");
 
 	struct sigaction sa;
 	memset(&sa, 0, sizeof sa);
@@ -267,6 +279,17 @@ int main(int argc, char **argv)
 		if (lsn_fd < 0) {
 			fprintf(stderr, "%s: open %s: %s\n", progname, lsn_path,
 			    strerror(errno));
+			return 1;
+		}
+	}
+
+	int durable_fd = -1;
+	if (durable_path != NULL) {
+		durable_fd = open(durable_path,
+		    O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+		if (durable_fd < 0) {
+			fprintf(stderr, "%s: open %s: %s\n", progname,
+			    durable_path, strerror(errno));
 			return 1;
 		}
 	}
@@ -363,6 +386,7 @@ int main(int argc, char **argv)
 		const uint64_t t = last + 1;
 		const int hold = have_o && t == open_k;
 		int attempt = 0;
+		DB_TXN_TOKEN token;
 		for (;;) {
 			DB_TXN *txn;
 			if ((ret = env->txn_begin(env, NULL, &txn, 0)) != 0)
@@ -396,12 +420,31 @@ int main(int argc, char **argv)
 					sleep_until(now_mono() + (double)open_secs);
 				}
 			}
+			if (wait_socket != NULL &&
+			    (ret = txn->set_commit_token(txn, &token)) != 0) {
+				txn->abort(txn);
+				fail(ret, "DB_TXN->set_commit_token");
+			}
 			if ((ret = txn->commit(txn, 0)) != 0)
 				fail(ret, "DB_TXN->commit(t=%" PRIu64 ")", t);
 			break;
 		}
 		last = t;
 		done++;
+
+		if (wait_socket != NULL) {
+			int w = tandem_wait_token(wait_socket, &token, 1, 10000);
+			if (w == TANDEM_WAIT_DURABLE && durable_fd >= 0) {
+				char line[32];
+				int n = snprintf(line, sizeof line, "%" PRIu64 "\n", t);
+				if (write(durable_fd, line, (size_t)n) != n)
+					fail(0, "write %s: %s", durable_path,
+					    strerror(errno));
+			} else if (w != TANDEM_WAIT_DURABLE) {
+				fprintf(stderr, "WAIT %" PRIu64 " %d %s\n", t, w,
+				    tandem_wait_strerror(w));
+			}
+		}
 
 		if (lsn_fd >= 0) {
 			DB_LOG_STAT *ls;
@@ -427,6 +470,8 @@ int main(int argc, char **argv)
 	free(ukeys);
 	if (lsn_fd >= 0)
 		close(lsn_fd);
+	if (durable_fd >= 0)
+		close(durable_fd);
 	DB **dbs[] = { &dbp_data, &dbp_meta, &dbp_hash };
 	for (size_t i = 0; i < 3; i++) {
 		ret = (*dbs[i])->close(*dbs[i], 0);

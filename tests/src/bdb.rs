@@ -26,6 +26,11 @@ pub fn check_bin() -> &'static str {
     env!("TANDEM_CHECK_BIN")
 }
 
+/// Absolute path of the `tandem-waitbench` executable.
+pub fn waitbench_bin() -> &'static str {
+    env!("TANDEM_WAITBENCH_BIN")
+}
+
 /// Command-line options of `tandem-workload`.
 #[derive(Debug, Clone)]
 pub struct WorkloadOptions {
@@ -61,6 +66,10 @@ pub struct WorkloadOptions {
     pub cache_mb: Option<u32>,
     /// `-q`: print only OPEN and DONE lines (no "COMMITTED t" progress).
     pub quiet: bool,
+    /// `-W SOCKET -D FILE`: wait on the primary's wait socket after each
+    /// commit (the C client, `contrib/c/tandem_wait.c`) and append `t` to
+    /// FILE for each transaction whose wait returned durable.
+    pub wait: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for WorkloadOptions {
@@ -81,6 +90,7 @@ impl Default for WorkloadOptions {
             page_size: None,
             cache_mb: None,
             quiet: false,
+            wait: None,
         }
     }
 }
@@ -124,6 +134,9 @@ impl WorkloadOptions {
         }
         if self.quiet {
             cmd.arg("-q");
+        }
+        if let Some((socket, durable)) = &self.wait {
+            cmd.arg("-W").arg(socket).arg("-D").arg(durable);
         }
         cmd
     }

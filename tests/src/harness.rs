@@ -343,6 +343,9 @@ fn digest_tree(dir: &Path, skip: impl Fn(&str) -> bool) -> Result<BTreeMap<Strin
             }
             if e.file_type()?.is_dir() {
                 stack.push(p);
+            } else if std::os::unix::fs::FileTypeExt::is_socket(&e.file_type()?) {
+                // The primary's wait socket: no bytes to read, only presence.
+                out.insert(rel, "socket".into());
             } else if rel != ".tandem/status.json" && rel != ".tandem/lock" {
                 out.insert(rel, blake3::hash(&std::fs::read(&p)?).to_hex().to_string());
             }

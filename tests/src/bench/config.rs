@@ -26,6 +26,8 @@ pub(crate) struct Config {
     pub(crate) lag_secs: u64,
     pub(crate) lag_rate: u64,
     pub(crate) cost_secs: u64,
+    /// Seconds per variant of the wait section.
+    pub(crate) wait_secs: u64,
     pub(crate) promote_mb: Vec<u64>,
     pub(crate) resume_mb: u64,
     /// GiB of the large environment (0: the `large` section is skipped).
@@ -40,8 +42,8 @@ pub(crate) struct Config {
     pub(crate) keep: bool,
 }
 
-pub(crate) const SECTIONS: [&str; 8] = [
-    "copy", "restore", "lag", "cost", "promote", "resume", "large", "slowlink",
+pub(crate) const SECTIONS: [&str; 9] = [
+    "copy", "restore", "lag", "cost", "promote", "resume", "large", "slowlink", "wait",
 ];
 
 pub(crate) fn env_str(name: &str) -> Option<String> {
@@ -110,6 +112,7 @@ impl Config {
             lag_secs: env_u64("BENCH_LAG_SECS", if quick { 4 } else { 10 })?.max(1),
             lag_rate: env_u64("BENCH_LAG_RATE", 1000)?.max(1),
             cost_secs: env_u64("BENCH_COST_SECS", if quick { 4 } else { 10 })?.max(1),
+            wait_secs: env_u64("BENCH_WAIT_SECS", if quick { 4 } else { 10 })?.max(1),
             promote_mb: env_list(
                 "BENCH_PROMOTE_MB",
                 if quick { &[25, 100] } else { &[100, 500] },

@@ -9,7 +9,7 @@
 //! timed test). What each figure means and its caveats: `bench/README.md`.
 //!
 //! Sections (each can be selected with
-//! `BENCH_ONLY=copy,restore,lag,cost,promote,resume,large`):
+//! `BENCH_ONLY=copy,restore,lag,cost,promote,resume,large,slowlink,wait`):
 //! 1. `copy`: base copy of an environment of `BENCH_SIZE_MB` over loopback
 //!    mTLS, against cp, rsync over ssh, db_hotbackup, raw loopback TCP, disk
 //!    and blake3 limits; page cache dropped ("cold") and/or warm.
@@ -27,6 +27,9 @@
 //! 8. `slowlink`: base copy, log catch-up and commit → durable over a
 //!    rate-limited, delayed link between two network namespaces, with and
 //!    without zstd.
+//! 9. `wait`: waiting after each commit until it is durable on the standby:
+//!    latency at 1,000 commits/s, and a multi-threaded commit rate with and
+//!    without waiting.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
@@ -65,6 +68,7 @@ pub(crate) mod resume;
 pub(crate) mod slowlink;
 pub(crate) mod stats;
 pub(crate) mod system;
+pub(crate) mod wait;
 
 pub(crate) use config::*;
 pub(crate) use copy::*;

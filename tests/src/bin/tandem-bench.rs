@@ -158,6 +158,11 @@ fn run() -> Result<bool> {
         let r = bench.section_slowlink();
         record("8. slow links", load, r, &mut md);
     }
+    if cfg.wants("wait") {
+        let load = loadavg();
+        let r = bench.section_wait();
+        record("9. wait", load, r, &mut md);
+    }
     md.push_str(&targets_md(&targets));
     let _ = writeln!(
         md,

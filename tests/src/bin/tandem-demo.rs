@@ -8,7 +8,11 @@
 //! 4. the workload stops, the standby catches up, `tandem-standby promote`
 //!    performs a switchover;
 //! 5. the promoted environment is checked: it must hold exactly the
-//!    committed transactions, and dump identically to the primary.
+//!    committed transactions, and dump identically to the primary;
+//! 6. an application that waits after each commit until it is durable on
+//!    the standby (the C client, `contrib/c/tandem_wait.c`): both machines
+//!    are killed with -9, the standby is promoted, and it holds every
+//!    transaction whose wait returned.
 //!
 //! Everything runs under a temporary directory that is removed at the end
 //! (set DEMO_KEEP=1 to keep it). Nothing is left running.
@@ -28,7 +32,7 @@ fn main() {
 }
 
 fn step(n: u32, text: &str) {
-    println!("\n[{n}/5] {text}");
+    println!("\n[{n}/6] {text}");
 }
 
 fn committed(w: &Proc) -> u64 {
@@ -220,7 +224,79 @@ fn run() -> Result<()> {
         report["kind"].as_str().unwrap_or("?")
     );
     println!("  result:           OK: the promoted standby holds exactly the {last} committed transactions");
+    let (waited, held) = waited_commits_survive()?;
+    println!("  waited commits:   OK: all {waited} whose wait returned durable survived losing both machines (promoted holds 1..{held})");
     Ok(())
+}
+
+/// Step 6: an application commits and waits after each commit on the
+/// primary's wait socket; primary, application and standby are killed with
+/// -9; the promoted standby must hold every transaction whose wait
+/// returned. Returns (last waited transaction, what the promoted holds).
+fn waited_commits_survive() -> Result<(u64, u64)> {
+    step(6, "an application waits after each commit until the standby holds it; then both machines die (kill -9)");
+    let s = Scratch::new()?;
+    let env = s.path("primary-env");
+    let standby_dir = s.path("standby");
+    bdb::run_workload(
+        &env,
+        &WorkloadOptions {
+            txns: 500,
+            ..Default::default()
+        },
+    )?;
+    let mut primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
+    let mut standby = start_standby(
+        s.root(),
+        &standby_dir,
+        &primary.url(),
+        &s.certs,
+        &["--check-interval-secs", "0"],
+    )?;
+    wait_caught_up_running(&standby_dir, &env, Duration::from_secs(120), &mut standby)?;
+    let socket = env.join(".tandem-primary").join("wait.sock");
+    let durable = s.path("durable.log");
+    println!("      the application commits with DB_TXN->set_commit_token() and calls tandem_wait_token() on {}", socket.display());
+    let opts = WorkloadOptions {
+        txns: 0,
+        seconds: Some(60),
+        wait: Some((socket, durable.clone())),
+        ..Default::default()
+    };
+    let mut w = Proc::spawn("workload", opts.command(&env), &s.path("workload.log"))?;
+    let waited = || -> u64 {
+        std::fs::read_to_string(&durable)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    wait_while_running("waited commits", Duration::from_secs(120), &mut w, || {
+        Ok(waited() >= 500 + 2000)
+    })?;
+    w.kill9()?;
+    primary.proc.kill9()?;
+    standby.kill9()?;
+    let last = waited();
+    println!("      killed application, primary and standby; the last wait that returned durable was transaction {last}");
+    let out = Command::new(bin("tandem-standby"))
+        .args(["promote", "--json", "--force", "--dir"])
+        .arg(&standby_dir)
+        .output()?;
+    if !out.status.success() {
+        bail!("promote failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let held = bdb::check(&standby_dir)?;
+    println!(
+        "      promoted (failover); tandem-check: the standby holds exactly transactions 1..{held}"
+    );
+    if held < last {
+        bail!(
+            "the promoted standby lacks transactions whose wait returned durable ({held} < {last})"
+        );
+    }
+    Ok((last - 500, held))
 }
 
 fn mib(b: u64) -> f64 {
