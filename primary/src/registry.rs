@@ -402,6 +402,14 @@ impl SessionGuard {
             .update(&self.name, |r| r.base_id = base_id.to_owned());
     }
 
+    /// The standby's Hello stated `at` as durable and the session resumed
+    /// there: for commit waiters, as good as an ack (none is sent for it).
+    pub fn holds(&self, at: LogPosition) {
+        self.registry.update(&self.name, |r| {
+            r.session_acked = r.session_acked.max(Some(at));
+        });
+    }
+
     pub fn acked(&self, at: LogPosition, archived: Option<LogPosition>) {
         self.registry.update(&self.name, |r| {
             r.acked = at;
@@ -475,6 +483,10 @@ mod tests {
         west.started("base-1", LogPosition::new(4, 28));
         assert_eq!(acks.borrow().connected, 2);
         assert_eq!(acks.borrow().holding(at), 1);
+        // Unless it resumed there with a complete base (its Hello proved
+        // what it holds; it sends no ack for that).
+        west.holds(LogPosition::new(4, 28));
+        assert_eq!(acks.borrow().holding(at), 2);
         drop(east);
         drop(west);
         assert_eq!(*acks.borrow(), DurableAcks::default());

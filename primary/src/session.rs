@@ -274,6 +274,12 @@ async fn start(
     let theirs = theirs.unwrap_or_default();
     shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
     tokio::task::block_in_place(|| guard.started(&base_id, from));
+    if files_done {
+        // A resumed standby with a complete base proved (the digest of its
+        // last record) that it holds this log up to `from` durably: that
+        // counts for commit waiters, though it sends no ack for it.
+        guard.holds(from);
+    }
 
     let (commands, base_commands) = std::sync::mpsc::channel();
     let stop = shared.stop.child_token();
