@@ -504,3 +504,22 @@ pub fn scrape_metrics(addr: &str) -> Result<BTreeMap<String, f64>> {
         })
         .collect())
 }
+
+/// `tandem-standby promote --json` (catch-up timeout 120 s); fails unless
+/// it promoted, and returns its report.
+pub fn promote_json(dir: &Path) -> Result<serde_json::Value> {
+    let out = Command::new(bin("tandem-standby"))
+        .args([
+            "promote",
+            "--json",
+            "--catch-up-timeout-secs",
+            "120",
+            "--dir",
+        ])
+        .arg(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!("promote failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}

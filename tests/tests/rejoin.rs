@@ -282,26 +282,6 @@ fn a_rejoin_killed_midway_and_rerun_ends_exact() -> Result<()> {
     Ok(())
 }
 
-/// `tandem-standby promote --json`; fails unless it promoted.
-fn promote(dir: &Path) -> Result<serde_json::Value> {
-    let out = Command::new(bin("tandem-standby"))
-        .args([
-            "promote",
-            "--json",
-            "--catch-up-timeout-secs",
-            "120",
-            "--dir",
-        ])
-        .arg(dir)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "promote failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 /// Issue 12, done-when 3: after a switchover to A, the old primary P's
 /// environment is written on (its application kept committing); it rejoins
 /// A with `--rejoin`, by page delta, and ends exact, its own transactions
@@ -314,7 +294,7 @@ fn the_old_primary_written_on_after_a_switchover_rejoins_by_page_delta() -> Resu
     let mut p = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
     let mut a = start_standby(s.root(), &a_dir, &p.url(), &s.certs, &QUIET)?;
     wait_caught_up_running(&a_dir, &env, LONG, &mut a)?;
-    let report = promote(&a_dir)?;
+    let report = promote_json(&a_dir)?;
     ensure!(report["kind"] == "switchover", "{report}");
     let _ = a.wait_exit(LONG);
     p.proc.stop(LONG)?;
@@ -400,7 +380,7 @@ fn switchover_and_switchback_three_times_never_copy_the_database() -> Result<()>
         // The application commits on the primary, then is stopped.
         let committed = bdb::run_workload(&p_dir, &appends(100))?;
         wait_caught_up_running(&q_dir, &p_dir, LONG, &mut standby)?;
-        let report = promote(&q_dir)?;
+        let report = promote_json(&q_dir)?;
         ensure!(report["kind"] == "switchover", "round {round}: {report}");
         let _ = standby.wait_exit(LONG);
         primary.proc.stop(LONG)?;

@@ -7,7 +7,6 @@
 
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 use tandem_tests::bdb::{self, WORKLOAD_DBS};
 use tandem_tests::harness::*;
@@ -16,26 +15,6 @@ use tandem_tests::refusal::{primary_status, stored, workload, NO_CHECKS};
 const LONG: Duration = Duration::from_secs(180);
 /// `tandem-standby run` refused for good (the operator must act).
 const EXIT_REFUSED: i32 = 3;
-
-/// `tandem-standby promote --json`; fails unless it promoted.
-fn promote(dir: &Path) -> Result<serde_json::Value> {
-    let out = Command::new(bin("tandem-standby"))
-        .args([
-            "promote",
-            "--json",
-            "--catch-up-timeout-secs",
-            "120",
-            "--dir",
-        ])
-        .arg(dir)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "promote failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
 
 /// A primary on `env` (holding `txns` transactions) and standbys "a" and
 /// "b" in `a` and `b`, both holding its whole log.
@@ -95,7 +74,7 @@ fn other_standbys_follow_a_promoted_one_and_refuse_the_old_primary() -> Result<(
     let env_id = b_before["env_id"].clone();
 
     // Switchover to A; P's daemon stops (the operator's maintenance).
-    let report = promote(&a_dir)?;
+    let report = promote_json(&a_dir)?;
     assert_eq!(report["kind"], "switchover", "{report}");
     assert_eq!(report["epoch"], 2, "{report}");
     let x = lsn_of(&report["durable_lsn"]);
@@ -198,7 +177,7 @@ fn a_standby_ahead_of_the_promoted_one_is_refused_unchanged() -> Result<()> {
     b.stop(LONG)?;
     // P's machine is gone: A is promoted by failover from what it holds.
     p.proc.kill9()?;
-    let report = promote(&a_dir)?;
+    let report = promote_json(&a_dir)?;
     assert_eq!(report["kind"], "failover", "{report}");
     let x = lsn_of(&report["durable_lsn"]);
     let b_end = lsn_of(&standby_status(&b_dir)?["durable_lsn"]);
