@@ -28,21 +28,21 @@
 //!   are fsynced before anything counts as durable, and the log's record
 //!   chain is verified across every file.
 //!
-//! Its length (a little over 600 lines) is the one `match` over every
-//! message kind in `apply`, kept whole so each kind's checks read in one
-//! place; the work is in the modules it calls.
+//! The one `match` over every message kind in `apply` is kept whole so
+//! each kind's checks read in one place; the work is in the modules it
+//! calls, and how a base is started, staged and swapped in is in
+//! `mirror_bases.rs`.
 
 use crate::apply_error::io_err;
 pub use crate::apply_error::{Applied, ApplyError};
 use crate::base_files;
-use crate::dirs::{create_dirs_durably, remove_if_exists, remove_tree_durably};
+use crate::dirs::{remove_if_exists, remove_tree_durably};
 pub use crate::logwriter::LogTail;
 use crate::logwriter::{checked_log_dir, scan_log_tail, LogWriter};
 use crate::receiver::FileReceiver;
-use crate::state::{BaseState, StagedLog, StandbyDir, StandbyState};
+use crate::state::{BaseState, StandbyDir, StandbyState};
 use crate::swap::{self, save_state, Steps};
 use std::io;
-use tandem_shared::durable::fsync_dir;
 use tandem_shared::epochs::EpochStart;
 use tandem_shared::wire::primary_message::Kind;
 use tandem_shared::wirepath;
@@ -420,177 +420,6 @@ impl Mirror {
         ))
     }
 
-    /// Starts staging a base beside the current one under `.tandem/rebase/`
-    /// (with its own log when it `replaces` the mirror's history).
-    fn stage(
-        &mut self,
-        base_id: String,
-        start: LogPosition,
-        replaces: bool,
-    ) -> Result<(), ApplyError> {
-        self.files.forget();
-        self.staged_log = None;
-        let staging = self.dir.rebase_dir();
-        remove_tree_durably(&staging).map_err(io_err("clearing the staging area"))?;
-        // Its entry durable: a pending swap counts a staged file that is
-        // missing as moved, so the area must not vanish in a crash.
-        create_dirs_durably(&self.dir.meta(), &staging)
-            .map_err(io_err("creating the staging area"))?;
-        if replaces {
-            self.staged_log = Some(LogWriter::empty(
-                &staging,
-                &self.state.log_dir,
-                &self.dir.incoming(),
-                start,
-            ));
-        }
-        self.rebase = Some(Rebase {
-            base: BaseState {
-                base_id,
-                log_start: start,
-                started_unix_ms: tandem_shared::now_unix_ms(),
-                ..Default::default()
-            },
-            replaces,
-            ..Default::default()
-        });
-        Ok(())
-    }
-
-    /// Takes a first base, or replaces one that holds nothing (no complete
-    /// file, no log): there is nothing to stage it beside.
-    fn start_base(&mut self, base_id: String, log_start: LogPosition) -> Result<(), ApplyError> {
-        let log_dir = checked_log_dir(&self.dir.root, &self.state.log_dir)?;
-        self.rebase = None;
-        self.staged_log = None;
-        if let Some(old) = self.state.base.take() {
-            tracing::warn!(old = %old.base_id, new = %base_id, "replacing a base that holds nothing yet");
-            // Record "no base" first: a crash midway must not leave a state
-            // that names files already deleted.
-            self.save()?;
-            crate::archive_hold::retire_logs(&self.dir, &log_dir, u32::MAX, self.archive_hold_cap)
-                .map_err(io_err("removing the old base's log files"))?;
-            fsync_dir(&self.dir.root).map_err(io_err("fsync of the standby directory"))?;
-        }
-        self.files.forget();
-        self.log = LogWriter::empty(
-            &self.dir.root,
-            &self.state.log_dir,
-            &self.dir.incoming(),
-            log_start,
-        );
-        self.state.base = Some(BaseState {
-            base_id,
-            log_start,
-            started_unix_ms: tandem_shared::now_unix_ms(),
-            ..Default::default()
-        });
-        self.start_over = false;
-        self.save()
-    }
-
-    /// Swaps a complete staged base in once its log covers it (the
-    /// mirror's log for a rebase, its own staged log for a replacement).
-    /// Returns `None` while it is not complete.
-    pub fn finish_rebase(&mut self) -> Result<Option<RebaseReport>, ApplyError> {
-        if let Some(w) = self.staged_log.as_mut() {
-            w.sync()?;
-        }
-        let durable = match &self.staged_log {
-            Some(w) => w.tail().durable,
-            None => self.log.tail().durable,
-        };
-        let ready = self.rebase.as_ref().is_some_and(|r| {
-            r.base.files_done && r.base.consistent_at.is_some_and(|c| durable >= c)
-        });
-        if !ready {
-            return Ok(None);
-        }
-        let discarded = self.set_aside_discarded()?;
-        let Some(r) = self.rebase.take() else {
-            return Ok(None);
-        };
-        let staged_log = self.staged_log.take();
-        let log_range = staged_log.as_ref().map(|w| StagedLog {
-            first: r.base.log_start.file,
-            last: w.tail().durable.file,
-        });
-        // Everything staged is on disk before the swap is recorded.
-        fsync_dir(&self.dir.rebase_dir()).map_err(io_err("fsync of the staging area"))?;
-        self.state.pending_swap = Some(r.base.clone());
-        self.state.pending_swap_log = log_range;
-        self.steps.step("recording the swap")?;
-        self.save()?;
-        let swapped = swap::finish(
-            &self.dir,
-            &mut self.state,
-            self.archive_hold_cap,
-            &mut self.steps,
-        );
-        // Recorded (even if a cleanup step after it failed): the mirror's
-        // log is now the staged one. Not recorded: the pending swap is
-        // finished, and the log reopened, at the next session or open.
-        if self.state.pending_swap.is_none() {
-            if let Some(mut w) = staged_log {
-                w.rehome(&self.dir.root);
-                self.log = w;
-                self.start_over = false;
-                self.rejoin = false;
-            }
-        }
-        let removed = swapped?;
-        let report = RebaseReport {
-            base_id: r.base.base_id,
-            log_start: r.base.log_start,
-            sent_bytes: r.sent_bytes,
-            reused_bytes: r.reused_bytes,
-            removed_log_files: removed,
-            unix_ms: tandem_shared::now_unix_ms(),
-            discarded,
-        };
-        tracing::info!(base = %report.base_id, log_start = %report.log_start, sent = report.sent_bytes, reused = report.reused_bytes,
-            removed_logs = removed, replaced_history = r.replaces, "staged base swapped in");
-        Ok(Some(report))
-    }
-
-    /// A rejoin's replacement base is complete: set aside what the
-    /// mirror holds beyond the primary's history before it is replaced.
-    fn set_aside_discarded(&mut self) -> Result<Option<crate::rejoin::DiscardReport>, ApplyError> {
-        match (self.rebase.as_ref(), self.staged_log.as_ref()) {
-            (Some(r), Some(staged)) if r.replaces && self.rejoin => {
-                crate::rejoin::set_aside_for_swap(
-                    &self.dir,
-                    &self.state,
-                    &r.base,
-                    r.discard_after,
-                    self.log.tail().durable,
-                    staged.tail().durable,
-                )
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// Is it time to ask for a rebase? (The base is complete, none is under
-    /// way, and the log since the base or its age passed a threshold.)
-    pub fn rebase_due(&self, after_bytes: u64, after_secs: u64) -> bool {
-        let Some(base) = self.state.base.as_ref().filter(|b| b.files_done) else {
-            return false;
-        };
-        if self.rebase.is_some()
-            || !self.recoverable()
-            || base.log_start.file >= self.log.tail().durable.file
-        {
-            return false;
-        }
-        let bytes = base
-            .log_start
-            .bytes_until(self.log.tail().durable, self.log.tail().lg_max.max(1));
-        let age_ms = tandem_shared::now_unix_ms().saturating_sub(base.started_unix_ms);
-        (after_bytes > 0 && bytes >= after_bytes)
-            || (after_secs > 0 && base.started_unix_ms > 0 && age_ms >= after_secs * 1000)
-    }
-
     /// Page digests of the base's database files, for a RebaseRequest.
     pub fn page_digests(&self) -> Result<Vec<tandem_shared::wire::PageDigests>, ApplyError> {
         match &self.state.base {
@@ -683,6 +512,8 @@ pub fn scan_tail(dir: &StandbyDir, state: &StandbyState) -> io::Result<LogTail> 
     scan_log_tail(&dir.log_dir(state), base.log_start)
 }
 
+#[path = "mirror_bases.rs"]
+mod bases;
 #[cfg(test)]
 #[path = "mirror_tests.rs"]
 mod tests;
