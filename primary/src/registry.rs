@@ -402,18 +402,25 @@ impl SessionGuard {
             .update(&self.name, |r| r.base_id = base_id.to_owned());
     }
 
-    /// The standby's Hello stated `at` as durable and the session resumed
-    /// there: for commit waiters, as good as an ack (none is sent for it).
+    /// The session resumed where the standby's Hello proved it holds a
+    /// promotable base up to `at`: for commit waiters, as good as an ack
+    /// (none is sent for it).
     pub fn holds(&self, at: LogPosition) {
         self.registry.update(&self.name, |r| {
             r.session_acked = r.session_acked.max(Some(at));
         });
     }
 
-    pub fn acked(&self, at: LogPosition, archived: Option<LogPosition>) {
+    /// An ack: `at` is fsynced on the standby; `promotable`: a promotion of
+    /// the standby now would hold it (false while its first base is still
+    /// being copied, or a replacement base is staged beside its mirror).
+    /// Only promotable acks count for commit waiters.
+    pub fn acked(&self, at: LogPosition, archived: Option<LogPosition>, promotable: bool) {
         self.registry.update(&self.name, |r| {
             r.acked = at;
-            r.session_acked = Some(at);
+            if promotable {
+                r.session_acked = Some(at);
+            }
             r.archived = archived;
             r.last_contact_unix_ms = tandem_shared::now_unix_ms();
         });
@@ -467,13 +474,18 @@ mod tests {
         east.started("base-1", LogPosition::new(3, 900));
         assert_eq!(acks.borrow().connected, 1);
         assert_eq!(acks.borrow().holding(at), 0);
-        east.acked(LogPosition::new(3, 600), None);
+        east.acked(LogPosition::new(3, 600), None, true);
         let west = reg.claim("west", "b").unwrap();
         west.started("base-1", LogPosition::new(1, 0));
-        west.acked(LogPosition::new(3, 400), None);
+        // Its base copy is not complete: fsynced log it cannot be promoted
+        // to holds nothing for a waiter.
+        west.acked(LogPosition::new(3, 450), None, false);
+        assert_eq!(acks.borrow().holding(LogPosition::new(1, 0)), 1);
+        west.acked(LogPosition::new(3, 400), None, true);
+        assert_eq!(acks.borrow().holding(LogPosition::new(1, 0)), 2);
         assert_eq!(acks.borrow().connected, 2);
         assert_eq!(acks.borrow().holding(at), 1);
-        west.acked(LogPosition::new(4, 28), None);
+        west.acked(LogPosition::new(4, 28), None, true);
         assert_eq!(acks.borrow().holding(at), 2);
         assert_eq!(acks.borrow().durable[0], LogPosition::new(4, 28));
         // Gone: what it acknowledged no longer counts, nor after it returns.
@@ -546,12 +558,12 @@ mod tests {
         let reg = Arc::new(StandbyRegistry::open(dir.path()));
         let g = reg.claim("east", "a").unwrap();
         g.started("base-1", LogPosition::new(3, 0));
-        g.acked(LogPosition::new(5, 100), None);
+        g.acked(LogPosition::new(5, 100), None, true);
         drop(g);
         let g = reg.claim("east", "b").unwrap();
         g.started("base-2", LogPosition::new(9, 0));
         assert_eq!(reg.snapshot()["east"].acked, LogPosition::new(5, 100));
-        g.acked(LogPosition::new(9, 200), None);
+        g.acked(LogPosition::new(9, 200), None, true);
         assert_eq!(reg.snapshot()["east"].acked, LogPosition::new(9, 200));
     }
 

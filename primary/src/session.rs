@@ -274,10 +274,11 @@ async fn start(
     let theirs = theirs.unwrap_or_default();
     shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
     tokio::task::block_in_place(|| guard.started(&base_id, from));
-    if files_done {
+    if files_done && hello.consistent_at.is_some_and(|c| from >= c.into()) {
         // A resumed standby with a complete base proved (the digest of its
-        // last record) that it holds this log up to `from` durably: that
-        // counts for commit waiters, though it sends no ack for it.
+        // last record) that it holds this log up to `from` durably, past
+        // the point where its base became consistent: that counts for
+        // commit waiters, though it sends no ack for it.
         guard.holds(from);
     }
 
@@ -353,7 +354,7 @@ async fn follow_acks(
                 kind: Some(standby_message::Kind::Ack(ack)),
             })) => {
                 if let Some(p) = ack.durable {
-                    guard.acked(p.into(), ack.archived.map(Into::into));
+                    guard.acked(p.into(), ack.archived.map(Into::into), ack.promotable);
                 }
             }
             Ok(Some(StandbyMessage {

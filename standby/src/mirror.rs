@@ -439,6 +439,14 @@ impl Mirror {
         }
     }
 
+    /// Would a promotion now hold what [`Mirror::sync`] returns? Not while
+    /// a replacement base is staged (sync reports its log, which the
+    /// mirror does not hold until the swap), nor before the mirror is
+    /// recoverable.
+    pub fn promotable(&self) -> bool {
+        self.staged_log.is_none() && self.recoverable()
+    }
+
     /// Is the mirror a recoverable environment right now?
     pub fn recoverable(&self) -> bool {
         is_recoverable(&self.state, self.log.tail().durable)

@@ -331,3 +331,70 @@ fn the_wait_socket_is_private_refuses_bad_requests_and_replaces_a_stale_file() -
     assert!(String::from_utf8_lossy(&out.stderr).contains("no primary runs"));
     Ok(())
 }
+
+/// A standby still copying its first base cannot be promoted, so the log it
+/// has already fsynced and acknowledged holds nothing for a waiter: the
+/// wait answers durable only once the base is complete. (Before, every ack
+/// counted, and a wait could return while a promotion would have failed.)
+#[test]
+fn a_standby_still_copying_its_base_holds_nothing_for_a_waiter() -> Result<()> {
+    let s = Scratch::new()?;
+    let env = s.path("env");
+    bdb::run_workload(
+        &env,
+        &WorkloadOptions {
+            txns: 20_000,
+            ..Default::default()
+        },
+    )?;
+    let primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
+    // A slow link keeps the base copy under way while the log flows.
+    let link = tandem_tests::faulty_link::FaultyLink::start(primary.addr)?;
+    link.delay(300);
+    let dir = s.path("standby");
+    let mut standby = start_standby(
+        s.root(),
+        &dir,
+        &link.url(),
+        &s.certs,
+        &["--check-interval-secs", "0"],
+    )?;
+    let mut acked = tandem_shared::LogPosition::ZERO;
+    wait_while_running(
+        "log fsynced during the base copy",
+        LONG,
+        &mut standby,
+        || {
+            let st = standby_status(&dir)?;
+            acked = lsn_of(&st["durable_lsn"]);
+            Ok(st["recoverable"] == false && acked.offset > 0)
+        },
+    )?;
+    let lsn = format!("{}/0", acked.file);
+    let out = wait_durable(&env, &["--lsn", &lsn, "--timeout-ms", "500"])?;
+    let st = standby_status(&dir)?;
+    ensure!(
+        st["recoverable"] == false,
+        "the base copy ended during the wait; the test proves nothing: {st}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "a wait answered from a standby that cannot be promoted yet: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    link.delay(0);
+    wait_for("the base to complete", LONG, || {
+        Ok(standby_status(&dir)?["recoverable"] == true)
+    })?;
+    let out = wait_durable(&env, &["--lsn", &lsn, "--timeout-ms", "60000"])?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    standby.stop(LONG)?;
+    Ok(())
+}

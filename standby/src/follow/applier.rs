@@ -33,8 +33,9 @@ pub(super) struct Applier {
     pub cfg: StandbyConfig,
     pub status: StatusTx,
     pub out: mpsc::Sender<StandbyMessage>,
-    /// What is durable, for the acker: only positions after an fsync.
-    pub durable: watch::Sender<Option<LogPosition>>,
+    /// What is durable, for the acker: only positions after an fsync, and
+    /// whether a promotion would hold them ([`Mirror::promotable`]).
+    pub durable: watch::Sender<Option<(LogPosition, bool)>>,
     /// Set when the reader ended: a send to the primary then gives up.
     pub reader_done: Arc<AtomicBool>,
     /// What this session's Hello asked for (`Hello.new_base_request`).
@@ -72,11 +73,15 @@ impl Applier {
                     queued.try_recv().ok()
                 };
             }
-            self.sync(mirror)?;
-            if let Some(report) = mirror
+            // A staged base is swapped in before the ack that reaches its
+            // consistent point goes out: until the swap is recorded, a
+            // promotion recovers the old mirror, which lacks that log.
+            mirror.sync().map_err(|e| self.rejected(e, mirror))?;
+            let swapped = mirror
                 .finish_rebase()
-                .map_err(|e| self.rejected(e, mirror))?
-            {
+                .map_err(|e| self.rejected(e, mirror))?;
+            self.sync(mirror)?;
+            if let Some(report) = swapped {
                 // The new base changes what a promotion would replay.
                 self.status.send_modify(|s| {
                     s.rebases += 1;
@@ -148,7 +153,8 @@ impl Applier {
             s.fill_from_state(&mirror.state);
             s.note_progress();
         });
-        self.durable.send_replace(Some(durable));
+        self.durable
+            .send_replace(Some((durable, mirror.promotable())));
         Ok(durable)
     }
 

@@ -72,6 +72,7 @@ pub(super) async fn run(
     let hello = super::hello(cfg, &mirror);
     let asked_new_base = hello.new_base_request.clone();
     let said_durable: LogPosition = hello.durable.unwrap_or_default().into();
+    let said_promotable = mirror.promotable();
     let rejoin = hello.rejoin;
     let _ = out.try_send(StandbyMessage {
         kind: Some(standby_message::Kind::Hello(hello)),
@@ -116,7 +117,7 @@ pub(super) async fn run(
     });
 
     let (queue, queued) = mpsc::channel::<Kind>(QUEUE);
-    let (durable_tx, durable_rx) = watch::channel::<Option<LogPosition>>(None);
+    let (durable_tx, durable_rx) = watch::channel::<Option<(LogPosition, bool)>>(None);
     let reader_done = Arc::new(AtomicBool::new(false));
     let applier = Applier {
         cfg: cfg.clone(),
@@ -129,7 +130,7 @@ pub(super) async fn run(
     let applying = tokio::task::spawn_blocking(move || applier.run(mirror, queued));
     let acker = tokio::spawn(acknowledge(
         out,
-        said_durable,
+        (said_durable, said_promotable),
         durable_rx,
         status.subscribe(),
     ));
@@ -232,30 +233,34 @@ async fn read(
 /// retention to keep every file.
 async fn acknowledge(
     out: mpsc::Sender<StandbyMessage>,
-    said_in_hello: LogPosition,
-    mut durable: watch::Receiver<Option<LogPosition>>,
+    said_in_hello: (LogPosition, bool),
+    mut durable: watch::Receiver<Option<(LogPosition, bool)>>,
     mut status: watch::Receiver<crate::status::StandbyStatus>,
 ) {
     // The Hello already told the primary what is durable: acknowledging it
     // again says nothing (and to a primary that sends nothing valid, the
     // standby acknowledges nothing). The archive position is not in the
-    // Hello: the first ack of a session carries it whenever one is set.
-    let mut sent: Option<(LogPosition, Option<LogPosition>)> = Some((said_in_hello, None));
+    // Hello: the first ack of a session carries it whenever one is set;
+    // nor is promotability: a base that completes without new log is
+    // acknowledged at the same position to say so.
+    let mut sent = Some((said_in_hello.0, None, said_in_hello.1));
     loop {
         tokio::select! {
             r = durable.changed() => if r.is_err() { return },
             r = status.changed() => if r.is_err() { return },
         }
-        let Some(at) = *durable.borrow_and_update() else {
+        let Some((at, promotable)) = *durable.borrow_and_update() else {
             continue;
         };
         let archived = status.borrow_and_update().archived_lsn;
-        if at == LogPosition::ZERO || sent == Some((at, archived)) {
+        let now = Some((at, archived, promotable));
+        if at == LogPosition::ZERO || sent == now {
             continue;
         }
         let ack = Ack {
             durable: Some(at.into()),
             archived: archived.map(Into::into),
+            promotable,
         };
         let msg = StandbyMessage {
             kind: Some(standby_message::Kind::Ack(ack)),
@@ -263,7 +268,7 @@ async fn acknowledge(
         if out.send(msg).await.is_err() {
             return;
         }
-        sent = Some((at, archived));
+        sent = now;
     }
 }
 
