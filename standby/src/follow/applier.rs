@@ -267,6 +267,9 @@ fn note_base_copy(s: &mut StandbyStatus, kind: &Kind) {
             }
             s.base_copy_total_bytes = s.base_copy_done_bytes + f.base_bytes_left;
         }
+        // The file's bytes, not the wire's: a compressed chunk says how
+        // many it holds (the mirror refuses one whose size lies).
+        Kind::FileChunk(c) if c.raw_len > 0 => s.note_base_copy_bytes(c.raw_len),
         Kind::FileChunk(c) => s.note_base_copy_bytes(c.data.len() as u64),
         Kind::FileSame(f) => s.note_base_copy_bytes(f.len),
         Kind::BaseFilesDone(_) => {
