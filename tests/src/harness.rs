@@ -523,3 +523,20 @@ pub fn promote_json(dir: &Path) -> Result<serde_json::Value> {
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
+
+/// A primary on `s`'s `env` (already written by the caller) and a standby
+/// in `standby` (run with `args`) that catches up with it, then both
+/// stopped; returns the primary's address, to restart it on.
+pub fn follow_then_stop(s: &Scratch, listen: &str, args: &[&str]) -> Result<String> {
+    let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, listen, &[])?;
+    let mut standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, args)?;
+    wait_caught_up_running(
+        &s.path("standby"),
+        &s.path("env"),
+        Duration::from_secs(120),
+        &mut standby,
+    )?;
+    standby.stop(Duration::from_secs(120))?;
+    primary.proc.stop(Duration::from_secs(120))?;
+    Ok(primary.addr.to_string())
+}

@@ -49,24 +49,6 @@ fn replace_dir(with: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A primary on `env` (already written by the caller) and a standby that
-/// has caught up with it, then both stopped; returns the primary's address
-/// (restarted on it so the standby finds it again).
-fn follow_then_stop(s: &Scratch, listen: &str) -> Result<String> {
-    let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, listen, &[])?;
-    let mut standby = start_standby(
-        s.root(),
-        &s.path("standby"),
-        &primary.url(),
-        &s.certs,
-        &QUIET,
-    )?;
-    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
-    standby.stop(LONG)?;
-    primary.proc.stop(LONG)?;
-    Ok(primary.addr.to_string())
-}
-
 /// Starts the primary on the diverged `env` and a standby on the held
 /// directory: the standby must refuse for good and change nothing.
 /// Returns the primary (still running) and what a copy of the standby
@@ -128,11 +110,11 @@ fn a_standby_refuses_a_primary_rolled_back_to_an_older_copy() -> Result<()> {
     let s = Scratch::new()?;
     let env = s.path("env");
     bdb::run_workload(&env, &workload(1000))?;
-    let addr = follow_then_stop(&s, "127.0.0.1:0")?;
+    let addr = follow_then_stop(&s, "127.0.0.1:0", &QUIET)?;
     // The backup the primary will be rolled back to: 1,000 transactions.
     copy_whole(&env, &s.path("env-backup"))?;
     let held = bdb::run_workload(&env, &workload(1000))?;
-    follow_then_stop(&s, &addr)?;
+    follow_then_stop(&s, &addr, &QUIET)?;
     ensure!(held == 2000, "the primary holds {held}");
     // The backup is restored and the application writes on it: 500
     // transactions the standby's 1,001..2,000 contradict.
@@ -148,11 +130,11 @@ fn a_standby_refuses_a_primary_whose_log_lost_its_unsynced_tail() -> Result<()> 
     let s = Scratch::new()?;
     let env = s.path("env");
     bdb::run_workload(&env, &workload(1000))?;
-    let addr = follow_then_stop(&s, "127.0.0.1:0")?;
+    let addr = follow_then_stop(&s, "127.0.0.1:0", &QUIET)?;
     let at_1000 = s.path("env-1000");
     copy_whole(&env, &at_1000)?;
     let held = bdb::run_workload(&env, &workload(300))?;
-    follow_then_stop(&s, &addr)?;
+    follow_then_stop(&s, &addr, &QUIET)?;
     // The primary's newest log file loses the records after its end at
     // 1,000 transactions (written, shipped and acknowledged, never synced
     // on the primary), and its databases are as they were then: exactly

@@ -71,23 +71,6 @@ fn cp_a(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A primary on `env` and a standby that catches up with it, then both
-/// stopped; returns the primary's address (to restart it on).
-fn follow_then_stop(s: &Scratch, listen: &str) -> Result<String> {
-    let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, listen, &[])?;
-    let mut standby = start_standby(
-        s.root(),
-        &s.path("standby"),
-        &primary.url(),
-        &s.certs,
-        &QUIET,
-    )?;
-    wait_caught_up_running(&s.path("standby"), &s.path("env"), LONG, &mut standby)?;
-    standby.stop(LONG)?;
-    primary.proc.stop(LONG)?;
-    Ok(primary.addr.to_string())
-}
-
 /// Bytes of the environment's database files.
 fn database_bytes(env: &Path) -> Result<u64> {
     let mut n = 0;
@@ -106,10 +89,10 @@ fn database_bytes(env: &Path) -> Result<u64> {
 fn standby_ahead_of_its_primary(s: &Scratch) -> Result<String> {
     let env = s.path("env");
     bdb::run_workload(&env, &workload(SHARED))?;
-    let addr = follow_then_stop(s, "127.0.0.1:0")?;
+    let addr = follow_then_stop(s, "127.0.0.1:0", &QUIET)?;
     cp_a(&env, &s.path("env-backup"))?;
     let held = bdb::run_workload(&env, &appends(STANDBY_ONLY))?;
-    follow_then_stop(s, &addr)?;
+    follow_then_stop(s, &addr, &QUIET)?;
     ensure!(held == SHARED + STANDBY_ONLY, "the primary holds {held}");
     std::fs::remove_dir_all(&env)?;
     std::fs::rename(s.path("env-backup"), &env)?;
