@@ -7,7 +7,7 @@ use super::*;
 use tandem_shared::envlayout::is_database_part;
 
 /// The report's phases, in the order promote runs them.
-const PHASES: [&str; 7] = [
+pub(crate) const PHASES: [&str; 7] = [
     "ask_primary",
     "catch_up",
     "stop_standby",
@@ -122,7 +122,7 @@ impl Bench {
             .copied()
             .context("the standby holds no log file")?;
         let log_mib = log_mib_between(LogPosition::new(first, 0), durable, lg_max);
-        let (base_recover_secs, base_verify_secs) = self.bdb_baseline(&pair)?;
+        let (base_recover_secs, base_verify_secs) = bdb_baseline(&pair.standby_dir, &pair.dir)?;
 
         let mut c = Command::new(harness::bin("tandem-standby"));
         c.arg("promote")
@@ -164,42 +164,6 @@ impl Bench {
             estimate_secs,
             phases,
         })
-    }
-
-    /// What an operator would do by hand: copy the mirror (`cp -a`, not
-    /// timed), `db_recover -c` on the copy, then `db_verify` of every
-    /// database (timed). The standby is idle: the workload stopped and it
-    /// holds the end.
-    fn bdb_baseline(&self, pair: &Pair) -> Result<(f64, f64)> {
-        let copy = pair.dir.join("baseline");
-        copy_env(&pair.standby_dir, &copy)?;
-        remove_dir(&copy.join(".tandem"));
-        sync_all();
-        let started = Instant::now();
-        run_cmd(
-            "db5.3_recover -c",
-            tool("db5.3_recover", &["-c", "-h"], &copy),
-            Duration::from_secs(1800),
-            &pair.dir.join("baseline-recover.log"),
-        )?;
-        let recover = started.elapsed().as_secs_f64();
-        let started = Instant::now();
-        for db in EnvLayout::open(&copy)?.database_files()? {
-            if is_database_part(&db.name) {
-                continue;
-            }
-            let mut c = tool("db5.3_verify", &["-q", "-h"], &copy);
-            c.arg(&db.name);
-            run_cmd(
-                "db5.3_verify",
-                c,
-                Duration::from_secs(1800),
-                &pair.dir.join("baseline-verify.log"),
-            )?;
-        }
-        let verify = started.elapsed().as_secs_f64();
-        remove_dir(&copy);
-        Ok((recover, verify))
     }
 
     pub(crate) fn section_promote(&self, seed: &Seed) -> Result<Section> {
@@ -317,4 +281,47 @@ impl Bench {
         let _ = writeln!(s.md, "Reference (BDB.md §5, page cache dropped): catastrophic recovery replays roughly 85–170 MB of log per second.\n");
         Ok(s)
     }
+}
+
+/// What an operator would do by hand: copy the mirror (`cp -a`, not timed)
+/// into `work`, then [`bdb_recover_and_verify`] the copy, which is then
+/// removed. The standby must be idle.
+pub(crate) fn bdb_baseline(mirror: &Path, work: &Path) -> Result<(f64, f64)> {
+    let copy = work.join("baseline");
+    copy_env(mirror, &copy)?;
+    remove_dir(&copy.join(".tandem"));
+    sync_all();
+    let timed = bdb_recover_and_verify(&copy, work);
+    remove_dir(&copy);
+    timed
+}
+
+/// BDB's own work to promote `home` by hand, timed: `db_recover -c`, then
+/// `db_verify` of every database one after another, with the environment's
+/// own configuration. Returns the recovery's and the verification's
+/// seconds; the tools' output goes to logs in `work`.
+pub(crate) fn bdb_recover_and_verify(home: &Path, work: &Path) -> Result<(f64, f64)> {
+    let started = Instant::now();
+    run_cmd(
+        "db5.3_recover -c",
+        tool("db5.3_recover", &["-c", "-h"], home),
+        Duration::from_secs(3600),
+        &work.join("baseline-recover.log"),
+    )?;
+    let recover = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for db in EnvLayout::open(home)?.database_files()? {
+        if is_database_part(&db.name) {
+            continue;
+        }
+        let mut c = tool("db5.3_verify", &["-q", "-h"], home);
+        c.arg(&db.name);
+        run_cmd(
+            "db5.3_verify",
+            c,
+            Duration::from_secs(3600),
+            &work.join("baseline-verify.log"),
+        )?;
+    }
+    Ok((recover, started.elapsed().as_secs_f64()))
 }
