@@ -62,6 +62,9 @@ pub struct PromoteReport {
     pub durable_lsn: LogPosition,
     pub primary_end_lsn: LogPosition,
     pub recovery_seconds: f64,
+    /// CPU seconds the recovery used, as the readiness check reports them:
+    /// the same work as the check's, whatever the load (BDB.md §5).
+    pub recovery_cpu_seconds: Option<f64>,
     pub total_seconds: f64,
     pub already_promoted: bool,
     pub databases_verified: usize,
@@ -176,6 +179,7 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
             durable_lsn: p.recovered_to.unwrap_or_default(),
             primary_end_lsn: LogPosition::ZERO,
             recovery_seconds: 0.0,
+            recovery_cpu_seconds: None,
             total_seconds: started.elapsed().as_secs_f64(),
             already_promoted: true,
             databases_verified: 0,
@@ -253,6 +257,7 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         durable_lsn: tail.durable,
         primary_end_lsn: primary_end,
         recovery_seconds: proof.recovery.duration.as_secs_f64(),
+        recovery_cpu_seconds: proof.recovery_cpu.map(|d| d.as_secs_f64()),
         total_seconds: clock.total(),
         already_promoted: false,
         databases_verified: proof.databases_verified,

@@ -63,8 +63,9 @@ pub struct StandbyStatus {
     /// Rebases completed by this process, and the last one.
     pub rebases: u64,
     pub last_rebase: Option<crate::mirror::RebaseReport>,
-    /// Estimated recovery time of a promotion now, from the last check's
-    /// replay rate (or 100 MB/s, BDB.md §5, before the first check).
+    /// Estimated recovery time of a promotion now, from the median replay
+    /// rate of the last few checks (or 100 MB/s, BDB.md §5, before the
+    /// first check).
     pub replay_estimate_seconds: f64,
     /// Estimated time of a whole `promote` now: the replay above, the last
     /// check's `db_verify` time, and promote's own steps (stop, ask,
@@ -115,6 +116,31 @@ const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
 /// of refusing adds up to promote's 5 s connect timeout, not counted here.
 const PROMOTE_OWN_SECONDS: f64 = 0.15;
 
+/// The replay rate a promotion now would see, as the checks measured it:
+/// the median of the last few checks' rates (one check's wall time carries
+/// the CPU contention of its moment, BDB.md §5), or the last check's alone
+/// when it recorded no history (an older version wrote it). `None` when
+/// the last check did not pass or measured nothing.
+fn replay_rate(check: &crate::readiness::CheckReport) -> Option<f64> {
+    let last = check.replay_rate()?;
+    let mut rates: Vec<f64> = check
+        .replay_rates
+        .iter()
+        .copied()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .collect();
+    if rates.is_empty() {
+        return Some(last);
+    }
+    rates.sort_by(f64::total_cmp);
+    let mid = rates.len() / 2;
+    Some(if rates.len() % 2 == 1 {
+        rates[mid]
+    } else {
+        (rates[mid - 1] + rates[mid]) / 2.0
+    })
+}
+
 impl StandbyStatus {
     pub fn phase_of(
         state: &StandbyState,
@@ -155,12 +181,11 @@ impl StandbyStatus {
         self.replay_log_bytes = state.base.as_ref().map_or(0, |b| {
             b.log_start.bytes_until(self.durable_lsn, self.lg_max)
         });
-        let rate = match &self.last_check {
-            Some(c) if c.ok && c.recovery_seconds > 0.05 && c.log_bytes > 0 => {
-                c.log_bytes as f64 / c.recovery_seconds
-            }
-            _ => DEFAULT_REPLAY_BYTES_PER_SEC,
-        };
+        let rate = self
+            .last_check
+            .as_ref()
+            .and_then(replay_rate)
+            .unwrap_or(DEFAULT_REPLAY_BYTES_PER_SEC);
         self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
         let verify = match &self.last_check {
             Some(c) if c.ok => c.verify_seconds,
@@ -340,10 +365,13 @@ pub fn render(s: &StandbyStatus) -> String {
     ));
     match &s.last_check {
         Some(c) if c.ok => out.push_str(&format!(
-            "last check:   passed {}, recovered to {} in {:.2} s\n",
+            "last check:   passed {}, recovered to {} in {:.2} s{}\n",
             when(c.unix_ms),
             c.recovered_to.map(|l| l.to_string()).unwrap_or("-".into()),
-            c.recovery_seconds
+            c.recovery_seconds,
+            c.recovery_cpu_seconds
+                .map(|cpu| format!(" ({cpu:.2} s of CPU)"))
+                .unwrap_or_default()
         )),
         Some(c) => out.push_str(&format!(
             "last check:   FAILED {}: {}\n",
@@ -462,6 +490,77 @@ mod tests {
         assert!(s
             .lag_bytes_text(20_000)
             .contains("unknown bytes (no word from the primary for 15.0 s)"));
+    }
+
+    /// A standby with a complete base whose log starts at the first file,
+    /// holding 400 MB of it, and `check` as its last readiness check.
+    fn estimated(check: Option<crate::readiness::CheckReport>) -> StandbyStatus {
+        let state = StandbyState {
+            base: Some(crate::state::BaseState {
+                base_id: "b".into(),
+                log_start: LogPosition::new(1, 0),
+                files_done: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut s = StandbyStatus {
+            lg_max: 100_000_000,
+            durable_lsn: LogPosition::new(5, 0),
+            last_check: check,
+            ..Default::default()
+        };
+        s.fill_from_state(&state);
+        assert_eq!(s.replay_log_bytes, 400_000_000);
+        s
+    }
+
+    #[test]
+    fn the_estimate_takes_the_median_rate_of_the_last_checks() {
+        let check = |recovery_seconds: f64, rates: &[f64]| crate::readiness::CheckReport {
+            ok: true,
+            recovery_seconds,
+            verify_seconds: 0.5,
+            log_bytes: 200_000_000,
+            replay_rates: rates.to_vec(),
+            ..Default::default()
+        };
+        // The last check waited for the CPU (50 MB/s); the two before it
+        // replayed at 200 MB/s: the estimate follows them, not it.
+        let s = estimated(Some(check(4.0, &[200e6, 200e6, 50e6])));
+        assert_eq!(s.replay_estimate_seconds, 2.0);
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            2.0 + 0.5 + PROMOTE_OWN_SECONDS
+        );
+        // An even count: the middle two.
+        let s = estimated(Some(check(1.0, &[100e6, 300e6, 50e6, 200e6])));
+        assert_eq!(s.replay_estimate_seconds, 400e6 / 150e6);
+        // A report an older version wrote: its own rate alone.
+        let s = estimated(Some(check(1.0, &[])));
+        assert_eq!(s.replay_estimate_seconds, 2.0);
+    }
+
+    #[test]
+    fn a_failed_last_check_falls_back_to_the_default_rate() {
+        let failed = crate::readiness::CheckReport {
+            ok: false,
+            recovery_seconds: 1.0,
+            log_bytes: 200_000_000,
+            replay_rates: vec![400e6],
+            ..Default::default()
+        };
+        for check in [None, Some(failed)] {
+            let s = estimated(check);
+            assert_eq!(
+                s.replay_estimate_seconds,
+                400e6 / DEFAULT_REPLAY_BYTES_PER_SEC
+            );
+            assert_eq!(
+                s.promotion_estimate_seconds,
+                s.replay_estimate_seconds + PROMOTE_OWN_SECONDS
+            );
+        }
     }
 
     #[test]
