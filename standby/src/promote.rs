@@ -215,7 +215,9 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
     phases.finish_swap = clock.lap();
     tracing::info!(%kind, durable = %tail.durable, "running catastrophic recovery");
     let boosted = boost_recovery_cache(dir)?;
-    let proof = crate::readiness::recover_and_verify(&dir.root);
+    // Promotion time is downtime: its recovery goes ahead of other work.
+    let tools = tandem_shared::bdb::BdbTools::default().urgent();
+    let proof = crate::readiness::recover_and_verify(&dir.root, &tools);
     if boosted {
         restore_db_config(dir)?;
     }

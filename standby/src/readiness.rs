@@ -71,6 +71,10 @@ pub struct CheckReport {
     /// what the status's promotion estimate takes the median of.
     #[serde(default)]
     pub replay_rates: Vec<f64>,
+    /// The same checks' log bytes per CPU second of recovery: what an
+    /// urgent promote replays at, whatever else the machine runs.
+    #[serde(default)]
+    pub replay_cpu_rates: Vec<f64>,
     pub databases_verified: usize,
     pub error: Option<String>,
     /// The base the check ran on: a failure counts against that base only
@@ -104,7 +108,14 @@ pub fn run_check(dir: &StandbyDir) -> CheckReport {
         base_id,
         ..Default::default()
     });
-    report.replay_rates = replay_rates(previous.as_ref(), &report);
+    report.replay_rates = history(
+        previous.as_ref().map(|p| &p.replay_rates),
+        report.replay_rate(),
+    );
+    report.replay_cpu_rates = history(
+        previous.as_ref().map(|p| &p.replay_cpu_rates),
+        report.replay_cpu_rate(),
+    );
     report.unix_ms = tandem_shared::now_unix_ms();
     report.seconds = started.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(dir.meta().join(CHECK_DIR));
@@ -122,13 +133,11 @@ pub fn run_check(dir: &StandbyDir) -> CheckReport {
     report
 }
 
-/// The previous check's replay rates, with this check's appended when it
+/// The previous check's rates, with this check's appended when it
 /// measured one: the last [`RATE_HISTORY`], oldest first.
-fn replay_rates(previous: Option<&CheckReport>, report: &CheckReport) -> Vec<f64> {
-    let mut rates = previous.map(|p| p.replay_rates.clone()).unwrap_or_default();
-    if let Some(rate) = report.replay_rate() {
-        rates.push(rate);
-    }
+fn history(previous: Option<&Vec<f64>>, rate: Option<f64>) -> Vec<f64> {
+    let mut rates = previous.cloned().unwrap_or_default();
+    rates.extend(rate);
     let drop = rates.len().saturating_sub(RATE_HISTORY);
     rates.drain(..drop);
     rates
@@ -140,6 +149,12 @@ impl CheckReport {
     pub fn replay_rate(&self) -> Option<f64> {
         (self.ok && self.recovery_seconds > 0.05 && self.log_bytes > 0)
             .then(|| self.log_bytes as f64 / self.recovery_seconds)
+    }
+
+    /// Log bytes per CPU second of this check's recovery, likewise.
+    pub fn replay_cpu_rate(&self) -> Option<f64> {
+        let cpu = self.recovery_cpu_seconds?;
+        (self.ok && cpu > 0.05 && self.log_bytes > 0).then(|| self.log_bytes as f64 / cpu)
     }
 }
 
@@ -171,7 +186,10 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
         }
     };
     let base = state.base.as_ref().context("no base")?;
-    let proof = recover_and_verify(&clone)?;
+    // At the normal priority: the check must not take the CPU from the
+    // machine's other work. Its CPU seconds tell what an urgent promote
+    // will take.
+    let proof = recover_and_verify(&clone, &BdbTools::default())?;
     Ok(CheckReport {
         ok: true,
         recovery_seconds: proof.recovery.duration.as_secs_f64(),
@@ -265,10 +283,10 @@ fn clone_tree(
 
 /// Catastrophic recovery in `home`, then `db_verify` of every database in
 /// it (at any depth; partitions and queue extents through their database),
-/// in parallel where there are several. Writes into `home`: run it on a
-/// clone, or in place only to promote.
-pub fn recover_and_verify(home: &Path) -> Result<Proof> {
-    let tools = BdbTools::default();
+/// in parallel where there are several, with `tools` (promote's are
+/// [`BdbTools::urgent`]). Writes into `home`: run it on a clone, or in
+/// place only to promote.
+pub fn recover_and_verify(home: &Path, tools: &BdbTools) -> Result<Proof> {
     let cpu_before = children_cpu();
     let recovery = tools
         .recover_catastrophic(home)
@@ -288,7 +306,7 @@ pub fn recover_and_verify(home: &Path) -> Result<Proof> {
         std::cmp::Reverse(std::fs::metadata(home.join(n)).map_or(0, |m| m.len()))
     });
     let verify_started = Instant::now();
-    verify_all(&tools, home, &databases)?;
+    verify_all(tools, home, &databases)?;
     Ok(Proof {
         recovery,
         databases_verified: databases.len(),
@@ -381,6 +399,9 @@ mod tests {
             log_bytes: 100,
             ..Default::default()
         };
+        let replay_rates = |last: Option<&CheckReport>, r: &CheckReport| {
+            history(last.map(|l| &l.replay_rates), r.replay_rate())
+        };
         let mut last: Option<CheckReport> = None;
         for secs in [1.0, 2.0, 4.0, 5.0, 10.0, 20.0] {
             let mut r = passed(secs);
@@ -404,7 +425,7 @@ mod tests {
     fn recover_and_verify_reports_the_recovery_s_cpu_time() {
         // An empty directory recovers (BDB finds no log and writes one).
         let env = tempfile::tempdir().unwrap();
-        let proof = recover_and_verify(env.path()).unwrap();
+        let proof = recover_and_verify(env.path(), &BdbTools::default().urgent()).unwrap();
         let cpu = proof.recovery_cpu.expect("getrusage works on Linux");
         // A process was started and reaped: some CPU, and never more than
         // the recovery's wall time allows on the cores there are.

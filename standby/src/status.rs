@@ -116,21 +116,48 @@ const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
 /// of refusing adds up to promote's 5 s connect timeout, not counted here.
 const PROMOTE_OWN_SECONDS: f64 = 0.15;
 
-/// The replay rate a promotion now would see, as the checks measured it:
-/// the median of the last few checks' rates (one check's wall time carries
-/// the CPU contention of its moment, BDB.md §5), or the last check's alone
-/// when it recorded no history (an older version wrote it). `None` when
-/// the last check did not pass or measured nothing.
-fn replay_rate(check: &crate::readiness::CheckReport) -> Option<f64> {
+/// Wall seconds per CPU second of an urgent recovery (its own session at
+/// niceness -10): 1.12–1.16 on the project's 2 cores, idle or at load 6–9
+/// (105 MiB of log; the rest is reading and fsync). At the normal
+/// priority the same recovery took 1.1–3.7× its CPU time there.
+const URGENT_WALL_PER_CPU: f64 = 1.15;
+
+/// Whether promote's recovery will run ahead of other work
+/// ([`tandem_shared::bdb::BdbTools::urgent`]): asked once per process.
+fn promote_is_urgent() -> bool {
+    static URGENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *URGENT.get_or_init(tandem_shared::bdb::urgent_allowed)
+}
+
+/// The replay rate a promotion now would see, from the last few checks:
+/// with an `urgent` promote, their median rate per CPU second (the work,
+/// whatever else ran beside the checks) slowed by what an urgent recovery
+/// still waits; otherwise their median wall rate (one check's wall time
+/// carries the CPU contention of its moment, BDB.md §5). A check an older
+/// version wrote, without history, counts alone. `None` when the last
+/// check did not pass or measured nothing.
+fn replay_rate(check: &crate::readiness::CheckReport, urgent: bool) -> Option<f64> {
     let last = check.replay_rate()?;
-    let mut rates: Vec<f64> = check
-        .replay_rates
+    let wall = median(&check.replay_rates).unwrap_or(last);
+    if !urgent {
+        return Some(wall);
+    }
+    Some(
+        median(&check.replay_cpu_rates)
+            .or(check.replay_cpu_rate())
+            .map_or(wall, |cpu| cpu / URGENT_WALL_PER_CPU),
+    )
+}
+
+/// The median of the positive rates, if any.
+fn median(rates: &[f64]) -> Option<f64> {
+    let mut rates: Vec<f64> = rates
         .iter()
         .copied()
         .filter(|r| r.is_finite() && *r > 0.0)
         .collect();
     if rates.is_empty() {
-        return Some(last);
+        return None;
     }
     rates.sort_by(f64::total_cmp);
     let mid = rates.len() / 2;
@@ -181,10 +208,16 @@ impl StandbyStatus {
         self.replay_log_bytes = state.base.as_ref().map_or(0, |b| {
             b.log_start.bytes_until(self.durable_lsn, self.lg_max)
         });
+        self.estimate_promotion(promote_is_urgent());
+    }
+
+    /// The promotion estimates, from the replay bytes and the last checks;
+    /// `urgent`: promote's recovery will run ahead of other work.
+    fn estimate_promotion(&mut self, urgent: bool) {
         let rate = self
             .last_check
             .as_ref()
-            .and_then(replay_rate)
+            .and_then(|c| replay_rate(c, urgent))
             .unwrap_or(DEFAULT_REPLAY_BYTES_PER_SEC);
         self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
         let verify = match &self.last_check {
@@ -512,6 +545,7 @@ mod tests {
         };
         s.fill_from_state(&state);
         assert_eq!(s.replay_log_bytes, 400_000_000);
+        s.estimate_promotion(false);
         s
     }
 
@@ -542,6 +576,37 @@ mod tests {
     }
 
     #[test]
+    fn an_urgent_promote_is_estimated_from_the_checks_cpu_time() {
+        let check = crate::readiness::CheckReport {
+            ok: true,
+            // The checks waited for the CPU: 4 s of wall time for 1 s of
+            // recovery work.
+            recovery_seconds: 4.0,
+            recovery_cpu_seconds: Some(1.0),
+            verify_seconds: 0.5,
+            log_bytes: 200_000_000,
+            replay_rates: vec![50e6, 60e6, 50e6],
+            replay_cpu_rates: vec![200e6, 100e6, 200e6],
+            ..Default::default()
+        };
+        let mut s = estimated(Some(check.clone()));
+        assert_eq!(s.replay_estimate_seconds, 400e6 / 50e6);
+        s.estimate_promotion(true);
+        assert_eq!(
+            s.replay_estimate_seconds,
+            400e6 / 200e6 * URGENT_WALL_PER_CPU
+        );
+        // A check that could not measure CPU time: the wall rates.
+        let mut s = estimated(Some(crate::readiness::CheckReport {
+            recovery_cpu_seconds: None,
+            replay_cpu_rates: vec![],
+            ..check
+        }));
+        s.estimate_promotion(true);
+        assert_eq!(s.replay_estimate_seconds, 400e6 / 50e6);
+    }
+
+    #[test]
     fn a_failed_last_check_falls_back_to_the_default_rate() {
         let failed = crate::readiness::CheckReport {
             ok: false,
@@ -550,8 +615,9 @@ mod tests {
             replay_rates: vec![400e6],
             ..Default::default()
         };
-        for check in [None, Some(failed)] {
-            let s = estimated(check);
+        for (check, urgent) in [(None, false), (None, true), (Some(failed), true)] {
+            let mut s = estimated(check);
+            s.estimate_promotion(urgent);
             assert_eq!(
                 s.replay_estimate_seconds,
                 400e6 / DEFAULT_REPLAY_BYTES_PER_SEC
