@@ -57,6 +57,9 @@ pub struct CheckReport {
     /// rate, what the status's promotion estimate is made of.
     #[serde(default)]
     pub verify_seconds: f64,
+    /// CPU seconds of those `db_verify` runs, all together.
+    #[serde(default)]
+    pub verify_cpu_seconds: Option<f64>,
     pub durable_lsn: LogPosition,
     pub recovered_to: Option<LogPosition>,
     /// Log bytes the recovery replayed (what a promotion would replay now).
@@ -93,6 +96,8 @@ pub struct Proof {
     pub verify_duration: Duration,
     /// CPU time of the recovery (see [`CheckReport::recovery_cpu_seconds`]).
     pub recovery_cpu: Option<Duration>,
+    /// CPU time of the `db_verify` runs, all together.
+    pub verify_cpu: Option<Duration>,
 }
 
 /// Runs one check and records it in `.tandem/check.json`.
@@ -194,6 +199,7 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
         ok: true,
         recovery_seconds: proof.recovery.duration.as_secs_f64(),
         recovery_cpu_seconds: proof.recovery_cpu.map(|d| d.as_secs_f64()),
+        verify_cpu_seconds: proof.verify_cpu.map(|d| d.as_secs_f64()),
         verify_seconds: proof.verify_duration.as_secs_f64(),
         durable_lsn: tail.durable,
         recovered_to: proof.recovery.recovered_to,
@@ -306,12 +312,17 @@ pub fn recover_and_verify(home: &Path, tools: &BdbTools) -> Result<Proof> {
         std::cmp::Reverse(std::fs::metadata(home.join(n)).map_or(0, |m| m.len()))
     });
     let verify_started = Instant::now();
+    let cpu_before = children_cpu();
     verify_all(tools, home, &databases)?;
+    let verify_cpu = cpu_before
+        .zip(children_cpu())
+        .map(|(before, after)| after.saturating_sub(before));
     Ok(Proof {
         recovery,
         databases_verified: databases.len(),
         verify_duration: verify_started.elapsed(),
         recovery_cpu,
+        verify_cpu,
     })
 }
 

@@ -110,17 +110,18 @@ pub struct StandbyStatus {
 /// Catastrophic recovery's replay rate before any check measured one.
 const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
 /// What a promote spends besides recovery and verify: process start,
-/// asking the primary, stopping the standby, recording. Its own phases took
-/// 20–60 ms in the benchmark's promote section (2 cores, loaded); the rest
-/// is margin for a slower start. A primary host that drops packets instead
-/// of refusing adds up to promote's 5 s connect timeout, not counted here.
-const PROMOTE_OWN_SECONDS: f64 = 0.15;
+/// asking the primary, stopping the standby, recording. Its wall time
+/// exceeded recovery plus verify by 15–50 ms in the benchmark's promote
+/// section (2 cores, loaded). A primary host that drops packets instead of
+/// refusing adds up to promote's 5 s connect timeout, not counted here.
+const PROMOTE_OWN_SECONDS: f64 = 0.05;
 
 /// Wall seconds per CPU second of an urgent recovery (its own session at
-/// niceness -10): 1.12–1.16 on the project's 2 cores, idle or at load 6–9
-/// (105 MiB of log; the rest is reading and fsync). At the normal
+/// niceness -10), against the check's CPU seconds for the same log:
+/// 1.07–1.13 in the benchmark's promote section (105 and 504 MiB of log,
+/// 2 cores at load 6–9; the rest is reading and fsync). At the normal
 /// priority the same recovery took 1.1–3.7× its CPU time there.
-const URGENT_WALL_PER_CPU: f64 = 1.15;
+const URGENT_WALL_PER_CPU: f64 = 1.10;
 
 /// Whether promote's recovery will run ahead of other work
 /// ([`tandem_shared::bdb::BdbTools::urgent`]): asked once per process.
@@ -221,6 +222,12 @@ impl StandbyStatus {
             .unwrap_or(DEFAULT_REPLAY_BYTES_PER_SEC);
         self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
         let verify = match &self.last_check {
+            // Urgent, the databases verify in parallel at full speed: at
+            // most their CPU seconds together, where the check's wall time
+            // also counts its waits for a CPU.
+            Some(c) if c.ok && urgent => c
+                .verify_cpu_seconds
+                .map_or(c.verify_seconds, |cpu| cpu.min(c.verify_seconds)),
             Some(c) if c.ok => c.verify_seconds,
             _ => 0.0,
         };
@@ -595,6 +602,20 @@ mod tests {
         assert_eq!(
             s.replay_estimate_seconds,
             400e6 / 200e6 * URGENT_WALL_PER_CPU
+        );
+        // Without a verify CPU time: the check's verify wall time.
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            s.replay_estimate_seconds + 0.5 + PROMOTE_OWN_SECONDS
+        );
+        let mut s = estimated(Some(crate::readiness::CheckReport {
+            verify_cpu_seconds: Some(0.2),
+            ..check.clone()
+        }));
+        s.estimate_promotion(true);
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            s.replay_estimate_seconds + 0.2 + PROMOTE_OWN_SECONDS
         );
         // A check that could not measure CPU time: the wall rates.
         let mut s = estimated(Some(crate::readiness::CheckReport {
