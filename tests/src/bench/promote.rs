@@ -230,7 +230,7 @@ impl Bench {
             "## 4. Promotion time\n\nA standby follows the unthrottled workload until the primary has written the given volume of new log; the workload \
              stops and the standby catches up. Switchover: `tandem-standby promote --json` with the primary running (it confirms nobody has \
              the environment open and the standby holds its end). Failover: the primary is killed (`kill -9`) first. Either way promote \
-             stops the standby, runs catastrophic recovery of every log file the standby holds, db_verify, and records a new epoch. \
+             stops the standby, runs catastrophic recovery of every log file the standby holds, db_verify, and records a new epoch; it runs the BDB tools ahead of other work (a session of their own, niceness -10: root here). \
              Baseline, same run, same mirror: `cp -a` of the standby directory (not timed), then `db5.3_recover -c` and `db5.3_verify` of each \
              database one after another (timed), with the environment's own configuration. Before promote, `tandem-standby check` runs {CHECKS} times \
              (as a running standby does every 5 minutes) and `status` gives its promotion estimate (the median replay rate of the checks). \
