@@ -28,13 +28,61 @@ pub enum BdbError {
 #[derive(Debug, Clone)]
 pub struct BdbTools {
     prefix: String,
+    urgent: bool,
 }
+
+/// The niceness [`BdbTools::urgent`] gives its tools, and their session's
+/// scheduling group.
+const URGENT_NICE: i32 = -10;
+/// The same, as `/proc/self/autogroup` takes it (written between fork and
+/// exec, where nothing may allocate).
+const URGENT_NICE_TEXT: &[u8] = b"-10";
 
 impl Default for BdbTools {
     fn default() -> Self {
         Self {
             prefix: std::env::var("TANDEM_BDB_TOOL_PREFIX").unwrap_or_else(|_| "db5.3_".to_owned()),
+            urgent: false,
         }
+    }
+}
+
+/// Whether [`BdbTools::urgent`] tools will get their raised priority:
+/// this process holds `CAP_SYS_NICE` (root does).
+pub fn urgent_allowed() -> bool {
+    const CAP_SYS_NICE: u32 = 23;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_NICE) != 0)
+}
+
+/// Makes `command` run ahead of other work (see [`BdbTools::urgent`]).
+fn first_in_line(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure makes only
+    // async-signal-safe system calls (prctl, setsid, open, write, close,
+    // setpriority) and allocates nothing. Their failures are ignored: no
+    // privilege only means the normal priority.
+    unsafe {
+        command.pre_exec(|| {
+            // An orphaned recovery must not run on beside the next promote.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::setsid();
+            let fd = libc::open(
+                c"/proc/self/autogroup".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, URGENT_NICE_TEXT.as_ptr().cast(), URGENT_NICE_TEXT.len());
+                libc::close(fd);
+            }
+            libc::setpriority(libc::PRIO_PROCESS, 0, URGENT_NICE);
+            Ok(())
+        });
     }
 }
 
@@ -52,15 +100,29 @@ impl BdbTools {
         format!("{}{}", self.prefix, name)
     }
 
+    /// Tools that go ahead of the machine's other work, for promote, whose
+    /// time is downtime: each runs in a session of its own (the kernel's
+    /// autogroup, which shares the CPU per session) at niceness -10, and
+    /// dies with the thread that started it. Without the privilege
+    /// (`CAP_SYS_NICE`) it keeps the normal priority, in its own session.
+    /// On 2 loaded cores this cut a recovery's waits for a CPU from
+    /// 0.1–1.5 s to 20–40 ms (BDB.md §5).
+    pub fn urgent(mut self) -> Self {
+        self.urgent = true;
+        self
+    }
+
     fn run(&self, name: &str, args: &[&std::ffi::OsStr]) -> Result<Output, BdbError> {
         let tool = self.tool(name);
-        let out = Command::new(&tool)
-            .args(args)
-            .output()
-            .map_err(|source| BdbError::Spawn {
-                tool: tool.clone(),
-                source,
-            })?;
+        let mut command = Command::new(&tool);
+        command.args(args);
+        if self.urgent {
+            first_in_line(&mut command);
+        }
+        let out = command.output().map_err(|source| BdbError::Spawn {
+            tool: tool.clone(),
+            source,
+        })?;
         if !out.status.success() {
             let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
             if stderr.is_empty() {
@@ -172,6 +234,41 @@ pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// (pid, session, nice) of a shell run as a tool by `tools`.
+    fn shell_identity(tools: &BdbTools) -> (i64, i64, i64) {
+        let tools = BdbTools {
+            prefix: "/bin/".into(),
+            ..tools.clone()
+        };
+        let out = tools
+            .run("sh", &["-c".as_ref(), "cat /proc/$$/stat".as_ref()])
+            .unwrap();
+        let stat = String::from_utf8(out.stdout).unwrap();
+        // Fields after the command name, which ends with ')': state is 3.
+        let (pid, rest) = stat.split_once(" (").unwrap();
+        let f: Vec<&str> = rest.rsplit_once(") ").unwrap().1.split(' ').collect();
+        let field = |n: usize| f[n - 3].parse::<i64>().unwrap();
+        (pid.parse().unwrap(), field(6), field(19))
+    }
+
+    #[test]
+    fn urgent_tools_run_in_their_own_session_ahead_of_other_work() {
+        // SAFETY: getsid(0) reads the calling process's session id.
+        let ours = i64::from(unsafe { libc::getsid(0) });
+        // SAFETY: getpriority reads this process's niceness.
+        let our_nice = i64::from(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) });
+        let (_, session, nice) = shell_identity(&BdbTools::default());
+        assert_eq!((session, nice), (ours, our_nice));
+        let (pid, session, nice) = shell_identity(&BdbTools::default().urgent());
+        assert_eq!(
+            session, pid,
+            "the tool leads a session (an autogroup) of its own"
+        );
+        if urgent_allowed() {
+            assert_eq!(nice, i64::from(URGENT_NICE));
+        }
+    }
 
     #[test]
     fn parses_recover_output() {

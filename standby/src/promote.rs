@@ -62,6 +62,9 @@ pub struct PromoteReport {
     pub durable_lsn: LogPosition,
     pub primary_end_lsn: LogPosition,
     pub recovery_seconds: f64,
+    /// CPU seconds the recovery used, as the readiness check reports them:
+    /// the same work as the check's, whatever the load (BDB.md §5).
+    pub recovery_cpu_seconds: Option<f64>,
     pub total_seconds: f64,
     pub already_promoted: bool,
     pub databases_verified: usize,
@@ -176,6 +179,7 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
             durable_lsn: p.recovered_to.unwrap_or_default(),
             primary_end_lsn: LogPosition::ZERO,
             recovery_seconds: 0.0,
+            recovery_cpu_seconds: None,
             total_seconds: started.elapsed().as_secs_f64(),
             already_promoted: true,
             databases_verified: 0,
@@ -211,7 +215,9 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
     phases.finish_swap = clock.lap();
     tracing::info!(%kind, durable = %tail.durable, "running catastrophic recovery");
     let boosted = boost_recovery_cache(dir)?;
-    let proof = crate::readiness::recover_and_verify(&dir.root);
+    // Promotion time is downtime: its recovery goes ahead of other work.
+    let tools = tandem_shared::bdb::BdbTools::default().urgent();
+    let proof = crate::readiness::recover_and_verify(&dir.root, &tools);
     if boosted {
         restore_db_config(dir)?;
     }
@@ -253,6 +259,7 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         durable_lsn: tail.durable,
         primary_end_lsn: primary_end,
         recovery_seconds: proof.recovery.duration.as_secs_f64(),
+        recovery_cpu_seconds: proof.recovery_cpu.map(|d| d.as_secs_f64()),
         total_seconds: clock.total(),
         already_promoted: false,
         databases_verified: proof.databases_verified,

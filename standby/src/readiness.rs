@@ -39,6 +39,12 @@ pub(crate) const RECOVERY_CACHE: &str = "set_cachesize 0 268435456 1";
 /// A rebase swapping files in while the clone is taken makes it start
 /// over; past this many tries the check reports the failure.
 const CLONE_TRIES: usize = 3;
+/// Replay rates of this many passing checks are kept for the estimate.
+/// One check's wall time carries the CPU contention of its moment: on the
+/// project's loaded 2 cores the same recovery (the same CPU seconds within
+/// 7%) took 0.57 s and 1.57 s minutes apart. A median over a few checks is
+/// not thrown by one of them.
+pub const RATE_HISTORY: usize = 5;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CheckReport {
@@ -51,10 +57,27 @@ pub struct CheckReport {
     /// rate, what the status's promotion estimate is made of.
     #[serde(default)]
     pub verify_seconds: f64,
+    /// CPU seconds of those `db_verify` runs, all together.
+    #[serde(default)]
+    pub verify_cpu_seconds: Option<f64>,
     pub durable_lsn: LogPosition,
     pub recovered_to: Option<LogPosition>,
     /// Log bytes the recovery replayed (what a promotion would replay now).
     pub log_bytes: u64,
+    /// CPU seconds (user + system) the recovery used: the work itself,
+    /// unlike `recovery_seconds` independent of other load on the machine.
+    /// Well below `recovery_seconds`, the recovery waited for a CPU.
+    #[serde(default)]
+    pub recovery_cpu_seconds: Option<f64>,
+    /// Replay rates (log bytes per second of recovery) of the last few
+    /// passing checks, oldest first, this one included when it passed:
+    /// what the status's promotion estimate takes the median of.
+    #[serde(default)]
+    pub replay_rates: Vec<f64>,
+    /// The same checks' log bytes per CPU second of recovery: what an
+    /// urgent promote replays at, whatever else the machine runs.
+    #[serde(default)]
+    pub replay_cpu_rates: Vec<f64>,
     pub databases_verified: usize,
     pub error: Option<String>,
     /// The base the check ran on: a failure counts against that base only
@@ -71,6 +94,10 @@ pub struct Proof {
     pub databases_verified: usize,
     /// Wall time of the `db_verify` runs, all databases.
     pub verify_duration: Duration,
+    /// CPU time of the recovery (see [`CheckReport::recovery_cpu_seconds`]).
+    pub recovery_cpu: Option<Duration>,
+    /// CPU time of the `db_verify` runs, all together.
+    pub verify_cpu: Option<Duration>,
 }
 
 /// Runs one check and records it in `.tandem/check.json`.
@@ -80,11 +107,20 @@ pub fn run_check(dir: &StandbyDir) -> CheckReport {
         .load_state()
         .ok()
         .and_then(|s| s.base.map(|b| b.base_id));
+    let previous = last_check(dir);
     let mut report = check(dir).unwrap_or_else(|e| CheckReport {
         error: Some(format!("{e:#}")),
         base_id,
         ..Default::default()
     });
+    report.replay_rates = history(
+        previous.as_ref().map(|p| &p.replay_rates),
+        report.replay_rate(),
+    );
+    report.replay_cpu_rates = history(
+        previous.as_ref().map(|p| &p.replay_cpu_rates),
+        report.replay_cpu_rate(),
+    );
     report.unix_ms = tandem_shared::now_unix_ms();
     report.seconds = started.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(dir.meta().join(CHECK_DIR));
@@ -100,6 +136,31 @@ pub fn run_check(dir: &StandbyDir) -> CheckReport {
         );
     }
     report
+}
+
+/// The previous check's rates, with this check's appended when it
+/// measured one: the last [`RATE_HISTORY`], oldest first.
+fn history(previous: Option<&Vec<f64>>, rate: Option<f64>) -> Vec<f64> {
+    let mut rates = previous.cloned().unwrap_or_default();
+    rates.extend(rate);
+    let drop = rates.len().saturating_sub(RATE_HISTORY);
+    rates.drain(..drop);
+    rates
+}
+
+impl CheckReport {
+    /// Log bytes per second of this check's recovery, if it passed and
+    /// took long enough to time.
+    pub fn replay_rate(&self) -> Option<f64> {
+        (self.ok && self.recovery_seconds > 0.05 && self.log_bytes > 0)
+            .then(|| self.log_bytes as f64 / self.recovery_seconds)
+    }
+
+    /// Log bytes per CPU second of this check's recovery, likewise.
+    pub fn replay_cpu_rate(&self) -> Option<f64> {
+        let cpu = self.recovery_cpu_seconds?;
+        (self.ok && cpu > 0.05 && self.log_bytes > 0).then(|| self.log_bytes as f64 / cpu)
+    }
 }
 
 /// The last recorded check, if any.
@@ -130,10 +191,15 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
         }
     };
     let base = state.base.as_ref().context("no base")?;
-    let proof = recover_and_verify(&clone)?;
+    // At the normal priority: the check must not take the CPU from the
+    // machine's other work. Its CPU seconds tell what an urgent promote
+    // will take.
+    let proof = recover_and_verify(&clone, &BdbTools::default())?;
     Ok(CheckReport {
         ok: true,
         recovery_seconds: proof.recovery.duration.as_secs_f64(),
+        recovery_cpu_seconds: proof.recovery_cpu.map(|d| d.as_secs_f64()),
+        verify_cpu_seconds: proof.verify_cpu.map(|d| d.as_secs_f64()),
         verify_seconds: proof.verify_duration.as_secs_f64(),
         durable_lsn: tail.durable,
         recovered_to: proof.recovery.recovered_to,
@@ -223,13 +289,17 @@ fn clone_tree(
 
 /// Catastrophic recovery in `home`, then `db_verify` of every database in
 /// it (at any depth; partitions and queue extents through their database),
-/// in parallel where there are several. Writes into `home`: run it on a
-/// clone, or in place only to promote.
-pub fn recover_and_verify(home: &Path) -> Result<Proof> {
-    let tools = BdbTools::default();
+/// in parallel where there are several, with `tools` (promote's are
+/// [`BdbTools::urgent`]). Writes into `home`: run it on a clone, or in
+/// place only to promote.
+pub fn recover_and_verify(home: &Path, tools: &BdbTools) -> Result<Proof> {
+    let cpu_before = children_cpu();
     let recovery = tools
         .recover_catastrophic(home)
         .context("catastrophic recovery failed")?;
+    let recovery_cpu = cpu_before
+        .zip(children_cpu())
+        .map(|(before, after)| after.saturating_sub(before));
     let mut databases: Vec<String> = EnvLayout::open(home)?
         .database_files()?
         .into_iter()
@@ -242,12 +312,36 @@ pub fn recover_and_verify(home: &Path) -> Result<Proof> {
         std::cmp::Reverse(std::fs::metadata(home.join(n)).map_or(0, |m| m.len()))
     });
     let verify_started = Instant::now();
-    verify_all(&tools, home, &databases)?;
+    let cpu_before = children_cpu();
+    verify_all(tools, home, &databases)?;
+    let verify_cpu = cpu_before
+        .zip(children_cpu())
+        .map(|(before, after)| after.saturating_sub(before));
     Ok(Proof {
         recovery,
         databases_verified: databases.len(),
         verify_duration: verify_started.elapsed(),
+        recovery_cpu,
+        verify_cpu,
     })
+}
+
+/// User plus system CPU time of every child process reaped so far. Around
+/// one `db_recover` it measures that recovery; a child another thread
+/// reaps meanwhile (the standby's own `db_archive`, a few milliseconds)
+/// would count too, erring high.
+fn children_cpu() -> Option<Duration> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage only writes the struct it is given.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: it succeeded, so it filled the struct (zeroed before anyway).
+    let usage = unsafe { usage.assume_init() };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    Some(time(usage.ru_utime) + time(usage.ru_stime))
 }
 
 fn verify_all(tools: &BdbTools, home: &Path, databases: &[String]) -> Result<()> {
@@ -307,6 +401,49 @@ fn clone_file(from: &Path, to: &Path, limit: Option<u64>) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rate_history_keeps_the_last_passing_checks() {
+        let passed = |secs: f64| CheckReport {
+            ok: true,
+            recovery_seconds: secs,
+            log_bytes: 100,
+            ..Default::default()
+        };
+        let replay_rates = |last: Option<&CheckReport>, r: &CheckReport| {
+            history(last.map(|l| &l.replay_rates), r.replay_rate())
+        };
+        let mut last: Option<CheckReport> = None;
+        for secs in [1.0, 2.0, 4.0, 5.0, 10.0, 20.0] {
+            let mut r = passed(secs);
+            r.replay_rates = replay_rates(last.as_ref(), &r);
+            last = Some(r);
+        }
+        let last = last.unwrap();
+        assert_eq!(last.replay_rates, vec![50.0, 25.0, 20.0, 10.0, 5.0]);
+        // A failed check, or one too short to time, keeps the history as
+        // it was: a failure is not a replay rate.
+        let failed = CheckReport {
+            error: Some("x".into()),
+            ..Default::default()
+        };
+        assert_eq!(replay_rates(Some(&last), &failed), last.replay_rates);
+        assert_eq!(replay_rates(Some(&last), &passed(0.01)), last.replay_rates);
+        assert_eq!(replay_rates(None, &passed(2.0)), vec![50.0]);
+    }
+
+    #[test]
+    fn recover_and_verify_reports_the_recovery_s_cpu_time() {
+        // An empty directory recovers (BDB finds no log and writes one).
+        let env = tempfile::tempdir().unwrap();
+        let proof = recover_and_verify(env.path(), &BdbTools::default().urgent()).unwrap();
+        let cpu = proof.recovery_cpu.expect("getrusage works on Linux");
+        // A process was started and reaped: some CPU, and never more than
+        // the recovery's wall time allows on the cores there are.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(cpu <= proof.recovery.duration * cores as u32, "{cpu:?}");
+        assert_eq!(proof.databases_verified, 0);
+    }
 
     #[test]
     fn the_clone_holds_everything_but_tandem_state_and_cuts_the_log() {

@@ -8,6 +8,8 @@ use crate::state::{StandbyDir, StandbyState};
 use serde::{Deserialize, Serialize};
 use tandem_shared::LogPosition;
 
+mod estimate;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StandbyStatus {
     /// "standby", or "promoted" once promoted.
@@ -63,8 +65,9 @@ pub struct StandbyStatus {
     /// Rebases completed by this process, and the last one.
     pub rebases: u64,
     pub last_rebase: Option<crate::mirror::RebaseReport>,
-    /// Estimated recovery time of a promotion now, from the last check's
-    /// replay rate (or 100 MB/s, BDB.md §5, before the first check).
+    /// Estimated recovery time of a promotion now, from the median replay
+    /// rate of the last few checks (or 100 MB/s, BDB.md §5, before the
+    /// first check).
     pub replay_estimate_seconds: f64,
     /// Estimated time of a whole `promote` now: the replay above, the last
     /// check's `db_verify` time, and promote's own steps (stop, ask,
@@ -106,15 +109,6 @@ pub struct StandbyStatus {
     pub history: Vec<tandem_shared::epochs::EpochStart>,
 }
 
-/// Catastrophic recovery's replay rate before any check measured one.
-const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
-/// What a promote spends besides recovery and verify: process start,
-/// asking the primary, stopping the standby, recording. Its own phases took
-/// 20–60 ms in the benchmark's promote section (2 cores, loaded); the rest
-/// is margin for a slower start. A primary host that drops packets instead
-/// of refusing adds up to promote's 5 s connect timeout, not counted here.
-const PROMOTE_OWN_SECONDS: f64 = 0.15;
-
 impl StandbyStatus {
     pub fn phase_of(
         state: &StandbyState,
@@ -155,19 +149,7 @@ impl StandbyStatus {
         self.replay_log_bytes = state.base.as_ref().map_or(0, |b| {
             b.log_start.bytes_until(self.durable_lsn, self.lg_max)
         });
-        let rate = match &self.last_check {
-            Some(c) if c.ok && c.recovery_seconds > 0.05 && c.log_bytes > 0 => {
-                c.log_bytes as f64 / c.recovery_seconds
-            }
-            _ => DEFAULT_REPLAY_BYTES_PER_SEC,
-        };
-        self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
-        let verify = match &self.last_check {
-            Some(c) if c.ok => c.verify_seconds,
-            _ => 0.0,
-        };
-        self.promotion_estimate_seconds =
-            self.replay_estimate_seconds + verify + PROMOTE_OWN_SECONDS;
+        self.estimate_promotion(estimate::promote_is_urgent());
     }
 
     /// The continuous archive's registration and the log held for it
@@ -340,10 +322,13 @@ pub fn render(s: &StandbyStatus) -> String {
     ));
     match &s.last_check {
         Some(c) if c.ok => out.push_str(&format!(
-            "last check:   passed {}, recovered to {} in {:.2} s\n",
+            "last check:   passed {}, recovered to {} in {:.2} s{}\n",
             when(c.unix_ms),
             c.recovered_to.map(|l| l.to_string()).unwrap_or("-".into()),
-            c.recovery_seconds
+            c.recovery_seconds,
+            c.recovery_cpu_seconds
+                .map(|cpu| format!(" ({cpu:.2} s of CPU)"))
+                .unwrap_or_default()
         )),
         Some(c) => out.push_str(&format!(
             "last check:   FAILED {}: {}\n",

@@ -1,0 +1,216 @@
+//! The status's promotion estimate: how long a `promote` now would take,
+//! from the log it would replay and what the last readiness checks measured.
+
+use super::StandbyStatus;
+
+/// Catastrophic recovery's replay rate before any check measured one.
+const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
+/// What a promote spends besides recovery and verify: process start,
+/// asking the primary, stopping the standby, recording. Its wall time
+/// exceeded recovery plus verify by 15–50 ms in the benchmark's promote
+/// section (2 cores, loaded). A primary host that drops packets instead of
+/// refusing adds up to promote's 5 s connect timeout, not counted here.
+const PROMOTE_OWN_SECONDS: f64 = 0.05;
+
+/// Wall seconds per CPU second of an urgent recovery (its own session at
+/// niceness -10), against the check's CPU seconds for the same log:
+/// 1.07–1.13 in the benchmark's promote section (105 and 504 MiB of log,
+/// 2 cores at load 6–9; the rest is reading and fsync). At the normal
+/// priority the same recovery took 1.1–3.7× its CPU time there.
+const URGENT_WALL_PER_CPU: f64 = 1.10;
+
+/// Whether promote's recovery will run ahead of other work
+/// ([`tandem_shared::bdb::BdbTools::urgent`]): asked once per process.
+pub(super) fn promote_is_urgent() -> bool {
+    static URGENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *URGENT.get_or_init(tandem_shared::bdb::urgent_allowed)
+}
+
+/// The replay rate a promotion now would see, from the last few checks:
+/// with an `urgent` promote, their median rate per CPU second (the work,
+/// whatever else ran beside the checks) slowed by what an urgent recovery
+/// still waits; otherwise their median wall rate (one check's wall time
+/// carries the CPU contention of its moment, BDB.md §5). A check an older
+/// version wrote, without history, counts alone. `None` when the last
+/// check did not pass or measured nothing.
+fn replay_rate(check: &crate::readiness::CheckReport, urgent: bool) -> Option<f64> {
+    let last = check.replay_rate()?;
+    let wall = median(&check.replay_rates).unwrap_or(last);
+    if !urgent {
+        return Some(wall);
+    }
+    Some(
+        median(&check.replay_cpu_rates)
+            .or(check.replay_cpu_rate())
+            .map_or(wall, |cpu| cpu / URGENT_WALL_PER_CPU),
+    )
+}
+
+/// The median of the positive rates, if any.
+fn median(rates: &[f64]) -> Option<f64> {
+    let mut rates: Vec<f64> = rates
+        .iter()
+        .copied()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .collect();
+    if rates.is_empty() {
+        return None;
+    }
+    rates.sort_by(f64::total_cmp);
+    let mid = rates.len() / 2;
+    Some(if rates.len() % 2 == 1 {
+        rates[mid]
+    } else {
+        (rates[mid - 1] + rates[mid]) / 2.0
+    })
+}
+
+impl StandbyStatus {
+    /// The promotion estimates, from the replay bytes and the last checks;
+    /// `urgent`: promote's recovery will run ahead of other work.
+    pub(super) fn estimate_promotion(&mut self, urgent: bool) {
+        let rate = self
+            .last_check
+            .as_ref()
+            .and_then(|c| replay_rate(c, urgent))
+            .unwrap_or(DEFAULT_REPLAY_BYTES_PER_SEC);
+        self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
+        let verify = match &self.last_check {
+            // Urgent, the databases verify in parallel at full speed: at
+            // most their CPU seconds together, where the check's wall time
+            // also counts its waits for a CPU.
+            Some(c) if c.ok && urgent => c
+                .verify_cpu_seconds
+                .map_or(c.verify_seconds, |cpu| cpu.min(c.verify_seconds)),
+            Some(c) if c.ok => c.verify_seconds,
+            _ => 0.0,
+        };
+        self.promotion_estimate_seconds =
+            self.replay_estimate_seconds + verify + PROMOTE_OWN_SECONDS;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StandbyState;
+    use tandem_shared::LogPosition;
+
+    /// A standby with a complete base whose log starts at the first file,
+    /// holding 400 MB of it, and `check` as its last readiness check.
+    fn estimated(check: Option<crate::readiness::CheckReport>) -> StandbyStatus {
+        let state = StandbyState {
+            base: Some(crate::state::BaseState {
+                base_id: "b".into(),
+                log_start: LogPosition::new(1, 0),
+                files_done: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut s = StandbyStatus {
+            lg_max: 100_000_000,
+            durable_lsn: LogPosition::new(5, 0),
+            last_check: check,
+            ..Default::default()
+        };
+        s.fill_from_state(&state);
+        assert_eq!(s.replay_log_bytes, 400_000_000);
+        s.estimate_promotion(false);
+        s
+    }
+
+    #[test]
+    fn the_estimate_takes_the_median_rate_of_the_last_checks() {
+        let check = |recovery_seconds: f64, rates: &[f64]| crate::readiness::CheckReport {
+            ok: true,
+            recovery_seconds,
+            verify_seconds: 0.5,
+            log_bytes: 200_000_000,
+            replay_rates: rates.to_vec(),
+            ..Default::default()
+        };
+        // The last check waited for the CPU (50 MB/s); the two before it
+        // replayed at 200 MB/s: the estimate follows them, not it.
+        let s = estimated(Some(check(4.0, &[200e6, 200e6, 50e6])));
+        assert_eq!(s.replay_estimate_seconds, 2.0);
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            2.0 + 0.5 + PROMOTE_OWN_SECONDS
+        );
+        // An even count: the middle two.
+        let s = estimated(Some(check(1.0, &[100e6, 300e6, 50e6, 200e6])));
+        assert_eq!(s.replay_estimate_seconds, 400e6 / 150e6);
+        // A report an older version wrote: its own rate alone.
+        let s = estimated(Some(check(1.0, &[])));
+        assert_eq!(s.replay_estimate_seconds, 2.0);
+    }
+
+    #[test]
+    fn an_urgent_promote_is_estimated_from_the_checks_cpu_time() {
+        let check = crate::readiness::CheckReport {
+            ok: true,
+            // The checks waited for the CPU: 4 s of wall time for 1 s of
+            // recovery work.
+            recovery_seconds: 4.0,
+            recovery_cpu_seconds: Some(1.0),
+            verify_seconds: 0.5,
+            log_bytes: 200_000_000,
+            replay_rates: vec![50e6, 60e6, 50e6],
+            replay_cpu_rates: vec![200e6, 100e6, 200e6],
+            ..Default::default()
+        };
+        let mut s = estimated(Some(check.clone()));
+        assert_eq!(s.replay_estimate_seconds, 400e6 / 50e6);
+        s.estimate_promotion(true);
+        assert_eq!(
+            s.replay_estimate_seconds,
+            400e6 / 200e6 * URGENT_WALL_PER_CPU
+        );
+        // Without a verify CPU time: the check's verify wall time.
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            s.replay_estimate_seconds + 0.5 + PROMOTE_OWN_SECONDS
+        );
+        let mut s = estimated(Some(crate::readiness::CheckReport {
+            verify_cpu_seconds: Some(0.2),
+            ..check.clone()
+        }));
+        s.estimate_promotion(true);
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            s.replay_estimate_seconds + 0.2 + PROMOTE_OWN_SECONDS
+        );
+        // A check that could not measure CPU time: the wall rates.
+        let mut s = estimated(Some(crate::readiness::CheckReport {
+            recovery_cpu_seconds: None,
+            replay_cpu_rates: vec![],
+            ..check
+        }));
+        s.estimate_promotion(true);
+        assert_eq!(s.replay_estimate_seconds, 400e6 / 50e6);
+    }
+
+    #[test]
+    fn a_failed_last_check_falls_back_to_the_default_rate() {
+        let failed = crate::readiness::CheckReport {
+            ok: false,
+            recovery_seconds: 1.0,
+            log_bytes: 200_000_000,
+            replay_rates: vec![400e6],
+            ..Default::default()
+        };
+        for (check, urgent) in [(None, false), (None, true), (Some(failed), true)] {
+            let mut s = estimated(check);
+            s.estimate_promotion(urgent);
+            assert_eq!(
+                s.replay_estimate_seconds,
+                400e6 / DEFAULT_REPLAY_BYTES_PER_SEC
+            );
+            assert_eq!(
+                s.promotion_estimate_seconds,
+                s.replay_estimate_seconds + PROMOTE_OWN_SECONDS
+            );
+        }
+    }
+}
