@@ -6,6 +6,7 @@
 #include "tandem_wait.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -41,28 +42,74 @@ static int send_all(int fd, const char *buf, size_t len)
 	return 0;
 }
 
+/*
+ * Fills sa with the address of the socket file at path. A path longer than
+ * sun_path (environments live at deep paths) is reached through a handle
+ * on its directory, /proc/self/fd/N/NAME, returned in *dirfd for the caller
+ * to close after connect (-1 when not needed). Returns 0 or -1.
+ */
+static int socket_address(const char *path, struct sockaddr_un *sa, int *dirfd)
+{
+	*dirfd = -1;
+	memset(sa, 0, sizeof *sa);
+	sa->sun_family = AF_UNIX;
+	size_t len = strlen(path);
+	if (len < sizeof sa->sun_path) {
+		memcpy(sa->sun_path, path, len + 1);
+		return 0;
+	}
+	const char *slash = strrchr(path, '/');
+	if (slash == NULL || slash[1] == '\0') {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	char dir[4096];
+	size_t dlen = slash == path ? 1 : (size_t)(slash - path);
+	if (dlen >= sizeof dir) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	memcpy(dir, path, dlen);
+	dir[dlen] = '\0';
+	int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	int n = snprintf(sa->sun_path, sizeof sa->sun_path, "/proc/self/fd/%d/%s",
+	    fd, slash + 1);
+	if (n < 0 || (size_t)n >= sizeof sa->sun_path) {
+		close(fd);
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	*dirfd = fd;
+	return 0;
+}
+
 int tandem_wait_lsn(const char *socket_path, uint32_t file, uint32_t offset,
     int k, int timeout_ms)
 {
 	struct sockaddr_un sa;
+	int dirfd;
 	if (socket_path == NULL || k < 1 || k > 64 || timeout_ms < 0 ||
 	    timeout_ms > 86400000)
 		return TANDEM_WAIT_ERROR;
-	memset(&sa, 0, sizeof sa);
-	sa.sun_family = AF_UNIX;
-	if (strlen(socket_path) >= sizeof sa.sun_path)
-		return TANDEM_WAIT_ERROR;
-	strcpy(sa.sun_path, socket_path);
+	if (socket_address(socket_path, &sa, &dirfd) != 0)
+		return errno == ENOENT ? TANDEM_WAIT_NO_PRIMARY : TANDEM_WAIT_ERROR;
 
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0)
+	if (fd < 0) {
+		if (dirfd >= 0)
+			close(dirfd);
 		return TANDEM_WAIT_ERROR;
+	}
 	int r;
 	do {
 		r = connect(fd, (struct sockaddr *)&sa, sizeof sa);
 	} while (r != 0 && errno == EINTR);
+	int e = errno;
+	if (dirfd >= 0)
+		close(dirfd);
 	if (r != 0) {
-		int e = errno;
 		close(fd);
 		return (e == ENOENT || e == ECONNREFUSED) ?
 		    TANDEM_WAIT_NO_PRIMARY : TANDEM_WAIT_ERROR;

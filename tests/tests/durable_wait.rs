@@ -111,6 +111,51 @@ fn every_transaction_whose_wait_returned_survives_losing_both_machines() -> Resu
 }
 
 #[test]
+fn an_environment_deeper_than_a_socket_address_still_serves_commit_waits() -> Result<()> {
+    // The default socket sits beside the primary's state; a Unix socket
+    // address holds 107 bytes, environments live wherever they live.
+    let s = Scratch::new()?;
+    let env = s.path(&"d".repeat(60)).join("e".repeat(60)).join("env");
+    ensure!(socket_of(&env).as_os_str().len() > 108);
+    bdb::run_workload(
+        &env,
+        &WorkloadOptions {
+            txns: 50,
+            ..Default::default()
+        },
+    )?;
+    let primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
+    let mut standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &["--check-interval-secs", "0"],
+    )?;
+    wait_caught_up_running(&s.path("standby"), &env, LONG, &mut standby)?;
+    // The C client (the workload's -W) and the CLI both reach it.
+    let durable = s.path("durable.log");
+    bdb::run_workload(
+        &env,
+        &WorkloadOptions {
+            txns: 100,
+            wait: Some((socket_of(&env), durable.clone())),
+            ..Default::default()
+        },
+    )?;
+    assert_eq!(durable_log(&durable)?.len(), 100);
+    let out = wait_durable(&env, &["--timeout-ms", "60000"])?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(primary);
+    Ok(())
+}
+
+#[test]
 fn without_enough_standbys_a_wait_times_out_at_its_timeout_and_says_why() -> Result<()> {
     let s = Scratch::new()?;
     let env = s.path("env");

@@ -84,7 +84,8 @@ pub fn request(path: &Path, req: &WaitRequest) -> Result<Reply, ClientError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+    let address = super::socket::SocketAddress::of(path).map_err(io)?;
+    let mut stream = UnixStream::connect(&address.path).map_err(|source| match source.kind() {
         ErrorKind::NotFound | ErrorKind::ConnectionRefused => ClientError::NoPrimary {
             path: path.to_path_buf(),
             source,

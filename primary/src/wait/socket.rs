@@ -64,13 +64,63 @@ impl Drop for WaitSocket {
     }
 }
 
+/// The longest path a Unix socket address holds (`sun_path` less its NUL).
+const MAX_ADDRESS: usize = 107;
+
+/// A name `bind` and `connect` accept for a socket file: the path itself
+/// when it fits a socket address, otherwise `/proc/self/fd/N/NAME` through
+/// a handle on its directory, held as long as this lives. The limit is on
+/// the address, not on the file, and environments live at deep paths: the
+/// default socket beside the primary's state must work wherever that is.
+pub(crate) struct SocketAddress {
+    pub path: PathBuf,
+    _dir: Option<std::fs::File>,
+}
+
+impl SocketAddress {
+    pub(crate) fn of(path: &Path) -> std::io::Result<Self> {
+        if path.as_os_str().len() <= MAX_ADDRESS {
+            return Ok(Self {
+                path: path.to_path_buf(),
+                _dir: None,
+            });
+        }
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                "a socket path must name a file",
+            ));
+        };
+        let dir = std::fs::File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })?;
+        let short = Path::new("/proc/self/fd")
+            .join(std::os::fd::AsRawFd::as_raw_fd(&dir).to_string())
+            .join(name);
+        if short.as_os_str().len() > MAX_ADDRESS {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                "the socket's file name is too long for a socket address",
+            ));
+        }
+        Ok(Self {
+            path: short,
+            _dir: Some(dir),
+        })
+    }
+}
+
 /// Binds `path` (0600), replacing a stale socket and refusing a live one.
 pub fn bind(path: &Path) -> Result<(UnixListener, WaitSocket), WaitSocketError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => {
             return Err(WaitSocketError::NotASocket(path.to_path_buf()))
         }
-        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => match SocketAddress::of(path)
+            .and_then(|a| std::os::unix::net::UnixStream::connect(&a.path))
+        {
             Ok(_) => return Err(WaitSocketError::InUse(path.to_path_buf())),
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                 tracing::info!(path = %path.display(), "replacing a stale wait socket (its primary is gone)");
@@ -86,7 +136,9 @@ pub fn bind(path: &Path) -> Result<(UnixListener, WaitSocket), WaitSocketError> 
         .unwrap_or_else(|| SOCKET_NAME.to_owned());
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io(&tmp))?;
+    let listener = SocketAddress::of(&tmp)
+        .and_then(|a| std::os::unix::net::UnixListener::bind(&a.path))
+        .map_err(io(&tmp))?;
     let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
         .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = placed {
@@ -250,5 +302,46 @@ mod tests {
         let e = rt.block_on(async { bind(&path).err().unwrap() });
         assert!(matches!(e, WaitSocketError::NotASocket(_)), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
+    }
+
+    #[test]
+    fn a_socket_deeper_than_a_socket_address_still_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("e".repeat(60)).join("n".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join(SOCKET_NAME);
+        assert!(path.as_os_str().len() > MAX_ADDRESS);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (listener, sock) = rt.block_on(async { bind(&path) }).unwrap();
+        assert_eq!(sock.path, path);
+        let (_tx, acks) = watch::channel(DurableAcks::default());
+        let stop = CancellationToken::new();
+        rt.spawn(serve(
+            listener,
+            acks,
+            Arc::new(WaitStats::default()),
+            stop.clone(),
+        ));
+        let reply = super::super::client::request(
+            &path,
+            &super::super::WaitRequest {
+                lsn: tandem_shared::LogPosition::new(1, 28),
+                k: 1,
+                timeout: std::time::Duration::from_millis(10),
+            },
+        )
+        .unwrap();
+        assert!(
+            matches!(reply, super::super::client::Reply::TimedOut { .. }),
+            "{reply:?}"
+        );
+        // A second primary on the same deep path is told it is in use.
+        let e = rt.block_on(async { bind(&path) }).err().unwrap();
+        assert!(matches!(e, WaitSocketError::InUse(_)), "{e}");
+        stop.cancel();
     }
 }
