@@ -127,6 +127,7 @@ fn zstd_file_chunk(data: Bytes, raw_len: u64) -> Kind {
         blake3: Bytes::new(),
         encoding: ChunkEncoding::Zstd as i32,
         raw_len,
+        ..Default::default()
     })
 }
 

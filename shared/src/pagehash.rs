@@ -68,6 +68,19 @@ pub fn digest_pages(
     Some(whole)
 }
 
+/// blake3 (32 bytes) of each piece of `data` cut at `page_size` (the last
+/// may be short), concatenated: what `FileChunk.pages_blake3` is the
+/// blake3 of.
+pub fn page_hashes(data: &[u8], page_size: usize) -> Vec<u8> {
+    let page = page_size.max(1);
+    let mut out = Vec::with_capacity(data.len().div_ceil(page) * 32);
+    let done = digest_pages(data, page, 32, &mut out).unwrap_or(0);
+    for piece in data[done..].chunks(page) {
+        out.extend_from_slice(blake3::hash(piece).as_bytes());
+    }
+    out
+}
+
 fn single_chunk<const N: usize>(platform: &Platform, batch: &[u8], roots: &mut [u8]) {
     let inputs: Vec<&[u8; N]> = batch
         .chunks_exact(N)
