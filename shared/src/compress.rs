@@ -215,7 +215,24 @@ impl Encoder {
         }
         let from = (data.len() / 2 - SAMPLE / 2) & !4095;
         let sample = &data[from..from + SAMPLE];
-        matches!(zstd::bulk::compress(sample, self.level()), Ok(z) if saves_enough(z.len(), SAMPLE))
+        // At the lowest level, whatever the link deserves: the question is
+        // only whether the bytes compress at all. One compressor per thread:
+        // making a zstd context per call cost as much as the sample.
+        thread_local! {
+            static SAMPLER: std::cell::RefCell<(Option<zstd::bulk::Compressor<'static>>, Vec<u8>)> =
+                const { std::cell::RefCell::new((None, Vec::new())) };
+        }
+        SAMPLER.with_borrow_mut(|(compressor, out)| {
+            if compressor.is_none() {
+                *compressor = zstd::bulk::Compressor::new(MIN_LEVEL).ok();
+            }
+            let Some(c) = compressor.as_mut() else {
+                return true; // no compressor: try the whole chunk, as before
+            };
+            out.clear();
+            out.reserve(zstd::zstd_safe::compress_bound(SAMPLE));
+            matches!(c.compress_to_buffer(sample, out), Ok(n) if saves_enough(n, SAMPLE))
+        })
     }
 
     /// Encodes the payload of a file or log chunk; other messages pass.
