@@ -297,9 +297,11 @@ fn ship_file(
                     .counters
                     .file_bytes
                     .fetch_add(run_len as u64, Ordering::Relaxed);
+                // Cut at the page size the standby cuts at (FileStart's).
+                let pages = (tx.page_checked() && page == page_size as usize).then_some(page);
                 blocking_send(
                     tx,
-                    Kind::FileChunk(file_chunk(shared, name, run_offset, bytes)),
+                    Kind::FileChunk(file_chunk(shared, name, run_offset, bytes, pages)),
                 )?;
                 sent += run_len as u64;
             }
@@ -318,15 +320,27 @@ fn ship_file(
 
 /// The one place a chunk of a database file is encoded for the wire: the
 /// digest is over the bytes as read, and the message owns them (a slice of
-/// the read buffer, not a copy).
-fn file_chunk(shared: &Shared, name: &str, offset: u64, data: bytes::Bytes) -> FileChunk {
-    FileChunk {
+/// the read buffer, not a copy). With `page` (the standby checks chunks by
+/// their pages), a chunk that starts on a page boundary carries
+/// `pages_blake3` instead of `blake3`.
+fn file_chunk(
+    shared: &Shared,
+    name: &str,
+    offset: u64,
+    data: bytes::Bytes,
+    page: Option<usize>,
+) -> FileChunk {
+    let mut chunk = FileChunk {
         name: name.to_owned(),
         offset,
-        blake3: shared.digest(&data),
-        data,
         ..Default::default()
+    };
+    match page.filter(|&p| offset.is_multiple_of(p as u64)) {
+        Some(p) => chunk.pages_blake3 = shared.pages_digest(&data, p),
+        None => chunk.blake3 = shared.digest(&data),
     }
+    chunk.data = data;
+    chunk
 }
 
 /// Splits a chunk read at `offset` into runs of pages that are the same as

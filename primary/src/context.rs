@@ -77,7 +77,18 @@ impl Shared {
 impl Shared {
     /// The blake3 digest a chunk travels with.
     pub fn digest(&self, data: &[u8]) -> bytes::Bytes {
-        let mut d = blake3::hash(data).as_bytes().to_vec();
+        self.with_fault(blake3::hash(data))
+    }
+
+    /// A file chunk's `pages_blake3`: blake3 of the blake3 of each of its
+    /// pages (see the proto).
+    pub fn pages_digest(&self, data: &[u8], page_size: usize) -> bytes::Bytes {
+        let pages = tandem_shared::pagehash::page_hashes(data, page_size);
+        self.with_fault(blake3::hash(&pages))
+    }
+
+    fn with_fault(&self, digest: blake3::Hash) -> bytes::Bytes {
+        let mut d = digest.as_bytes().to_vec();
         // Test-only fault injection: corrupt the digest of the Nth chunk so
         // the standby sees a chunk whose bytes do not match (as if flipped in
         // transit, below TLS).

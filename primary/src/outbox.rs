@@ -10,6 +10,7 @@
 
 use std::io;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use tandem_shared::compress::{Encoder, QueueFill, WireStats};
 use tandem_shared::wire::{primary_message::Kind, PrimaryMessage};
@@ -26,6 +27,8 @@ pub struct Outbox {
     /// a standby that offered nothing) chunks go as they are.
     encoder: Arc<OnceLock<Encoder>>,
     stats: Arc<WireStats>,
+    /// The standby checks file chunks by their pages (Hello.page_checked_chunks).
+    page_checked: Arc<AtomicBool>,
 }
 
 impl Outbox {
@@ -34,7 +37,17 @@ impl Outbox {
             tx,
             encoder: Arc::new(OnceLock::new()),
             stats,
+            page_checked: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// What the Hello said: whether file chunks may carry `pages_blake3`.
+    pub fn set_page_checked(&self, yes: bool) {
+        self.page_checked.store(yes, Ordering::Relaxed);
+    }
+
+    pub fn page_checked(&self) -> bool {
+        self.page_checked.load(Ordering::Relaxed)
     }
 
     /// Fixes the session's encoding ("" = none), as named in the Welcome.

@@ -327,6 +327,7 @@ async fn start(
 fn welcome(shared: &Shared, hello: &Hello, tx: &Outbox, resume: bool) -> Kind {
     let encoding = shared.compression.choose(&hello.accept_encodings);
     tx.negotiated(encoding);
+    tx.set_page_checked(hello.page_checked_chunks);
     Kind::Welcome(Welcome {
         encoding: encoding.to_owned(),
         env_id: shared.identity.env_id.clone(),

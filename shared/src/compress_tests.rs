@@ -127,6 +127,7 @@ fn zstd_file_chunk(data: Bytes, raw_len: u64) -> Kind {
         blake3: Bytes::new(),
         encoding: ChunkEncoding::Zstd as i32,
         raw_len,
+        ..Default::default()
     })
 }
 
@@ -195,4 +196,31 @@ fn the_level_follows_the_queue() {
     assert_eq!(QueueFill::of(0, 16), QueueFill::Full);
     assert_eq!(QueueFill::of(16, 16), QueueFill::Empty);
     assert_eq!(QueueFill::of(3, 16), QueueFill::Partly);
+}
+
+/// A chunk whose sample will not compress costs no whole attempt, and is
+/// sent as it is; one whose sample compresses is tried whole, as before.
+#[test]
+fn a_chunk_whose_sample_will_not_compress_is_not_tried_whole() {
+    let (enc, stats) = encoder(ZSTD);
+    let big = 16 * SAMPLE;
+    let e = enc.encode(incompressible(big));
+    assert_eq!(e.encoding, ChunkEncoding::None);
+    assert_eq!(e.data.len(), big);
+    assert_eq!(stats.zstd_attempts.load(Ordering::Relaxed), 0);
+
+    let data = compressible(big);
+    let e = enc.encode(data.clone());
+    assert_eq!(e.encoding, ChunkEncoding::Zstd);
+    assert_eq!(stats.zstd_attempts.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        decode(e.encoding as i32, e.data, e.raw_len, true).unwrap(),
+        data
+    );
+
+    // Below four samples, every chunk is tried whole.
+    let e = enc.encode(incompressible(2 * SAMPLE));
+    assert_eq!(e.encoding, ChunkEncoding::None);
+    assert_eq!(stats.zstd_attempts.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.plain_chunks.load(Ordering::Relaxed), 2);
 }

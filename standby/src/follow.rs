@@ -246,6 +246,7 @@ fn hello(cfg: &StandbyConfig, mirror: &Mirror) -> Hello {
         new_base_request: mirror.new_base_request(),
         rejoin: mirror.rejoin,
         accept_encodings: cfg.compression.offers(),
+        page_checked_chunks: true,
         consistent_at: base
             .filter(|b| b.files_done)
             .and_then(|b| b.consistent_at)

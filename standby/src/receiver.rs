@@ -5,7 +5,9 @@
 //!
 //! Rules it enforces:
 //! - a chunk is written only after its blake3 digest matches, in order, and
-//!   within the size the FileStart declared;
+//!   within the size the FileStart declared. The digest is either blake3 of
+//!   the chunk or (`pages_blake3`) blake3 of its pages' blake3, which are the
+//!   page digests recorded for the scrub: each byte is hashed once;
 //! - a file name is accepted only if it stays inside the directory (checked
 //!   at FileStart against the mirror and again when placed, against the
 //!   destination: a symlink may have appeared meanwhile);
@@ -22,7 +24,8 @@ use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
 use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::logfile::parse_log_file_name;
-use tandem_shared::pages::page_digests;
+use tandem_shared::pagehash::page_hashes;
+use tandem_shared::pages::{page_digests, PAGE_DIGEST_LEN};
 use tandem_shared::wire::{FileChunk, FileEnd, FileKind, FileSame, FileStart};
 use tandem_shared::wirepath;
 
@@ -90,6 +93,19 @@ impl PageDigester {
         self.partial.extend_from_slice(&data[whole..]);
     }
 
+    /// As [`Self::add`], for bytes whose whole pages' blake3 (32 bytes each,
+    /// in `hashes`) are already known: they are not hashed again.
+    fn add_hashed(&mut self, data: &[u8], hashes: &[u8]) {
+        if !self.partial.is_empty() {
+            return self.add(data); // not on a page boundary: never sent so
+        }
+        let whole = data.len() / self.page;
+        for h in hashes.chunks_exact(32).take(whole) {
+            self.digests.extend_from_slice(&h[..PAGE_DIGEST_LEN]);
+        }
+        self.partial.extend_from_slice(&data[whole * self.page..]);
+    }
+
     fn finish(mut self) -> Vec<u8> {
         if !self.partial.is_empty() {
             self.digests
@@ -103,6 +119,16 @@ impl Incoming {
     /// Writes `data` at the next offset and starts its way to disk.
     fn append(&mut self, data: &[u8]) -> Result<(), ApplyError> {
         self.pages.add(data);
+        self.write(data)
+    }
+
+    /// [`Self::append`] for checked bytes whose page hashes are known.
+    fn append_hashed(&mut self, data: &[u8], hashes: &[u8]) -> Result<(), ApplyError> {
+        self.pages.add_hashed(data, hashes);
+        self.write(data)
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), ApplyError> {
         self.file
             .write_all_at(data, self.written)
             .map_err(io_err(format!("writing {}", self.name)))?;
@@ -212,12 +238,28 @@ impl FileReceiver {
                 size: inc.size,
             });
         }
-        if blake3::hash(&c.data).as_bytes()[..] != c.blake3[..] {
-            return Err(ApplyError::Digest {
-                what: format!("{} at offset {}", c.name, c.offset),
-            });
+        let corrupted = || ApplyError::Digest {
+            what: format!("{} at offset {}", c.name, c.offset),
+        };
+        if c.pages_blake3.is_empty() {
+            if blake3::hash(&c.data).as_bytes()[..] != c.blake3[..] {
+                return Err(corrupted());
+            }
+            inc.append(&c.data)?;
+            return Ok(len);
         }
-        inc.append(&c.data)?;
+        let page = inc.pages.page;
+        if !c.blake3.is_empty() || !c.offset.is_multiple_of(page as u64) {
+            return Err(ApplyError::Protocol(format!(
+                "{} at offset {}: pages_blake3 only alone, on a page boundary ({page}-byte pages)",
+                c.name, c.offset
+            )));
+        }
+        let hashes = page_hashes(&c.data, page);
+        if blake3::hash(&hashes).as_bytes()[..] != c.pages_blake3[..] {
+            return Err(corrupted());
+        }
+        inc.append_hashed(&c.data, &hashes)?;
         Ok(len)
     }
 
@@ -292,7 +334,7 @@ impl FileReceiver {
 
 #[cfg(test)]
 mod tests {
-    use super::FileReceiver;
+    use super::{page_digests, ApplyError, FileReceiver};
     use tandem_shared::wire::{FileChunk, FileEnd, FileKind, FileStart};
 
     /// The digests recorded from the bytes as they arrive are the ones the
@@ -353,6 +395,138 @@ mod tests {
         // digest_file reads the page size from the file: not a database
         // here, so the scrub's default, which is the one used above.
         assert_eq!(on_disk.page_size, placed.page_size);
+        assert_eq!(on_disk.digests, placed.page_digests);
+    }
+
+    fn pages_chunk(name: &str, offset: u64, data: &[u8], check: &[u8]) -> FileChunk {
+        let hashes = tandem_shared::pagehash::page_hashes(check, 4096);
+        FileChunk {
+            name: name.into(),
+            offset,
+            data: bytes::Bytes::copy_from_slice(data),
+            pages_blake3: bytes::Bytes::copy_from_slice(blake3::hash(&hashes).as_bytes()),
+            ..Default::default()
+        }
+    }
+
+    /// A chunk checked by its pages (`pages_blake3`): one flipped byte is
+    /// refused and nothing of it written; the check is only accepted alone
+    /// and on a page boundary; the file and the recorded page digests come
+    /// out as with `blake3`.
+    #[test]
+    fn a_chunk_checked_by_its_pages_refuses_a_flipped_byte() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (root, scratch) = (dir.path().join("root"), dir.path().join("in"));
+        std::fs::create_dir_all(&root).expect("root");
+        std::fs::create_dir_all(&scratch).expect("scratch");
+        let data: Vec<u8> = (0..(4096 * 5 + 1000) as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let mut r = FileReceiver::default();
+        r.start(
+            &root,
+            &scratch,
+            FileStart {
+                name: "a.db".into(),
+                size: data.len() as u64,
+                kind: FileKind::Database as i32,
+                page_size: 4096,
+                base_bytes_left: 0,
+            },
+        )
+        .expect("start");
+        let first = &data[..8192];
+        r.chunk(pages_chunk("a.db", 0, first, first))
+            .expect("intact");
+        let rest = &data[8192..];
+        for at in [0, 4095, 4096, rest.len() - 1] {
+            let mut flipped = rest.to_vec();
+            flipped[at] ^= 1;
+            let e = r.chunk(pages_chunk("a.db", 8192, &flipped, rest));
+            assert!(
+                matches!(e, Err(ApplyError::Digest { .. })),
+                "byte {at} flipped: {e:?}"
+            );
+        }
+        let mut both = pages_chunk("a.db", 8192, rest, rest);
+        both.blake3 = bytes::Bytes::copy_from_slice(blake3::hash(rest).as_bytes());
+        assert!(matches!(r.chunk(both), Err(ApplyError::Protocol(_))));
+        // Off a page boundary (after a plain chunk of 100 bytes).
+        let plain = &data[8192..8292];
+        r.chunk(FileChunk {
+            name: "a.db".into(),
+            offset: 8192,
+            data: bytes::Bytes::copy_from_slice(plain),
+            blake3: bytes::Bytes::copy_from_slice(blake3::hash(plain).as_bytes()),
+            ..Default::default()
+        })
+        .expect("plain chunk");
+        let tail = &data[8292..];
+        assert!(matches!(
+            r.chunk(pages_chunk("a.db", 8292, tail, tail)),
+            Err(ApplyError::Protocol(_))
+        ));
+        let tail = bytes::Bytes::copy_from_slice(tail);
+        r.chunk(FileChunk {
+            name: "a.db".into(),
+            offset: 8292,
+            blake3: bytes::Bytes::copy_from_slice(blake3::hash(&tail).as_bytes()),
+            data: tail,
+            ..Default::default()
+        })
+        .expect("plain tail");
+        let placed = r
+            .end(
+                FileEnd {
+                    name: "a.db".into(),
+                    size: data.len() as u64,
+                },
+                &root,
+            )
+            .expect("end");
+        assert_eq!(std::fs::read(root.join("a.db")).expect("read"), data);
+        assert_eq!(placed.page_digests, page_digests(&data, 4096));
+    }
+
+    /// Pages-checked chunks all the way, the last page short: the digests
+    /// recorded are the scrub's.
+    #[test]
+    fn page_digests_of_page_checked_chunks_match_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (root, scratch) = (dir.path().join("root"), dir.path().join("in"));
+        std::fs::create_dir_all(&root).expect("root");
+        std::fs::create_dir_all(&scratch).expect("scratch");
+        let data: Vec<u8> = (0..(4096 * 70 + 1000) as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+            .collect();
+        let mut r = FileReceiver::default();
+        r.start(
+            &root,
+            &scratch,
+            FileStart {
+                name: "b.db".into(),
+                size: data.len() as u64,
+                kind: FileKind::Database as i32,
+                page_size: 4096,
+                base_bytes_left: 0,
+            },
+        )
+        .expect("start");
+        for (i, piece) in data.chunks(4096 * 32).enumerate() {
+            r.chunk(pages_chunk("b.db", (i * 4096 * 32) as u64, piece, piece))
+                .expect("chunk");
+        }
+        let placed = r
+            .end(
+                FileEnd {
+                    name: "b.db".into(),
+                    size: data.len() as u64,
+                },
+                &root,
+            )
+            .expect("end");
+        let on_disk =
+            crate::scrub::digests::digest_file("b.db", "b", &root.join("b.db")).expect("digest");
         assert_eq!(on_disk.digests, placed.page_digests);
     }
 }
