@@ -83,7 +83,7 @@ impl Shared {
     /// A file chunk's `pages_blake3`: blake3 of the blake3 of each of its
     /// pages (see the proto).
     pub fn pages_digest(&self, data: &[u8], page_size: usize) -> bytes::Bytes {
-        let pages = tandem_shared::pagehash::page_hashes(data, page_size);
+        let pages = tandem_shared::pages::page_hashes(data, page_size);
         self.with_fault(blake3::hash(&pages))
     }
 

@@ -24,7 +24,6 @@ pub mod epochs;
 pub mod logfile;
 pub mod lsn;
 pub mod metrics;
-pub mod pagehash;
 pub mod pages;
 pub mod sdnotify;
 pub mod telemetry;

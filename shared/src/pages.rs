@@ -96,15 +96,23 @@ pub fn read_appending(file: &File, buf: &mut Vec<u8>, offset: u64, upto: usize) 
 pub const PAGE_DIGEST_LEN: usize = 16;
 
 /// Concatenated per-page digests of `data` (the last page may be short):
-/// the first [`PAGE_DIGEST_LEN`] bytes of blake3 of each page, whole pages
-/// many at a time ([`crate::pagehash`]).
+/// the first [`PAGE_DIGEST_LEN`] bytes of blake3 of each page.
 pub fn page_digests(data: &[u8], page_size: usize) -> Vec<u8> {
-    let page_size = page_size.max(1);
-    let mut out = Vec::with_capacity(data.len().div_ceil(page_size) * PAGE_DIGEST_LEN);
-    let done =
-        crate::pagehash::digest_pages(data, page_size, PAGE_DIGEST_LEN, &mut out).unwrap_or(0);
-    for page in data[done..].chunks(page_size) {
+    let mut out = Vec::with_capacity(data.len().div_ceil(page_size.max(1)) * PAGE_DIGEST_LEN);
+    for page in data.chunks(page_size.max(1)) {
         out.extend_from_slice(&blake3::hash(page).as_bytes()[..PAGE_DIGEST_LEN]);
+    }
+    out
+}
+
+/// blake3 (32 bytes) of each piece of `data` cut at `page_size` (the last
+/// may be short), concatenated: what `FileChunk.pages_blake3` is the
+/// blake3 of, and whose first [`PAGE_DIGEST_LEN`] bytes per page are the
+/// page digests the standby records (each byte is hashed once).
+pub fn page_hashes(data: &[u8], page_size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len().div_ceil(page_size.max(1)) * 32);
+    for page in data.chunks(page_size.max(1)) {
+        out.extend_from_slice(blake3::hash(page).as_bytes());
     }
     out
 }

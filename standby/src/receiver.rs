@@ -24,8 +24,7 @@ use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
 use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::logfile::parse_log_file_name;
-use tandem_shared::pagehash::page_hashes;
-use tandem_shared::pages::{page_digests, PAGE_DIGEST_LEN};
+use tandem_shared::pages::{page_digests, page_hashes, PAGE_DIGEST_LEN};
 use tandem_shared::wire::{FileChunk, FileEnd, FileKind, FileSame, FileStart};
 use tandem_shared::wirepath;
 
@@ -399,7 +398,7 @@ mod tests {
     }
 
     fn pages_chunk(name: &str, offset: u64, data: &[u8], check: &[u8]) -> FileChunk {
-        let hashes = tandem_shared::pagehash::page_hashes(check, 4096);
+        let hashes = tandem_shared::pages::page_hashes(check, 4096);
         FileChunk {
             name: name.into(),
             offset,
