@@ -307,13 +307,25 @@ pub fn recover_copy(standby_dir: &Path, dest: &Path) -> Result<u64> {
     bdb::check(dest)
 }
 
+/// Copies an environment directory (`cp -a`) without Tandem's own state
+/// (`.tandem`, `.tandem-primary`), which is not even read: a running
+/// standby renames and removes files there (status, staged rebases).
 pub fn copy_env(from: &Path, to: &Path) -> Result<()> {
-    let status = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
-    if !status.success() {
-        bail!("cp -a {} {} failed", from.display(), to.display());
+    std::fs::create_dir_all(to)?;
+    let mut cp = Command::new("cp");
+    cp.arg("-a");
+    let mut entries = 0;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name != ".tandem" && name != ".tandem-primary" {
+            cp.arg(entry.path());
+            entries += 1;
+        }
     }
-    let _ = std::fs::remove_dir_all(to.join(".tandem"));
-    let _ = std::fs::remove_dir_all(to.join(".tandem-primary"));
+    if entries > 0 && !cp.arg(to).status()?.success() {
+        bail!("cp -a {}/* {} failed", from.display(), to.display());
+    }
     Ok(())
 }
 

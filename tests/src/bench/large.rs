@@ -193,7 +193,6 @@ impl Bench {
             std::fs::create_dir_all(&work)?;
             let copy = work.join("baseline");
             copy_env(&mirror, &copy)?;
-            remove_dir(&copy.join(".tandem"));
             drop_caches();
             let timed = promote::bdb_recover_and_verify(&copy, &work);
             remove_dir(&work);

@@ -316,7 +316,6 @@ impl Bench {
 pub(crate) fn bdb_baseline(mirror: &Path, work: &Path) -> Result<(f64, f64)> {
     let copy = work.join("baseline");
     copy_env(mirror, &copy)?;
-    remove_dir(&copy.join(".tandem"));
     sync_all();
     let timed = bdb_recover_and_verify(&copy, work);
     remove_dir(&copy);
