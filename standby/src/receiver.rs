@@ -341,26 +341,8 @@ mod tests {
     /// into chunks (pages split across chunks, a short last page).
     #[test]
     fn page_digests_as_received_match_the_file_on_disk() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (root, scratch) = (dir.path().join("root"), dir.path().join("in"));
-        std::fs::create_dir_all(&root).expect("root");
-        std::fs::create_dir_all(&scratch).expect("scratch");
-        let data: Vec<u8> = (0..(4096 * 5 + 1000) as u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
-            .collect();
-        let mut r = FileReceiver::default();
-        r.start(
-            &root,
-            &scratch,
-            FileStart {
-                name: "a.db".into(),
-                size: data.len() as u64,
-                kind: FileKind::Database as i32,
-                page_size: 4096,
-                base_bytes_left: 0,
-            },
-        )
-        .expect("start");
+        let (dir, mut r, data) = receiving("a.db", 4096 * 5 + 1000);
+        let root = dir.path().join("root");
         let mut at = 0;
         for len in [100, 4096, 5000, 3092, 1, 20_000] {
             let end = (at + len).min(data.len());
@@ -397,6 +379,32 @@ mod tests {
         assert_eq!(on_disk.digests, placed.page_digests);
     }
 
+    /// A receiver that started the database `name` of `len` bytes of
+    /// 4 KiB pages into `DIR/root` (scratch `DIR/in`), and those bytes.
+    fn receiving(name: &str, len: u32) -> (tempfile::TempDir, FileReceiver, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (root, scratch) = (dir.path().join("root"), dir.path().join("in"));
+        std::fs::create_dir_all(&root).expect("root");
+        std::fs::create_dir_all(&scratch).expect("scratch");
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let mut r = FileReceiver::default();
+        r.start(
+            &root,
+            &scratch,
+            FileStart {
+                name: name.into(),
+                size: data.len() as u64,
+                kind: FileKind::Database as i32,
+                page_size: 4096,
+                base_bytes_left: 0,
+            },
+        )
+        .expect("start");
+        (dir, r, data)
+    }
+
     fn pages_chunk(name: &str, offset: u64, data: &[u8], check: &[u8]) -> FileChunk {
         let hashes = tandem_shared::pages::page_hashes(check, 4096);
         FileChunk {
@@ -414,26 +422,8 @@ mod tests {
     /// out as with `blake3`.
     #[test]
     fn a_chunk_checked_by_its_pages_refuses_a_flipped_byte() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (root, scratch) = (dir.path().join("root"), dir.path().join("in"));
-        std::fs::create_dir_all(&root).expect("root");
-        std::fs::create_dir_all(&scratch).expect("scratch");
-        let data: Vec<u8> = (0..(4096 * 5 + 1000) as u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
-            .collect();
-        let mut r = FileReceiver::default();
-        r.start(
-            &root,
-            &scratch,
-            FileStart {
-                name: "a.db".into(),
-                size: data.len() as u64,
-                kind: FileKind::Database as i32,
-                page_size: 4096,
-                base_bytes_left: 0,
-            },
-        )
-        .expect("start");
+        let (dir, mut r, data) = receiving("a.db", 4096 * 5 + 1000);
+        let root = dir.path().join("root");
         let first = &data[..8192];
         r.chunk(pages_chunk("a.db", 0, first, first))
             .expect("intact");
@@ -491,26 +481,8 @@ mod tests {
     /// recorded are the scrub's.
     #[test]
     fn page_digests_of_page_checked_chunks_match_the_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (root, scratch) = (dir.path().join("root"), dir.path().join("in"));
-        std::fs::create_dir_all(&root).expect("root");
-        std::fs::create_dir_all(&scratch).expect("scratch");
-        let data: Vec<u8> = (0..(4096 * 70 + 1000) as u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
-            .collect();
-        let mut r = FileReceiver::default();
-        r.start(
-            &root,
-            &scratch,
-            FileStart {
-                name: "b.db".into(),
-                size: data.len() as u64,
-                kind: FileKind::Database as i32,
-                page_size: 4096,
-                base_bytes_left: 0,
-            },
-        )
-        .expect("start");
+        let (dir, mut r, data) = receiving("b.db", 4096 * 70 + 1000);
+        let root = dir.path().join("root");
         for (i, piece) in data.chunks(4096 * 32).enumerate() {
             r.chunk(pages_chunk("b.db", (i * 4096 * 32) as u64, piece, piece))
                 .expect("chunk");
