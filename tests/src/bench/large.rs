@@ -73,19 +73,7 @@ impl Bench {
         let mut done = 0;
         while done < total_txns {
             let txns = per_round.min(total_txns - done);
-            bdb::run_workload(
-                env,
-                &WorkloadOptions {
-                    txns,
-                    value_len: 4000,
-                    updates: 0,
-                    lg_max: BIG_LG_MAX,
-                    cache_mb: Some(256),
-                    checkpoint_every: 20_000,
-                    quiet: true,
-                    ..Default::default()
-                },
-            )?;
+            bdb::run_workload(env, &big_values(txns))?;
             self.checkpoint_and_archive(env)?;
             done += txns;
             progress(format!(
@@ -95,22 +83,6 @@ impl Bench {
         }
         sync_all();
         env_files(env)
-    }
-
-    fn checkpoint_and_archive(&self, env: &Path) -> Result<()> {
-        run_cmd(
-            "db5.3_checkpoint",
-            tool("db5.3_checkpoint", &["-1", "-h"], env),
-            Duration::from_secs(600),
-            &self.path("large-checkpoint.log"),
-        )?;
-        run_cmd(
-            "db5.3_archive -d",
-            tool("db5.3_archive", &["-d", "-h"], env),
-            Duration::from_secs(600),
-            &self.path("large-archive.log"),
-        )?;
-        Ok(())
     }
 
     pub(crate) fn section_large(&self) -> Result<Section> {
@@ -352,12 +324,7 @@ impl Bench {
                 ..Default::default()
             },
         )?;
-        run_cmd(
-            "db5.3_checkpoint",
-            tool("db5.3_checkpoint", &["-1", "-h"], &big.env),
-            Duration::from_secs(600),
-            &self.path("large-checkpoint.log"),
-        )?;
+        self.checkpoint(&big.env)?;
         drop_caches();
         let since_ms = tandem_shared::now_unix_ms();
         let started = Instant::now();

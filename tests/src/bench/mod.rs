@@ -169,6 +169,31 @@ impl Bench {
         Ok(Seed { env, last })
     }
 
+    /// `db_checkpoint -1` of `env`: a rebase needs BDB's needed log past
+    /// the base.
+    pub(crate) fn checkpoint(&self, env: &Path) -> Result<()> {
+        run_cmd(
+            "db5.3_checkpoint",
+            tool("db5.3_checkpoint", &["-1", "-h"], env),
+            Duration::from_secs(600),
+            &self.path("checkpoint.log"),
+        )?;
+        Ok(())
+    }
+
+    /// [`Self::checkpoint`], then `db_archive -d`: only the log still
+    /// needed stays, so a built environment's log never piles up.
+    pub(crate) fn checkpoint_and_archive(&self, env: &Path) -> Result<()> {
+        self.checkpoint(env)?;
+        run_cmd(
+            "db5.3_archive -d",
+            tool("db5.3_archive", &["-d", "-h"], env),
+            Duration::from_secs(600),
+            &self.path("archive.log"),
+        )?;
+        Ok(())
+    }
+
     /// Builds an environment of about `size_mb` MiB of database pages: each
     /// transaction adds three 4,000-byte values (one overflow page each),
     /// then a checkpoint and `db_archive -d` leave only the log still needed.
@@ -176,31 +201,8 @@ impl Bench {
         let env = self.path("big-env");
         let txns = (self.cfg.size_mb << 20) / (3 * 4096);
         let started = Instant::now();
-        bdb::run_workload(
-            &env,
-            &WorkloadOptions {
-                txns,
-                value_len: 4000,
-                updates: 0,
-                lg_max: BIG_LG_MAX,
-                cache_mb: Some(256),
-                checkpoint_every: 20_000,
-                quiet: true,
-                ..Default::default()
-            },
-        )?;
-        run_cmd(
-            "db5.3_checkpoint",
-            tool("db5.3_checkpoint", &["-1", "-h"], &env),
-            Duration::from_secs(600),
-            &self.path("checkpoint.log"),
-        )?;
-        run_cmd(
-            "db5.3_archive -d",
-            tool("db5.3_archive", &["-d", "-h"], &env),
-            Duration::from_secs(600),
-            &self.path("archive.log"),
-        )?;
+        bdb::run_workload(&env, &big_values(txns))?;
+        self.checkpoint_and_archive(&env)?;
         sync_all();
         let layout = EnvLayout::open(&env)?;
         let mut files: Vec<(String, u64)> = Vec::new();
@@ -238,4 +240,20 @@ pub(crate) fn tool(name: &str, args: &[&str], env: &Path) -> Command {
     let mut c = Command::new(name);
     c.args(args).arg(env);
     c
+}
+
+/// The workload that builds a big environment: `txns` transactions of
+/// three 4,000-byte values each (one overflow page per value), 1 MiB log
+/// files.
+pub(crate) fn big_values(txns: u64) -> WorkloadOptions {
+    WorkloadOptions {
+        txns,
+        value_len: 4000,
+        updates: 0,
+        lg_max: BIG_LG_MAX,
+        cache_mb: Some(256),
+        checkpoint_every: 20_000,
+        quiet: true,
+        ..Default::default()
+    }
 }

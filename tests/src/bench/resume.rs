@@ -287,12 +287,7 @@ impl Bench {
         // afterwards each measured rebase leaves the base current. A rebase
         // needs a checkpoint past the current base (BDB must no longer need
         // the old log).
-        run_cmd(
-            "db5.3_checkpoint",
-            tool("db5.3_checkpoint", &["-1", "-h"], &big.env),
-            Duration::from_secs(600),
-            &self.path("checkpoint.log"),
-        )?;
+        self.checkpoint(&big.env)?;
         self.rebase_once(big, dir, url)?;
         let mut out = Vec::new();
         for run in 0..self.cfg.runs {
@@ -316,12 +311,7 @@ impl Bench {
                     ..Default::default()
                 },
             )?;
-            run_cmd(
-                "db5.3_checkpoint",
-                tool("db5.3_checkpoint", &["-1", "-h"], &big.env),
-                Duration::from_secs(600),
-                &self.path("checkpoint.log"),
-            )?;
+            self.checkpoint(&big.env)?;
             // Changed = pages of the primary that differ from the standby's
             // base (its mirror's database files), i.e. what a rebase must send.
             let (db_bytes, changed) = changed_bytes(&page_digests(dir)?, &page_digests(&big.env)?);

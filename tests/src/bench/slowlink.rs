@@ -88,18 +88,7 @@ impl Bench {
         let dump = self.path("slow-text.dump");
         write_text_dump(&dump, self.cfg.slow_mb, 0)?;
         self.db_load(&env, &dump, &self.path("slow-load.log"))?;
-        run_cmd(
-            "db5.3_checkpoint",
-            tool("db5.3_checkpoint", &["-1", "-h"], &env),
-            Duration::from_secs(600),
-            &self.path("slow-checkpoint.log"),
-        )?;
-        run_cmd(
-            "db5.3_archive -d",
-            tool("db5.3_archive", &["-d", "-h"], &env),
-            Duration::from_secs(600),
-            &self.path("slow-archive.log"),
-        )?;
+        self.checkpoint_and_archive(&env)?;
         // Removed before the runs, so that every run loads the same bytes.
         write_text_dump(&self.path("slow-more.dump"), self.cfg.slow_log_mb, 1 << 32)?;
         let _ = std::fs::remove_file(&dump);
