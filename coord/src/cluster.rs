@@ -121,6 +121,17 @@ impl Cluster {
         Ok(r.id())
     }
 
+    /// One keepalive on a fresh stream: the lease's ttl, 0 when etcd no
+    /// longer has it.
+    pub async fn keep_alive_once(&self, lease: i64) -> Result<i64, Error> {
+        let mut l = self.client.lease_client();
+        match bounded(self.timing, l.keep_alive(lease)).await {
+            Ok(_) => Ok(self.timing.ttl_secs()),
+            Err(Error::Etcd(m)) if m.contains("not found") => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn revoke(&self, lease: i64) -> Result<(), Error> {
         let mut l = self.client.lease_client();
         bounded(self.timing, l.revoke(lease)).await?;

@@ -10,8 +10,10 @@
 //! - [`cluster`]: the connection: one-request snapshots, the election
 //!   transaction, leader-only updates, member records.
 //! - [`lease`]: the lease keeper and the fencing clock.
+//! - [`hook`]: running the operator's `--on-fence` and `--on-promote`.
 
 pub mod cluster;
+pub mod hook;
 pub mod lease;
 pub mod policy;
 pub mod records;

@@ -15,6 +15,9 @@ use tandem_shared::wire::PrimaryStatus;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// How often a session and a commit wait look at the fence.
+const FENCE_POLL: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Default)]
 pub struct Counters {
     pub file_bytes: AtomicU64,
@@ -46,6 +49,8 @@ pub struct Shared {
     /// (so the server's graceful shutdown does not wait on them forever),
     /// retention and the log watcher stop.
     pub stop: CancellationToken,
+    /// With `--etcd`: the leader key, the lease and the fence.
+    pub leadership: Option<Arc<crate::leadership::Leadership>>,
 }
 
 impl Shared {
@@ -70,11 +75,41 @@ impl Shared {
                 .counters
                 .fenced_hellos
                 .load(std::sync::atomic::Ordering::Relaxed),
+            coordination: self
+                .leadership
+                .as_ref()
+                .map(|l| l.standing().to_wire(l.cluster_name(), l.name())),
         }
     }
 }
 
 impl Shared {
+    /// Why this primary may not act as primary now (`--etcd` only).
+    pub fn fenced(&self) -> Option<String> {
+        let l = self.leadership.as_ref()?;
+        if l.acting() {
+            return None;
+        }
+        let why = l.standing().fence_reason;
+        Some(if why.is_empty() {
+            "its lease clock ran out".to_owned()
+        } else {
+            why
+        })
+    }
+
+    /// Resolves once this primary may no longer act as primary (never
+    /// without `--etcd`). The fence clock is a deadline, not an event, so
+    /// it is looked at often.
+    pub async fn until_fenced(&self) {
+        if self.leadership.is_none() {
+            return std::future::pending().await;
+        }
+        while self.fenced().is_none() {
+            tokio::time::sleep(FENCE_POLL).await;
+        }
+    }
+
     /// The blake3 digest a chunk travels with.
     pub fn digest(&self, data: &[u8]) -> bytes::Bytes {
         self.with_fault(blake3::hash(data))

@@ -10,6 +10,8 @@
 //! - [`switchover`]: may a standby take over now (`PrepareSwitchover`).
 //! - [`wait`]: the wait socket, where applications wait until a commit is
 //!   durable on K standbys.
+//! - [`leadership`]: with `--etcd`, the leader key under a lease, and the
+//!   fence when it cannot be kept.
 //! - [`retention`]: which shipped logs may leave the production disk.
 //! - [`metrics`]: Prometheus text and the status document.
 //! - [`outbox`]: the bounded channel a session's duties write to.
@@ -22,6 +24,7 @@
 pub mod base_copy;
 pub mod context;
 pub mod identity;
+pub mod leadership;
 pub mod log_watch;
 pub mod metrics;
 pub mod outbox;

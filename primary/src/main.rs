@@ -26,6 +26,10 @@ struct Cli {
 enum Command {
     /// Serve the environment to standbys until SIGTERM or Ctrl-C.
     ///
+    /// Exit codes: 0 stopped; 1 failure; 2 bad usage; 7 refused by etcd
+    /// (with --etcd: a standby was promoted past this primary's epoch, or
+    /// another primary holds the cluster's leader key).
+    ///
     /// Ships every database file (read in whole pages, each read twice until
     /// stable) and every log record from the base boundary on, then follows
     /// the log as BDB writes it. Without --retention it changes none of the
@@ -179,7 +183,104 @@ struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     bound_addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    etcd: EtcdArgs,
 }
+
+/// Automatic failover (README "Automatic failover with etcd"). Without
+/// --etcd the primary behaves as if etcd did not exist.
+#[derive(Args, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379,...): hold
+    /// the cluster's leader key under a lease, publish this primary's
+    /// address, epoch and end of log, and fence when the lease cannot be
+    /// renewed in time. Requires --cluster.
+    #[arg(long, value_name = "URL,URL,...", requires = "cluster")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd: Option<String>,
+    /// The cluster's name in etcd (its keys live under /tandem/NAME/).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<String>,
+    /// This primary's name in etcd [default: the host name].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    /// The URL standbys reach this primary at, published in etcd
+    /// [default: https://BOUND_ADDRESS].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advertise_url: Option<String>,
+    /// Lease time to live, in seconds: a primary that cannot renew for this
+    /// long is replaced. Must satisfy loop_wait + 2 × retry_timeout ≤ ttl
+    /// [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_ttl_secs: Option<u64>,
+    /// Pause between rounds of renewing and publishing, in ms [default: 2000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_loop_wait_ms: Option<u64>,
+    /// Bound on one etcd request, in ms [default: 3000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_retry_timeout_ms: Option<u64>,
+    /// The primary fences this long before etcd could expire its lease,
+    /// counted from the send time of the last renewal etcd answered, in ms
+    /// [default: 1000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_fence_margin_ms: Option<u64>,
+    /// Shell command run when the primary fences itself (to stop the
+    /// application here); TANDEM_FENCE_REASON says why. Its exit status is
+    /// logged and shown in status.
+    #[arg(long, value_name = "CMD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_fence: Option<String>,
+}
+
+impl EtcdArgs {
+    fn config(self) -> Result<Option<tandem_primary::leadership::EtcdConfig>> {
+        use tandem_coord::timing::*;
+        let Some(list) = self.etcd else {
+            return Ok(None);
+        };
+        let timing = Timing {
+            ttl: Duration::from_secs(self.etcd_ttl_secs.unwrap_or(DEFAULT_TTL_SECS)),
+            loop_wait: Duration::from_millis(
+                self.etcd_loop_wait_ms.unwrap_or(DEFAULT_LOOP_WAIT_MS),
+            ),
+            retry_timeout: Duration::from_millis(
+                self.etcd_retry_timeout_ms
+                    .unwrap_or(DEFAULT_RETRY_TIMEOUT_MS),
+            ),
+            fence_margin: Duration::from_millis(
+                self.etcd_fence_margin_ms.unwrap_or(DEFAULT_FENCE_MARGIN_MS),
+            ),
+        };
+        timing.validate()?;
+        let name = self.name.unwrap_or_else(tandem_shared::hostname);
+        if !tandem_coord::records::valid_name(&name) {
+            anyhow::bail!("bad --name {name:?}: use letters, digits, '-', '_' and '.'");
+        }
+        Ok(Some(tandem_primary::leadership::EtcdConfig {
+            endpoints: tandem_coord::parse_endpoints(&list)?,
+            cluster: self
+                .cluster
+                .context("--etcd needs --cluster (or `cluster` in the config file)")?,
+            name,
+            advertise: self.advertise_url,
+            timing,
+            on_fence: self.on_fence,
+        }))
+    }
+}
+
+/// Exit code of `run` when etcd refuses this primary: a standby was
+/// promoted past its epoch, or another primary holds the leader key.
+const EXIT_REFUSED_BY_ETCD: u8 = 7;
 
 #[derive(Args)]
 struct StatusArgs {
@@ -219,6 +320,13 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e)
+            if e.downcast_ref::<tandem_primary::leadership::Refusal>()
+                .is_some() =>
+        {
+            eprintln!("tandem-primary: refused: {e:#}");
+            ExitCode::from(EXIT_REFUSED_BY_ETCD)
+        }
         Err(e) => {
             eprintln!("tandem-primary: error: {e:#}");
             ExitCode::FAILURE
@@ -274,6 +382,7 @@ async fn run(flags: RunArgs) -> Result<()> {
             }
         }),
         wait_socket: a.wait_socket,
+        etcd: a.etcd.config()?,
         env,
     };
     let addr_file = a.bound_addr_file;
@@ -325,6 +434,26 @@ async fn status(a: StatusArgs) -> Result<()> {
             "FENCED:      {} standby Hellos came from a newer epoch: a standby was promoted past this primary; stop the application here",
             s.fenced_hellos
         );
+    }
+    if let Some(c) = &s.coordination {
+        if c.fenced {
+            println!(
+                "etcd:        FENCED in cluster {} as {}: {} (ships nothing, refuses commit waits; fenced {} time(s); last --on-fence: {})",
+                c.cluster,
+                c.name,
+                c.fence_reason,
+                c.fences,
+                if c.on_fence_outcome.is_empty() { "never ran" } else { &c.on_fence_outcome }
+            );
+        } else {
+            println!(
+                "etcd:        leading cluster {} as {}, lease valid for {} ms more",
+                c.cluster, c.name, c.lease_remaining_ms
+            );
+        }
+        if !c.last_failover.is_empty() {
+            println!("last failover: {}", c.last_failover);
+        }
     }
     if !s.retention_blocked.is_empty() {
         println!("RETENTION BLOCKED: {}", s.retention_blocked);

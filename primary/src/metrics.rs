@@ -42,8 +42,8 @@ pub fn render(shared: &Shared) -> String {
         .map(|s| (s.name.clone(), i64::from(!s.refused.is_empty())))
         .collect();
     let end = status.end.unwrap_or_default();
-    MetricsPage::default()
-        .counter("tandem_primary_file_bytes_sent_total", "Database file bytes sent to standbys.", c.file_bytes.load(Ordering::Relaxed))
+    let mut page = MetricsPage::default();
+    page.counter("tandem_primary_file_bytes_sent_total", "Database file bytes sent to standbys.", c.file_bytes.load(Ordering::Relaxed))
         .counter("tandem_primary_log_bytes_sent_total", "Log bytes sent to standbys.", c.log_bytes.load(Ordering::Relaxed))
         .counter("tandem_primary_chunks_sent_total", "File and log chunks sent.", c.chunks.load(Ordering::Relaxed))
         .counter("tandem_primary_chunk_payload_bytes_total", "File and log chunk payload bytes as read, before compression.", shared.wire.raw_bytes.load(Ordering::Relaxed))
@@ -82,8 +82,35 @@ pub fn render(shared: &Shared) -> String {
         .counter("tandem_primary_commit_waits_total", "Waits for a commit to be durable on standbys (wait socket).", shared.waits.waits.load(Ordering::Relaxed))
         .counter("tandem_primary_commit_wait_timeouts_total", "Of those, waits that timed out.", shared.waits.timeouts.load(Ordering::Relaxed))
         .counter("tandem_primary_commit_wait_bad_requests_total", "Malformed or oversized requests refused on the wait socket.", shared.waits.bad_requests.load(Ordering::Relaxed))
-        .histogram("tandem_primary_commit_wait_seconds", "Time from request to answer of the waits that ended durable.", &shared.waits.latency)
-        .finish()
+        .histogram("tandem_primary_commit_wait_seconds", "Time from request to answer of the waits that ended durable.", &shared.waits.latency);
+    if let Some(c) = &status.coordination {
+        page.gauge_int(
+            "tandem_primary_etcd_leading",
+            "1 while this primary holds the leader key in etcd and acts as primary.",
+            i64::from(c.leading && !c.fenced),
+        )
+        .gauge_int(
+            "tandem_primary_etcd_fenced",
+            "1 while this primary is fenced: it ships nothing and refuses commit waits.",
+            i64::from(c.fenced),
+        )
+        .gauge(
+            "tandem_primary_etcd_lease_remaining_seconds",
+            "Time until this primary's fencing clock runs out unless etcd answers a renewal.",
+            c.lease_remaining_ms as f64 / 1000.0,
+        )
+        .counter(
+            "tandem_primary_etcd_fences_total",
+            "Times this primary fenced itself since it started.",
+            c.fences,
+        )
+        .gauge_int(
+            "tandem_primary_etcd_epoch",
+            "The epoch etcd last showed for the cluster.",
+            int(c.etcd_epoch),
+        );
+    }
+    page.finish()
 }
 
 /// The status as JSON, the same document `tandem-primary status --json`
@@ -118,6 +145,14 @@ pub fn status_document(s: &tandem_shared::wire::PrimaryStatus) -> serde_json::Va
         "retention_blocked": (!s.retention_blocked.is_empty()).then_some(&s.retention_blocked),
         "history": history_document(&s.history),
         "fenced_hellos": s.fenced_hellos,
+        "etcd": s.coordination.as_ref().map(|c| serde_json::json!({
+            "cluster": c.cluster, "name": c.name, "leading": c.leading, "fenced": c.fenced,
+            "fence_reason": (!c.fence_reason.is_empty()).then_some(&c.fence_reason),
+            "lease_remaining_ms": c.lease_remaining_ms, "etcd_epoch": c.etcd_epoch,
+            "leader": (!c.leader.is_empty()).then_some(&c.leader), "fences": c.fences,
+            "last_failover": (!c.last_failover.is_empty()).then_some(&c.last_failover),
+            "on_fence_outcome": (!c.on_fence_outcome.is_empty()).then_some(&c.on_fence_outcome),
+        })),
     })
 }
 

@@ -57,6 +57,8 @@ pub struct PrimaryConfig {
     pub compression: tandem_shared::compress::Compression,
     /// The wait socket [default: STATE_DIR/wait.sock].
     pub wait_socket: Option<PathBuf>,
+    /// `--etcd`: hold the cluster's leader key, fence without it.
+    pub etcd: Option<crate::leadership::EtcdConfig>,
 }
 
 struct Service {
@@ -132,13 +134,19 @@ pub async fn serve(
         .unwrap_or_else(|| cfg.state_dir.join(crate::wait::socket::SOCKET_NAME));
     let (wait_listener, wait_socket) = crate::wait::socket::bind(&socket_path)?;
     let waits = Arc::new(crate::wait::WaitStats::default());
-    let wait_server = tokio::spawn(crate::wait::socket::serve(
-        wait_listener,
-        registry.durable_acks(),
-        waits.clone(),
-        stop.clone(),
-    ));
+    let incoming = tonic::transport::server::TcpIncoming::bind(cfg.listen)
+        .with_context(|| format!("listening on {}", cfg.listen))?
+        .with_nodelay(Some(true));
+    let bound = incoming.local_addr().context("local address")?;
+    // Before anything is served: a primary etcd has moved past never serves.
+    let leadership = match cfg.etcd.clone() {
+        Some(e) => {
+            Some(crate::leadership::Leadership::start(e, state.identity.clone(), bound).await?)
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        leadership: leadership.clone(),
         layout: layout.clone(),
         identity: state.identity.clone(),
         log_end,
@@ -150,9 +158,19 @@ pub async fn serve(
         compression: cfg.compression,
         wire: Default::default(),
         registry: registry.clone(),
-        waits,
+        waits: waits.clone(),
         stop: stop.clone(),
     });
+    let wait_server = tokio::spawn(crate::wait::socket::serve(
+        wait_listener,
+        registry.durable_acks(),
+        waits.clone(),
+        leadership.clone(),
+        stop.clone(),
+    ));
+    let coordination = leadership
+        .clone()
+        .map(|l| tokio::spawn(l.run(shared.log_end.clone(), stop.clone())));
     let retention = cfg.retention.clone().map(|r| {
         tokio::spawn(crate::retention::run(
             registry,
@@ -163,10 +181,6 @@ pub async fn serve(
         ))
     });
     let sessions = TaskTracker::new();
-    let incoming = tonic::transport::server::TcpIncoming::bind(cfg.listen)
-        .with_context(|| format!("listening on {}", cfg.listen))?
-        .with_nodelay(Some(true));
-    let bound = incoming.local_addr().context("local address")?;
     let mut admin = None;
     if let Some(addr) = cfg.metrics_listen {
         let shared = shared.clone();
@@ -252,6 +266,9 @@ pub async fn serve(
     if tokio::time::timeout(SHUTDOWN_STAGE, joined).await.is_err() {
         tracing::warn!("the log watcher did not stop in time; exiting without it");
     }
+    if let Some(c) = coordination {
+        let _ = tokio::time::timeout(SHUTDOWN_STAGE, c).await;
+    }
     served.context("serving")?;
     if let Some(server) = admin {
         server.stop().await;
@@ -260,6 +277,9 @@ pub async fn serve(
     // every task above has stopped touching it.
     drop(state);
     tracing::info!("stopped");
+    if let Some(refusal) = leadership.and_then(|l| l.superseded()) {
+        return Err(refusal.into());
+    }
     Ok(())
 }
 

@@ -97,6 +97,14 @@ pub async fn run(
     } else {
         crate::rejoin::RejoinDigests::default()
     };
+    if let Some(why) = shared.fenced() {
+        let _ = tx
+            .send(Err(Status::unavailable(format!(
+                "this primary is fenced and ships nothing: {why}"
+            ))))
+            .await;
+        return;
+    }
     let started = start(&shared, &guard, &peer, &hello, &tx, rejoin).await;
     // Refusals the operator must act on (fenced, diverged, another
     // environment), not a stream that failed on its way.
@@ -110,8 +118,19 @@ pub async fn run(
         .hello_seen(&name, &peer, hello.epoch, refused.as_deref());
     match started {
         Ok(duties) => {
-            follow_acks(&shared, &guard, &mut inbound, &duties.commands).await;
+            let fenced = tokio::select! {
+                _ = follow_acks(&shared, &guard, &mut inbound, &duties.commands) => None,
+                _ = shared.until_fenced() => shared.fenced(),
+            };
             duties.join().await;
+            if let Some(why) = fenced {
+                tracing::error!(standby = %name, reason = %why, "fenced: ending the standby's stream");
+                let _ = tx
+                    .send(Err(Status::unavailable(format!(
+                        "this primary fenced itself: {why}"
+                    ))))
+                    .await;
+            }
             if shared.stop.is_cancelled() {
                 let _ = tx
                     .send(Err(Status::unavailable("the primary is shutting down")))

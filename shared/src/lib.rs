@@ -63,6 +63,13 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// This machine's host name (the default name of a standby or a primary).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "tandem".into())
+}
+
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -272,9 +272,7 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "standby".into())
+    tandem_shared::hostname()
 }
 
 /// Prints a report as text (its `Display`) or as JSON.

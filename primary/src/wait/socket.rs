@@ -162,6 +162,7 @@ pub async fn serve(
     listener: UnixListener,
     acks: watch::Receiver<DurableAcks>,
     stats: Arc<WaitStats>,
+    leadership: Option<Arc<crate::leadership::Leadership>>,
     stop: CancellationToken,
 ) {
     let clients = TaskTracker::new();
@@ -178,10 +179,11 @@ pub async fn serve(
             _ = stop.cancelled() => break,
         };
         let (acks, stats, stop) = (acks.clone(), stats.clone(), stop.clone());
+        let leadership = leadership.clone();
         match slots.clone().try_acquire_owned() {
             Ok(slot) => {
                 clients.spawn(async move {
-                    client(stream, acks, &stats, stop).await;
+                    client(stream, acks, &stats, leadership.as_deref(), stop).await;
                     drop(slot);
                 });
             }
@@ -204,6 +206,7 @@ async fn client(
     mut stream: UnixStream,
     acks: watch::Receiver<DurableAcks>,
     stats: &WaitStats,
+    leadership: Option<&crate::leadership::Leadership>,
     stop: CancellationToken,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(MAX_REQUEST);
@@ -236,6 +239,14 @@ async fn client(
             Ok(r) => r,
             Err(e) => return refuse(&mut stream, stats, &e.to_string()).await,
         };
+        // With --etcd: a fenced primary answers no wait, and a durable
+        // answer needs the durable floor in etcd first.
+        if let Some(l) = leadership.filter(|l| !l.acting()) {
+            let why = l.standing().fence_reason;
+            let msg = format!("ERROR this primary is fenced and answers no commit wait: {why}\n");
+            let _ = stream.write_all(msg.as_bytes()).await;
+            return;
+        }
         let waiting = wait(acks.clone(), req, stats);
         tokio::pin!(waiting);
         let outcome: WaitOutcome = loop {
@@ -260,6 +271,12 @@ async fn client(
                 }
             }
         };
+        if let (Some(l), WaitOutcome::Durable { .. }) = (leadership, &outcome) {
+            if let Err(why) = l.confirm_durable(req.lsn).await {
+                let _ = stream.write_all(format!("ERROR {why}\n").as_bytes()).await;
+                return;
+            }
+        }
         let reply = format!("{outcome}\n");
         if stream.write_all(reply.as_bytes()).await.is_err() {
             return;
@@ -324,6 +341,7 @@ mod tests {
             listener,
             acks,
             Arc::new(WaitStats::default()),
+            None,
             stop.clone(),
         ));
         let reply = super::super::client::request(
