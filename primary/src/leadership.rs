@@ -216,8 +216,10 @@ impl Leadership {
                     keeper_stop.clone(),
                 );
                 let why = self.keep(state, &log_end, &stop).await;
+                // Not joined: it may be inside a request bounded by the
+                // retry timeout, and the fence must not wait for it.
                 keeper_stop.cancel();
-                let _ = keeper.await;
+                keeper.abort();
                 let Some(why) = why else { return };
                 self.fence(&why).await;
             }
@@ -258,7 +260,23 @@ impl Leadership {
         stop: &CancellationToken,
     ) -> Option<String> {
         let timing = self.cfg.timing;
-        let mut next_publish = Instant::now();
+        // Publishing runs beside the clock: a request hanging on a cut
+        // network must not delay the fence.
+        let lease_id = lease.borrow().id;
+        let publisher = async {
+            loop {
+                let end = *log_end.borrow();
+                match self.publish(lease_id, end).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot publish to etcd; the lease clock decides")
+                    }
+                }
+                tokio::time::sleep(timing.loop_wait).await;
+            }
+        };
+        tokio::pin!(publisher);
         loop {
             let l = *lease.borrow_and_update();
             self.standing
@@ -276,16 +294,8 @@ impl Leadership {
                 _ = stop.cancelled() => return None,
                 _ = tokio::time::sleep_until(l.valid_until) => {}
                 _ = lease.changed() => {}
-                _ = tokio::time::sleep_until(next_publish) => {
-                    next_publish = Instant::now() + timing.loop_wait;
-                    let end = *log_end.borrow();
-                    match self.publish(l.id, end).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            return Some("the leader key is no longer attached to this primary's lease".into());
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot publish to etcd; the lease clock decides"),
-                    }
+                _ = &mut publisher => {
+                    return Some("the leader key is no longer attached to this primary's lease".into());
                 }
             }
         }

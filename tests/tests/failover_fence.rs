@@ -1,0 +1,195 @@
+//! Issue #20: the primary under etcd. It holds the leader key and
+//! publishes; cut off from etcd it fences itself (stops shipping, refuses
+//! commit waits, runs --on-fence) before etcd expires its lease, resumes
+//! when etcd returns with its epoch untouched, and once etcd holds a newer
+//! epoch it is refused at start (exit 7). Real etcd, real BDB, loopback.
+
+use anyhow::{ensure, Context, Result};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tandem_tests::bdb::WorkloadOptions;
+use tandem_tests::etcd::EtcdCluster;
+use tandem_tests::faulty_link::FaultyLink;
+use tandem_tests::harness::*;
+
+const LONG: Duration = Duration::from_secs(120);
+const TTL: Duration = Duration::from_secs(3);
+
+fn etcd_args(endpoints: &str, fence_file: &std::path::Path) -> Vec<String> {
+    [
+        "--etcd",
+        endpoints,
+        "--cluster",
+        "c1",
+        "--name",
+        "p1",
+        "--etcd-ttl-secs",
+        "3",
+        "--etcd-loop-wait-ms",
+        "500",
+        "--etcd-retry-timeout-ms",
+        "1000",
+        "--etcd-fence-margin-ms",
+        "500",
+        "--on-fence",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!(
+        "echo \"$TANDEM_FENCE_REASON\" >> {}",
+        fence_file.display()
+    )])
+    .collect()
+}
+
+fn wait_durable(env: &std::path::Path) -> Result<std::process::Output> {
+    Ok(Command::new(bin("tandem-primary"))
+        .args(["wait-durable", "--timeout-ms", "5000", "--env"])
+        .arg(env)
+        .output()?)
+}
+
+#[test]
+fn a_primary_cut_off_from_etcd_fences_before_its_lease_expires_and_resumes_after() -> Result<()> {
+    let etcd = EtcdCluster::start()?;
+    let links: Vec<FaultyLink> = (0..3)
+        .map(|i| FaultyLink::start(etcd.client_addr(i)))
+        .collect::<Result<_>>()?;
+    let proxied = links
+        .iter()
+        .map(|l| format!("http://{}", l.addr()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let s = Scratch::new()?;
+    let env = s.path("env");
+    tandem_tests::bdb::run_workload(
+        &env,
+        &WorkloadOptions {
+            txns: 200,
+            ..Default::default()
+        },
+    )?;
+    let fence_file = s.path("fenced.txt");
+    let args = etcd_args(&proxied, &fence_file);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &args)?;
+    let leader = etcd
+        .get_json("/tandem/c1/leader")?
+        .context("no leader key")?;
+    ensure!(
+        leader["name"] == "p1" && leader["address"] == primary.url(),
+        "{leader}"
+    );
+    let epoch = leader["epoch"].as_u64().context("epoch")?;
+    let mut standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        &["--check-interval-secs", "0"],
+    )?;
+    wait_caught_up_running(&s.path("standby"), &env, LONG, &mut standby)?;
+    let out = wait_durable(&env)?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the position and floor in etcd", LONG, || {
+        Ok(etcd.get_json("/tandem/c1/position")?.is_some()
+            && etcd.get_json("/tandem/c1/floor")?.is_some())
+    })?;
+
+    // Cut off: fenced within the ttl, while etcd still holds the key.
+    let cut = Instant::now();
+    links.iter().for_each(FaultyLink::cut);
+    wait_for("the fence", TTL + Duration::from_secs(2), || {
+        Ok(fence_file.exists())
+    })?;
+    let fenced_after = cut.elapsed();
+    ensure!(
+        etcd.get("/tandem/c1/leader")?.is_some(),
+        "etcd expired the lease before the primary fenced ({fenced_after:?})"
+    );
+    ensure!(
+        fenced_after <= TTL,
+        "fenced only {fenced_after:?} after the cut"
+    );
+    let reason = std::fs::read_to_string(&fence_file)?;
+    ensure!(reason.contains("could not renew"), "{reason}");
+    let out = wait_durable(&env)?;
+    ensure!(
+        !out.status.success(),
+        "a fenced primary answered a commit wait"
+    );
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("fenced"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It ships nothing: the standby's stream ends and is refused.
+    wait_for(
+        "the standby to be cut from the fenced primary",
+        LONG,
+        || Ok(standby_status(&s.path("standby"))?["connected"] == false),
+    )?;
+    wait_for("etcd to expire the lease", LONG, || {
+        Ok(etcd.get("/tandem/c1/leader")?.is_none())
+    })?;
+    eprintln!(
+        "fenced {fenced_after:?} after the cut, lease gone {:?} after it",
+        cut.elapsed()
+    );
+
+    // etcd back, epoch untouched: it leads again and serves.
+    links.iter().for_each(FaultyLink::heal);
+    wait_for("the primary to lead again", LONG, || {
+        Ok(etcd.get("/tandem/c1/leader")?.is_some())
+    })?;
+    wait_caught_up_running(&s.path("standby"), &env, LONG, &mut standby)?;
+    let out = wait_durable(&env)?;
+    ensure!(
+        out.status.success(),
+        "after the heal: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A promotion elsewhere moved etcd's epoch: the restarted primary is refused.
+    standby.stop(LONG)?;
+    primary.proc.stop(LONG)?;
+    let newer = serde_json::json!({"epoch": epoch + 1, "name": "s1", "unix_ms": 0}).to_string();
+    let out = etcd.etcdctl(&["put", "/tandem/c1/epoch", &newer])?;
+    ensure!(out.status.success());
+    std::fs::remove_file(&fence_file)?;
+    let out = Command::new(bin("tandem-primary"))
+        .args(["run", "--listen", "127.0.0.1:0", "--env"])
+        .arg(&env)
+        .args(s.certs.args("primary"))
+        .args(&args)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(7), "{:?}: {stderr}", out.status);
+    ensure!(
+        stderr.contains("newer than this primary's epoch"),
+        "{stderr}"
+    );
+    ensure!(fence_file.exists(), "--on-fence did not run on the refusal");
+    Ok(())
+}
+
+/// Without --etcd nothing of this applies: status shows no etcd section.
+#[test]
+fn without_etcd_the_status_has_no_etcd_section() -> Result<()> {
+    let p = pair(&WorkloadOptions {
+        txns: 50,
+        ..Default::default()
+    })?;
+    let out = Command::new(bin("tandem-primary"))
+        .args(["status", "--json", "--primary", &p.primary.url()])
+        .args(p.s.certs.args("standby"))
+        .output()?;
+    ensure!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(doc["etcd"].is_null(), "{doc}");
+    Ok(())
+}
