@@ -309,6 +309,65 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "start_over")]
     #[serde(skip)]
     pub rejoin: bool,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// Automatic failover (README "Automatic failover with etcd"). Without
+/// --etcd the standby never promotes by itself.
+#[derive(Args, Serialize, Deserialize, Default, Clone)]
+#[serde(rename_all = "kebab-case")]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated: publish this standby's durable
+    /// position, follow the primary etcd names, and promote by itself when
+    /// the leader key is gone and it is the most caught-up standby (ties by
+    /// name) within --failover-max-lag-bytes and wins the election. Requires
+    /// --cluster and --promote-listen.
+    #[arg(long, value_name = "URL,URL,...", requires_all = ["cluster", "promote_listen"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<String>,
+    /// The cluster's name in etcd (its keys live under /tandem/NAME/).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// After promoting, serve as primary on this address (tandem-primary
+    /// run, with this standby's certificates and --name).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promote_listen: Option<std::net::SocketAddr>,
+    /// The URL standbys will reach the promoted primary at
+    /// [default: https://PROMOTE_LISTEN].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_url: Option<String>,
+    /// Most bytes of log behind the primary's last published end of log
+    /// that a standby may lack and still promote by itself [default: 16777216].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover_max_lag_bytes: Option<u64>,
+    /// Shell command run after promoting, before serving (to start the
+    /// application on the promoted environment); TANDEM_ENV names it.
+    #[arg(long, value_name = "CMD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_promote: Option<String>,
+    /// Lease time to live, in seconds; loop_wait + 2 × retry_timeout ≤ ttl
+    /// [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_ttl_secs: Option<u64>,
+    /// Pause between rounds, in ms [default: 2000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_loop_wait_ms: Option<u64>,
+    /// Bound on one etcd request, in ms [default: 3000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_retry_timeout_ms: Option<u64>,
+    /// The promoted primary's fence margin, in ms [default: 1000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_fence_margin_ms: Option<u64>,
 }
 
 #[cfg(test)]

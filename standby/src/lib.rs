@@ -9,6 +9,8 @@
 //! - [`readiness`]: proves the mirror recovers, on a clone.
 //! - [`promote`]: turns the mirror into the live environment (`promote/`).
 //! - [`scrub`]: proves the mirror still holds what was written; heals it.
+//! - [`failover`]: with `--etcd`, publishes this standby in etcd and
+//!   decides when it promotes by itself.
 //! - [`archive`]: backups of the mirror, their verification and restore.
 //! - [`archive_hold`]: the log the archive still needs, kept from removal.
 //!
@@ -20,6 +22,7 @@
 
 pub mod archive;
 pub mod archive_hold;
+pub mod failover;
 pub mod follow;
 pub(crate) mod metrics;
 pub(crate) mod mirror;

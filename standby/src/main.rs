@@ -196,6 +196,7 @@ async fn run(flags: RunArgs) -> ExitCode {
         }
     };
     telemetry::init(a.log_format.unwrap_or_default());
+    let etcd = a.etcd.clone();
     let cfg = match config(a) {
         Ok(c) => StandbyConfig {
             start_over: flags.start_over,
@@ -207,6 +208,16 @@ async fn run(flags: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let failover = match failover_config(&etcd, &cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("tandem-standby: error: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Some(f) = failover {
+        return run_with_etcd(cfg, f).await;
+    }
     match follow::run(cfg, tandem_shared::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(FollowError::Refused(why)) => {
@@ -269,6 +280,191 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
         primary_silence: follow::DEFAULT_PRIMARY_SILENCE,
         compression: a.compression.unwrap_or_default(),
     })
+}
+
+fn failover_config(
+    a: &cli::EtcdArgs,
+    cfg: &StandbyConfig,
+) -> Result<Option<tandem_standby::failover::FailoverConfig>> {
+    use tandem_coord::timing::*;
+    let Some(list) = &a.etcd else {
+        return Ok(None);
+    };
+    let timing = Timing {
+        ttl: Duration::from_secs(a.etcd_ttl_secs.unwrap_or(DEFAULT_TTL_SECS)),
+        loop_wait: Duration::from_millis(a.etcd_loop_wait_ms.unwrap_or(DEFAULT_LOOP_WAIT_MS)),
+        retry_timeout: Duration::from_millis(
+            a.etcd_retry_timeout_ms.unwrap_or(DEFAULT_RETRY_TIMEOUT_MS),
+        ),
+        fence_margin: Duration::from_millis(
+            a.etcd_fence_margin_ms.unwrap_or(DEFAULT_FENCE_MARGIN_MS),
+        ),
+    };
+    timing.validate()?;
+    if !tandem_coord::records::valid_name(&cfg.name) {
+        anyhow::bail!(
+            "with --etcd, --name {:?} must use letters, digits, '-', '_' and '.'",
+            cfg.name
+        );
+    }
+    Ok(Some(tandem_standby::failover::FailoverConfig {
+        endpoints: tandem_coord::parse_endpoints(list)?,
+        cluster: a.cluster.clone().context("--etcd needs --cluster")?,
+        name: cfg.name.clone(),
+        timing,
+        max_lag_bytes: a
+            .failover_max_lag_bytes
+            .unwrap_or(tandem_standby::failover::DEFAULT_MAX_LAG_BYTES),
+        on_promote: a.on_promote.clone(),
+        promote_listen: a.promote_listen.context("--etcd needs --promote-listen")?,
+        advertise: a.advertise_url.clone(),
+    }))
+}
+
+/// `run --etcd`: follows whichever primary etcd names, and promotes by
+/// itself when it wins an election; then becomes that primary (exec of
+/// the `tandem-primary` next to this binary, which adopts the lease).
+async fn run_with_etcd(
+    mut cfg: StandbyConfig,
+    f: tandem_standby::failover::FailoverConfig,
+) -> ExitCode {
+    use tandem_standby::failover::{Coordinator, Event};
+    let mut coord = match Coordinator::start(f.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tandem-standby: error: cannot start with etcd: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let dir = StandbyDir::new(&cfg.dir);
+    let signal = tandem_shared::shutdown_signal();
+    tokio::pin!(signal);
+    let won = loop {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let follower = tokio::spawn(follow::run(cfg.clone(), async {
+            let _ = rx.await;
+        }));
+        tokio::pin!(follower);
+        let event = tokio::select! {
+            _ = &mut signal => None,
+            e = coord.next_event(&dir, &cfg.primary) => Some(e),
+            r = &mut follower => {
+                return match r {
+                    Ok(Ok(())) => ExitCode::SUCCESS,
+                    Ok(Err(FollowError::Refused(why))) => {
+                        eprintln!("tandem-standby: refused: {why}");
+                        ExitCode::from(EXIT_REFUSED)
+                    }
+                    Ok(Err(FollowError::Other(e))) => {
+                        eprintln!("tandem-standby: error: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        eprintln!("tandem-standby: error: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+        };
+        let _ = tx.send(());
+        let _ = follower.await;
+        match event {
+            None => return ExitCode::SUCCESS,
+            Some(Event::Follow(url)) => {
+                tracing::warn!(from = %cfg.primary, to = %url, "etcd names another primary: following it");
+                cfg.primary = url;
+            }
+            Some(Event::Won { epoch, reason }) => break (epoch, reason),
+        }
+    };
+    let (epoch, reason) = won;
+    let opts = PromoteOptions {
+        catch_up_timeout: Duration::from_secs(5),
+        force: true,
+    };
+    let pdir = dir.clone();
+    let report = match tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "the promotion FAILED after winning the election; the cluster needs an operator");
+            let _ = coord.cluster.revoke(coord.lease).await;
+            eprintln!("tandem-standby: error: promotion failed after winning the election: {e:#}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("tandem-standby: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if report.epoch != epoch {
+        tracing::error!(
+            promoted = report.epoch,
+            elected = epoch,
+            "the promotion's epoch differs from the elected one"
+        );
+    }
+    tracing::warn!(epoch = report.epoch, kind = %report.kind, %reason, "promoted by automatic failover");
+    if let Some(cmd) = &f.on_promote {
+        tandem_coord::hook::run(
+            "on-promote",
+            cmd,
+            &[
+                ("TANDEM_ENV", cfg.dir.display().to_string()),
+                ("TANDEM_EPOCH", report.epoch.to_string()),
+                ("TANDEM_FAILOVER_REASON", reason.clone()),
+            ],
+        )
+        .await;
+    }
+    coord.retire_member_record().await;
+    exec_primary(&cfg, &f)
+}
+
+/// Replaces this process with `tandem-primary run` on the promoted
+/// directory; it keeps the lease alive from here on.
+fn exec_primary(cfg: &StandbyConfig, f: &tandem_standby::failover::FailoverConfig) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(p) => p.with_file_name("tandem-primary"),
+        Err(e) => {
+            eprintln!("tandem-standby: error: cannot find tandem-primary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let t = f.timing;
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("run")
+        .arg("--env")
+        .arg(&cfg.dir)
+        .arg("--listen")
+        .arg(f.promote_listen.to_string())
+        .arg("--cert")
+        .arg(&cfg.tls.cert)
+        .arg("--key")
+        .arg(&cfg.tls.key)
+        .arg("--ca")
+        .arg(&cfg.tls.ca)
+        .arg("--etcd")
+        .arg(f.endpoints.join(","))
+        .arg("--cluster")
+        .arg(&f.cluster)
+        .arg("--name")
+        .arg(&f.name)
+        .arg("--etcd-ttl-secs")
+        .arg(t.ttl.as_secs().to_string())
+        .arg("--etcd-loop-wait-ms")
+        .arg(t.loop_wait.as_millis().to_string())
+        .arg("--etcd-retry-timeout-ms")
+        .arg(t.retry_timeout.as_millis().to_string())
+        .arg("--etcd-fence-margin-ms")
+        .arg(t.fence_margin.as_millis().to_string());
+    if let Some(u) = &f.advertise {
+        cmd.arg("--advertise-url").arg(u);
+    }
+    tracing::warn!(exe = %exe.display(), listen = %f.promote_listen, "serving as primary");
+    let e = cmd.exec();
+    eprintln!("tandem-standby: error: cannot start {}: {e}", exe.display());
+    ExitCode::FAILURE
 }
 
 fn hostname() -> String {

@@ -1,0 +1,271 @@
+//! Automatic failover (`run --etcd`): the standby publishes its durable
+//! position under its own lease, watches the cluster, follows the primary
+//! etcd names, and campaigns when the policy lets it
+//! ([`tandem_coord::policy::decide`]).
+//!
+//! Rules kept here:
+//! - Only the election transaction makes a standby the winner; the policy
+//!   only decides who may try. The winner's leader key sits on its member
+//!   lease, which this coordinator keeps alive until the promoted primary
+//!   (same name, new epoch) adopts it.
+//! - Positions come from the running follower's status file, which it
+//!   writes after fsync: what is published is durable. Never through
+//!   `status::read` in this process (see `Coordinator::round`).
+//! - The round's state goes to `.tandem/etcd.json` for status.
+
+use crate::state::StandbyDir;
+use serde::Serialize;
+use std::net::SocketAddr;
+use tandem_coord::lease::LeaseState;
+use tandem_coord::policy::{decide, Candidate, Verdict};
+use tandem_coord::records::{EpochRecord, FailoverRecord, LeaderRecord, LeaderState, MemberRecord};
+use tandem_coord::{Cluster, Timing};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// `run --failover-max-lag-bytes` by default.
+pub const DEFAULT_MAX_LAG_BYTES: u64 = 16 << 20;
+/// Where each round's outcome is written.
+pub const STATUS_FILE: &str = "etcd.json";
+
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    pub endpoints: Vec<String>,
+    pub cluster: String,
+    pub name: String,
+    pub timing: Timing,
+    pub max_lag_bytes: u64,
+    pub on_promote: Option<String>,
+    /// Where the promoted primary listens.
+    pub promote_listen: SocketAddr,
+    /// The URL standbys reach it at [default: https://PROMOTE_LISTEN].
+    pub advertise: Option<String>,
+}
+
+/// What the coordinator asks the caller to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// This standby won the election for `epoch`: promote now.
+    Won { epoch: u64, reason: String },
+    /// etcd names another primary address: follow it.
+    Follow(String),
+}
+
+/// What `.tandem/etcd.json` holds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundStatus {
+    pub cluster: String,
+    pub name: String,
+    pub leader: Option<String>,
+    pub leader_address: Option<String>,
+    pub etcd_epoch: u64,
+    pub lease_remaining_ms: u64,
+    pub verdict: String,
+    pub last_failover: Option<FailoverRecord>,
+    pub error: Option<String>,
+    pub updated_unix_ms: u64,
+}
+
+pub struct Coordinator {
+    pub cluster: Cluster,
+    cfg: FailoverConfig,
+    pub lease: i64,
+    state: watch::Receiver<LeaseState>,
+    stop: CancellationToken,
+    /// Why the leader key was last seen gone (for the failover record).
+    last_leader: Option<LeaderRecord>,
+}
+
+impl Coordinator {
+    pub async fn start(cfg: FailoverConfig) -> anyhow::Result<Self> {
+        let cluster = Cluster::connect(&cfg.endpoints, &cfg.cluster, cfg.timing).await?;
+        let sent = Instant::now();
+        let lease = cluster.grant().await?;
+        let stop = CancellationToken::new();
+        let (state, _task) = tandem_coord::lease::spawn(cluster.clone(), lease, sent, stop.clone());
+        Ok(Self {
+            cluster,
+            cfg,
+            lease,
+            state,
+            stop,
+            last_leader: None,
+        })
+    }
+
+    pub fn config(&self) -> &FailoverConfig {
+        &self.cfg
+    }
+
+    /// Rounds every loop wait until there is something to do.
+    pub async fn next_event(&mut self, dir: &StandbyDir, following: &str) -> Event {
+        loop {
+            match self.round(dir, following).await {
+                Ok(Some(e)) => return e,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "etcd round failed");
+                    self.write_status(
+                        dir,
+                        RoundStatus {
+                            error: Some(e.to_string()),
+                            ..self.base_status()
+                        },
+                    );
+                }
+            }
+            tokio::time::sleep(self.cfg.timing.loop_wait).await;
+        }
+    }
+
+    fn base_status(&self) -> RoundStatus {
+        RoundStatus {
+            cluster: self.cfg.cluster.clone(),
+            name: self.cfg.name.clone(),
+            lease_remaining_ms: self.state.borrow().remaining(Instant::now()).as_millis() as u64,
+            updated_unix_ms: tandem_shared::now_unix_ms(),
+            ..Default::default()
+        }
+    }
+
+    async fn round(&mut self, dir: &StandbyDir, following: &str) -> anyhow::Result<Option<Event>> {
+        // The running follower's own status file, never `status::read`:
+        // that asks for the directory lock's holder, and opening and
+        // closing the lock file in this process would drop the follower's
+        // POSIX lock.
+        let me: crate::status::StandbyStatus =
+            serde_json::from_slice(&std::fs::read(dir.status_path())?)?;
+        let lease = *self.state.borrow();
+        if lease.lost {
+            // A new lease for the member record; the old one is gone for good.
+            let sent = Instant::now();
+            self.stop.cancel();
+            self.lease = self.cluster.grant().await?;
+            self.stop = CancellationToken::new();
+            let (state, _task) = tandem_coord::lease::spawn(
+                self.cluster.clone(),
+                self.lease,
+                sent,
+                self.stop.clone(),
+            );
+            self.state = state;
+        }
+        let record = MemberRecord {
+            name: self.cfg.name.clone(),
+            epoch: me.epoch,
+            durable: me.durable_lsn,
+            recoverable: me.recoverable,
+            unix_ms: tandem_shared::now_unix_ms(),
+        };
+        self.cluster.publish_member(&record, self.lease).await?;
+        let snap = self.cluster.snapshot().await?;
+        let mut status = RoundStatus {
+            leader: snap.view.leader.as_ref().map(|l| l.name.clone()),
+            leader_address: snap.view.leader.as_ref().and_then(|l| l.address.clone()),
+            etcd_epoch: snap.view.epoch.as_ref().map_or(0, |e| e.epoch),
+            last_failover: self.cluster.last_failover().await.ok().flatten(),
+            ..self.base_status()
+        };
+        if let Some(l) = &snap.view.leader {
+            self.last_leader = Some(l.clone());
+            status.verdict = "following".into();
+            self.write_status(dir, status);
+            if let (LeaderState::Primary, Some(addr)) = (l.state, &l.address) {
+                if addr != following && l.name != self.cfg.name {
+                    return Ok(Some(Event::Follow(addr.clone())));
+                }
+            }
+            return Ok(None);
+        }
+        let candidate = Candidate {
+            name: self.cfg.name.clone(),
+            epoch: me.epoch,
+            durable: me.durable_lsn,
+            recoverable: me.recoverable && me.promotion.is_none(),
+            max_lag_bytes: self.cfg.max_lag_bytes,
+        };
+        let verdict = decide(&snap.view, &candidate);
+        status.verdict = match &verdict {
+            Verdict::Wait(why) => format!("waiting: {why}"),
+            Verdict::Campaign { new_epoch, .. } => format!("campaigning for epoch {new_epoch}"),
+        };
+        self.write_status(dir, status);
+        let Verdict::Campaign {
+            new_epoch,
+            lag_bytes,
+        } = verdict
+        else {
+            return Ok(None);
+        };
+        if !self.state.borrow().valid(Instant::now()) {
+            return Ok(None);
+        }
+        let gone = self
+            .last_leader
+            .as_ref()
+            .map_or("an unknown primary".to_owned(), |l| {
+                format!("{} (epoch {})", l.name, l.epoch)
+            });
+        let reason = format!(
+            "the leader key of {gone} expired; {} was the most caught-up standby, {lag_bytes} bytes behind its last published end of log",
+            self.cfg.name
+        );
+        let now = tandem_shared::now_unix_ms();
+        let won = self
+            .cluster
+            .elect(
+                snap.epoch_rev,
+                &EpochRecord {
+                    epoch: new_epoch,
+                    name: self.cfg.name.clone(),
+                    unix_ms: now,
+                },
+                &LeaderRecord {
+                    name: self.cfg.name.clone(),
+                    epoch: new_epoch,
+                    state: LeaderState::Promoting,
+                    address: None,
+                    env_id: me.env_id.clone(),
+                    unix_ms: now,
+                },
+                self.lease,
+                Some(&FailoverRecord {
+                    name: self.cfg.name.clone(),
+                    epoch: new_epoch,
+                    kind: "failover".into(),
+                    reason: reason.clone(),
+                    unix_ms: now,
+                }),
+            )
+            .await?;
+        if won {
+            tracing::warn!(epoch = new_epoch, %reason, "WON the election: promoting");
+            return Ok(Some(Event::Won {
+                epoch: new_epoch,
+                reason,
+            }));
+        }
+        tracing::info!("lost the election to another standby");
+        Ok(None)
+    }
+
+    /// The member record goes before the promoted primary takes over.
+    pub async fn retire_member_record(&self) {
+        let mut kv = self.cluster.client().kv_client();
+        let _ = tandem_coord::cluster::bounded(
+            self.cfg.timing,
+            kv.delete(self.cluster.keys.member(&self.cfg.name), None),
+        )
+        .await;
+    }
+
+    fn write_status(&self, dir: &StandbyDir, s: RoundStatus) {
+        let path = dir.meta().join(STATUS_FILE);
+        if let Ok(bytes) = serde_json::to_vec_pretty(&s) {
+            if let Err(e) = tandem_shared::durable::write_file_atomic(&path, &bytes) {
+                tracing::debug!(error = %e, "cannot write {}", path.display());
+            }
+        }
+    }
+}
