@@ -162,7 +162,9 @@ pub struct RunArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compression: Option<tandem_shared::compress::Compression>,
-    /// Testing only: corrupt the digest of the Nth chunk sent.
+    /// Testing only: corrupt the digest of the Nth chunk sent. Exists only
+    /// in a build with the cargo feature `test-hooks` (what the tests use).
+    #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub fault_corrupt_chunk: Option<u64>,
@@ -219,6 +221,15 @@ mod tests {
             .chain(rest.map(str::to_owned))
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// The fault hook exists only in the tests' build (feature
+    /// `test-hooks`); a release build refuses the flag.
+    #[test]
+    fn the_fault_flag_exists_only_with_the_test_hooks() {
+        use clap::Parser;
+        let parsed = Cli::try_parse_from(["tandem-primary", "run", "--fault-corrupt-chunk", "2"]);
+        assert_eq!(parsed.is_ok(), cfg!(feature = "test-hooks"));
     }
 
     #[test]

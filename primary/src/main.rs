@@ -56,6 +56,7 @@ async fn dispatch(command: Command) -> Result<()> {
 }
 
 async fn run(flags: RunArgs) -> Result<()> {
+    #[cfg(feature = "test-hooks")]
     let fault = flags.fault_corrupt_chunk;
     let a: RunArgs = tandem_shared::config::merge_with_file(&flags, flags.config.as_deref())?;
     telemetry::init(a.log_format.unwrap_or_default());
@@ -91,6 +92,7 @@ async fn run(flags: RunArgs) -> Result<()> {
                 .max(server::MIN_INTERVAL_MS),
         ),
         metrics_listen: a.metrics_listen,
+        #[cfg(feature = "test-hooks")]
         corrupt_chunk: fault,
         compression: a.compression.unwrap_or_default(),
         retention: a

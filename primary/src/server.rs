@@ -62,7 +62,9 @@ pub struct PrimaryConfig {
     pub heartbeat_interval: Duration,
     pub rescan_interval: Duration,
     pub metrics_listen: Option<SocketAddr>,
-    /// Test-only: corrupt the digest of the Nth chunk sent.
+    /// `--fault-corrupt-chunk` (feature `test-hooks` only): corrupt the
+    /// digest of the Nth chunk sent.
+    #[cfg(feature = "test-hooks")]
     pub corrupt_chunk: Option<u64>,
     /// Remove shipped, inactive log files from the environment (off: None).
     pub retention: Option<crate::retention::RetentionConfig>,
@@ -158,6 +160,7 @@ pub async fn serve(
         tools: tools.clone(),
         heartbeat_interval: cfg.heartbeat_interval,
         rescan_interval: cfg.rescan_interval,
+        #[cfg(feature = "test-hooks")]
         corrupt_chunk: cfg.corrupt_chunk,
         counters: Counters::default(),
         compression: cfg.compression,
