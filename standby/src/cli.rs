@@ -235,6 +235,11 @@ pub struct BucketArgs {
     /// Region [default: $AWS_REGION, else us-east-1].
     #[arg(long, value_name = "REGION")]
     pub s3_region: Option<String>,
+    /// How long one request to the object store is retried (5xx answers,
+    /// resets, timeouts; with backoff) before the operation fails; a
+    /// failed --follow round is tried again next round [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub s3_retry_secs: Option<u64>,
 }
 
 impl From<BucketArgs> for tandem_standby::archive::BucketOptions {
@@ -242,7 +247,7 @@ impl From<BucketArgs> for tandem_standby::archive::BucketOptions {
         Self {
             endpoint: a.s3_endpoint,
             region: a.s3_region,
-            max_retries: None,
+            retry_timeout: a.s3_retry_secs.map(std::time::Duration::from_secs),
         }
     }
 }

@@ -381,18 +381,7 @@ async fn archive(opts: ArchiveOptions, follow: Option<u64>, json: bool) -> Resul
             });
             let every = Duration::from_secs(secs);
             let rounds = tokio::task::spawn_blocking(move || {
-                archive::follow(&opts, every, &stop, |r| match r {
-                    Ok(report) => match serde_json::to_string(report) {
-                        Ok(line) if json => println!("{line}"),
-                        _ => println!("{report}"),
-                    },
-                    // Text mode: the error is already logged on stderr.
-                    Err(e) if json => println!(
-                        "{}",
-                        serde_json::json!({ "action": "error", "error": e.to_string() })
-                    ),
-                    Err(_) => {}
-                })
+                archive::follow(&opts, every, &stop, |r| print_round(r, json))
             });
             rounds.await.map_err(|e| anyhow::anyhow!(e))
         }
@@ -408,14 +397,37 @@ async fn archive_bucket(
     json: bool,
 ) -> Result<()> {
     let b = Bucket::open(url, bucket)?;
-    if follow.is_some() {
-        anyhow::bail!(
-            "--follow to a bucket is not supported yet: run archive --to {url} on a schedule"
+    if let Some(secs) = follow {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        tokio::spawn(async move {
+            tandem_shared::shutdown_signal().await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        let every = Duration::from_secs(secs);
+        return Ok(
+            remote::follow_to_bucket(&opts, &b, every, &stop, |r| print_round(r, json)).await?,
         );
     }
     match remote::archive_to_bucket(&opts, &b).await {
         Ok(report) => print_report(&report, json),
         Err(e) => Err(anyhow::Error::new(e).context("archive failed; no backup was published")),
+    }
+}
+
+/// One `--follow` round's outcome on stdout (one JSON object with --json).
+fn print_round(r: &Result<archive::ArchiveReport, archive::ArchiveError>, json: bool) {
+    match r {
+        Ok(report) => match serde_json::to_string(report) {
+            Ok(line) if json => println!("{line}"),
+            _ => println!("{report}"),
+        },
+        // Text mode: the error is already logged on stderr.
+        Err(e) if json => println!(
+            "{}",
+            serde_json::json!({ "action": "error", "error": e.to_string() })
+        ),
+        Err(_) => {}
     }
 }
 

@@ -129,14 +129,21 @@ fn a_bucket_archive_taken_while_streaming_restores_exactly_the_committed_prefix(
         "objects the bucket holds are not uploaded again: {}",
         cold.json
     );
+    // The later manifest of the same base holds all the first one did: the
+    // first is deleted, the objects the second names stay.
+    assert_eq!(
+        cold.json["removed"][0].as_str(),
+        Some(manifests[0].trim_start_matches("site/"))
+    );
+    assert_eq!(s3.keys("site/manifests").len(), 1);
     let again = archive(&s3, &s.path("standby"), "site", &["--no-verify"])?;
     ensure!(again.ok(), "{}{}", again.stdout, again.stderr);
     assert_eq!(again.json["action"], "unchanged");
 
     let v = verify(&s3, "site", &["--all"])?;
     ensure!(v.ok(), "verify-archive failed: {}{}", v.stdout, v.stderr);
-    assert_eq!(v.json.as_array().map(Vec::len), Some(2));
-    assert!(v.json[1]["databases_verified"].as_u64() >= Some(3));
+    assert_eq!(v.json.as_array().map(Vec::len), Some(1));
+    assert!(v.json[0]["databases_verified"].as_u64() >= Some(3));
     let r = restore(&s3, "site", &s.path("restored"), None)?;
     ensure!(r.ok(), "restore failed: {}{}", r.stdout, r.stderr);
     assert_eq!(bdb::check(&s.path("restored"))?, last);
@@ -278,6 +285,97 @@ fn until_from_a_bucket_is_exact_and_a_damaged_object_is_named() -> Result<()> {
         .filter(|e| e.file_name().to_string_lossy().contains("tandem-restore"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    drop(p.standby);
+    Ok(())
+}
+
+/// The bucket's newest manifest as JSON, read from the server's directory
+/// (works while the server is down).
+fn newest_manifest(s3: &S3Server, prefix: &str) -> Option<serde_json::Value> {
+    s3.keys(&format!("{prefix}/manifests"))
+        .iter()
+        .filter_map(|k| serde_json::from_slice(&std::fs::read(s3.object_path(k)).ok()?).ok())
+        .max_by_key(|m: &serde_json::Value| lsn_of(&m["backup"]["log_end"]))
+}
+
+fn hold_end(standby: &Path) -> Option<LogPosition> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(standby.join(".tandem/archive-hold.json")).ok()?)
+            .ok()?;
+    Some(lsn_of(&v["log_end"]))
+}
+
+#[test]
+fn follow_to_a_bucket_survives_the_server_dying_and_holds_log_until_confirmed() -> Result<()> {
+    let p = pair(1000)?;
+    let s = &p.s;
+    let mut s3 = start_s3(s.root())?;
+    let url = s3.url("live");
+    let mut cmd = std::process::Command::new(bin("tandem-standby"));
+    cmd.args(["archive", "--json", "--follow", "1", "--no-verify"])
+        .args(["--s3-retry-secs", "2", "--dir"])
+        .arg(s.path("standby"))
+        .args(["--to", &url]);
+    for (k, v) in s3.env() {
+        cmd.env(k, v);
+    }
+    let mut follower = Proc::spawn("archive --follow", cmd, &s.path("follow.log"))?;
+    let reached = |s3: &S3Server| -> Result<bool> {
+        let end = primary_log_end(&s.path("env"))?;
+        Ok(newest_manifest(s3, "live").is_some_and(|m| lsn_of(&m["backup"]["log_end"]) == end))
+    };
+    wait_for("the first backup in the bucket", LONG, || reached(&s3))?;
+    let first = bdb::run_workload(&s.path("env"), &workload(1500))?;
+    wait_for("the bucket to follow", LONG, || reached(&s3))?;
+    let end = primary_log_end(&s.path("env"))?;
+    wait_for("the hold to follow the bucket", LONG, || {
+        Ok(hold_end(&s.path("standby")) == Some(end))
+    })?;
+
+    // The server dies; the standby goes on receiving. The hold never moves
+    // past what the bucket holds.
+    s3.proc.kill9()?;
+    let errors = follower.log_text().matches("\"action\":\"error\"").count();
+    let bucket_end =
+        lsn_of(&newest_manifest(&s3, "live").context("manifest")?["backup"]["log_end"]);
+    let last = bdb::run_workload(&s.path("env"), &workload(1500))?;
+    wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
+    let standby_end = primary_log_end(&s.path("env"))?;
+    assert!(standby_end > bucket_end);
+    // A round runs meanwhile (it is retrying against the dead server).
+    wait_for("a round against the dead server", LONG, || {
+        Ok(follower.log_text().matches("\"action\":\"error\"").count() > errors)
+    })?;
+    assert_eq!(
+        hold_end(&s.path("standby")),
+        Some(bucket_end),
+        "hold moved without the bucket"
+    );
+    s3.restart()?;
+    wait_for("the bucket to catch up after the restart", LONG, || {
+        reached(&s3)
+    })?;
+    wait_for("the hold to follow the bucket", LONG, || {
+        Ok(hold_end(&s.path("standby")) == Some(standby_end))
+    })?;
+    let status = follower.stop(Duration::from_secs(60))?;
+    assert!(status.success(), "{}", follower.log_text());
+    assert!(
+        follower.log_text().contains("\"action\":\"extended\""),
+        "{}",
+        follower.log_text()
+    );
+    // One backup (one base): superseded manifests were deleted.
+    assert_eq!(
+        s3.keys("live/manifests").len(),
+        1,
+        "{:?}",
+        s3.keys("live/manifests")
+    );
+    let r = restore(&s3, "live", &s.path("restored"), None)?;
+    ensure!(r.ok(), "{}{}", r.stdout, r.stderr);
+    assert_eq!(bdb::check(&s.path("restored"))?, last);
+    assert!(last > first);
     drop(p.standby);
     Ok(())
 }

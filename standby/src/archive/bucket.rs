@@ -49,6 +49,7 @@ pub const PARTS_IN_FLIGHT: usize = 2;
 /// `TRANSFERS * PARTS_IN_FLIGHT * PART` (plus read buffers).
 pub const TRANSFERS: usize = 4;
 const READ_BUF: usize = 1 << 20;
+pub const RETRY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What went wrong talking to the bucket, naming the object.
 #[derive(Debug, thiserror::Error)]
@@ -131,8 +132,8 @@ impl std::fmt::Display for BucketUrl {
 pub struct BucketOptions {
     pub endpoint: Option<String>,
     pub region: Option<String>,
-    /// Retries of one request (object_store's default: 10).
-    pub max_retries: Option<usize>,
+    /// How long one request is retried [default: RETRY_TIMEOUT].
+    pub retry_timeout: Option<Duration>,
 }
 
 /// Is this endpoint on the loopback interface (plain HTTP is allowed there
@@ -188,14 +189,10 @@ impl Bucket {
         if endpoint.as_deref().is_some_and(is_loopback_endpoint) {
             b = b.with_allow_http(true);
         }
-        let mut retry = RetryConfig {
-            retry_timeout: Duration::from_secs(120),
+        b = b.with_retry(RetryConfig {
+            retry_timeout: opts.retry_timeout.unwrap_or(RETRY_TIMEOUT),
             ..Default::default()
-        };
-        if let Some(n) = opts.max_retries {
-            retry.max_retries = n;
-        }
-        b = b.with_retry(retry);
+        });
         let store = b.build().map_err(|source| BucketError::Open {
             url: url.to_string(),
             source,

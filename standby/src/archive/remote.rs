@@ -190,6 +190,7 @@ pub async fn archive_to_bucket(
     let backup = PathBuf::from(&local.backup);
     let m = read_manifest(&backup).map_err(|e| ArchiveError::Refused(e.to_string()))?;
     let mut report = publish(bucket, &backup, m, &[]).await?;
+    report.removed = bucket_retention(bucket, opts.keep, opts.keep_days).await?;
     report.copy_seconds = local.copy_seconds;
     report.verified = local.verified;
     report.verify_seconds = local.verify_seconds;
@@ -248,6 +249,175 @@ pub(crate) async fn publish(
     report.uploaded_bytes = uploaded.load(Ordering::Relaxed);
     tracing::info!(manifest = %shown, log_end = %bm.backup.log_end, uploaded = report.uploaded_bytes, "backup written to the bucket");
     Ok(report)
+}
+
+/// One round of `archive --follow` to a bucket: the local follow round in
+/// `staging` (extend the staged backup, or start a new one), the staged
+/// backups uploaded, and only then the standby's hold moved to what the
+/// bucket confirmed; then retention.
+pub async fn follow_round_to_bucket(
+    opts: &ArchiveOptions,
+    staging: &Path,
+    bucket: &Bucket,
+) -> Result<ArchiveReport, ArchiveError> {
+    let started = Instant::now();
+    let local_opts = ArchiveOptions {
+        archive: staging.to_path_buf(),
+        // The previous base's backup stays staged while the next starts.
+        keep: 2,
+        keep_days: None,
+        ..opts.clone()
+    };
+    let local =
+        tokio::task::spawn_blocking(move || super::follow::follow_round_unregistered(&local_opts))
+            .await
+            .map_err(|e| ArchiveError::Refused(format!("the archiving task failed: {e}")))??;
+    let mut staged = super::store::list_backups(staging)?;
+    if local.action != "created" {
+        // Only a new base can leave an older staged backup to finish.
+        staged.retain(|b| b.path == Path::new(&local.backup));
+    }
+    let mut report = None;
+    for b in staged {
+        let m = read_manifest(&b.path).map_err(|e| ArchiveError::Refused(e.to_string()))?;
+        let r = publish(bucket, &b.path, m, &[]).await?;
+        if b.path == Path::new(&local.backup) {
+            report = Some(r);
+        }
+    }
+    let mut report = report.ok_or_else(|| {
+        ArchiveError::Refused(format!("the staged backup {} vanished", local.backup))
+    })?;
+    if report.action == "created" && local.action == "extended" {
+        report.action = "extended".into();
+    }
+    // The bucket holds everything up to here: the standby may let go of it.
+    super::follow::register_hold(
+        &crate::state::StandbyDir::new(&opts.dir),
+        &bucket.url.to_string(),
+        report.log_end,
+    )?;
+    report.removed = bucket_retention(bucket, opts.keep, opts.keep_days).await?;
+    report.copy_seconds = local.copy_seconds;
+    report.seconds = started.elapsed().as_secs_f64();
+    if report.action != "unchanged" {
+        record_report(opts, &report);
+    }
+    Ok(report)
+}
+
+/// `archive --follow SECS --to s3://…`: a round every `every` until `stop`
+/// is set, staged in a scratch directory that lives as long as the process
+/// (a restarted archiver stages afresh and uploads only what the bucket
+/// lacks). A failed round changes no hold and is retried next time.
+pub async fn follow_to_bucket(
+    opts: &ArchiveOptions,
+    bucket: &Bucket,
+    every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+    mut report: impl FnMut(&Result<ArchiveReport, ArchiveError>),
+) -> Result<(), ArchiveError> {
+    let staging = ScratchDir::new(opts.scratch.as_deref(), "follow-stage").map_err(proof_err)?;
+    while !stop.load(Ordering::SeqCst) {
+        let started = Instant::now();
+        let result = follow_round_to_bucket(opts, &staging.path, bucket).await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "archive round failed; retrying next round");
+        }
+        report(&result);
+        while !stop.load(Ordering::SeqCst) && started.elapsed() < every {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Retention in a bucket. A backup there is one base (environment, base,
+/// log start): a later manifest of it holds everything an earlier one does
+/// (the same files, the log further), so earlier ones are deleted once the
+/// later one is confirmed. Of the backups, those beyond the newest `keep`
+/// and those older than `keep_days` are deleted, never the newest; an
+/// object is deleted only if a deleted manifest named it and no kept one
+/// does. Manifests go first, so no backup ever names a deleted object.
+/// Returns the manifests deleted.
+pub async fn bucket_retention(
+    bucket: &Bucket,
+    keep: u32,
+    keep_days: Option<f64>,
+) -> Result<Vec<String>, BucketError> {
+    let listed = readable(list_manifests(bucket).await?);
+    type Group = (String, String, tandem_shared::LogPosition);
+    let group_of = |bm: &BucketManifest| -> Group {
+        (
+            bm.backup.env_id.clone(),
+            bm.backup.base_id.clone(),
+            bm.backup.log_start,
+        )
+    };
+    // The newest manifest of each backup, in listing order (oldest first).
+    let mut newest: Vec<(Group, usize)> = Vec::new();
+    for (i, (_, bm)) in listed.iter().enumerate() {
+        let g = group_of(bm);
+        match newest.iter_mut().find(|(h, _)| *h == g) {
+            Some(entry) if listed[entry.1].1.backup.log_end <= bm.backup.log_end => entry.1 = i,
+            Some(_) => {}
+            None => newest.push((g, i)),
+        }
+    }
+    newest.sort_by_key(|(_, i)| *i);
+    let backups: Vec<(String, u64)> = newest
+        .iter()
+        .map(|(_, i)| (listed[*i].0.clone(), listed[*i].1.backup.created_unix_ms))
+        .collect();
+    let expired =
+        super::build::select_expired(&backups, keep, keep_days, tandem_shared::now_unix_ms());
+    let doomed: Vec<usize> = (0..listed.len())
+        .filter(|i| {
+            let (key, bm) = &listed[*i];
+            let Some((_, n)) = newest.iter().find(|(g, _)| *g == group_of(bm)) else {
+                return false;
+            };
+            let head = &listed[*n];
+            if expired.contains(&head.0) {
+                return true;
+            }
+            *key != head.0 && supersedes(&head.1, bm)
+        })
+        .collect();
+    let kept: std::collections::BTreeSet<&str> = (0..listed.len())
+        .filter(|i| !doomed.contains(i))
+        .flat_map(|i| listed[i].1.objects.iter().map(String::as_str))
+        .collect();
+    let mut removed = Vec::new();
+    for i in &doomed {
+        bucket.delete(&listed[*i].0).await?;
+        removed.push(listed[*i].0.clone());
+    }
+    let orphans: std::collections::BTreeSet<&str> = doomed
+        .iter()
+        .flat_map(|i| listed[*i].1.objects.iter().map(String::as_str))
+        .filter(|k| !kept.contains(k))
+        .collect();
+    for k in orphans {
+        bucket.delete(k).await?;
+    }
+    for k in &removed {
+        tracing::info!(manifest = %bucket.show(k), "retention: deleted");
+    }
+    Ok(removed)
+}
+
+/// Does `newer` hold everything `older` does: the same files, except the
+/// last log file, which `newer` extends?
+fn supersedes(newer: &BucketManifest, older: &BucketManifest) -> bool {
+    let (n, o) = (&newer.backup, &older.backup);
+    let last = super::manifest::log_rel_name(&o.log_dir, o.log_end.file);
+    n.log_start == o.log_start
+        && n.log_end >= o.log_end
+        && o.files
+            .iter()
+            .filter(|f| f.name != last)
+            .all(|f| n.files.contains(f))
 }
 
 /// A manifest already holds our name: the same backup (nothing to do), or
@@ -420,6 +590,56 @@ fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn manifest(end: u32, files: &[(&str, &str)]) -> BucketManifest {
+        use super::super::manifest::{FileKind, ManifestFile, MANIFEST_FORMAT};
+        let lsn = tandem_shared::LogPosition::new;
+        let m = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            env_id: "e".into(),
+            base_id: "b".into(),
+            epoch: 1,
+            source: "s".into(),
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            log_dir: String::new(),
+            log_start: lsn(1, 0),
+            log_end: lsn(1, end),
+            lg_max: 1 << 20,
+            commits: 0,
+            first_commit_unix: None,
+            last_commit_unix: None,
+            earliest_checkpoint_unix: None,
+            files: files
+                .iter()
+                .map(|(name, digest)| ManifestFile {
+                    name: (*name).into(),
+                    kind: if name.starts_with("log.") {
+                        FileKind::Log
+                    } else {
+                        FileKind::Database
+                    },
+                    size: 10,
+                    blake3: (*digest).into(),
+                })
+                .collect(),
+            digest: String::new(),
+        };
+        BucketManifest::new(m, &[])
+    }
+
+    #[test]
+    fn only_a_manifest_holding_everything_supersedes() {
+        let old = manifest(100, &[("data.db", "d1"), ("log.0000000001", "l1")]);
+        let grown = manifest(200, &[("data.db", "d1"), ("log.0000000001", "l2")]);
+        let diverged = manifest(200, &[("data.db", "XX"), ("log.0000000001", "l2")]);
+        assert!(supersedes(&grown, &old));
+        assert!(!supersedes(&old, &grown), "a shorter log never supersedes");
+        assert!(
+            !supersedes(&diverged, &old),
+            "other database bytes: another history"
+        );
+    }
 
     #[test]
     fn locations() {
