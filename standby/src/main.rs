@@ -20,7 +20,8 @@ use std::time::Duration;
 use tandem_shared::telemetry::{self, LogFormat};
 use tandem_shared::tls::TlsFiles;
 use tandem_standby::archive::{
-    self, restore, verify, ArchiveOptions, RestoreOptions, VerifyReport,
+    self, remote, restore, verify, ArchiveOptions, Bucket, BucketOptions, BucketUrl, Location,
+    RestoreOptions, VerifyReport,
 };
 use tandem_standby::follow::{self, FollowError, StandbyConfig};
 use tandem_standby::promote::{self, PromoteOptions};
@@ -114,25 +115,26 @@ async fn dispatch(command: Command) -> ExitCode {
             follow,
             no_verify,
             scratch,
+            bucket,
             json,
         } => {
             telemetry::init(LogFormat::Human);
-            match to {
-                None => release_archive(&dir),
-                Some(to) => {
-                    archive(
-                        ArchiveOptions {
-                            dir,
-                            archive: to,
-                            keep,
-                            keep_days,
-                            verify: !no_verify,
-                            scratch,
-                        },
-                        follow,
-                        json,
-                    )
-                    .await
+            let Some(to) = to else {
+                return exit_with(release_archive(&dir));
+            };
+            let opts = |archive| ArchiveOptions {
+                dir,
+                archive,
+                keep,
+                keep_days,
+                verify: !no_verify,
+                scratch,
+            };
+            match Location::parse(&to) {
+                Err(e) => return usage_error(e),
+                Ok(Location::Dir(to)) => archive(opts(to), follow, json).await,
+                Ok(Location::Bucket(url)) => {
+                    archive_bucket(&url, &bucket.into(), opts(PathBuf::new()), follow, json).await
                 }
             }
         }
@@ -140,9 +142,28 @@ async fn dispatch(command: Command) -> ExitCode {
             target,
             all,
             scratch,
+            bucket,
             json,
         } => {
             telemetry::init(LogFormat::Human);
+            let url = match Location::parse(&target) {
+                Err(e) => return usage_error(e),
+                Ok(Location::Bucket(url)) => Some(url),
+                Ok(Location::Dir(_)) => None,
+            };
+            if let Some(url) = url {
+                let reports = async {
+                    let b = Bucket::open(&url, &bucket.into())?;
+                    Ok::<_, anyhow::Error>(
+                        remote::verify_bucket(&b, all, scratch.as_deref()).await?,
+                    )
+                };
+                return exit_with(reports.await.and_then(|r| print_verify(&r, json)));
+            }
+            let target = match Location::parse(&target) {
+                Ok(Location::Dir(p)) => p,
+                _ => target,
+            };
             let reports = tokio::task::spawn_blocking(move || -> Result<Vec<VerifyReport>> {
                 let backups = verify::resolve_backups(&target, all)?;
                 Ok(backups
@@ -160,6 +181,7 @@ async fn dispatch(command: Command) -> ExitCode {
             from,
             to,
             until,
+            bucket,
             json,
         } => {
             telemetry::init(LogFormat::Human);
@@ -169,15 +191,40 @@ async fn dispatch(command: Command) -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             }
-            let opts = RestoreOptions { from, to, until };
-            match tokio::task::spawn_blocking(move || restore::restore(&opts)).await {
-                Ok(Ok(report)) => print_report(&report, json),
-                Ok(Err(e)) => Err(anyhow::Error::new(e)
-                    .context("restore refused or failed; the target was not created")),
-                Err(e) => Err(anyhow::anyhow!(e)),
-            }
+            let from = match Location::parse(&from) {
+                Err(e) => return usage_error(e),
+                Ok(l) => l,
+            };
+            let restored = match from {
+                Location::Dir(from) => {
+                    let opts = RestoreOptions { from, to, until };
+                    tokio::task::spawn_blocking(move || restore::restore(&opts))
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e))
+                        .and_then(|r| r.map_err(anyhow::Error::new))
+                }
+                Location::Bucket(url) => {
+                    let opts = RestoreOptions {
+                        from: PathBuf::from(url.to_string()),
+                        to,
+                        until,
+                    };
+                    async {
+                        let b = Bucket::open(&url, &bucket.into())?;
+                        Ok(remote::restore_from_bucket(&b, &opts).await?)
+                    }
+                    .await
+                }
+            };
+            restored
+                .context("restore refused or failed; the target was not created")
+                .and_then(|report| print_report(&report, json))
         }
     };
+    exit_with(result)
+}
+
+fn exit_with(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -185,6 +232,11 @@ async fn dispatch(command: Command) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tandem-standby: error: {e}");
+    ExitCode::from(EXIT_USAGE)
 }
 
 async fn run(flags: RunArgs) -> ExitCode {
@@ -523,21 +575,53 @@ async fn archive(opts: ArchiveOptions, follow: Option<u64>, json: bool) -> Resul
             });
             let every = Duration::from_secs(secs);
             let rounds = tokio::task::spawn_blocking(move || {
-                archive::follow(&opts, every, &stop, |r| match r {
-                    Ok(report) => match serde_json::to_string(report) {
-                        Ok(line) if json => println!("{line}"),
-                        _ => println!("{report}"),
-                    },
-                    // Text mode: the error is already logged on stderr.
-                    Err(e) if json => println!(
-                        "{}",
-                        serde_json::json!({ "action": "error", "error": e.to_string() })
-                    ),
-                    Err(_) => {}
-                })
+                archive::follow(&opts, every, &stop, |r| print_round(r, json))
             });
             rounds.await.map_err(|e| anyhow::anyhow!(e))
         }
+    }
+}
+
+/// `archive --to s3://…` (once; `--follow` comes in a later step).
+async fn archive_bucket(
+    url: &BucketUrl,
+    bucket: &BucketOptions,
+    opts: ArchiveOptions,
+    follow: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    let b = Bucket::open(url, bucket)?;
+    if let Some(secs) = follow {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        tokio::spawn(async move {
+            tandem_shared::shutdown_signal().await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        let every = Duration::from_secs(secs);
+        return Ok(
+            remote::follow_to_bucket(&opts, &b, every, &stop, |r| print_round(r, json)).await?,
+        );
+    }
+    match remote::archive_to_bucket(&opts, &b).await {
+        Ok(report) => print_report(&report, json),
+        Err(e) => Err(anyhow::Error::new(e).context("archive failed; no backup was published")),
+    }
+}
+
+/// One `--follow` round's outcome on stdout (one JSON object with --json).
+fn print_round(r: &Result<archive::ArchiveReport, archive::ArchiveError>, json: bool) {
+    match r {
+        Ok(report) => match serde_json::to_string(report) {
+            Ok(line) if json => println!("{line}"),
+            _ => println!("{report}"),
+        },
+        // Text mode: the error is already logged on stderr.
+        Err(e) if json => println!(
+            "{}",
+            serde_json::json!({ "action": "error", "error": e.to_string() })
+        ),
+        Err(_) => {}
     }
 }
 
