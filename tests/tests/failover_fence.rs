@@ -193,3 +193,64 @@ fn without_etcd_the_status_has_no_etcd_section() -> Result<()> {
     ensure!(doc["etcd"].is_null(), "{doc}");
     Ok(())
 }
+
+/// One etcd member killed changes nothing, and a 3 s blip between the
+/// primary and etcd (shorter than the ttl's allowance) causes no fence.
+#[test]
+fn a_member_killed_or_a_3s_blip_changes_nothing() -> Result<()> {
+    let mut etcd = EtcdCluster::start()?;
+    let links: Vec<FaultyLink> = (0..3)
+        .map(|i| FaultyLink::start(etcd.client_addr(i)))
+        .collect::<Result<_>>()?;
+    let proxied = links
+        .iter()
+        .map(|l| format!("http://{}", l.addr()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let s = Scratch::new()?;
+    let env = s.path("env");
+    tandem_tests::bdb::run_workload(
+        &env,
+        &WorkloadOptions {
+            txns: 50,
+            ..Default::default()
+        },
+    )?;
+    let fence_file = s.path("fenced.txt");
+    let mut args = etcd_args(&proxied, &fence_file);
+    // ttl 6 s: loop 500 ms + 2 × 1000 ms ≤ 6 s, fence 5.5 s after a renewal.
+    args[7] = "6".into();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &args)?;
+    let lease_of = |etcd: &EtcdCluster| -> Result<String> {
+        let out = etcd.etcdctl(&["get", "/tandem/c1/leader", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["kvs"][0]["lease"].to_string())
+    };
+    let lease = lease_of(&etcd)?;
+    // Absence of a fence is a property of a stretch of time: these sleeps
+    // are the windows looked at, each longer than the primary's renewals.
+    etcd.kill(0)?;
+    std::thread::sleep(Duration::from_secs(4));
+    ensure!(!fence_file.exists(), "fenced with one member down");
+    ensure!(
+        lease_of(&etcd)? == lease,
+        "the leader key changed with one member down"
+    );
+    etcd.restart(0)?;
+    etcd.wait_healthy(LONG)?;
+    links.iter().for_each(FaultyLink::cut);
+    std::thread::sleep(Duration::from_secs(3));
+    links.iter().for_each(FaultyLink::heal);
+    std::thread::sleep(Duration::from_secs(4));
+    ensure!(
+        !fence_file.exists(),
+        "a 3 s blip fenced the primary: {}",
+        std::fs::read_to_string(&fence_file).unwrap_or_default()
+    );
+    ensure!(
+        lease_of(&etcd)? == lease,
+        "the leader key changed after a 3 s blip"
+    );
+    Ok(())
+}
