@@ -219,3 +219,81 @@ fn kill_9_of_the_primary_machine_promotes_one_standby_and_the_other_follows_it()
     );
     Ok(())
 }
+
+/// etcd loses its quorum: nobody promotes, the primary fences after its
+/// ttl, and when the quorum returns the same primary leads again and the
+/// standby follows it as before.
+#[test]
+fn quorum_lost_means_no_promotion_a_fenced_primary_and_a_resume() -> Result<()> {
+    let mut etcd = EtcdCluster::start()?;
+    let s = Scratch::new()?;
+    let env = s.path("env");
+    bdb::run_workload(
+        &env,
+        &WorkloadOptions {
+            txns: 100,
+            ..Default::default()
+        },
+    )?;
+    let fence_file = s.path("fenced");
+    let mut pargs = vec![
+        "--etcd".to_owned(),
+        etcd.endpoints(),
+        "--name".into(),
+        "p1".into(),
+        "--on-fence".into(),
+        format!("touch {}", fence_file.display()),
+    ];
+    pargs.extend(timing());
+    let _primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &strs(&pargs))?;
+    let mut args = vec![
+        "--etcd".to_owned(),
+        etcd.endpoints(),
+        "--promote-listen".into(),
+        format!("127.0.0.1:{}", free_port()?),
+        "--check-interval-secs".into(),
+        "0".into(),
+    ];
+    args.extend(timing());
+    let url = etcd.get_json("/tandem/c1/leader")?.context("leader")?["address"]
+        .as_str()
+        .context("address")?
+        .to_owned();
+    let mut standby =
+        start_standby_as(s.root(), &s.path("s1"), &url, &s.certs, "s1", &strs(&args))?;
+    wait_caught_up_running(&s.path("s1"), &env, LONG, &mut standby)?;
+
+    etcd.kill(1)?;
+    etcd.kill(2)?;
+    let lost = Instant::now();
+    wait_for("the primary to fence", Duration::from_secs(10), || {
+        Ok(fence_file.exists())
+    })?;
+    ensure!(
+        lost.elapsed() <= Duration::from_secs(4),
+        "fenced {:?} after the quorum went",
+        lost.elapsed()
+    );
+    // Twice the ttl without quorum: the standby never promoted.
+    wait_while_running(
+        "twice the ttl",
+        Duration::from_secs(6),
+        &mut standby,
+        || Ok(lost.elapsed() > Duration::from_secs(6)),
+    )?;
+    ensure!(
+        standby_status(&s.path("s1"))?["role"] == "standby",
+        "promoted without quorum"
+    );
+
+    etcd.restart(1)?;
+    etcd.restart(2)?;
+    wait_for("the primary to lead again", LONG, || {
+        Ok(etcd
+            .get_json("/tandem/c1/leader")?
+            .is_some_and(|l| l["name"] == "p1"))
+    })?;
+    wait_caught_up_running(&s.path("s1"), &env, LONG, &mut standby)?;
+    ensure!(standby_status(&s.path("s1"))?["epoch"] == 1);
+    Ok(())
+}
