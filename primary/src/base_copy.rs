@@ -230,6 +230,8 @@ fn ship_files(
 /// this base copy (for the standby's progress); `None` for a file that
 /// appeared after the copy. Returns (bytes sent, skipped).
 #[allow(clippy::too_many_arguments)]
+// Long function: one loop over a file's chunks (stable read, skip as FileSame or send,
+// progress); its position and counts are the loop's state.
 fn ship_file(
     shared: &Shared,
     tx: &Outbox,

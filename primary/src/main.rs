@@ -120,6 +120,7 @@ async fn run(flags: RunArgs) -> Result<()> {
     .await
 }
 
+// Long function: prints the status text, one line per field, in the order an operator reads it.
 async fn status(a: StatusArgs) -> Result<()> {
     let tls = TlsFiles {
         cert: a.cert,

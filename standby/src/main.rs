@@ -49,38 +49,15 @@ fn main() -> ExitCode {
     runtime.block_on(dispatch(cli.command))
 }
 
+/// One call per subcommand; each says how it ends (an exit code).
 async fn dispatch(command: Command) -> ExitCode {
-    let result = match command {
-        Command::Run(flags) => return run(flags).await,
-        Command::Status { dir, json } => show_status(&dir, json),
-        Command::Check { dir, json } => {
-            let report = tandem_standby::readiness::run_check(&StandbyDir::new(&dir));
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else if report.ok {
-                println!(
-                    "recoverable: recovered to {} in {:.2} s ({} bytes of log replayed, {} databases verified)",
-                    report.recovered_to.map(|l| l.to_string()).unwrap_or("-".into()),
-                    report.recovery_seconds,
-                    report.log_bytes,
-                    report.databases_verified
-                );
-            }
-            if report.ok {
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!(
-                    "readiness check failed: {}",
-                    report.error.unwrap_or_default()
-                ))
-            }
-        }
+    match command {
+        Command::Run(flags) => run(flags).await,
+        Command::Status { dir, json } => finish(show_status(&dir, json)),
+        Command::Check { dir, json } => finish(check(&dir, json)),
         Command::Scrub { dir, json } => {
             telemetry::init(LogFormat::Human);
-            scrub(&dir, json).await
+            finish(scrub(&dir, json).await)
         }
         Command::Promote {
             dir,
@@ -88,21 +65,11 @@ async fn dispatch(command: Command) -> ExitCode {
             catch_up_timeout_secs,
             force,
         } => {
-            telemetry::init(LogFormat::Human);
             let opts = PromoteOptions {
                 catch_up_timeout: Duration::from_secs(catch_up_timeout_secs),
                 force,
             };
-            let dir = StandbyDir::new(&dir);
-            match tokio::task::spawn_blocking(move || promote::promote(&dir, &opts)).await {
-                Ok(Ok(report)) => print_report(&report, json),
-                Ok(Err(e)) if e.downcast_ref::<promote::Refused>().is_some() => {
-                    eprintln!("tandem-standby: promote refused: {e:#}");
-                    return ExitCode::from(EXIT_REFUSED_FOR_NOW);
-                }
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(anyhow::anyhow!(e)),
-            }
+            promote_cmd(StandbyDir::new(&dir), opts, json).await
         }
         // clap makes --to and --release exclusive, and one of them required.
         Command::Archive {
@@ -117,67 +84,38 @@ async fn dispatch(command: Command) -> ExitCode {
             json,
         } => {
             telemetry::init(LogFormat::Human);
-            match to {
+            finish(match to {
                 None => release_archive(&dir),
                 Some(to) => {
-                    archive(
-                        ArchiveOptions {
-                            dir,
-                            archive: to,
-                            keep,
-                            keep_days,
-                            verify: !no_verify,
-                            scratch,
-                        },
-                        follow,
-                        json,
-                    )
-                    .await
+                    let opts = ArchiveOptions {
+                        dir,
+                        archive: to,
+                        keep,
+                        keep_days,
+                        verify: !no_verify,
+                        scratch,
+                    };
+                    archive(opts, follow, json).await
                 }
-            }
+            })
         }
         Command::VerifyArchive {
             target,
             all,
             scratch,
             json,
-        } => {
-            telemetry::init(LogFormat::Human);
-            let reports = tokio::task::spawn_blocking(move || -> Result<Vec<VerifyReport>> {
-                let backups = verify::resolve_backups(&target, all)?;
-                Ok(backups
-                    .iter()
-                    .map(|b| verify::verify_backup(b, scratch.as_deref()))
-                    .collect())
-            });
-            match reports.await {
-                Ok(Ok(reports)) => print_verify(&reports, json),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(anyhow::anyhow!(e)),
-            }
-        }
+        } => finish(verify_archive(target, all, scratch, json).await),
         Command::Restore {
             from,
             to,
             until,
             json,
-        } => {
-            telemetry::init(LogFormat::Human);
-            if let Some(t) = &until {
-                if let Err(e) = archive::parse_time(t) {
-                    eprintln!("tandem-standby: error: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            }
-            let opts = RestoreOptions { from, to, until };
-            match tokio::task::spawn_blocking(move || restore::restore(&opts)).await {
-                Ok(Ok(report)) => print_report(&report, json),
-                Ok(Err(e)) => Err(anyhow::Error::new(e)
-                    .context("restore refused or failed; the target was not created")),
-                Err(e) => Err(anyhow::anyhow!(e)),
-            }
-        }
-    };
+        } => restore_cmd(RestoreOptions { from, to, until }, json).await,
+    }
+}
+
+/// The exit code of a subcommand that fails only one way.
+fn finish(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -185,6 +123,91 @@ async fn dispatch(command: Command) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `check`: the readiness check, once.
+fn check(dir: &Path, json: bool) -> Result<()> {
+    let report = tandem_standby::readiness::run_check(&StandbyDir::new(dir));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else if report.ok {
+        println!(
+            "recoverable: recovered to {} in {:.2} s ({} bytes of log replayed, {} databases verified)",
+            report.recovered_to.map(|l| l.to_string()).unwrap_or("-".into()),
+            report.recovery_seconds,
+            report.log_bytes,
+            report.databases_verified
+        );
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "readiness check failed: {}",
+            report.error.unwrap_or_default()
+        ))
+    }
+}
+
+/// `promote`: exits [`EXIT_REFUSED_FOR_NOW`] when it refused and changed
+/// nothing.
+async fn promote_cmd(dir: StandbyDir, opts: PromoteOptions, json: bool) -> ExitCode {
+    telemetry::init(LogFormat::Human);
+    finish(
+        match tokio::task::spawn_blocking(move || promote::promote(&dir, &opts)).await {
+            Ok(Ok(report)) => print_report(&report, json),
+            Ok(Err(e)) if e.downcast_ref::<promote::Refused>().is_some() => {
+                eprintln!("tandem-standby: promote refused: {e:#}");
+                return ExitCode::from(EXIT_REFUSED_FOR_NOW);
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        },
+    )
+}
+
+/// `verify-archive`: every backup named, each verified.
+async fn verify_archive(
+    target: PathBuf,
+    all: bool,
+    scratch: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    telemetry::init(LogFormat::Human);
+    let reports = tokio::task::spawn_blocking(move || -> Result<Vec<VerifyReport>> {
+        let backups = verify::resolve_backups(&target, all)?;
+        Ok(backups
+            .iter()
+            .map(|b| verify::verify_backup(b, scratch.as_deref()))
+            .collect())
+    });
+    match reports.await {
+        Ok(Ok(reports)) => print_verify(&reports, json),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(anyhow::anyhow!(e)),
+    }
+}
+
+/// `restore`: a bad `--until` is a usage error ([`EXIT_USAGE`]).
+async fn restore_cmd(opts: RestoreOptions, json: bool) -> ExitCode {
+    telemetry::init(LogFormat::Human);
+    if let Some(t) = &opts.until {
+        if let Err(e) = archive::parse_time(t) {
+            eprintln!("tandem-standby: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    finish(
+        match tokio::task::spawn_blocking(move || restore::restore(&opts)).await {
+            Ok(Ok(report)) => print_report(&report, json),
+            Ok(Err(e)) => Err(anyhow::Error::new(e)
+                .context("restore refused or failed; the target was not created")),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        },
+    )
 }
 
 async fn run(flags: RunArgs) -> ExitCode {

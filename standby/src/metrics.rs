@@ -12,6 +12,7 @@ fn int(v: u64) -> i64 {
 }
 
 /// The metrics page of a running standby (lag already computed).
+// Long function: a table: one metric per call of the page builder.
 pub fn render(s: &StandbyStatus) -> String {
     MetricsPage::default()
         .counter(

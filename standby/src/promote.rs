@@ -32,7 +32,6 @@ mod ask;
 mod recovery_cache;
 
 use crate::follow::FollowConfig;
-use crate::mirror::{is_recoverable, scan_tail};
 use crate::state::{Promotion, StandbyDir};
 use crate::status::StandbyStatus;
 use anyhow::{bail, Context, Result};
@@ -150,6 +149,8 @@ pub struct PromoteOptions {
 #[error("{0}")]
 pub struct Refused(pub String);
 
+// Long function: the promotion's steps in order (lock, pending swap, catch-up, ask the primary,
+// recover, record); the order is the safety argument.
 pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport> {
     let started = Instant::now();
     if !dir.meta().exists() {
@@ -197,8 +198,8 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
     // A promote that died during its recovery left the bigger cache in.
     restore_db_config(dir)?;
     let mut state = dir.load_state()?;
-    let tail = scan_tail(dir, &state)?;
-    if !is_recoverable(&state, tail.durable) {
+    let tail = dir.scan_tail(&state)?;
+    if !state.is_recoverable(tail.durable) {
         bail!(
             "the standby is not recoverable yet: {}; nothing was changed",
             match &state.base {

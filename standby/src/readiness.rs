@@ -13,7 +13,6 @@
 //! consistent even while `run` keeps streaming; a base that changes under
 //! the clone (a rebase swap) makes it start over.
 
-use crate::mirror::{is_recoverable, scan_tail};
 use crate::state::{StandbyDir, META_DIR};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -175,8 +174,8 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
     let mut tries = 0;
     let (state, tail) = loop {
         let state = dir.load_state()?;
-        let tail = scan_tail(dir, &state)?;
-        if !is_recoverable(&state, tail.durable) {
+        let tail = dir.scan_tail(&state)?;
+        if !state.is_recoverable(tail.durable) {
             bail!("the standby is not recoverable yet (its base copy or the log it needs is incomplete)");
         }
         let _ = std::fs::remove_dir_all(&clone);

@@ -3,7 +3,6 @@
 //! status is computed from the directory itself (state file and log files),
 //! so it works either way.
 
-use crate::mirror::{is_recoverable, scan_tail};
 use crate::state::{StandbyDir, StandbyState};
 use serde::{Deserialize, Serialize};
 use tandem_shared::LogPosition;
@@ -119,7 +118,7 @@ impl StandbyStatus {
             _ if state.promoted.is_some() => "promoted",
             None => "no base",
             Some(b) if !b.files_done => "copying base",
-            Some(_) if !is_recoverable(state, durable) || durable < primary_end => "catching up",
+            Some(_) if !state.is_recoverable(durable) || durable < primary_end => "catching up",
             Some(_) => "streaming",
         }
     }
@@ -142,8 +141,7 @@ impl StandbyStatus {
             .is_some_and(|c| !c.ok && c.base_id.as_ref() == base_id);
         // Damage a scrub found stays until a later scrub passes.
         let scrub_failed = self.scrub.as_ref().is_some_and(|r| !r.ok);
-        self.recoverable =
-            is_recoverable(state, self.durable_lsn) && !check_failed && !scrub_failed;
+        self.recoverable = state.is_recoverable(self.durable_lsn) && !check_failed && !scrub_failed;
         self.phase = Self::phase_of(state, self.durable_lsn, self.primary_end_lsn).into();
         self.promotion = state.promoted.clone();
         self.replay_log_bytes = state.base.as_ref().map_or(0, |b| {
@@ -257,7 +255,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
         );
     }
     let state = dir.load_state()?;
-    let tail = scan_tail(dir, &state)?;
+    let tail = dir.scan_tail(&state)?;
     let mut s = last.unwrap_or_default();
     s.running = holder.is_some();
     s.pid = holder;
