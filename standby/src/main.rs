@@ -20,7 +20,8 @@ use std::time::Duration;
 use tandem_shared::telemetry::{self, LogFormat};
 use tandem_shared::tls::TlsFiles;
 use tandem_standby::archive::{
-    self, restore, verify, ArchiveOptions, RestoreOptions, VerifyReport,
+    self, remote, restore, verify, ArchiveOptions, Bucket, BucketOptions, BucketUrl, Location,
+    RestoreOptions, VerifyReport,
 };
 use tandem_standby::follow::{self, FollowError, StandbyConfig};
 use tandem_standby::promote::{self, PromoteOptions};
@@ -53,11 +54,11 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run(flags) => run(flags).await,
-        Command::Status { dir, json } => finish(show_status(&dir, json)),
-        Command::Check { dir, json } => finish(check(&dir, json)),
+        Command::Status { dir, json } => exit_with(show_status(&dir, json)),
+        Command::Check { dir, json } => exit_with(check(&dir, json)),
         Command::Scrub { dir, json } => {
             telemetry::init(LogFormat::Human);
-            finish(scrub(&dir, json).await)
+            exit_with(scrub(&dir, json).await)
         }
         Command::Promote {
             dir,
@@ -81,46 +82,42 @@ async fn dispatch(command: Command) -> ExitCode {
             follow,
             no_verify,
             scratch,
+            bucket,
             json,
         } => {
             telemetry::init(LogFormat::Human);
-            finish(match to {
-                None => release_archive(&dir),
-                Some(to) => {
-                    let opts = ArchiveOptions {
-                        dir,
-                        archive: to,
-                        keep,
-                        keep_days,
-                        verify: !no_verify,
-                        scratch,
-                    };
-                    archive(opts, follow, json).await
-                }
-            })
+            let Some(to) = to else {
+                return exit_with(release_archive(&dir));
+            };
+            let opts = ArchiveOptions {
+                dir,
+                archive: PathBuf::new(),
+                keep,
+                keep_days,
+                verify: !no_verify,
+                scratch,
+            };
+            archive_cmd(&to, opts, bucket.into(), follow, json).await
         }
         Command::VerifyArchive {
             target,
             all,
             scratch,
+            bucket,
             json,
-        } => finish(verify_archive(target, all, scratch, json).await),
+        } => {
+            telemetry::init(LogFormat::Human);
+            verify_archive(target, all, scratch, bucket.into(), json).await
+        }
         Command::Restore {
             from,
             to,
             until,
+            bucket,
             json,
-        } => restore_cmd(RestoreOptions { from, to, until }, json).await,
-    }
-}
-
-/// The exit code of a subcommand that fails only one way.
-fn finish(result: Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tandem-standby: error: {e:#}");
-            ExitCode::FAILURE
+        } => {
+            telemetry::init(LogFormat::Human);
+            restore_cmd(from, to, until, bucket.into(), json).await
         }
     }
 }
@@ -156,7 +153,7 @@ fn check(dir: &Path, json: bool) -> Result<()> {
 /// nothing.
 async fn promote_cmd(dir: StandbyDir, opts: PromoteOptions, json: bool) -> ExitCode {
     telemetry::init(LogFormat::Human);
-    finish(
+    exit_with(
         match tokio::task::spawn_blocking(move || promote::promote(&dir, &opts)).await {
             Ok(Ok(report)) => print_report(&report, json),
             Ok(Err(e)) if e.downcast_ref::<promote::Refused>().is_some() => {
@@ -169,14 +166,57 @@ async fn promote_cmd(dir: StandbyDir, opts: PromoteOptions, json: bool) -> ExitC
     )
 }
 
-/// `verify-archive`: every backup named, each verified.
+/// `archive --to`: a directory or a bucket (`opts.archive` is set here).
+async fn archive_cmd(
+    to: &Path,
+    opts: ArchiveOptions,
+    bucket: BucketOptions,
+    follow: Option<u64>,
+    json: bool,
+) -> ExitCode {
+    let result = match Location::parse(to) {
+        Err(e) => return usage_error(e),
+        Ok(Location::Dir(to)) => {
+            archive(
+                ArchiveOptions {
+                    archive: to,
+                    ..opts
+                },
+                follow,
+                json,
+            )
+            .await
+        }
+        Ok(Location::Bucket(url)) => archive_bucket(&url, &bucket, opts, follow, json).await,
+    };
+    exit_with(result)
+}
+
+/// `verify-archive`: every backup named (in a directory or a bucket),
+/// each verified.
 async fn verify_archive(
     target: PathBuf,
     all: bool,
     scratch: Option<PathBuf>,
+    bucket: BucketOptions,
     json: bool,
-) -> Result<()> {
-    telemetry::init(LogFormat::Human);
+) -> ExitCode {
+    let url = match Location::parse(&target) {
+        Err(e) => return usage_error(e),
+        Ok(Location::Bucket(url)) => Some(url),
+        Ok(Location::Dir(_)) => None,
+    };
+    if let Some(url) = url {
+        let reports = async {
+            let b = Bucket::open(&url, &bucket)?;
+            Ok::<_, anyhow::Error>(remote::verify_bucket(&b, all, scratch.as_deref()).await?)
+        };
+        return exit_with(reports.await.and_then(|r| print_verify(&r, json)));
+    }
+    let target = match Location::parse(&target) {
+        Ok(Location::Dir(p)) => p,
+        _ => target,
+    };
     let reports = tokio::task::spawn_blocking(move || -> Result<Vec<VerifyReport>> {
         let backups = verify::resolve_backups(&target, all)?;
         Ok(backups
@@ -184,30 +224,73 @@ async fn verify_archive(
             .map(|b| verify::verify_backup(b, scratch.as_deref()))
             .collect())
     });
-    match reports.await {
+    exit_with(match reports.await {
         Ok(Ok(reports)) => print_verify(&reports, json),
         Ok(Err(e)) => Err(e),
         Err(e) => Err(anyhow::anyhow!(e)),
-    }
+    })
 }
 
-/// `restore`: a bad `--until` is a usage error ([`EXIT_USAGE`]).
-async fn restore_cmd(opts: RestoreOptions, json: bool) -> ExitCode {
-    telemetry::init(LogFormat::Human);
-    if let Some(t) = &opts.until {
+/// `restore`: from a directory or a bucket; a bad `--until` is a usage
+/// error ([`EXIT_USAGE`]).
+async fn restore_cmd(
+    from: PathBuf,
+    to: PathBuf,
+    until: Option<String>,
+    bucket: BucketOptions,
+    json: bool,
+) -> ExitCode {
+    if let Some(t) = &until {
         if let Err(e) = archive::parse_time(t) {
             eprintln!("tandem-standby: error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     }
-    finish(
-        match tokio::task::spawn_blocking(move || restore::restore(&opts)).await {
-            Ok(Ok(report)) => print_report(&report, json),
-            Ok(Err(e)) => Err(anyhow::Error::new(e)
-                .context("restore refused or failed; the target was not created")),
-            Err(e) => Err(anyhow::anyhow!(e)),
-        },
+    let from = match Location::parse(&from) {
+        Err(e) => return usage_error(e),
+        Ok(l) => l,
+    };
+    let restored = match from {
+        Location::Dir(from) => {
+            let opts = RestoreOptions { from, to, until };
+            tokio::task::spawn_blocking(move || restore::restore(&opts))
+                .await
+                .map_err(|e| anyhow::anyhow!(e))
+                .and_then(|r| r.map_err(anyhow::Error::new))
+        }
+        Location::Bucket(url) => {
+            let opts = RestoreOptions {
+                from: PathBuf::from(url.to_string()),
+                to,
+                until,
+            };
+            async {
+                let b = Bucket::open(&url, &bucket)?;
+                Ok(remote::restore_from_bucket(&b, &opts).await?)
+            }
+            .await
+        }
+    };
+    exit_with(
+        restored
+            .context("restore refused or failed; the target was not created")
+            .and_then(|report| print_report(&report, json)),
     )
+}
+
+fn exit_with(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem-standby: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tandem-standby: error: {e}");
+    ExitCode::from(EXIT_USAGE)
 }
 
 async fn run(flags: RunArgs) -> ExitCode {
@@ -352,21 +435,53 @@ async fn archive(opts: ArchiveOptions, follow: Option<u64>, json: bool) -> Resul
             });
             let every = Duration::from_secs(secs);
             let rounds = tokio::task::spawn_blocking(move || {
-                archive::follow(&opts, every, &stop, |r| match r {
-                    Ok(report) => match serde_json::to_string(report) {
-                        Ok(line) if json => println!("{line}"),
-                        _ => println!("{report}"),
-                    },
-                    // Text mode: the error is already logged on stderr.
-                    Err(e) if json => println!(
-                        "{}",
-                        serde_json::json!({ "action": "error", "error": e.to_string() })
-                    ),
-                    Err(_) => {}
-                })
+                archive::follow(&opts, every, &stop, |r| print_round(r, json))
             });
             rounds.await.map_err(|e| anyhow::anyhow!(e))
         }
+    }
+}
+
+/// `archive --to s3://…` (once; `--follow` comes in a later step).
+async fn archive_bucket(
+    url: &BucketUrl,
+    bucket: &BucketOptions,
+    opts: ArchiveOptions,
+    follow: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    let b = Bucket::open(url, bucket)?;
+    if let Some(secs) = follow {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        tokio::spawn(async move {
+            tandem_shared::shutdown_signal().await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        let every = Duration::from_secs(secs);
+        return Ok(
+            remote::follow_to_bucket(&opts, &b, every, &stop, |r| print_round(r, json)).await?,
+        );
+    }
+    match remote::archive_to_bucket(&opts, &b).await {
+        Ok(report) => print_report(&report, json),
+        Err(e) => Err(anyhow::Error::new(e).context("archive failed; no backup was published")),
+    }
+}
+
+/// One `--follow` round's outcome on stdout (one JSON object with --json).
+fn print_round(r: &Result<archive::ArchiveReport, archive::ArchiveError>, json: bool) {
+    match r {
+        Ok(report) => match serde_json::to_string(report) {
+            Ok(line) if json => println!("{line}"),
+            _ => println!("{report}"),
+        },
+        // Text mode: the error is already logged on stderr.
+        Err(e) if json => println!(
+            "{}",
+            serde_json::json!({ "action": "error", "error": e.to_string() })
+        ),
+        Err(_) => {}
     }
 }
 

@@ -53,6 +53,8 @@ pub enum ArchiveError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Scan(#[from] ScanError),
+    #[error(transparent)]
+    Bucket(#[from] super::bucket::BucketError),
     #[error("{} is not a Tandem standby directory (no .tandem inside)", .0.display())]
     NotAStandby(PathBuf),
     #[error("{} was promoted: it is a live environment now, not a mirror; archive it from a standby of its own", .0.display())]
@@ -115,6 +117,9 @@ pub struct ArchiveReport {
     pub seconds: f64,
     /// Backups deleted by retention.
     pub removed: Vec<String>,
+    /// Bytes uploaded to a bucket (files it did not hold yet).
+    #[serde(default)]
+    pub uploaded_bytes: u64,
     pub unix_ms: u64,
 }
 
