@@ -30,7 +30,7 @@ pub enum BaseCommand {
 
 /// The first log file a base copy taken now needs: the one holding the last
 /// checkpoint's `ckp_lsn`, i.e. the first file `db_archive` does not list
-/// (BDB.md §7). Without a checkpoint, every log file is needed.
+/// (BDB-NOTES.md §7). Without a checkpoint, every log file is needed.
 pub fn base_boundary(shared: &Shared) -> Result<LogPosition, Status> {
     let files = shared
         .layout

@@ -19,7 +19,7 @@
 //! 4. Record the promotion durably with a new epoch (the fencing token)
 //!    and where it began: the durable end of log X before recovery, and the
 //!    digest of the last record before X. Recovery appends its own records
-//!    after X (BDB.md §4.1), so the new primary's log is the old one's up
+//!    after X (BDB-NOTES.md §4), so the new primary's log is the old one's up
 //!    to X; the environment keeps its identity, and other standbys that
 //!    hold no log past X follow the new primary without a new base.
 //!
@@ -62,7 +62,7 @@ pub struct PromoteReport {
     pub primary_end_lsn: LogPosition,
     pub recovery_seconds: f64,
     /// CPU seconds the recovery used, as the readiness check reports them:
-    /// the same work as the check's, whatever the load (BDB.md §5).
+    /// the same work as the check's, whatever the load (BDB-NOTES.md §5).
     pub recovery_cpu_seconds: Option<f64>,
     pub total_seconds: f64,
     pub already_promoted: bool,

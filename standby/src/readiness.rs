@@ -30,7 +30,7 @@ use tandem_shared::LogPosition;
 const CHECK_DIR: &str = "check";
 const REPORT_FILE: &str = "check.json";
 /// Recovery gets a bigger cache: it halved the time to replay 1 GB of log
-/// (BDB.md §5). The clone's DB_CONFIG gets it for good; promote adds it to
+/// (BDB-NOTES.md §5). The clone's DB_CONFIG gets it for good; promote adds it to
 /// the environment's only while its recovery runs (`db_recover` removes
 /// the regions afterwards, so applications keep their own cache), and
 /// thereby replays at the rate the check measured.

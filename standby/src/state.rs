@@ -69,7 +69,7 @@ impl StandbyState {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BaseState {
     pub base_id: String,
-    /// First log position the base needs (BDB.md §7).
+    /// First log position the base needs (BDB-NOTES.md §7).
     pub log_start: LogPosition,
     /// Files of the base that are complete, fsynced and under their name.
     pub complete_files: BTreeSet<String>,

@@ -65,7 +65,7 @@ pub struct StandbyStatus {
     pub rebases: u64,
     pub last_rebase: Option<crate::mirror::RebaseReport>,
     /// Estimated recovery time of a promotion now, from the median replay
-    /// rate of the last few checks (or 100 MB/s, BDB.md §5, before the
+    /// rate of the last few checks (or 100 MB/s, BDB-NOTES.md §5, before the
     /// first check).
     pub replay_estimate_seconds: f64,
     /// Estimated time of a whole `promote` now: the replay above, the last

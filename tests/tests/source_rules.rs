@@ -334,3 +334,32 @@ fn the_checks_see_what_they_check() {
     let reasoned = format!("{REASON} a table\nfn f() {{\n{body}}}\n");
     assert!(long_functions(&reasoned).is_empty());
 }
+
+/// Every `BDB-NOTES.md §N` a source file cites is a numbered section of
+/// `docs/BDB-NOTES.md` (the measured facts live in the repository).
+#[test]
+fn every_cited_bdb_note_exists() {
+    let notes = std::fs::read_to_string(workspace().join("docs/BDB-NOTES.md")).expect("notes");
+    let mut missing = Vec::new();
+    for krate in CRATES {
+        let mut files = Vec::new();
+        rust_files(&workspace().join(krate).join("src"), &mut files);
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("readable source");
+            for (i, _) in text.match_indices("BDB-NOTES.md §") {
+                let n: String = text[i + "BDB-NOTES.md §".len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                if !notes.contains(&format!("\n## §{n}. ")) {
+                    missing.push(format!("{}: §{n}", file.display()));
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "cited but not in docs/BDB-NOTES.md:\n{}",
+        missing.join("\n")
+    );
+}

@@ -5,7 +5,7 @@
 //! [`crate::readiness`]): database files in the mirror never change once
 //! installed, and log bytes before the durable end never change, so a copy
 //! of the base's files plus the log up to a durable end read beforehand is
-//! a recoverable set (BDB.md §7). Two things can still move under the copy:
+//! a recoverable set (BDB-NOTES.md §7). Two things can still move under the copy:
 //! a rebase swaps in other database files and removes old logs, and a
 //! promotion runs recovery in place. The state file is re-read after the
 //! copy (a changed base, a pending swap or a promotion throws the copy away

@@ -81,7 +81,7 @@ pub(crate) use system::*;
 const MIB: f64 = 1024.0 * 1024.0;
 /// The name `harness::start_standby` gives every standby.
 const STANDBY_NAME: &str = "test-standby";
-/// Log file size of the streaming environments (BDB.md §5 used 10 MB).
+/// Log file size of the streaming environments (BDB-NOTES.md §5 used 10 MB).
 const LG_MAX: u64 = 10 << 20;
 /// Log file size of the base-copy environment: small, so that the little log
 /// written in section 5 still moves the checkpoint into a later file, which
@@ -143,7 +143,7 @@ impl Bench {
     }
 
     /// Streaming workload options: small values, several updates per
-    /// transaction (BDB.md §5: about 1.6 KB of log per transaction).
+    /// transaction (BDB-NOTES.md §5: about 1.6 KB of log per transaction).
     pub(crate) fn stream_workload(&self) -> WorkloadOptions {
         WorkloadOptions {
             txns: 0,
