@@ -238,7 +238,16 @@ pub(crate) async fn publish(
         .try_collect::<Vec<()>>()
         .await?;
     // Every object is confirmed: now the manifest, which makes the backup.
-    if !bucket.create(&key, bm.to_bytes()).await? {
+    let created = match bucket.create(&key, bm.to_bytes()).await {
+        Ok(c) => c,
+        // The put may have reached the store before the failure (its answer
+        // lost): then the manifest there is ours, byte for byte.
+        Err(e) => match bucket.read(&key).await {
+            Ok(Some(there)) if there == bm.to_bytes() => true,
+            _ => return Err(e.into()),
+        },
+    };
+    if !created {
         let existing = bucket.read(&key).await?.unwrap_or_default();
         // A retried PUT whose first attempt got through finds itself.
         if existing != bm.to_bytes() {
