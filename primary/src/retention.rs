@@ -24,6 +24,11 @@ use tandem_shared::bdb::BdbTools;
 use tandem_shared::envlayout::EnvLayout;
 use tokio_util::sync::CancellationToken;
 
+/// `--retention-cap-mib`: most log MiB kept for lagging standbys.
+pub const DEFAULT_CAP_MIB: u64 = 10240;
+/// `--retention-interval-secs`: seconds between retention passes.
+pub const DEFAULT_INTERVAL_SECS: u64 = 10;
+
 #[derive(Debug, Clone)]
 pub struct RetentionConfig {
     /// Most log bytes kept for lagging standbys before the laggard is dropped.

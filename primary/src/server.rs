@@ -37,6 +37,19 @@ use tonic::{Request, Response, Status, Streaming};
 /// watcher) before it goes on without it.
 const SHUTDOWN_STAGE: Duration = Duration::from_secs(5);
 
+/// `--state-dir`'s default: this directory under the environment home.
+pub const DEFAULT_STATE_DIR_NAME: &str = ".tandem-primary";
+/// `--poll-interval-ms`: how often the log is looked at for new records.
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 2;
+/// The shortest poll interval `run` accepts (a smaller one is raised).
+pub const MIN_POLL_INTERVAL_MS: u64 = 1;
+/// `--heartbeat-interval-ms`: how often standbys hear the end of log.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 500;
+/// `--rescan-interval-ms`: how often new database files are looked for.
+pub const DEFAULT_RESCAN_INTERVAL_MS: u64 = 2000;
+/// The shortest heartbeat or rescan interval `run` accepts.
+pub const MIN_INTERVAL_MS: u64 = 10;
+
 /// Everything `tandem-primary run` needs, after flags and config file are
 /// merged.
 #[derive(Debug, Clone)]
@@ -49,7 +62,9 @@ pub struct PrimaryConfig {
     pub heartbeat_interval: Duration,
     pub rescan_interval: Duration,
     pub metrics_listen: Option<SocketAddr>,
-    /// Test-only: corrupt the digest of the Nth chunk sent.
+    /// `--fault-corrupt-chunk` (feature `test-hooks` only): corrupt the
+    /// digest of the Nth chunk sent.
+    #[cfg(feature = "test-hooks")]
     pub corrupt_chunk: Option<u64>,
     /// Remove shipped, inactive log files from the environment (off: None).
     pub retention: Option<crate::retention::RetentionConfig>,
@@ -145,6 +160,7 @@ pub async fn serve(
         tools: tools.clone(),
         heartbeat_interval: cfg.heartbeat_interval,
         rescan_interval: cfg.rescan_interval,
+        #[cfg(feature = "test-hooks")]
         corrupt_chunk: cfg.corrupt_chunk,
         counters: Counters::default(),
         compression: cfg.compression,

@@ -44,6 +44,11 @@ use tandem_shared::metrics::{exponential_buckets, Histogram};
 use tandem_shared::LogPosition;
 use tokio::sync::watch;
 
+/// `wait-durable --standbys`: how many standbys must hold the record.
+pub const DEFAULT_STANDBYS: usize = 1;
+/// `wait-durable --timeout-ms`: how long `wait-durable` waits.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+
 /// Longest request line accepted, newline included.
 pub const MAX_REQUEST: usize = 128;
 /// Most standbys a request may ask for.
