@@ -113,6 +113,7 @@ async fn dispatch(command: Command) -> ExitCode {
             keep,
             keep_days,
             follow,
+            drill_every,
             no_verify,
             scratch,
             bucket,
@@ -129,6 +130,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 keep_days,
                 verify: !no_verify,
                 scratch,
+                drill_every: drill_every.map(Duration::from_secs),
             };
             match Location::parse(&to) {
                 Err(e) => return usage_error(e),
