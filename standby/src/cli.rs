@@ -127,6 +127,13 @@ pub enum Command {
         /// new log, or start a new backup when the standby's base changed.
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         follow: Option<u64>,
+        /// With --follow: every SECS, restore the newest backup into --scratch
+        /// (downloaded, for a bucket), run db_recover -c and db_verify there,
+        /// and record the outcome (status, metric
+        /// tandem_standby_archive_last_verified_restore_timestamp_seconds)
+        /// [default: no drills].
+        #[arg(long, value_name = "SECS", requires = "follow", value_parser = clap::value_parser!(u64).range(1..))]
+        drill_every: Option<u64>,
         /// Skip the recovery proof of a new backup (hashes and the log chain
         /// are still checked).
         #[arg(long)]

@@ -348,15 +348,22 @@ async fn write_status_forever(dir: StandbyDir, status: StatusTx, mut stop: watch
         }
         let d = dir.clone();
         // File reads, off the runtime's threads.
-        let Ok(archive) =
-            tokio::task::spawn_blocking(move || crate::archive_hold::observe(&d)).await
+        let Ok((archive, drill)) = tokio::task::spawn_blocking(move || {
+            (
+                crate::archive_hold::observe(&d),
+                crate::archive::drill::last_report(&d),
+            )
+        })
+        .await
         else {
             continue;
         };
         status.send_if_modified(|s| {
             let before = (s.archive.clone(), s.archived_lsn, s.archive_held_log_bytes);
             s.set_archive(archive);
-            before != (s.archive.clone(), s.archived_lsn, s.archive_held_log_bytes)
+            let drill_moved = s.archive_drill != drill;
+            s.archive_drill = drill;
+            drill_moved || before != (s.archive.clone(), s.archived_lsn, s.archive_held_log_bytes)
         });
         let d = dir.clone();
         let s = status.clone();

@@ -80,6 +80,7 @@ async fn dispatch(command: Command) -> ExitCode {
             keep,
             keep_days,
             follow,
+            drill_every,
             no_verify,
             scratch,
             bucket,
@@ -96,6 +97,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 keep_days,
                 verify: !no_verify,
                 scratch,
+                drill_every: drill_every.map(Duration::from_secs),
             };
             archive_cmd(&to, opts, bucket.into(), follow, json).await
         }

@@ -141,6 +141,13 @@ pub fn render(s: &StandbyStatus) -> String {
             "When the last scrub ended.",
             s.scrub.as_ref().map_or(0.0, |r| r.unix_ms as f64 / 1000.0),
         )
+        .gauge(
+            "tandem_standby_archive_last_verified_restore_timestamp_seconds",
+            "When a restore drill of the archive (--drill-every) last passed; 0: never.",
+            s.archive_drill
+                .as_ref()
+                .map_or(0.0, |r| r.last_verified_unix_ms as f64 / 1000.0),
+        )
         .gauge_int(
             "tandem_standby_base_copy_done_bytes",
             "Bytes of the base copy under way received or reused (0 when none).",

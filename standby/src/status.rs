@@ -95,6 +95,9 @@ pub struct StandbyStatus {
     /// The last scrub (every page and log record against what was written).
     #[serde(default)]
     pub scrub: Option<crate::scrub::ScrubReport>,
+    /// The last restore drill of the continuous archive (`--drill-every`).
+    #[serde(default)]
+    pub archive_drill: Option<crate::archive::drill::DrillReport>,
     /// `run --rejoin` is under way: the page-delta new base (its progress
     /// is the base copy's) has not replaced the mirror yet.
     #[serde(default)]
@@ -242,6 +245,8 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
                     s.fill_from_state(&state);
                 }
             }
+            // A drill the archiver recorded since the status file was written.
+            s.archive_drill = crate::archive::drill::last_report(dir).or(s.archive_drill);
             // Recomputed now: a status file written before a silence must
             // not keep reading "caught up".
             s.compute_lag(tandem_shared::now_unix_ms(), s.primary_silence_ms);
@@ -267,6 +272,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     }
     s.last_check = crate::readiness::last_check(dir).or(s.last_check);
     s.scrub = crate::scrub::last_report(dir).or(s.scrub);
+    s.archive_drill = crate::archive::drill::last_report(dir).or(s.archive_drill);
     s.rejoining = false;
     s.discarded = crate::rejoin::reports(dir);
     s.compute_lag(tandem_shared::now_unix_ms(), 0);
@@ -336,6 +342,7 @@ pub fn render(s: &StandbyStatus) -> String {
         None => out.push_str("last check:   none yet\n"),
     }
     out.push_str(&crate::scrub::render(s.scrub.as_ref()));
+    out.push_str(&crate::archive::drill::render(s.archive_drill.as_ref()));
     match (&s.archive, s.archived_lsn) {
         (Some(a), Some(end)) => out.push_str(&format!(
             "archive:      {a} holds the log up to {end}; {} bytes of log held for it\n",

@@ -91,6 +91,9 @@ pub struct ArchiveOptions {
     /// before publishing it.
     pub verify: bool,
     pub scratch: Option<PathBuf>,
+    /// With `--follow`: restore the newest backup into scratch and prove it
+    /// recovers this often ([`super::drill`]).
+    pub drill_every: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

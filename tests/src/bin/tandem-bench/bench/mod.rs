@@ -9,7 +9,7 @@
 //! timed test). What each figure means and its caveats: `bench/README.md`.
 //!
 //! Sections (each can be selected with
-//! `BENCH_ONLY=copy,restore,lag,cost,promote,resume,large,slowlink,wait`):
+//! `BENCH_ONLY=copy,restore,lag,cost,promote,resume,large,slowlink,wait,s3`):
 //! 1. `copy`: base copy of an environment of `BENCH_SIZE_MB` over loopback
 //!    mTLS, against cp, rsync over ssh, db_hotbackup, raw loopback TCP, disk
 //!    and blake3 limits; page cache dropped ("cold") and/or warm.
@@ -30,6 +30,8 @@
 //! 9. `wait`: waiting after each commit until it is durable on the standby:
 //!    latency at 1,000 commits/s, and a multi-threaded commit rate with and
 //!    without waiting.
+//! 10. `s3`: `archive --to s3://` and `restore --from s3://` of section 1's
+//!     mirror against a loopback S3 server, against `cp -r` of the bytes.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
@@ -65,6 +67,7 @@ pub(crate) mod promote;
 pub(crate) mod report;
 pub(crate) mod restore;
 pub(crate) mod resume;
+pub(crate) mod s3;
 pub(crate) mod slowlink;
 pub(crate) mod stats;
 pub(crate) mod system;
