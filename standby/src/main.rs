@@ -87,11 +87,13 @@ async fn dispatch(command: Command) -> ExitCode {
             json,
             catch_up_timeout_secs,
             force,
+            full_verify,
         } => {
             telemetry::init(LogFormat::Human);
             let opts = PromoteOptions {
                 catch_up_timeout: Duration::from_secs(catch_up_timeout_secs),
                 force,
+                full_verify,
             };
             let dir = StandbyDir::new(&dir);
             match tokio::task::spawn_blocking(move || promote::promote(&dir, &opts)).await {
