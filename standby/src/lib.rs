@@ -1,32 +1,31 @@
 //! `tandem-standby`: keeps a pristine, durable mirror of a primary's
 //! environment, reports how far behind it is, and is promoted on command.
 //!
+//! Public (used by the binary, `src/main.rs`):
 //! - [`state`]: the standby directory, its durable state and its lock.
-//! - [`mirror`]: applies what the primary sends, after checking it (a
-//!   facade over [`logwriter`], [`receiver`] and [`swap`]).
 //! - [`follow`]: the connection loop, a pipeline: receive, apply and fsync,
-//!   acknowledge; status published on a watch channel.
-//! - [`status`]: what `tandem-standby status` reports.
+//!   acknowledge; status published on a watch channel (`follow/`).
+//! - [`status`]: what `tandem-standby status` reports (`status/`).
+//! - [`readiness`]: proves the mirror recovers, on a clone.
+//! - [`promote`]: turns the mirror into the live environment (`promote/`).
 //! - [`scrub`]: proves the mirror still holds what was written; heals it.
+//! - [`archive`]: backups of the mirror, their verification and restore.
+//! - [`archive_hold`]: the log the archive still needs, kept from removal.
+//!
+//! Private to the crate:
+//! - [`mirror`]: applies what the primary sends, after checking it; its
+//!   parts (log writer, file receiver, swap, ...) live under `mirror/`.
 //! - [`metrics`]: the metrics page of a running standby.
 //! - [`rejoin`]: what `run --rejoin` discards, set aside before the swap.
-//! - [`archive`]: backups of the mirror, their verification and restore.
 
-pub mod apply_error;
 pub mod archive;
 pub mod archive_hold;
-mod base_files;
-mod dirs;
 pub mod follow;
-pub mod logwriter;
-pub mod metrics;
-pub mod mirror;
+pub(crate) mod metrics;
+pub(crate) mod mirror;
 pub mod promote;
 pub mod readiness;
-pub mod receiver;
-pub mod rejoin;
+pub(crate) mod rejoin;
 pub mod scrub;
 pub mod state;
 pub mod status;
-pub mod swap;
-pub mod write_behind;

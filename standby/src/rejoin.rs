@@ -188,10 +188,10 @@ pub fn set_aside_for_swap(
     discard_after: Option<LogPosition>,
     old_end: LogPosition,
     new_end: LogPosition,
-) -> Result<Option<DiscardReport>, crate::apply_error::ApplyError> {
-    use crate::apply_error::io_err;
-    let old_dir = crate::logwriter::checked_log_dir(&dir.root, &state.log_dir)?;
-    let new_dir = crate::logwriter::checked_log_dir(&dir.rebase_dir(), &state.log_dir)?;
+) -> Result<Option<DiscardReport>, crate::mirror::apply_error::ApplyError> {
+    use crate::mirror::apply_error::io_err;
+    let old_dir = crate::mirror::logwriter::checked_log_dir(&dir.root, &state.log_dir)?;
+    let new_dir = crate::mirror::logwriter::checked_log_dir(&dir.rebase_dir(), &state.log_dir)?;
     let report = agreed_point(
         &old_dir,
         &new_dir,

@@ -6,6 +6,7 @@
 
 pub mod archive_cmd;
 pub mod bdb;
+pub mod etcd;
 pub mod faults;
 pub mod faulty_link;
 pub mod harness;

@@ -311,7 +311,7 @@ fn a_hostile_primary_cannot_damage_a_standby_directory() -> Result<()> {
             .concat(),
         ),
         // Planted once the standby runs (a link there at start-up is itself
-        // refused when the directory is opened, see mirror_names_tests.rs).
+        // refused when the directory is opened, see standby/src/mirror/tests/names.rs).
         Script {
             messages: vec![
                 resume(),

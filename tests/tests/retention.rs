@@ -107,11 +107,16 @@ fn retention_keeps_the_log_directory_bounded_without_losing_a_file() -> Result<(
         "generated {} log files; at most {most} were on the primary at once",
         end.file
     );
-    // Bounded: what is on disk at once does not grow with what was written
-    // (about 6 MB/s here, one retention pass a second).
+    // Bounded: what is on disk at once never exceeds the cap (64 files of
+    // 1 MiB) plus the files since the last checkpoint and the pass in
+    // flight, however much was written. How far below the cap it stays
+    // depends on how far the standby lags, which depends on the machine's
+    // load (on an idle machine about a third of the files), so only the
+    // cap is asserted.
+    let bound = 64 + 4;
     assert!(
-        end.file > 40 && most * 3 < end.file as usize,
-        "the primary's log directory must stay bounded: {most} of {}",
+        end.file as usize > bound + 10 && most <= bound,
+        "the primary's log directory must stay bounded by the cap: {most} of {} at once (bound {bound})",
         end.file
     );
     // No file was ever removed before the standby had it: no gap, so no

@@ -16,9 +16,9 @@
 //!   before the end is where the durable log ends, loudly, and files past it
 //!   are moved out of the environment to `.tandem/broken-log/`.
 
-use crate::apply_error::Applied;
-use crate::apply_error::{io_err, ApplyError};
-use crate::dirs::create_dirs_durably;
+use crate::mirror::apply_error::Applied;
+use crate::mirror::apply_error::{io_err, ApplyError};
+use crate::mirror::dirs::create_dirs_durably;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;

@@ -348,5 +348,4 @@ pub fn decode_kind(kind: Kind, accepted: bool) -> Result<Kind, DecodeError> {
 }
 
 #[cfg(test)]
-#[path = "compress_tests.rs"]
 mod tests;

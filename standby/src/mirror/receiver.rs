@@ -13,11 +13,11 @@
 //!   destination: a symlink may have appeared meanwhile);
 //! - a file appears under its name only when complete and fsynced, then its
 //!   directory is fsynced. Its writeback starts while it arrives
-//!   ([`crate::write_behind`]), so that fsync finds little left to write.
+//!   ([`crate::mirror::write_behind`]), so that fsync finds little left to write.
 
-use crate::apply_error::{io_err, ApplyError, MAX_FILE_SIZE};
-use crate::dirs::create_dirs_durably;
-use crate::write_behind::WriteBehind;
+use crate::mirror::apply_error::{io_err, ApplyError, MAX_FILE_SIZE};
+use crate::mirror::dirs::create_dirs_durably;
+use crate::mirror::write_behind::WriteBehind;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

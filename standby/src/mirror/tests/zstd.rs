@@ -2,7 +2,7 @@
 //! and written as the original bytes; a corrupted frame, a size lie, a bomb
 //! or a zstd chunk this standby did not offer to accept is refused before a
 //! byte is written (`refuse` checks the directory, state and log tail).
-//! Uses the fixtures of `mirror_tests`.
+//! Uses the fixtures of `mirror::tests` (`tests/mod.rs`).
 
 use super::*;
 use tandem_shared::compress::{Encoder, WireStats, ZSTD};

@@ -1,7 +1,7 @@
 //! Chunks of files and log from the primary: past the declared size, for an
 //! unknown file, out of order, with a bad digest, log that does not
 //! continue the standby's log or is not valid records. Every refusal is
-//! checked with `refuse`; uses the fixtures of `mirror_tests`.
+//! checked with `refuse`; uses the fixtures of `mirror::tests` (`tests/mod.rs`).
 
 use super::*;
 

@@ -2,7 +2,7 @@
 //! continue it is refused with the directory unchanged; one it may take is
 //! staged beside it and swapped in only when complete; every step of a swap
 //! that fails is finished from disk; at open the log chain is verified
-//! across files. Uses the fixtures of `mirror_tests`.
+//! across files. Uses the fixtures of `mirror::tests` (`tests/mod.rs`).
 
 use super::*;
 
@@ -79,7 +79,7 @@ fn send_rebase(fx: &mut Fx, id: &str) -> LogPosition {
 }
 
 fn log_numbers_of(fx: &Fx) -> Vec<u32> {
-    crate::logwriter::log_numbers(&fx.m.dir.log_dir(&fx.m.state)).expect("ls")
+    crate::mirror::logwriter::log_numbers(&fx.m.dir.log_dir(&fx.m.state)).expect("ls")
 }
 
 /// The directory holds exactly the new base: its files, not the old base's

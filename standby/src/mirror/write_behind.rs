@@ -64,11 +64,13 @@ impl WriteBehind {
     }
 
     /// Writeback started so far (for tests).
+    #[cfg(test)]
     pub fn started(&self) -> u64 {
         self.started
     }
 
     /// Writeback waited for so far (for tests).
+    #[cfg(test)]
     pub fn waited(&self) -> u64 {
         self.waited
     }

@@ -3,7 +3,7 @@
 //! page by page for a rebase request (so the primary sends only the pages
 //! that differ).
 
-use crate::apply_error::{io_err, ApplyError};
+use crate::mirror::apply_error::{io_err, ApplyError};
 use crate::state::{BaseState, StandbyDir, StandbyState};
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -19,7 +19,7 @@ use tandem_shared::wirepath;
 pub fn record_page_digests(
     dir: &StandbyDir,
     base_id: &str,
-    placed: crate::receiver::Placed,
+    placed: crate::mirror::receiver::Placed,
 ) -> io::Result<()> {
     use crate::scrub::digests;
     let path = wirepath::resolve_under(&dir.root, &placed.name).map_err(io::Error::other)?;

@@ -390,5 +390,4 @@ fn log_end(layout: &EnvLayout, newest: u32) -> io::Result<(LogPosition, u32)> {
 }
 
 #[cfg(test)]
-#[path = "plan_tests.rs"]
 mod tests;

@@ -1,10 +1,9 @@
 //! `tandem-bench`: the benchmark driver `bench/run` starts (release build,
 //! never part of `cargo test`). The sections, the statistics and the report
-//! live in `tests/src/bench/`; processes, certificates, status and metrics
-//! come from the test harness (`tandem_tests::harness`), so the benchmark
+//! live in `bench/` beside this file; processes, certificates, status and
+//! metrics come from the test harness (`tandem_tests::harness`), so the benchmark
 //! drives the binaries exactly the way the integration tests do.
 
-#[path = "../bench/mod.rs"]
 mod bench;
 
 use anyhow::{bail, Context, Result};

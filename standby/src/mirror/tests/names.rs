@@ -1,7 +1,7 @@
 //! File names from the primary: names and log directories that leave the
 //! standby directory, symlinks planted before or while a file or the log is
 //! received, a new base deleting through a planted link. Every refusal is
-//! checked with `refuse`; uses the fixtures of `mirror_tests`.
+//! checked with `refuse`; uses the fixtures of `mirror::tests` (`tests/mod.rs`).
 
 use super::*;
 

@@ -3,11 +3,11 @@
 //! when complete (see the rules in [`super`]).
 
 use super::{Mirror, Rebase, RebaseReport};
-use crate::apply_error::{io_err, ApplyError};
-use crate::dirs::{create_dirs_durably, remove_tree_durably};
-use crate::logwriter::{checked_log_dir, LogWriter};
+use crate::mirror::apply_error::{io_err, ApplyError};
+use crate::mirror::dirs::{create_dirs_durably, remove_tree_durably};
+use crate::mirror::logwriter::{checked_log_dir, LogWriter};
+use crate::mirror::swap;
 use crate::state::{BaseState, StagedLog};
-use crate::swap;
 use tandem_shared::durable::fsync_dir;
 use tandem_shared::LogPosition;
 

@@ -2,7 +2,7 @@
 //! changed log directory, data before Welcome or BaseStart, a file of the
 //! wrong kind or size, a resent file that ends short; where the standby
 //! resumes after a refusal; a full disk. Uses the fixtures of
-//! `mirror_tests`.
+//! `mirror::tests` (`tests/mod.rs`).
 
 // Messages are built with `..Default::default()` even where every field is
 // given today: the protocol grows fields, the tests set what they mean.

@@ -24,9 +24,9 @@
 //! directory: at open, at session start, before a new base or rebase, and
 //! by `promote`.
 
-use crate::apply_error::{io_err, is_disk_full, ApplyError};
-use crate::dirs::{create_dirs_durably, remove_if_exists, remove_tree_durably};
-use crate::logwriter::{checked_log_dir, log_numbers};
+use crate::mirror::apply_error::{io_err, is_disk_full, ApplyError};
+use crate::mirror::dirs::{create_dirs_durably, remove_if_exists, remove_tree_durably};
+use crate::mirror::logwriter::{checked_log_dir, log_numbers};
 use crate::state::{StandbyDir, StandbyState};
 use std::io;
 use tandem_shared::durable::{fsync_dir, ControlFileError};

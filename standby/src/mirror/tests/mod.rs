@@ -9,16 +9,16 @@
 //!
 //! This file holds the shared fixture (`Fx`, the message and log builders,
 //! `populated`); the tests are child modules, one file per topic:
-//! `mirror_names_tests.rs` (file names, symlinks), `mirror_chunks_tests.rs`
-//! (file and log chunks), `mirror_session_tests.rs` (environment, epoch,
-//! order, resuming, a full disk) and `mirror_staging_tests.rs` (new bases).
+//! `names.rs` (file names, symlinks), `chunks.rs` (file and log chunks),
+//! `session.rs` (environment, epoch, order, resuming, a full disk),
+//! `staging.rs` (new bases) and `zstd.rs` (compressed chunks).
 
 // Messages are built with `..Default::default()` even where every field is
 // given today: the protocol grows fields, the tests set what they mean.
 #![allow(clippy::needless_update)]
 
 use super::*;
-use crate::apply_error::MAX_FILE_SIZE;
+use crate::mirror::apply_error::MAX_FILE_SIZE;
 use crate::state::StandbyDir;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -363,21 +363,16 @@ fn digest_of_record_before(fx: &Fx, end: LogPosition) -> Vec<u8> {
 
 // The tests, one file per topic (together they were too long for one);
 // all use the fixtures above.
-#[path = "mirror_names_tests.rs"]
 mod names;
 
-#[path = "mirror_chunks_tests.rs"]
 mod chunks;
 
-#[path = "mirror_session_tests.rs"]
 mod session;
 
 // Divergence refusal, staged replacement bases, crash-safe swaps and the
 // log chain at open: a file of their own (this one is long enough).
-#[path = "mirror_staging_tests.rs"]
 mod staging;
 
 // zstd-encoded chunks: decoded before the digest check, refused whole when
 // they lie.
-#[path = "mirror_zstd_tests.rs"]
 mod zstd;

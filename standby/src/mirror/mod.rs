@@ -1,12 +1,18 @@
 //! The standby's pristine mirror of the primary's environment: applies what
 //! the primary sends, after checking it, and never lets recovery touch it.
-//! A facade over three parts, one duty each:
+//! A facade over its parts, one duty each (all private to the crate):
 //!
-//! - [`crate::logwriter`]: appends verified log records, fsyncs them, and is
-//!   the only one that says how far the log is durable;
-//! - [`crate::receiver`]: receives database files into a destination (the
-//!   mirror, or the staging area);
-//! - [`crate::swap`]: swaps a complete staged base in, crash-safely.
+//! - [`logwriter`]: appends verified log records, fsyncs them, and is the
+//!   only one that says how far the log is durable;
+//! - [`receiver`]: receives database files into a destination (the mirror,
+//!   or the staging area), with [`write_behind`] starting their writeback
+//!   early and [`base_files`] recording what a base's files hold;
+//! - [`swap`]: swaps a complete staged base in, crash-safely;
+//! - [`bases`]: how a base is started, staged and swapped in;
+//! - [`apply_error`]: what applying a message can fail with;
+//! - [`dirs`]: durable creation and removal of directories;
+//! - `tests`: `Mirror::apply` driven with crafted messages, one file per
+//!   topic under `mirror/tests/`.
 //!
 //! Rules this module enforces:
 //! - **it never discards what it holds on its own**: once the mirror holds
@@ -31,17 +37,25 @@
 //! The one `match` over every message kind in `apply` is kept whole so
 //! each kind's checks read in one place; the work is in the modules it
 //! calls, and how a base is started, staged and swapped in is in
-//! `mirror_bases.rs`.
+//! `mirror/bases.rs`.
 
-use crate::apply_error::io_err;
-pub use crate::apply_error::{Applied, ApplyError};
-use crate::base_files;
-use crate::dirs::{remove_if_exists, remove_tree_durably};
-pub use crate::logwriter::LogTail;
-use crate::logwriter::{checked_log_dir, scan_log_tail, LogWriter};
-use crate::receiver::FileReceiver;
+pub(crate) mod apply_error;
+pub(crate) mod base_files;
+mod bases;
+pub(crate) mod dirs;
+pub(crate) mod logwriter;
+pub(crate) mod receiver;
+pub(crate) mod swap;
+pub(crate) mod write_behind;
+
+use crate::mirror::apply_error::io_err;
+pub use crate::mirror::apply_error::{Applied, ApplyError};
+use crate::mirror::dirs::{remove_if_exists, remove_tree_durably};
+pub use crate::mirror::logwriter::LogTail;
+use crate::mirror::logwriter::{checked_log_dir, scan_log_tail, LogWriter};
+use crate::mirror::receiver::FileReceiver;
+use crate::mirror::swap::{save_state, Steps};
 use crate::state::{BaseState, StandbyDir, StandbyState};
-use crate::swap::{self, save_state, Steps};
 use std::io;
 use tandem_shared::epochs::EpochStart;
 use tandem_shared::wire::primary_message::Kind;
@@ -520,8 +534,5 @@ pub fn scan_tail(dir: &StandbyDir, state: &StandbyState) -> io::Result<LogTail> 
     scan_log_tail(&dir.log_dir(state), base.log_start)
 }
 
-#[path = "mirror_bases.rs"]
-mod bases;
 #[cfg(test)]
-#[path = "mirror_tests.rs"]
 mod tests;

@@ -1,0 +1,240 @@
+//! The etcd side: one connection, reads of the whole cluster in one
+//! request, and the transactions that elect, publish and resign.
+//!
+//! Every request is bounded by the retry timeout; the client asks for a
+//! member with a leader (`require_leader`), so a member cut off from the
+//! quorum answers with an error rather than stale data.
+
+use crate::policy::ClusterView;
+use crate::records::{
+    decode, encode, EpochRecord, FailoverRecord, FloorRecord, Keys, LeaderRecord, MemberRecord,
+    PositionRecord,
+};
+use crate::timing::Timing;
+use crate::Error;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use std::future::Future;
+
+/// What etcd holds for a cluster, with the revisions the transactions
+/// compare.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub view: ClusterView,
+    /// Mod revision of the epoch key (0: absent).
+    pub epoch_rev: i64,
+    /// Lease the leader key is attached to (0: absent).
+    pub leader_lease: i64,
+    /// The cluster's revision when read.
+    pub revision: i64,
+}
+
+/// A connection to etcd for one cluster.
+#[derive(Clone)]
+pub struct Cluster {
+    client: Client,
+    pub keys: Keys,
+    pub timing: Timing,
+}
+
+/// Splits `a,b,c` into endpoints, refusing empty ones.
+pub fn parse_endpoints(list: &str) -> Result<Vec<String>, Error> {
+    let v: Vec<String> = list
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if v.is_empty() {
+        return Err(Error::NoEndpoints);
+    }
+    Ok(v)
+}
+
+impl Cluster {
+    /// Connects lazily: an unreachable etcd is found by the first request,
+    /// so a primary can start (and fence) while etcd is down.
+    pub async fn connect(
+        endpoints: &[String],
+        cluster: &str,
+        timing: Timing,
+    ) -> Result<Self, Error> {
+        timing.validate()?;
+        let keys = Keys::new(cluster)?;
+        // No per-call timeout in the options: it would also end the
+        // keepalive stream; each request is bounded here instead.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timing.retry_timeout)
+            .with_keep_alive(timing.retry_timeout, timing.retry_timeout)
+            .with_require_leader(true);
+        let client = bounded(timing, Client::connect(endpoints, Some(options))).await?;
+        Ok(Self {
+            client,
+            keys,
+            timing,
+        })
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Reads every key of the cluster at one revision.
+    pub async fn snapshot(&self) -> Result<Snapshot, Error> {
+        let mut kv = self.client.kv_client();
+        let resp = bounded(
+            self.timing,
+            kv.get(self.keys.prefix(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        let mut s = Snapshot {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            ..Default::default()
+        };
+        let k = &self.keys;
+        for item in resp.kvs() {
+            let key = String::from_utf8_lossy(item.key()).into_owned();
+            let value = item.value();
+            if key == k.leader() {
+                s.view.leader = Some(decode(&key, value)?);
+                s.leader_lease = item.lease();
+            } else if key == k.epoch() {
+                s.view.epoch = Some(decode(&key, value)?);
+                s.epoch_rev = item.mod_revision();
+            } else if key == k.position() {
+                s.view.position = Some(decode(&key, value)?);
+            } else if key == k.floor() {
+                s.view.floor = Some(decode(&key, value)?);
+            } else if key.starts_with(&k.members()) {
+                // One bad member record must not blind the others.
+                match decode::<MemberRecord>(&key, value) {
+                    Ok(m) => s.view.members.push(m),
+                    Err(e) => tracing::warn!(error = %e, "ignoring a member record"),
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Grants a lease of the configured ttl.
+    pub async fn grant(&self) -> Result<i64, Error> {
+        let mut lease = self.client.lease_client();
+        let r = bounded(self.timing, lease.grant(self.timing.ttl_secs(), None)).await?;
+        Ok(r.id())
+    }
+
+    pub async fn revoke(&self, lease: i64) -> Result<(), Error> {
+        let mut l = self.client.lease_client();
+        bounded(self.timing, l.revoke(lease)).await?;
+        Ok(())
+    }
+
+    /// The election: takes `epoch` and the leader key under `lease`, if and
+    /// only if nobody changed the epoch key since it was read at
+    /// `epoch_rev` (0: it must not exist) and nobody holds the leader key.
+    /// True when this candidate won.
+    pub async fn elect(
+        &self,
+        epoch_rev: i64,
+        epoch: &EpochRecord,
+        leader: &LeaderRecord,
+        lease: i64,
+        failover: Option<&FailoverRecord>,
+    ) -> Result<bool, Error> {
+        let k = &self.keys;
+        let epoch_cmp = if epoch_rev == 0 {
+            Compare::create_revision(k.epoch(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(k.epoch(), CompareOp::Equal, epoch_rev)
+        };
+        let mut ops = vec![
+            TxnOp::put(k.epoch(), encode(epoch), None),
+            TxnOp::put(
+                k.leader(),
+                encode(leader),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        ];
+        if let Some(f) = failover {
+            ops.push(TxnOp::put(k.failover(), encode(f), None));
+        }
+        let txn = Txn::new()
+            .when(vec![
+                epoch_cmp,
+                Compare::create_revision(k.leader(), CompareOp::Equal, 0),
+            ])
+            .and_then(ops);
+        let mut kv = self.client.kv_client();
+        let r = bounded(self.timing, kv.txn(txn)).await?;
+        Ok(r.succeeded())
+    }
+
+    /// Rewrites the leader key (and optionally the position and floor)
+    /// only while it is still attached to `lease`: a primary whose lease
+    /// expired cannot bring its record back.
+    pub async fn update_as_leader(
+        &self,
+        lease: i64,
+        leader: Option<&LeaderRecord>,
+        position: Option<&PositionRecord>,
+        floor: Option<&FloorRecord>,
+    ) -> Result<bool, Error> {
+        let k = &self.keys;
+        let mut ops = Vec::new();
+        if let Some(l) = leader {
+            ops.push(TxnOp::put(
+                k.leader(),
+                encode(l),
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+        }
+        if let Some(p) = position {
+            ops.push(TxnOp::put(k.position(), encode(p), None));
+        }
+        if let Some(f) = floor {
+            ops.push(TxnOp::put(k.floor(), encode(f), None));
+        }
+        let txn = Txn::new()
+            .when(vec![Compare::lease(k.leader(), CompareOp::Equal, lease)])
+            .and_then(ops);
+        let mut kv = self.client.kv_client();
+        let r = bounded(self.timing, kv.txn(txn)).await?;
+        Ok(r.succeeded())
+    }
+
+    /// Publishes a standby's record under its own lease.
+    pub async fn publish_member(&self, record: &MemberRecord, lease: i64) -> Result<(), Error> {
+        let mut kv = self.client.kv_client();
+        bounded(
+            self.timing,
+            kv.put(
+                self.keys.member(&record.name),
+                encode(record),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The last failover record, if any.
+    pub async fn last_failover(&self) -> Result<Option<FailoverRecord>, Error> {
+        let mut kv = self.client.kv_client();
+        let key = self.keys.failover();
+        let r = bounded(self.timing, kv.get(key.as_bytes(), None)).await?;
+        r.kvs()
+            .first()
+            .map(|item| decode(&key, item.value()))
+            .transpose()
+    }
+}
+
+/// Bounds one etcd request by the retry timeout.
+pub async fn bounded<T>(
+    timing: Timing,
+    f: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(timing.retry_timeout, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::Etcd(e.to_string())),
+        Err(_) => Err(Error::Timeout(timing.retry_timeout)),
+    }
+}

@@ -1,0 +1,166 @@
+//! The timing rules of automatic failover, checked once at start.
+//!
+//! Patroni's rule `loop_wait + 2 × retry_timeout ≤ ttl` keeps a short blip
+//! from causing a failover: a primary that misses one loop and then one
+//! retry of a request still renews its lease before it expires. The fence
+//! margin keeps the primary's own clock ahead of etcd's: the primary fences
+//! at (send time of the last answered keepalive + ttl − margin), and etcd
+//! cannot have expired the lease before the keepalive was even sent, so
+//! the old primary stops before any standby can see the leader key go.
+
+use std::time::Duration;
+
+/// Default lease time to live (seconds).
+pub const DEFAULT_TTL_SECS: u64 = 10;
+/// Default pause between two rounds of the coordination loop (milliseconds).
+pub const DEFAULT_LOOP_WAIT_MS: u64 = 2_000;
+/// Default bound on one etcd request (milliseconds).
+pub const DEFAULT_RETRY_TIMEOUT_MS: u64 = 3_000;
+/// Default fence margin (milliseconds).
+pub const DEFAULT_FENCE_MARGIN_MS: u64 = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Time to live of the leases (the leader key and members' records).
+    pub ttl: Duration,
+    /// Pause between two rounds: keepalives, publishing, watching.
+    pub loop_wait: Duration,
+    /// Bound on one etcd request; a request that takes longer counts as failed.
+    pub retry_timeout: Duration,
+    /// How much earlier than etcd could expire the lease the primary fences.
+    pub fence_margin: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(DEFAULT_TTL_SECS),
+            loop_wait: Duration::from_millis(DEFAULT_LOOP_WAIT_MS),
+            retry_timeout: Duration::from_millis(DEFAULT_RETRY_TIMEOUT_MS),
+            fence_margin: Duration::from_millis(DEFAULT_FENCE_MARGIN_MS),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TimingError {
+    #[error("the lease ttl must be a whole number of seconds, at least 2 (got {0:?})")]
+    BadTtl(Duration),
+    #[error("loop wait and retry timeout must be above zero")]
+    Zero,
+    #[error(
+        "timing rule broken: loop_wait ({loop_wait:?}) + 2 × retry_timeout ({retry_timeout:?}) = {sum:?} exceeds the ttl ({ttl:?}); a blip that short would cost the primary its lease. Raise --etcd-ttl-secs or lower the others"
+    )]
+    Rule {
+        loop_wait: Duration,
+        retry_timeout: Duration,
+        sum: Duration,
+        ttl: Duration,
+    },
+    #[error(
+        "the fence margin ({margin:?}) must be above zero and below the retry timeout ({retry_timeout:?}): the primary must keep renewing until close to the end of its lease, yet fence before etcd can expire it"
+    )]
+    Margin {
+        margin: Duration,
+        retry_timeout: Duration,
+    },
+}
+
+impl Timing {
+    /// Checks the rules; a timing that breaks them is refused at start.
+    pub fn validate(&self) -> Result<(), TimingError> {
+        if self.ttl.subsec_nanos() != 0 || self.ttl < Duration::from_secs(2) {
+            return Err(TimingError::BadTtl(self.ttl));
+        }
+        if self.loop_wait.is_zero() || self.retry_timeout.is_zero() {
+            return Err(TimingError::Zero);
+        }
+        let sum = self.loop_wait + 2 * self.retry_timeout;
+        if sum > self.ttl {
+            return Err(TimingError::Rule {
+                loop_wait: self.loop_wait,
+                retry_timeout: self.retry_timeout,
+                sum,
+                ttl: self.ttl,
+            });
+        }
+        if self.fence_margin.is_zero() || self.fence_margin >= self.retry_timeout {
+            return Err(TimingError::Margin {
+                margin: self.fence_margin,
+                retry_timeout: self.retry_timeout,
+            });
+        }
+        Ok(())
+    }
+
+    /// The ttl in whole seconds, as etcd grants leases.
+    pub fn ttl_secs(&self) -> i64 {
+        self.ttl.as_secs() as i64
+    }
+
+    /// How long after sending a keepalive that etcd answered the primary
+    /// may still act as primary.
+    pub fn fence_after(&self) -> Duration {
+        self.ttl - self.fence_margin
+    }
+
+    /// How often the lease is renewed: a third of the ttl, at most the
+    /// loop wait, so two renewals can fail before the fence.
+    pub fn keepalive_interval(&self) -> Duration {
+        self.loop_wait.min(self.ttl / 3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(ttl: u64, loop_ms: u64, retry_ms: u64, margin_ms: u64) -> Timing {
+        Timing {
+            ttl: Duration::from_secs(ttl),
+            loop_wait: Duration::from_millis(loop_ms),
+            retry_timeout: Duration::from_millis(retry_ms),
+            fence_margin: Duration::from_millis(margin_ms),
+        }
+    }
+
+    #[test]
+    fn defaults_keep_the_rule() {
+        Timing::default().validate().unwrap();
+        let d = Timing::default();
+        assert_eq!(d.fence_after(), Duration::from_secs(9));
+        assert_eq!(d.keepalive_interval(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_rule_is_enforced_at_its_edge() {
+        t(4, 1000, 1500, 500).validate().unwrap();
+        assert!(matches!(
+            t(4, 1001, 1500, 500).validate(),
+            Err(TimingError::Rule { .. })
+        ));
+        assert!(matches!(
+            t(1, 100, 100, 50).validate(),
+            Err(TimingError::BadTtl(_))
+        ));
+        assert_eq!(t(4, 0, 1000, 500).validate(), Err(TimingError::Zero));
+        assert!(matches!(
+            t(4, 1000, 1000, 1000).validate(),
+            Err(TimingError::Margin { .. })
+        ));
+        assert!(matches!(
+            t(4, 1000, 1000, 0).validate(),
+            Err(TimingError::Margin { .. })
+        ));
+        let mut sub = t(4, 1000, 1000, 500);
+        sub.ttl = Duration::from_millis(4500);
+        assert!(matches!(sub.validate(), Err(TimingError::BadTtl(_))));
+    }
+
+    #[test]
+    fn the_error_says_what_to_change() {
+        let e = t(5, 2000, 3000, 500).validate().unwrap_err().to_string();
+        assert!(e.contains("exceeds the ttl"), "{e}");
+        assert!(e.contains("--etcd-ttl-secs"), "{e}");
+    }
+}

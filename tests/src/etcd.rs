@@ -1,0 +1,204 @@
+//! A real 3-member etcd cluster on loopback for the failover tests: free
+//! ports (never etcd's defaults 2379/2380, where Debian's own service may
+//! listen), its own data directories, members that can be killed and
+//! restarted. Dropping it kills every member and removes the directories.
+//!
+//! Elections inside etcd are made fast (heartbeat 50 ms, election timeout
+//! 500 ms) so a killed member's leadership moves in well under a second.
+
+use crate::harness::{free_port, wait_for, Proc};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+pub const MEMBERS: usize = 3;
+
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub proc: Option<Proc>,
+}
+
+pub struct EtcdCluster {
+    pub dir: tempfile::TempDir,
+    pub members: Vec<Member>,
+    initial: String,
+}
+
+/// A free port that is not one of etcd's defaults.
+fn etcd_port() -> Result<u16> {
+    loop {
+        let p = free_port()?;
+        if p != 2379 && p != 2380 {
+            return Ok(p);
+        }
+    }
+}
+
+/// `etcd` is Debian's etcd-server (scripts/setup installs it).
+pub fn etcd_available() -> bool {
+    Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+impl EtcdCluster {
+    /// Starts three members and waits until the cluster answers.
+    pub fn start() -> Result<Self> {
+        if !etcd_available() {
+            bail!("etcd is not installed: run scripts/setup (Debian's etcd-server)");
+        }
+        let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir()?;
+        let mut members = Vec::new();
+        for i in 0..MEMBERS {
+            members.push(Member {
+                name: format!("m{i}"),
+                client_port: etcd_port()?,
+                peer_port: etcd_port()?,
+                proc: None,
+            });
+        }
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Self {
+            dir,
+            members,
+            initial,
+        };
+        for i in 0..MEMBERS {
+            c.spawn(i)?;
+        }
+        c.wait_healthy(Duration::from_secs(30))?;
+        Ok(c)
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.members[i].name)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(self.data_dir(i))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "tandem-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-level", "warn"]);
+        let log = self.dir.path().join(format!("{}.log", m.name));
+        let name = m.name.clone();
+        self.members[i].proc = Some(Proc::spawn(&format!("etcd {name}"), cmd, &log)?);
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:P,...` for `--etcd`.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn client_addr(&self, i: usize) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.members[i].client_port))
+    }
+
+    /// SIGKILL one member.
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(mut p) = self.members[i].proc.take() {
+            p.kill9()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a killed member again on its data directory.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        if self.members[i].proc.is_none() {
+            self.spawn(i)?;
+        }
+        Ok(())
+    }
+
+    /// etcdctl against the members that run, with a short timeout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<std::process::Output> {
+        let eps: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.proc.is_some())
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect();
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", eps.join(",")))
+            .args(["--command-timeout=2s", "--dial-timeout=1s"])
+            .args(args)
+            .output()
+            .context("running etcdctl (Debian's etcd-client)")
+    }
+
+    /// The value at `key`, or None when absent.
+    pub fn get(&self, key: &str) -> Result<Option<String>> {
+        let out = self.etcdctl(&["get", "--print-value-only", key])?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl get {key}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok((!v.is_empty()).then_some(v))
+    }
+
+    /// The JSON record at `key`, or None when absent.
+    pub fn get_json(&self, key: &str) -> Result<Option<serde_json::Value>> {
+        self.get(key)?
+            .map(|v| serde_json::from_str(&v).with_context(|| format!("{key} holds {v:?}")))
+            .transpose()
+    }
+
+    /// Every running member answers and the cluster has a leader.
+    pub fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+        wait_for("etcd to be healthy", timeout, || {
+            let out = self.etcdctl(&["endpoint", "health"])?;
+            Ok(out.status.success())
+        })
+    }
+
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join(format!("{}.log", self.members[i].name)),
+        )
+        .unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut p) = m.proc.take() {
+                let _ = p.kill9();
+            }
+        }
+    }
+}
