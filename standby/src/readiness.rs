@@ -206,9 +206,10 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
         if after.base == state.base && after.pending_swap == state.pending_swap {
             // Only files nothing wrote while they were cloned count as
             // verified, nor any written too recently for the ctime to tell
-            // a later write apart.
+            // a later write apart (the kernel stamps it from a clock that
+            // ticks every few milliseconds).
             let now = mirror_signatures(&dir.root);
-            let settled = tandem_shared::now_unix_ms() as i128 * 1_000_000 - 2_000_000_000;
+            let settled = tandem_shared::now_unix_ms() as i128 * 1_000_000 - 1_000_000_000;
             let signatures = before
                 .into_iter()
                 .filter(|(n, s)| now.get(n) == Some(s) && s.ctime_ns < settled)

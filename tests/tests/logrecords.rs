@@ -158,10 +158,8 @@ fn every_record_reads_as_db_printlog_prints_it() -> Result<()> {
                     failure = Some(format!("{}: register {r:?}, printed {p:?}", r.lsn));
                 }
             }
-            RecordKind::Doubt { .. } => {
-                if !p.name.starts_with("__fop_") {
-                    failure = Some(format!("{}: in doubt about {}", r.lsn, p.name));
-                }
+            RecordKind::Doubt { .. } if !p.name.starts_with("__fop_") => {
+                failure = Some(format!("{}: in doubt about {}", r.lsn, p.name));
             }
             _ => {}
         }
