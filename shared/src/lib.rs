@@ -2,6 +2,7 @@
 //!
 //! - [`lsn`]: `LogPosition`, the one way positions are expressed.
 //! - [`logfile`]: BDB's log file format and the record walker.
+//! - [`logrecords`]: which databases, transactions and files log records name.
 //! - [`envlayout`]: which files make up an environment and where they live.
 //! - [`epochs`]: the epoch history promotions write and standbys follow.
 //! - [`envusers`]: which processes have an environment open.
@@ -22,6 +23,7 @@ pub mod envlayout;
 pub mod envusers;
 pub mod epochs;
 pub mod logfile;
+pub mod logrecords;
 pub mod lsn;
 pub mod metrics;
 pub mod pages;

@@ -65,10 +65,12 @@ async fn dispatch(command: Command) -> ExitCode {
             json,
             catch_up_timeout_secs,
             force,
+            full_verify,
         } => {
             let opts = PromoteOptions {
                 catch_up_timeout: Duration::from_secs(catch_up_timeout_secs),
                 force,
+                full_verify,
             };
             promote_cmd(StandbyDir::new(&dir), opts, json).await
         }
