@@ -160,6 +160,7 @@ fn etcd_config(a: cli::EtcdArgs) -> Result<Option<tandem_primary::leadership::Et
     }))
 }
 
+// Long function: prints the status text, one line per field, in the order an operator reads it.
 async fn status(a: StatusArgs) -> Result<()> {
     let tls = TlsFiles {
         cert: a.cert,

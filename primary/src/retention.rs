@@ -9,7 +9,7 @@
 //! released loudly: an archive hold is given up first (the archive gets a
 //! gap), then the standby itself is dropped and will need a new base.
 //! `db_hotbackup -u/-c` and `db_archive -d` are never used: they remove
-//! logs no standby holds (BDB.md §6).
+//! logs no standby holds (BDB-NOTES.md §6).
 //!
 //! [`plan`] decides from plain values (tested with tables); [`run`] is the
 //! task that gathers them, records the decision through the registry and

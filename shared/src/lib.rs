@@ -2,6 +2,7 @@
 //!
 //! - [`lsn`]: `LogPosition`, the one way positions are expressed.
 //! - [`logfile`]: BDB's log file format and the record walker.
+//! - [`logrecords`]: which databases, transactions and files log records name.
 //! - [`envlayout`]: which files make up an environment and where they live.
 //! - [`epochs`]: the epoch history promotions write and standbys follow.
 //! - [`envusers`]: which processes have an environment open.
@@ -22,6 +23,7 @@ pub mod envlayout;
 pub mod envusers;
 pub mod epochs;
 pub mod logfile;
+pub mod logrecords;
 pub mod lsn;
 pub mod metrics;
 pub mod pages;
@@ -68,6 +70,17 @@ pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "tandem".into())
+}
+
+/// Bytes as lowercase hex (ids, digests in state files and logs).
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 pub fn now_unix_ms() -> u64 {

@@ -47,7 +47,8 @@ pub enum Command {
         json: bool,
     },
     /// Promote DIR: stop following for good, run catastrophic recovery and
-    /// db_verify, record a new epoch.
+    /// db_verify (of what changed since the last readiness check), record a
+    /// new epoch.
     ///
     /// If the primary DIR follows is reachable, promote asks it first: while
     /// any process has the primary's environment open (an application that
@@ -71,6 +72,13 @@ pub enum Command {
         /// that application commits afterwards is lost. Stop it first.
         #[arg(long)]
         force: bool,
+        /// db_verify every database after recovery. Without it (the
+        /// default), promote verifies only the databases the log changed
+        /// since the last passing readiness check and any whose file is not
+        /// what that check verified, and every database whenever it cannot
+        /// prove that (no such check, another base, an unknown log record).
+        #[arg(long)]
+        full_verify: bool,
     },
     /// Write a self-contained, verified backup of the standby into a new
     /// subdirectory of ARCHIVE, for restores to any point in its log.
@@ -127,6 +135,13 @@ pub enum Command {
         /// new log, or start a new backup when the standby's base changed.
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         follow: Option<u64>,
+        /// With --follow: every SECS, restore the newest backup into --scratch
+        /// (downloaded, for a bucket), run db_recover -c and db_verify there,
+        /// and record the outcome (status, metric
+        /// tandem_standby_archive_last_verified_restore_timestamp_seconds)
+        /// [default: no drills].
+        #[arg(long, value_name = "SECS", requires = "follow", value_parser = clap::value_parser!(u64).range(1..))]
+        drill_every: Option<u64>,
         /// Skip the recovery proof of a new backup (hashes and the log chain
         /// are still checked).
         #[arg(long)]

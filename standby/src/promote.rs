@@ -14,12 +14,13 @@
 //!    Then stop the follower.
 //! 2. Take the directory for good (a promoted directory refuses `run`).
 //! 3. Prove it recovers, in place: catastrophic recovery, then `db_verify`
-//!    of every database ([`crate::readiness::recover_and_verify`], the same
-//!    routine the readiness check runs on a clone).
+//!    of every database the log changed since the last readiness check
+//!    verified a clone, or whose file is not what that check verified
+//!    ([`verified`]: every database when in any doubt, as the check does).
 //! 4. Record the promotion durably with a new epoch (the fencing token)
 //!    and where it began: the durable end of log X before recovery, and the
 //!    digest of the last record before X. Recovery appends its own records
-//!    after X (BDB.md §4.1), so the new primary's log is the old one's up
+//!    after X (BDB-NOTES.md §4), so the new primary's log is the old one's up
 //!    to X; the environment keeps its identity, and other standbys that
 //!    hold no log past X follow the new primary without a new base.
 //!
@@ -32,7 +33,7 @@ mod ask;
 mod recovery_cache;
 
 use crate::follow::FollowConfig;
-use crate::mirror::{is_recoverable, scan_tail};
+use crate::readiness::verified::{self, BeforeRecovery};
 use crate::state::{Promotion, StandbyDir};
 use crate::status::StandbyStatus;
 use anyhow::{bail, Context, Result};
@@ -63,11 +64,16 @@ pub struct PromoteReport {
     pub primary_end_lsn: LogPosition,
     pub recovery_seconds: f64,
     /// CPU seconds the recovery used, as the readiness check reports them:
-    /// the same work as the check's, whatever the load (BDB.md §5).
+    /// the same work as the check's, whatever the load (BDB-NOTES.md §5).
     pub recovery_cpu_seconds: Option<f64>,
     pub total_seconds: f64,
     pub already_promoted: bool,
     pub databases_verified: usize,
+    /// Databases not verified again: they hold byte for byte what the last
+    /// readiness check verified ([`verified`]).
+    pub databases_unchanged: usize,
+    /// Why every database was verified, when it was.
+    pub verified_everything_because: Option<String>,
     /// Where the time went; the phases add up to `total_seconds`.
     pub phases: PromotePhases,
 }
@@ -89,7 +95,8 @@ pub struct PromotePhases {
     pub finish_swap: f64,
     /// Catastrophic recovery (`db_recover -c`).
     pub recovery: f64,
-    /// `db_verify` of every database.
+    /// `db_verify` of the databases the log changed since the last
+    /// verified readiness check (of every database without one).
     pub verify: f64,
     /// Recording the promotion durably.
     pub record: f64,
@@ -141,6 +148,8 @@ pub struct PromoteOptions {
     /// Promote even while the primary says an application has its
     /// environment open (a failover: whatever it commits is lost).
     pub force: bool,
+    /// Verify every database, even those the last readiness check proved.
+    pub full_verify: bool,
 }
 
 /// Promote refused to act, and changed nothing: the primary is reachable
@@ -150,6 +159,8 @@ pub struct PromoteOptions {
 #[error("{0}")]
 pub struct Refused(pub String);
 
+// Long function: the promotion's steps in order (lock, pending swap, catch-up, ask the primary,
+// recover, record); the order is the safety argument.
 pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport> {
     let started = Instant::now();
     if !dir.meta().exists() {
@@ -183,6 +194,8 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
             total_seconds: started.elapsed().as_secs_f64(),
             already_promoted: true,
             databases_verified: 0,
+            databases_unchanged: 0,
+            verified_everything_because: None,
             phases: PromotePhases::default(),
         });
     }
@@ -197,8 +210,8 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
     // A promote that died during its recovery left the bigger cache in.
     restore_db_config(dir)?;
     let mut state = dir.load_state()?;
-    let tail = scan_tail(dir, &state)?;
-    if !is_recoverable(&state, tail.durable) {
+    let tail = dir.scan_tail(&state)?;
+    if !state.is_recoverable(tail.durable) {
         bail!(
             "the standby is not recoverable yet: {}; nothing was changed",
             match &state.base {
@@ -213,20 +226,45 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         );
     }
     phases.finish_swap = clock.lap();
+    // Which files still hold what the last readiness check verified: read
+    // before recovery writes into them.
+    let (before, has_parts) = crate::readiness::database_names(&dir.root)?;
+    let pending = if opts.full_verify {
+        BeforeRecovery::everything("--full-verify")
+    } else {
+        verified::before_recovery(dir, &state, &before, has_parts)
+    };
     tracing::info!(%kind, durable = %tail.durable, "running catastrophic recovery");
     let boosted = boost_recovery_cache(dir)?;
     // Promotion time is downtime: its recovery goes ahead of other work.
     let tools = tandem_shared::bdb::BdbTools::default().urgent();
-    let proof = crate::readiness::recover_and_verify(&dir.root, &tools);
+    let recovered = crate::readiness::recover(&dir.root, &tools);
     if boosted {
         restore_db_config(dir)?;
     }
-    let proof = proof.context(
-        "the directory did not prove recoverable; it is left as it was after recovery ran",
-    )?;
-    let proved = clock.lap();
-    phases.recovery = proof.recovery.duration.as_secs_f64().min(proved);
-    phases.verify = proved - phases.recovery;
+    const UNPROVEN: &str =
+        "the directory did not prove recoverable; it is left as it was after recovery ran";
+    let (recovery, recovery_cpu) = recovered.context(UNPROVEN)?;
+    // The recovery phase is BDB's own time; the rest of the lap (restoring
+    // DB_CONFIG) counts with the verify.
+    let lap = clock.lap();
+    phases.recovery = recovery.duration.as_secs_f64().min(lap);
+    let (databases, _) = crate::readiness::database_names(&dir.root)?;
+    let selection = pending.select(
+        &dir.root,
+        &dir.log_dir(&state),
+        recovery.recovered_to,
+        &databases,
+    );
+    match &selection.everything_because {
+        Some(why) => tracing::info!(%why, databases = databases.len(), "verifying every database"),
+        None => tracing::info!(
+            verify = ?selection.verify, skipped = selection.skipped.len(),
+            "verifying the databases changed since the last verified readiness check"
+        ),
+    }
+    crate::readiness::verify_databases(&tools, &dir.root, &selection.verify).context(UNPROVEN)?;
+    phases.verify = clock.lap() + (lap - phases.recovery);
     let epoch = state.epoch + 1;
     state.epoch = epoch;
     state.history.retain(|e| e.epoch < epoch);
@@ -239,13 +277,13 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         epoch,
         unix_ms: tandem_shared::now_unix_ms(),
         kind: kind.clone(),
-        recovered_to: proof.recovery.recovered_to,
+        recovered_to: recovery.recovered_to,
     });
     dir.store_state(&state)?;
     phases.record = clock.lap();
     let p = &phases;
     tracing::info!(
-        %kind, epoch, starts_at = %tail.durable, recovered_to = ?proof.recovery.recovered_to,
+        %kind, epoch, starts_at = %tail.durable, recovered_to = ?recovery.recovered_to,
         history = %tandem_shared::epochs::describe(&state.history), total_s = clock.total(),
         ask_primary_s = p.ask_primary, catch_up_s = p.catch_up, stop_standby_s = p.stop_standby,
         finish_swap_s = p.finish_swap, recovery_s = p.recovery, verify_s = p.verify, record_s = p.record,
@@ -255,14 +293,16 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
         env: dir.root.display().to_string(),
         kind,
         epoch,
-        recovered_to: proof.recovery.recovered_to,
+        recovered_to: recovery.recovered_to,
         durable_lsn: tail.durable,
         primary_end_lsn: primary_end,
-        recovery_seconds: proof.recovery.duration.as_secs_f64(),
-        recovery_cpu_seconds: proof.recovery_cpu.map(|d| d.as_secs_f64()),
+        recovery_seconds: recovery.duration.as_secs_f64(),
+        recovery_cpu_seconds: recovery_cpu.map(|d| d.as_secs_f64()),
         total_seconds: clock.total(),
         already_promoted: false,
-        databases_verified: proof.databases_verified,
+        databases_verified: selection.verify.len(),
+        databases_unchanged: selection.skipped.len(),
+        verified_everything_because: selection.everything_because,
         phases,
     })
 }
@@ -494,12 +534,13 @@ impl std::fmt::Display for PromoteReport {
         }
         writeln!(
             f,
-            "promoted {} ({}): epoch {}, recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s",
+            "promoted {} ({}): epoch {}, recovered to {}, {} databases verified ({} unchanged since the last readiness check), recovery {:.2} s, total {:.2} s",
             self.env,
             self.kind,
             self.epoch,
             self.recovered_to.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
             self.databases_verified,
+            self.databases_unchanged,
             self.recovery_seconds,
             self.total_seconds,
         )?;

@@ -13,7 +13,8 @@
 //! consistent even while `run` keeps streaming; a base that changes under
 //! the clone (a rebase swap) makes it start over.
 
-use crate::mirror::{is_recoverable, scan_tail};
+pub mod verified;
+
 use crate::state::{StandbyDir, META_DIR};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -31,7 +32,7 @@ use tandem_shared::LogPosition;
 const CHECK_DIR: &str = "check";
 const REPORT_FILE: &str = "check.json";
 /// Recovery gets a bigger cache: it halved the time to replay 1 GB of log
-/// (BDB.md §5). The clone's DB_CONFIG gets it for good; promote adds it to
+/// (BDB-NOTES.md §5). The clone's DB_CONFIG gets it for good; promote adds it to
 /// the environment's only while its recovery runs (`db_recover` removes
 /// the regions afterwards, so applications keep their own cache), and
 /// thereby replays at the rate the check measured.
@@ -80,6 +81,21 @@ pub struct CheckReport {
     pub replay_cpu_rates: Vec<f64>,
     pub databases_verified: usize,
     pub error: Option<String>,
+    /// Where the check's [`verified::VerifiedRecord`] says the log was
+    /// verified to, when it wrote one: promote then verifies only what
+    /// changed since.
+    #[serde(default)]
+    pub verified_to: Option<LogPosition>,
+    /// The share (by size) of the databases promote would still verify if
+    /// no log arrived after the check, and if the log went on writing what
+    /// it wrote since the last checkpoint (for the estimate).
+    #[serde(default)]
+    pub verify_share_idle: Option<f64>,
+    #[serde(default)]
+    pub verify_share_writing: Option<f64>,
+    /// Why the check recorded nothing for promote to rely on, if so.
+    #[serde(default)]
+    pub unverified_because: Option<String>,
     /// The base the check ran on: a failure counts against that base only
     /// (status says not recoverable until a check passes or the base is
     /// replaced).
@@ -124,6 +140,9 @@ pub fn run_check(dir: &StandbyDir) -> CheckReport {
     report.unix_ms = tandem_shared::now_unix_ms();
     report.seconds = started.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(dir.meta().join(CHECK_DIR));
+    if !report.ok {
+        verified::remove(dir);
+    }
     if let Ok(bytes) = serde_json::to_vec_pretty(&report) {
         let _ = tandem_shared::durable::write_file_atomic(&dir.meta().join(REPORT_FILE), &bytes);
     }
@@ -173,17 +192,28 @@ pub fn last_check(dir: &StandbyDir) -> Option<CheckReport> {
 fn check(dir: &StandbyDir) -> Result<CheckReport> {
     let clone = dir.meta().join(CHECK_DIR);
     let mut tries = 0;
-    let (state, tail) = loop {
+    let (state, tail, signatures) = loop {
         let state = dir.load_state()?;
-        let tail = scan_tail(dir, &state)?;
-        if !is_recoverable(&state, tail.durable) {
+        let tail = dir.scan_tail(&state)?;
+        if !state.is_recoverable(tail.durable) {
             bail!("the standby is not recoverable yet (its base copy or the log it needs is incomplete)");
         }
+        let before = mirror_signatures(&dir.root);
         let _ = std::fs::remove_dir_all(&clone);
         clone_environment(&dir.root, Path::new(&state.log_dir), tail.durable, &clone)?;
         let after = dir.load_state()?;
         if after.base == state.base && after.pending_swap == state.pending_swap {
-            break (state, tail);
+            // Only files nothing wrote while they were cloned count as
+            // verified, nor any written too recently for the ctime to tell
+            // a later write apart (the kernel stamps it from a clock that
+            // ticks every few milliseconds).
+            let now = mirror_signatures(&dir.root);
+            let settled = tandem_shared::now_unix_ms() as i128 * 1_000_000 - 1_000_000_000;
+            let signatures = before
+                .into_iter()
+                .filter(|(n, s)| now.get(n) == Some(s) && s.ctime_ns < settled)
+                .collect();
+            break (state, tail, signatures);
         }
         tries += 1;
         if tries >= CLONE_TRIES {
@@ -195,7 +225,7 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
     // machine's other work. Its CPU seconds tell what an urgent promote
     // will take.
     let proof = recover_and_verify(&clone, &BdbTools::default())?;
-    Ok(CheckReport {
+    let mut report = CheckReport {
         ok: true,
         recovery_seconds: proof.recovery.duration.as_secs_f64(),
         recovery_cpu_seconds: proof.recovery_cpu.map(|d| d.as_secs_f64()),
@@ -207,7 +237,44 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
         databases_verified: proof.databases_verified,
         base_id: Some(base.base_id.clone()),
         ..Default::default()
-    })
+    };
+    let recorded = verified::record(
+        dir,
+        &state,
+        &clone,
+        tail.durable,
+        proof.recovery.recovered_to,
+        &signatures,
+    )
+    .and_then(|r| {
+        verified::store(dir, &r)
+            .map(|()| r)
+            .map_err(|e| e.to_string())
+    });
+    match recorded {
+        Ok(r) => {
+            report.verified_to = Some(r.verified_to);
+            report.verify_share_idle = Some(r.verify_share(true));
+            report.verify_share_writing = Some(r.verify_share(false));
+        }
+        Err(why) => {
+            tracing::info!(%why, "the check recorded nothing for promote to skip: promote verifies every database");
+            verified::remove(dir);
+            report.unverified_because = Some(why);
+        }
+    }
+    Ok(report)
+}
+
+/// Signatures of the database files in the mirror at `root` (none if it
+/// cannot be listed: nothing is then taken as verified).
+fn mirror_signatures(root: &Path) -> std::collections::BTreeMap<String, verified::Signature> {
+    database_names(root)
+        .map(|(names, _)| names)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|n| Some((n.clone(), verified::signature(&root.join(&n)).ok()?)))
+        .collect()
 }
 
 /// Clones the environment directory `root` into `clone` (which must not
@@ -293,15 +360,37 @@ fn clone_tree(
 /// [`BdbTools::urgent`]). Writes into `home`: run it on a clone, or in
 /// place only to promote.
 pub fn recover_and_verify(home: &Path, tools: &BdbTools) -> Result<Proof> {
+    let (recovery, recovery_cpu) = recover(home, tools)?;
+    let (databases, _) = database_names(home)?;
+    let (verify_duration, verify_cpu) = verify_databases(tools, home, &databases)?;
+    Ok(Proof {
+        recovery,
+        databases_verified: databases.len(),
+        verify_duration,
+        recovery_cpu,
+        verify_cpu,
+    })
+}
+
+/// Catastrophic recovery in `home`, and its CPU time.
+pub fn recover(home: &Path, tools: &BdbTools) -> Result<(RecoveryReport, Option<Duration>)> {
     let cpu_before = children_cpu();
     let recovery = tools
         .recover_catastrophic(home)
         .context("catastrophic recovery failed")?;
-    let recovery_cpu = cpu_before
+    let cpu = cpu_before
         .zip(children_cpu())
         .map(|(before, after)| after.saturating_sub(before));
-    let mut databases: Vec<String> = EnvLayout::open(home)?
-        .database_files()?
+    Ok((recovery, cpu))
+}
+
+/// The databases of the environment in `home` that `db_verify` checks
+/// (partitions and queue extents through their database), largest first,
+/// and whether there are such parts.
+pub fn database_names(home: &Path) -> Result<(Vec<String>, bool)> {
+    let files = EnvLayout::open(home)?.database_files()?;
+    let has_parts = files.iter().any(|f| is_database_part(&f.name));
+    let mut databases: Vec<String> = files
         .into_iter()
         .map(|f| f.name)
         .filter(|n| !is_database_part(n))
@@ -311,19 +400,22 @@ pub fn recover_and_verify(home: &Path, tools: &BdbTools) -> Result<Proof> {
     databases.sort_by_cached_key(|n| {
         std::cmp::Reverse(std::fs::metadata(home.join(n)).map_or(0, |m| m.len()))
     });
-    let verify_started = Instant::now();
+    Ok((databases, has_parts))
+}
+
+/// `db_verify` of `databases` in parallel: wall and CPU time.
+pub fn verify_databases(
+    tools: &BdbTools,
+    home: &Path,
+    databases: &[String],
+) -> Result<(Duration, Option<Duration>)> {
+    let started = Instant::now();
     let cpu_before = children_cpu();
-    verify_all(tools, home, &databases)?;
-    let verify_cpu = cpu_before
+    verify_all(tools, home, databases)?;
+    let cpu = cpu_before
         .zip(children_cpu())
         .map(|(before, after)| after.saturating_sub(before));
-    Ok(Proof {
-        recovery,
-        databases_verified: databases.len(),
-        verify_duration: verify_started.elapsed(),
-        recovery_cpu,
-        verify_cpu,
-    })
+    Ok((started.elapsed(), cpu))
 }
 
 /// User plus system CPU time of every child process reaped so far. Around

@@ -313,7 +313,7 @@ fn follow_to_a_bucket_survives_the_server_dying_and_holds_log_until_confirmed() 
     let url = s3.url("live");
     let mut cmd = std::process::Command::new(bin("tandem-standby"));
     cmd.args(["archive", "--json", "--follow", "1", "--no-verify"])
-        .args(["--s3-retry-secs", "2", "--dir"])
+        .args(["--s3-retry-secs", "2", "--drill-every", "2", "--dir"])
         .arg(s.path("standby"))
         .args(["--to", &url]);
     for (k, v) in s3.env() {
@@ -358,6 +358,28 @@ fn follow_to_a_bucket_survives_the_server_dying_and_holds_log_until_confirmed() 
     wait_for("the hold to follow the bucket", LONG, || {
         Ok(hold_end(&s.path("standby")) == Some(standby_end))
     })?;
+    let caught_up_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    // Restore drills ran: the newest backup downloaded, recovered, verified.
+    let drill = || -> Result<serde_json::Value> {
+        Ok(standby_status(&s.path("standby"))?["archive_drill"].clone())
+    };
+    let passed = wait_for("a restore drill of the caught-up bucket", LONG, || {
+        let d = drill()?;
+        Ok(d["ok"] == true && d["unix_ms"].as_u64() > Some(caught_up_ms))
+    });
+    let drill = drill()?;
+    ensure!(
+        passed.is_ok(),
+        "{passed:?}: {drill}\n{}",
+        follower.log_text()
+    );
+    assert!(drill["last_verified_unix_ms"].as_u64() > Some(0), "{drill}");
+    assert!(
+        drill["backup"].as_str().unwrap_or("").starts_with(&url),
+        "{drill}"
+    );
     let status = follower.stop(Duration::from_secs(60))?;
     assert!(status.success(), "{}", follower.log_text());
     assert!(

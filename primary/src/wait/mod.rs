@@ -4,7 +4,7 @@
 //! application wait after it, on a Unix socket beside the environment
 //! ([`socket`]), until K connected standbys acknowledged a durable end
 //! strictly beyond the commit's LSN (a `DB_TXN_TOKEN` names where the
-//! commit record starts, BDB.md §10).
+//! commit record starts, BDB-NOTES.md §10).
 //!
 //! # Protocol
 //!

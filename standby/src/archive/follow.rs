@@ -296,6 +296,13 @@ pub fn follow(
             tracing::error!(error = %e, "archive round failed; retrying next round");
         }
         report(&result);
+        if let (Ok(r), Some(every)) = (&result, opts.drill_every) {
+            let dir = StandbyDir::new(&opts.dir);
+            if super::drill::due(&dir, every.as_millis() as u64, tandem_shared::now_unix_ms()) {
+                let v = super::verify::verify_backup(Path::new(&r.backup), opts.scratch.as_deref());
+                super::drill::record(&dir, &v);
+            }
+        }
         let next = started + every;
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();

@@ -24,6 +24,7 @@
 //! - [`follow`]: `--follow` rounds extending the latest backup;
 //! - [`verify`]: the `verify-archive` command;
 //! - [`restore`]: `restore`, to the end or to a time;
+//! - [`drill`]: scheduled restore drills (`--drill-every`) and their record;
 //! - [`remote`]: the three commands against a bucket (`s3://`).
 //!
 //! Each job has its own error type ([`ArchiveError`], [`VerifyError`],
@@ -33,6 +34,7 @@
 
 pub mod bucket;
 pub mod build;
+pub mod drill;
 pub mod follow;
 pub mod logscan;
 pub mod manifest;

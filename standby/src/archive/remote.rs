@@ -212,9 +212,17 @@ pub(crate) async fn publish(
     let bm = BucketManifest::new(m, reuse);
     let key = super::bucket::manifest_key(&bm.backup);
     let shown = bucket.show(&key);
-    // No look before the upload: the create-only put below is what decides
+    // This very manifest, published by an earlier round: nothing to do. Any
+    // other case is decided by the create-only put below, not by this look
     // (two archivers racing both pass a look). Objects name their content,
     // so uploading them cannot harm another archiver's backups.
+    if bucket.read(&key).await?.is_some_and(|b| b == bm.to_bytes()) {
+        return Ok(super::build::report_from(
+            "unchanged",
+            Path::new(&shown),
+            &bm.backup,
+        ));
+    }
     let uploaded = AtomicU64::new(0);
     futures::stream::iter(bm.entries())
         .map(|(f, obj, stored)| {
@@ -238,7 +246,16 @@ pub(crate) async fn publish(
         .try_collect::<Vec<()>>()
         .await?;
     // Every object is confirmed: now the manifest, which makes the backup.
-    if !bucket.create(&key, bm.to_bytes()).await? {
+    let created = match bucket.create(&key, bm.to_bytes()).await {
+        Ok(c) => c,
+        // The put may have reached the store before the failure (its answer
+        // lost): then the manifest there is ours, byte for byte.
+        Err(e) => match bucket.read(&key).await {
+            Ok(Some(there)) if there == bm.to_bytes() => true,
+            _ => return Err(e.into()),
+        },
+    };
+    if !created {
         let existing = bucket.read(&key).await?.unwrap_or_default();
         // A retried PUT whose first attempt got through finds itself.
         if existing != bm.to_bytes() {
@@ -325,6 +342,20 @@ pub async fn follow_to_bucket(
             tracing::error!(error = %e, "archive round failed; retrying next round");
         }
         report(&result);
+        if let (Ok(_), Some(every)) = (&result, opts.drill_every) {
+            let dir = crate::state::StandbyDir::new(&opts.dir);
+            if super::drill::due(&dir, every.as_millis() as u64, tandem_shared::now_unix_ms()) {
+                let v = match verify_bucket(bucket, false, opts.scratch.as_deref()).await {
+                    Ok(mut reports) => reports.pop().unwrap_or_default(),
+                    Err(e) => VerifyReport {
+                        backup: bucket.url.to_string(),
+                        error: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                };
+                super::drill::record(&dir, &v);
+            }
+        }
         while !stop.load(Ordering::SeqCst) && started.elapsed() < every {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -217,6 +217,8 @@ pub fn check_window(t: i64, s: &LogSummary, backup: &Path) -> Result<(i64, i64),
 }
 
 /// Restores a backup into a new environment home.
+// Long function: the restore's steps in order, each one call with its error's context; the order
+// is what makes a refused restore leave nothing.
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let until = opts.until.as_deref().map(parse_time).transpose()?;

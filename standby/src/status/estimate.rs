@@ -30,7 +30,7 @@ pub(super) fn promote_is_urgent() -> bool {
 /// with an `urgent` promote, their median rate per CPU second (the work,
 /// whatever else ran beside the checks) slowed by what an urgent recovery
 /// still waits; otherwise their median wall rate (one check's wall time
-/// carries the CPU contention of its moment, BDB.md §5). A check an older
+/// carries the CPU contention of its moment, BDB-NOTES.md §5). A check an older
 /// version wrote, without history, counts alone. `None` when the last
 /// check did not pass or measured nothing.
 fn replay_rate(check: &crate::readiness::CheckReport, urgent: bool) -> Option<f64> {
@@ -66,6 +66,22 @@ fn median(rates: &[f64]) -> Option<f64> {
 }
 
 impl StandbyStatus {
+    /// The share of the last check's `db_verify` work a promote now would
+    /// repeat: with a verified record, only the databases the log changes
+    /// after it (by size): those open transactions wrote when no log came
+    /// since, else those the log wrote since its last checkpoint. Without
+    /// one, all of it.
+    fn verify_share(&self) -> f64 {
+        let Some(c) = self.last_check.as_ref().filter(|c| c.ok) else {
+            return 1.0;
+        };
+        match c.verified_to {
+            Some(at) if at == self.durable_lsn => c.verify_share_idle.unwrap_or(1.0),
+            Some(_) => c.verify_share_writing.unwrap_or(1.0),
+            None => 1.0,
+        }
+    }
+
     /// The promotion estimates, from the replay bytes and the last checks;
     /// `urgent`: promote's recovery will run ahead of other work.
     pub(super) fn estimate_promotion(&mut self, urgent: bool) {
@@ -84,7 +100,7 @@ impl StandbyStatus {
                 .map_or(c.verify_seconds, |cpu| cpu.min(c.verify_seconds)),
             Some(c) if c.ok => c.verify_seconds,
             _ => 0.0,
-        };
+        } * self.verify_share();
         self.promotion_estimate_seconds =
             self.replay_estimate_seconds + verify + PROMOTE_OWN_SECONDS;
     }
@@ -189,6 +205,41 @@ mod tests {
         }));
         s.estimate_promotion(true);
         assert_eq!(s.replay_estimate_seconds, 400e6 / 50e6);
+    }
+
+    #[test]
+    fn a_verified_check_counts_only_the_databases_promote_verifies_again() {
+        let check = crate::readiness::CheckReport {
+            ok: true,
+            recovery_seconds: 2.0,
+            verify_seconds: 10.0,
+            log_bytes: 200_000_000,
+            verified_to: Some(LogPosition::new(5, 0)),
+            verify_share_idle: Some(0.0),
+            verify_share_writing: Some(0.25),
+            ..Default::default()
+        };
+        // No log since the check: nothing to verify again.
+        let s = estimated(Some(check.clone()));
+        assert_eq!(s.promotion_estimate_seconds, 4.0 + PROMOTE_OWN_SECONDS);
+        // Log since: the databases the log has been writing.
+        let s = estimated(Some(crate::readiness::CheckReport {
+            verified_to: Some(LogPosition::new(4, 0)),
+            ..check.clone()
+        }));
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            4.0 + 2.5 + PROMOTE_OWN_SECONDS
+        );
+        // No record: all of it, as before.
+        let s = estimated(Some(crate::readiness::CheckReport {
+            verified_to: None,
+            ..check
+        }));
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            4.0 + 10.0 + PROMOTE_OWN_SECONDS
+        );
     }
 
     #[test]
