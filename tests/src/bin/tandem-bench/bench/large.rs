@@ -189,7 +189,9 @@ impl Bench {
         )?;
         let check_secs = check_started.elapsed().as_secs_f64();
         let st = standby_status(&mirror)?;
-        let estimate = st["promotion_estimate_seconds"].as_f64().unwrap_or(f64::NAN);
+        let estimate = st["promotion_estimate_seconds"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
         rows.push(Row {
             what: "`tandem-standby check` (clone, recovery, db_verify of every database, verified record)".into(),
             secs: check_secs,
