@@ -161,7 +161,7 @@ int tandem_wait_token(const char *socket_path, const DB_TXN_TOKEN *token,
 {
 	if (token == NULL)
 		return TANDEM_WAIT_ERROR;
-	/* BDB.md §10: bytes 12..15 LSN file, 16..19 LSN offset, big-endian. */
+	/* docs/BDB-NOTES.md §10: bytes 12..15 LSN file, 16..19 LSN offset, big-endian. */
 	return tandem_wait_lsn(socket_path, be32(token->buf + 12),
 	    be32(token->buf + 16), k, timeout_ms);
 }

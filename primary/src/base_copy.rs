@@ -30,7 +30,7 @@ pub enum BaseCommand {
 
 /// The first log file a base copy taken now needs: the one holding the last
 /// checkpoint's `ckp_lsn`, i.e. the first file `db_archive` does not list
-/// (BDB.md §7). Without a checkpoint, every log file is needed.
+/// (BDB-NOTES.md §7). Without a checkpoint, every log file is needed.
 pub fn base_boundary(shared: &Shared) -> Result<LogPosition, Status> {
     let files = shared
         .layout
@@ -230,6 +230,8 @@ fn ship_files(
 /// this base copy (for the standby's progress); `None` for a file that
 /// appeared after the copy. Returns (bytes sent, skipped).
 #[allow(clippy::too_many_arguments)]
+// Long function: one loop over a file's chunks (stable read, skip as FileSame or send,
+// progress); its position and counts are the loop's state.
 fn ship_file(
     shared: &Shared,
     tx: &Outbox,

@@ -33,6 +33,9 @@ pub struct Shared {
     pub tools: BdbTools,
     pub heartbeat_interval: Duration,
     pub rescan_interval: Duration,
+    /// `--fault-corrupt-chunk` (feature `test-hooks` only): corrupt the
+    /// digest of the Nth chunk sent.
+    #[cfg(feature = "test-hooks")]
     pub corrupt_chunk: Option<u64>,
     pub counters: Counters,
     /// `--compression`: whether sessions may use what a standby offers.
@@ -77,30 +80,34 @@ impl Shared {
 impl Shared {
     /// The blake3 digest a chunk travels with.
     pub fn digest(&self, data: &[u8]) -> bytes::Bytes {
-        self.with_fault(blake3::hash(data))
+        self.count_chunk(blake3::hash(data))
     }
 
     /// A file chunk's `pages_blake3`: blake3 of the blake3 of each of its
     /// pages (see the proto).
     pub fn pages_digest(&self, data: &[u8], page_size: usize) -> bytes::Bytes {
         let pages = tandem_shared::pages::page_hashes(data, page_size);
-        self.with_fault(blake3::hash(&pages))
+        self.count_chunk(blake3::hash(&pages))
     }
 
-    fn with_fault(&self, digest: blake3::Hash) -> bytes::Bytes {
-        let mut d = digest.as_bytes().to_vec();
-        // Test-only fault injection: corrupt the digest of the Nth chunk so
-        // the standby sees a chunk whose bytes do not match (as if flipped in
-        // transit, below TLS).
+    /// Counts the chunk (`tandem_primary_chunks_sent_total`) and returns
+    /// its digest as it travels.
+    fn count_chunk(&self, digest: blake3::Hash) -> bytes::Bytes {
         let n = self
             .counters
             .chunks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
+        #[cfg(feature = "test-hooks")]
         if self.corrupt_chunk == Some(n) {
+            // The tests' fault injection: the standby sees a chunk whose
+            // bytes do not match (as if flipped in transit, below TLS).
             tracing::warn!(chunk = n, "fault injection: corrupting this chunk's digest");
+            let mut d = digest.as_bytes().to_vec();
             d[0] ^= 0xff;
+            return bytes::Bytes::from(d);
         }
-        bytes::Bytes::from(d)
+        let _ = n;
+        bytes::Bytes::copy_from_slice(digest.as_bytes())
     }
 }

@@ -48,7 +48,7 @@ pub struct PrimaryState {
 
 pub fn random_id() -> String {
     let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    tandem_shared::to_hex(&bytes)
 }
 
 impl PrimaryState {

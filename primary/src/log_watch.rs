@@ -1,5 +1,5 @@
 //! Follows the end of the environment's verified log: the newest log file,
-//! walked record by record (BDB.md §2: the file size says nothing). One
+//! walked record by record (BDB-NOTES.md §2: the file size says nothing). One
 //! watcher per primary publishes the end on a `watch` channel; sessions wake
 //! on it instead of polling the disk themselves.
 

@@ -1,205 +1,17 @@
 //! `tandem-primary`: parses flags and config, then hands over to the library.
 
+mod cli;
+
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
-use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use clap::Parser;
+use cli::{Cli, Command, RunArgs, StatusArgs, WaitArgs, EXIT_NO_PRIMARY, EXIT_TIMEOUT};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tandem_primary::server::{serve, PrimaryConfig};
-use tandem_shared::telemetry::{self, LogFormat};
+use tandem_primary::retention;
+use tandem_primary::server::{self, serve, PrimaryConfig};
+use tandem_shared::telemetry;
 use tandem_shared::tls::TlsFiles;
-
-#[derive(Parser)]
-#[command(
-    name = "tandem-primary",
-    version,
-    about = "Stream a live Berkeley DB environment to Tandem standbys over mutual TLS."
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve the environment to standbys until SIGTERM or Ctrl-C.
-    ///
-    /// Ships every database file (read in whole pages, each read twice until
-    /// stable) and every log record from the base boundary on, then follows
-    /// the log as BDB writes it. Without --retention it changes none of the
-    /// environment's files: it reads them, runs `db_archive` to find the base
-    /// boundary, and keeps its own state in ENV/.tandem-primary.
-    Run(Box<RunArgs>),
-    /// Write a CA and certificates for a primary/standby pair.
-    ///
-    /// Writes ca.pem, primary.pem, primary-key.pem, standby.pem and
-    /// standby-key.pem into --out. Both certificates name every --name, so
-    /// use the host name (or IP address) standbys will dial.
-    Certs {
-        /// Directory to write into (created if missing).
-        #[arg(long)]
-        out: PathBuf,
-        /// Host names or IP addresses for the certificates (repeatable).
-        #[arg(long = "name", required = true)]
-        names: Vec<String>,
-    },
-    /// Show the primary's end of log and its standbys, from a running primary.
-    Status(StatusArgs),
-    /// Wait until the log up to a position is fsynced on K standbys.
-    ///
-    /// Asks the primary running for ENV, on its wait socket, and returns
-    /// when K connected standbys acknowledged the log record at --lsn (by
-    /// default the environment's last record now, so everything committed
-    /// before this command started) as durable. Nothing falls back: with no
-    /// standby connected, or fewer than K, it waits --timeout-ms and fails.
-    ///
-    /// Exit codes: 0 durable; 5 timed out (the message says why: no standby
-    /// connected, fewer than K, or not acknowledged yet); 6 no primary runs
-    /// for ENV (nothing listens on the wait socket); 1 any other failure;
-    /// 2 bad usage.
-    WaitDurable(WaitArgs),
-}
-
-/// Exit code of `wait-durable` when the wait timed out.
-const EXIT_TIMEOUT: u8 = 5;
-/// Exit code of `wait-durable` when no primary serves the environment.
-const EXIT_NO_PRIMARY: u8 = 6;
-
-#[derive(Args)]
-struct WaitArgs {
-    /// The environment the primary serves.
-    #[arg(long)]
-    env: PathBuf,
-    /// Log position of a record, FILE/OFFSET or [FILE][OFFSET] (e.g. a commit
-    /// token's LSN) [default: the environment's last log record now].
-    #[arg(long)]
-    lsn: Option<String>,
-    /// How many connected standbys must hold it.
-    #[arg(long, default_value_t = 1)]
-    standbys: usize,
-    /// How long to wait, in milliseconds.
-    #[arg(long, default_value_t = 10_000)]
-    timeout_ms: u64,
-    /// The primary's wait socket [default: ENV/.tandem-primary/wait.sock].
-    #[arg(long)]
-    wait_socket: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
-}
-
-/// Every `run` option; each can also come from the TOML file given with
-/// --config (same names, e.g. `listen = "0.0.0.0:7400"`). Flags win.
-#[derive(Args, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RunArgs {
-    /// TOML file with any of these options.
-    #[arg(long)]
-    #[serde(skip)]
-    config: Option<PathBuf>,
-    /// The Berkeley DB environment home to serve.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    env: Option<PathBuf>,
-    /// Address to listen on for standbys, e.g. 0.0.0.0:7400 (port 0 picks a free port).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    listen: Option<SocketAddr>,
-    /// This primary's certificate (PEM).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cert: Option<PathBuf>,
-    /// This primary's private key (PEM).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<PathBuf>,
-    /// CA that standby certificates must chain to (PEM).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ca: Option<PathBuf>,
-    /// Where the primary keeps its identity and lock [default: ENV/.tandem-primary].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    state_dir: Option<PathBuf>,
-    /// How often to look for new log records, in milliseconds [default: 2].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    poll_interval_ms: Option<u64>,
-    /// How often to tell standbys the primary's end of log, in milliseconds [default: 500].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    heartbeat_interval_ms: Option<u64>,
-    /// How often to look for newly created database files, in milliseconds [default: 2000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rescan_interval_ms: Option<u64>,
-    /// Serve the admin endpoint over plain HTTP on this address, e.g.
-    /// 127.0.0.1:9400: Prometheus metrics at /metrics, the status as JSON at
-    /// /status. Keep it on a private address.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    metrics_listen: Option<SocketAddr>,
-    /// Remove log files from the environment once BDB no longer needs them
-    /// (db_archive lists them) and every known standby has acknowledged them
-    /// durably. Off by default: Tandem then never changes the environment.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    retention: Option<bool>,
-    /// With --retention: most log MiB kept for lagging or offline standbys;
-    /// past it the laggard is dropped loudly and later needs a new base [default: 10240].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    retention_cap_mib: Option<u64>,
-    /// With --retention: seconds between retention passes [default: 10].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    retention_interval_secs: Option<u64>,
-    /// Log format: human or json [default: human].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    log_format: Option<LogFormat>,
-    /// Compress chunks with zstd for standbys that offer it (auto), chosen
-    /// per chunk, the level following the link; or never (off) [default: auto].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    compression: Option<tandem_shared::compress::Compression>,
-    /// Testing only: corrupt the digest of the Nth chunk sent.
-    #[arg(long, hide = true)]
-    #[serde(skip)]
-    fault_corrupt_chunk: Option<u64>,
-    /// Unix socket where applications wait for commits to be durable on
-    /// standbys (owner-only; see README "Waiting for a commit")
-    /// [default: STATE_DIR/wait.sock].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    wait_socket: Option<PathBuf>,
-    /// Write the address actually bound (useful with port 0) to this file.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bound_addr_file: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct StatusArgs {
-    /// The primary to ask, e.g. https://primary.example:7400.
-    #[arg(long)]
-    primary: String,
-    /// Client certificate (PEM), e.g. the standby's.
-    #[arg(long)]
-    cert: PathBuf,
-    #[arg(long)]
-    key: PathBuf,
-    #[arg(long)]
-    ca: PathBuf,
-    /// Name in the primary's certificate [default: the host of --primary].
-    #[arg(long)]
-    server_name: Option<String>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
-}
 
 fn main() -> ExitCode {
     tandem_shared::keep_freed_memory();
@@ -244,6 +56,7 @@ async fn dispatch(command: Command) -> Result<()> {
 }
 
 async fn run(flags: RunArgs) -> Result<()> {
+    #[cfg(feature = "test-hooks")]
     let fault = flags.fault_corrupt_chunk;
     let a: RunArgs = tandem_shared::config::merge_with_file(&flags, flags.config.as_deref())?;
     telemetry::init(a.log_format.unwrap_or_default());
@@ -252,7 +65,9 @@ async fn run(flags: RunArgs) -> Result<()> {
     };
     let env = need(a.env, "env")?;
     let cfg = PrimaryConfig {
-        state_dir: a.state_dir.unwrap_or_else(|| env.join(".tandem-primary")),
+        state_dir: a
+            .state_dir
+            .unwrap_or_else(|| env.join(server::DEFAULT_STATE_DIR_NAME)),
         listen: a
             .listen
             .context("--listen is required (or `listen` in the config file)")?,
@@ -261,18 +76,36 @@ async fn run(flags: RunArgs) -> Result<()> {
             key: need(a.key, "key")?,
             ca: need(a.ca, "ca")?,
         },
-        poll_interval: Duration::from_millis(a.poll_interval_ms.unwrap_or(2).max(1)),
-        heartbeat_interval: Duration::from_millis(a.heartbeat_interval_ms.unwrap_or(500).max(10)),
-        rescan_interval: Duration::from_millis(a.rescan_interval_ms.unwrap_or(2000).max(10)),
+        poll_interval: Duration::from_millis(
+            a.poll_interval_ms
+                .unwrap_or(server::DEFAULT_POLL_INTERVAL_MS)
+                .max(server::MIN_POLL_INTERVAL_MS),
+        ),
+        heartbeat_interval: Duration::from_millis(
+            a.heartbeat_interval_ms
+                .unwrap_or(server::DEFAULT_HEARTBEAT_INTERVAL_MS)
+                .max(server::MIN_INTERVAL_MS),
+        ),
+        rescan_interval: Duration::from_millis(
+            a.rescan_interval_ms
+                .unwrap_or(server::DEFAULT_RESCAN_INTERVAL_MS)
+                .max(server::MIN_INTERVAL_MS),
+        ),
         metrics_listen: a.metrics_listen,
+        #[cfg(feature = "test-hooks")]
         corrupt_chunk: fault,
         compression: a.compression.unwrap_or_default(),
-        retention: a.retention.unwrap_or(false).then(|| {
-            tandem_primary::retention::RetentionConfig {
-                cap_bytes: a.retention_cap_mib.unwrap_or(10240) << 20,
-                interval: Duration::from_secs(a.retention_interval_secs.unwrap_or(10).max(1)),
-            }
-        }),
+        retention: a
+            .retention
+            .unwrap_or(false)
+            .then(|| retention::RetentionConfig {
+                cap_bytes: a.retention_cap_mib.unwrap_or(retention::DEFAULT_CAP_MIB) << 20,
+                interval: Duration::from_secs(
+                    a.retention_interval_secs
+                        .unwrap_or(retention::DEFAULT_INTERVAL_SECS)
+                        .max(1),
+                ),
+            }),
         wait_socket: a.wait_socket,
         env,
     };
@@ -287,6 +120,7 @@ async fn run(flags: RunArgs) -> Result<()> {
     .await
 }
 
+// Long function: prints the status text, one line per field, in the order an operator reads it.
 async fn status(a: StatusArgs) -> Result<()> {
     let tls = TlsFiles {
         cert: a.cert,
@@ -383,7 +217,7 @@ fn wait_durable(a: WaitArgs) -> ExitCode {
     };
     let socket = a.wait_socket.clone().unwrap_or_else(|| {
         a.env
-            .join(".tandem-primary")
+            .join(server::DEFAULT_STATE_DIR_NAME)
             .join(tandem_primary::wait::socket::SOCKET_NAME)
     });
     let lsn = match &a.lsn {

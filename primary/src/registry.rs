@@ -146,7 +146,7 @@ impl DurableAcks {
     }
 
     /// How many connected standbys hold the log record that starts at
-    /// `lsn`: their durable end is strictly beyond it (BDB.md §10: a commit
+    /// `lsn`: their durable end is strictly beyond it (BDB-NOTES.md §10: a commit
     /// token names where the commit record starts).
     pub fn holding(&self, lsn: LogPosition) -> usize {
         self.durable.iter().take_while(|d| **d > lsn).count()

@@ -9,7 +9,7 @@
 //! released loudly: an archive hold is given up first (the archive gets a
 //! gap), then the standby itself is dropped and will need a new base.
 //! `db_hotbackup -u/-c` and `db_archive -d` are never used: they remove
-//! logs no standby holds (BDB.md §6).
+//! logs no standby holds (BDB-NOTES.md §6).
 //!
 //! [`plan`] decides from plain values (tested with tables); [`run`] is the
 //! task that gathers them, records the decision through the registry and
@@ -23,6 +23,11 @@ use std::time::Duration;
 use tandem_shared::bdb::BdbTools;
 use tandem_shared::envlayout::EnvLayout;
 use tokio_util::sync::CancellationToken;
+
+/// `--retention-cap-mib`: most log MiB kept for lagging standbys.
+pub const DEFAULT_CAP_MIB: u64 = 10240;
+/// `--retention-interval-secs`: seconds between retention passes.
+pub const DEFAULT_INTERVAL_SECS: u64 = 10;
 
 #[derive(Debug, Clone)]
 pub struct RetentionConfig {

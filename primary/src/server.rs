@@ -37,6 +37,19 @@ use tonic::{Request, Response, Status, Streaming};
 /// watcher) before it goes on without it.
 const SHUTDOWN_STAGE: Duration = Duration::from_secs(5);
 
+/// `--state-dir`'s default: this directory under the environment home.
+pub const DEFAULT_STATE_DIR_NAME: &str = ".tandem-primary";
+/// `--poll-interval-ms`: how often the log is looked at for new records.
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 2;
+/// The shortest poll interval `run` accepts (a smaller one is raised).
+pub const MIN_POLL_INTERVAL_MS: u64 = 1;
+/// `--heartbeat-interval-ms`: how often standbys hear the end of log.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 500;
+/// `--rescan-interval-ms`: how often new database files are looked for.
+pub const DEFAULT_RESCAN_INTERVAL_MS: u64 = 2000;
+/// The shortest heartbeat or rescan interval `run` accepts.
+pub const MIN_INTERVAL_MS: u64 = 10;
+
 /// Everything `tandem-primary run` needs, after flags and config file are
 /// merged.
 #[derive(Debug, Clone)]
@@ -49,7 +62,9 @@ pub struct PrimaryConfig {
     pub heartbeat_interval: Duration,
     pub rescan_interval: Duration,
     pub metrics_listen: Option<SocketAddr>,
-    /// Test-only: corrupt the digest of the Nth chunk sent.
+    /// `--fault-corrupt-chunk` (feature `test-hooks` only): corrupt the
+    /// digest of the Nth chunk sent.
+    #[cfg(feature = "test-hooks")]
     pub corrupt_chunk: Option<u64>,
     /// Remove shipped, inactive log files from the environment (off: None).
     pub retention: Option<crate::retention::RetentionConfig>,
@@ -110,11 +125,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<()> {
-    let layout = EnvLayout::open(&cfg.env)
-        .with_context(|| format!("opening environment {}", cfg.env.display()))?;
-    layout.database_files().context("the environment holds a file Tandem cannot ship, and a standby without it would not recover")?;
-    let promoted = promoted(&cfg.env)?;
-    let state = PrimaryState::open(&cfg.state_dir, promoted.as_ref())?;
+    let (layout, state) = open_environment(&cfg)?;
     let tls = cfg.tls.server_config().context("loading TLS files")?;
     let stop = CancellationToken::new();
     // Every way out of this function, early errors included, stops the
@@ -126,6 +137,148 @@ pub async fn serve(
     let registry = Arc::new(StandbyRegistry::open(&cfg.state_dir));
     // After the state directory's lock: a second primary on this
     // environment never gets here to look at our socket.
+    let (wait_socket, wait_server, waits) = serve_waits(&cfg, &registry, &stop)?;
+    let shared = Arc::new(Shared {
+        layout: layout.clone(),
+        identity: state.identity.clone(),
+        log_end,
+        tools: tools.clone(),
+        heartbeat_interval: cfg.heartbeat_interval,
+        rescan_interval: cfg.rescan_interval,
+        #[cfg(feature = "test-hooks")]
+        corrupt_chunk: cfg.corrupt_chunk,
+        counters: Counters::default(),
+        compression: cfg.compression,
+        wire: Default::default(),
+        registry: registry.clone(),
+        waits,
+        stop: stop.clone(),
+    });
+    let retention = cfg.retention.clone().map(|r| {
+        let task = crate::retention::run(registry, layout, tools, r, stop.clone());
+        tokio::spawn(task)
+    });
+    let sessions = TaskTracker::new();
+    let (incoming, bound) = listen(cfg.listen)?;
+    let admin = match cfg.metrics_listen {
+        Some(addr) => Some(serve_admin(addr, &shared).await?),
+        None => None,
+    };
+    tracing::info!(
+        listen = %bound, wait_socket = %wait_socket.path.display(), env = %cfg.env.display(), env_id = %state.identity.env_id, epoch = state.identity.epoch,
+        "tandem-primary listening"
+    );
+    on_bound(bound);
+    tandem_shared::sdnotify::ready();
+    let service = Service {
+        shared,
+        sessions: sessions.clone(),
+    };
+    let server = grpc(tls, service, incoming, shutdown, stop.clone())?;
+    let served = until_closed(server, &stop).await;
+    // Also on a serving error: everything below must stop either way.
+    stop.cancel();
+    Background {
+        sessions,
+        retention,
+        wait_server,
+        wait_socket,
+        watcher,
+    }
+    .stop_in_order()
+    .await;
+    served.context("serving")?;
+    if let Some(server) = admin {
+        server.stop().await;
+    }
+    // Last: the lock keeps a second primary off the environment until
+    // every task above has stopped touching it.
+    drop(state);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The gRPC server over mutual TLS, until `shutdown` or `stop`; either
+/// cancels `stop`, which ends every session's stream.
+fn grpc(
+    tls: tonic::transport::ServerTlsConfig,
+    service: Service,
+    incoming: tonic::transport::server::TcpIncoming,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+    stop: CancellationToken,
+) -> Result<impl std::future::Future<Output = Result<(), tonic::transport::Error>>> {
+    let service = ReplicationServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(tonic::transport::Server::builder()
+        .tls_config(tls)
+        .context("TLS configuration")?
+        .initial_stream_window_size(Some(tandem_shared::STREAM_WINDOW))
+        .initial_connection_window_size(Some(tandem_shared::STREAM_WINDOW * 2))
+        .max_frame_size(Some(tandem_shared::MAX_FRAME))
+        .http2_keepalive_interval(Some(tandem_shared::client::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(tandem_shared::client::KEEPALIVE_TIMEOUT))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = stop.cancelled() => {}
+            }
+            tracing::info!("shutting down");
+            stop.cancel();
+        }))
+}
+
+/// The environment, checked shippable, and the primary's state (identity,
+/// epoch, history; adopted from a promotion recorded in it), locked.
+fn open_environment(cfg: &PrimaryConfig) -> Result<(EnvLayout, PrimaryState)> {
+    let layout = EnvLayout::open(&cfg.env)
+        .with_context(|| format!("opening environment {}", cfg.env.display()))?;
+    layout.database_files().context("the environment holds a file Tandem cannot ship, and a standby without it would not recover")?;
+    let promoted = promoted(&cfg.env)?;
+    let state = PrimaryState::open(&cfg.state_dir, promoted.as_ref())?;
+    Ok((layout, state))
+}
+
+/// The standbys' listening socket, and the address it is bound to.
+fn listen(addr: SocketAddr) -> Result<(tonic::transport::server::TcpIncoming, SocketAddr)> {
+    let incoming = tonic::transport::server::TcpIncoming::bind(addr)
+        .with_context(|| format!("listening on {addr}"))?
+        .with_nodelay(Some(true));
+    let bound = incoming.local_addr().context("local address")?;
+    Ok((incoming, bound))
+}
+
+/// Graceful shutdown waits for every connection to close; a peer that
+/// keeps one open must not hold the primary up past [`SHUTDOWN_STAGE`]
+/// after `stop`.
+async fn until_closed(
+    server: impl std::future::Future<Output = Result<(), tonic::transport::Error>>,
+    stop: &CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    tokio::select! {
+        r = server => r,
+        _ = async {
+            stop.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_STAGE).await;
+        } => {
+            tracing::warn!("connections did not close in time; closing them");
+            Ok(())
+        }
+    }
+}
+
+/// The wait socket (`--wait-socket`, by default in the state directory)
+/// and the task answering on it.
+fn serve_waits(
+    cfg: &PrimaryConfig,
+    registry: &StandbyRegistry,
+    stop: &CancellationToken,
+) -> Result<(
+    crate::wait::socket::WaitSocket,
+    tokio::task::JoinHandle<()>,
+    Arc<crate::wait::WaitStats>,
+)> {
     let socket_path = cfg
         .wait_socket
         .clone()
@@ -138,129 +291,67 @@ pub async fn serve(
         waits.clone(),
         stop.clone(),
     ));
-    let shared = Arc::new(Shared {
-        layout: layout.clone(),
-        identity: state.identity.clone(),
-        log_end,
-        tools: tools.clone(),
-        heartbeat_interval: cfg.heartbeat_interval,
-        rescan_interval: cfg.rescan_interval,
-        corrupt_chunk: cfg.corrupt_chunk,
-        counters: Counters::default(),
-        compression: cfg.compression,
-        wire: Default::default(),
-        registry: registry.clone(),
-        waits,
-        stop: stop.clone(),
-    });
-    let retention = cfg.retention.clone().map(|r| {
-        tokio::spawn(crate::retention::run(
-            registry,
-            layout,
-            tools,
-            r,
-            stop.clone(),
-        ))
-    });
-    let sessions = TaskTracker::new();
-    let incoming = tonic::transport::server::TcpIncoming::bind(cfg.listen)
-        .with_context(|| format!("listening on {}", cfg.listen))?
-        .with_nodelay(Some(true));
-    let bound = incoming.local_addr().context("local address")?;
-    let mut admin = None;
-    if let Some(addr) = cfg.metrics_listen {
-        let shared = shared.clone();
-        let for_status = shared.clone();
-        let pages = tandem_shared::metrics::AdminPages {
-            metrics: Box::new(move || crate::metrics::render(&shared)),
-            status_json: Box::new(move || crate::metrics::status_json(&for_status)),
-        };
-        let server = tandem_shared::metrics::serve(addr, pages).await?;
-        tracing::info!(bound = %server.bound, "serving metrics");
-        admin = Some(server);
-    }
-    tracing::info!(
-        listen = %bound, wait_socket = %wait_socket.path.display(), env = %cfg.env.display(), env_id = %state.identity.env_id, epoch = state.identity.epoch,
-        "tandem-primary listening"
-    );
-    on_bound(bound);
-    tandem_shared::sdnotify::ready();
-    let service = ReplicationServer::new(Service {
-        shared,
-        sessions: sessions.clone(),
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let server = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .context("TLS configuration")?
-        .initial_stream_window_size(Some(tandem_shared::STREAM_WINDOW))
-        .initial_connection_window_size(Some(tandem_shared::STREAM_WINDOW * 2))
-        .max_frame_size(Some(tandem_shared::MAX_FRAME))
-        .http2_keepalive_interval(Some(tandem_shared::client::KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(tandem_shared::client::KEEPALIVE_TIMEOUT))
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, {
-            let stop = stop.clone();
-            async move {
-                tokio::select! {
-                    _ = shutdown => {}
-                    _ = stop.cancelled() => {}
-                }
-                tracing::info!("shutting down");
-                stop.cancel();
-            }
-        });
-    // Graceful shutdown waits for every connection to close; a peer that
-    // keeps one open must not hold the primary up past the bound.
-    let served = tokio::select! {
-        r = server => r,
-        _ = async {
-            stop.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_STAGE).await;
-        } => {
-            tracing::warn!("connections did not close in time; closing them");
-            Ok(())
-        }
+    Ok((wait_socket, wait_server, waits))
+}
+
+/// The admin endpoint (metrics and status as JSON) on `addr`.
+async fn serve_admin(
+    addr: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Result<tandem_shared::metrics::AdminServer> {
+    let for_metrics = shared.clone();
+    let for_status = shared.clone();
+    let pages = tandem_shared::metrics::AdminPages {
+        metrics: Box::new(move || crate::metrics::render(&for_metrics)),
+        status_json: Box::new(move || crate::metrics::status_json(&for_status)),
     };
-    // Also on a serving error: everything below must stop either way.
-    stop.cancel();
-    sessions.close();
-    if tokio::time::timeout(SHUTDOWN_STAGE, sessions.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            left = sessions.len(),
-            "standby sessions did not end in time; exiting without them"
-        );
-    }
-    if let Some(r) = retention {
-        // A pass in progress runs to its end (it may be removing files).
-        if tokio::time::timeout(SHUTDOWN_STAGE, r).await.is_err() {
-            tracing::warn!("the retention pass did not end in time; exiting without it");
+    let server = tandem_shared::metrics::serve(addr, pages).await?;
+    tracing::info!(bound = %server.bound, "serving metrics");
+    Ok(server)
+}
+
+/// The tasks `serve` started beside the gRPC server, stopped in order
+/// once it ended (each stage bounded by [`SHUTDOWN_STAGE`]).
+struct Background {
+    sessions: TaskTracker,
+    retention: Option<tokio::task::JoinHandle<()>>,
+    wait_server: tokio::task::JoinHandle<()>,
+    wait_socket: crate::wait::socket::WaitSocket,
+    watcher: std::thread::JoinHandle<()>,
+}
+
+impl Background {
+    async fn stop_in_order(self) {
+        let sessions = self.sessions;
+        sessions.close();
+        if tokio::time::timeout(SHUTDOWN_STAGE, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = sessions.len(),
+                "standby sessions did not end in time; exiting without them"
+            );
+        }
+        if let Some(r) = self.retention {
+            // A pass in progress runs to its end (it may be removing files).
+            if tokio::time::timeout(SHUTDOWN_STAGE, r).await.is_err() {
+                tracing::warn!("the retention pass did not end in time; exiting without it");
+            }
+        }
+        if tokio::time::timeout(SHUTDOWN_STAGE, self.wait_server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("wait clients did not end in time; exiting without them");
+        }
+        drop(self.wait_socket);
+        let watcher = self.watcher;
+        let joined = tokio::task::spawn_blocking(move || watcher.join());
+        if tokio::time::timeout(SHUTDOWN_STAGE, joined).await.is_err() {
+            tracing::warn!("the log watcher did not stop in time; exiting without it");
         }
     }
-    if tokio::time::timeout(SHUTDOWN_STAGE, wait_server)
-        .await
-        .is_err()
-    {
-        tracing::warn!("wait clients did not end in time; exiting without them");
-    }
-    drop(wait_socket);
-    let joined = tokio::task::spawn_blocking(move || watcher.join());
-    if tokio::time::timeout(SHUTDOWN_STAGE, joined).await.is_err() {
-        tracing::warn!("the log watcher did not stop in time; exiting without it");
-    }
-    served.context("serving")?;
-    if let Some(server) = admin {
-        server.stop().await;
-    }
-    // Last: the lock keeps a second primary off the environment until
-    // every task above has stopped touching it.
-    drop(state);
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// What a promotion recorded, when a primary is started on a promoted

@@ -19,7 +19,7 @@ use crate::log_watch::LogEnd;
 use crate::outbox::{io_status, send, Outbox};
 use crate::plan::{Plan, Refusal};
 use crate::registry::SessionGuard;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -39,6 +39,8 @@ use tonic::{Status, Streaming};
 /// How long a standby has to say Hello after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+// Long function: a session's life in order (Hello, rejoin digests, start, the loop over the
+// standby's messages, the end), each step one call.
 pub async fn run(
     shared: Arc<Shared>,
     peer: String,
@@ -163,6 +165,51 @@ async fn start(
     rejoin: crate::rejoin::RejoinDigests,
 ) -> Result<Duties, Status> {
     let name = guard.name();
+    check_hello(shared, name, peer, hello)?;
+    let plan = plan_or_refuse(shared, name, peer, hello)?;
+    let start = match plan {
+        Plan::Resume { from, prev } => {
+            tracing::info!(standby = %name, %peer, %from, "standby connected; resuming");
+            send(tx, welcome(shared, hello, tx, true)).await?;
+            Start {
+                base_id: hello.base_id.clone(),
+                from,
+                prev,
+                complete: hello.complete_files.iter().cloned().collect(),
+                files_done: hello.base_files_done,
+                theirs: rejoin.pages,
+            }
+        }
+        plan => new_base(shared, name, peer, hello, tx, plan, rejoin).await?,
+    };
+    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    tokio::task::block_in_place(|| guard.started(&start.base_id, start.from));
+    if start.files_done && hello.consistent_at.is_some_and(|c| start.from >= c.into()) {
+        // A resumed standby with a complete base proved (the digest of its
+        // last record) that it holds this log up to `from` durably, past
+        // the point where its base became consistent: that counts for
+        // commit waiters, though it sends no ack for it.
+        guard.holds(start.from);
+    }
+    Ok(spawn_duties(shared, guard, tx, start))
+}
+
+/// Where a session starts: the base it continues or begins, and the log.
+struct Start {
+    base_id: String,
+    from: LogPosition,
+    prev: Option<u32>,
+    /// Files of the base the standby holds complete.
+    complete: BTreeSet<String>,
+    files_done: bool,
+    /// The standby's page digests, for a rejoin's page delta.
+    theirs: BTreeMap<String, Vec<u8>>,
+}
+
+/// Refuses a Hello this primary must not serve: another protocol, a
+/// standby that has seen a newer epoch (this primary is fenced), another
+/// environment.
+fn check_hello(shared: &Shared, name: &str, peer: &str, hello: &Hello) -> Result<(), Status> {
     let id = &shared.identity;
     if hello.protocol_version != tandem_shared::wire::PROTOCOL_VERSION {
         return Err(Status::failed_precondition(format!(
@@ -194,10 +241,16 @@ async fn start(
             hello.env_id, id.env_id
         )));
     }
-    let plan = match tokio::task::block_in_place(|| {
+    Ok(())
+}
+
+/// The plan for this standby, or the refusal, logged.
+fn plan_or_refuse(shared: &Shared, name: &str, peer: &str, hello: &Hello) -> Result<Plan, Status> {
+    let id = &shared.identity;
+    match tokio::task::block_in_place(|| {
         crate::plan::plan(&shared.layout, hello, id.epoch, &id.history)
     }) {
-        Ok(p) => p,
+        Ok(p) => Ok(p),
         Err(r) => {
             match &r {
                 Refusal::Diverged(d) => tracing::error!(
@@ -212,76 +265,86 @@ async fn start(
                     tracing::error!(standby = %name, %peer, "DIVERGED: {r}")
                 }
             }
-            return Err(r.into());
+            Err(r.into())
         }
-    };
-    let mut theirs = Some(rejoin.pages);
-    let (base_id, from, prev, complete, files_done) = match plan {
-        Plan::Resume { from, prev } => {
-            tracing::info!(standby = %name, %peer, %from, "standby connected; resuming");
-            send(tx, welcome(shared, hello, tx, true)).await?;
-            let complete: BTreeSet<String> = hello.complete_files.iter().cloned().collect();
-            (
-                hello.base_id.clone(),
-                from,
-                prev,
-                complete,
-                hello.base_files_done,
-            )
-        }
-        Plan::NewBase { .. } | Plan::Rejoin { .. } => {
-            let (reason, discard_after) = match plan {
-                Plan::Rejoin {
-                    reason,
-                    discard_after,
-                } => {
-                    tracing::warn!(standby = %name, %peer, %discard_after, "REJOIN: {reason}; sending a page-delta new base");
-                    (reason, Some(discard_after.into()))
-                }
-                Plan::NewBase { reason } => {
-                    // Digests are only for a rejoin's page delta.
-                    theirs = None;
-                    (reason, None)
-                }
-                Plan::Resume { .. } => unreachable!("matched above"),
-            };
-            let mut from = tokio::task::block_in_place(|| base_boundary(shared))?;
-            if discard_after.is_some() {
-                // The standby finds where the histories part by comparing
-                // its log with this one: start at the newest file both share.
-                let shared_file = tokio::task::block_in_place(|| {
-                    crate::rejoin::newest_shared_log_file(&shared.layout, &rejoin.log_files, from)
-                });
-                from = LogPosition::new(shared_file, 0);
-            }
-            let base_id = crate::identity::random_id();
-            tracing::info!(standby = %name, %peer, %reason, base = %base_id, boundary = %from, "standby connected; starting a new base");
-            send(tx, welcome(shared, hello, tx, false)).await?;
-            send(
-                tx,
-                Kind::BaseStart(BaseStart {
-                    base_id: base_id.clone(),
-                    log_start: Some(from.into()),
-                    reason,
-                    rebase: false,
-                    discard_after,
-                }),
-            )
-            .await?;
-            (base_id, from, None, BTreeSet::new(), false)
-        }
-    };
-    let theirs = theirs.unwrap_or_default();
-    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
-    tokio::task::block_in_place(|| guard.started(&base_id, from));
-    if files_done && hello.consistent_at.is_some_and(|c| from >= c.into()) {
-        // A resumed standby with a complete base proved (the digest of its
-        // last record) that it holds this log up to `from` durably, past
-        // the point where its base became consistent: that counts for
-        // commit waiters, though it sends no ack for it.
-        guard.holds(from);
     }
+}
 
+/// A new base (or a rejoin's page-delta base): the Welcome, then the
+/// BaseStart at the base boundary.
+async fn new_base(
+    shared: &Arc<Shared>,
+    name: &str,
+    peer: &str,
+    hello: &Hello,
+    tx: &Outbox,
+    plan: Plan,
+    rejoin: crate::rejoin::RejoinDigests,
+) -> Result<Start, Status> {
+    let mut theirs = Some(rejoin.pages);
+    let (reason, discard_after) = match plan {
+        Plan::Rejoin {
+            reason,
+            discard_after,
+        } => {
+            tracing::warn!(standby = %name, %peer, %discard_after, "REJOIN: {reason}; sending a page-delta new base");
+            (reason, Some(discard_after.into()))
+        }
+        Plan::NewBase { reason } => {
+            // Digests are only for a rejoin's page delta.
+            theirs = None;
+            (reason, None)
+        }
+        Plan::Resume { .. } => unreachable!("start resumes; it calls new_base for the others"),
+    };
+    let mut from = tokio::task::block_in_place(|| base_boundary(shared))?;
+    if discard_after.is_some() {
+        // The standby finds where the histories part by comparing
+        // its log with this one: start at the newest file both share.
+        let shared_file = tokio::task::block_in_place(|| {
+            crate::rejoin::newest_shared_log_file(&shared.layout, &rejoin.log_files, from)
+        });
+        from = LogPosition::new(shared_file, 0);
+    }
+    let base_id = crate::identity::random_id();
+    tracing::info!(standby = %name, %peer, %reason, base = %base_id, boundary = %from, "standby connected; starting a new base");
+    send(tx, welcome(shared, hello, tx, false)).await?;
+    send(
+        tx,
+        Kind::BaseStart(BaseStart {
+            base_id: base_id.clone(),
+            log_start: Some(from.into()),
+            reason,
+            rebase: false,
+            discard_after,
+        }),
+    )
+    .await?;
+    Ok(Start {
+        base_id,
+        from,
+        prev: None,
+        complete: BTreeSet::new(),
+        files_done: false,
+        theirs: theirs.unwrap_or_default(),
+    })
+}
+
+/// Starts the session's duties: the log, the base, the heartbeats.
+fn spawn_duties(
+    shared: &Arc<Shared>,
+    guard: &Arc<SessionGuard>,
+    tx: &Outbox,
+    start: Start,
+) -> Duties {
+    let Start {
+        from,
+        prev,
+        complete,
+        files_done,
+        theirs,
+        ..
+    } = start;
     let (commands, base_commands) = std::sync::mpsc::channel();
     let stop = shared.stop.child_token();
     let log = {
@@ -314,13 +377,13 @@ async fn start(
         let (shared, tx) = (shared.clone(), tx.clone());
         tokio::spawn(async move { heartbeats(&shared, &tx).await })
     };
-    Ok(Duties {
+    Duties {
         log,
         heartbeats,
         base,
         commands,
         stop,
-    })
+    }
 }
 
 /// The Welcome, which also fixes the session's chunk encoding.
@@ -382,6 +445,8 @@ async fn follow_acks(
 }
 
 /// Ships the log from `pos` on, following the live tail.
+// Long function: the tail-following loop (read verified records, send, wait for the watcher);
+// its position and last record are the loop's state.
 async fn ship_log(
     shared: &Shared,
     tx: &Outbox,

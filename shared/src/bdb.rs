@@ -6,7 +6,7 @@
 //! These calls block; async callers run them with `spawn_blocking`.
 
 use crate::LogPosition;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -106,7 +106,7 @@ impl BdbTools {
     /// dies with the thread that started it. Without the privilege
     /// (`CAP_SYS_NICE`) it keeps the normal priority, in its own session.
     /// On 2 loaded cores this cut a recovery's waits for a CPU from
-    /// 0.1–1.5 s to 20–40 ms (BDB.md §5).
+    /// 0.1–1.5 s to 20–40 ms (BDB-NOTES.md §5).
     pub fn urgent(mut self) -> Self {
         self.urgent = true;
         self
@@ -139,7 +139,7 @@ impl BdbTools {
 
     /// Log files BDB no longer needs for normal recovery (`db_archive`
     /// without flags): every file wholly before the last checkpoint's
-    /// `ckp_lsn` (BDB.md §1). Joins the environment read-only; changes no
+    /// `ckp_lsn` (BDB-NOTES.md §1). Joins the environment read-only; changes no
     /// file.
     pub fn inactive_logs(&self, home: &Path) -> Result<Vec<u32>, BdbError> {
         let out = self.run("archive", &["-h".as_ref(), home.as_os_str()])?;
@@ -221,14 +221,6 @@ pub fn parse_last_valid_lsn(output: &str) -> Option<LogPosition> {
         }
     }
     Some(LogPosition::new(file?, offset?))
-}
-
-/// A scratch directory path next to `dir` (same filesystem, so renames and
-/// clones work).
-pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let mut s = dir.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
 }
 
 #[cfg(test)]

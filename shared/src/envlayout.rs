@@ -87,7 +87,7 @@ pub struct DbMeta {
 
 const DB_MAGICS: [u32; 4] = [0x0005_3162, 0x0006_1561, 0x0004_2253, 0x0007_4582];
 
-/// Reads the meta page header (BDB.md §2): magic at byte 12, page size at
+/// Reads the meta page header (BDB-NOTES.md §2): magic at byte 12, page size at
 /// byte 20. Accepts either byte order, since the order is the creating
 /// host's. `None` if the file is not a BDB database.
 pub fn read_db_meta(path: &Path) -> io::Result<Option<DbMeta>> {
@@ -182,7 +182,7 @@ impl EnvLayout {
     }
 
     /// Every database file at any depth under the home and the data
-    /// directories, whether or not `db_archive -s` would list it (BDB.md §1,
+    /// directories, whether or not `db_archive -s` would list it (BDB-NOTES.md §1,
     /// §10: `DB->open(.., "sub/x.db", ..)` puts a database below the home).
     /// Partition files (`__dbp.NAME.NNN`) carry their own meta page; queue
     /// extents (`__dbq.NAME.N`) have none and take the page size of their

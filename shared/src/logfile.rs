@@ -1,6 +1,6 @@
 //! The Berkeley DB 5.3 log file format, as far as Tandem needs it: file
 //! names, the record header, and a walker that finds the end of the valid,
-//! checksummed record chain. See `BDB.md` §2 for the measurements behind it.
+//! checksummed record chain. See `docs/BDB-NOTES.md` §2 for the measurements behind it.
 //!
 //! Why walk at all: BDB pre-allocates every log file to `lg_max - 1` bytes
 //! and a reader of a live file can see later pages before earlier ones, so
@@ -34,7 +34,7 @@ pub fn parse_log_file_name(name: &str) -> Option<u32> {
 }
 
 /// BDB's record checksum for unencrypted logs: `__ham_func4` over the body,
-/// then mixed with the header's `prev` and `len` (BDB.md §2, verified on every
+/// then mixed with the header's `prev` and `len` (BDB-NOTES.md §2, verified on every
 /// record of a real 5.3 log).
 ///
 /// Sixteen bytes at a time: `h*33 + b`, sixteen times over, equals

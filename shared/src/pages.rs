@@ -1,6 +1,6 @@
 //! Reading database pages from a live environment without shipping a torn
 //! page. A buffered read racing BDB's page write can return half old, half
-//! new bytes (BDB.md §8). Tandem reads whole, aligned pages and re-reads
+//! new bytes (BDB-NOTES.md §8). Tandem reads whole, aligned pages and re-reads
 //! until two consecutive reads of every page agree; BDB writes a page with
 //! one pwrite, so two identical reads are a page as BDB wrote it.
 

@@ -114,7 +114,11 @@ pub enum Command {
         /// The standby directory (only read; a report goes to DIR/.tandem/archive.json).
         #[arg(long)]
         dir: PathBuf,
-        /// The archive directory, created if missing.
+        /// The archive: a directory (a path or file:///PATH, created if
+        /// missing) or s3://BUCKET/PREFIX in S3-compatible object storage
+        /// (the backup is built and proven in --scratch, then uploaded; its
+        /// manifest is written last, create-only, so archivers never
+        /// overwrite each other's backups).
         #[arg(long, value_name = "ARCHIVE", required_unless_present = "release")]
         to: Option<PathBuf>,
         /// End a --follow archive's registration with DIR (stop the archiver
@@ -131,13 +135,23 @@ pub enum Command {
         /// new log, or start a new backup when the standby's base changed.
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         follow: Option<u64>,
+        /// With --follow: every SECS, restore the newest backup into --scratch
+        /// (downloaded, for a bucket), run db_recover -c and db_verify there,
+        /// and record the outcome (status, metric
+        /// tandem_standby_archive_last_verified_restore_timestamp_seconds)
+        /// [default: no drills].
+        #[arg(long, value_name = "SECS", requires = "follow", value_parser = clap::value_parser!(u64).range(1..))]
+        drill_every: Option<u64>,
         /// Skip the recovery proof of a new backup (hashes and the log chain
         /// are still checked).
         #[arg(long)]
         no_verify: bool,
-        /// Where the recovery proof runs [default: the system temp directory].
+        /// Where the recovery proof runs, and where a backup for a bucket is
+        /// staged [default: the system temp directory].
         #[arg(long)]
         scratch: Option<PathBuf>,
+        #[command(flatten)]
+        bucket: BucketArgs,
         /// Print JSON instead of text (one object per round with --follow).
         #[arg(long)]
         json: bool,
@@ -153,7 +167,8 @@ pub enum Command {
     /// TARGET is a backup directory, or an archive directory: then its newest
     /// backup is verified (every backup with --all). Exit 0 only if all is well.
     VerifyArchive {
-        /// A backup (holds MANIFEST.json) or an archive directory.
+        /// A backup (holds MANIFEST.json), an archive directory, or
+        /// s3://BUCKET/PREFIX (its backups are downloaded into --scratch).
         target: PathBuf,
         /// With an archive directory: verify every backup, not just the newest.
         #[arg(long)]
@@ -161,6 +176,8 @@ pub enum Command {
         /// Where the scratch copy goes [default: the system temp directory].
         #[arg(long)]
         scratch: Option<PathBuf>,
+        #[command(flatten)]
+        bucket: BucketArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -201,7 +218,8 @@ pub enum Command {
     /// a TIME outside it is refused.
     #[command(verbatim_doc_comment)]
     Restore {
-        /// A backup directory, or an archive directory.
+        /// A backup directory, an archive directory, or s3://BUCKET/PREFIX
+        /// (downloaded in parallel beside NEWENV, every byte checked).
         #[arg(long)]
         from: PathBuf,
         /// The new environment home (must not exist, or be empty).
@@ -210,10 +228,43 @@ pub enum Command {
         /// Restore to this time instead of the end of the backup.
         #[arg(long, value_name = "TIME")]
         until: Option<String>,
+        #[command(flatten)]
+        bucket: BucketArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How to reach an s3:// archive. Credentials come from the usual AWS
+/// environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+/// AWS_SESSION_TOKEN; AWS_REGION, AWS_ENDPOINT_URL), which these flags
+/// override. Plain http:// endpoints are refused unless on loopback or
+/// AWS_ALLOW_HTTP=true.
+#[derive(Args, Debug, Clone, Default)]
+pub struct BucketArgs {
+    /// S3 endpoint, e.g. http://127.0.0.1:9000 for a local server
+    /// [default: $AWS_ENDPOINT_URL, else AWS for the region].
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Region [default: $AWS_REGION, else us-east-1].
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// How long one request to the object store is retried (5xx answers,
+    /// resets, timeouts; with backoff) before the operation fails; a
+    /// failed --follow round is tried again next round [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub s3_retry_secs: Option<u64>,
+}
+
+impl From<BucketArgs> for tandem_standby::archive::BucketOptions {
+    fn from(a: BucketArgs) -> Self {
+        Self {
+            endpoint: a.s3_endpoint,
+            region: a.s3_region,
+            retry_timeout: a.s3_retry_secs.map(std::time::Duration::from_secs),
+        }
+    }
 }
 
 /// Every `run` option; each can also come from the TOML file given with

@@ -25,6 +25,7 @@
 mod applier;
 mod heal;
 mod session;
+mod session_error;
 
 use crate::mirror::Mirror;
 use crate::state::{DirLock, StandbyDir};
@@ -101,6 +102,8 @@ fn snapshot(status: &watch::Receiver<StandbyStatus>) -> StandbyStatus {
 }
 
 /// Follows the primary until `shutdown` resolves or a permanent error.
+// Long function: the reconnect loop (session, how it ended, backoff, shutdown), whole so every
+// way out is visible.
 pub async fn run(
     cfg: StandbyConfig,
     shutdown: impl std::future::Future<Output = ()>,
@@ -315,11 +318,11 @@ async fn follow(
         }
         match outcome {
             Ok(()) => tracing::info!("primary closed the stream; reconnecting"),
-            Err(session::SessionError::Refused(why)) => {
+            Err(session_error::SessionError::Refused(why)) => {
                 status.send_modify(|s| s.last_error = Some(format!("refused: {why}")));
                 return (mirror, Err(FollowError::Refused(why)));
             }
-            Err(session::SessionError::Retry { why, immediately }) => {
+            Err(session_error::SessionError::Retry { why, immediately }) => {
                 status.send_modify(|s| s.last_error = Some(why.clone()));
                 if immediately {
                     backoff = Duration::from_millis(100);
@@ -345,15 +348,22 @@ async fn write_status_forever(dir: StandbyDir, status: StatusTx, mut stop: watch
         }
         let d = dir.clone();
         // File reads, off the runtime's threads.
-        let Ok(archive) =
-            tokio::task::spawn_blocking(move || crate::archive_hold::observe(&d)).await
+        let Ok((archive, drill)) = tokio::task::spawn_blocking(move || {
+            (
+                crate::archive_hold::observe(&d),
+                crate::archive::drill::last_report(&d),
+            )
+        })
+        .await
         else {
             continue;
         };
         status.send_if_modified(|s| {
             let before = (s.archive.clone(), s.archived_lsn, s.archive_held_log_bytes);
             s.set_archive(archive);
-            before != (s.archive.clone(), s.archived_lsn, s.archive_held_log_bytes)
+            let drill_moved = s.archive_drill != drill;
+            s.archive_drill = drill;
+            drill_moved || before != (s.archive.clone(), s.archived_lsn, s.archive_held_log_bytes)
         });
         let d = dir.clone();
         let s = status.clone();

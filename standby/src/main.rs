@@ -20,7 +20,8 @@ use std::time::Duration;
 use tandem_shared::telemetry::{self, LogFormat};
 use tandem_shared::tls::TlsFiles;
 use tandem_standby::archive::{
-    self, restore, verify, ArchiveOptions, RestoreOptions, VerifyReport,
+    self, remote, restore, verify, ArchiveOptions, Bucket, BucketOptions, BucketUrl, Location,
+    RestoreOptions, VerifyReport,
 };
 use tandem_standby::follow::{self, FollowError, StandbyConfig};
 use tandem_standby::promote::{self, PromoteOptions};
@@ -49,38 +50,15 @@ fn main() -> ExitCode {
     runtime.block_on(dispatch(cli.command))
 }
 
+/// One call per subcommand; each says how it ends (an exit code).
 async fn dispatch(command: Command) -> ExitCode {
-    let result = match command {
-        Command::Run(flags) => return run(flags).await,
-        Command::Status { dir, json } => show_status(&dir, json),
-        Command::Check { dir, json } => {
-            let report = tandem_standby::readiness::run_check(&StandbyDir::new(&dir));
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
-            } else if report.ok {
-                println!(
-                    "recoverable: recovered to {} in {:.2} s ({} bytes of log replayed, {} databases verified)",
-                    report.recovered_to.map(|l| l.to_string()).unwrap_or("-".into()),
-                    report.recovery_seconds,
-                    report.log_bytes,
-                    report.databases_verified
-                );
-            }
-            if report.ok {
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!(
-                    "readiness check failed: {}",
-                    report.error.unwrap_or_default()
-                ))
-            }
-        }
+    match command {
+        Command::Run(flags) => run(flags).await,
+        Command::Status { dir, json } => exit_with(show_status(&dir, json)),
+        Command::Check { dir, json } => exit_with(check(&dir, json)),
         Command::Scrub { dir, json } => {
             telemetry::init(LogFormat::Human);
-            scrub(&dir, json).await
+            exit_with(scrub(&dir, json).await)
         }
         Command::Promote {
             dir,
@@ -89,22 +67,12 @@ async fn dispatch(command: Command) -> ExitCode {
             force,
             full_verify,
         } => {
-            telemetry::init(LogFormat::Human);
             let opts = PromoteOptions {
                 catch_up_timeout: Duration::from_secs(catch_up_timeout_secs),
                 force,
                 full_verify,
             };
-            let dir = StandbyDir::new(&dir);
-            match tokio::task::spawn_blocking(move || promote::promote(&dir, &opts)).await {
-                Ok(Ok(report)) => print_report(&report, json),
-                Ok(Err(e)) if e.downcast_ref::<promote::Refused>().is_some() => {
-                    eprintln!("tandem-standby: promote refused: {e:#}");
-                    return ExitCode::from(EXIT_REFUSED_FOR_NOW);
-                }
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(anyhow::anyhow!(e)),
-            }
+            promote_cmd(StandbyDir::new(&dir), opts, json).await
         }
         // clap makes --to and --release exclusive, and one of them required.
         Command::Archive {
@@ -114,72 +82,207 @@ async fn dispatch(command: Command) -> ExitCode {
             keep,
             keep_days,
             follow,
+            drill_every,
             no_verify,
             scratch,
+            bucket,
             json,
         } => {
             telemetry::init(LogFormat::Human);
-            match to {
-                None => release_archive(&dir),
-                Some(to) => {
-                    archive(
-                        ArchiveOptions {
-                            dir,
-                            archive: to,
-                            keep,
-                            keep_days,
-                            verify: !no_verify,
-                            scratch,
-                        },
-                        follow,
-                        json,
-                    )
-                    .await
-                }
-            }
+            let Some(to) = to else {
+                return exit_with(release_archive(&dir));
+            };
+            let opts = ArchiveOptions {
+                dir,
+                archive: PathBuf::new(),
+                keep,
+                keep_days,
+                verify: !no_verify,
+                scratch,
+                drill_every: drill_every.map(Duration::from_secs),
+            };
+            archive_cmd(&to, opts, bucket.into(), follow, json).await
         }
         Command::VerifyArchive {
             target,
             all,
             scratch,
+            bucket,
             json,
         } => {
             telemetry::init(LogFormat::Human);
-            let reports = tokio::task::spawn_blocking(move || -> Result<Vec<VerifyReport>> {
-                let backups = verify::resolve_backups(&target, all)?;
-                Ok(backups
-                    .iter()
-                    .map(|b| verify::verify_backup(b, scratch.as_deref()))
-                    .collect())
-            });
-            match reports.await {
-                Ok(Ok(reports)) => print_verify(&reports, json),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(anyhow::anyhow!(e)),
-            }
+            verify_archive(target, all, scratch, bucket.into(), json).await
         }
         Command::Restore {
             from,
             to,
             until,
+            bucket,
             json,
         } => {
             telemetry::init(LogFormat::Human);
-            if let Some(t) = &until {
-                if let Err(e) = archive::parse_time(t) {
-                    eprintln!("tandem-standby: error: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
+            restore_cmd(from, to, until, bucket.into(), json).await
+        }
+    }
+}
+
+/// `check`: the readiness check, once.
+fn check(dir: &Path, json: bool) -> Result<()> {
+    let report = tandem_standby::readiness::run_check(&StandbyDir::new(dir));
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else if report.ok {
+        println!(
+            "recoverable: recovered to {} in {:.2} s ({} bytes of log replayed, {} databases verified)",
+            report.recovered_to.map(|l| l.to_string()).unwrap_or("-".into()),
+            report.recovery_seconds,
+            report.log_bytes,
+            report.databases_verified
+        );
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "readiness check failed: {}",
+            report.error.unwrap_or_default()
+        ))
+    }
+}
+
+/// `promote`: exits [`EXIT_REFUSED_FOR_NOW`] when it refused and changed
+/// nothing.
+async fn promote_cmd(dir: StandbyDir, opts: PromoteOptions, json: bool) -> ExitCode {
+    telemetry::init(LogFormat::Human);
+    exit_with(
+        match tokio::task::spawn_blocking(move || promote::promote(&dir, &opts)).await {
+            Ok(Ok(report)) => print_report(&report, json),
+            Ok(Err(e)) if e.downcast_ref::<promote::Refused>().is_some() => {
+                eprintln!("tandem-standby: promote refused: {e:#}");
+                return ExitCode::from(EXIT_REFUSED_FOR_NOW);
             }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!(e)),
+        },
+    )
+}
+
+/// `archive --to`: a directory or a bucket (`opts.archive` is set here).
+async fn archive_cmd(
+    to: &Path,
+    opts: ArchiveOptions,
+    bucket: BucketOptions,
+    follow: Option<u64>,
+    json: bool,
+) -> ExitCode {
+    let result = match Location::parse(to) {
+        Err(e) => return usage_error(e),
+        Ok(Location::Dir(to)) => {
+            archive(
+                ArchiveOptions {
+                    archive: to,
+                    ..opts
+                },
+                follow,
+                json,
+            )
+            .await
+        }
+        Ok(Location::Bucket(url)) => archive_bucket(&url, &bucket, opts, follow, json).await,
+    };
+    exit_with(result)
+}
+
+/// `verify-archive`: every backup named (in a directory or a bucket),
+/// each verified.
+async fn verify_archive(
+    target: PathBuf,
+    all: bool,
+    scratch: Option<PathBuf>,
+    bucket: BucketOptions,
+    json: bool,
+) -> ExitCode {
+    let url = match Location::parse(&target) {
+        Err(e) => return usage_error(e),
+        Ok(Location::Bucket(url)) => Some(url),
+        Ok(Location::Dir(_)) => None,
+    };
+    if let Some(url) = url {
+        let reports = async {
+            let b = Bucket::open(&url, &bucket)?;
+            Ok::<_, anyhow::Error>(remote::verify_bucket(&b, all, scratch.as_deref()).await?)
+        };
+        return exit_with(reports.await.and_then(|r| print_verify(&r, json)));
+    }
+    let target = match Location::parse(&target) {
+        Ok(Location::Dir(p)) => p,
+        _ => target,
+    };
+    let reports = tokio::task::spawn_blocking(move || -> Result<Vec<VerifyReport>> {
+        let backups = verify::resolve_backups(&target, all)?;
+        Ok(backups
+            .iter()
+            .map(|b| verify::verify_backup(b, scratch.as_deref()))
+            .collect())
+    });
+    exit_with(match reports.await {
+        Ok(Ok(reports)) => print_verify(&reports, json),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(anyhow::anyhow!(e)),
+    })
+}
+
+/// `restore`: from a directory or a bucket; a bad `--until` is a usage
+/// error ([`EXIT_USAGE`]).
+async fn restore_cmd(
+    from: PathBuf,
+    to: PathBuf,
+    until: Option<String>,
+    bucket: BucketOptions,
+    json: bool,
+) -> ExitCode {
+    if let Some(t) = &until {
+        if let Err(e) = archive::parse_time(t) {
+            eprintln!("tandem-standby: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    let from = match Location::parse(&from) {
+        Err(e) => return usage_error(e),
+        Ok(l) => l,
+    };
+    let restored = match from {
+        Location::Dir(from) => {
             let opts = RestoreOptions { from, to, until };
-            match tokio::task::spawn_blocking(move || restore::restore(&opts)).await {
-                Ok(Ok(report)) => print_report(&report, json),
-                Ok(Err(e)) => Err(anyhow::Error::new(e)
-                    .context("restore refused or failed; the target was not created")),
-                Err(e) => Err(anyhow::anyhow!(e)),
+            tokio::task::spawn_blocking(move || restore::restore(&opts))
+                .await
+                .map_err(|e| anyhow::anyhow!(e))
+                .and_then(|r| r.map_err(anyhow::Error::new))
+        }
+        Location::Bucket(url) => {
+            let opts = RestoreOptions {
+                from: PathBuf::from(url.to_string()),
+                to,
+                until,
+            };
+            async {
+                let b = Bucket::open(&url, &bucket)?;
+                Ok(remote::restore_from_bucket(&b, &opts).await?)
             }
+            .await
         }
     };
+    exit_with(
+        restored
+            .context("restore refused or failed; the target was not created")
+            .and_then(|report| print_report(&report, json)),
+    )
+}
+
+fn exit_with(result: Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -187,6 +290,11 @@ async fn dispatch(command: Command) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tandem-standby: error: {e}");
+    ExitCode::from(EXIT_USAGE)
 }
 
 async fn run(flags: RunArgs) -> ExitCode {
@@ -331,21 +439,53 @@ async fn archive(opts: ArchiveOptions, follow: Option<u64>, json: bool) -> Resul
             });
             let every = Duration::from_secs(secs);
             let rounds = tokio::task::spawn_blocking(move || {
-                archive::follow(&opts, every, &stop, |r| match r {
-                    Ok(report) => match serde_json::to_string(report) {
-                        Ok(line) if json => println!("{line}"),
-                        _ => println!("{report}"),
-                    },
-                    // Text mode: the error is already logged on stderr.
-                    Err(e) if json => println!(
-                        "{}",
-                        serde_json::json!({ "action": "error", "error": e.to_string() })
-                    ),
-                    Err(_) => {}
-                })
+                archive::follow(&opts, every, &stop, |r| print_round(r, json))
             });
             rounds.await.map_err(|e| anyhow::anyhow!(e))
         }
+    }
+}
+
+/// `archive --to s3://…` (once; `--follow` comes in a later step).
+async fn archive_bucket(
+    url: &BucketUrl,
+    bucket: &BucketOptions,
+    opts: ArchiveOptions,
+    follow: Option<u64>,
+    json: bool,
+) -> Result<()> {
+    let b = Bucket::open(url, bucket)?;
+    if let Some(secs) = follow {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        tokio::spawn(async move {
+            tandem_shared::shutdown_signal().await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        let every = Duration::from_secs(secs);
+        return Ok(
+            remote::follow_to_bucket(&opts, &b, every, &stop, |r| print_round(r, json)).await?,
+        );
+    }
+    match remote::archive_to_bucket(&opts, &b).await {
+        Ok(report) => print_report(&report, json),
+        Err(e) => Err(anyhow::Error::new(e).context("archive failed; no backup was published")),
+    }
+}
+
+/// One `--follow` round's outcome on stdout (one JSON object with --json).
+fn print_round(r: &Result<archive::ArchiveReport, archive::ArchiveError>, json: bool) {
+    match r {
+        Ok(report) => match serde_json::to_string(report) {
+            Ok(line) if json => println!("{line}"),
+            _ => println!("{report}"),
+        },
+        // Text mode: the error is already logged on stderr.
+        Err(e) if json => println!(
+            "{}",
+            serde_json::json!({ "action": "error", "error": e.to_string() })
+        ),
+        Err(_) => {}
     }
 }
 

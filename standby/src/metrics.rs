@@ -12,6 +12,7 @@ fn int(v: u64) -> i64 {
 }
 
 /// The metrics page of a running standby (lag already computed).
+// Long function: a table: one metric per call of the page builder.
 pub fn render(s: &StandbyStatus) -> String {
     MetricsPage::default()
         .counter(
@@ -139,6 +140,13 @@ pub fn render(s: &StandbyStatus) -> String {
             "tandem_standby_scrub_timestamp_seconds",
             "When the last scrub ended.",
             s.scrub.as_ref().map_or(0.0, |r| r.unix_ms as f64 / 1000.0),
+        )
+        .gauge(
+            "tandem_standby_archive_last_verified_restore_timestamp_seconds",
+            "When a restore drill of the archive (--drill-every) last passed; 0: never.",
+            s.archive_drill
+                .as_ref()
+                .map_or(0.0, |r| r.last_verified_unix_ms as f64 / 1000.0),
         )
         .gauge_int(
             "tandem_standby_base_copy_done_bytes",

@@ -20,7 +20,7 @@
 //! 4. Record the promotion durably with a new epoch (the fencing token)
 //!    and where it began: the durable end of log X before recovery, and the
 //!    digest of the last record before X. Recovery appends its own records
-//!    after X (BDB.md §4.1), so the new primary's log is the old one's up
+//!    after X (BDB-NOTES.md §4), so the new primary's log is the old one's up
 //!    to X; the environment keeps its identity, and other standbys that
 //!    hold no log past X follow the new primary without a new base.
 //!
@@ -33,7 +33,6 @@ mod ask;
 mod recovery_cache;
 
 use crate::follow::FollowConfig;
-use crate::mirror::{is_recoverable, scan_tail};
 use crate::readiness::verified::{self, BeforeRecovery};
 use crate::state::{Promotion, StandbyDir};
 use crate::status::StandbyStatus;
@@ -65,7 +64,7 @@ pub struct PromoteReport {
     pub primary_end_lsn: LogPosition,
     pub recovery_seconds: f64,
     /// CPU seconds the recovery used, as the readiness check reports them:
-    /// the same work as the check's, whatever the load (BDB.md §5).
+    /// the same work as the check's, whatever the load (BDB-NOTES.md §5).
     pub recovery_cpu_seconds: Option<f64>,
     pub total_seconds: f64,
     pub already_promoted: bool,
@@ -160,6 +159,8 @@ pub struct PromoteOptions {
 #[error("{0}")]
 pub struct Refused(pub String);
 
+// Long function: the promotion's steps in order (lock, pending swap, catch-up, ask the primary,
+// recover, record); the order is the safety argument.
 pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport> {
     let started = Instant::now();
     if !dir.meta().exists() {
@@ -209,8 +210,8 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
     // A promote that died during its recovery left the bigger cache in.
     restore_db_config(dir)?;
     let mut state = dir.load_state()?;
-    let tail = scan_tail(dir, &state)?;
-    if !is_recoverable(&state, tail.durable) {
+    let tail = dir.scan_tail(&state)?;
+    if !state.is_recoverable(tail.durable) {
         bail!(
             "the standby is not recoverable yet: {}; nothing was changed",
             match &state.base {

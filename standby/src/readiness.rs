@@ -15,7 +15,6 @@
 
 pub mod verified;
 
-use crate::mirror::{is_recoverable, scan_tail};
 use crate::state::{StandbyDir, META_DIR};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -33,7 +32,7 @@ use tandem_shared::LogPosition;
 const CHECK_DIR: &str = "check";
 const REPORT_FILE: &str = "check.json";
 /// Recovery gets a bigger cache: it halved the time to replay 1 GB of log
-/// (BDB.md §5). The clone's DB_CONFIG gets it for good; promote adds it to
+/// (BDB-NOTES.md §5). The clone's DB_CONFIG gets it for good; promote adds it to
 /// the environment's only while its recovery runs (`db_recover` removes
 /// the regions afterwards, so applications keep their own cache), and
 /// thereby replays at the rate the check measured.
@@ -195,8 +194,8 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
     let mut tries = 0;
     let (state, tail, signatures) = loop {
         let state = dir.load_state()?;
-        let tail = scan_tail(dir, &state)?;
-        if !is_recoverable(&state, tail.durable) {
+        let tail = dir.scan_tail(&state)?;
+        if !state.is_recoverable(tail.durable) {
             bail!("the standby is not recoverable yet (its base copy or the log it needs is incomplete)");
         }
         let before = mirror_signatures(&dir.root);

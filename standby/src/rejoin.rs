@@ -12,7 +12,7 @@
 //! files are copied to `.tandem/discarded/<unix ms>-from-<file>-<offset>/` with a `report.json`,
 //! before the swap, and kept until the operator removes them.
 
-use crate::state::StandbyDir;
+use crate::state::{StandbyDir, StandbyState};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io;
@@ -154,12 +154,15 @@ pub fn count(log_dir: &Path, from: LogPosition, to: LogPosition) -> io::Result<(
 /// Per log file of the mirror, the blake3 of its verified records (the
 /// last file up to the durable end), for the primary to find the newest
 /// file both histories share.
-pub fn log_file_digests(mirror: &crate::mirror::Mirror) -> io::Result<Vec<LogFileDigest>> {
-    let Some(base) = &mirror.state.base else {
+pub fn log_file_digests(
+    dir: &StandbyDir,
+    state: &StandbyState,
+    end: LogPosition,
+) -> io::Result<Vec<LogFileDigest>> {
+    let Some(base) = &state.base else {
         return Ok(Vec::new());
     };
-    let end = mirror.tail().durable;
-    let log_dir = mirror.dir.log_dir(&mirror.state);
+    let log_dir = dir.log_dir(state);
     let mut out = Vec::new();
     for n in base.log_start.file..=end.file {
         let limit = (n == end.file).then_some(end.offset);
@@ -174,41 +177,6 @@ pub fn log_file_digests(mirror: &crate::mirror::Mirror) -> io::Result<Vec<LogFil
         });
     }
     Ok(out)
-}
-
-/// Before a rejoin's replacement base (`new`, its log staged up to
-/// `new_end`) is swapped in: finds where the mirror's log (up to `old_end`)
-/// leaves the staged one's history, no later than the primary's
-/// `discard_after`, and sets what lies beyond aside, with the database
-/// files `new` does not own.
-pub fn set_aside_for_swap(
-    dir: &StandbyDir,
-    state: &crate::state::StandbyState,
-    new: &crate::state::BaseState,
-    discard_after: Option<LogPosition>,
-    old_end: LogPosition,
-    new_end: LogPosition,
-) -> Result<Option<DiscardReport>, crate::mirror::apply_error::ApplyError> {
-    use crate::mirror::apply_error::io_err;
-    let old_dir = crate::mirror::logwriter::checked_log_dir(&dir.root, &state.log_dir)?;
-    let new_dir = crate::mirror::logwriter::checked_log_dir(&dir.rebase_dir(), &state.log_dir)?;
-    let report = agreed_point(
-        &old_dir,
-        &new_dir,
-        new.log_start.file,
-        new_end,
-        old_end,
-        discard_after.unwrap_or(old_end),
-    )
-    .and_then(|from| set_aside(dir, &old_dir, old_end, from))
-    .map_err(io_err("setting the discarded log aside"))?;
-    if let (Some(d), Some(old)) = (&report, &state.base) {
-        keep_unowned(dir, old, new, &d.kept_in)
-            .map_err(io_err("keeping files the new base does not own"))?;
-        tracing::warn!(from = %d.from, to = %d.to, bytes = d.bytes, committed = d.committed_transactions,
-            kept_in = %d.kept_in, "REJOIN: {d}");
-    }
-    Ok(report)
 }
 
 /// The identity an old primary left in its home (`.tandem-primary/identity`,
@@ -230,6 +198,7 @@ const OLD_PRIMARY_IDENTITY_VERSION: u32 = 2;
 /// its base (the environment's files untouched), so the rejoin can send
 /// only the pages that differ. Refused while any process maps the
 /// environment's region files, or without the old primary's identity.
+// Long function: its refusals, then the adoption, in order; each refusal names what it found.
 pub fn adopt_old_primary(dir: &StandbyDir) -> Result<(), String> {
     let root = &dir.root;
     let users = tandem_shared::envusers::env_users(root).map_err(|e| {

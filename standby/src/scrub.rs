@@ -378,6 +378,8 @@ fn scrub_file(
 }
 
 /// Walks the base's log files as one chain, up to `durable` when known.
+// Long function: one walk over the chain; the previous record and the durable end are the loop's
+// state.
 fn scrub_log(
     dir: &StandbyDir,
     state: &StandbyState,

@@ -5,9 +5,11 @@
 //! is not stored here: it is read from the log files themselves (the end of
 //! their verified record chain), so it can never disagree with them.
 
+use crate::mirror::logwriter::{scan_log_tail, LogTail};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::{ControlFile, ControlFileError};
@@ -51,10 +53,23 @@ pub struct StandbyState {
     pub history: Vec<EpochStart>,
 }
 
+impl StandbyState {
+    /// Is a directory in this state, with its log durable to `durable`, a
+    /// recoverable environment? Not while a swap is pending: a replacement
+    /// base is half in place until the swap is finished.
+    pub fn is_recoverable(&self, durable: LogPosition) -> bool {
+        self.pending_swap.is_none()
+            && self
+                .base
+                .as_ref()
+                .is_some_and(|b| b.files_done && b.consistent_at.is_some_and(|c| durable >= c))
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BaseState {
     pub base_id: String,
-    /// First log position the base needs (BDB.md §7).
+    /// First log position the base needs (BDB-NOTES.md §7).
     pub log_start: LogPosition,
     /// Files of the base that are complete, fsynced and under their name.
     pub complete_files: BTreeSet<String>,
@@ -116,6 +131,17 @@ impl StandbyDir {
     pub fn broken_log_dir(&self) -> PathBuf {
         self.meta().join("broken-log")
     }
+    /// Reads the end of the mirror's log from the files (read-only, no
+    /// fsync): the verified end of the newest log file of the base. For
+    /// status, readiness, promote and the archive, which read a directory
+    /// `run` may own.
+    pub fn scan_tail(&self, state: &StandbyState) -> io::Result<LogTail> {
+        let Some(base) = &state.base else {
+            return Ok(LogTail::default());
+        };
+        scan_log_tail(&self.log_dir(state), base.log_start)
+    }
+
     pub fn log_dir(&self, state: &StandbyState) -> PathBuf {
         self.root.join(&state.log_dir)
     }

@@ -3,7 +3,6 @@
 //! status is computed from the directory itself (state file and log files),
 //! so it works either way.
 
-use crate::mirror::{is_recoverable, scan_tail};
 use crate::state::{StandbyDir, StandbyState};
 use serde::{Deserialize, Serialize};
 use tandem_shared::LogPosition;
@@ -66,7 +65,7 @@ pub struct StandbyStatus {
     pub rebases: u64,
     pub last_rebase: Option<crate::mirror::RebaseReport>,
     /// Estimated recovery time of a promotion now, from the median replay
-    /// rate of the last few checks (or 100 MB/s, BDB.md §5, before the
+    /// rate of the last few checks (or 100 MB/s, BDB-NOTES.md §5, before the
     /// first check).
     pub replay_estimate_seconds: f64,
     /// Estimated time of a whole `promote` now: the replay above, the last
@@ -96,6 +95,9 @@ pub struct StandbyStatus {
     /// The last scrub (every page and log record against what was written).
     #[serde(default)]
     pub scrub: Option<crate::scrub::ScrubReport>,
+    /// The last restore drill of the continuous archive (`--drill-every`).
+    #[serde(default)]
+    pub archive_drill: Option<crate::archive::drill::DrillReport>,
     /// `run --rejoin` is under way: the page-delta new base (its progress
     /// is the base copy's) has not replaced the mirror yet.
     #[serde(default)]
@@ -119,7 +121,7 @@ impl StandbyStatus {
             _ if state.promoted.is_some() => "promoted",
             None => "no base",
             Some(b) if !b.files_done => "copying base",
-            Some(_) if !is_recoverable(state, durable) || durable < primary_end => "catching up",
+            Some(_) if !state.is_recoverable(durable) || durable < primary_end => "catching up",
             Some(_) => "streaming",
         }
     }
@@ -142,8 +144,7 @@ impl StandbyStatus {
             .is_some_and(|c| !c.ok && c.base_id.as_ref() == base_id);
         // Damage a scrub found stays until a later scrub passes.
         let scrub_failed = self.scrub.as_ref().is_some_and(|r| !r.ok);
-        self.recoverable =
-            is_recoverable(state, self.durable_lsn) && !check_failed && !scrub_failed;
+        self.recoverable = state.is_recoverable(self.durable_lsn) && !check_failed && !scrub_failed;
         self.phase = Self::phase_of(state, self.durable_lsn, self.primary_end_lsn).into();
         self.promotion = state.promoted.clone();
         self.replay_log_bytes = state.base.as_ref().map_or(0, |b| {
@@ -244,6 +245,8 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
                     s.fill_from_state(&state);
                 }
             }
+            // A drill the archiver recorded since the status file was written.
+            s.archive_drill = crate::archive::drill::last_report(dir).or(s.archive_drill);
             // Recomputed now: a status file written before a silence must
             // not keep reading "caught up".
             s.compute_lag(tandem_shared::now_unix_ms(), s.primary_silence_ms);
@@ -257,7 +260,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
         );
     }
     let state = dir.load_state()?;
-    let tail = scan_tail(dir, &state)?;
+    let tail = dir.scan_tail(&state)?;
     let mut s = last.unwrap_or_default();
     s.running = holder.is_some();
     s.pid = holder;
@@ -269,6 +272,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
     }
     s.last_check = crate::readiness::last_check(dir).or(s.last_check);
     s.scrub = crate::scrub::last_report(dir).or(s.scrub);
+    s.archive_drill = crate::archive::drill::last_report(dir).or(s.archive_drill);
     s.rejoining = false;
     s.discarded = crate::rejoin::reports(dir);
     s.compute_lag(tandem_shared::now_unix_ms(), 0);
@@ -338,6 +342,7 @@ pub fn render(s: &StandbyStatus) -> String {
         None => out.push_str("last check:   none yet\n"),
     }
     out.push_str(&crate::scrub::render(s.scrub.as_ref()));
+    out.push_str(&crate::archive::drill::render(s.archive_drill.as_ref()));
     match (&s.archive, s.archived_lsn) {
         (Some(a), Some(end)) => out.push_str(&format!(
             "archive:      {a} holds the log up to {end}; {} bytes of log held for it\n",

@@ -1,6 +1,6 @@
 /*
  * tandem-layout: puts databases where a plain top-level listing misses them
- * (BDB.md §10): HOME/sub/deeper/x.db (btree), HOME/sub/part.db partitioned
+ * (docs/BDB-NOTES.md §10): HOME/sub/deeper/x.db (btree), HOME/sub/part.db partitioned
  * in two (__dbp.part.db.000/.001) and HOME/sub/queue.db, a queue with
  * two-page extents (__dbq.queue.db.N). Joins (or creates) the transactional
  * environment HOME and commits N transactions, each writing one record to

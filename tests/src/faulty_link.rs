@@ -1,5 +1,5 @@
 //! A TCP proxy on loopback that misbehaves on command, for tests that need a
-//! bad network without `netem` (this kernel has none, NETWORK.md): a daemon
+//! bad network without `netem` (this kernel has none, docs/BDB-NOTES.md §11): a daemon
 //! dials the proxy's address instead of its peer's, and the test cuts,
 //! delays or stalls what flows through.
 //!

@@ -25,10 +25,15 @@ pub fn bin(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// How the binaries the tests start are built: with the primary's test
+/// hooks (`run --fault-corrupt-chunk`), which a release build lacks.
+pub const BUILD_BINARIES: &str =
+    "cargo build --workspace --bins --features tandem-primary/test-hooks";
+
 fn check_bin(path: &Path) -> Result<()> {
     if !path.exists() {
         bail!(
-            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            "{} is missing: build the binaries first ({BUILD_BINARIES})",
             path.display()
         );
     }

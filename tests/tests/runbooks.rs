@@ -171,3 +171,22 @@ fn switchover_and_switchback_runbook() -> Result<()> {
     stop_background(&b, pid)?;
     Ok(())
 }
+
+#[test]
+fn s3_archive_runbook() -> Result<()> {
+    let p = tandem_tests::archive_cmd::pair(1000)?;
+    let s3 = tandem_tests::s3_server::start_s3(p.s.root())?;
+    let last = bdb::run_workload(&p.s.path("env"), &workload(500))?;
+    wait_caught_up(&p.s.path("standby"), &p.s.path("env"), LONG)?;
+    let mut vars = vec![
+        ("STANDBY_DIR", p.s.path("standby").display().to_string()),
+        ("ARCHIVE_URL", s3.url("runbook")),
+        ("RESTORE_TO", p.s.path("restored").display().to_string()),
+    ];
+    let env = s3.env();
+    vars.extend(env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    let out = run_runbook_with("s3-archive", &vars)?;
+    assert!(out.contains("OK s3://"), "{out}");
+    assert_eq!(bdb::check(&p.s.path("restored"))?, last);
+    Ok(())
+}

@@ -228,6 +228,11 @@ pub fn plan(
     }
 }
 
+/// The plan, strictly: a divergence is refused (`plan` turns it into a
+/// rejoin when the standby asked for one). A dispatch of the checks, in
+/// order: what the standby asks for, the primary's end, the epoch history,
+/// the standby's end against the primary's, the log files it needs, and
+/// the record it ends on.
 fn plan_strict(
     layout: &EnvLayout,
     hello: &Hello,
@@ -248,45 +253,8 @@ fn plan_strict(
     if d.file == 0 {
         return new_base("the standby holds no log position".into());
     }
-    let unavailable =
-        |what: &str, e: &dyn fmt::Display| Refusal::Unavailable(format!("{what}: {e}"));
-    let files = layout
-        .log_files()
-        .map_err(|e| unavailable("listing the log files", &e))?;
-    let Some(&newest) = files.last() else {
-        return Err(Refusal::Unavailable(format!(
-            "no log files in {}",
-            layout.log_dir().display()
-        )));
-    };
-    let (end, lg_max) = log_end(layout, newest)
-        .map_err(|e| unavailable(&format!("reading {}", layout.log_name(newest)), &e))?;
-    match check_history(hello, our_epoch, history, lg_max) {
-        HistoryVerdict::Continue => {}
-        HistoryVerdict::Unknown => {
-            return Err(Refusal::HistoryUnknown {
-                standby_epoch: hello.epoch,
-                primary_epoch: our_epoch,
-            })
-        }
-        HistoryVerdict::Beyond {
-            switch_at,
-            standby,
-            beyond,
-        } => {
-            return Err(Divergence {
-                kind: DivergenceKind::BeyondEpochStart {
-                    epoch: switch_at.epoch,
-                    start: switch_at.start,
-                },
-                standby,
-                primary_end: end,
-                beyond: Some(beyond),
-                agreed: switch_at.start,
-            }
-            .into())
-        }
-    }
+    let (files, newest, end, lg_max) = primary_end(layout)?;
+    check_epochs(hello, our_epoch, history, lg_max, end)?;
     // The very start of the file after the primary's newest is where a
     // caught-up standby waits for BDB's next file: nothing beyond.
     let waiting_for_next = d.offset == 0 && d.file == newest + 1;
@@ -300,21 +268,8 @@ fn plan_strict(
         }
         .into());
     }
-    let missing: Vec<u32> = (d.file..=newest)
-        .filter(|n| files.binary_search(n).is_err())
-        .collect();
-    if !missing.is_empty() {
-        let names: Vec<String> = missing
-            .iter()
-            .take(5)
-            .map(|n| layout.log_name(*n))
-            .collect();
-        return new_base(format!(
-            "log files the standby needs to continue from {d} are gone from the primary ({}{}); they were removed before \
-             they were shipped, so the standby's copy cannot be continued",
-            names.join(", "),
-            if missing.len() > 5 { ", ..." } else { "" }
-        ));
+    if let Some(reason) = missing_log(layout, &files, d, newest) {
+        return new_base(reason);
     }
     if d.offset == 0 {
         return Ok(Plan::Resume {
@@ -322,6 +277,93 @@ fn plan_strict(
             prev: None,
         });
     }
+    resume_at_record(layout, hello, d, end)
+}
+
+fn unavailable(what: &str, e: &dyn fmt::Display) -> Refusal {
+    Refusal::Unavailable(format!("{what}: {e}"))
+}
+
+/// The primary's log files, the newest, its verified end and the log file
+/// size.
+fn primary_end(layout: &EnvLayout) -> Result<(Vec<u32>, u32, LogPosition, u32), Refusal> {
+    let files = layout
+        .log_files()
+        .map_err(|e| unavailable("listing the log files", &e))?;
+    let Some(&newest) = files.last() else {
+        return Err(Refusal::Unavailable(format!(
+            "no log files in {}",
+            layout.log_dir().display()
+        )));
+    };
+    let (end, lg_max) = log_end(layout, newest)
+        .map_err(|e| unavailable(&format!("reading {}", layout.log_name(newest)), &e))?;
+    Ok((files, newest, end, lg_max))
+}
+
+/// Refuses a standby whose epoch history this primary cannot place, or
+/// whose log goes beyond where an epoch it knows began.
+fn check_epochs(
+    hello: &Hello,
+    our_epoch: u64,
+    history: &[EpochStart],
+    lg_max: u32,
+    end: LogPosition,
+) -> Result<(), Refusal> {
+    match check_history(hello, our_epoch, history, lg_max) {
+        HistoryVerdict::Continue => Ok(()),
+        HistoryVerdict::Unknown => Err(Refusal::HistoryUnknown {
+            standby_epoch: hello.epoch,
+            primary_epoch: our_epoch,
+        }),
+        HistoryVerdict::Beyond {
+            switch_at,
+            standby,
+            beyond,
+        } => Err(Divergence {
+            kind: DivergenceKind::BeyondEpochStart {
+                epoch: switch_at.epoch,
+                start: switch_at.start,
+            },
+            standby,
+            primary_end: end,
+            beyond: Some(beyond),
+            agreed: switch_at.start,
+        }
+        .into()),
+    }
+}
+
+/// Why the standby's log cannot be continued from `d`: a file it needs
+/// was removed before it was shipped (a new base, then).
+fn missing_log(layout: &EnvLayout, files: &[u32], d: LogPosition, newest: u32) -> Option<String> {
+    let missing: Vec<u32> = (d.file..=newest)
+        .filter(|n| files.binary_search(n).is_err())
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = missing
+        .iter()
+        .take(5)
+        .map(|n| layout.log_name(*n))
+        .collect();
+    Some(format!(
+        "log files the standby needs to continue from {d} are gone from the primary ({}{}); they were removed before \
+         they were shipped, so the standby's copy cannot be continued",
+        names.join(", "),
+        if missing.len() > 5 { ", ..." } else { "" }
+    ))
+}
+
+/// Resumes at `d`, inside a log file, only if the primary's log has a
+/// record boundary there and the record before it is the standby's last.
+fn resume_at_record(
+    layout: &EnvLayout,
+    hello: &Hello,
+    d: LogPosition,
+    end: LogPosition,
+) -> Result<Plan, Refusal> {
     let path = layout.log_path(d.file);
     let read = || -> io::Result<_> {
         let f = File::open(&path)?;

@@ -4,7 +4,7 @@
 //! application wait after it, on a Unix socket beside the environment
 //! ([`socket`]), until K connected standbys acknowledged a durable end
 //! strictly beyond the commit's LSN (a `DB_TXN_TOKEN` names where the
-//! commit record starts, BDB.md §10).
+//! commit record starts, BDB-NOTES.md §10).
 //!
 //! # Protocol
 //!
@@ -43,6 +43,11 @@ use std::time::{Duration, Instant};
 use tandem_shared::metrics::{exponential_buckets, Histogram};
 use tandem_shared::LogPosition;
 use tokio::sync::watch;
+
+/// `wait-durable --standbys`: how many standbys must hold the record.
+pub const DEFAULT_STANDBYS: usize = 1;
+/// `wait-durable --timeout-ms`: how long `wait-durable` waits.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 
 /// Longest request line accepted, newline included.
 pub const MAX_REQUEST: usize = 128;

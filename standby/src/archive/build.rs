@@ -5,7 +5,7 @@
 //! [`crate::readiness`]): database files in the mirror never change once
 //! installed, and log bytes before the durable end never change, so a copy
 //! of the base's files plus the log up to a durable end read beforehand is
-//! a recoverable set (BDB.md §7). Two things can still move under the copy:
+//! a recoverable set (BDB-NOTES.md §7). Two things can still move under the copy:
 //! a rebase swaps in other database files and removes old logs, and a
 //! promotion runs recovery in place. The state file is re-read after the
 //! copy (a changed base, a pending swap or a promotion throws the copy away
@@ -26,7 +26,6 @@ use super::store::{
     remove_tree, target_exists, temp_dir_in, StoreError, PUBLISH_LOCK, TEMP_PREFIX, WRITER_LOCK,
 };
 use super::time::{backup_name, rfc3339};
-use crate::mirror::{is_recoverable, scan_tail};
 use crate::state::{BaseState, StandbyDir, StandbyState};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
@@ -54,6 +53,8 @@ pub enum ArchiveError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Scan(#[from] ScanError),
+    #[error(transparent)]
+    Bucket(#[from] super::bucket::BucketError),
     #[error("{} is not a Tandem standby directory (no .tandem inside)", .0.display())]
     NotAStandby(PathBuf),
     #[error("{} was promoted: it is a live environment now, not a mirror; archive it from a standby of its own", .0.display())]
@@ -90,6 +91,9 @@ pub struct ArchiveOptions {
     /// before publishing it.
     pub verify: bool,
     pub scratch: Option<PathBuf>,
+    /// With `--follow`: restore the newest backup into scratch and prove it
+    /// recovers this often ([`super::drill`]).
+    pub drill_every: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -116,6 +120,9 @@ pub struct ArchiveReport {
     pub seconds: f64,
     /// Backups deleted by retention.
     pub removed: Vec<String>,
+    /// Bytes uploaded to a bucket (files it did not hold yet).
+    #[serde(default)]
+    pub uploaded_bytes: u64,
     pub unix_ms: u64,
 }
 
@@ -139,11 +146,13 @@ pub(crate) fn take_snapshot(dir: &StandbyDir) -> Result<Snapshot, ArchiveError> 
     if state.pending_swap.is_some() {
         return Err(ArchiveError::NotRecoverable("a rebase is being swapped in (by `run`, or by `run` when it next starts); try again shortly".into()));
     }
-    let tail = scan_tail(dir, &state).map_err(io_err("reading the standby's log"))?;
+    let tail = dir
+        .scan_tail(&state)
+        .map_err(io_err("reading the standby's log"))?;
     let (Some(base), Some(env_id)) = (state.base.clone(), state.env_id.clone()) else {
         return Err(ArchiveError::NotRecoverable("it holds no base".into()));
     };
-    if !is_recoverable(&state, tail.durable) {
+    if !state.is_recoverable(tail.durable) {
         return Err(ArchiveError::NotRecoverable(if base.files_done {
             format!(
                 "its log ends at {} but the base needs it up to {}",

@@ -33,6 +33,21 @@ use tandem_shared::LogPosition;
 /// the standby received since, or start a new backup when there is none
 /// or the standby's base changed.
 pub fn follow_round(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError> {
+    let report = follow_round_unregistered(opts)?;
+    register_hold(
+        &StandbyDir::new(&opts.dir),
+        &opts.archive.display().to_string(),
+        report.log_end,
+    )?;
+    Ok(report)
+}
+
+/// A round without telling the standby how far the archive reaches: for a
+/// bucket, `opts.archive` is only the staging directory, and the hold moves
+/// once the bucket confirmed the objects ([`super::remote`]).
+pub(crate) fn follow_round_unregistered(
+    opts: &ArchiveOptions,
+) -> Result<ArchiveReport, ArchiveError> {
     create_archive_dir(opts)?;
     let _writer = lock_archive(&opts.archive, WRITER_LOCK, true, true)?;
     clean_temps(&opts.archive)?;
@@ -80,20 +95,19 @@ pub fn follow_round(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError
     if report.action != "unchanged" {
         record_report(opts, &report);
     }
-    register_hold(&dir, opts, report.log_end)?;
     Ok(report)
 }
 
 /// Records how far the archive reaches, so the standby (and through its
 /// Ack the primary) keeps the log after it; then drops held files the
 /// archive no longer needs.
-fn register_hold(
+pub(crate) fn register_hold(
     dir: &StandbyDir,
-    opts: &ArchiveOptions,
+    archive: &str,
     log_end: LogPosition,
 ) -> Result<(), ArchiveError> {
     let hold = crate::archive_hold::ArchiveHold {
-        archive: opts.archive.display().to_string(),
+        archive: archive.to_owned(),
         log_end,
         updated_unix_ms: tandem_shared::now_unix_ms(),
     };
@@ -282,6 +296,13 @@ pub fn follow(
             tracing::error!(error = %e, "archive round failed; retrying next round");
         }
         report(&result);
+        if let (Ok(r), Some(every)) = (&result, opts.drill_every) {
+            let dir = StandbyDir::new(&opts.dir);
+            if super::drill::due(&dir, every.as_millis() as u64, tandem_shared::now_unix_ms()) {
+                let v = super::verify::verify_backup(Path::new(&r.backup), opts.scratch.as_deref());
+                super::drill::record(&dir, &v);
+            }
+        }
         let next = started + every;
         while !stop.load(Ordering::SeqCst) {
             let now = Instant::now();

@@ -72,6 +72,8 @@ pub fn scan_logs(
 /// [`scan_logs`] over files found by `path_of`. With `stop_at_break`, a
 /// later file that is missing or does not continue the chain ends the walk
 /// (the summary's `end` says where) instead of failing it.
+// Long function: one walk over the chain; the previous record and the break are the loop's
+// state.
 pub fn scan_log_chain(
     path_of: &dyn Fn(u32) -> PathBuf,
     first: u32,

@@ -16,7 +16,7 @@ use tandem_shared::bdb::{parse_last_valid_lsn, BdbError, BdbTools};
 use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::LogPosition;
 
-/// Recovery gets a bigger cache (BDB.md §5: it halved the replay time) when
+/// Recovery gets a bigger cache (BDB-NOTES.md §5: it halved the replay time) when
 /// DB_CONFIG sets none; a restored environment gets the backup's DB_CONFIG
 /// back, byte for byte, before it is renamed into place.
 const SCRATCH_CACHE: &str = "set_cachesize 0 268435456 1";

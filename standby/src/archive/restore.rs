@@ -60,6 +60,8 @@ pub enum RestoreError {
     Scan(#[from] ScanError),
     #[error(transparent)]
     Proof(#[from] ProofError),
+    #[error(transparent)]
+    Bucket(#[from] super::bucket::BucketError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error("no backups in {} (a backup is a directory holding {MANIFEST_FILE})", .0.display())]
@@ -118,7 +120,7 @@ pub struct RestoreReport {
 }
 
 /// Refuses a target that exists and is not an empty directory.
-fn ensure_empty_target(to: &Path) -> Result<(), RestoreError> {
+pub(crate) fn ensure_empty_target(to: &Path) -> Result<(), RestoreError> {
     match fs::symlink_metadata(to) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(format!("reading {}", to.display()))(e)),
@@ -135,7 +137,7 @@ fn ensure_empty_target(to: &Path) -> Result<(), RestoreError> {
     }
 }
 
-fn window_of(m: &Manifest) -> Option<(i64, i64)> {
+pub(crate) fn window_of(m: &Manifest) -> Option<(i64, i64)> {
     Some((
         window_start(m.first_commit_unix, m.earliest_checkpoint_unix)?,
         m.last_commit_unix?,
@@ -215,6 +217,8 @@ pub fn check_window(t: i64, s: &LogSummary, backup: &Path) -> Result<(i64, i64),
 }
 
 /// Restores a backup into a new environment home.
+// Long function: the restore's steps in order, each one call with its error's context; the order
+// is what makes a refused restore leave nothing.
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let until = opts.until.as_deref().map(parse_time).transpose()?;
@@ -223,8 +227,24 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let lock = lock_archive(&archive_of(&backup), PUBLISH_LOCK, false, false)?;
     let m = read_manifest(&backup)?;
     let summary = check_backup(&backup, &m)?;
-    let mut report = RestoreReport {
-        backup: backup.display().to_string(),
+    let mut report = new_report(&backup.display().to_string(), opts, &m, until);
+    check_until(&mut report, until, &summary, &backup)?;
+    // Everything checked: now write, beside the target, under a temp name.
+    let temp = temp_beside(&opts.to)?;
+    copy_backup(&backup, &m, &temp.path)?;
+    drop(lock);
+    finish_restore(temp, &m, opts, report, started)
+}
+
+/// The report's fields known before anything is written.
+pub(crate) fn new_report(
+    backup: &str,
+    opts: &RestoreOptions,
+    m: &Manifest,
+    until: Option<i64>,
+) -> RestoreReport {
+    RestoreReport {
+        backup: backup.into(),
         target: opts.to.display().to_string(),
         env_id: m.env_id.clone(),
         base_id: m.base_id.clone(),
@@ -235,42 +255,66 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         files: m.files.len(),
         bytes: m.bytes(),
         ..Default::default()
-    };
+    }
+}
+
+/// With a time: is it inside the window of the log `summary` describes?
+pub(crate) fn check_until(
+    report: &mut RestoreReport,
+    until: Option<i64>,
+    summary: &LogSummary,
+    backup: &Path,
+) -> Result<(), RestoreError> {
     if let Some(t) = until {
-        let (from, to) = check_window(t, &summary, &backup)?;
+        let (from, to) = check_window(t, summary, backup)?;
         report.window_from = Some(rfc3339(from));
         report.window_to = Some(rfc3339(to));
     }
-    // Everything checked: now write, beside the target, under a temp name.
-    ensure_empty_target(&opts.to)?;
-    let name = opts
-        .to
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| {
-            RestoreError::Refused(format!("{} has no usable file name", opts.to.display()))
-        })?;
-    let parent = match opts.to.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    Ok(())
+}
+
+/// A new, empty directory beside the target, removed unless kept.
+pub(crate) fn temp_beside(to: &Path) -> Result<ScratchDir, RestoreError> {
+    ensure_empty_target(to)?;
+    let name = to.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        RestoreError::Refused(format!("{} has no usable file name", to.display()))
+    })?;
+    let parent = parent_of(to);
     fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
-    let mut temp = ScratchDir {
+    let temp = ScratchDir {
         path: parent.join(format!(".{name}.tandem-restore-{}", std::process::id())),
         keep: false,
     };
     let _ = fs::remove_dir_all(&temp.path);
     fs::create_dir(&temp.path).map_err(io_err(format!("creating {}", temp.path.display())))?;
-    copy_backup(&backup, &m, &temp.path)?;
-    drop(lock);
+    Ok(temp)
+}
+
+fn parent_of(to: &Path) -> PathBuf {
+    match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Recovers the verified copy in `temp` (to the time asked for), checks
+/// it and renames it to the target.
+pub(crate) fn finish_restore(
+    mut temp: ScratchDir,
+    m: &Manifest,
+    opts: &RestoreOptions,
+    mut report: RestoreReport,
+    started: Instant,
+) -> Result<RestoreReport, RestoreError> {
+    let until = report.until_unix;
     let config = boost_cache(&temp.path)?;
     let rec = run_recover(&temp.path, until)?;
     restore_config(&temp.path, config)?;
     report.recovered_to = rec.recovered_to;
     report.recovery_seconds = rec.seconds;
-    report.databases_verified = verify_databases(&temp.path, &m)?;
+    report.databases_verified = verify_databases(&temp.path, m)?;
     if let Some(t) = until {
-        let kept = restored_log_summary(&temp.path, &m)?;
+        let kept = restored_log_summary(&temp.path, m)?;
         if let Some(last) = kept.last_commit_unix.filter(|last| *last > t) {
             return Err(RestoreError::Refused(format!(
                 "recovery to {} kept a commit stamped {}: refusing the result",
@@ -299,6 +343,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
         ))(e),
     })?;
     temp.keep = true;
+    let parent = parent_of(&opts.to);
     fsync_dir(&parent).map_err(io_err(format!("fsync of {}", parent.display())))?;
     report.seconds = started.elapsed().as_secs_f64();
     tracing::info!(backup = %report.backup, target = %report.target, until = ?report.until, "restored");

@@ -279,7 +279,7 @@ pub fn copy_hashed(
     Ok((size, hasher.finalize()))
 }
 
-fn hash_zeros(hasher: &mut blake3::Hasher, mut len: u64) {
+pub(crate) fn hash_zeros(hasher: &mut blake3::Hasher, mut len: u64) {
     let zeros = [0u8; 64 * 1024];
     while len > 0 {
         let n = len.min(zeros.len() as u64) as usize;

@@ -121,6 +121,7 @@ fn opts(f: &Fixture) -> ArchiveOptions {
         keep_days: None,
         verify: false,
         scratch: None,
+        drill_every: None,
     }
 }
 

@@ -31,6 +31,8 @@ pub enum VerifyError {
     Scan(#[from] ScanError),
     #[error(transparent)]
     Proof(#[from] ProofError),
+    #[error(transparent)]
+    Bucket(#[from] super::bucket::BucketError),
     #[error("opening {}: {source}", .path.display())]
     Open { path: PathBuf, source: io::Error },
     #[error("no backups in {} (a backup is a directory holding {MANIFEST_FILE})", .0.display())]

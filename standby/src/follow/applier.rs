@@ -6,7 +6,7 @@
 //!
 //! It runs on a blocking thread: applying is file I/O and fsync.
 
-use super::session::{retry, SessionError};
+use super::session_error::{retry, SessionError};
 use super::{StandbyConfig, StatusTx};
 use crate::mirror::{ApplyError, Mirror};
 use crate::status::StandbyStatus;

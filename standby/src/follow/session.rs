@@ -15,6 +15,7 @@
 //! it, fsyncs and hands the mirror back.
 
 use super::applier::{self, Applier};
+use super::session_error::{classify, retry, SessionError};
 use super::{StandbyConfig, StatusTx};
 use crate::mirror::Mirror;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,19 +36,9 @@ const OUTBOX: usize = 64;
 /// How long connecting (TCP and TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(super) enum SessionError {
-    Refused(String),
-    Retry { why: String, immediately: bool },
-}
-
-pub(super) fn retry(why: impl ToString) -> SessionError {
-    SessionError::Retry {
-        why: why.to_string(),
-        immediately: false,
-    }
-}
-
 /// One connection, until it ends or `stop`. The mirror always comes back.
+// Long function: assembles the pipeline in order (connect, Hello, Welcome, reader, applier,
+// acker, their end) so every way a session ends is in one place.
 pub(super) async fn run(
     cfg: &StandbyConfig,
     mut mirror: Mirror,
@@ -82,7 +73,9 @@ pub(super) async fn run(
     let digests = if rejoin {
         let read = || -> Result<_, String> {
             let pages = mirror.page_digests().map_err(|e| e.to_string())?;
-            let logs = crate::rejoin::log_file_digests(&mirror).map_err(|e| e.to_string())?;
+            let logs =
+                crate::rejoin::log_file_digests(&mirror.dir, &mirror.state, mirror.tail().durable)
+                    .map_err(|e| e.to_string())?;
             Ok((pages, logs))
         };
         match tokio::task::block_in_place(read) {
@@ -269,20 +262,5 @@ async fn acknowledge(
             return;
         }
         sent = now;
-    }
-}
-
-pub(super) fn classify(status: tonic::Status) -> SessionError {
-    // The status message alone can be "transport error"; its causes say why.
-    let msg = tandem_shared::client::chain(&status);
-    match status.code() {
-        tonic::Code::FailedPrecondition => {
-            SessionError::Refused(format!("the primary refused this standby: {msg}"))
-        }
-        tonic::Code::DataLoss => SessionError::Retry {
-            why: format!("the primary reported lost log: {msg}"),
-            immediately: true,
-        },
-        _ => retry(format!("{}: {msg}", status.code())),
     }
 }

@@ -7,6 +7,7 @@ use crate::mirror::apply_error::{io_err, ApplyError};
 use crate::mirror::dirs::{create_dirs_durably, remove_tree_durably};
 use crate::mirror::logwriter::{checked_log_dir, LogWriter};
 use crate::mirror::swap;
+use crate::rejoin;
 use crate::state::{BaseState, StagedLog};
 use tandem_shared::durable::fsync_dir;
 use tandem_shared::LogPosition;
@@ -149,22 +150,38 @@ impl Mirror {
         Ok(Some(report))
     }
 
-    /// A rejoin's replacement base is complete: set aside what the
-    /// mirror holds beyond the primary's history before it is replaced.
-    fn set_aside_discarded(&mut self) -> Result<Option<crate::rejoin::DiscardReport>, ApplyError> {
-        match (self.rebase.as_ref(), self.staged_log.as_ref()) {
-            (Some(r), Some(staged)) if r.replaces && self.rejoin => {
-                crate::rejoin::set_aside_for_swap(
-                    &self.dir,
-                    &self.state,
-                    &r.base,
-                    r.discard_after,
-                    self.log.tail().durable,
-                    staged.tail().durable,
-                )
-            }
-            _ => Ok(None),
+    /// A rejoin's replacement base is complete: before it is swapped in,
+    /// finds where the mirror's log leaves the staged one's history (no
+    /// later than the primary's `discard_after`) and sets what lies beyond
+    /// aside, with the database files the new base does not own.
+    fn set_aside_discarded(&mut self) -> Result<Option<rejoin::DiscardReport>, ApplyError> {
+        let (Some(r), Some(staged)) = (self.rebase.as_ref(), self.staged_log.as_ref()) else {
+            return Ok(None);
+        };
+        if !(r.replaces && self.rejoin) {
+            return Ok(None);
         }
+        let (dir, state, new) = (&self.dir, &self.state, &r.base);
+        let old_end = self.log.tail().durable;
+        let old_dir = checked_log_dir(&dir.root, &state.log_dir)?;
+        let new_dir = checked_log_dir(&dir.rebase_dir(), &state.log_dir)?;
+        let report = rejoin::agreed_point(
+            &old_dir,
+            &new_dir,
+            new.log_start.file,
+            staged.tail().durable,
+            old_end,
+            r.discard_after.unwrap_or(old_end),
+        )
+        .and_then(|from| rejoin::set_aside(dir, &old_dir, old_end, from))
+        .map_err(io_err("setting the discarded log aside"))?;
+        if let (Some(d), Some(old)) = (&report, &state.base) {
+            rejoin::keep_unowned(dir, old, new, &d.kept_in)
+                .map_err(io_err("keeping files the new base does not own"))?;
+            tracing::warn!(from = %d.from, to = %d.to, bytes = d.bytes, committed = d.committed_transactions,
+                kept_in = %d.kept_in, "REJOIN: {d}");
+        }
+        Ok(report)
     }
 
     /// Is it time to ask for a rebase? (The base is complete, none is under

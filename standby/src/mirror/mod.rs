@@ -34,10 +34,10 @@
 //!   are fsynced before anything counts as durable, and the log's record
 //!   chain is verified across every file.
 //!
-//! The one `match` over every message kind in `apply` is kept whole so
-//! each kind's checks read in one place; the work is in the modules it
-//! calls, and how a base is started, staged and swapped in is in
-//! `mirror/bases.rs`.
+//! `apply` is a dispatch: one method per message kind (`on_welcome`,
+//! `on_base_start`, ...) holds that kind's checks; the work is in the
+//! modules they call, and how a base is started, staged and swapped in is
+//! in `mirror/bases.rs`.
 
 pub(crate) mod apply_error;
 pub(crate) mod base_files;
@@ -52,13 +52,16 @@ use crate::mirror::apply_error::io_err;
 pub use crate::mirror::apply_error::{Applied, ApplyError};
 use crate::mirror::dirs::{remove_if_exists, remove_tree_durably};
 pub use crate::mirror::logwriter::LogTail;
-use crate::mirror::logwriter::{checked_log_dir, scan_log_tail, LogWriter};
+use crate::mirror::logwriter::{checked_log_dir, LogWriter};
 use crate::mirror::receiver::FileReceiver;
 use crate::mirror::swap::{save_state, Steps};
 use crate::state::{BaseState, StandbyDir, StandbyState};
 use std::io;
 use tandem_shared::epochs::EpochStart;
 use tandem_shared::wire::primary_message::Kind;
+use tandem_shared::wire::{
+    BaseFilesDone, BaseStart, FileChunk, FileEnd, FileSame, FileStart, LogChunk, Welcome,
+};
 use tandem_shared::wirepath;
 use tandem_shared::LogPosition;
 
@@ -231,171 +234,200 @@ impl Mirror {
         let kind = tandem_shared::compress::decode_kind(kind, self.accepts_zstd)
             .map_err(|e| ApplyError::Protocol(e.to_string()))?;
         match kind {
-            Kind::Welcome(w) => {
-                if let Some(ours) = &self.state.env_id {
-                    if *ours != w.env_id {
-                        return Err(ApplyError::IdentityMismatch {
-                            ours: ours.clone(),
-                            theirs: w.env_id,
-                        });
-                    }
-                }
-                if self.state.epoch > w.epoch {
-                    return Err(ApplyError::Fenced {
-                        ours: self.state.epoch,
-                        theirs: w.epoch,
-                    });
-                }
-                let theirs: Vec<EpochStart> = w.history.iter().map(Into::into).collect();
-                tandem_shared::epochs::check_agrees(&self.state.history, &theirs)?;
-                let history = tandem_shared::epochs::merge(&self.state.history, theirs);
-                if !w.log_dir.is_empty() {
-                    wirepath::validate(&w.log_dir)?;
-                }
-                if self.state.base.is_some() && w.log_dir != self.state.log_dir {
-                    return Err(ApplyError::Protocol(format!(
-                        "the primary's log directory changed from {:?} to {:?}",
-                        self.state.log_dir, w.log_dir
-                    )));
-                }
-                let changed = self.state.env_id.as_deref() != Some(w.env_id.as_str())
-                    || self.state.epoch != w.epoch
-                    || self.state.log_dir != w.log_dir
-                    || self.state.history != history;
-                if w.resume {
-                    // The primary continues this log: nothing to discard.
-                    self.rejoin = false;
-                }
-                if changed {
-                    self.state.env_id = Some(w.env_id);
-                    self.state.epoch = w.epoch;
-                    self.state.log_dir = w.log_dir;
-                    self.state.history = history;
-                    self.save()?;
-                }
-                Ok(Applied::default())
-            }
-            Kind::BaseStart(b) => {
-                let start: LogPosition = b.log_start.unwrap_or_default().into();
-                if start.file == 0 || start.offset != 0 {
-                    return Err(ApplyError::Protocol(format!(
-                        "base log start {start} is not the start of a log file"
-                    )));
-                }
-                if self.state.env_id.is_none() {
-                    return Err(ApplyError::Protocol("BaseStart before Welcome".into()));
-                }
-                // Refused before anything changes: old logs are removed by
-                // listing this directory.
-                checked_log_dir(&self.dir.root, &self.state.log_dir)?;
-                self.finish_pending_swap()?;
-                if b.rebase {
-                    if !self.state.base.as_ref().is_some_and(|cur| cur.files_done) {
-                        return Err(ApplyError::Protocol(
-                            "a rebase needs a complete current base".into(),
-                        ));
-                    }
-                    self.stage(b.base_id, start, false)?;
-                    tracing::info!(log_start = %start, "rebase started: staging a new base beside the current one");
-                } else if let Some(holds) = self.holds() {
-                    let end = self.log.tail().durable;
-                    let mut asked = self.new_base_request();
-                    if asked.is_empty() && self.rejoin {
-                        asked = crate::rejoin::REJOIN_REASON.into();
-                    }
-                    if start <= end && asked.is_empty() {
-                        return Err(ApplyError::Diverged {
-                            primary_start: start,
-                            standby_end: end,
-                            beyond_bytes: start.bytes_until(end, self.log.tail().lg_max.max(1)),
-                            holds,
-                        });
-                    }
-                    let why = if start > end {
-                        "its log starts past the standby's durable end (log the standby never got was removed)"
-                    } else {
-                        asked.as_str()
-                    };
-                    tracing::warn!(base = %b.base_id, log_start = %start, durable = %end, reason = %b.reason,
-                        "the primary sends a new base; taking it because {why}: staging it beside the current mirror, which stays as it is until the new base is complete");
-                    self.stage(b.base_id, start, true)?;
-                    if let Some(r) = self.rebase.as_mut() {
-                        r.discard_after = b.discard_after.map(Into::into);
-                    }
-                } else {
-                    self.start_base(b.base_id, start)?;
-                }
-                Ok(Applied::default())
-            }
-            Kind::FileStart(f) => {
-                self.base()?;
-                self.files.start(&self.dir.root, &self.dir.incoming(), f)?;
-                Ok(Applied::default())
-            }
-            Kind::FileChunk(c) => {
-                let len = self.files.chunk(c)?;
-                if let Some(r) = self.rebase.as_mut() {
-                    r.sent_bytes += len;
-                }
-                Ok(Applied {
-                    file_bytes: len,
-                    log_bytes: 0,
-                })
-            }
-            Kind::FileSame(f) => {
-                // A replacement base refers to the mirror's files only in a
-                // rejoin, whose Hello sent their digests.
-                let rejoin = self.rejoin;
-                if self.rebase.as_ref().is_none_or(|r| r.replaces && !rejoin) {
-                    return Err(ApplyError::Protocol("FileSame outside a rebase".into()));
-                }
-                let base_id = self.base()?.base_id.clone();
-                let dir = &self.dir;
-                let len = self.files.same(&dir.root, f, |name, offset, data| {
-                    crate::scrub::digests::check_reused(dir, &base_id, name, offset, data)
-                })?;
-                if let Some(r) = self.rebase.as_mut() {
-                    r.reused_bytes += len;
-                }
-                Ok(Applied::default())
-            }
-            Kind::FileEnd(e) => {
-                if let Some(r) = self.rebase.as_mut() {
-                    let placed = self.files.end(e, &self.dir.rebase_dir())?;
-                    r.base.complete_files.insert(placed.name);
-                    return Ok(Applied::default());
-                }
-                let placed = self.files.end(e, &self.dir.root)?;
-                let base_id = self.base()?.base_id.clone();
-                let name = placed.name.clone();
-                base_files::record_page_digests(&self.dir, &base_id, placed)
-                    .map_err(io_err(format!("recording the page digests of {name}")))?;
-                self.base_mut()?.complete_files.insert(name);
-                self.save()?;
-                Ok(Applied::default())
-            }
-            Kind::BaseFilesDone(d) => {
-                let at: LogPosition = d.consistent_at.unwrap_or_default().into();
-                if let Some(r) = self.rebase.as_mut() {
-                    r.base.files_done = true;
-                    r.base.consistent_at = Some(at);
-                    tracing::info!(consistent_at = %at, sent = r.sent_bytes, reused = r.reused_bytes, "staged base files complete");
-                    return Ok(Applied::default());
-                }
-                let base = self.base_mut()?;
-                base.files_done = true;
-                base.consistent_at = Some(at);
-                self.save()?;
-                tracing::info!(consistent_at = %at, "base files complete");
-                Ok(Applied::default())
-            }
-            Kind::LogChunk(c) => {
-                self.base()?;
-                let log = self.staged_log.as_mut().unwrap_or(&mut self.log);
-                log.append(c.file, c.offset, &c.data, &c.blake3, c.file_size)
-            }
+            Kind::Welcome(w) => self.on_welcome(w),
+            Kind::BaseStart(b) => self.on_base_start(b),
+            Kind::FileStart(f) => self.on_file_start(f),
+            Kind::FileChunk(c) => self.on_file_chunk(c),
+            Kind::FileSame(f) => self.on_file_same(f),
+            Kind::FileEnd(e) => self.on_file_end(e),
+            Kind::BaseFilesDone(d) => self.on_base_files_done(d),
+            Kind::LogChunk(c) => self.on_log_chunk(c),
             Kind::Heartbeat(_) => Ok(Applied::default()),
         }
+    }
+
+    /// Welcome: checks the primary's identity, epoch, history and log
+    /// directory, and records them.
+    fn on_welcome(&mut self, w: Welcome) -> Result<Applied, ApplyError> {
+        if let Some(ours) = &self.state.env_id {
+            if *ours != w.env_id {
+                return Err(ApplyError::IdentityMismatch {
+                    ours: ours.clone(),
+                    theirs: w.env_id,
+                });
+            }
+        }
+        if self.state.epoch > w.epoch {
+            return Err(ApplyError::Fenced {
+                ours: self.state.epoch,
+                theirs: w.epoch,
+            });
+        }
+        let theirs: Vec<EpochStart> = w.history.iter().map(Into::into).collect();
+        tandem_shared::epochs::check_agrees(&self.state.history, &theirs)?;
+        let history = tandem_shared::epochs::merge(&self.state.history, theirs);
+        if !w.log_dir.is_empty() {
+            wirepath::validate(&w.log_dir)?;
+        }
+        if self.state.base.is_some() && w.log_dir != self.state.log_dir {
+            return Err(ApplyError::Protocol(format!(
+                "the primary's log directory changed from {:?} to {:?}",
+                self.state.log_dir, w.log_dir
+            )));
+        }
+        let changed = self.state.env_id.as_deref() != Some(w.env_id.as_str())
+            || self.state.epoch != w.epoch
+            || self.state.log_dir != w.log_dir
+            || self.state.history != history;
+        if w.resume {
+            // The primary continues this log: nothing to discard.
+            self.rejoin = false;
+        }
+        if changed {
+            self.state.env_id = Some(w.env_id);
+            self.state.epoch = w.epoch;
+            self.state.log_dir = w.log_dir;
+            self.state.history = history;
+            self.save()?;
+        }
+        Ok(Applied::default())
+    }
+
+    /// BaseStart: a first base, a rebase, or a replacement base (taken
+    /// only when it contradicts nothing the standby holds, or the
+    /// operator asked).
+    fn on_base_start(&mut self, b: BaseStart) -> Result<Applied, ApplyError> {
+        let start: LogPosition = b.log_start.unwrap_or_default().into();
+        if start.file == 0 || start.offset != 0 {
+            return Err(ApplyError::Protocol(format!(
+                "base log start {start} is not the start of a log file"
+            )));
+        }
+        if self.state.env_id.is_none() {
+            return Err(ApplyError::Protocol("BaseStart before Welcome".into()));
+        }
+        // Refused before anything changes: old logs are removed by
+        // listing this directory.
+        checked_log_dir(&self.dir.root, &self.state.log_dir)?;
+        self.finish_pending_swap()?;
+        if b.rebase {
+            if !self.state.base.as_ref().is_some_and(|cur| cur.files_done) {
+                return Err(ApplyError::Protocol(
+                    "a rebase needs a complete current base".into(),
+                ));
+            }
+            self.stage(b.base_id, start, false)?;
+            tracing::info!(log_start = %start, "rebase started: staging a new base beside the current one");
+        } else if let Some(holds) = self.holds() {
+            let end = self.log.tail().durable;
+            let mut asked = self.new_base_request();
+            if asked.is_empty() && self.rejoin {
+                asked = crate::rejoin::REJOIN_REASON.into();
+            }
+            if start <= end && asked.is_empty() {
+                return Err(ApplyError::Diverged {
+                    primary_start: start,
+                    standby_end: end,
+                    beyond_bytes: start.bytes_until(end, self.log.tail().lg_max.max(1)),
+                    holds,
+                });
+            }
+            let why = if start > end {
+                "its log starts past the standby's durable end (log the standby never got was removed)"
+            } else {
+                asked.as_str()
+            };
+            tracing::warn!(base = %b.base_id, log_start = %start, durable = %end, reason = %b.reason,
+                "the primary sends a new base; taking it because {why}: staging it beside the current mirror, which stays as it is until the new base is complete");
+            self.stage(b.base_id, start, true)?;
+            if let Some(r) = self.rebase.as_mut() {
+                r.discard_after = b.discard_after.map(Into::into);
+            }
+        } else {
+            self.start_base(b.base_id, start)?;
+        }
+        Ok(Applied::default())
+    }
+
+    /// FileStart: a database file of the base starts.
+    fn on_file_start(&mut self, f: FileStart) -> Result<Applied, ApplyError> {
+        self.base()?;
+        self.files.start(&self.dir.root, &self.dir.incoming(), f)?;
+        Ok(Applied::default())
+    }
+
+    /// FileChunk: bytes of the file being received.
+    fn on_file_chunk(&mut self, c: FileChunk) -> Result<Applied, ApplyError> {
+        let len = self.files.chunk(c)?;
+        if let Some(r) = self.rebase.as_mut() {
+            r.sent_bytes += len;
+        }
+        Ok(Applied {
+            file_bytes: len,
+            log_bytes: 0,
+        })
+    }
+
+    /// FileSame: a range of a staged file that the mirror's own file
+    /// already holds.
+    fn on_file_same(&mut self, f: FileSame) -> Result<Applied, ApplyError> {
+        // A replacement base refers to the mirror's files only in a
+        // rejoin, whose Hello sent their digests.
+        let rejoin = self.rejoin;
+        if self.rebase.as_ref().is_none_or(|r| r.replaces && !rejoin) {
+            return Err(ApplyError::Protocol("FileSame outside a rebase".into()));
+        }
+        let base_id = self.base()?.base_id.clone();
+        let dir = &self.dir;
+        let len = self.files.same(&dir.root, f, |name, offset, data| {
+            crate::scrub::digests::check_reused(dir, &base_id, name, offset, data)
+        })?;
+        if let Some(r) = self.rebase.as_mut() {
+            r.reused_bytes += len;
+        }
+        Ok(Applied::default())
+    }
+
+    /// FileEnd: the file is complete: placed under its name, fsynced, recorded.
+    fn on_file_end(&mut self, e: FileEnd) -> Result<Applied, ApplyError> {
+        if let Some(r) = self.rebase.as_mut() {
+            let placed = self.files.end(e, &self.dir.rebase_dir())?;
+            r.base.complete_files.insert(placed.name);
+            return Ok(Applied::default());
+        }
+        let placed = self.files.end(e, &self.dir.root)?;
+        let base_id = self.base()?.base_id.clone();
+        let name = placed.name.clone();
+        base_files::record_page_digests(&self.dir, &base_id, placed)
+            .map_err(io_err(format!("recording the page digests of {name}")))?;
+        self.base_mut()?.complete_files.insert(name);
+        self.save()?;
+        Ok(Applied::default())
+    }
+
+    /// BaseFilesDone: every file of the base has arrived.
+    fn on_base_files_done(&mut self, d: BaseFilesDone) -> Result<Applied, ApplyError> {
+        let at: LogPosition = d.consistent_at.unwrap_or_default().into();
+        if let Some(r) = self.rebase.as_mut() {
+            r.base.files_done = true;
+            r.base.consistent_at = Some(at);
+            tracing::info!(consistent_at = %at, sent = r.sent_bytes, reused = r.reused_bytes, "staged base files complete");
+            return Ok(Applied::default());
+        }
+        let base = self.base_mut()?;
+        base.files_done = true;
+        base.consistent_at = Some(at);
+        self.save()?;
+        tracing::info!(consistent_at = %at, "base files complete");
+        Ok(Applied::default())
+    }
+
+    /// LogChunk: log records, appended by the log writer (the staged
+    /// one during a replacement base).
+    fn on_log_chunk(&mut self, c: LogChunk) -> Result<Applied, ApplyError> {
+        self.base()?;
+        let log = self.staged_log.as_mut().unwrap_or(&mut self.log);
+        log.append(c.file, c.offset, &c.data, &c.blake3, c.file_size)
     }
 
     fn base(&self) -> Result<&BaseState, ApplyError> {
@@ -463,24 +495,13 @@ impl Mirror {
 
     /// Is the mirror a recoverable environment right now?
     pub fn recoverable(&self) -> bool {
-        is_recoverable(&self.state, self.log.tail().durable)
+        self.state.is_recoverable(self.log.tail().durable)
     }
 
     #[cfg(test)]
     fn fail_after_steps(&mut self, n: Option<usize>) {
         self.steps.fail_after = n;
     }
-}
-
-/// Is a directory in `state`, with its log durable to `durable`, a
-/// recoverable environment? Not while a swap is pending: a replacement
-/// base is half in place until the swap is finished.
-pub fn is_recoverable(state: &StandbyState, durable: LogPosition) -> bool {
-    state.pending_swap.is_none()
-        && state
-            .base
-            .as_ref()
-            .is_some_and(|b| b.files_done && b.consistent_at.is_some_and(|c| durable >= c))
 }
 
 /// Finishes a swap a crashed `run` left pending (for `promote`, which must
@@ -523,15 +544,6 @@ fn clear_incoming(dir: &StandbyDir) -> io::Result<()> {
         remove_if_exists(&e.path())?;
     }
     Ok(())
-}
-
-/// Reads the end of the mirror's log from the files (read-only, no fsync):
-/// the verified end of the newest log file of the base.
-pub fn scan_tail(dir: &StandbyDir, state: &StandbyState) -> io::Result<LogTail> {
-    let Some(base) = &state.base else {
-        return Ok(LogTail::default());
-    };
-    scan_log_tail(&dir.log_dir(state), base.log_start)
 }
 
 #[cfg(test)]

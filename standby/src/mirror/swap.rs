@@ -18,7 +18,7 @@
 //!
 //! A rebase's directory is recoverable at every step (files copied at
 //! different times recover with the log from the earliest base boundary,
-//! BDB.md §7, and the old logs go only after every file is in place). A
+//! BDB-NOTES.md §7, and the old logs go only after every file is in place). A
 //! replacement base is not recoverable between 2 and 4, which is why a
 //! pending swap is finished before anything else reads or changes the
 //! directory: at open, at session start, before a new base or rebase, and

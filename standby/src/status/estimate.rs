@@ -30,7 +30,7 @@ pub(super) fn promote_is_urgent() -> bool {
 /// with an `urgent` promote, their median rate per CPU second (the work,
 /// whatever else ran beside the checks) slowed by what an urgent recovery
 /// still waits; otherwise their median wall rate (one check's wall time
-/// carries the CPU contention of its moment, BDB.md §5). A check an older
+/// carries the CPU contention of its moment, BDB-NOTES.md §5). A check an older
 /// version wrote, without history, counts alone. `None` when the last
 /// check did not pass or measured nothing.
 fn replay_rate(check: &crate::readiness::CheckReport, urgent: bool) -> Option<f64> {

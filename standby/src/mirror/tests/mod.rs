@@ -34,7 +34,7 @@ use tandem_shared::wirepath::PathError;
 
 const ENV: &str = "env-a";
 const LG_MAX: u32 = 1 << 20;
-/// BDB's log files are `lg_max - 1` bytes (BDB.md §2).
+/// BDB's log files are `lg_max - 1` bytes (BDB-NOTES.md §2).
 const LOG_FILE_SIZE: u64 = LG_MAX as u64 - 1;
 
 // ---------------------------------------------------------------- messages

@@ -261,7 +261,7 @@ fn after_a_refused_message_the_standby_resumes_where_it_is_durable() {
         fx.m.tail().durable,
         LogPosition::new(file, b_at + b.len() as u32)
     );
-    let disk = scan_tail(&fx.m.dir, &fx.m.state).expect("scan");
+    let disk = fx.m.dir.scan_tail(&fx.m.state).expect("scan");
     assert_eq!(disk.durable, fx.m.tail().durable);
 }
 

@@ -79,7 +79,8 @@ fn run() -> Result<bool> {
         }
     };
 
-    let needs_big = cfg.wants("copy") || cfg.wants("resume") || cfg.wants("restore");
+    let needs_big =
+        cfg.wants("copy") || cfg.wants("resume") || cfg.wants("restore") || cfg.wants("s3");
     let mut big = if needs_big {
         match bench.make_big_env() {
             Ok(b) => Some(b),
@@ -108,6 +109,13 @@ fn run() -> Result<bool> {
             let load = loadavg();
             let r = bench.section_restore(b);
             record("6. restore", load, r, &mut md);
+        }
+    }
+    if cfg.wants("s3") {
+        if let Some(b) = big.as_ref() {
+            let load = loadavg();
+            let r = bench.section_s3(b);
+            record("10. s3", load, r, &mut md);
         }
     }
     let needs_seed = ["lag", "cost", "promote"].iter().any(|s| cfg.wants(s));

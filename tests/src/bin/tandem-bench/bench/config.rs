@@ -42,8 +42,8 @@ pub(crate) struct Config {
     pub(crate) keep: bool,
 }
 
-pub(crate) const SECTIONS: [&str; 9] = [
-    "copy", "restore", "lag", "cost", "promote", "resume", "large", "slowlink", "wait",
+pub(crate) const SECTIONS: [&str; 10] = [
+    "copy", "restore", "lag", "cost", "promote", "resume", "large", "slowlink", "wait", "s3",
 ];
 
 pub(crate) fn env_str(name: &str) -> Option<String> {

@@ -292,7 +292,7 @@ impl Bench {
             }
             "hotbackup" => {
                 let started = Instant::now();
-                // Never -u or -c: they remove the source's logs (BDB.md §6).
+                // Never -u or -c: they remove the source's logs (BDB-NOTES.md §6).
                 let mut c = Command::new("db5.3_hotbackup");
                 c.arg("-h").arg(&big.env).arg("-b").arg(dest);
                 run_cmd("db5.3_hotbackup", c, timeout, &log)?;

@@ -9,7 +9,7 @@
 //! timed test). What each figure means and its caveats: `bench/README.md`.
 //!
 //! Sections (each can be selected with
-//! `BENCH_ONLY=copy,restore,lag,cost,promote,resume,large,slowlink,wait`):
+//! `BENCH_ONLY=copy,restore,lag,cost,promote,resume,large,slowlink,wait,s3`):
 //! 1. `copy`: base copy of an environment of `BENCH_SIZE_MB` over loopback
 //!    mTLS, against cp, rsync over ssh, db_hotbackup, raw loopback TCP, disk
 //!    and blake3 limits; page cache dropped ("cold") and/or warm.
@@ -30,6 +30,8 @@
 //! 9. `wait`: waiting after each commit until it is durable on the standby:
 //!    latency at 1,000 commits/s, and a multi-threaded commit rate with and
 //!    without waiting.
+//! 10. `s3`: `archive --to s3://` and `restore --from s3://` of section 1's
+//!     mirror against a loopback S3 server, against `cp -r` of the bytes.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
@@ -65,6 +67,7 @@ pub(crate) mod promote;
 pub(crate) mod report;
 pub(crate) mod restore;
 pub(crate) mod resume;
+pub(crate) mod s3;
 pub(crate) mod slowlink;
 pub(crate) mod stats;
 pub(crate) mod system;
@@ -81,7 +84,7 @@ pub(crate) use system::*;
 const MIB: f64 = 1024.0 * 1024.0;
 /// The name `harness::start_standby` gives every standby.
 const STANDBY_NAME: &str = "test-standby";
-/// Log file size of the streaming environments (BDB.md §5 used 10 MB).
+/// Log file size of the streaming environments (BDB-NOTES.md §5 used 10 MB).
 const LG_MAX: u64 = 10 << 20;
 /// Log file size of the base-copy environment: small, so that the little log
 /// written in section 5 still moves the checkpoint into a later file, which
@@ -143,7 +146,7 @@ impl Bench {
     }
 
     /// Streaming workload options: small values, several updates per
-    /// transaction (BDB.md §5: about 1.6 KB of log per transaction).
+    /// transaction (BDB-NOTES.md §5: about 1.6 KB of log per transaction).
     pub(crate) fn stream_workload(&self) -> WorkloadOptions {
         WorkloadOptions {
             txns: 0,

@@ -2,7 +2,7 @@
 //! namespaces the bench names itself, a veth pair between them with a `tbf`
 //! rate limit on both ends, and a user-space proxy that delays every byte
 //! by half the round trip in each direction (the kernel has no `netem`:
-//! `../shared/NETWORK.md`).
+//! docs/BDB-NOTES.md §11).
 //!
 //! Addresses come from 198.18.0.0/15, the benchmarking range. Everything
 //! is removed by name when the [`Link`] drops, and `bench/run` removes the

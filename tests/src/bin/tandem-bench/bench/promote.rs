@@ -305,7 +305,7 @@ impl Bench {
             s.md,
             "\nWhere promote's time goes (medians, seconds; the phases add up to promote's own total, the wall time adds process start):\n\n{phase_rows}"
         );
-        let _ = writeln!(s.md, "Reference (BDB.md §5, page cache dropped): catastrophic recovery replays roughly 85–170 MB of log per second.\n");
+        let _ = writeln!(s.md, "Reference (BDB-NOTES.md §5, page cache dropped): catastrophic recovery replays roughly 85–170 MB of log per second.\n");
         Ok(s)
     }
 }
