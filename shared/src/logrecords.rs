@@ -183,6 +183,9 @@ pub fn decode(lsn: LogPosition, len: u32, body: &[u8]) -> Result<Record, String>
 /// with each record and its bytes (header included). The persist record at
 /// the start of each file is checked, not passed on. `from == to` reads
 /// nothing.
+// Long function: one walk across files, whose checks (length, prev chain,
+// checksum, persist record, the exact end) read best in the order BDB
+// writes a record.
 pub fn read_range(
     log_dir: &Path,
     from: LogPosition,
