@@ -13,6 +13,8 @@ fn int(v: u64) -> i64 {
 }
 
 /// The metrics page of a running primary.
+// Long function: one metric family after another, in the order the page
+// lists them; splitting it would scatter the page's layout.
 pub fn render(shared: &Shared) -> String {
     let c = &shared.counters;
     let status = shared.status();

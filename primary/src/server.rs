@@ -122,6 +122,8 @@ impl Replication for Service {
 
 /// Runs the primary until `shutdown` resolves. `on_bound` learns the
 /// listening address (useful with port 0).
+// Long function: the start-up steps in order (state, leadership, tasks,
+// listener), each a call; the etcd leadership steps made it longer.
 pub async fn serve(
     cfg: PrimaryConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,

@@ -129,6 +129,9 @@ impl Coordinator {
         }
     }
 
+    // Long function: one election round in the order the policy decides
+    // (read status, publish, read the cluster, campaign, promote); to be
+    // split into steps.
     async fn round(&mut self, dir: &StandbyDir, following: &str) -> anyhow::Result<Option<Event>> {
         // The running follower's own status file, never `status::read`:
         // that asks for the directory lock's holder, and opening and

@@ -434,6 +434,8 @@ fn failover_config(
 /// `run --etcd`: follows whichever primary etcd names, and promotes by
 /// itself when it wins an election; then becomes that primary (exec of
 /// the `tandem-primary` next to this binary, which adopts the lease).
+// Long function: the follow-then-promote life of an etcd standby in
+// order; to be split into steps.
 async fn run_with_etcd(
     mut cfg: StandbyConfig,
     f: tandem_standby::failover::FailoverConfig,

@@ -282,6 +282,7 @@ pub fn read(dir: &StandbyDir) -> anyhow::Result<StandbyStatus> {
 }
 
 /// Text for people.
+// Long function: the text page line by line, in the order people read it.
 pub fn render(s: &StandbyStatus) -> String {
     let when = |ms: u64| {
         if ms == 0 {

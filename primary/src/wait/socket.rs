@@ -202,6 +202,8 @@ pub async fn serve(
 
 /// One client: requests in order until it closes, sends a bad request, or
 /// the primary stops. A client that goes away mid-wait ends its wait.
+// Long function: one request loop whose branches (wait, answer, client
+// gone, primary stopping) read best side by side.
 async fn client(
     mut stream: UnixStream,
     acks: watch::Receiver<DurableAcks>,
