@@ -14,6 +14,22 @@ use std::time::Duration;
 
 pub const MEMBERS: usize = 3;
 
+/// The failover tests' cluster name and fast timing (ttl 3 s; loop_wait +
+/// 2 × retry_timeout = 2.5 s ≤ ttl, as `tandem-coord` requires), the same
+/// for every daemon of a test.
+pub const FAST_TIMING: [&str; 10] = [
+    "--cluster",
+    "c1",
+    "--etcd-ttl-secs",
+    "3",
+    "--etcd-loop-wait-ms",
+    "500",
+    "--etcd-retry-timeout-ms",
+    "1000",
+    "--etcd-fence-margin-ms",
+    "500",
+];
+
 pub struct Member {
     pub name: String,
     pub client_port: u16,

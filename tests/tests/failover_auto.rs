@@ -9,26 +9,13 @@ use anyhow::{ensure, Context, Result};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tandem_tests::bdb::{self, WorkloadOptions};
-use tandem_tests::etcd::EtcdCluster;
+use tandem_tests::etcd::{EtcdCluster, FAST_TIMING};
 use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
 fn timing() -> Vec<String> {
-    [
-        "--cluster",
-        "c1",
-        "--etcd-ttl-secs",
-        "3",
-        "--etcd-loop-wait-ms",
-        "500",
-        "--etcd-retry-timeout-ms",
-        "1000",
-        "--etcd-fence-margin-ms",
-        "500",
-    ]
-    .map(String::from)
-    .to_vec()
+    FAST_TIMING.map(String::from).to_vec()
 }
 
 fn strs(v: &[String]) -> Vec<&str> {

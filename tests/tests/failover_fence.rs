@@ -8,7 +8,7 @@ use anyhow::{ensure, Context, Result};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tandem_tests::bdb::WorkloadOptions;
-use tandem_tests::etcd::EtcdCluster;
+use tandem_tests::etcd::{EtcdCluster, FAST_TIMING};
 use tandem_tests::faulty_link::FaultyLink;
 use tandem_tests::harness::*;
 
@@ -16,30 +16,16 @@ const LONG: Duration = Duration::from_secs(120);
 const TTL: Duration = Duration::from_secs(3);
 
 fn etcd_args(endpoints: &str, fence_file: &std::path::Path) -> Vec<String> {
-    [
-        "--etcd",
-        endpoints,
-        "--cluster",
-        "c1",
-        "--name",
-        "p1",
-        "--etcd-ttl-secs",
-        "3",
-        "--etcd-loop-wait-ms",
-        "500",
-        "--etcd-retry-timeout-ms",
-        "1000",
-        "--etcd-fence-margin-ms",
-        "500",
-        "--on-fence",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([format!(
-        "echo \"$TANDEM_FENCE_REASON\" >> {}",
-        fence_file.display()
-    )])
-    .collect()
+    ["--etcd", endpoints, "--name", "p1"]
+        .into_iter()
+        .chain(FAST_TIMING)
+        .chain(["--on-fence"])
+        .map(String::from)
+        .chain([format!(
+            "echo \"$TANDEM_FENCE_REASON\" >> {}",
+            fence_file.display()
+        )])
+        .collect()
 }
 
 fn wait_durable(env: &std::path::Path) -> Result<std::process::Output> {
