@@ -67,6 +67,26 @@ pub enum TimingError {
 }
 
 impl Timing {
+    /// The timing the `--etcd-*` flags (or their TOML keys) ask for, each
+    /// missing one at its default, checked against the rules.
+    pub fn from_flags(
+        ttl_secs: Option<u64>,
+        loop_wait_ms: Option<u64>,
+        retry_timeout_ms: Option<u64>,
+        fence_margin_ms: Option<u64>,
+    ) -> Result<Self, TimingError> {
+        let timing = Self {
+            ttl: Duration::from_secs(ttl_secs.unwrap_or(DEFAULT_TTL_SECS)),
+            loop_wait: Duration::from_millis(loop_wait_ms.unwrap_or(DEFAULT_LOOP_WAIT_MS)),
+            retry_timeout: Duration::from_millis(
+                retry_timeout_ms.unwrap_or(DEFAULT_RETRY_TIMEOUT_MS),
+            ),
+            fence_margin: Duration::from_millis(fence_margin_ms.unwrap_or(DEFAULT_FENCE_MARGIN_MS)),
+        };
+        timing.validate()?;
+        Ok(timing)
+    }
+
     /// Checks the rules; a timing that breaks them is refused at start.
     pub fn validate(&self) -> Result<(), TimingError> {
         if self.ttl.subsec_nanos() != 0 || self.ttl < Duration::from_secs(2) {

@@ -129,21 +129,15 @@ async fn run(flags: RunArgs) -> Result<()> {
 }
 
 fn etcd_config(a: cli::EtcdArgs) -> Result<Option<tandem_primary::leadership::EtcdConfig>> {
-    use tandem_coord::timing::*;
     let Some(list) = a.etcd else {
         return Ok(None);
     };
-    let timing = Timing {
-        ttl: Duration::from_secs(a.etcd_ttl_secs.unwrap_or(DEFAULT_TTL_SECS)),
-        loop_wait: Duration::from_millis(a.etcd_loop_wait_ms.unwrap_or(DEFAULT_LOOP_WAIT_MS)),
-        retry_timeout: Duration::from_millis(
-            a.etcd_retry_timeout_ms.unwrap_or(DEFAULT_RETRY_TIMEOUT_MS),
-        ),
-        fence_margin: Duration::from_millis(
-            a.etcd_fence_margin_ms.unwrap_or(DEFAULT_FENCE_MARGIN_MS),
-        ),
-    };
-    timing.validate()?;
+    let timing = tandem_coord::timing::Timing::from_flags(
+        a.etcd_ttl_secs,
+        a.etcd_loop_wait_ms,
+        a.etcd_retry_timeout_ms,
+        a.etcd_fence_margin_ms,
+    )?;
     let name = a.name.unwrap_or_else(tandem_shared::hostname);
     if !tandem_coord::records::valid_name(&name) {
         anyhow::bail!("bad --name {name:?}: use letters, digits, '-', '_' and '.'");

@@ -396,21 +396,15 @@ fn failover_config(
     a: &cli::EtcdArgs,
     cfg: &StandbyConfig,
 ) -> Result<Option<tandem_standby::failover::FailoverConfig>> {
-    use tandem_coord::timing::*;
     let Some(list) = &a.etcd else {
         return Ok(None);
     };
-    let timing = Timing {
-        ttl: Duration::from_secs(a.etcd_ttl_secs.unwrap_or(DEFAULT_TTL_SECS)),
-        loop_wait: Duration::from_millis(a.etcd_loop_wait_ms.unwrap_or(DEFAULT_LOOP_WAIT_MS)),
-        retry_timeout: Duration::from_millis(
-            a.etcd_retry_timeout_ms.unwrap_or(DEFAULT_RETRY_TIMEOUT_MS),
-        ),
-        fence_margin: Duration::from_millis(
-            a.etcd_fence_margin_ms.unwrap_or(DEFAULT_FENCE_MARGIN_MS),
-        ),
-    };
-    timing.validate()?;
+    let timing = tandem_coord::timing::Timing::from_flags(
+        a.etcd_ttl_secs,
+        a.etcd_loop_wait_ms,
+        a.etcd_retry_timeout_ms,
+        a.etcd_fence_margin_ms,
+    )?;
     if !tandem_coord::records::valid_name(&cfg.name) {
         anyhow::bail!(
             "with --etcd, --name {:?} must use letters, digits, '-', '_' and '.'",
