@@ -244,6 +244,9 @@ pub struct Config {
     /// With `etcd`: the fast test timing (ttl 3 s) or the daemons'
     /// defaults (ttl 10 s).
     pub etcd_default_timing: bool,
+    /// Take the kinds in the order given, round after round, instead of
+    /// drawing them (the suite's short runs cover each kind that way).
+    pub in_order: bool,
 }
 
 impl Default for Config {
@@ -262,6 +265,7 @@ impl Default for Config {
             keep: false,
             etcd: false,
             etcd_default_timing: false,
+            in_order: false,
         }
     }
 }
@@ -271,7 +275,7 @@ usage: tandem-faults [--rounds N] [--seconds S] [--seed X] [--faults LIST]
                      [--standbys 1|2] [--rate COMMITS_PER_SEC]
                      [--on-divergence promote|start-over] [--tmpfs-mib N]
                      [--settle-secs N] [--work DIR] [--keep]
-                     [--etcd [--etcd-default-timing]]
+                     [--etcd [--etcd-default-timing]] [--in-order]
 Stops after N rounds or S seconds, whichever comes first (default 20 rounds).
 LIST is comma-separated fault kinds, or all (default):
   kill-standby kill-primary kill-app rollback disk-full link-cut link-stall
@@ -301,6 +305,7 @@ impl Config {
                 "--faults" => faults = Some(value()?),
                 "--etcd" => c.etcd = true,
                 "--etcd-default-timing" => c.etcd_default_timing = true,
+                "--in-order" => c.in_order = true,
                 "--standbys" => {
                     c.standbys = value()?.parse().context("--standbys")?;
                     if !(1..=2).contains(&c.standbys) {
@@ -369,6 +374,9 @@ impl Config {
                     .collect::<Vec<_>>()
                     .join(",")
             );
+        }
+        if self.in_order {
+            s += " --in-order";
         }
         s += &format!(" --standbys {} --rate {}", self.standbys, self.rate);
         if self.tmpfs_mib != Config::default().tmpfs_mib {
@@ -463,7 +471,11 @@ pub fn run(cfg: Config) -> Result<Report> {
             break;
         }
         w.round += 1;
-        let fault = kinds[w.rng.random_range(0..kinds.len())];
+        let fault = if cfg.in_order {
+            kinds[(w.round as usize - 1) % kinds.len()]
+        } else {
+            kinds[w.rng.random_range(0..kinds.len())]
+        };
         *w.tally.faults.entry(fault.name()).or_default() += 1;
         let before = w.tally.violations.len();
         let round = (|| -> Result<()> {
