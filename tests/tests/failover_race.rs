@@ -137,15 +137,19 @@ fn race(
 
     let mut leader = serde_json::Value::Null;
     let leader_key = format!("/tandem/{cluster}/leader");
-    wait_for("a standby to promote and serve", Duration::from_secs(30), || {
-        if let Some(l) = etcd.get_json(&leader_key)? {
-            if l["state"] == "primary" && l["name"] != "p" {
-                leader = l;
-                return Ok(true);
+    wait_for(
+        "a standby to promote and serve",
+        Duration::from_secs(30),
+        || {
+            if let Some(l) = etcd.get_json(&leader_key)? {
+                if l["state"] == "primary" && l["name"] != "p" {
+                    leader = l;
+                    return Ok(true);
+                }
             }
-        }
-        Ok(false)
-    })?;
+            Ok(false)
+        },
+    )?;
     let took = killed.elapsed();
     let winner = leader["name"].as_str().context("leader name")?.to_owned();
     let wi = names

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rand::Rng;
@@ -117,6 +117,18 @@ impl World {
         let rate = self.cfg.rate;
         let k = self.rng.random_range(rate / 2 + 1..=rate * 10 + 1);
         let from = self.lineage.last_t();
+        if self.waited_file.is_some() {
+            // An application that waits after each commit commits one
+            // transaction per wait timeout (10 s) while no standby can
+            // answer: the fault is held for the time k commits take at the
+            // set rate instead.
+            let held = Instant::now();
+            let secs = Duration::from_secs_f64(k as f64 / rate as f64);
+            self.wait_until(LONG, |w| {
+                Ok(w.lineage.last_t() >= from + k || held.elapsed() >= secs)
+            })?;
+            return Ok(());
+        }
         if !self.wait_until(LONG, |w| Ok(w.lineage.last_t() >= from + k))? {
             self.note("the application committed nothing for 120 s during a fault".into());
         }
