@@ -271,11 +271,35 @@ impl World {
     /// must fence first (its --on-fence stops the application), and exit 7
     /// once the links heal and it sees the new epoch.
     pub(super) fn etcd_isolate(&mut self) -> Result<()> {
-        self.record_floors()?;
+        // Every other time the application stops only a moment after the
+        // fence (its --on-fence stop is slow): it commits on the fenced
+        // primary, which ships nothing any more, so the standbys are behind
+        // a primary that is still reachable. The winner cannot get the rest
+        // and must fail over from what it holds.
+        let slow_stop = self.isolations % 2 == 0;
+        self.isolations += 1;
         let fences = self.etcd.as_ref().map_or(0, |e| e.fence_count());
+        if slow_stop {
+            self.detail("with a slow application stop".into());
+            if let Some(e) = &self.etcd {
+                let _ = std::fs::remove_file(&e.app_pid);
+            }
+        }
+        self.record_floors()?;
         self.set_isolated(true);
         let cut = Instant::now();
         let limit = self.ttl() * 2 + Duration::from_secs(60);
+        if slow_stop {
+            self.wait_until(limit, |w| {
+                Ok(w.etcd.as_ref().map_or(0, |e| e.fence_count()) > fences)
+            })?;
+            let at = self.lineage.last_t();
+            let fenced = Instant::now();
+            self.wait_until(LONG, |w| {
+                Ok(w.lineage.last_t() >= at + 5 || fenced.elapsed() >= Duration::from_secs(1))
+            })?;
+            self.stop_workload(true)?;
+        }
         let winner = self.wait_standby_leads(limit)?;
         let fenced = self.etcd.as_ref().map_or(0, |e| e.fence_count()) > fences;
         let app_alive = self.workload.as_mut().is_some_and(|w| w.is_running());

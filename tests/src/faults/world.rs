@@ -95,6 +95,9 @@ pub struct World {
     pub waited: u64,
     /// The running workload's file of waited-durable transactions.
     pub waited_file: Option<PathBuf>,
+    /// etcd-isolate rounds so far (every other one lets the standbys fall
+    /// behind first).
+    pub isolations: u64,
     // Dropped last, in this order: processes are gone before the tmpfs is
     // unmounted and the work directory removed.
     tmpfs: Option<Tmpfs>,
@@ -190,6 +193,7 @@ impl World {
             etcd,
             waited: 0,
             waited_file: None,
+            isolations: 0,
             tmpfs,
             scratch,
         };
