@@ -276,7 +276,7 @@ impl World {
         // primary, which ships nothing any more, so the standbys are behind
         // a primary that is still reachable. The winner cannot get the rest
         // and must fail over from what it holds.
-        let slow_stop = self.isolations % 2 == 0;
+        let slow_stop = self.isolations.is_multiple_of(2);
         self.isolations += 1;
         let fences = self.etcd.as_ref().map_or(0, |e| e.fence_count());
         if slow_stop {

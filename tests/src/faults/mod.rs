@@ -25,6 +25,7 @@
 
 mod auto;
 mod check;
+mod etcd_mode;
 mod etcd_world;
 mod history;
 mod inject;
