@@ -159,11 +159,20 @@ impl StandbyDir {
         std::fs::create_dir_all(self.incoming())
     }
 
-    /// Takes the directory's exclusive lock (held by `run` and `promote`).
-    /// Errors name the holder's pid when there is one.
+    /// Takes the directory's exclusive lock (held by `run` and `promote`)
+    /// and writes this process's pid into the lock file for
+    /// [`StandbyDir::lock_holder`]. Errors name the holder's pid when
+    /// there is one.
+    ///
+    /// An open-file-description lock (F_OFD_SETLK), not a classic fcntl
+    /// lock: a classic lock is dropped when the process closes *any*
+    /// descriptor of the file, so an in-process `lock_holder` (status,
+    /// promote's checks) silently released it; an OFD lock lives exactly
+    /// as long as this [`DirLock`]'s descriptor, and conflicts with other
+    /// descriptions in the same process too.
     pub fn lock(&self) -> Result<DirLock, LockError> {
         self.create().map_err(LockError::Io)?;
-        let file = File::options()
+        let mut file = File::options()
             .create(true)
             .truncate(false)
             .read(true)
@@ -172,29 +181,45 @@ impl StandbyDir {
             .map_err(LockError::Io)?;
         let mut fl = flock_struct(libc::F_WRLCK as i16);
         // SAFETY: fcntl with a valid fd and a properly initialised flock.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &mut fl) } != 0 {
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) } != 0 {
             return Err(LockError::Held {
                 pid: self.lock_holder(),
             });
         }
+        write_pid(&mut file).map_err(LockError::Io)?;
         Ok(DirLock { _file: file })
     }
 
-    /// The pid of the process holding the lock, if any (F_GETLK: asks
-    /// without taking it, so `status` never gets in `run`'s way).
+    /// The pid of the process holding the lock, if any (F_OFD_GETLK: asks
+    /// without taking it, so `status` never gets in `run`'s way). OFD
+    /// locks have no owning pid, so the holder's pid is the one it wrote
+    /// into the file; `None` also while a new holder has not written it.
     pub fn lock_holder(&self) -> Option<u32> {
-        let file = File::open(self.meta().join(LOCK_FILE)).ok()?;
-        let mut fl = flock_struct(libc::F_WRLCK as i16);
+        let path = self.meta().join(LOCK_FILE);
+        let file = File::open(&path).ok()?;
+        let mut fl = flock_struct(libc::F_RDLCK as i16);
         // SAFETY: as above.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut fl) } != 0 {
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
             return None;
         }
-        (fl.l_type != libc::F_UNLCK as i16).then_some(fl.l_pid as u32)
+        if fl.l_type == libc::F_UNLCK as i16 {
+            return None;
+        }
+        std::fs::read_to_string(&path).ok()?.trim().parse().ok()
     }
 }
 
+fn write_pid(file: &mut File) -> io::Result<()> {
+    use std::io::{Seek, Write};
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    file.sync_data()
+}
+
 fn flock_struct(kind: i16) -> libc::flock {
-    // SAFETY: flock is plain data; zero is a valid value for every field.
+    // SAFETY: flock is plain data; zero is a valid value for every field
+    // (l_pid must be 0 for OFD locks).
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = kind;
     fl.l_whence = libc::SEEK_SET as i16;
@@ -202,6 +227,7 @@ fn flock_struct(kind: i16) -> libc::flock {
 }
 
 /// Held while a process owns the standby directory.
+#[derive(Debug)]
 pub struct DirLock {
     _file: File,
 }
@@ -212,4 +238,31 @@ pub enum LockError {
     Held { pid: Option<u32> },
     #[error("cannot lock the standby directory: {0}")]
     Io(std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trap the OFD lock closes: with a classic fcntl lock, the
+    /// holder's own `lock_holder` call (which opens and closes the file)
+    /// released the lock, and a second `lock` in the same process
+    /// succeeded.
+    #[test]
+    fn the_lock_survives_the_holders_own_queries_and_excludes_a_second_holder() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = StandbyDir::new(tmp.path());
+        assert_eq!(dir.lock_holder(), None);
+        let lock = dir.lock().expect("first lock");
+        for _ in 0..3 {
+            assert_eq!(dir.lock_holder(), Some(std::process::id()));
+        }
+        match dir.lock() {
+            Err(LockError::Held { pid }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("second lock in the same process: {other:?}"),
+        }
+        drop(lock);
+        assert_eq!(dir.lock_holder(), None);
+        let _again = dir.lock().expect("lock after release");
+    }
 }
