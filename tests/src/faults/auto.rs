@@ -487,6 +487,9 @@ impl World {
         self.old_primary_refused(&old_env)?;
         let address = self.leader().and_then(|l| l.address).unwrap_or_default();
         for j in (0..self.standbys.len()).filter(|j| *j != i) {
+            let bytes_before = standby_status(&self.standbys[j].dir)
+                .map(|s| s["file_bytes_received"].as_u64().unwrap_or(0))
+                .unwrap_or(0);
             let mut last = serde_json::Value::Null;
             let followed = self.wait_until(LONG, |w| {
                 let Ok(s) = standby_status(&w.standbys[j].dir) else {
@@ -500,6 +503,19 @@ impl World {
                 Ok(ok)
             })?;
             self.count("other standbys following the promoted one");
+            if followed {
+                // The promise is no new base; a standby that was itself
+                // healing (a flipped byte) may take one legitimately.
+                let bytes = last["file_bytes_received"].as_u64().unwrap_or(0);
+                if bytes > bytes_before {
+                    self.note(format!(
+                        "the other standby received {} database bytes while it turned to the promoted one",
+                        bytes - bytes_before
+                    ));
+                } else {
+                    self.count("other standbys following with 0 database bytes re-sent");
+                }
+            }
             if !followed {
                 let t = self.standby_log_tail(j);
                 self.violation(format!(
