@@ -71,6 +71,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 catch_up_timeout: Duration::from_secs(catch_up_timeout_secs),
                 force,
                 full_verify,
+                elected: false,
             };
             promote_cmd(StandbyDir::new(&dir), opts, json).await
         }
@@ -488,6 +489,7 @@ async fn run_with_etcd(
         catch_up_timeout: Duration::from_secs(5),
         force: true,
         full_verify: false,
+        elected: true,
     };
     let pdir = dir.clone();
     let report = match tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts)).await {

@@ -8,8 +8,9 @@
 //!    - reachable and nobody has it open: catch up until the standby holds
 //!      the primary's end of log, ask again, and promote as a switchover
 //!      only when the primary says it is safe;
-//!    - unreachable (or no primary recorded): a failover from what is
-//!      durable.
+//!    - unreachable (or no primary recorded), or the promotion was won in
+//!      an etcd election (the old primary is fenced): a failover from what
+//!      is durable.
 //!
 //!    Then stop the follower.
 //! 2. Take the directory for good (a promoted directory refuses `run`).
@@ -150,6 +151,15 @@ pub struct PromoteOptions {
     pub force: bool,
     /// Verify every database, even those the last readiness check proved.
     pub full_verify: bool,
+    /// An etcd election made this promotion (`run --etcd`): the old
+    /// primary's lease expired, so its own clock fenced it before, and it
+    /// ships nothing and answers no commit wait. Promote from what is
+    /// durable without asking it: a catch-up from a fenced primary can
+    /// never end (found by the fault campaign: a primary cut off from etcd
+    /// but not from the standbys left the winner waiting for it, its
+    /// promotion failed and nobody served), and a dead machine's address
+    /// may take a connect timeout to answer.
+    pub elected: bool,
 }
 
 /// Promote refused to act, and changed nothing: the primary is reachable
@@ -330,6 +340,11 @@ fn decide(
     phases: &mut PromotePhases,
 ) -> Result<Decision> {
     let status = crate::status::read(dir)?;
+    if opts.elected {
+        tracing::warn!("elected through etcd: the old primary is fenced; promoting with what is durable (failover)");
+        phases.ask_primary = clock.lap();
+        return Ok(("failover".into(), status.primary_end_lsn, None));
+    }
     let Some(fc) = follow_config(dir)? else {
         tracing::warn!(
             "no primary is recorded for this directory: promoting with what is durable (failover)"

@@ -66,6 +66,7 @@ impl World {
         for i in 0..self.standbys.len() {
             self.revive(i)?;
         }
+        self.settle_leadership()?;
         let target = primary_log_end(&self.env)?;
         let secs = self.cfg.settle_secs;
         for i in 0..self.standbys.len() {

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rand::Rng;
@@ -68,6 +68,7 @@ impl World {
                 self.hold()?;
                 self.start_standby(i, &[])
             }
+            Fault::KillPrimary if self.etcd.is_some() => self.kill_primary_briefly(),
             Fault::KillPrimary => {
                 self.kill_primary()?;
                 self.hold()?;
@@ -94,6 +95,11 @@ impl World {
             Fault::PromoteFailover => self.promote_failover(),
             Fault::PromoteLive => self.promote_live(),
             Fault::PromotePlanned => self.promote_planned(),
+            Fault::EtcdMember => self.etcd_member(),
+            Fault::EtcdQuorum => self.etcd_quorum(),
+            Fault::EtcdIsolate => self.etcd_isolate(),
+            Fault::EtcdBlip => self.etcd_blip(),
+            Fault::AutoFailover => self.auto_failover(),
         }
     }
 
@@ -107,10 +113,22 @@ impl World {
 
     /// Holds a fault while the application commits a random number of
     /// transactions (between half a second and ten seconds of commits).
-    fn hold(&mut self) -> Result<()> {
+    pub(super) fn hold(&mut self) -> Result<()> {
         let rate = self.cfg.rate;
         let k = self.rng.random_range(rate / 2 + 1..=rate * 10 + 1);
         let from = self.lineage.last_t();
+        if self.waited_file.is_some() {
+            // An application that waits after each commit commits one
+            // transaction per wait timeout (10 s) while no standby can
+            // answer: the fault is held for the time k commits take at the
+            // set rate instead.
+            let held = Instant::now();
+            let secs = Duration::from_secs_f64(k as f64 / rate as f64);
+            self.wait_until(LONG, |w| {
+                Ok(w.lineage.last_t() >= from + k || held.elapsed() >= secs)
+            })?;
+            return Ok(());
+        }
         if !self.wait_until(LONG, |w| Ok(w.lineage.last_t() >= from + k))? {
             self.note("the application committed nothing for 120 s during a fault".into());
         }
@@ -118,7 +136,9 @@ impl World {
     }
 
     fn link_fault(&mut self, mode: LinkMode) -> Result<()> {
-        let all = self.rng.random_bool(0.3);
+        // In the etcd world every standby follows the one address the
+        // primary advertises (the first link): a link fault hits them all.
+        let all = self.rng.random_bool(0.3) || self.etcd.is_some();
         let which: Vec<usize> = if all {
             (0..self.standbys.len()).collect()
         } else {
@@ -133,7 +153,12 @@ impl World {
                 .collect::<Vec<_>>()
                 .join(",")
         ));
-        for i in &which {
+        let links: Vec<usize> = if self.etcd.is_some() {
+            vec![0]
+        } else {
+            which.clone()
+        };
+        for i in &links {
             mode.apply(&self.standbys[*i].link);
         }
         if matches!(mode, LinkMode::Cut | LinkMode::Stall) {
@@ -166,7 +191,7 @@ impl World {
             }
         }
         self.hold()?;
-        for i in &which {
+        for i in &links {
             self.standbys[*i].link.restore();
         }
         Ok(())

@@ -23,7 +23,10 @@
 //! the short run in `tests/tests/faults.rs`. The RNG is seeded: a seed
 //! replays the same sequence of faults (timing still varies).
 
+mod auto;
 mod check;
+mod etcd_mode;
+mod etcd_world;
 mod history;
 mod inject;
 mod promote;
@@ -73,6 +76,23 @@ pub enum Fault {
     PromoteLive,
     /// The application is stopped, then a standby is promoted (switchover).
     PromotePlanned,
+    /// `--etcd` only: kill -9 of one etcd member, restarted after a while
+    /// (nothing may change: no fence, no failover).
+    EtcdMember,
+    /// `--etcd` only: two of the three etcd members killed for at least
+    /// twice the ttl (no promotion; the primary fences), then restarted.
+    EtcdQuorum,
+    /// `--etcd` only: the primary cut off from every etcd member until a
+    /// standby promotes itself (the primary must fence first and stop its
+    /// application), then the links heal and the old primary must exit 7.
+    EtcdIsolate,
+    /// `--etcd` only: the primary cut off from etcd for a moment well below
+    /// the ttl: no failover.
+    EtcdBlip,
+    /// `--etcd` only: kill -9 of the application and the primary; a standby
+    /// must promote itself, the application continues on it, the other
+    /// standby follows it, the old primary restarted exits 7.
+    AutoFailover,
 }
 
 impl Fault {
@@ -93,6 +113,40 @@ impl Fault {
         Fault::PromotePlanned,
     ];
 
+    /// What `all` means with `--etcd`: the etcd faults and automatic
+    /// failovers, and the kinds that keep their meaning when standbys may
+    /// promote themselves. Left out: the operator's `promote` (an operator
+    /// does not promote behind etcd's back), a rolled-back primary (its
+    /// remedy is such a promote) and the full disk (needs root).
+    pub const ETCD_ALL: [Fault; 14] = [
+        Fault::KillStandby,
+        Fault::KillPrimary,
+        Fault::KillApp,
+        Fault::LinkCut,
+        Fault::LinkStall,
+        Fault::LinkDelay,
+        Fault::LinkLossy,
+        Fault::FlipDb,
+        Fault::FlipLog,
+        Fault::EtcdMember,
+        Fault::EtcdQuorum,
+        Fault::EtcdIsolate,
+        Fault::EtcdBlip,
+        Fault::AutoFailover,
+    ];
+
+    /// Needs the etcd world (`--etcd`).
+    pub fn needs_etcd(self) -> bool {
+        matches!(
+            self,
+            Fault::EtcdMember
+                | Fault::EtcdQuorum
+                | Fault::EtcdIsolate
+                | Fault::EtcdBlip
+                | Fault::AutoFailover
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Fault::KillStandby => "kill-standby",
@@ -109,21 +163,41 @@ impl Fault {
             Fault::PromoteFailover => "promote-failover",
             Fault::PromoteLive => "promote-live",
             Fault::PromotePlanned => "promote-planned",
+            Fault::EtcdMember => "etcd-member",
+            Fault::EtcdQuorum => "etcd-quorum",
+            Fault::EtcdIsolate => "etcd-isolate",
+            Fault::EtcdBlip => "etcd-blip",
+            Fault::AutoFailover => "auto-failover",
         }
     }
 
     /// Parses a comma-separated list of names; "all" means every kind.
     pub fn parse_list(s: &str) -> Result<Vec<Fault>> {
+        Fault::parse_list_for(s, false)
+    }
+
+    /// Like [`Fault::parse_list`], for the etcd world (`etcd`) or not.
+    pub fn parse_list_for(s: &str, etcd: bool) -> Result<Vec<Fault>> {
+        let allowed: &[Fault] = if etcd { &Fault::ETCD_ALL } else { &Fault::ALL };
         if s.trim() == "all" {
-            return Ok(Fault::ALL.to_vec());
+            return Ok(allowed.to_vec());
         }
         let mut out = Vec::new();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            match Fault::ALL.iter().find(|f| f.name() == name) {
+            match allowed.iter().find(|f| f.name() == name) {
                 Some(f) => out.push(*f),
                 None => bail!(
-                    "unknown fault {name:?}; known: all, {}",
-                    Fault::ALL.map(Fault::name).join(", ")
+                    "unknown fault {name:?}{}; known: all, {}",
+                    if etcd {
+                        " with --etcd"
+                    } else {
+                        " without --etcd"
+                    },
+                    allowed
+                        .iter()
+                        .map(|f| f.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             }
         }
@@ -164,6 +238,16 @@ pub struct Config {
     pub work: Option<PathBuf>,
     /// Keep the work directory at the end.
     pub keep: bool,
+    /// Run a 3-member etcd and start every daemon with `--etcd`
+    /// (automatic failover): the etcd fault kinds and the invariants
+    /// "never two leaders" and "no waited commit lost".
+    pub etcd: bool,
+    /// With `etcd`: the fast test timing (ttl 3 s) or the daemons'
+    /// defaults (ttl 10 s).
+    pub etcd_default_timing: bool,
+    /// Take the kinds in the order given, round after round, instead of
+    /// drawing them (the suite's short runs cover each kind that way).
+    pub in_order: bool,
 }
 
 impl Default for Config {
@@ -180,6 +264,9 @@ impl Default for Config {
             settle_secs: 180,
             work: None,
             keep: false,
+            etcd: false,
+            etcd_default_timing: false,
+            in_order: false,
         }
     }
 }
@@ -189,16 +276,22 @@ usage: tandem-faults [--rounds N] [--seconds S] [--seed X] [--faults LIST]
                      [--standbys 1|2] [--rate COMMITS_PER_SEC]
                      [--on-divergence promote|start-over] [--tmpfs-mib N]
                      [--settle-secs N] [--work DIR] [--keep]
+                     [--etcd [--etcd-default-timing]] [--in-order]
 Stops after N rounds or S seconds, whichever comes first (default 20 rounds).
 LIST is comma-separated fault kinds, or all (default):
   kill-standby kill-primary kill-app rollback disk-full link-cut link-stall
   link-delay link-lossy flip-db flip-log promote-failover promote-live promote-planned
+--etcd: a 3-member etcd, every daemon with --etcd (fast timing, ttl 3 s, unless
+--etcd-default-timing: ttl 10 s); all then means
+  kill-standby kill-primary kill-app link-cut link-stall link-delay link-lossy
+  flip-db flip-log etcd-member etcd-quorum etcd-isolate etcd-blip auto-failover
 Exit status: 0 no violations, 1 violations or a driver error, 2 bad usage.";
 
 impl Config {
     /// Parses the flags of `tandem-faults` (everything after the program name).
     pub fn from_args(args: &[String]) -> Result<Config> {
         let mut c = Config::default();
+        let mut faults: Option<String> = None;
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             let mut value = || {
@@ -210,7 +303,10 @@ impl Config {
                 "--seed" => c.seed = value()?.parse().context("--seed")?,
                 "--rounds" => c.rounds = Some(value()?.parse().context("--rounds")?),
                 "--seconds" => c.seconds = Some(value()?.parse().context("--seconds")?),
-                "--faults" => c.faults = Fault::parse_list(&value()?)?,
+                "--faults" => faults = Some(value()?),
+                "--etcd" => c.etcd = true,
+                "--etcd-default-timing" => c.etcd_default_timing = true,
+                "--in-order" => c.in_order = true,
                 "--standbys" => {
                     c.standbys = value()?.parse().context("--standbys")?;
                     if !(1..=2).contains(&c.standbys) {
@@ -233,6 +329,14 @@ impl Config {
                 other => bail!("unknown flag {other}\n{USAGE}"),
             }
         }
+        if let Some(list) = &faults {
+            c.faults = Fault::parse_list_for(list, c.etcd)?;
+        } else if c.etcd {
+            c.faults = Fault::ETCD_ALL.to_vec();
+        }
+        if c.etcd_default_timing && !c.etcd {
+            bail!("--etcd-default-timing needs --etcd");
+        }
         if c.rounds.is_none() && c.seconds.is_none() {
             c.rounds = Some(20);
         }
@@ -251,7 +355,18 @@ impl Config {
         if let Some(secs) = self.seconds {
             s += &format!(" --seconds {secs}");
         }
-        if self.faults != Fault::ALL {
+        if self.etcd {
+            s += " --etcd";
+            if self.etcd_default_timing {
+                s += " --etcd-default-timing";
+            }
+        }
+        let all: &[Fault] = if self.etcd {
+            &Fault::ETCD_ALL
+        } else {
+            &Fault::ALL
+        };
+        if self.faults != all {
             s += &format!(
                 " --faults {}",
                 self.faults
@@ -260,6 +375,9 @@ impl Config {
                     .collect::<Vec<_>>()
                     .join(",")
             );
+        }
+        if self.in_order {
+            s += " --in-order";
         }
         s += &format!(" --standbys {} --rate {}", self.standbys, self.rate);
         if self.tmpfs_mib != Config::default().tmpfs_mib {
@@ -291,6 +409,11 @@ pub struct Report {
     pub faults: BTreeMap<&'static str, u64>,
     pub checks: BTreeMap<&'static str, u64>,
     pub violations: Vec<Violation>,
+    /// Automatic failovers: kill -9 (or the isolation) to the first
+    /// transaction committed on the promoted primary.
+    pub failover_times: Vec<Duration>,
+    /// The lease ttl of the etcd world (None without --etcd).
+    pub ttl: Option<Duration>,
     /// Things worth knowing that break no promise (a standby restarted
     /// after it exited on a full disk, a flag this build lacks, ...).
     pub notes: Vec<String>,
@@ -349,7 +472,11 @@ pub fn run(cfg: Config) -> Result<Report> {
             break;
         }
         w.round += 1;
-        let fault = kinds[w.rng.random_range(0..kinds.len())];
+        let fault = if cfg.in_order {
+            kinds[(w.round as usize - 1) % kinds.len()]
+        } else {
+            kinds[w.rng.random_range(0..kinds.len())]
+        };
         *w.tally.faults.entry(fault.name()).or_default() += 1;
         let before = w.tally.violations.len();
         let round = (|| -> Result<()> {
@@ -361,10 +488,11 @@ pub fn run(cfg: Config) -> Result<Report> {
             error = Some(format!("round {} ({}): {e:#}", w.round, w.fault));
         }
         eprintln!(
-            "faults: round {} {} [{:.0}s] {}",
+            "faults: round {} {} [{:.0}s, unix {} ms] {}",
             w.round,
             w.fault,
             started.elapsed().as_secs_f64(),
+            tandem_shared::now_unix_ms(),
             match w.tally.violations.len() - before {
                 0 => "ok".to_string(),
                 n => format!("{n} VIOLATION(S)"),
@@ -379,6 +507,12 @@ pub fn run(cfg: Config) -> Result<Report> {
         faults: std::mem::take(&mut w.tally.faults),
         checks: std::mem::take(&mut w.tally.checks),
         violations: std::mem::take(&mut w.tally.violations),
+        failover_times: w
+            .etcd
+            .as_ref()
+            .map(|e| e.failover_times.clone())
+            .unwrap_or_default(),
+        ttl: w.etcd.as_ref().map(|e| e.timing.ttl),
         notes: std::mem::take(&mut w.tally.notes),
         error,
         replay: cfg.replay_command(),
@@ -407,6 +541,18 @@ pub fn render(r: &Report) -> String {
     s += "  invariant checks\n";
     for (k, n) in &r.checks {
         s += &format!("    {k:<52} {n:>6}\n");
+    }
+    if !r.failover_times.is_empty() {
+        let mut t = r.failover_times.clone();
+        t.sort();
+        s += &format!(
+            "  automatic failovers, kill -9 to the first commit on the new primary (ttl {:?}): {} runs, median {:.2} s, max {:.2} s, min {:.2} s\n",
+            r.ttl.unwrap_or_default(),
+            t.len(),
+            t[t.len() / 2].as_secs_f64(),
+            t[t.len() - 1].as_secs_f64(),
+            t[0].as_secs_f64()
+        );
     }
     s += &format!("  violations {:>48}\n", r.violations.len());
     for v in &r.violations {

@@ -71,6 +71,13 @@ impl World {
                 "the promoted {name} holds 1..{m} but had acknowledged 1..{floor}"
             ));
         }
+        if m < self.waited {
+            self.violation(format!(
+                "a waited commit was lost: the commit wait of transaction {} answered durable, and the \
+                 promoted {name} holds 1..{m}",
+                self.waited
+            ));
+        }
         if m > self.max_t + 1 {
             self.violation(format!(
                 "the promoted {name} holds 1..{m}, more than was ever committed ({})",

@@ -88,6 +88,16 @@ pub struct World {
     /// other branches add them): `--scrub-interval-secs`, `--start-over`.
     pub standby_flags: String,
     tmpfs_size_mib: u64,
+    /// The etcd world (`--etcd`), None without it.
+    pub etcd: Option<super::etcd_world::EtcdWorld>,
+    /// Transactions whose commit wait answered durable, in the current
+    /// history: the highest (the workload waits in order).
+    pub waited: u64,
+    /// The running workload's file of waited-durable transactions.
+    pub waited_file: Option<PathBuf>,
+    /// etcd-isolate rounds so far (every other one lets the standbys fall
+    /// behind first).
+    pub isolations: u64,
     // Dropped last, in this order: processes are gone before the tmpfs is
     // unmounted and the work directory removed.
     tmpfs: Option<Tmpfs>,
@@ -147,6 +157,15 @@ impl World {
             .output()
             .context("tandem-standby run --help (build the binaries first)")?;
         let standby_flags = String::from_utf8_lossy(&help.stdout).into_owned();
+        let etcd = if cfg.etcd {
+            Some(super::etcd_world::EtcdWorld::start(
+                &root,
+                cfg.standbys,
+                cfg.etcd_default_timing,
+            )?)
+        } else {
+            None
+        };
         let mut w = World {
             rng: StdRng::seed_from_u64(cfg.seed),
             cfg,
@@ -171,6 +190,10 @@ impl World {
             keep,
             standby_flags,
             tmpfs_size_mib: cfg_tmpfs_mib,
+            etcd,
+            waited: 0,
+            waited_file: None,
+            isolations: 0,
             tmpfs,
             scratch,
         };
@@ -243,6 +266,8 @@ impl World {
         let deadline = Instant::now() + timeout;
         loop {
             self.lineage.poll()?;
+            self.poll_waited();
+            self.sample_leaders(false);
             if cond(self)? {
                 return Ok(true);
             }
@@ -262,13 +287,12 @@ impl World {
     }
 
     pub fn start_primary(&mut self) -> Result<()> {
-        let p = harness::start_primary(
-            &self.logs,
-            &self.env,
-            &self.certs,
-            "127.0.0.1:0",
-            &["--retention", "--retention-interval-secs", "1"],
-        )?;
+        let mut args: Vec<String> = ["--retention", "--retention-interval-secs", "1"]
+            .map(String::from)
+            .to_vec();
+        args.extend(self.primary_etcd_args(true));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = harness::start_primary(&self.logs, &self.env, &self.certs, "127.0.0.1:0", &args)?;
         for s in &self.standbys {
             s.link.retarget(p.addr)?;
         }
@@ -280,6 +304,9 @@ impl World {
     pub fn kill_primary(&mut self) -> Result<()> {
         if let Some(mut p) = self.primary.take() {
             p.proc.kill9()?;
+            if let Some(e) = &mut self.etcd {
+                e.forget(&format!("https://{}", p.addr));
+            }
         }
         Ok(())
     }
@@ -289,6 +316,17 @@ impl World {
         let lsns = self
             .logs
             .join(format!("lsn-g{}-r{}.log", self.gen, self.runs));
+        // In the etcd world half the runs wait after each commit until a
+        // standby holds it (the "no waited commit lost" invariant).
+        let wait = if self.etcd.is_some() && rand::Rng::random_bool(&mut self.rng, 0.5) {
+            let file = self
+                .logs
+                .join(format!("waited-g{}-r{}.log", self.gen, self.runs));
+            Some((self.env.join(".tandem-primary").join("wait.sock"), file))
+        } else {
+            None
+        };
+        self.waited_file = wait.as_ref().map(|w| w.1.clone());
         let opts = WorkloadOptions {
             txns: 0,
             seconds: Some(1_000_000),
@@ -298,14 +336,35 @@ impl World {
             lsn_log: Some(lsns.clone()),
             recover: true,
             quiet: true,
+            wait,
             ..Default::default()
         };
         let log = self
             .logs
             .join(format!("workload-g{}-r{}.log", self.gen, self.runs));
-        self.workload = Some(Proc::spawn("workload", opts.command(&self.env), &log)?);
+        let app = Proc::spawn("workload", opts.command(&self.env), &log)?;
+        if let Some(e) = &self.etcd {
+            // For the primary's --on-fence (it stops the application).
+            std::fs::write(&e.app_pid, app.pid().to_string())?;
+        }
+        self.workload = Some(app);
         self.lineage.follow(lsns);
         Ok(())
+    }
+
+    /// Reads the running workload's waited-durable transactions.
+    pub fn poll_waited(&mut self) {
+        let Some(f) = &self.waited_file else { return };
+        let Ok(text) = std::fs::read_to_string(f) else {
+            return;
+        };
+        if let Some(t) = text
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().parse::<u64>().ok())
+        {
+            self.waited = self.waited.max(t);
+        }
     }
 
     /// Stops the application: kill -9 (a crash) or SIGTERM (it commits what
@@ -325,12 +384,17 @@ impl World {
             }
         }
         self.lineage.close()?;
+        self.poll_waited();
+        self.waited_file = None;
         self.max_t = self.max_t.max(self.lineage.last_t());
         Ok(())
     }
 
     pub fn standby_url(&self, i: usize) -> String {
-        format!("https://{}", self.standbys[i].link.addr())
+        // In the etcd world the primary advertises one address in etcd,
+        // which every standby follows: the first link's.
+        let link = if self.etcd.is_some() { 0 } else { i };
+        format!("https://{}", self.standbys[link].link.addr())
     }
 
     pub fn start_standby(&mut self, i: usize, extra: &[&str]) -> Result<()> {
@@ -341,6 +405,8 @@ impl World {
             args.extend_from_slice(&["--scrub-interval-secs", SCRUB_SECS]);
         }
         args.extend_from_slice(extra);
+        let etcd_args = self.standby_etcd_args(i);
+        args.extend(etcd_args.iter().map(String::as_str));
         let started = tandem_shared::now_unix_ms();
         let p = harness::start_standby_as(&self.logs, &s.dir, &url, &self.certs, &s.name, &args)?;
         self.standbys[i].proc = Some(p);
@@ -420,6 +486,11 @@ impl World {
         std::fs::create_dir_all(&gen_dir)?;
         self.env = gen_dir.join("env");
         self.retention_oldest = 0;
+        let cluster = format!("g{}", self.gen);
+        if let Some(e) = &mut self.etcd {
+            e.new_cluster(cluster)?;
+            e.isolate_primary(false);
+        }
         let env_t = match from {
             Some((dir, entries, m)) => {
                 // Copied whole, .tandem included: the new primary reads the
@@ -434,6 +505,7 @@ impl World {
                 }
                 self.lineage = Lineage::from_entries(entries);
                 self.lineage.truncate_to(m);
+                self.waited = self.waited.min(m);
                 m
             }
             None => {
@@ -447,6 +519,7 @@ impl World {
                 )?;
                 self.max_t = self.max_t.max(done);
                 self.lineage = Lineage::default();
+                self.waited = 0;
                 done
             }
         };
