@@ -1,6 +1,6 @@
-//! The README's runbooks work when followed literally: each block marked
-//! `<!-- runbook: NAME -->` is run by bash, as written, with `STANDBY_DIR`
-//! set and the freshly built binaries first on PATH.
+//! The runbooks (`docs/runbooks.md`) work when followed literally: each
+//! block marked `<!-- runbook: NAME -->` is run by bash, as written, with
+//! `STANDBY_DIR` set and the freshly built binaries first on PATH.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
@@ -11,11 +11,12 @@ use tandem_tests::harness::*;
 const LONG: Duration = Duration::from_secs(120);
 
 fn runbook(name: &str) -> Result<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let runbooks =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/runbooks.md"))?;
     let marker = format!("<!-- runbook: {name} -->");
-    let after = readme
+    let after = runbooks
         .split_once(&marker)
-        .with_context(|| format!("no runbook {name} in the README"))?
+        .with_context(|| format!("no runbook {name} in docs/runbooks.md"))?
         .1;
     let block = after
         .split_once("```sh\n")
