@@ -2,7 +2,6 @@
 //! archive tests (`archive.rs`: one backup taken, verified, restored;
 //! `archive_follow.rs`: the continuous archive), and the pair they archive.
 
-use crate::bdb::WorkloadOptions;
 use crate::harness::bin;
 use crate::harness::Pair;
 use anyhow::{ensure, Context, Result};
@@ -12,15 +11,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub const LONG: Duration = Duration::from_secs(120);
-
-pub fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 500,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
 
 /// What one `tandem-standby` command did.
 pub struct Run {
@@ -101,5 +91,5 @@ pub fn restore(from: &Path, to: &Path, until: Option<&str>, env: &[(&str, &str)]
 }
 
 pub fn pair(initial: u64) -> Result<Pair> {
-    crate::harness::pair(&workload(initial))
+    crate::harness::pair(&crate::harness::workload(initial, 500))
 }

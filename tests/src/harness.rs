@@ -413,6 +413,19 @@ pub struct Pair {
     pub standby: Proc,
 }
 
+/// The tests' workload: `txns` transactions, a checkpoint every
+/// `checkpoint_every` commits, 1 MiB log files (so that a few thousand
+/// transactions span several files). Tests that need more change fields:
+/// `WorkloadOptions { quiet: true, ..workload(n, 500) }`.
+pub fn workload(txns: u64, checkpoint_every: u64) -> bdb::WorkloadOptions {
+    bdb::WorkloadOptions {
+        txns,
+        checkpoint_every,
+        lg_max: 1 << 20,
+        ..Default::default()
+    }
+}
+
 pub fn pair(initial: &bdb::WorkloadOptions) -> Result<Pair> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), initial)?;
@@ -442,6 +455,11 @@ pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// `127.0.0.1:PORT` with a [`free_port`].
+pub fn free_addr() -> Result<String> {
+    Ok(format!("127.0.0.1:{}", free_port()?))
 }
 
 /// [`wait_for`], failing at once with `proc`'s log when it exits first.
@@ -497,15 +515,24 @@ pub fn start_caught_up(
     Ok((primary, standby))
 }
 
-/// `GET /metrics` from a daemon's admin endpoint (`--metrics-listen`):
-/// each sample (name with its labels) and its value.
-pub fn scrape_metrics(addr: &str) -> Result<BTreeMap<String, f64>> {
+/// `GET path` from a daemon's admin endpoint (`--metrics-listen`): the
+/// whole response, head and body.
+pub fn http_get(addr: &str, path: &str) -> Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// `GET /metrics` from a daemon's admin endpoint (`--metrics-listen`):
+/// each sample (name with its labels) and its value.
+pub fn scrape_metrics(addr: &str) -> Result<BTreeMap<String, f64>> {
+    let text = http_get(addr, "/metrics")?;
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| anyhow!("not an HTTP response: {text:?}"))?;
@@ -522,23 +549,50 @@ pub fn scrape_metrics(addr: &str) -> Result<BTreeMap<String, f64>> {
         .collect())
 }
 
-/// `tandem-standby promote --json` (catch-up timeout 120 s); fails unless
-/// it promoted, and returns its report.
-pub fn promote_json(dir: &Path) -> Result<serde_json::Value> {
-    let out = Command::new(bin("tandem-standby"))
-        .args([
-            "promote",
-            "--json",
-            "--catch-up-timeout-secs",
-            "120",
-            "--dir",
-        ])
-        .arg(dir)
+/// The sample `name` (with its labels, if any) of a [`scrape_metrics`].
+pub fn metric(m: &BTreeMap<String, f64>, name: &str) -> Result<f64> {
+    m.get(name)
+        .copied()
+        .with_context(|| format!("no metric {name} in {m:?}"))
+}
+
+/// `tandem-primary status --json`, asked with the standby's certificate.
+pub fn primary_status(p: &Primary, certs: &Certs) -> Result<serde_json::Value> {
+    let out = Command::new(bin("tandem-primary"))
+        .args(["status", "--json", "--primary", &p.url()])
+        .args(certs.args("standby"))
         .output()?;
     if !out.status.success() {
-        bail!("promote failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "primary status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `tandem-standby promote --json --catch-up-timeout-secs 120` with
+/// `extra` flags, whatever its outcome: the exit status, the JSON report
+/// (null if there is none) and stderr.
+pub fn promote(dir: &Path, extra: &[&str]) -> Result<(ExitStatus, serde_json::Value, String)> {
+    let out = Command::new(bin("tandem-standby"))
+        .args(["promote", "--json", "--catch-up-timeout-secs", "120"])
+        .args(extra)
+        .arg("--dir")
+        .arg(dir)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    Ok((out.status, json, stderr))
+}
+
+/// [`promote`] that fails unless it promoted; returns its report.
+pub fn promote_json(dir: &Path) -> Result<serde_json::Value> {
+    let (status, report, stderr) = promote(dir, &[])?;
+    if !status.success() || report.is_null() {
+        bail!("promote failed: {stderr}");
+    }
+    Ok(report)
 }
 
 /// A primary on `s`'s `env` (already written by the caller) and a standby

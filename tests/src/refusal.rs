@@ -1,7 +1,7 @@
 //! Helpers shared by the refusal tests (`bad_input.rs`, `tls_refusals.rs`,
 //! `hostile_primary.rs`), whose requirement is "Bad input gets a clear
 //! error and changes nothing": a primary and a standby directory that
-//! mirrors it (`synced`), the primary's status, and `stored`, the digest
+//! mirrors it (`synced`), their workload (`quiet_workload`), and `stored`, the digest
 //! every test that has a standby directory takes before and after to prove
 //! it unchanged.
 
@@ -18,13 +18,12 @@ pub const LONG: Duration = Duration::from_secs(60);
 /// No periodic readiness check: it would write its clone under `.tandem`.
 pub const NO_CHECKS: [&str; 2] = ["--check-interval-secs", "0"];
 
-pub fn workload(txns: u64) -> WorkloadOptions {
+/// The harness's [`workload`] (a checkpoint every 500 commits) without
+/// its output.
+pub fn quiet_workload(txns: u64) -> WorkloadOptions {
     WorkloadOptions {
-        txns,
-        checkpoint_every: 500,
-        lg_max: 1 << 20,
         quiet: true,
-        ..Default::default()
+        ..workload(txns, 500)
     }
 }
 
@@ -52,25 +51,6 @@ pub fn primary_command(env: &Path, certs: &Certs) -> Command {
         cmd.arg(flag).arg(certs.dir.join(file));
     }
     cmd
-}
-
-/// `tandem-primary status --json`, asked with the standby's certificate.
-pub fn primary_status(p: &Primary, certs: &Certs) -> Result<serde_json::Value> {
-    let out = Command::new(bin("tandem-primary"))
-        .args(["status", "--json", "--primary", &p.url()])
-        .arg("--cert")
-        .arg(certs.dir.join("standby.pem"))
-        .arg("--key")
-        .arg(certs.dir.join("standby-key.pem"))
-        .arg("--ca")
-        .arg(certs.dir.join("ca.pem"))
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "primary status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 pub fn count(text: &str, pat: &str) -> usize {
@@ -128,7 +108,7 @@ pub fn synced(txns: u64) -> Result<(Scratch, Primary)> {
 
 pub fn synced_env(txns: u64, vars: &[(&str, &str)]) -> Result<(Scratch, Primary)> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(txns))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(txns))?;
     let primary = start_primary_env(&s, &s.path("env"), &s.certs, "synced", vars)?;
     let mut standby = start_standby(
         s.root(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use tandem_shared::LogPosition;
-use tandem_tests::archive_cmd::{archive, pair, restore, verify, workload, LONG};
+use tandem_tests::archive_cmd::{archive, pair, restore, verify, LONG};
 use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 
@@ -58,7 +58,7 @@ fn an_archive_taken_while_streaming_restores_exactly_what_the_primary_had_commit
     let opts = WorkloadOptions {
         lsn_log: Some(lsns.clone()),
         rate: 3000,
-        ..workload(20_000)
+        ..workload(20_000, 500)
     };
     let mut w = Proc::spawn(
         "workload",
@@ -140,7 +140,7 @@ fn an_archive_taken_while_streaming_restores_exactly_what_the_primary_had_commit
     assert_eq!(info["restored_from"], cold.json["backup"]);
     // Applications open it and go on.
     assert_eq!(
-        bdb::run_workload(&s.path("restored"), &workload(10))?,
+        bdb::run_workload(&s.path("restored"), &workload(10, 500))?,
         last + 10
     );
     assert_eq!(bdb::check(&s.path("restored"))?, last + 10);
@@ -203,10 +203,10 @@ fn printlog_commit_times(home: &Path) -> Result<Vec<i64>> {
 fn until_restores_exactly_the_transactions_committed_by_then() -> Result<()> {
     let p = pair(1000)?;
     let s = &p.s;
-    let last_a = bdb::run_workload(&s.path("env"), &workload(1500))?;
+    let last_a = bdb::run_workload(&s.path("env"), &workload(1500, 500))?;
     let t_a = now_unix();
     wait_past_second(t_a)?;
-    let last_b = bdb::run_workload(&s.path("env"), &workload(1500))?;
+    let last_b = bdb::run_workload(&s.path("env"), &workload(1500, 500))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let made = archive(&s.path("standby"), &s.path("archive"), &["--no-verify"])?;
     let backup = PathBuf::from(made.json["backup"].as_str().context("backup")?);
@@ -266,7 +266,7 @@ fn until_restores_exactly_the_transactions_committed_by_then() -> Result<()> {
     }
     // The point-in-time environment is one applications open and write.
     assert_eq!(
-        bdb::run_workload(&s.path("pit-0"), &workload(10))?,
+        bdb::run_workload(&s.path("pit-0"), &workload(10, 500))?,
         last_a + 10
     );
     assert_eq!(bdb::check(&s.path("pit-0"))?, last_a + 10);

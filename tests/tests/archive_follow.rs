@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use tandem_tests::archive_cmd::{pair, restore, standby_cmd, verify, workload, LONG};
+use tandem_tests::archive_cmd::{pair, restore, standby_cmd, verify, LONG};
 use tandem_tests::bdb;
 use tandem_tests::harness::*;
 
@@ -37,7 +37,7 @@ fn follow_keeps_the_latest_backup_current() -> Result<()> {
         Ok(newest(&s.path("archive")).unwrap_or(None).is_some())
     })?;
     let first = newest(&s.path("archive"))?.context("backup")?;
-    let last = bdb::run_workload(&s.path("env"), &workload(4000))?;
+    let last = bdb::run_workload(&s.path("env"), &workload(4000, 500))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let end = primary_log_end(&s.path("env"))?;
     wait_for("the backup to reach the primary's end", LONG, || {
@@ -82,7 +82,7 @@ fn backups(archive: &Path) -> Result<Vec<(PathBuf, serde_json::Value)>> {
 #[test]
 fn a_rebase_does_not_cut_the_log_out_of_a_continuous_archive() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 500))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let rebase = ["--check-interval-secs", "0", "--rebase-after-mib", "2"];
     let _standby = start_standby(
@@ -111,7 +111,7 @@ fn a_rebase_does_not_cut_the_log_out_of_a_continuous_archive() -> Result<()> {
 
     // With the archiver stopped, the standby rebases past the archive's end:
     // the logs it no longer needs wait for the archive instead of vanishing.
-    let last = bdb::run_workload(&s.path("env"), &workload(8000))?;
+    let last = bdb::run_workload(&s.path("env"), &workload(8000, 500))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     wait_for("a rebase past the archive's end", LONG, || {
         let st = standby_status(&s.path("standby"))?;

@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use std::time::Duration;
 use tandem_shared::LogPosition;
-use tandem_tests::archive_cmd::{pair, workload, Run, LONG};
+use tandem_tests::archive_cmd::{pair, Run, LONG};
 use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 use tandem_tests::s3_server::{start_s3, S3Server};
@@ -65,7 +65,7 @@ fn a_bucket_archive_taken_while_streaming_restores_exactly_the_committed_prefix(
     let opts = WorkloadOptions {
         lsn_log: Some(lsns.clone()),
         rate: 3000,
-        ..workload(20_000)
+        ..workload(20_000, 500)
     };
     let mut w = Proc::spawn(
         "workload",
@@ -152,7 +152,7 @@ fn a_bucket_archive_taken_while_streaming_restores_exactly_the_committed_prefix(
         bdb::db_dump_all(&s.path("restored"), &WORKLOAD_DBS)?
     );
     assert_eq!(
-        bdb::run_workload(&s.path("restored"), &workload(10))?,
+        bdb::run_workload(&s.path("restored"), &workload(10, 500))?,
         last + 10
     );
 
@@ -212,12 +212,12 @@ fn until_from_a_bucket_is_exact_and_a_damaged_object_is_named() -> Result<()> {
     let p = pair(1000)?;
     let s = &p.s;
     let s3 = start_s3(s.root())?;
-    let last_a = bdb::run_workload(&s.path("env"), &workload(1500))?;
+    let last_a = bdb::run_workload(&s.path("env"), &workload(1500, 500))?;
     let t_a = now_unix();
     wait_for("the clock to pass a second", Duration::from_secs(5), || {
         Ok(now_unix() > t_a)
     })?;
-    let last_b = bdb::run_workload(&s.path("env"), &workload(1500))?;
+    let last_b = bdb::run_workload(&s.path("env"), &workload(1500, 500))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let made = archive(&s3, &s.path("standby"), "pit", &["--no-verify"])?;
     ensure!(made.ok(), "{}{}", made.stdout, made.stderr);
@@ -325,7 +325,7 @@ fn follow_to_a_bucket_survives_the_server_dying_and_holds_log_until_confirmed() 
         Ok(newest_manifest(s3, "live").is_some_and(|m| lsn_of(&m["backup"]["log_end"]) == end))
     };
     wait_for("the first backup in the bucket", LONG, || reached(&s3))?;
-    let first = bdb::run_workload(&s.path("env"), &workload(1500))?;
+    let first = bdb::run_workload(&s.path("env"), &workload(1500, 500))?;
     wait_for("the bucket to follow", LONG, || reached(&s3))?;
     let end = primary_log_end(&s.path("env"))?;
     wait_for("the hold to follow the bucket", LONG, || {
@@ -338,7 +338,7 @@ fn follow_to_a_bucket_survives_the_server_dying_and_holds_log_until_confirmed() 
     let errors = follower.log_text().matches("\"action\":\"error\"").count();
     let bucket_end =
         lsn_of(&newest_manifest(&s3, "live").context("manifest")?["backup"]["log_end"]);
-    let last = bdb::run_workload(&s.path("env"), &workload(1500))?;
+    let last = bdb::run_workload(&s.path("env"), &workload(1500, 500))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let standby_end = primary_log_end(&s.path("env"))?;
     assert!(standby_end > bucket_end);

@@ -8,7 +8,7 @@
 use anyhow::{ensure, Result};
 use std::path::Path;
 use std::time::Duration;
-use tandem_tests::archive_cmd::{pair, workload, Run, LONG};
+use tandem_tests::archive_cmd::{pair, Run, LONG};
 use tandem_tests::bdb;
 use tandem_tests::harness::*;
 use tandem_tests::s3_proxy::{Fault, Rule, S3Proxy};
@@ -54,7 +54,7 @@ fn archiving_and_restoring_through_a_failing_link() -> Result<()> {
     };
     let manifests = || s3.keys("f/manifests");
     let more = |n| -> Result<u64> {
-        let last = bdb::run_workload(&s.path("env"), &workload(n))?;
+        let last = bdb::run_workload(&s.path("env"), &workload(n, 500))?;
         wait_caught_up(&standby, &s.path("env"), LONG)?;
         Ok(last)
     };

@@ -29,7 +29,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 #[test]
 fn a_message_over_the_size_limit_is_refused_by_the_primary() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(200))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(200))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let read = |p: PathBuf| std::fs::read(&p).with_context(|| p.display().to_string());
     let tls = ClientTlsConfig::new()
@@ -97,7 +97,7 @@ fn a_message_over_the_size_limit_is_refused_by_the_primary() -> Result<()> {
 #[test]
 fn a_standby_directory_of_another_environment_is_refused() -> Result<()> {
     let (s, _primary_a) = synced(500)?;
-    bdb::run_workload(&s.path("env-b"), &workload(300))?;
+    bdb::run_workload(&s.path("env-b"), &quiet_workload(300))?;
     let primary_b = start_primary(s.root(), &s.path("env-b"), &s.certs, "127.0.0.1:0", &[])?;
     let before = dir_digest(&s.path("standby"))?;
     let mut standby = start_standby(
@@ -126,7 +126,7 @@ fn a_standby_directory_of_another_environment_is_refused() -> Result<()> {
 #[test]
 fn a_second_primary_on_the_same_environment_is_refused() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(200))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(200))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let before = dir_digest(&s.path("env"))?;
     let mut second = Proc::spawn(
@@ -225,7 +225,7 @@ fn a_full_disk_on_the_standby_is_reported_and_nothing_unwritten_is_acknowledged(
         }
     };
     let dir = mnt.join("standby");
-    bdb::run_workload(&s.path("env"), &workload(2000))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(2000))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let mut standby = start_standby(s.root(), &dir, &primary.url(), &s.certs, &NO_CHECKS)?;
     wait_caught_up(&dir, &s.path("env"), LONG)?;
@@ -241,7 +241,7 @@ fn a_full_disk_on_the_standby_is_reported_and_nothing_unwritten_is_acknowledged(
     // not (the case where the resume point once went wrong).
     let more = WorkloadOptions {
         rate: 6000,
-        ..workload(3000)
+        ..quiet_workload(3000)
     };
     let mut w = Proc::spawn(
         "workload",

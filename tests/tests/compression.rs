@@ -7,25 +7,10 @@
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
+use tandem_tests::bdb::{self, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 
 const CATCH_UP: Duration = Duration::from_secs(180);
-
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 500,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
-
-fn metric(m: &BTreeMap<String, f64>, name: &str) -> Result<f64> {
-    m.get(name)
-        .copied()
-        .with_context(|| format!("no metric {name} in {m:?}"))
-}
 
 /// Base copy of an existing environment, then the log of a live workload;
 /// the recovered standby must hold exactly what the primary committed.
@@ -35,14 +20,14 @@ fn stream_and_check(
     standby_extra: &[&str],
 ) -> Result<BTreeMap<String, f64>> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(3000))?;
-    let metrics = format!("127.0.0.1:{}", free_port()?);
+    bdb::run_workload(&s.path("env"), &workload(3000, 500))?;
+    let metrics = free_addr()?;
     let mut args = vec!["--metrics-listen", &metrics];
     args.extend(primary_extra);
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
     let mut w = Proc::spawn(
         "workload",
-        workload(10_000).command(&s.path("env")),
+        workload(10_000, 500).command(&s.path("env")),
         &s.path("workload.log"),
     )?;
     let _standby = start_standby(

@@ -19,14 +19,12 @@ const QUIET: [&str; 4] = ["--check-interval-secs", "0", "--rebase-after-mib", "0
 /// Exit code of `tandem-standby run` refused for good.
 const EXIT_REFUSED: i32 = 3;
 
-fn workload(txns: u64) -> WorkloadOptions {
+/// One log file for everything: the lost tail is inside the file the
+/// standby is in, as after a power loss.
+fn one_file(txns: u64) -> WorkloadOptions {
     WorkloadOptions {
-        txns,
-        checkpoint_every: 200,
-        // One log file for everything: the lost tail is inside the file the
-        // standby is in, as after a power loss.
         lg_max: 16 << 20,
-        ..Default::default()
+        ..workload(txns, 200)
     }
 }
 
@@ -109,17 +107,17 @@ fn start_over(s: &Scratch, primary: &Primary, expected: u64) -> Result<()> {
 fn a_standby_refuses_a_primary_rolled_back_to_an_older_copy() -> Result<()> {
     let s = Scratch::new()?;
     let env = s.path("env");
-    bdb::run_workload(&env, &workload(1000))?;
+    bdb::run_workload(&env, &one_file(1000))?;
     let addr = follow_then_stop(&s, "127.0.0.1:0", &QUIET)?;
     // The backup the primary will be rolled back to: 1,000 transactions.
     copy_whole(&env, &s.path("env-backup"))?;
-    let held = bdb::run_workload(&env, &workload(1000))?;
+    let held = bdb::run_workload(&env, &one_file(1000))?;
     follow_then_stop(&s, &addr, &QUIET)?;
     ensure!(held == 2000, "the primary holds {held}");
     // The backup is restored and the application writes on it: 500
     // transactions the standby's 1,001..2,000 contradict.
     replace_dir(&s.path("env-backup"), &env)?;
-    let now = bdb::run_workload(&env, &workload(500))?;
+    let now = bdb::run_workload(&env, &one_file(500))?;
     ensure!(now == 1500, "the rolled-back primary holds {now}");
     let primary = expect_refusal(&s, &addr, held)?;
     start_over(&s, &primary, now)
@@ -129,11 +127,11 @@ fn a_standby_refuses_a_primary_rolled_back_to_an_older_copy() -> Result<()> {
 fn a_standby_refuses_a_primary_whose_log_lost_its_unsynced_tail() -> Result<()> {
     let s = Scratch::new()?;
     let env = s.path("env");
-    bdb::run_workload(&env, &workload(1000))?;
+    bdb::run_workload(&env, &one_file(1000))?;
     let addr = follow_then_stop(&s, "127.0.0.1:0", &QUIET)?;
     let at_1000 = s.path("env-1000");
     copy_whole(&env, &at_1000)?;
-    let held = bdb::run_workload(&env, &workload(300))?;
+    let held = bdb::run_workload(&env, &one_file(300))?;
     follow_then_stop(&s, &addr, &QUIET)?;
     // The primary's newest log file loses the records after its end at
     // 1,000 transactions (written, shipped and acknowledged, never synced
@@ -157,7 +155,7 @@ fn a_standby_refuses_a_primary_whose_log_lost_its_unsynced_tail() -> Result<()> 
         &env,
         &WorkloadOptions {
             recover: true,
-            ..workload(100)
+            ..one_file(100)
         },
     )?;
     ensure!(now == 1100, "the primary holds {now}");

@@ -166,7 +166,7 @@ fn without_enough_standbys_a_wait_times_out_at_its_timeout_and_says_why() -> Res
             ..Default::default()
         },
     )?;
-    let metrics = format!("127.0.0.1:{}", free_port()?);
+    let metrics = free_addr()?;
     let primary = start_primary(
         s.root(),
         &env,

@@ -7,20 +7,11 @@ use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
+use tandem_tests::bdb::{self, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(180);
 const NESTED_DBS: [&str; 3] = ["sub/deeper/x.db", "sub/part.db", "sub/queue.db"];
-
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 500,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
 
 /// Builds `tests/c/layout.c` into `dir` (the C workload's build lives in
 /// build.rs; this one is only needed here).
@@ -73,7 +64,7 @@ fn nested_partitioned_and_queue_databases_reach_the_standby_and_recover() -> Res
     let s = Scratch::new()?;
     let layout = layout_bin(s.root())?;
     let env = s.path("env");
-    bdb::run_workload(&env, &workload(1000))?;
+    bdb::run_workload(&env, &workload(1000, 500))?;
     run_layout(&layout, &env, 400)?;
     let primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
     let standby_dir = s.path("standby");
@@ -86,7 +77,7 @@ fn nested_partitioned_and_queue_databases_reach_the_standby_and_recover() -> Res
     )?;
     // More after the base: new queue extents appear while it streams.
     run_layout(&layout, &env, 400)?;
-    let last = bdb::run_workload(&env, &workload(500))?;
+    let last = bdb::run_workload(&env, &workload(500, 500))?;
     wait_caught_up(&standby_dir, &env, LONG)?;
     for f in [
         "sub/deeper/x.db",
@@ -123,7 +114,7 @@ fn nested_partitioned_and_queue_databases_reach_the_standby_and_recover() -> Res
 
 #[test]
 fn status_is_not_recoverable_once_the_check_of_its_base_failed() -> Result<()> {
-    let p = pair(&workload(3000))?;
+    let p = pair(&workload(3000, 500))?;
     let dir = p.s.path("standby");
     let (status, out) = standby_cmd(&["check"], &dir)?;
     ensure!(status.success(), "check failed: {out}");
@@ -179,7 +170,7 @@ fn status_is_not_recoverable_once_the_check_of_its_base_failed() -> Result<()> {
 fn the_primary_refuses_to_start_on_a_database_it_cannot_ship() -> Result<()> {
     let s = Scratch::new()?;
     let env = s.path("env");
-    bdb::run_workload(&env, &workload(200))?;
+    bdb::run_workload(&env, &workload(200, 500))?;
     // A database reached through a symlink would not be shipped as such.
     let outside = s.path("elsewhere");
     std::fs::create_dir_all(&outside)?;
@@ -211,7 +202,7 @@ fn log_numbers(dir: &Path) -> Result<Vec<u32>> {
 
 #[test]
 fn the_check_fails_whenever_promote_would() -> Result<()> {
-    let mut p = pair(&workload(6000))?;
+    let mut p = pair(&workload(6000, 500))?;
     let dir = p.s.path("standby");
     p.standby.stop(LONG)?;
     // A log file of another history below the base's first one, as an
@@ -222,7 +213,7 @@ fn the_check_fails_whenever_promote_would() -> Result<()> {
         "the base starts at log file 1; the test needs a later start"
     );
     let other = p.s.path("other-env");
-    bdb::run_workload(&other, &workload(500))?;
+    bdb::run_workload(&other, &workload(500, 500))?;
     std::fs::copy(
         other.join(tandem_shared::logfile::log_file_name(1)),
         dir.join(tandem_shared::logfile::log_file_name(first - 1)),

@@ -4,7 +4,7 @@
 //! standby promptly. The cut is real: the standby dials the primary through
 //! a [`FaultyLink`] on loopback that stops forwarding without closing.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tandem_tests::bdb::{self, WorkloadOptions};
@@ -17,34 +17,8 @@ const LONG: Duration = Duration::from_secs(180);
 const NOTICE_BOUND: Duration = Duration::from_secs(25);
 const QUIET: [&str; 4] = ["--check-interval-secs", "0", "--rebase-after-mib", "0"];
 
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 200,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
-
-/// `tandem-primary status --json`, asked directly (not through the link).
-fn primary_status(s: &Scratch, primary: &Primary) -> Result<serde_json::Value> {
-    let out = Command::new(bin("tandem-primary"))
-        .arg("status")
-        .args(["--primary", &primary.url()])
-        .args(s.certs.args("standby"))
-        .arg("--json")
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "primary status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 fn standby_connected_at_primary(s: &Scratch, primary: &Primary) -> Result<bool> {
-    let st = primary_status(s, primary)?;
+    let st = primary_status(primary, &s.certs)?;
     Ok(st["standbys"]
         .as_array()
         .context("standbys")?
@@ -63,7 +37,7 @@ fn status_text(dir: &std::path::Path) -> Result<String> {
 #[test]
 fn a_cut_network_is_noticed_on_both_sides_and_lag_grows_until_it_heals() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let link = FaultyLink::start(primary.addr)?;
     let _standby = start_standby(s.root(), &s.path("standby"), &link.url(), &s.certs, &QUIET)?;
@@ -77,7 +51,7 @@ fn a_cut_network_is_noticed_on_both_sides_and_lag_grows_until_it_heals() -> Resu
         "workload",
         WorkloadOptions {
             rate: 400,
-            ..workload(4000)
+            ..workload(4000, 200)
         }
         .command(&s.path("env")),
         &s.path("w.log"),
@@ -115,7 +89,7 @@ fn a_cut_network_is_noticed_on_both_sides_and_lag_grows_until_it_heals() -> Resu
     // The primary's log moved on; it knows the standby is behind.
     assert!(w.wait_exit(LONG)?.success());
     let last = bdb::parse_done(&w.log_text()).unwrap_or(0);
-    let st = primary_status(&s, &primary)?;
+    let st = primary_status(&primary, &s.certs)?;
     let behind = st["standbys"][0]["lag_bytes"].as_u64().unwrap_or(0);
     assert!(
         behind > 0,
@@ -148,7 +122,7 @@ fn log_files_removed_before_the_primary_saw_them_do_not_stall_the_stream() -> Re
     // Here the watcher is frozen (SIGSTOP) while the log moves on and the
     // files it would need are removed.
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let _standby = start_standby(
         s.root(),
@@ -166,7 +140,7 @@ fn log_files_removed_before_the_primary_saw_them_do_not_stall_the_stream() -> Re
     };
     signal("-STOP")?;
     let moved = (|| -> Result<u64> {
-        let last = bdb::run_workload(&s.path("env"), &workload(3000))?;
+        let last = bdb::run_workload(&s.path("env"), &workload(3000, 200))?;
         let layout = tandem_shared::envlayout::EnvLayout::open(&s.path("env"))?;
         let inactive = tandem_shared::bdb::BdbTools::default().inactive_logs(&s.path("env"))?;
         // All of them, from the first: retention removes a prefix, never
@@ -188,7 +162,7 @@ fn log_files_removed_before_the_primary_saw_them_do_not_stall_the_stream() -> Re
         "the primary to report its real end of log",
         Duration::from_secs(60),
         || {
-            let st = primary_status(&s, &primary)?;
+            let st = primary_status(&primary, &s.certs)?;
             Ok(lsn_of(&st["end_lsn"]) == end)
         },
     )?;
@@ -204,7 +178,7 @@ fn log_files_removed_before_the_primary_saw_them_do_not_stall_the_stream() -> Re
 #[test]
 fn sigterm_ends_a_streaming_standby_promptly_and_it_resumes() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let mut standby = start_standby(
         s.root(),
@@ -218,7 +192,7 @@ fn sigterm_ends_a_streaming_standby_promptly_and_it_resumes() -> Result<()> {
         "workload",
         WorkloadOptions {
             rate: 1000,
-            ..workload(6000)
+            ..workload(6000, 200)
         }
         .command(&s.path("env")),
         &s.path("w.log"),
@@ -255,7 +229,7 @@ fn sigterm_ends_a_streaming_standby_promptly_and_it_resumes() -> Result<()> {
 #[test]
 fn a_slow_lossy_link_still_ends_with_an_exact_copy() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let link = FaultyLink::start(primary.addr)?;
     link.delay(20);
@@ -265,7 +239,7 @@ fn a_slow_lossy_link_still_ends_with_an_exact_copy() -> Result<()> {
         &s.path("env"),
         &WorkloadOptions {
             rate: 1000,
-            ..workload(3000)
+            ..workload(3000, 200)
         },
     )?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;

@@ -2,7 +2,6 @@
 //! metrics), configuration files that mirror the flags.
 
 use anyhow::Result;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -11,38 +10,14 @@ use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn get(addr: &str, path: &str) -> Result<String> {
-    let mut sock = std::net::TcpStream::connect(addr)?;
-    sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
-    let mut out = String::new();
-    sock.read_to_string(&mut out)?;
-    Ok(out)
-}
-
-fn scrape(addr: &str) -> Result<String> {
-    get(addr, "/metrics")
-}
-
 /// The JSON body of the admin endpoint's /status.
 fn remote_status(addr: &str) -> Result<serde_json::Value> {
-    let text = get(addr, "/status")?;
+    let text = http_get(addr, "/status")?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)
         .unwrap_or_default();
     Ok(serde_json::from_str(body)?)
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-fn free_port() -> Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .to_string())
 }
 
 #[test]
@@ -56,7 +31,7 @@ fn lag_rises_under_load_and_returns_to_zero_in_status_and_metrics() -> Result<()
         },
     )?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let metrics = free_port()?;
+    let metrics = free_addr()?;
     let _standby = start_standby(
         s.root(),
         &s.path("standby"),
@@ -107,11 +82,12 @@ fn lag_rises_under_load_and_returns_to_zero_in_status_and_metrics() -> Result<()
     assert_eq!(st["lag_bytes"], 0);
     assert_eq!(st["lag_seconds"], 0.0);
     wait_for("metrics to show no lag", LONG, || {
-        Ok(metric(&scrape(&metrics)?, "tandem_standby_lag_bytes") == Some(0.0))
+        Ok(metric(&scrape_metrics(&metrics)?, "tandem_standby_lag_bytes").ok() == Some(0.0))
     })?;
-    let text = scrape(&metrics)?;
-    assert!(metric(&text, "tandem_standby_log_bytes_received_total").unwrap_or(0.0) > 0.0);
-    assert_eq!(metric(&text, "tandem_standby_connected"), Some(1.0));
+    let m = scrape_metrics(&metrics)?;
+    assert!(metric(&m, "tandem_standby_log_bytes_received_total").unwrap_or(0.0) > 0.0);
+    assert_eq!(metric(&m, "tandem_standby_connected").ok(), Some(1.0));
+    let text = http_get(&metrics, "/metrics")?;
     assert!(text.contains("# TYPE tandem_standby_lag_seconds gauge"));
     // The same status, remotely, from the admin endpoint.
     let remote = remote_status(&metrics)?;
@@ -131,8 +107,8 @@ fn lag_rises_under_load_and_returns_to_zero_in_status_and_metrics() -> Result<()
 fn track(s: &Scratch, metrics: &str, status_lag: &mut u64, metric_lag: &mut f64) -> Result<()> {
     let st = standby_status(&s.path("standby"))?;
     *status_lag = (*status_lag).max(st["lag_bytes"].as_u64().unwrap_or(0));
-    if let Ok(text) = scrape(metrics) {
-        *metric_lag = metric_lag.max(metric(&text, "tandem_standby_lag_bytes").unwrap_or(0.0));
+    if let Ok(m) = scrape_metrics(metrics) {
+        *metric_lag = metric_lag.max(metric(&m, "tandem_standby_lag_bytes").unwrap_or(0.0));
     }
     Ok(())
 }

@@ -14,15 +14,6 @@ use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(180);
 
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 200,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
-
 fn base_id(dir: &Path) -> Result<String> {
     Ok(standby_status(dir)?["base_id"]
         .as_str()
@@ -36,32 +27,13 @@ fn newest_log(env: &Path) -> Result<std::path::PathBuf> {
     Ok(layout.log_path(newest))
 }
 
-fn primary_status(s: &Scratch, p: &Primary) -> Result<serde_json::Value> {
-    let c = |f: &str| s.certs.dir.join(f);
-    let out = Command::new(bin("tandem-primary"))
-        .args(["status", "--json", "--primary", &p.url()])
-        .arg("--cert")
-        .arg(c("standby.pem"))
-        .arg("--key")
-        .arg(c("standby-key.pem"))
-        .arg("--ca")
-        .arg(c("ca.pem"))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "primary status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 #[test]
 fn an_unreadable_log_on_the_primary_is_retried_never_answered_with_a_new_base() -> Result<()> {
     let Pair {
         s,
         primary,
         mut standby,
-    } = pair(&workload(500))?;
+    } = pair(&workload(500, 200))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let first_base = base_id(&s.path("standby"))?;
     assert!(standby.stop(LONG)?.success());
@@ -92,7 +64,7 @@ fn an_unreadable_log_on_the_primary_is_retried_never_answered_with_a_new_base() 
     // The disk recovers: the standby resumes where it was.
     std::fs::remove_dir(&log)?;
     std::fs::rename(&aside, &log)?;
-    let last = bdb::run_workload(&s.path("env"), &workload(200))?;
+    let last = bdb::run_workload(&s.path("env"), &workload(200, 200))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     assert_eq!(base_id(&s.path("standby"))?, first_base);
     let text = primary.proc.log_text();
@@ -111,7 +83,7 @@ fn an_unreadable_log_on_the_primary_is_retried_never_answered_with_a_new_base() 
 #[test]
 fn a_primary_rolled_back_refuses_its_standby_as_diverged_and_sends_no_base() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let listen = primary.addr.to_string();
     let mut standby = start_standby(
@@ -133,7 +105,7 @@ fn a_primary_rolled_back_refuses_its_standby_as_diverged_and_sends_no_base() -> 
         .status()?;
     assert!(status.success());
     let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, &listen, &[])?;
-    bdb::run_workload(&s.path("env"), &workload(2000))?;
+    bdb::run_workload(&s.path("env"), &workload(2000, 200))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let held = lsn_of(&standby_status(&s.path("standby"))?["durable_lsn"]);
     let first_base = base_id(&s.path("standby"))?;
@@ -184,9 +156,9 @@ fn a_second_standby_under_a_connected_name_is_refused() -> Result<()> {
         s,
         primary,
         mut standby,
-    } = pair(&workload(300))?;
+    } = pair(&workload(300, 200))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
-    let peer = primary_status(&s, &primary)?["standbys"][0]["peer"].clone();
+    let peer = primary_status(&primary, &s.certs)?["standbys"][0]["peer"].clone();
     // start_standby names every standby "test-standby".
     let second = start_standby(
         s.root(),
@@ -203,7 +175,7 @@ fn a_second_standby_under_a_connected_name_is_refused() -> Result<()> {
         log.contains(peer.as_str().unwrap_or("?")),
         "the refusal must name the peer holding the name: {log}"
     );
-    let st = primary_status(&s, &primary)?;
+    let st = primary_status(&primary, &s.certs)?;
     assert_eq!(st["standbys"].as_array().map(Vec::len), Some(1), "{st}");
     assert_eq!(st["standbys"][0]["peer"], peer, "{st}");
     assert!(
@@ -214,7 +186,7 @@ fn a_second_standby_under_a_connected_name_is_refused() -> Result<()> {
         "the slot must not change hands while its holder is connected"
     );
     // The first standby is undisturbed.
-    bdb::run_workload(&s.path("env"), &workload(200))?;
+    bdb::run_workload(&s.path("env"), &workload(200, 200))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     // Once the holder is gone, the name is free; the takeover is logged.
     assert!(standby.stop(LONG)?.success());
@@ -229,7 +201,7 @@ fn a_second_standby_under_a_connected_name_is_refused() -> Result<()> {
 #[test]
 fn sigterm_ends_a_primary_with_a_standby_and_retention_within_seconds() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(500))?;
+    bdb::run_workload(&s.path("env"), &workload(500, 200))?;
     let args = ["--retention", "--retention-interval-secs", "1"];
     let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
     let _standby = start_standby(
@@ -245,7 +217,7 @@ fn sigterm_ends_a_primary_with_a_standby_and_retention_within_seconds() -> Resul
         "workload",
         WorkloadOptions {
             rate: 500,
-            ..workload(100_000)
+            ..workload(100_000, 200)
         }
         .command(&s.path("env")),
         &s.path("w.log"),

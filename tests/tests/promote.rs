@@ -11,31 +11,6 @@ use tandem_tests::harness::*;
 const LONG: Duration = Duration::from_secs(120);
 const NO_CHECKS: [&str; 2] = ["--check-interval-secs", "0"];
 
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 500,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
-
-fn promote(dir: &Path) -> Result<(std::process::ExitStatus, serde_json::Value, String)> {
-    let out = Command::new(bin("tandem-standby"))
-        .args([
-            "promote",
-            "--json",
-            "--catch-up-timeout-secs",
-            "60",
-            "--dir",
-        ])
-        .arg(dir)
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    Ok((out.status, json, stderr))
-}
-
 /// The report's per-phase breakdown is there, and its phases add up to the
 /// total (no timing is asserted: speed is the benchmark's business).
 fn assert_phases_add_up(report: &serde_json::Value) -> Result<()> {
@@ -88,7 +63,7 @@ fn assert_db_config_as_primary(p: &Pair) -> Result<()> {
 }
 
 fn pair(initial: u64) -> Result<Pair> {
-    tandem_tests::harness::pair(&workload(initial))
+    tandem_tests::harness::pair(&workload(initial, 500))
 }
 
 #[test]
@@ -101,7 +76,7 @@ fn failover_after_kill9_holds_every_acknowledged_transaction() -> Result<()> {
             txns: 0,
             seconds: Some(120),
             lsn_log: Some(lsns.clone()),
-            ..workload(0)
+            ..workload(0, 500)
         };
         let mut w = Proc::spawn(
             "workload",
@@ -130,7 +105,7 @@ fn failover_after_kill9_holds_every_acknowledged_transaction() -> Result<()> {
             .max()
             .unwrap_or(0);
 
-        let (status, report, stderr) = promote(&p.s.path("standby"))?;
+        let (status, report, stderr) = promote(&p.s.path("standby"), &[])?;
         ensure!(status.success(), "trial {trial}: promote failed: {stderr}");
         assert_eq!(report["kind"], "failover", "trial {trial}: {report}");
         assert_phases_add_up(&report)?;
@@ -148,7 +123,7 @@ fn failover_after_kill9_holds_every_acknowledged_transaction() -> Result<()> {
             "trial {trial}: promoted holds 1..{m}, more than was committed ({last_logged})"
         );
         // Applications open it and go on.
-        let next = bdb::run_workload(&p.s.path("standby"), &workload(10))?;
+        let next = bdb::run_workload(&p.s.path("standby"), &workload(10, 500))?;
         assert_eq!(next, m + 10);
         assert_eq!(bdb::check(&p.s.path("standby"))?, m + 10);
         drop(p.standby);
@@ -159,8 +134,8 @@ fn failover_after_kill9_holds_every_acknowledged_transaction() -> Result<()> {
 #[test]
 fn planned_switchover_keeps_every_transaction_and_fences_the_directory() -> Result<()> {
     let p = pair(1000)?;
-    let last = bdb::run_workload(&p.s.path("env"), &workload(8000))?;
-    let (status, report, stderr) = promote(&p.s.path("standby"))?;
+    let last = bdb::run_workload(&p.s.path("env"), &workload(8000, 500))?;
+    let (status, report, stderr) = promote(&p.s.path("standby"), &[])?;
     ensure!(status.success(), "promote failed: {stderr}");
     assert_eq!(report["kind"], "switchover", "{report}");
     assert_eq!(report["epoch"], 2);
@@ -174,7 +149,7 @@ fn planned_switchover_keeps_every_transaction_and_fences_the_directory() -> Resu
     );
 
     // Twice: says so, changes nothing.
-    let (status, report, _) = promote(&p.s.path("standby"))?;
+    let (status, report, _) = promote(&p.s.path("standby"), &[])?;
     assert!(status.success());
     assert_eq!(report["already_promoted"], true);
     let st = standby_status(&p.s.path("standby"))?;
@@ -202,8 +177,8 @@ fn planned_switchover_keeps_every_transaction_and_fences_the_directory() -> Resu
 fn promote_without_a_running_standby_catches_up_from_the_primary() -> Result<()> {
     let mut p = pair(1000)?;
     p.standby.stop(Duration::from_secs(30))?;
-    let last = bdb::run_workload(&p.s.path("env"), &workload(5000))?;
-    let (status, report, stderr) = promote(&p.s.path("standby"))?;
+    let last = bdb::run_workload(&p.s.path("env"), &workload(5000, 500))?;
+    let (status, report, stderr) = promote(&p.s.path("standby"), &[])?;
     ensure!(status.success(), "promote failed: {stderr}");
     assert_eq!(report["kind"], "switchover", "{report}");
     assert_eq!(bdb::check(&p.s.path("standby"))?, last);
@@ -213,7 +188,7 @@ fn promote_without_a_running_standby_catches_up_from_the_primary() -> Result<()>
 #[test]
 fn the_old_primary_stops_shipping_to_a_standby_of_the_new_one() -> Result<()> {
     let p = pair(2000)?;
-    let (status, _, stderr) = promote(&p.s.path("standby"))?;
+    let (status, _, stderr) = promote(&p.s.path("standby"), &[])?;
     ensure!(status.success(), "promote failed: {stderr}");
     // The promoted directory becomes the new primary, at the new epoch.
     let new_primary = start_primary(
@@ -258,7 +233,7 @@ fn the_old_primary_stops_shipping_to_a_standby_of_the_new_one() -> Result<()> {
 #[test]
 fn readiness_checks_prove_recovery_without_changing_the_mirror() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(3000))?;
+    bdb::run_workload(&s.path("env"), &workload(3000, 500))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let mut standby = start_standby(
         s.root(),
@@ -269,7 +244,7 @@ fn readiness_checks_prove_recovery_without_changing_the_mirror() -> Result<()> {
     )?;
     let mut w = Proc::spawn(
         "workload",
-        workload(20_000).command(&s.path("env")),
+        workload(20_000, 500).command(&s.path("env")),
         &s.path("workload.log"),
     )?;
     // Periodic checks run while the log streams in.

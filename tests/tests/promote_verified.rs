@@ -11,19 +11,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
+use tandem_tests::bdb::{self, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(120);
-
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 300,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
 
 fn standby(args: &[&str], dir: &Path) -> Result<(bool, serde_json::Value, String)> {
     let out = Command::new(bin("tandem-standby"))
@@ -149,8 +140,8 @@ fn describe(o: &Outcome) -> &'static str {
 
 #[test]
 fn promote_skips_only_what_the_check_verified_and_refuses_what_full_verify_refuses() -> Result<()> {
-    let mut p = pair(&workload(3000))?;
-    bdb::run_workload(&p.s.path("env"), &workload(1000))?;
+    let mut p = pair(&workload(3000, 300))?;
+    bdb::run_workload(&p.s.path("env"), &workload(1000, 300))?;
     wait_caught_up_running(&p.s.path("standby"), &p.s.path("env"), LONG, &mut p.standby)?;
     p.standby.stop(Duration::from_secs(30))?;
     // Promote finds no primary: a failover from what is durable.
@@ -221,7 +212,7 @@ fn promote_skips_only_what_the_check_verified_and_refuses_what_full_verify_refus
             &["--check-interval-secs", "0"],
         )?;
         if name == "tail" {
-            bdb::run_workload(&s.path("env"), &workload(200))?;
+            bdb::run_workload(&s.path("env"), &workload(200, 300))?;
         }
         wait_caught_up_running(&dir, &s.path("env"), LONG, &mut st)?;
         st.stop(Duration::from_secs(30))?;
@@ -241,7 +232,7 @@ fn promote_skips_only_what_the_check_verified_and_refuses_what_full_verify_refus
 /// the inodes, so promote verifies every database of the copy.
 #[test]
 fn a_record_copied_with_the_files_proves_nothing() -> Result<()> {
-    let mut p = pair(&workload(1500))?;
+    let mut p = pair(&workload(1500, 300))?;
     p.standby.stop(Duration::from_secs(30))?;
     p.primary.proc.kill9()?;
     let mirror = p.s.path("standby");

@@ -9,15 +9,6 @@ use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(180);
 
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 100,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
-
 #[test]
 fn a_rebase_after_a_small_change_sends_a_small_fraction() -> Result<()> {
     let s = Scratch::new()?;
@@ -26,7 +17,7 @@ fn a_rebase_after_a_small_change_sends_a_small_fraction() -> Result<()> {
     let small_logs = WorkloadOptions {
         value_len: 1000,
         lg_max: 128 << 10,
-        ..workload(12_000)
+        ..workload(12_000, 100)
     };
     bdb::run_workload(&s.path("env"), &small_logs)?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
@@ -99,7 +90,7 @@ fn a_rebase_after_a_small_change_sends_a_small_fraction() -> Result<()> {
 #[test]
 fn rebasing_under_load_keeps_the_replay_bounded_and_the_mirror_recoverable() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(2000))?;
+    bdb::run_workload(&s.path("env"), &workload(2000, 100))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let threshold_mib = 4u64;
     let args = ["--check-interval-secs", "0", "--rebase-after-mib", "4"];
@@ -120,7 +111,7 @@ fn rebasing_under_load_keeps_the_replay_bounded_and_the_mirror_recoverable() -> 
         // the rebases keeping up, not about this machine's speed.
         WorkloadOptions {
             rate: 1500,
-            ..workload(15_000)
+            ..workload(15_000, 100)
         }
         .command(&s.path("env")),
         &s.path("w.log"),

@@ -40,14 +40,13 @@ const PRIMARY_ONLY: u64 = 100;
 /// (data, hash, meta: `__dbreg_register` in a transaction of its own).
 const OPENS: u64 = 3;
 
-fn workload(txns: u64) -> WorkloadOptions {
+/// 400-byte values in 4 MiB log files, the workload's output left out.
+fn larger(txns: u64) -> WorkloadOptions {
     WorkloadOptions {
-        txns,
-        checkpoint_every: 200,
         lg_max: 4 << 20,
         value_len: 400,
         quiet: true,
-        ..Default::default()
+        ..workload(txns, 200)
     }
 }
 
@@ -56,7 +55,7 @@ fn workload(txns: u64) -> WorkloadOptions {
 fn appends(txns: u64) -> WorkloadOptions {
     WorkloadOptions {
         updates: 0,
-        ..workload(txns)
+        ..larger(txns)
     }
 }
 
@@ -88,7 +87,7 @@ fn database_bytes(env: &Path) -> Result<u64> {
 /// Returns the primary's address.
 fn standby_ahead_of_its_primary(s: &Scratch) -> Result<String> {
     let env = s.path("env");
-    bdb::run_workload(&env, &workload(SHARED))?;
+    bdb::run_workload(&env, &larger(SHARED))?;
     let addr = follow_then_stop(s, "127.0.0.1:0", &QUIET)?;
     cp_a(&env, &s.path("env-backup"))?;
     let held = bdb::run_workload(&env, &appends(STANDBY_ONLY))?;
@@ -172,11 +171,11 @@ fn check_rejoined_in(
 #[test]
 fn a_directory_holding_an_environment_is_refused_and_left_unchanged() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(200))?;
+    bdb::run_workload(&s.path("env"), &larger(200))?;
     // Another environment (say, an old primary's home) where a standby
     // directory was expected.
     let other = s.path("other");
-    bdb::run_workload(&other, &workload(100))?;
+    bdb::run_workload(&other, &larger(100))?;
     let before = dir_digest(&other)?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     for flags in [&[][..], &["--rejoin"][..]] {
@@ -199,7 +198,7 @@ fn a_directory_holding_an_environment_is_refused_and_left_unchanged() -> Result<
             &other,
             &WorkloadOptions {
                 recover: true,
-                ..workload(1)
+                ..larger(1)
             }
         )? == 101
     );
@@ -229,7 +228,7 @@ fn a_standby_ahead_of_its_primary_rejoins_by_page_delta() -> Result<()> {
         "a page delta sends a small fraction of the database: {sent} of {db} bytes"
     );
     // Then it is an ordinary standby: it follows new commits.
-    bdb::run_workload(&env, &workload(50))?;
+    bdb::run_workload(&env, &larger(50))?;
     wait_caught_up_running(&dir, &env, LONG, &mut standby)?;
     standby.stop(LONG)?;
     Ok(())
@@ -273,7 +272,7 @@ fn a_rejoin_killed_midway_and_rerun_ends_exact() -> Result<()> {
 fn the_old_primary_written_on_after_a_switchover_rejoins_by_page_delta() -> Result<()> {
     let s = Scratch::new()?;
     let (env, a_dir) = (s.path("env"), s.path("a"));
-    bdb::run_workload(&env, &workload(SHARED))?;
+    bdb::run_workload(&env, &larger(SHARED))?;
     let mut p = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &[])?;
     let mut a = start_standby(s.root(), &a_dir, &p.url(), &s.certs, &QUIET)?;
     wait_caught_up_running(&a_dir, &env, LONG, &mut a)?;
@@ -353,7 +352,7 @@ fn the_old_primary_written_on_after_a_switchover_rejoins_by_page_delta() -> Resu
 fn switchover_and_switchback_three_times_never_copy_the_database() -> Result<()> {
     let s = Scratch::new()?;
     let (mut p_dir, mut q_dir) = (s.path("env"), s.path("b"));
-    bdb::run_workload(&p_dir, &workload(SHARED))?;
+    bdb::run_workload(&p_dir, &larger(SHARED))?;
     let db = database_bytes(&p_dir)?;
     let mut primary = start_primary(s.root(), &p_dir, &s.certs, "127.0.0.1:0", &[])?;
     let mut standby = start_standby(s.root(), &q_dir, &primary.url(), &s.certs, &QUIET)?;

@@ -12,20 +12,11 @@ use tandem_tests::harness::*;
 const LONG: Duration = Duration::from_secs(180);
 const QUIET: [&str; 4] = ["--check-interval-secs", "0", "--rebase-after-mib", "0"];
 
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 200,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
-
 /// A primary with 1,000 transactions and retention on (cap in MiB, a pass a
 /// second) and a standby caught up with it.
 fn retained_pair(cap_mib: u32) -> Result<(Scratch, Primary, Proc)> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let cap = cap_mib.to_string();
     let args = [
         "--retention",
@@ -62,7 +53,7 @@ fn base_id(dir: &std::path::Path) -> Result<String> {
 #[test]
 fn retention_keeps_the_log_directory_bounded_without_losing_a_file() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let args = [
         "--retention",
         "--retention-interval-secs",
@@ -86,7 +77,7 @@ fn retention_keeps_the_log_directory_bounded_without_losing_a_file() -> Result<(
         "workload",
         WorkloadOptions {
             rate: 3000,
-            ..workload(36_000)
+            ..workload(36_000, 200)
         }
         .command(&s.path("env")),
         &s.path("w.log"),
@@ -135,13 +126,13 @@ fn an_offline_standby_holds_logs_back_up_to_the_cap_then_is_dropped() -> Result<
     let first_base = base_id(&s.path("standby"))?;
     standby.stop(LONG)?;
     // While offline, the logs it needs stay (a little below the cap).
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     wait_for(
         "the primary to account for what it holds back",
         LONG,
         || {
             Ok(
-                primary_status(&s, &primary)?["standbys"][0]["held_back_bytes"]
+                primary_status(&primary, &s.certs)?["standbys"][0]["held_back_bytes"]
                     .as_u64()
                     .unwrap_or(0)
                     > 0,
@@ -149,11 +140,11 @@ fn an_offline_standby_holds_logs_back_up_to_the_cap_then_is_dropped() -> Result<
         },
     )?;
     assert_eq!(
-        primary_status(&s, &primary)?["standbys"][0]["dropped"],
+        primary_status(&primary, &s.certs)?["standbys"][0]["dropped"],
         false
     );
     // Past the cap, it is dropped loudly and its logs go.
-    bdb::run_workload(&s.path("env"), &workload(6000))?;
+    bdb::run_workload(&s.path("env"), &workload(6000, 200))?;
     wait_for("the standby to be dropped", LONG, || {
         Ok(primary.proc.log_text().contains("DROPPING STANDBY"))
     })?;
@@ -161,7 +152,7 @@ fn an_offline_standby_holds_logs_back_up_to_the_cap_then_is_dropped() -> Result<
         Ok(log_count(&s.path("env"))? <= 6)
     })?;
     assert_eq!(
-        primary_status(&s, &primary)?["standbys"][0]["dropped"],
+        primary_status(&primary, &s.certs)?["standbys"][0]["dropped"],
         true
     );
     // It comes back to a new base and ends identical.
@@ -183,29 +174,10 @@ fn an_offline_standby_holds_logs_back_up_to_the_cap_then_is_dropped() -> Result<
     Ok(())
 }
 
-fn primary_status(s: &Scratch, p: &Primary) -> Result<serde_json::Value> {
-    let c = |f: &str| s.certs.dir.join(f);
-    let out = Command::new(bin("tandem-primary"))
-        .args(["status", "--json", "--primary", &p.url()])
-        .arg("--cert")
-        .arg(c("standby.pem"))
-        .arg("--key")
-        .arg(c("standby-key.pem"))
-        .arg("--ca")
-        .arg(c("ca.pem"))
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "primary status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
 #[test]
 fn a_log_removed_behind_tandems_back_leads_to_a_new_base() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let mut standby = start_standby(
         s.root(),
@@ -218,7 +190,7 @@ fn a_log_removed_behind_tandems_back_leads_to_a_new_base() -> Result<()> {
     let first_base = base_id(&s.path("standby"))?;
     standby.stop(LONG)?;
     // The application (or an operator) removes logs the standby never got.
-    bdb::run_workload(&s.path("env"), &workload(5000))?;
+    bdb::run_workload(&s.path("env"), &workload(5000, 200))?;
     let out = Command::new("db5.3_archive")
         .args(["-d", "-h"])
         .arg(s.path("env"))
@@ -283,20 +255,20 @@ fn with_an_archive_registered_no_log_leaves_the_primary_before_the_archive_has_i
     let (s, primary, _standby) = retained_pair(64)?;
     let mut archiver = start_archiver(&s)?;
     wait_for("the primary to learn the archive's position", LONG, || {
-        Ok(archived(&primary_status(&s, &primary)?).is_some())
+        Ok(archived(&primary_status(&primary, &s.certs)?).is_some())
     })?;
     assert!(archiver.stop(LONG)?.success());
-    let held_from = archived(&primary_status(&s, &primary)?).context("archived position")?;
+    let held_from = archived(&primary_status(&primary, &s.certs)?).context("archived position")?;
     // The standby acknowledges everything, but the archive is stopped: the
     // primary keeps every file from the archive's end on.
-    bdb::run_workload(&s.path("env"), &workload(6000))?;
+    bdb::run_workload(&s.path("env"), &workload(6000, 200))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     wait_for(
         "the primary to account for the archive's hold",
         LONG,
         || {
             Ok(
-                primary_status(&s, &primary)?["standbys"][0]["held_for_archive_bytes"]
+                primary_status(&primary, &s.certs)?["standbys"][0]["held_for_archive_bytes"]
                     .as_u64()
                     .unwrap_or(0)
                     > 0,
@@ -325,7 +297,7 @@ fn with_an_archive_registered_no_log_leaves_the_primary_before_the_archive_has_i
     // The archive catches up: now the files go, and the archive has each one.
     let mut archiver = start_archiver(&s)?;
     wait_for("the archive to reach the primary's end", LONG, || {
-        Ok(archived(&primary_status(&s, &primary)?) == Some(end))
+        Ok(archived(&primary_status(&primary, &s.certs)?) == Some(end))
     })?;
     wait_for("a retention pass", LONG, || {
         Ok(first_log(&s.path("env"))? > held_from.file)
@@ -350,7 +322,7 @@ fn an_archive_behind_by_more_than_the_cap_is_released_loudly_and_the_standby_kep
     let first_base = base_id(&s.path("standby"))?;
     let mut archiver = start_archiver(&s)?;
     wait_for("the primary to learn the archive's position", LONG, || {
-        Ok(archived(&primary_status(&s, &primary)?).is_some())
+        Ok(archived(&primary_status(&primary, &s.certs)?).is_some())
     })?;
     assert!(archiver.stop(LONG)?.success());
     // Throttled, so the streaming standby stays well inside the cap itself
@@ -361,7 +333,7 @@ fn an_archive_behind_by_more_than_the_cap_is_released_loudly_and_the_standby_kep
         &s.path("env"),
         &WorkloadOptions {
             rate: 1000,
-            ..workload(8000)
+            ..workload(8000, 200)
         },
     )?;
     wait_for("the archive hold to be released", LONG, || {
@@ -370,7 +342,7 @@ fn an_archive_behind_by_more_than_the_cap_is_released_loudly_and_the_standby_kep
     wait_for("logs to be removed", LONG, || {
         Ok(log_count(&s.path("env"))? <= 6)
     })?;
-    let status = primary_status(&s, &primary)?;
+    let status = primary_status(&primary, &s.certs)?;
     assert!(
         status["standbys"][0]["archive_released_below"]
             .as_u64()
@@ -394,7 +366,7 @@ fn a_connected_standby_ends_complete_whether_or_not_a_burst_drops_it() -> Result
     // file removed under its session) or keep up. Either way it must end
     // with everything, never stall.
     let (s, primary, _standby) = retained_pair(4)?;
-    let last = bdb::run_workload(&s.path("env"), &workload(8000))?;
+    let last = bdb::run_workload(&s.path("env"), &workload(8000, 200))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     eprintln!(
         "dropped during the burst: {}",
@@ -429,7 +401,7 @@ fn an_unreadable_standbys_file_holds_every_log_file_until_it_is_repaired() -> Re
         "64",
     ];
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
-    bdb::run_workload(&s.path("env"), &workload(5000))?;
+    bdb::run_workload(&s.path("env"), &workload(5000, 200))?;
     // Several passes after the log moved on: each one removes nothing.
     let blocked = "retention removes nothing until the file is repaired";
     let seen = primary.proc.log_text().matches(blocked).count();
@@ -444,7 +416,7 @@ fn an_unreadable_standbys_file_holds_every_log_file_until_it_is_repaired() -> Re
             Ok(primary.proc.log_text().matches(blocked).count() >= seen + 2)
         },
     )?;
-    let status = primary_status(&s, &primary)?;
+    let status = primary_status(&primary, &s.certs)?;
     assert!(
         status["retention_blocked"]
             .as_str()
@@ -467,7 +439,7 @@ fn an_unreadable_standbys_file_holds_every_log_file_until_it_is_repaired() -> Re
     wait_for("retention to resume", LONG, || {
         Ok(log_count(&s.path("env"))? <= 4)
     })?;
-    assert!(primary_status(&s, &primary)?["retention_blocked"].is_null());
+    assert!(primary_status(&primary, &s.certs)?["retention_blocked"].is_null());
     Ok(())
 }
 
@@ -478,7 +450,7 @@ fn an_unreadable_standbys_file_holds_every_log_file_until_it_is_repaired() -> Re
 #[test]
 fn a_primary_killed_before_its_next_retention_pass_still_holds_its_standbys_logs() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let hourly = ["--retention", "--retention-interval-secs", "3600"];
     let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &hourly)?;
     let mut standby = start_standby(
@@ -493,7 +465,7 @@ fn a_primary_killed_before_its_next_retention_pass_still_holds_its_standbys_logs
     let needed = lsn_of(&standby_status(&s.path("standby"))?["durable_lsn"]).file;
     // More log and checkpoints: the file the standby stopped in becomes
     // inactive, so only the standby's slot keeps it.
-    bdb::run_workload(&s.path("env"), &workload(3000))?;
+    bdb::run_workload(&s.path("env"), &workload(3000, 200))?;
     let layout = tandem_shared::envlayout::EnvLayout::open(&s.path("env"))?;
     let inactive = tandem_shared::bdb::BdbTools::default().inactive_logs(&s.path("env"))?;
     assert!(

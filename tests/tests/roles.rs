@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 use tandem_tests::bdb::{self, WORKLOAD_DBS};
 use tandem_tests::harness::*;
-use tandem_tests::refusal::{primary_status, stored, workload, NO_CHECKS};
+use tandem_tests::refusal::{quiet_workload, stored, NO_CHECKS};
 
 const LONG: Duration = Duration::from_secs(180);
 /// `tandem-standby run` refused for good (the operator must act).
@@ -19,7 +19,7 @@ const EXIT_REFUSED: i32 = 3;
 /// A primary on `env` (holding `txns` transactions) and standbys "a" and
 /// "b" in `a` and `b`, both holding its whole log.
 fn primary_with_two_standbys(s: &Scratch, txns: u64) -> Result<(Primary, Proc, Proc)> {
-    bdb::run_workload(&s.path("env"), &workload(txns))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(txns))?;
     let p = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let mut a = start_standby_as(s.root(), &s.path("a"), &p.url(), &s.certs, "a", &NO_CHECKS)?;
     let mut b = start_standby_as(s.root(), &s.path("b"), &p.url(), &s.certs, "b", &NO_CHECKS)?;
@@ -66,7 +66,7 @@ fn other_standbys_follow_a_promoted_one_and_refuse_the_old_primary() -> Result<(
     let (mut p, mut a, mut b) = primary_with_two_standbys(&s, 3000)?;
     let (a_dir, b_dir) = (s.path("a"), s.path("b"));
     // The application commits more and stops; both standbys hold it all.
-    bdb::run_workload(&s.path("env"), &workload(4000))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(4000))?;
     wait_caught_up_running(&a_dir, &s.path("env"), LONG, &mut a)?;
     wait_caught_up_running(&b_dir, &s.path("env"), LONG, &mut b)?;
     let b_before = standby_status(&b_dir)?;
@@ -92,7 +92,7 @@ fn other_standbys_follow_a_promoted_one_and_refuse_the_old_primary() -> Result<(
     assert_eq!(lsn_of(&st["history"][0]["start_lsn"]), x, "{st}");
     b.stop(LONG)?;
     let mut b = start_standby_as(s.root(), &b_dir, &new_p.url(), &s.certs, "b", &NO_CHECKS)?;
-    let last = bdb::run_workload(&a_dir, &workload(2000))?;
+    let last = bdb::run_workload(&a_dir, &quiet_workload(2000))?;
     wait_caught_up_running(&b_dir, &a_dir, LONG, &mut b)?;
     let b_now = standby_status(&b_dir)?;
     assert_eq!(b_now["file_bytes_received"], 0, "B was sent files: {b_now}");
@@ -122,7 +122,7 @@ fn other_standbys_follow_a_promoted_one_and_refuse_the_old_primary() -> Result<(
             txns: 0,
             seconds: Some(600),
             rate: 50,
-            ..workload(0)
+            ..quiet_workload(0)
         }
         .command(&s.path("env")),
         &s.path("old-application.log"),
@@ -157,7 +157,7 @@ fn other_standbys_follow_a_promoted_one_and_refuse_the_old_primary() -> Result<(
 
     // B still follows the new primary to its end.
     let mut b = start_standby_as(s.root(), &b_dir, &new_p.url(), &s.certs, "b", &NO_CHECKS)?;
-    let last = bdb::run_workload(&a_dir, &workload(1000))?;
+    let last = bdb::run_workload(&a_dir, &quiet_workload(1000))?;
     wait_caught_up_running(&b_dir, &a_dir, LONG, &mut b)?;
     assert_eq!(standby_status(&b_dir)?["file_bytes_received"], 0);
     b.stop(LONG)?;
@@ -172,7 +172,7 @@ fn a_standby_ahead_of_the_promoted_one_is_refused_unchanged() -> Result<()> {
     let (a_dir, b_dir) = (s.path("a"), s.path("b"));
     // A stops following; B keeps receiving what the application commits.
     a.stop(LONG)?;
-    bdb::run_workload(&s.path("env"), &workload(1500))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(1500))?;
     wait_caught_up_running(&b_dir, &s.path("env"), LONG, &mut b)?;
     b.stop(LONG)?;
     // P's machine is gone: A is promoted by failover from what it holds.

@@ -1,21 +1,22 @@
-//! The README's runbooks work when followed literally: each block marked
-//! `<!-- runbook: NAME -->` is run by bash, as written, with `STANDBY_DIR`
-//! set and the freshly built binaries first on PATH.
+//! The runbooks (`docs/runbooks.md`) work when followed literally: each
+//! block marked `<!-- runbook: NAME -->` is run by bash, as written, with
+//! `STANDBY_DIR` set and the freshly built binaries first on PATH.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
 use std::time::Duration;
-use tandem_tests::bdb::{self, WorkloadOptions};
+use tandem_tests::bdb;
 use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
 fn runbook(name: &str) -> Result<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))?;
+    let runbooks =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/runbooks.md"))?;
     let marker = format!("<!-- runbook: {name} -->");
-    let after = readme
+    let after = runbooks
         .split_once(&marker)
-        .with_context(|| format!("no runbook {name} in the README"))?
+        .with_context(|| format!("no runbook {name} in docs/runbooks.md"))?
         .1;
     let block = after
         .split_once("```sh\n")
@@ -60,23 +61,14 @@ fn run_runbook_with(name: &str, vars: &[(&str, String)]) -> Result<String> {
     Ok(text)
 }
 
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 500,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
-
 #[test]
 fn switchover_runbook() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 500))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &[])?;
     // The application runs, then is stopped (the runbook's first step).
-    let last = bdb::run_workload(&s.path("env"), &workload(6000))?;
+    let last = bdb::run_workload(&s.path("env"), &workload(6000, 500))?;
     let out = run_runbook("switchover", &s.path("standby"))?;
     assert!(out.contains("switchover"), "{out}");
     assert_eq!(bdb::check(&s.path("standby"))?, last);
@@ -86,10 +78,10 @@ fn switchover_runbook() -> Result<()> {
 #[test]
 fn failover_runbook() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(1000))?;
+    bdb::run_workload(&s.path("env"), &workload(1000, 500))?;
     let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &[])?;
-    let last = bdb::run_workload(&s.path("env"), &workload(3000))?;
+    let last = bdb::run_workload(&s.path("env"), &workload(3000, 500))?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     primary.proc.kill9()?;
     run_runbook("failover", &s.path("standby"))?;
@@ -100,7 +92,7 @@ fn failover_runbook() -> Result<()> {
 #[test]
 fn check_runbook() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(2000))?;
+    bdb::run_workload(&s.path("env"), &workload(2000, 500))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let _standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &[])?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
@@ -145,11 +137,11 @@ fn stop_background(dir: &std::path::Path, pid: u32) -> Result<()> {
 fn switchover_and_switchback_runbook() -> Result<()> {
     let s = Scratch::new()?;
     let (a, b) = (s.path("env"), s.path("standby"));
-    bdb::run_workload(&a, &workload(2000))?;
+    bdb::run_workload(&a, &workload(2000, 500))?;
     let mut primary = start_primary(s.root(), &a, &s.certs, "127.0.0.1:0", &[])?;
     let _standby = start_standby(s.root(), &b, &primary.url(), &s.certs, &[])?;
     // A -> B: the application stops on A; switchover on B.
-    let last = bdb::run_workload(&a, &workload(1000))?;
+    let last = bdb::run_workload(&a, &workload(1000, 500))?;
     run_runbook("switchover", &b)?;
     primary.proc.stop(LONG)?;
     let mut primary = start_primary(s.root(), &b, &s.certs, "127.0.0.1:0", &[])?;
@@ -158,7 +150,7 @@ fn switchover_and_switchback_runbook() -> Result<()> {
     assert_eq!(standby_status(&a)?["file_bytes_received"], 0, "{out}");
     assert_eq!(recover_copy(&a, &s.path("copy-a"))?, last);
     // Maintenance done; the application ran on B. B -> A.
-    let last = bdb::run_workload(&b, &workload(1000))?;
+    let last = bdb::run_workload(&b, &workload(1000, 500))?;
     wait_caught_up(&a, &b, LONG)?;
     stop_background(&a, pid)?;
     run_runbook_with("switchover", &[("STANDBY_DIR", a.display().to_string())])?;
@@ -176,7 +168,7 @@ fn switchover_and_switchback_runbook() -> Result<()> {
 fn s3_archive_runbook() -> Result<()> {
     let p = tandem_tests::archive_cmd::pair(1000)?;
     let s3 = tandem_tests::s3_server::start_s3(p.s.root())?;
-    let last = bdb::run_workload(&p.s.path("env"), &workload(500))?;
+    let last = bdb::run_workload(&p.s.path("env"), &workload(500, 500))?;
     wait_caught_up(&p.s.path("standby"), &p.s.path("env"), LONG)?;
     let mut vars = vec![
         ("STANDBY_DIR", p.s.path("standby").display().to_string()),

@@ -8,7 +8,6 @@
 //! flipped log byte is found only when recovery fails at promotion.
 
 use anyhow::{bail, Context, Result};
-use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -19,14 +18,6 @@ use tandem_tests::harness::*;
 const LONG: Duration = Duration::from_secs(180);
 /// BDB's page type of a btree leaf page (`P_LBTREE`).
 const P_LBTREE: u8 = 5;
-
-fn workload() -> WorkloadOptions {
-    WorkloadOptions {
-        txns: 3000,
-        checkpoint_every: 100,
-        ..Default::default()
-    }
-}
 
 fn flip_byte(path: &Path, at: u64) -> Result<()> {
     let f = std::fs::OpenOptions::new()
@@ -80,21 +71,6 @@ fn log_record_byte(path: &Path) -> Result<u64> {
     Ok((at + 12 + (len - 12) / 2) as u64)
 }
 
-/// The admin endpoint's Prometheus text.
-fn scrape(addr: &str) -> Result<String> {
-    let mut sock = std::net::TcpStream::connect(addr)?;
-    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let mut out = String::new();
-    sock.read_to_string(&mut out)?;
-    Ok(out)
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 fn scrub_report(status: &serde_json::Value) -> &serde_json::Value {
     &status["scrub"]
 }
@@ -124,7 +100,7 @@ fn standby_args(scrub_secs: &str) -> [&str; 6] {
 #[test]
 fn a_flipped_page_is_found_by_the_scrub_and_healed_by_a_rebase() -> Result<()> {
     let s = Scratch::new()?;
-    let last = bdb::run_workload(&s.path("env"), &workload())?;
+    let last = bdb::run_workload(&s.path("env"), &workload(3000, 100))?;
     let mut primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let addr = primary.addr.to_string();
     let standby_dir = s.path("standby");
@@ -164,14 +140,14 @@ fn a_flipped_page_is_found_by_the_scrub_and_healed_by_a_rebase() -> Result<()> {
         standby.log_text().contains("SCRUB FAILED"),
         "the failure must be logged"
     );
-    let text = scrape(&metrics)?;
+    let m = scrape_metrics(&metrics)?;
     assert_eq!(
-        metric(&text, "tandem_standby_scrub_ok"),
+        metric(&m, "tandem_standby_scrub_ok").ok(),
         Some(0.0),
-        "{text}"
+        "{m:?}"
     );
-    assert_eq!(metric(&text, "tandem_standby_recoverable"), Some(0.0));
-    assert!(metric(&text, "tandem_standby_scrub_failures_total") >= Some(1.0));
+    assert_eq!(metric(&m, "tandem_standby_recoverable").ok(), Some(0.0));
+    assert!(metric(&m, "tandem_standby_scrub_failures_total").ok() >= Some(1.0));
 
     // Back: the standby asks for a rebase at once; the damaged page's
     // digest differs from the primary's, so the page is sent again.
@@ -194,11 +170,11 @@ fn a_flipped_page_is_found_by_the_scrub_and_healed_by_a_rebase() -> Result<()> {
     let reused = healed["last_rebase"]["reused_bytes"].as_u64().unwrap_or(0);
     eprintln!("healing rebase: sent {sent} bytes, reused {reused}");
     assert!(sent > 0, "the damaged page must have been sent again");
-    let text = scrape(&metrics)?;
+    let m = scrape_metrics(&metrics)?;
     assert_eq!(
-        metric(&text, "tandem_standby_scrub_ok"),
+        metric(&m, "tandem_standby_scrub_ok").ok(),
         Some(1.0),
-        "{text}"
+        "{m:?}"
     );
 
     wait_caught_up(&standby_dir, &s.path("env"), LONG)?;
@@ -242,7 +218,7 @@ fn flip_a_log_byte(standby_dir: &Path) -> Result<(String, serde_json::Value)> {
 #[test]
 fn a_flipped_log_byte_is_found_by_the_scrub_and_status_says_not_recoverable() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload())?;
+    bdb::run_workload(&s.path("env"), &workload(3000, 100))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let standby_dir = s.path("standby");
     let mut standby = start_standby(
@@ -303,7 +279,7 @@ fn a_flipped_log_byte_is_found_by_the_scrub_and_status_says_not_recoverable() ->
 #[test]
 fn a_flipped_log_byte_is_healed_by_a_new_base() -> Result<()> {
     let s = Scratch::new()?;
-    let last = bdb::run_workload(&s.path("env"), &workload())?;
+    let last = bdb::run_workload(&s.path("env"), &workload(3000, 100))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let standby_dir = s.path("standby");
     let _standby = start_standby(
@@ -330,7 +306,7 @@ fn a_flipped_log_byte_is_healed_by_a_new_base() -> Result<()> {
 #[test]
 fn scrubbing_under_load_and_rebases_finds_no_damage() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload())?;
+    bdb::run_workload(&s.path("env"), &workload(3000, 100))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let standby_dir = s.path("standby");
     let args = [

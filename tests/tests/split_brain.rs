@@ -5,8 +5,6 @@
 //! Real binaries, real Berkeley DB, mutual TLS on loopback.
 
 use anyhow::{ensure, Context, Result};
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 use tandem_shared::envusers::env_users;
 use tandem_tests::bdb::{self, WorkloadOptions};
@@ -16,15 +14,6 @@ const LONG: Duration = Duration::from_secs(180);
 /// `tandem-standby promote` refused for now, nothing changed.
 const EXIT_REFUSED_FOR_NOW: i32 = 4;
 
-fn workload(txns: u64) -> WorkloadOptions {
-    WorkloadOptions {
-        txns,
-        checkpoint_every: 500,
-        lg_max: 1 << 20,
-        ..Default::default()
-    }
-}
-
 /// An application committing slowly on the primary: quiet for longer than
 /// any silence heuristic, but still able to commit.
 fn slow_application(p: &Pair) -> Result<Proc> {
@@ -32,7 +21,7 @@ fn slow_application(p: &Pair) -> Result<Proc> {
         txns: 0,
         seconds: Some(600),
         rate: 2,
-        ..workload(0)
+        ..workload(0, 500)
     };
     let app = Proc::spawn(
         "application",
@@ -46,30 +35,18 @@ fn slow_application(p: &Pair) -> Result<Proc> {
     Ok(app)
 }
 
-fn promote(dir: &Path, extra: &[&str]) -> Result<(Option<i32>, serde_json::Value, String)> {
-    let out = Command::new(bin("tandem-standby"))
-        .args(["promote", "--json", "--catch-up-timeout-secs", "120"])
-        .args(extra)
-        .arg("--dir")
-        .arg(dir)
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    Ok((out.status.code(), json, stderr))
-}
-
 #[test]
 fn env_users_names_a_process_holding_the_environment_open() -> Result<()> {
     let s = Scratch::new()?;
     let env = s.path("env");
-    bdb::run_workload(&env, &workload(100))?;
+    bdb::run_workload(&env, &workload(100, 500))?;
     assert_eq!(env_users(&env)?, vec![], "nobody has it open yet");
     // Holds a transaction open, committing nothing, until signalled.
     let opts = WorkloadOptions {
         txns: 0,
         open_txn: Some((101, -1)),
         quiet: true,
-        ..workload(0)
+        ..workload(0, 500)
     };
     let mut app = Proc::spawn("holder", opts.command(&env), &s.path("holder.log"))?;
     wait_for("the transaction to be held open", LONG, || {
@@ -89,12 +66,12 @@ fn env_users_names_a_process_holding_the_environment_open() -> Result<()> {
 
 #[test]
 fn promote_refuses_while_an_application_can_commit_then_switches_over() -> Result<()> {
-    let mut p = pair(&workload(1000))?;
+    let mut p = pair(&workload(1000, 500))?;
     let dir = p.s.path("standby");
     let mut app = slow_application(&p)?;
 
-    let (code, _, stderr) = promote(&dir, &[])?;
-    assert_eq!(code, Some(EXIT_REFUSED_FOR_NOW), "{stderr}");
+    let (status, _, stderr) = promote(&dir, &[])?;
+    assert_eq!(status.code(), Some(EXIT_REFUSED_FOR_NOW), "{stderr}");
     assert!(stderr.contains(&format!("pid {}", app.pid())), "{stderr}");
     assert!(stderr.contains("Stop the application"), "{stderr}");
     // The standby was left following: it still receives the commits.
@@ -109,8 +86,8 @@ fn promote_refuses_while_an_application_can_commit_then_switches_over() -> Resul
     // Without a running standby: refused too, and not one byte changes.
     p.standby.stop(LONG)?;
     let digest = dir_digest(&dir)?;
-    let (code, _, stderr) = promote(&dir, &[])?;
-    assert_eq!(code, Some(EXIT_REFUSED_FOR_NOW), "{stderr}");
+    let (status, _, stderr) = promote(&dir, &[])?;
+    assert_eq!(status.code(), Some(EXIT_REFUSED_FOR_NOW), "{stderr}");
     assert_eq!(
         digest,
         dir_digest(&dir)?,
@@ -121,8 +98,8 @@ fn promote_refuses_while_an_application_can_commit_then_switches_over() -> Resul
     // The operator stops the application: a switchover with every commit.
     app.stop(LONG)?;
     let last = bdb::parse_done(&app.log_text()).context("the application's DONE line")?;
-    let (code, report, stderr) = promote(&dir, &[])?;
-    ensure!(code == Some(0), "promote failed: {stderr}");
+    let (status, report, stderr) = promote(&dir, &[])?;
+    ensure!(status.success(), "promote failed: {stderr}");
     assert_eq!(report["kind"], "switchover", "{report}");
     assert_eq!(bdb::check(&dir)?, last);
     Ok(())
@@ -130,11 +107,11 @@ fn promote_refuses_while_an_application_can_commit_then_switches_over() -> Resul
 
 #[test]
 fn force_promotes_as_a_failover_while_the_application_runs() -> Result<()> {
-    let p = pair(&workload(1000))?;
+    let p = pair(&workload(1000, 500))?;
     let dir = p.s.path("standby");
     let mut app = slow_application(&p)?;
-    let (code, report, stderr) = promote(&dir, &["--force"])?;
-    ensure!(code == Some(0), "promote --force failed: {stderr}");
+    let (status, report, stderr) = promote(&dir, &["--force"])?;
+    ensure!(status.success(), "promote --force failed: {stderr}");
     assert_eq!(report["kind"], "failover", "{report}");
     assert!(stderr.contains("FORCED"), "{stderr}");
     let m = bdb::check(&dir)?;

@@ -152,7 +152,7 @@ async fn ask_status(url: &str, tls: ClientTlsConfig) -> std::result::Result<Prim
 #[test]
 fn by_default_the_primary_logs_why_it_refused_a_certificate() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(100))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(100))?;
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let foreign = Certs::generate(&s.path("foreign-certs"))?;
     let mut standby = spawn_standby(
@@ -178,7 +178,7 @@ fn by_default_the_primary_logs_why_it_refused_a_certificate() -> Result<()> {
 #[test]
 fn a_client_without_a_client_certificate_cannot_ask_the_primary_for_status() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(200))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(200))?;
     let primary = start_primary_env(&s, &s.path("env"), &s.certs, "status", &SHOW_TLS_REFUSALS)?;
     let foreign = Certs::generate(&s.path("foreign-certs"))?;
     let read = |p: PathBuf| std::fs::read(&p).with_context(|| p.display().to_string());
@@ -258,7 +258,7 @@ fn handshake_with(primary: &Primary, certs: &Certs, version: &str) -> Result<boo
 #[test]
 fn the_primary_speaks_tls_1_3_only() -> Result<()> {
     let s = Scratch::new()?;
-    bdb::run_workload(&s.path("env"), &workload(50))?;
+    bdb::run_workload(&s.path("env"), &quiet_workload(50))?;
     let primary = start_primary_env(&s, &s.path("env"), &s.certs, "tls13", &[])?;
     ensure!(
         handshake_with(&primary, &s.certs, "-tls1_3")?,
