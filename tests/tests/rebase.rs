@@ -94,7 +94,7 @@ fn rebasing_under_load_keeps_the_replay_bounded_and_the_mirror_recoverable() -> 
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
     let threshold_mib = 4u64;
     let args = ["--check-interval-secs", "0", "--rebase-after-mib", "4"];
-    let _standby = start_standby(
+    let mut standby = start_standby(
         s.root(),
         &s.path("standby"),
         &primary.url(),
@@ -139,6 +139,10 @@ fn rebasing_under_load_keeps_the_replay_bounded_and_the_mirror_recoverable() -> 
         worst_after_first_rebase < 3 * (threshold_mib << 20),
         "replay grew to {worst_after_first_rebase}"
     );
+    // Stopped before the copy: with checks running continuously, a rebase
+    // may still finish after the catch-up and remove the old base's log
+    // files while `cp` reads the directory.
+    assert!(standby.stop(LONG)?.success());
     let m = recover_copy(&s.path("standby"), &s.path("recovered"))?;
     assert_eq!(m, last);
     Ok(())
