@@ -596,11 +596,16 @@ fn show_status(dir: &std::path::Path, json: bool) -> Result<()> {
     // Read from the file: the round's state needs no lock.
     let etcd = tandem_standby::failover::read_status(&standby);
     if json {
-        let mut v = serde_json::to_value(&s)?;
-        if let serde_json::Value::Object(m) = &mut v {
-            m.insert("etcd".into(), serde_json::to_value(&etcd)?);
+        // Flattened, not a serde_json::Value: the fields keep their order
+        // (scripts grep the text, e.g. the switchback runbook).
+        #[derive(Serialize)]
+        struct WithEtcd<'a> {
+            #[serde(flatten)]
+            status: &'a status::StandbyStatus,
+            etcd: Option<tandem_standby::failover::RoundStatus>,
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let doc = WithEtcd { status: &s, etcd };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print!("{}", status::render(&s));
         if let Some(r) = &etcd {
