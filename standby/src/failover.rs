@@ -14,7 +14,7 @@
 //! - The round's state goes to `.tandem/etcd.json` for status.
 
 use crate::state::StandbyDir;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use tandem_coord::lease::LeaseState;
 use tandem_coord::policy::{decide, Candidate, Verdict};
@@ -53,7 +53,8 @@ pub enum Event {
 }
 
 /// What `.tandem/etcd.json` holds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RoundStatus {
     pub cluster: String,
     pub name: String,
@@ -271,4 +272,41 @@ impl Coordinator {
             }
         }
     }
+}
+
+/// The last round's state, read from the file directly (no lock taken), or
+/// None when this standby never ran with etcd.
+pub fn read_status(dir: &StandbyDir) -> Option<RoundStatus> {
+    let b = std::fs::read(dir.meta().join(STATUS_FILE)).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+/// Text for `status`: the etcd lines.
+pub fn render_status(r: &RoundStatus, now_ms: u64) -> String {
+    let ago = |ms: u64| format!("{:.1} s ago", now_ms.saturating_sub(ms) as f64 / 1000.0);
+    let mut out = format!(
+        "etcd:         cluster {} as {}, verdict {} (updated {})\netcd leader:  {} at {} (etcd epoch {}), lease remaining {:.1} s\n",
+        r.cluster,
+        r.name,
+        if r.verdict.is_empty() { "-" } else { &r.verdict },
+        ago(r.updated_unix_ms),
+        r.leader.as_deref().unwrap_or("none"),
+        r.leader_address.as_deref().unwrap_or("-"),
+        r.etcd_epoch,
+        r.lease_remaining_ms as f64 / 1000.0,
+    );
+    if let Some(f) = &r.last_failover {
+        out.push_str(&format!(
+            "last {}: to {} (epoch {}) {}: {}\n",
+            f.kind,
+            f.name,
+            f.epoch,
+            ago(f.unix_ms),
+            f.reason
+        ));
+    }
+    if let Some(e) = &r.error {
+        out.push_str(&format!("etcd error:   {e}\n"));
+    }
+    out
 }

@@ -591,11 +591,27 @@ fn print_report<R: Serialize + std::fmt::Display>(r: &R, json: bool) -> Result<(
 }
 
 fn show_status(dir: &std::path::Path, json: bool) -> Result<()> {
-    let s = status::read(&StandbyDir::new(dir))?;
+    let standby = StandbyDir::new(dir);
+    let s = status::read(&standby)?;
+    // Read from the file: the round's state needs no lock.
+    let etcd = tandem_standby::failover::read_status(&standby);
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        // Flattened, not a serde_json::Value: the fields keep their order
+        // (scripts grep the text, e.g. the switchback runbook).
+        #[derive(Serialize)]
+        struct WithEtcd<'a> {
+            #[serde(flatten)]
+            status: &'a status::StandbyStatus,
+            etcd: Option<tandem_standby::failover::RoundStatus>,
+        }
+        let doc = WithEtcd { status: &s, etcd };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print!("{}", status::render(&s));
+        if let Some(r) = &etcd {
+            let now = tandem_shared::now_unix_ms();
+            print!("{}", tandem_standby::failover::render_status(r, now));
+        }
     }
     Ok(())
 }

@@ -170,7 +170,10 @@ fn kill_9_of_the_primary_machine_promotes_one_standby_and_the_other_follows_it()
                 && st["primary"] == leader["address"]
                 && st["epoch"] == leader["epoch"]
                 && st["running"] == true
-                && st["lag_bytes"] == 0)
+                && st["lag_bytes"] == 0
+                // `status` shows the etcd round's view, read from its file.
+                && st["etcd"]["leader"] == winner.as_str()
+                && st["etcd"]["etcd_epoch"] == leader["epoch"])
         },
     );
     followed.with_context(|| {
