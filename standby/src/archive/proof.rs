@@ -31,8 +31,6 @@ pub enum ProofError {
     Io(#[from] IoError),
     #[error("{what}: {source}")]
     Bdb { what: String, source: BdbError },
-    #[error("cannot create a scratch directory in {}", .0.display())]
-    NoScratch(PathBuf),
 }
 
 /// A directory removed when dropped (unless `keep` is set).
@@ -47,19 +45,16 @@ impl ScratchDir {
             .map(Path::to_path_buf)
             .unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
-        for i in 0..100u32 {
-            let path = parent.join(format!(
-                "tandem-{tag}-{}-{}-{i}",
-                std::process::id(),
-                tandem_shared::now_unix_ms()
-            ));
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(Self { path, keep: false }),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_err(format!("creating {}", path.display()))(e).into()),
-            }
-        }
-        Err(ProofError::NoScratch(parent))
+        // Removed by this type's Drop, not tempfile's (`keep`).
+        let path = tempfile::Builder::new()
+            .prefix(&format!("tandem-{tag}-"))
+            .tempdir_in(&parent)
+            .map_err(io_err(format!(
+                "creating a scratch directory in {}",
+                parent.display()
+            )))?
+            .keep();
+        Ok(Self { path, keep: false })
     }
 }
 
