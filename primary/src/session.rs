@@ -463,9 +463,9 @@ async fn follow_acks(
     }
 }
 
-/// Ships the log from `pos` on, following the live tail.
-// Long function: the tail-following loop (read verified records, send, wait for the watcher);
-// its position and last record are the loop's state.
+/// Ships the log from `pos` on, following the live tail: reads verified
+/// records, sends them, waits for the watcher; its position and last
+/// record are the loop's state.
 async fn ship_log(
     shared: &Shared,
     tx: &Outbox,
@@ -477,32 +477,9 @@ async fn ship_log(
     let mut unreadable_header = 0u32;
     loop {
         if open.as_ref().map(|o| o.0) != Some(pos.file) {
-            match File::open(shared.layout.log_path(pos.file)) {
-                Ok(f) => {
-                    let size = f
-                        .metadata()
-                        .map_err(|e| io_status("stat log file", e))?
-                        .len();
-                    open = Some((pos.file, f, size));
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let newest = shared
-                        .layout
-                        .log_files()
-                        .map_err(|e| Status::internal(e.to_string()))?
-                        .last()
-                        .copied();
-                    if newest.is_some_and(|n| n > pos.file) {
-                        let name = shared.layout.log_name(pos.file);
-                        tracing::error!(file = %name, "log gap: a log file was removed before it was shipped");
-                        return Err(Status::data_loss(format!(
-                            "log gap: {name} was removed from the primary before it was shipped; a new base is needed"
-                        )));
-                    }
-                    wait_for_log(&mut ends).await;
-                    continue;
-                }
-                Err(e) => return Err(io_status("open log file", e)),
+            match open_log(shared, &mut ends, pos.file).await? {
+                Some(o) => open = Some(o),
+                None => continue,
             }
         }
         let Some((_, file, size)) = open.as_ref() else {
@@ -519,26 +496,7 @@ async fn ship_log(
         };
         let r = tokio::task::block_in_place(|| read_verified(file, pos.offset, prev, max))
             .map_err(|e| io_status("read log", e))?;
-        // A file whose header stays unreadable (not a moment's torn read:
-        // it does not verify for over a second) is not a log Tandem can
-        // ship, e.g. an encrypted environment's.
-        unreadable_header = match r.walk.stop {
-            tandem_shared::logfile::WalkStop::Invalid(_)
-                if pos.offset == 0 && r.bytes.is_empty() =>
-            {
-                unreadable_header + 1
-            }
-            _ => 0,
-        };
-        if unreadable_header > 50 {
-            if let tandem_shared::logfile::WalkStop::Invalid(why) = r.walk.stop {
-                let name = shared.layout.log_name(pos.file);
-                tracing::error!(file = %name, why, "cannot read the log: encrypted or not a Berkeley DB 5.3 log");
-                return Err(Status::failed_precondition(format!(
-                    "{name} does not start with a Berkeley DB 5.3 log header ({why}); encrypted environments are not supported"
-                )));
-            }
-        }
+        check_header(shared, pos, &r, &mut unreadable_header)?;
         if !r.bytes.is_empty() {
             let data = bytes::Bytes::from(r.bytes);
             shared
@@ -580,6 +538,70 @@ async fn ship_log(
         }
         wait_for_log(&mut ends).await;
     }
+}
+
+/// Opens log file `file` for shipping, with its size; `None` when it does
+/// not exist yet (after waiting a moment for the watcher). Missing while a
+/// newer file exists is a log gap: a new base is needed.
+async fn open_log(
+    shared: &Shared,
+    ends: &mut watch::Receiver<LogEnd>,
+    file: u32,
+) -> Result<Option<(u32, File, u64)>, Status> {
+    match File::open(shared.layout.log_path(file)) {
+        Ok(f) => {
+            let size = f
+                .metadata()
+                .map_err(|e| io_status("stat log file", e))?
+                .len();
+            Ok(Some((file, f, size)))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let newest = shared
+                .layout
+                .log_files()
+                .map_err(|e| Status::internal(e.to_string()))?
+                .last()
+                .copied();
+            if newest.is_some_and(|n| n > file) {
+                let name = shared.layout.log_name(file);
+                tracing::error!(file = %name, "log gap: a log file was removed before it was shipped");
+                return Err(Status::data_loss(format!(
+                    "log gap: {name} was removed from the primary before it was shipped; a new base is needed"
+                )));
+            }
+            wait_for_log(ends).await;
+            Ok(None)
+        }
+        Err(e) => Err(io_status("open log file", e)),
+    }
+}
+
+/// A file whose header stays unreadable (not a moment's torn read: it
+/// does not verify for over a second, `unreadable` reads in a row) is not
+/// a log Tandem can ship, e.g. an encrypted environment's.
+fn check_header(
+    shared: &Shared,
+    pos: LogPosition,
+    r: &tandem_shared::logfile::VerifiedRecords,
+    unreadable: &mut u32,
+) -> Result<(), Status> {
+    *unreadable = match r.walk.stop {
+        tandem_shared::logfile::WalkStop::Invalid(_) if pos.offset == 0 && r.bytes.is_empty() => {
+            *unreadable + 1
+        }
+        _ => 0,
+    };
+    if *unreadable > 50 {
+        if let tandem_shared::logfile::WalkStop::Invalid(why) = r.walk.stop {
+            let name = shared.layout.log_name(pos.file);
+            tracing::error!(file = %name, why, "cannot read the log: encrypted or not a Berkeley DB 5.3 log");
+            return Err(Status::failed_precondition(format!(
+                "{name} does not start with a Berkeley DB 5.3 log header ({why}); encrypted environments are not supported"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the watcher to see new log, or a little while at most (the

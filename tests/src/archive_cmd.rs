@@ -2,11 +2,11 @@
 //! archive tests (`archive.rs`: one backup taken, verified, restored;
 //! `archive_follow.rs`: the continuous archive), and the pair they archive.
 
-use crate::harness::bin;
-use crate::harness::Pair;
+use crate::bdb;
+use crate::harness::{bin, wait_for, Pair, Proc, Scratch};
 use anyhow::{ensure, Context, Result};
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -92,4 +92,38 @@ pub fn restore(from: &Path, to: &Path, until: Option<&str>, env: &[(&str, &str)]
 
 pub fn pair(initial: u64) -> Result<Pair> {
     crate::harness::pair(&crate::harness::workload(initial, 500))
+}
+
+/// The workload running on the pair's primary while a backup is taken:
+/// 20,000 transactions at 3,000 a second, each commit's LSN logged to
+/// `commits.lsn` (returned), once 3,000 are logged.
+pub fn hot_workload(s: &Scratch) -> Result<(Proc, PathBuf)> {
+    let lsns = s.path("commits.lsn");
+    let opts = bdb::WorkloadOptions {
+        lsn_log: Some(lsns.clone()),
+        rate: 3000,
+        ..crate::harness::workload(20_000, 500)
+    };
+    let w = Proc::spawn(
+        "workload",
+        opts.command(&s.path("env")),
+        &s.path("workload.log"),
+    )?;
+    wait_for("commits", LONG, || {
+        Ok(bdb::read_lsn_log(&lsns).map(|v| v.len()).unwrap_or(0) >= 3000)
+    })?;
+    Ok((w, lsns))
+}
+
+/// Stops a `--follow` archiver and checks it ended well, having extended
+/// its backup at least once.
+pub fn stop_extended_follower(follower: &mut Proc, timeout: Duration) -> Result<()> {
+    let status = follower.stop(timeout)?;
+    ensure!(status.success(), "{}", follower.log_text());
+    ensure!(
+        follower.log_text().contains("\"action\":\"extended\""),
+        "{}",
+        follower.log_text()
+    );
+    Ok(())
 }

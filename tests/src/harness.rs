@@ -500,6 +500,20 @@ pub fn wait_caught_up_running(
     })
 }
 
+/// A primary serving SCRATCH/env and a standby of it in SCRATCH/standby
+/// started with `standby_args` (logs under the scratch root).
+pub fn start_pair(s: &Scratch, standby_args: &[&str]) -> Result<(Primary, Proc)> {
+    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
+    let standby = start_standby(
+        s.root(),
+        &s.path("standby"),
+        &primary.url(),
+        &s.certs,
+        standby_args,
+    )?;
+    Ok((primary, standby))
+}
+
 /// A primary serving `env` and a standby in `standby_dir` that holds its
 /// whole log (logs and addresses under `work`).
 pub fn start_caught_up(

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use tandem_shared::LogPosition;
-use tandem_tests::archive_cmd::{archive, pair, restore, verify, LONG};
-use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
+use tandem_tests::archive_cmd::{archive, hot_workload, pair, restore, verify, LONG};
+use tandem_tests::bdb::{self, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 
 /// The clock BDB stamps commits with: `time(NULL)`, which glibc reads from
@@ -52,22 +52,8 @@ fn an_archive_taken_while_streaming_restores_exactly_what_the_primary_had_commit
 {
     let p = pair(2000)?;
     let s = &p.s;
-    let lsns = s.path("commits.lsn");
-
     // Hot: the workload runs while the archive is taken.
-    let opts = WorkloadOptions {
-        lsn_log: Some(lsns.clone()),
-        rate: 3000,
-        ..workload(20_000, 500)
-    };
-    let mut w = Proc::spawn(
-        "workload",
-        opts.command(&s.path("env")),
-        &s.path("workload.log"),
-    )?;
-    wait_for("commits", LONG, || {
-        Ok(bdb::read_lsn_log(&lsns).map(|v| v.len()).unwrap_or(0) >= 3000)
-    })?;
+    let (mut w, lsns) = hot_workload(s)?;
     let hot = archive(&s.path("standby"), &s.path("archive"), &[])?;
     let hot_backup = PathBuf::from(hot.json["backup"].as_str().context("backup")?);
     let hot_end = lsn_of(&hot.json["log_end"]);

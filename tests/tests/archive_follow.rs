@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use tandem_tests::archive_cmd::{pair, restore, standby_cmd, verify, LONG};
+use tandem_tests::archive_cmd::{pair, restore, standby_cmd, stop_extended_follower, verify, LONG};
 use tandem_tests::bdb;
 use tandem_tests::harness::*;
 
@@ -45,13 +45,7 @@ fn follow_keeps_the_latest_backup_current() -> Result<()> {
             serde_json::from_slice(&std::fs::read(first.join("MANIFEST.json"))?)?;
         Ok(lsn_of(&m["log_end"]) == end)
     })?;
-    let status = follower.stop(Duration::from_secs(30))?;
-    assert!(status.success(), "{}", follower.log_text());
-    assert!(
-        follower.log_text().contains("\"action\":\"extended\""),
-        "{}",
-        follower.log_text()
-    );
+    stop_extended_follower(&mut follower, Duration::from_secs(30))?;
     assert_eq!(
         newest(&s.path("archive"))?,
         Some(first.clone()),

@@ -9,8 +9,8 @@ use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use std::time::Duration;
 use tandem_shared::LogPosition;
-use tandem_tests::archive_cmd::{pair, Run, LONG};
-use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
+use tandem_tests::archive_cmd::{hot_workload, pair, stop_extended_follower, Run, LONG};
+use tandem_tests::bdb::{self, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 use tandem_tests::s3_server::{start_s3, S3Server};
 
@@ -56,25 +56,23 @@ fn now_unix() -> i64 {
     unsafe { libc::time(std::ptr::null_mut()) }
 }
 
+/// The objects under `prefix` with their bytes.
+fn objects(s3: &S3Server, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    s3.keys(prefix)
+        .into_iter()
+        .map(|k| {
+            let b = std::fs::read(s3.object_path(&k)).unwrap_or_default();
+            (k, b)
+        })
+        .collect()
+}
+
 #[test]
 fn a_bucket_archive_taken_while_streaming_restores_exactly_the_committed_prefix() -> Result<()> {
     let p = pair(2000)?;
     let s = &p.s;
     let s3 = start_s3(s.root())?;
-    let lsns = s.path("commits.lsn");
-    let opts = WorkloadOptions {
-        lsn_log: Some(lsns.clone()),
-        rate: 3000,
-        ..workload(20_000, 500)
-    };
-    let mut w = Proc::spawn(
-        "workload",
-        opts.command(&s.path("env")),
-        &s.path("workload.log"),
-    )?;
-    wait_for("commits", LONG, || {
-        Ok(bdb::read_lsn_log(&lsns).map(|v| v.len()).unwrap_or(0) >= 3000)
-    })?;
+    let (mut w, lsns) = hot_workload(s)?;
     let hot = archive(&s3, &s.path("standby"), "site", &[])?;
     ensure!(hot.ok(), "archive failed: {}{}", hot.stdout, hot.stderr);
     assert_eq!(hot.json["action"], "created");
@@ -172,14 +170,7 @@ fn a_bucket_archive_taken_while_streaming_restores_exactly_the_committed_prefix(
     let i = bytes.len() / 2;
     bytes[i] ^= 0x55;
     std::fs::write(&db, bytes)?;
-    let manifests_before: Vec<(String, Vec<u8>)> = s3
-        .keys("site/manifests")
-        .into_iter()
-        .map(|k| {
-            let b = std::fs::read(s3.object_path(&k)).unwrap_or_default();
-            (k, b)
-        })
-        .collect();
+    let manifests_before = objects(&s3, "site/manifests");
     let second = archive(&s3, &s.path("standby2"), "site", &["--no-verify"])?;
     assert_eq!(second.code, Some(1), "{}{}", second.stdout, second.stderr);
     assert!(
@@ -188,14 +179,7 @@ fn a_bucket_archive_taken_while_streaming_restores_exactly_the_committed_prefix(
         "{}",
         second.stderr
     );
-    let manifests_after: Vec<(String, Vec<u8>)> = s3
-        .keys("site/manifests")
-        .into_iter()
-        .map(|k| {
-            let b = std::fs::read(s3.object_path(&k)).unwrap_or_default();
-            (k, b)
-        })
-        .collect();
+    let manifests_after = objects(&s3, "site/manifests");
     assert_eq!(manifests_before, manifests_after);
     let r = restore(&s3, "site", &s.path("restored-after"), None)?;
     ensure!(r.ok(), "{}{}", r.stdout, r.stderr);
@@ -380,13 +364,7 @@ fn follow_to_a_bucket_survives_the_server_dying_and_holds_log_until_confirmed() 
         drill["backup"].as_str().unwrap_or("").starts_with(&url),
         "{drill}"
     );
-    let status = follower.stop(Duration::from_secs(60))?;
-    assert!(status.success(), "{}", follower.log_text());
-    assert!(
-        follower.log_text().contains("\"action\":\"extended\""),
-        "{}",
-        follower.log_text()
-    );
+    stop_extended_follower(&mut follower, Duration::from_secs(60))?;
     // One backup (one base): superseded manifests were deleted.
     assert_eq!(
         s3.keys("live/manifests").len(),

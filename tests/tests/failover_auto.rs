@@ -45,7 +45,7 @@ fn kill_9_of_the_primary_machine_promotes_one_standby_and_the_other_follows_it()
     let mut standbys = Vec::new();
     let mut listens = Vec::new();
     for name in ["s1", "s2"] {
-        let listen = format!("127.0.0.1:{}", free_port()?);
+        let listen = free_addr()?;
         let mut args = vec![
             "--etcd".to_owned(),
             etcd.endpoints(),
@@ -240,7 +240,7 @@ fn quorum_lost_means_no_promotion_a_fenced_primary_and_a_resume() -> Result<()> 
         "--etcd".to_owned(),
         etcd.endpoints(),
         "--promote-listen".into(),
-        format!("127.0.0.1:{}", free_port()?),
+        free_addr()?,
         "--check-interval-secs".into(),
         "0".into(),
     ];

@@ -89,7 +89,7 @@ fn race(
             "--etcd".to_owned(),
             etcd.endpoints(),
             "--promote-listen".into(),
-            format!("127.0.0.1:{}", free_port()?),
+            free_addr()?,
             "--check-interval-secs".into(),
             "0".into(),
             "--on-promote".into(),

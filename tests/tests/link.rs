@@ -179,14 +179,7 @@ fn log_files_removed_before_the_primary_saw_them_do_not_stall_the_stream() -> Re
 fn sigterm_ends_a_streaming_standby_promptly_and_it_resumes() -> Result<()> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let mut standby = start_standby(
-        s.root(),
-        &s.path("standby"),
-        &primary.url(),
-        &s.certs,
-        &["--rebase-after-mib", "0"],
-    )?;
+    let (primary, mut standby) = start_pair(&s, &["--rebase-after-mib", "0"])?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let mut w = Proc::spawn(
         "workload",

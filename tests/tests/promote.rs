@@ -234,14 +234,7 @@ fn the_old_primary_stops_shipping_to_a_standby_of_the_new_one() -> Result<()> {
 fn readiness_checks_prove_recovery_without_changing_the_mirror() -> Result<()> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(3000, 500))?;
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let mut standby = start_standby(
-        s.root(),
-        &s.path("standby"),
-        &primary.url(),
-        &s.certs,
-        &["--check-interval-secs", "1"],
-    )?;
+    let (_primary, mut standby) = start_pair(&s, &["--check-interval-secs", "1"])?;
     let mut w = Proc::spawn(
         "workload",
         workload(20_000, 500).command(&s.path("env")),

@@ -178,14 +178,7 @@ fn an_offline_standby_holds_logs_back_up_to_the_cap_then_is_dropped() -> Result<
 fn a_log_removed_behind_tandems_back_leads_to_a_new_base() -> Result<()> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let mut standby = start_standby(
-        s.root(),
-        &s.path("standby"),
-        &primary.url(),
-        &s.certs,
-        &QUIET,
-    )?;
+    let (primary, mut standby) = start_pair(&s, &QUIET)?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let first_base = base_id(&s.path("standby"))?;
     standby.stop(LONG)?;

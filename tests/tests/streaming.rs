@@ -70,8 +70,7 @@ fn standby_catches_up_under_load_and_recovers_exactly() -> Result<()> {
 fn standby_kill9_resumes_without_resending_files() -> Result<()> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(3000))?;
-    let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &[])?;
-    let mut standby = start_standby(s.root(), &s.path("standby"), &primary.url(), &s.certs, &[])?;
+    let (primary, mut standby) = start_pair(&s, &[])?;
     let mut w = spawn_workload(
         &s,
         &WorkloadOptions {

@@ -348,27 +348,12 @@ mod tests {
         let mut at = 0;
         for len in [100, 4096, 5000, 3092, 1, 20_000] {
             let end = (at + len).min(data.len());
-            let piece = bytes::Bytes::copy_from_slice(&data[at..end]);
-            r.chunk(FileChunk {
-                name: "a.db".into(),
-                offset: at as u64,
-                blake3: bytes::Bytes::copy_from_slice(blake3::hash(&piece).as_bytes()),
-                data: piece,
-                ..Default::default()
-            })
-            .expect("chunk");
+            r.chunk(plain_chunk("a.db", at as u64, &data[at..end]))
+                .expect("chunk");
             at = end;
         }
         assert_eq!(at, data.len());
-        let placed = r
-            .end(
-                FileEnd {
-                    name: "a.db".into(),
-                    size: data.len() as u64,
-                },
-                &root,
-            )
-            .expect("end");
+        let placed = end(&mut r, "a.db", data.len(), &root);
         assert_eq!(std::fs::read(root.join("a.db")).expect("read"), data);
         let on_disk =
             crate::scrub::digests::digest_file("a.db", "b", &root.join("a.db")).expect("digest");
@@ -407,6 +392,29 @@ mod tests {
         (dir, r, data)
     }
 
+    /// A chunk checked by its `blake3`.
+    fn plain_chunk(name: &str, offset: u64, data: &[u8]) -> FileChunk {
+        FileChunk {
+            name: name.into(),
+            offset,
+            data: bytes::Bytes::copy_from_slice(data),
+            blake3: bytes::Bytes::copy_from_slice(blake3::hash(data).as_bytes()),
+            ..Default::default()
+        }
+    }
+
+    /// Ends the file `name` of `size` bytes, placing it under `root`.
+    fn end(r: &mut FileReceiver, name: &str, size: usize, root: &std::path::Path) -> super::Placed {
+        r.end(
+            FileEnd {
+                name: name.into(),
+                size: size as u64,
+            },
+            root,
+        )
+        .expect("end")
+    }
+
     fn pages_chunk(name: &str, offset: u64, data: &[u8], check: &[u8]) -> FileChunk {
         let hashes = tandem_shared::pages::page_hashes(check, 4096);
         FileChunk {
@@ -443,38 +451,16 @@ mod tests {
         both.blake3 = bytes::Bytes::copy_from_slice(blake3::hash(rest).as_bytes());
         assert!(matches!(r.chunk(both), Err(ApplyError::Protocol(_))));
         // Off a page boundary (after a plain chunk of 100 bytes).
-        let plain = &data[8192..8292];
-        r.chunk(FileChunk {
-            name: "a.db".into(),
-            offset: 8192,
-            data: bytes::Bytes::copy_from_slice(plain),
-            blake3: bytes::Bytes::copy_from_slice(blake3::hash(plain).as_bytes()),
-            ..Default::default()
-        })
-        .expect("plain chunk");
+        r.chunk(plain_chunk("a.db", 8192, &data[8192..8292]))
+            .expect("plain chunk");
         let tail = &data[8292..];
         assert!(matches!(
             r.chunk(pages_chunk("a.db", 8292, tail, tail)),
             Err(ApplyError::Protocol(_))
         ));
-        let tail = bytes::Bytes::copy_from_slice(tail);
-        r.chunk(FileChunk {
-            name: "a.db".into(),
-            offset: 8292,
-            blake3: bytes::Bytes::copy_from_slice(blake3::hash(&tail).as_bytes()),
-            data: tail,
-            ..Default::default()
-        })
-        .expect("plain tail");
-        let placed = r
-            .end(
-                FileEnd {
-                    name: "a.db".into(),
-                    size: data.len() as u64,
-                },
-                &root,
-            )
-            .expect("end");
+        r.chunk(plain_chunk("a.db", 8292, tail))
+            .expect("plain tail");
+        let placed = end(&mut r, "a.db", data.len(), &root);
         assert_eq!(std::fs::read(root.join("a.db")).expect("read"), data);
         assert_eq!(placed.page_digests, page_digests(&data, 4096));
     }
@@ -489,15 +475,7 @@ mod tests {
             r.chunk(pages_chunk("b.db", (i * 4096 * 32) as u64, piece, piece))
                 .expect("chunk");
         }
-        let placed = r
-            .end(
-                FileEnd {
-                    name: "b.db".into(),
-                    size: data.len() as u64,
-                },
-                &root,
-            )
-            .expect("end");
+        let placed = end(&mut r, "b.db", data.len(), &root);
         let on_disk =
             crate::scrub::digests::digest_file("b.db", "b", &root.join("b.db")).expect("digest");
         assert_eq!(on_disk.digests, placed.page_digests);

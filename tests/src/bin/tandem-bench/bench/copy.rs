@@ -205,7 +205,7 @@ impl Bench {
         fig: &mut CopyFigures,
     ) -> Result<()> {
         let primary = big.primary.as_ref().context("no primary")?;
-        let port = free_port()?;
+        let metrics = free_addr()?;
         let p0 = proc_cpu_secs(primary.proc.pid())?;
         let started = Instant::now();
         let mut sb = start_standby(
@@ -213,7 +213,7 @@ impl Bench {
             dest,
             &primary.url(),
             &self.certs,
-            &["--metrics-listen", &format!("127.0.0.1:{port}")],
+            &["--metrics-listen", &metrics],
         )?;
         let mut standby_cpu = 0.0;
         let pid = sb.pid();
@@ -222,7 +222,7 @@ impl Bench {
             copy_timeout(big.bytes),
             &mut sb,
             || {
-                let m = scrape_metrics(&format!("127.0.0.1:{port}"))?;
+                let m = scrape_metrics(&metrics)?;
                 let done = m.get("tandem_standby_recoverable") == Some(&1.0)
                     && m.get("tandem_standby_connected") == Some(&1.0)
                     && m.get("tandem_standby_lag_bytes") == Some(&0.0);

@@ -295,7 +295,7 @@ impl Bench {
         mirror: &Path,
     ) -> Result<(f64, Rss, f64)> {
         remove_dir(mirror);
-        let port = free_port()?;
+        let metrics = free_addr()?;
         let started = Instant::now();
         let mut sb = start_standby(
             self.root.path(),
@@ -304,7 +304,7 @@ impl Bench {
             &self.certs,
             &[
                 "--metrics-listen",
-                &format!("127.0.0.1:{port}"),
+                &metrics,
                 "--scrub-interval-secs",
                 "0",
                 "--check-interval-secs",
@@ -326,7 +326,7 @@ impl Bench {
                     return Ok(false);
                 }
                 last = Instant::now();
-                let m = scrape_metrics(&format!("127.0.0.1:{port}"))?;
+                let m = scrape_metrics(&metrics)?;
                 Ok(m.get("tandem_standby_recoverable") == Some(&1.0)
                     && m.get("tandem_standby_connected") == Some(&1.0)
                     && m.get("tandem_standby_lag_bytes") == Some(&0.0))

@@ -52,7 +52,7 @@ use tandem_shared::wire::StatusRequest;
 use tandem_shared::LogPosition;
 use tandem_tests::bdb::{self, WorkloadOptions};
 use tandem_tests::harness::{
-    self, copy_env, free_port, lsn_of, primary_log_end, scrape_metrics, standby_status,
+    self, copy_env, free_addr, free_port, lsn_of, primary_log_end, scrape_metrics, standby_status,
     start_caught_up, start_primary, start_standby, wait_caught_up_running, wait_for,
     wait_while_running, Certs, Primary, Proc,
 };

@@ -123,7 +123,7 @@ impl Bench {
         std::fs::create_dir_all(&dir)?;
         let env = dir.join("env");
         copy_env(env0, &env)?;
-        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let metrics = free_addr()?;
         let primary = start_primary(
             &dir,
             &env,
