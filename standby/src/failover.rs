@@ -50,6 +50,9 @@ pub enum Event {
     Won { epoch: u64, reason: String },
     /// etcd names another primary address: follow it.
     Follow(String),
+    /// A planned switchover to this standby was asked for
+    /// (`tandem-standby switchover`): carry it out ([`crate::handover`]).
+    Switchover(crate::handover::Request),
 }
 
 /// What `.tandem/etcd.json` holds.
@@ -65,6 +68,9 @@ pub struct RoundStatus {
     pub verdict: String,
     pub last_failover: Option<FailoverRecord>,
     pub error: Option<String>,
+    /// The leader key moved to this standby (an election or a switchover)
+    /// and its promotion then failed: the cluster needs an operator.
+    pub promotion_failed: Option<String>,
     pub updated_unix_ms: u64,
 }
 
@@ -76,10 +82,13 @@ pub struct Coordinator {
     stop: CancellationToken,
     /// Why the leader key was last seen gone (for the failover record).
     last_leader: Option<LeaderRecord>,
+    /// A failed promotion an earlier run recorded: shown until an operator
+    /// removes `.tandem/etcd.json`.
+    promotion_failed: Option<String>,
 }
 
 impl Coordinator {
-    pub async fn start(cfg: FailoverConfig) -> anyhow::Result<Self> {
+    pub async fn start(cfg: FailoverConfig, dir: &StandbyDir) -> anyhow::Result<Self> {
         let cluster = Cluster::connect(&cfg.endpoints, &cfg.cluster, cfg.timing).await?;
         let sent = Instant::now();
         let lease = cluster.grant().await?;
@@ -92,6 +101,7 @@ impl Coordinator {
             state,
             stop,
             last_leader: None,
+            promotion_failed: read_status(dir).and_then(|s| s.promotion_failed),
         })
     }
 
@@ -125,6 +135,7 @@ impl Coordinator {
             cluster: self.cfg.cluster.clone(),
             name: self.cfg.name.clone(),
             lease_remaining_ms: self.state.borrow().remaining(Instant::now()).as_millis() as u64,
+            promotion_failed: self.promotion_failed.clone(),
             updated_unix_ms: tandem_shared::now_unix_ms(),
             ..Default::default()
         }
@@ -179,6 +190,20 @@ impl Coordinator {
                 if addr != following && l.name != self.cfg.name {
                     return Ok(Some(Event::Follow(addr.clone())));
                 }
+            }
+            if let Some(r) = snap.switchover.as_ref().filter(|r| {
+                r.to == self.cfg.name
+                    && r.state == tandem_coord::records::SwitchoverState::Requested
+            }) {
+                return Ok(Some(Event::Switchover(crate::handover::Request {
+                    record: r.clone(),
+                    rev: snap.switchover_rev,
+                    leader: l.clone(),
+                    leader_lease: snap.leader_lease,
+                    epoch_rev: snap.epoch_rev,
+                    my_epoch: me.epoch,
+                    env_id: me.env_id.clone(),
+                })));
             }
             return Ok(None);
         }
@@ -254,6 +279,30 @@ impl Coordinator {
         Ok(None)
     }
 
+    /// Records a promotion that failed after the leader key moved here
+    /// (`how`: "election" or "switchover"), for `status`.
+    pub async fn promotion_failed(&self, dir: &StandbyDir, how: &str, e: &anyhow::Error) {
+        let snap = self.cluster.snapshot().await.ok();
+        let leader = snap.as_ref().and_then(|s| s.view.leader.clone());
+        self.write_status(
+            dir,
+            RoundStatus {
+                leader: leader.as_ref().map(|l| l.name.clone()),
+                etcd_epoch: snap
+                    .as_ref()
+                    .and_then(|s| s.view.epoch.as_ref())
+                    .map_or(0, |e| e.epoch),
+                verdict: format!("promotion failed after winning the {how}"),
+                promotion_failed: Some(format!(
+                    "{} (after the {how}, {} ms): {e:#}",
+                    self.cfg.name,
+                    tandem_shared::now_unix_ms()
+                )),
+                ..self.base_status()
+            },
+        );
+    }
+
     /// The member record goes before the promoted primary takes over.
     pub async fn retire_member_record(&self) {
         let mut kv = self.cluster.client().kv_client();
@@ -307,6 +356,11 @@ pub fn render_status(r: &RoundStatus, now_ms: u64) -> String {
     }
     if let Some(e) = &r.error {
         out.push_str(&format!("etcd error:   {e}\n"));
+    }
+    if let Some(e) = &r.promotion_failed {
+        out.push_str(&format!(
+            "PROMOTION FAILED: {e}\n  the leader key was given up; etcd's epoch moved, so no other standby can win an election: see README \"Automatic failover with etcd\" for what to do\n"
+        ));
     }
     out
 }
