@@ -558,12 +558,14 @@ async fn follow_until_event(
         None => Next::Exit(ExitCode::SUCCESS),
         Some(Event::Follow(url)) => Next::Follow(url),
         Some(Event::Won { epoch, reason }) => {
+            // The follower must have released the directory first; it is
+            // awaited here once, so this arm returns.
             stop_follower();
             let _ = (&mut follower).await;
-            match promote_elected(coord, dir, epoch, reason).await {
+            return match promote_elected(coord, dir, epoch, reason).await {
                 Ok(p) => Next::Serve(p),
                 Err(code) => Next::Exit(code),
-            }
+            };
         }
         Some(Event::Switchover(req)) => {
             let old = tandem_standby::handover::OldPrimary {
