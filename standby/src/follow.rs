@@ -162,7 +162,7 @@ pub async fn run(
             metrics: Box::new(move || {
                 crate::metrics::render(
                     &snapshot(&for_metrics),
-                    crate::failover::read_status(&etcd_dir).as_ref(),
+                    crate::status::etcd::read_status(&etcd_dir).as_ref(),
                 )
             }),
             status_json: Box::new(move || {

@@ -27,7 +27,7 @@
 //! would have fenced it; if it cannot be known, the promote stops with
 //! the directory unchanged and the error says so.
 
-use crate::failover::Coordinator;
+use crate::failover::{Coordinator, Request};
 use crate::promote::{self, Handover, PromoteOptions, PromoteReport};
 use crate::state::StandbyDir;
 use anyhow::{anyhow, bail, Result};
@@ -42,21 +42,6 @@ use tokio::time::Instant;
 
 /// How often the old primary is asked whether it stopped acting.
 const STEP_DOWN_POLL: Duration = Duration::from_millis(50);
-
-/// A request addressed to this standby, as its round saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub record: SwitchoverRecord,
-    /// The request key's mod revision.
-    pub rev: i64,
-    /// The leader key then, its lease, and the epoch key's mod revision.
-    pub leader: LeaderRecord,
-    pub leader_lease: i64,
-    pub epoch_rev: i64,
-    /// This standby's epoch and environment then.
-    pub my_epoch: u64,
-    pub env_id: Option<String>,
-}
 
 /// How a switchover ended when it did not promote.
 #[derive(Debug)]
@@ -130,17 +115,15 @@ pub async fn carry_out(
         watch_stop.clone(),
     ));
     let pdir = dir.clone();
-    let promoted = tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts)).await;
+    let promoted = tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts))
+        .await
+        .map_err(|e| anyhow!(e))
+        .and_then(|r| r);
     let leader_moved = moved.lock().map(|m| m.is_some()).unwrap_or(true);
     let report = match promoted {
-        Ok(Ok(r)) => r,
-        other => {
+        Ok(r) => r,
+        Err(error) => {
             watch_stop.cancel();
-            let error = match other {
-                Ok(Err(e)) => e,
-                Err(e) => anyhow!(e),
-                Ok(Ok(_)) => anyhow!("unreachable"),
-            };
             if !leader_moved {
                 fail_request(&cluster, &req, rev, &error).await;
             }
@@ -150,21 +133,22 @@ pub async fn carry_out(
             });
         }
     };
-    let moved_at = moved
-        .lock()
-        .ok()
-        .and_then(|m| *m)
-        .unwrap_or_else(Instant::now);
+    let moved_at = moved.lock().ok().and_then(|m| *m);
     // The old primary's own clock fences it at the latest ttl − margin after
     // the last keepalive it sent, which was before its lease was revoked.
-    let deadline = moved_at + coord.config().timing.fence_after();
-    while Instant::now() < deadline && !stepped_down.lock().map(|s| *s).unwrap_or(false) {
-        tokio::time::sleep(STEP_DOWN_POLL).await;
-    }
+    let deadline = moved_at.unwrap_or_else(Instant::now) + coord.config().timing.fence_after();
+    wait_stepped_down(&stepped_down, deadline).await;
     watch_stop.cancel();
     let _ = watcher.await;
     tracing::warn!(epoch = report.epoch, %reason, "switchover: the old primary stepped down; serving");
     Ok(Promoted { report, reason })
+}
+
+/// Until the old primary said it stepped down, or `deadline`.
+async fn wait_stepped_down(stepped_down: &Mutex<bool>, deadline: Instant) {
+    while Instant::now() < deadline && !stepped_down.lock().map(|s| *s).unwrap_or(false) {
+        tokio::time::sleep(STEP_DOWN_POLL).await;
+    }
 }
 
 /// Marks the request claimed; Err when it changed since the round read it.

@@ -513,7 +513,7 @@ async fn run_with_etcd(
                 cfg.primary = url;
             }
             Next::Again => {}
-            Next::Serve(p) => return serve_promoted(&coord, &cfg, &f, p).await,
+            Next::Serve(p) => return serve_promoted(&coord, &cfg, &f, *p).await,
         }
     }
 }
@@ -524,7 +524,7 @@ enum Next {
     Follow(String),
     /// Follow the same primary again (a switchover failed, nothing changed).
     Again,
-    Serve(tandem_standby::handover::Promoted),
+    Serve(Box<tandem_standby::handover::Promoted>),
 }
 
 /// Runs a follower until etcd asks for something (or it ends), and does it.
@@ -563,7 +563,7 @@ async fn follow_until_event(
             stop_follower();
             let _ = (&mut follower).await;
             return match promote_elected(coord, dir, epoch, reason).await {
-                Ok(p) => Next::Serve(p),
+                Ok(p) => Next::Serve(Box::new(p)),
                 Err(code) => Next::Exit(code),
             };
         }
@@ -575,9 +575,9 @@ async fn follow_until_event(
             };
             let stopper = stop_follower.clone();
             let done =
-                tandem_standby::handover::carry_out(coord, dir, req, old, Box::new(stopper)).await;
+                tandem_standby::handover::carry_out(coord, dir, *req, old, Box::new(stopper)).await;
             match done {
-                Ok(p) => Next::Serve(p),
+                Ok(p) => Next::Serve(Box::new(p)),
                 Err(f) if !f.leader_moved => {
                     tracing::error!(error = %format!("{:#}", f.error), "the switchover failed; nothing changed: following the primary again");
                     Next::Again

@@ -3,7 +3,7 @@
 //! scrape. The names are the interface: README's monitoring table lists
 //! them, dashboards and alerts use them.
 
-use crate::failover::RoundStatus;
+use crate::status::etcd::RoundStatus;
 use crate::status::StandbyStatus;
 use tandem_shared::metrics::MetricsPage;
 

@@ -230,9 +230,9 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
     if let Some(h) = &opts.handover {
         if kind != "switchover" {
             stop_child(child);
-            return Err(Refused(format!(
-                "the primary did not confirm a switchover (it became unreachable): nothing was changed. If it died, automatic failover takes over once its lease expires"
-            ))
+            return Err(Refused(
+                "the primary did not confirm a switchover (it became unreachable): nothing was changed. If it died, automatic failover takes over once its lease expires".into(),
+            )
             .into());
         }
         (h.stop_follower)();

@@ -177,19 +177,19 @@ async fn wait(
                         ))
                         .into());
                     }
-                    if Instant::now() >= deadline && !claimed {
-                        if cluster
+                    if Instant::now() >= deadline
+                        && !claimed
+                        && cluster
                             .remove_switchover(s.switchover_rev)
                             .await
                             .unwrap_or(false)
-                        {
-                            return Err(Refused(format!(
+                    {
+                        return Err(Refused(format!(
                                 "{} did not pick the switchover up within {} s (does its `tandem-standby run --etcd` run?); the request was withdrawn",
                                 record.to,
                                 o.timeout.as_secs()
                             ))
                             .into());
-                        }
                     }
                 } else if moved.is_none() {
                     bail!(
