@@ -169,7 +169,7 @@ async fn switchover_cmd(a: cli::SwitchoverArgs) -> ExitCode {
             Err(e) => return usage_error(e),
         },
     };
-    let e = from_file.etcd;
+    let e = from_file.etcd.clone();
     let Some(list) = a.etcd.or(e.etcd) else {
         return usage_error("--etcd is required (or `etcd` in --config)");
     };
@@ -179,12 +179,7 @@ async fn switchover_cmd(a: cli::SwitchoverArgs) -> ExitCode {
     let options = tandem_coord::parse_endpoints(&list)
         .map_err(anyhow::Error::from)
         .and_then(|endpoints| {
-            let timing = tandem_coord::Timing::from_flags(
-                e.etcd_ttl_secs,
-                e.etcd_loop_wait_ms,
-                e.etcd_retry_timeout_ms,
-                e.etcd_fence_margin_ms,
-            )?;
+            let timing = from_file.timing.timing()?;
             Ok(tandem_standby::switchover::SwitchoverOptions {
                 endpoints,
                 cluster,
