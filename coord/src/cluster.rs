@@ -8,7 +8,7 @@
 use crate::policy::ClusterView;
 use crate::records::{
     decode, encode, EpochRecord, FailoverRecord, FloorRecord, Keys, LeaderRecord, MemberRecord,
-    PositionRecord,
+    PositionRecord, SwitchoverRecord,
 };
 use crate::timing::Timing;
 use crate::Error;
@@ -26,6 +26,9 @@ pub struct Snapshot {
     pub leader_lease: i64,
     /// The cluster's revision when read.
     pub revision: i64,
+    /// A planned switchover under way, and its key's mod revision.
+    pub switchover: Option<SwitchoverRecord>,
+    pub switchover_rev: i64,
 }
 
 /// A connection to etcd for one cluster.
@@ -103,6 +106,15 @@ impl Cluster {
                 s.view.position = Some(decode(&key, value)?);
             } else if key == k.floor() {
                 s.view.floor = Some(decode(&key, value)?);
+            } else if key == k.switchover() {
+                // A bad request must not stop the cluster's rounds.
+                match decode::<SwitchoverRecord>(&key, value) {
+                    Ok(r) => {
+                        s.switchover = Some(r);
+                        s.switchover_rev = item.mod_revision();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ignoring a switchover record"),
+                }
             } else if key.starts_with(&k.members()) {
                 // One bad member record must not blind the others.
                 match decode::<MemberRecord>(&key, value) {
@@ -209,6 +221,117 @@ impl Cluster {
         let mut kv = self.client.kv_client();
         let r = bounded(self.timing, kv.txn(txn)).await?;
         Ok(r.succeeded())
+    }
+
+    /// Asks for a planned switchover: writes `request` under `lease` if and
+    /// only if the leader key is still on `leader_lease`, the epoch key is
+    /// unchanged since `epoch_rev` and no other switchover is under way.
+    pub async fn request_switchover(
+        &self,
+        request: &SwitchoverRecord,
+        leader_lease: i64,
+        epoch_rev: i64,
+        lease: i64,
+    ) -> Result<bool, Error> {
+        let k = &self.keys;
+        let txn = Txn::new()
+            .when(vec![
+                Compare::lease(k.leader(), CompareOp::Equal, leader_lease),
+                Compare::mod_revision(k.epoch(), CompareOp::Equal, epoch_rev),
+                Compare::create_revision(k.switchover(), CompareOp::Equal, 0),
+            ])
+            .and_then(vec![TxnOp::put(
+                k.switchover(),
+                encode(request),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let mut kv = self.client.kv_client();
+        Ok(bounded(self.timing, kv.txn(txn)).await?.succeeded())
+    }
+
+    /// Rewrites the switchover record (its state) only if nobody changed
+    /// it since `rev`; it keeps the requesting command's lease.
+    pub async fn update_switchover(
+        &self,
+        record: &SwitchoverRecord,
+        rev: i64,
+    ) -> Result<Option<i64>, Error> {
+        let k = &self.keys;
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                k.switchover(),
+                CompareOp::Equal,
+                rev,
+            )])
+            .and_then(vec![TxnOp::put(
+                k.switchover(),
+                encode(record),
+                Some(PutOptions::new().with_ignore_lease()),
+            )]);
+        let mut kv = self.client.kv_client();
+        let r = bounded(self.timing, kv.txn(txn)).await?;
+        Ok(r.succeeded()
+            .then(|| r.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Removes the switchover record if nobody changed it since `rev`.
+    pub async fn remove_switchover(&self, rev: i64) -> Result<bool, Error> {
+        let k = &self.keys;
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                k.switchover(),
+                CompareOp::Equal,
+                rev,
+            )])
+            .and_then(vec![TxnOp::delete(k.switchover(), None)]);
+        let mut kv = self.client.kv_client();
+        Ok(bounded(self.timing, kv.txn(txn)).await?.succeeded())
+    }
+
+    /// The planned switchover's one step: the leader key moves from the
+    /// primary's lease `old_lease` to `leader` under `lease`, with the new
+    /// epoch, in one transaction that holds only while the epoch key is
+    /// unchanged since `epoch_rev`, the leader key is still on `old_lease`
+    /// and the claimed request is unchanged since `switchover_rev`. The
+    /// leader key is never absent, so no election can start; and the old
+    /// primary can no longer update it (its writes compare its lease).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn take_over(
+        &self,
+        epoch_rev: i64,
+        old_lease: i64,
+        switchover_rev: i64,
+        epoch: &EpochRecord,
+        leader: &LeaderRecord,
+        lease: i64,
+        failover: &FailoverRecord,
+    ) -> Result<bool, Error> {
+        let k = &self.keys;
+        let txn = Txn::new()
+            .when(vec![
+                Compare::mod_revision(k.epoch(), CompareOp::Equal, epoch_rev),
+                Compare::lease(k.leader(), CompareOp::Equal, old_lease),
+                Compare::mod_revision(k.switchover(), CompareOp::Equal, switchover_rev),
+            ])
+            .and_then(vec![
+                TxnOp::put(k.epoch(), encode(epoch), None),
+                TxnOp::put(
+                    k.leader(),
+                    encode(leader),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(k.failover(), encode(failover), None),
+                TxnOp::delete(k.switchover(), None),
+            ]);
+        let mut kv = self.client.kv_client();
+        Ok(bounded(self.timing, kv.txn(txn)).await?.succeeded())
+    }
+
+    /// Grants a lease of `ttl_secs` (for a request that must go by itself).
+    pub async fn grant_secs(&self, ttl_secs: i64) -> Result<i64, Error> {
+        let mut lease = self.client.lease_client();
+        let r = bounded(self.timing, lease.grant(ttl_secs, None)).await?;
+        Ok(r.id())
     }
 
     /// Publishes a standby's record under its own lease.

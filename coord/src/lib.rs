@@ -10,6 +10,7 @@
 //! - [`cluster`]: the connection: one-request snapshots, the election
 //!   transaction, leader-only updates, member records.
 //! - [`lease`]: the lease keeper and the fencing clock.
+//! - [`switchover`]: who a planned switchover goes to, and its refusals.
 //! - [`hook`]: running the operator's `--on-fence` and `--on-promote`.
 
 pub mod cluster;
@@ -17,6 +18,7 @@ pub mod hook;
 pub mod lease;
 pub mod policy;
 pub mod records;
+pub mod switchover;
 pub mod timing;
 
 pub use cluster::{parse_endpoints, Cluster, Snapshot};

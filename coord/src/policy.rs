@@ -6,7 +6,9 @@
 //! 1. the leader key is gone (its lease expired or was revoked);
 //! 2. an election happened before (the epoch key exists) and the candidate
 //!    has seen exactly its epoch: one behind has not followed the newest
-//!    primary, one ahead is a promoted directory;
+//!    primary, one ahead is a promoted directory; except one behind whose
+//!    epoch record names the candidate itself (it took that epoch and died
+//!    before its promotion recorded it: it may take it again);
 //! 3. it holds a recoverable base;
 //! 4. its durable end reaches the durable floor (no commit wait answered
 //!    durable is missing from it);
@@ -118,7 +120,12 @@ pub fn decide(view: &ClusterView, me: &Candidate) -> Verdict {
     let Some(epoch) = &view.epoch else {
         return wait(NoElectionYet);
     };
-    if epoch.epoch != me.epoch {
+    // This standby took etcd's epoch itself and its promotion stopped
+    // before it recorded one (it died after winning an election or taking
+    // a switchover over): nobody else holds that epoch, so it may take it
+    // again; every other standby waits.
+    let retake = epoch.epoch == me.epoch + 1 && epoch.name == me.name;
+    if epoch.epoch != me.epoch && !retake {
         return wait(EpochMismatch {
             etcd: epoch.epoch,
             mine: me.epoch,
@@ -160,6 +167,53 @@ pub fn decide(view: &ClusterView, me: &Candidate) -> Verdict {
     Verdict::Campaign {
         new_epoch: me.epoch + 1,
         lag_bytes,
+    }
+}
+
+#[cfg(test)]
+mod retake_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_standby_that_took_the_epoch_may_take_it_again() {
+        let v = ClusterView {
+            epoch: Some(EpochRecord {
+                epoch: 3,
+                name: "a".into(),
+                unix_ms: 0,
+            }),
+            position: Some(PositionRecord {
+                epoch: 2,
+                end: LogPosition::new(3, 1000),
+                lg_max: 10_000,
+                unix_ms: 0,
+            }),
+            ..Default::default()
+        };
+        let me = |name: &str| Candidate {
+            name: name.into(),
+            epoch: 2,
+            durable: LogPosition::new(3, 1000),
+            recoverable: true,
+            max_lag_bytes: 0,
+        };
+        assert_eq!(
+            decide(&v, &me("a")),
+            Verdict::Campaign {
+                new_epoch: 3,
+                lag_bytes: 0
+            }
+        );
+        assert_eq!(
+            decide(&v, &me("b")),
+            Verdict::Wait(WaitReason::EpochMismatch { etcd: 3, mine: 2 })
+        );
+        // Two epochs ahead is never this standby's own.
+        let ahead = Candidate {
+            epoch: 1,
+            ..me("a")
+        };
+        assert!(matches!(decide(&v, &ahead), Verdict::Wait(_)));
     }
 }
 

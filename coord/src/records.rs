@@ -13,6 +13,10 @@
 //!   A standby that does not hold it may not win.
 //! - `members/NAME`: a standby's durable position, under its own lease.
 //! - `failover`: the last failover or switchover: who, when, and why.
+//! - `switchover`: a planned switchover under way (`tandem-standby
+//!   switchover`), under the asking command's lease so a request whose
+//!   command died goes by itself; the target standby claims it and the
+//!   transaction that moves the leader key deletes it.
 
 use serde::{Deserialize, Serialize};
 use tandem_shared::LogPosition;
@@ -55,6 +59,9 @@ impl Keys {
     }
     pub fn failover(&self) -> String {
         format!("{}failover", self.prefix)
+    }
+    pub fn switchover(&self) -> String {
+        format!("{}switchover", self.prefix)
     }
     pub fn members(&self) -> String {
         format!("{}members/", self.prefix)
@@ -143,6 +150,37 @@ pub struct FailoverRecord {
     /// "failover" or "switchover".
     pub kind: String,
     pub reason: String,
+    pub unix_ms: u64,
+}
+
+/// Where a planned switchover is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwitchoverState {
+    /// Written by the command; the target has not answered yet.
+    Requested,
+    /// The target standby is catching up and asking the primary.
+    Claimed,
+    /// The target gave up before the leader key moved: nothing changed.
+    Failed,
+}
+
+/// The value of `switchover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverRecord {
+    /// Unique per request (the command's lease id and time).
+    pub id: String,
+    /// The primary that hands over (the leader key's holder when asked).
+    pub from: String,
+    /// The standby that takes over.
+    pub to: String,
+    /// The epoch of `from`; the target takes `epoch + 1`.
+    pub epoch: u64,
+    /// How long the target may wait for its catch-up.
+    pub catch_up_timeout_ms: u64,
+    pub state: SwitchoverState,
+    #[serde(default)]
+    pub error: Option<String>,
     pub unix_ms: u64,
 }
 

@@ -80,6 +80,20 @@ pub enum Command {
         #[arg(long)]
         full_verify: bool,
     },
+    /// Planned switchover through etcd: the primary hands over to a standby
+    /// with nothing lost, the leader key moved in one etcd transaction.
+    ///
+    /// Stop the application on the primary first. The target (--to, or the
+    /// most caught-up standby, ties by name) must run `run --etcd` in the
+    /// cluster; its run catches up, asks the primary as `promote` does (no
+    /// process may have its environment open, and the standby must hold its
+    /// end of log), then moves the leader key to itself (a transaction on
+    /// the epoch key's revision and the primary's lease: no election can
+    /// start meanwhile), promotes as a switchover and serves on its
+    /// --promote-listen. The old primary fences itself and stops (exit 7);
+    /// the other standbys follow the new one. Exit 4: refused, nothing
+    /// changed (the reason is printed); 1: etcd unreachable or no outcome.
+    Switchover(SwitchoverArgs),
     /// Write a self-contained, verified backup of the standby into a new
     /// subdirectory of ARCHIVE, for restores to any point in its log.
     ///
@@ -234,6 +248,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `switchover`'s options; --etcd and --cluster can come from a standby's
+/// `run` TOML file (--config: its `etcd` and `cluster` keys).
+#[derive(Args)]
+pub struct SwitchoverArgs {
+    /// The standby's `run` TOML file: its `etcd`, `cluster` and etcd timing
+    /// keys are used unless given as flags.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// etcd endpoints, comma-separated.
+    #[arg(long, value_name = "URL,URL,...")]
+    pub etcd: Option<String>,
+    /// The cluster's name in etcd.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// The standby that takes over (its --name) [default: the most
+    /// caught-up standby publishing in the cluster, ties by name].
+    #[arg(long, value_name = "NAME")]
+    pub to: Option<String>,
+    /// How long the target may take to catch up with the primary's end of
+    /// log before it gives up (nothing changed), in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub catch_up_timeout_secs: u64,
+    /// How long to wait for the target to pick the request up (a request
+    /// nobody claimed is then withdrawn), and then for it to finish, in
+    /// seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout_secs: u64,
+    /// Most bytes the target may be behind the primary's published end of
+    /// log when asked [default: 16777216].
+    #[arg(long)]
+    pub max_lag_bytes: Option<u64>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How to reach an s3:// archive. Credentials come from the usual AWS

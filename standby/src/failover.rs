@@ -9,12 +9,12 @@
 //!   lease, which this coordinator keeps alive until the promoted primary
 //!   (same name, new epoch) adopts it.
 //! - Positions come from the running follower's status file, which it
-//!   writes after fsync: what is published is durable. Never through
-//!   `status::read` in this process (see `Coordinator::round`).
+//!   writes after fsync: what is published is durable.
 //! - The round's state goes to `.tandem/etcd.json` for status.
 
 use crate::state::StandbyDir;
-use serde::{Deserialize, Serialize};
+pub use crate::status::etcd::{read_status, render_status, RoundStatus, STATUS_FILE};
+
 use std::net::SocketAddr;
 use tandem_coord::lease::LeaseState;
 use tandem_coord::policy::{decide, Candidate, Verdict};
@@ -26,8 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 /// `run --failover-max-lag-bytes` by default.
 pub const DEFAULT_MAX_LAG_BYTES: u64 = 16 << 20;
-/// Where each round's outcome is written.
-pub const STATUS_FILE: &str = "etcd.json";
 
 #[derive(Debug, Clone)]
 pub struct FailoverConfig {
@@ -50,22 +48,25 @@ pub enum Event {
     Won { epoch: u64, reason: String },
     /// etcd names another primary address: follow it.
     Follow(String),
+    /// A planned switchover to this standby was asked for
+    /// (`tandem-standby switchover`): carry it out ([`crate::handover`]).
+    Switchover(Box<Request>),
 }
 
-/// What `.tandem/etcd.json` holds.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RoundStatus {
-    pub cluster: String,
-    pub name: String,
-    pub leader: Option<String>,
-    pub leader_address: Option<String>,
-    pub etcd_epoch: u64,
-    pub lease_remaining_ms: u64,
-    pub verdict: String,
-    pub last_failover: Option<FailoverRecord>,
-    pub error: Option<String>,
-    pub updated_unix_ms: u64,
+/// A planned switchover addressed to this standby, as its round saw it
+/// (carried out by [`crate::handover`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub record: tandem_coord::records::SwitchoverRecord,
+    /// The request key's mod revision.
+    pub rev: i64,
+    /// The leader key then, its lease, and the epoch key's mod revision.
+    pub leader: LeaderRecord,
+    pub leader_lease: i64,
+    pub epoch_rev: i64,
+    /// This standby's epoch and environment then.
+    pub my_epoch: u64,
+    pub env_id: Option<String>,
 }
 
 pub struct Coordinator {
@@ -76,10 +77,13 @@ pub struct Coordinator {
     stop: CancellationToken,
     /// Why the leader key was last seen gone (for the failover record).
     last_leader: Option<LeaderRecord>,
+    /// A failed promotion an earlier run recorded: shown until an operator
+    /// removes `.tandem/etcd.json`.
+    promotion_failed: Option<String>,
 }
 
 impl Coordinator {
-    pub async fn start(cfg: FailoverConfig) -> anyhow::Result<Self> {
+    pub async fn start(cfg: FailoverConfig, dir: &StandbyDir) -> anyhow::Result<Self> {
         let cluster = Cluster::connect(&cfg.endpoints, &cfg.cluster, cfg.timing).await?;
         let sent = Instant::now();
         let lease = cluster.grant().await?;
@@ -92,6 +96,7 @@ impl Coordinator {
             state,
             stop,
             last_leader: None,
+            promotion_failed: read_status(dir).and_then(|s| s.promotion_failed),
         })
     }
 
@@ -125,6 +130,7 @@ impl Coordinator {
             cluster: self.cfg.cluster.clone(),
             name: self.cfg.name.clone(),
             lease_remaining_ms: self.state.borrow().remaining(Instant::now()).as_millis() as u64,
+            promotion_failed: self.promotion_failed.clone(),
             updated_unix_ms: tandem_shared::now_unix_ms(),
             ..Default::default()
         }
@@ -134,10 +140,8 @@ impl Coordinator {
     // (read status, publish, read the cluster, campaign, promote); to be
     // split into steps.
     async fn round(&mut self, dir: &StandbyDir, following: &str) -> anyhow::Result<Option<Event>> {
-        // The running follower's own status file, never `status::read`:
-        // that asks for the directory lock's holder, and opening and
-        // closing the lock file in this process would drop the follower's
-        // POSIX lock.
+        // The running follower's own status file: what it published after
+        // fsync (no lock needed to read it).
         let me: crate::status::StandbyStatus =
             serde_json::from_slice(&std::fs::read(dir.status_path())?)?;
         let lease = *self.state.borrow();
@@ -179,6 +183,20 @@ impl Coordinator {
                 if addr != following && l.name != self.cfg.name {
                     return Ok(Some(Event::Follow(addr.clone())));
                 }
+            }
+            if let Some(r) = snap.switchover.as_ref().filter(|r| {
+                r.to == self.cfg.name
+                    && r.state == tandem_coord::records::SwitchoverState::Requested
+            }) {
+                return Ok(Some(Event::Switchover(Box::new(Request {
+                    record: r.clone(),
+                    rev: snap.switchover_rev,
+                    leader: l.clone(),
+                    leader_lease: snap.leader_lease,
+                    epoch_rev: snap.epoch_rev,
+                    my_epoch: me.epoch,
+                    env_id: me.env_id.clone(),
+                }))));
             }
             return Ok(None);
         }
@@ -254,6 +272,30 @@ impl Coordinator {
         Ok(None)
     }
 
+    /// Records a promotion that failed after the leader key moved here
+    /// (`how`: "election" or "switchover"), for `status`.
+    pub async fn promotion_failed(&self, dir: &StandbyDir, how: &str, e: &anyhow::Error) {
+        let snap = self.cluster.snapshot().await.ok();
+        let leader = snap.as_ref().and_then(|s| s.view.leader.clone());
+        self.write_status(
+            dir,
+            RoundStatus {
+                leader: leader.as_ref().map(|l| l.name.clone()),
+                etcd_epoch: snap
+                    .as_ref()
+                    .and_then(|s| s.view.epoch.as_ref())
+                    .map_or(0, |e| e.epoch),
+                verdict: format!("promotion failed after winning the {how}"),
+                promotion_failed: Some(format!(
+                    "{} (after the {how}, {} ms): {e:#}",
+                    self.cfg.name,
+                    tandem_shared::now_unix_ms()
+                )),
+                ..self.base_status()
+            },
+        );
+    }
+
     /// The member record goes before the promoted primary takes over.
     pub async fn retire_member_record(&self) {
         let mut kv = self.cluster.client().kv_client();
@@ -272,41 +314,4 @@ impl Coordinator {
             }
         }
     }
-}
-
-/// The last round's state, read from the file directly (no lock taken), or
-/// None when this standby never ran with etcd.
-pub fn read_status(dir: &StandbyDir) -> Option<RoundStatus> {
-    let b = std::fs::read(dir.meta().join(STATUS_FILE)).ok()?;
-    serde_json::from_slice(&b).ok()
-}
-
-/// Text for `status`: the etcd lines.
-pub fn render_status(r: &RoundStatus, now_ms: u64) -> String {
-    let ago = |ms: u64| format!("{:.1} s ago", now_ms.saturating_sub(ms) as f64 / 1000.0);
-    let mut out = format!(
-        "etcd:         cluster {} as {}, verdict {} (updated {})\netcd leader:  {} at {} (etcd epoch {}), lease remaining {:.1} s\n",
-        r.cluster,
-        r.name,
-        if r.verdict.is_empty() { "-" } else { &r.verdict },
-        ago(r.updated_unix_ms),
-        r.leader.as_deref().unwrap_or("none"),
-        r.leader_address.as_deref().unwrap_or("-"),
-        r.etcd_epoch,
-        r.lease_remaining_ms as f64 / 1000.0,
-    );
-    if let Some(f) = &r.last_failover {
-        out.push_str(&format!(
-            "last {}: to {} (epoch {}) {}: {}\n",
-            f.kind,
-            f.name,
-            f.epoch,
-            ago(f.unix_ms),
-            f.reason
-        ));
-    }
-    if let Some(e) = &r.error {
-        out.push_str(&format!("etcd error:   {e}\n"));
-    }
-    out
 }

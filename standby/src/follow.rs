@@ -157,8 +157,14 @@ pub async fn run(
     let mut admin = None;
     if let Some(addr) = cfg.metrics_listen {
         let (for_metrics, for_status) = (status.subscribe(), status.subscribe());
+        let etcd_dir = dir.clone();
         let pages = tandem_shared::metrics::AdminPages {
-            metrics: Box::new(move || crate::metrics::render(&snapshot(&for_metrics))),
+            metrics: Box::new(move || {
+                crate::metrics::render(
+                    &snapshot(&for_metrics),
+                    crate::status::etcd::read_status(&etcd_dir).as_ref(),
+                )
+            }),
             status_json: Box::new(move || {
                 serde_json::to_string_pretty(&snapshot(&for_status)).unwrap_or_default()
             }),

@@ -11,6 +11,10 @@
 //! - [`scrub`]: proves the mirror still holds what was written; heals it.
 //! - [`failover`]: with `--etcd`, publishes this standby in etcd and
 //!   decides when it promotes by itself.
+//! - [`handover`]: with `--etcd`, the target's side of a planned
+//!   switchover (`tandem-standby switchover`).
+//! - [`switchover`]: the `switchover` command: asks for a planned
+//!   switchover in etcd and waits for its outcome.
 //! - [`archive`]: backups of the mirror, their verification and restore.
 //! - [`archive_hold`]: the log the archive still needs, kept from removal.
 //!
@@ -24,6 +28,7 @@ pub mod archive;
 pub mod archive_hold;
 pub mod failover;
 pub mod follow;
+pub mod handover;
 pub(crate) mod metrics;
 pub(crate) mod mirror;
 pub mod promote;
@@ -32,3 +37,4 @@ pub(crate) mod rejoin;
 pub mod scrub;
 pub mod state;
 pub mod status;
+pub mod switchover;

@@ -55,6 +55,10 @@ async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Run(flags) => run(flags).await,
         Command::Status { dir, json } => exit_with(show_status(&dir, json)),
+        Command::Switchover(a) => {
+            telemetry::init(LogFormat::Human);
+            switchover_cmd(a).await
+        }
         Command::Check { dir, json } => exit_with(check(&dir, json)),
         Command::Scrub { dir, json } => {
             telemetry::init(LogFormat::Human);
@@ -72,6 +76,7 @@ async fn dispatch(command: Command) -> ExitCode {
                 force,
                 full_verify,
                 elected: false,
+                handover: None,
             };
             promote_cmd(StandbyDir::new(&dir), opts, json).await
         }
@@ -151,6 +156,56 @@ fn check(dir: &Path, json: bool) -> Result<()> {
             "readiness check failed: {}",
             report.error.unwrap_or_default()
         ))
+    }
+}
+
+/// `switchover`: exits [`EXIT_REFUSED_FOR_NOW`] when it refused and
+/// changed nothing, [`EXIT_USAGE`] for bad flags or config.
+async fn switchover_cmd(a: cli::SwitchoverArgs) -> ExitCode {
+    let from_file = match &a.config {
+        None => RunArgs::default(),
+        Some(p) => match tandem_shared::config::merge_with_file(&RunArgs::default(), Some(p)) {
+            Ok(r) => r,
+            Err(e) => return usage_error(e),
+        },
+    };
+    let e = from_file.etcd.clone();
+    let Some(list) = a.etcd.or(e.etcd) else {
+        return usage_error("--etcd is required (or `etcd` in --config)");
+    };
+    let Some(cluster) = a.cluster.or(e.cluster) else {
+        return usage_error("--cluster is required (or `cluster` in --config)");
+    };
+    let options = tandem_coord::parse_endpoints(&list)
+        .map_err(anyhow::Error::from)
+        .and_then(|endpoints| {
+            let timing = from_file.timing.timing()?;
+            Ok(tandem_standby::switchover::SwitchoverOptions {
+                endpoints,
+                cluster,
+                to: a.to,
+                catch_up_timeout: Duration::from_secs(a.catch_up_timeout_secs),
+                timeout: Duration::from_secs(a.timeout_secs),
+                max_lag_bytes: a
+                    .max_lag_bytes
+                    .unwrap_or(tandem_standby::failover::DEFAULT_MAX_LAG_BYTES),
+                timing,
+            })
+        });
+    let options = match options {
+        Ok(o) => o,
+        Err(e) => return usage_error(format!("{e:#}")),
+    };
+    match tandem_standby::switchover::switchover(&options).await {
+        Ok(report) => exit_with(print_report(&report, a.json)),
+        Err(e)
+            if e.downcast_ref::<tandem_standby::switchover::Refused>()
+                .is_some() =>
+        {
+            eprintln!("tandem-standby: {e:#}");
+            ExitCode::from(EXIT_REFUSED_FOR_NOW)
+        }
+        Err(e) => exit_with(Err(e)),
     }
 }
 
@@ -424,83 +479,147 @@ fn failover_config(
 }
 
 /// `run --etcd`: follows whichever primary etcd names, and promotes by
-/// itself when it wins an election; then becomes that primary (exec of
-/// the `tandem-primary` next to this binary, which adopts the lease).
-// Long function: the follow-then-promote life of an etcd standby in
-// order; to be split into steps.
+/// itself when it wins an election or is asked for a planned switchover;
+/// then becomes that primary (exec of the `tandem-primary` next to this
+/// binary, which adopts the lease).
 async fn run_with_etcd(
     mut cfg: StandbyConfig,
     f: tandem_standby::failover::FailoverConfig,
 ) -> ExitCode {
-    use tandem_standby::failover::{Coordinator, Event};
-    let mut coord = match Coordinator::start(f.clone()).await {
+    use tandem_standby::failover::Coordinator;
+    let dir = StandbyDir::new(&cfg.dir);
+    let mut coord = match Coordinator::start(f.clone(), &dir).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tandem-standby: error: cannot start with etcd: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    let dir = StandbyDir::new(&cfg.dir);
     let signal = tandem_shared::shutdown_signal();
     tokio::pin!(signal);
-    let won = loop {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let follower = tokio::spawn(follow::run(cfg.clone(), async {
-            let _ = rx.await;
-        }));
-        tokio::pin!(follower);
-        let event = tokio::select! {
-            _ = &mut signal => None,
-            e = coord.next_event(&dir, &cfg.primary) => Some(e),
-            r = &mut follower => {
-                return match r {
-                    Ok(Ok(())) => ExitCode::SUCCESS,
-                    Ok(Err(FollowError::Refused(why))) => {
-                        eprintln!("tandem-standby: refused: {why}");
-                        ExitCode::from(EXIT_REFUSED)
-                    }
-                    Ok(Err(FollowError::Other(e))) => {
-                        eprintln!("tandem-standby: error: {e:#}");
-                        ExitCode::FAILURE
-                    }
-                    Err(e) => {
-                        eprintln!("tandem-standby: error: {e}");
-                        ExitCode::FAILURE
-                    }
-                };
-            }
-        };
-        let _ = tx.send(());
-        let _ = follower.await;
-        match event {
-            None => return ExitCode::SUCCESS,
-            Some(Event::Follow(url)) => {
+    loop {
+        match follow_until_event(&mut coord, &cfg, &dir, &mut signal).await {
+            Next::Exit(code) => return code,
+            Next::Follow(url) => {
                 tracing::warn!(from = %cfg.primary, to = %url, "etcd names another primary: following it");
                 cfg.primary = url;
             }
-            Some(Event::Won { epoch, reason }) => break (epoch, reason),
+            Next::Again => {}
+            Next::Serve(p) => return serve_promoted(&coord, &cfg, &f, *p).await,
+        }
+    }
+}
+
+/// What the etcd standby does after one follower's life.
+enum Next {
+    Exit(ExitCode),
+    Follow(String),
+    /// Follow the same primary again (a switchover failed, nothing changed).
+    Again,
+    Serve(Box<tandem_standby::handover::Promoted>),
+}
+
+/// Runs a follower until etcd asks for something (or it ends), and does it.
+async fn follow_until_event(
+    coord: &mut tandem_standby::failover::Coordinator,
+    cfg: &StandbyConfig,
+    dir: &StandbyDir,
+    signal: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Next {
+    use tandem_standby::failover::Event;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let follower = tokio::spawn(follow::run(cfg.clone(), async {
+        let _ = rx.await;
+    }));
+    tokio::pin!(follower);
+    let event = tokio::select! {
+        _ = signal.as_mut() => None,
+        e = coord.next_event(dir, &cfg.primary) => Some(e),
+        r = &mut follower => return Next::Exit(follower_exit(r)),
+    };
+    let stop = Arc::new(std::sync::Mutex::new(Some(tx)));
+    let stop_follower = {
+        let stop = stop.clone();
+        move || {
+            if let Some(tx) = stop.lock().ok().and_then(|mut t| t.take()) {
+                let _ = tx.send(());
+            }
         }
     };
-    let (epoch, reason) = won;
+    let next = match event {
+        None => Next::Exit(ExitCode::SUCCESS),
+        Some(Event::Follow(url)) => Next::Follow(url),
+        Some(Event::Won { epoch, reason }) => {
+            // The follower must have released the directory first; it is
+            // awaited here once, so this arm returns.
+            stop_follower();
+            let _ = (&mut follower).await;
+            return match promote_elected(coord, dir, epoch, reason).await {
+                Ok(p) => Next::Serve(Box::new(p)),
+                Err(code) => Next::Exit(code),
+            };
+        }
+        Some(Event::Switchover(req)) => {
+            let old = tandem_standby::handover::OldPrimary {
+                url: cfg.primary.clone(),
+                server_name: cfg.server_name.clone(),
+                tls: cfg.tls.clone(),
+            };
+            let stopper = stop_follower.clone();
+            let done =
+                tandem_standby::handover::carry_out(coord, dir, *req, old, Box::new(stopper)).await;
+            match done {
+                Ok(p) => Next::Serve(Box::new(p)),
+                Err(f) if !f.leader_moved => {
+                    tracing::error!(error = %format!("{:#}", f.error), "the switchover failed; nothing changed: following the primary again");
+                    Next::Again
+                }
+                Err(f) => Next::Exit(promotion_failed(coord, dir, "switchover", &f.error).await),
+            }
+        }
+    };
+    stop_follower();
+    let _ = follower.await;
+    next
+}
+
+fn follower_exit(r: Result<Result<(), FollowError>, tokio::task::JoinError>) -> ExitCode {
+    match r {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(FollowError::Refused(why))) => {
+            eprintln!("tandem-standby: refused: {why}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Ok(Err(FollowError::Other(e))) => {
+            eprintln!("tandem-standby: error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("tandem-standby: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The promotion after winning an election: from what is durable.
+async fn promote_elected(
+    coord: &tandem_standby::failover::Coordinator,
+    dir: &StandbyDir,
+    epoch: u64,
+    reason: String,
+) -> Result<tandem_standby::handover::Promoted, ExitCode> {
     let opts = PromoteOptions {
         catch_up_timeout: Duration::from_secs(5),
         force: true,
         full_verify: false,
         elected: true,
+        handover: None,
     };
     let pdir = dir.clone();
     let report = match tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::error!(error = %format!("{e:#}"), "the promotion FAILED after winning the election; the cluster needs an operator");
-            let _ = coord.cluster.revoke(coord.lease).await;
-            eprintln!("tandem-standby: error: promotion failed after winning the election: {e:#}");
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("tandem-standby: error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Ok(Err(e)) => return Err(promotion_failed(coord, dir, "election", &e).await),
+        Err(e) => return Err(promotion_failed(coord, dir, "election", &anyhow::anyhow!(e)).await),
     };
     if report.epoch != epoch {
         tracing::error!(
@@ -509,7 +628,33 @@ async fn run_with_etcd(
             "the promotion's epoch differs from the elected one"
         );
     }
-    tracing::warn!(epoch = report.epoch, kind = %report.kind, %reason, "promoted by automatic failover");
+    Ok(tandem_standby::handover::Promoted { report, reason })
+}
+
+/// The leader key is this standby's, and its promotion failed: says so
+/// everywhere an operator looks, and gives the leader key up.
+async fn promotion_failed(
+    coord: &tandem_standby::failover::Coordinator,
+    dir: &StandbyDir,
+    how: &str,
+    e: &anyhow::Error,
+) -> ExitCode {
+    tracing::error!(error = %format!("{e:#}"), won_by = how, "the promotion FAILED after the leader key moved to this standby; the cluster needs an operator (README \"Automatic failover with etcd\")");
+    coord.promotion_failed(dir, how, e).await;
+    let _ = coord.cluster.revoke(coord.lease).await;
+    eprintln!("tandem-standby: error: promotion failed after the leader key moved to this standby ({how}): {e:#}");
+    ExitCode::FAILURE
+}
+
+/// Runs `--on-promote`, retires the member record and becomes the primary.
+async fn serve_promoted(
+    coord: &tandem_standby::failover::Coordinator,
+    cfg: &StandbyConfig,
+    f: &tandem_standby::failover::FailoverConfig,
+    p: tandem_standby::handover::Promoted,
+) -> ExitCode {
+    let report = &p.report;
+    tracing::warn!(epoch = report.epoch, kind = %report.kind, reason = %p.reason, "promoted through etcd");
     if let Some(cmd) = &f.on_promote {
         tandem_coord::hook::run(
             "on-promote",
@@ -517,13 +662,14 @@ async fn run_with_etcd(
             &[
                 ("TANDEM_ENV", cfg.dir.display().to_string()),
                 ("TANDEM_EPOCH", report.epoch.to_string()),
-                ("TANDEM_FAILOVER_REASON", reason.clone()),
+                ("TANDEM_FAILOVER_REASON", p.reason.clone()),
+                ("TANDEM_PROMOTION_KIND", report.kind.clone()),
             ],
         )
         .await;
     }
     coord.retire_member_record().await;
-    exec_primary(&cfg, &f)
+    exec_primary(cfg, f)
 }
 
 /// Replaces this process with `tandem-primary run` on the promoted

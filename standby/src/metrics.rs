@@ -3,6 +3,7 @@
 //! scrape. The names are the interface: README's monitoring table lists
 //! them, dashboards and alerts use them.
 
+use crate::status::etcd::RoundStatus;
 use crate::status::StandbyStatus;
 use tandem_shared::metrics::MetricsPage;
 
@@ -13,9 +14,9 @@ fn int(v: u64) -> i64 {
 
 /// The metrics page of a running standby (lag already computed).
 // Long function: a table: one metric per call of the page builder.
-pub fn render(s: &StandbyStatus) -> String {
-    MetricsPage::default()
-        .counter(
+pub fn render(s: &StandbyStatus, etcd: Option<&RoundStatus>) -> String {
+    let mut page = MetricsPage::default();
+    page.counter(
             "tandem_standby_log_bytes_received_total",
             "Log bytes received, verified and written.",
             s.log_bytes_received,
@@ -168,7 +169,60 @@ pub fn render(s: &StandbyStatus) -> String {
             "When the primary was last heard from.",
             s.last_contact_unix_ms as f64 / 1000.0,
         )
-        .finish()
+        ;
+    if let Some(r) = etcd {
+        etcd_metrics(&mut page, r);
+    }
+    page.finish()
+}
+
+/// With `run --etcd`: the last round's view (`.tandem/etcd.json`).
+fn etcd_metrics(page: &mut MetricsPage, r: &RoundStatus) {
+    let secs = |ms: u64| ms as f64 / 1000.0;
+    page.gauge_int(
+        "tandem_standby_etcd_leader_known",
+        "1 when the last etcd round saw a leader key.",
+        i64::from(r.leader.is_some()),
+    )
+    .gauge_int(
+        "tandem_standby_etcd_epoch",
+        "The epoch etcd held at the last round.",
+        int(r.etcd_epoch),
+    )
+    .gauge(
+        "tandem_standby_etcd_lease_remaining_seconds",
+        "Time left on this standby's own lease (its member record) at the last round.",
+        secs(r.lease_remaining_ms),
+    )
+    .gauge_int(
+        "tandem_standby_etcd_round_ok",
+        "1 when the last etcd round succeeded (0: etcd did not answer).",
+        i64::from(r.error.is_none()),
+    )
+    .gauge(
+        "tandem_standby_etcd_round_timestamp_seconds",
+        "When the last etcd round ended.",
+        secs(r.updated_unix_ms),
+    )
+    .gauge(
+        "tandem_standby_etcd_last_failover_timestamp_seconds",
+        "When the cluster's last failover or switchover happened (0: none recorded); its kind is the label of tandem_standby_etcd_last_failover_epoch.",
+        r.last_failover.as_ref().map_or(0.0, |f| secs(f.unix_ms)),
+    )
+    .gauge_by(
+        "tandem_standby_etcd_last_failover_epoch",
+        "The epoch the cluster's last failover or switchover began, by kind.",
+        "kind",
+        &r.last_failover
+            .iter()
+            .map(|f| (f.kind.clone(), int(f.epoch)))
+            .collect::<Vec<_>>(),
+    )
+    .gauge_int(
+        "tandem_standby_etcd_promotion_failed",
+        "1 when this standby won the leader key and its promotion then failed: the cluster needs an operator.",
+        i64::from(r.promotion_failed.is_some()),
+    );
 }
 
 #[cfg(test)]
@@ -184,7 +238,7 @@ mod tests {
             lag_seconds: 1.5,
             ..Default::default()
         };
-        let text = render(&s);
+        let text = render(&s, None);
         for line in [
             "tandem_standby_connected 1\n",
             "tandem_standby_lag_bytes 4096.0\n",

@@ -160,6 +160,20 @@ pub struct PromoteOptions {
     /// promotion failed and nobody served), and a dead machine's address
     /// may take a connect timeout to answer.
     pub elected: bool,
+    /// A planned switchover through etcd, carried out by the standby
+    /// running in this process ([`crate::handover`]). Promote then accepts
+    /// only a switchover the primary confirmed (never a failover), stops
+    /// that standby through `stop_follower` (not SIGTERM, which would reach
+    /// this process), and calls `take_over` with the primary's end of log
+    /// before it changes anything in the directory: an error there aborts
+    /// the promote with the directory as it was.
+    pub handover: Option<Handover>,
+}
+
+/// See [`PromoteOptions::handover`].
+pub struct Handover {
+    pub stop_follower: Box<dyn Fn() + Send + Sync>,
+    pub take_over: Box<dyn Fn(LogPosition) -> Result<()> + Send + Sync>,
 }
 
 /// Promote refused to act, and changed nothing: the primary is reachable
@@ -213,7 +227,20 @@ pub fn promote(dir: &StandbyDir, opts: &PromoteOptions) -> Result<PromoteReport>
     let mut clock = Clock::new(started);
     let mut phases = PromotePhases::default();
     let (kind, primary_end, child) = decide(dir, opts, &mut clock, &mut phases)?;
-    stop_running(dir, child)?;
+    if let Some(h) = &opts.handover {
+        if kind != "switchover" {
+            stop_child(child);
+            return Err(Refused(
+                "the primary did not confirm a switchover (it became unreachable): nothing was changed. If it died, automatic failover takes over once its lease expires".into(),
+            )
+            .into());
+        }
+        (h.stop_follower)();
+        stop_running(dir, child, false)?;
+        (h.take_over)(primary_end)?;
+    } else {
+        stop_running(dir, child, true)?;
+    }
     phases.stop_standby = clock.lap();
     let _lock = dir.lock().context("taking the standby directory")?;
     crate::mirror::finish_interrupted_swap(dir)?;
@@ -467,12 +494,15 @@ fn refuse_or_force(
     .into())
 }
 
-/// Stops the standby running on the directory, if any, and waits until it
+/// Stops the standby running on the directory, if any (SIGTERM when
+/// `signal`; otherwise it was asked to stop already), and waits until it
 /// released it; reaps `child` if promote started it.
-fn stop_running(dir: &StandbyDir, child: Option<std::process::Child>) -> Result<()> {
+fn stop_running(dir: &StandbyDir, child: Option<std::process::Child>, signal: bool) -> Result<()> {
     if let Some(pid) = dir.lock_holder() {
         // The pid that holds our directory's lock.
-        terminate(pid);
+        if signal {
+            terminate(pid);
+        }
         let stop_deadline = Instant::now() + Duration::from_secs(30);
         while dir.lock_holder().is_some() {
             if Instant::now() > stop_deadline {

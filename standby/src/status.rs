@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tandem_shared::LogPosition;
 
 mod estimate;
+pub mod etcd;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StandbyStatus {

@@ -218,3 +218,97 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// Asks each of a set of possible primaries, every [`SAMPLE_EVERY`], in a
+/// thread of its own, whether it acts as primary now (leads, unfenced,
+/// lease time left: it would answer a commit wait). [`LeaderSampler::finish`]
+/// returns the samples: for each, the urls that said they act.
+pub struct LeaderSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Vec<String>>>>,
+}
+
+/// How often [`LeaderSampler`] asks.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+impl LeaderSampler {
+    pub fn start(urls: Vec<String>, tls: tandem_shared::tls::TlsFiles) -> Result<Self> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::spawn(move || {
+            let mut clients = std::collections::BTreeMap::new();
+            let mut samples = Vec::new();
+            let ask = Duration::from_millis(300);
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let next = std::time::Instant::now() + SAMPLE_EVERY;
+                let mut acting = Vec::new();
+                for url in &urls {
+                    let cached = clients.remove(url);
+                    let got = rt.block_on(async {
+                        tokio::time::timeout(ask, async {
+                            let mut c = match cached {
+                                Some(c) => c,
+                                None => tandem_shared::client::connect(url, None, &tls, ask)
+                                    .await
+                                    .ok()?,
+                            };
+                            let st = c
+                                .status(tandem_shared::wire::StatusRequest {})
+                                .await
+                                .ok()?
+                                .into_inner();
+                            Some((c, st))
+                        })
+                        .await
+                        .ok()
+                        .flatten()
+                    });
+                    if let Some((c, st)) = got {
+                        clients.insert(url.clone(), c);
+                        if st
+                            .coordination
+                            .is_some_and(|c| c.leading && !c.fenced && c.lease_remaining_ms > 0)
+                        {
+                            acting.push(url.clone());
+                        }
+                    }
+                }
+                samples.push(acting);
+                // The pace of the probe, not a wait for a condition.
+                std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+            }
+            samples
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops sampling; Err if any sample saw two primaries acting.
+    pub fn finish(mut self) -> Result<Vec<Vec<String>>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let samples = self
+            .thread
+            .take()
+            .context("sampler")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sampler panicked"))?;
+        if let Some(two) = samples.iter().find(|s| s.len() > 1) {
+            bail!("two primaries acted at once: {two:?}");
+        }
+        Ok(samples)
+    }
+}
+
+impl Drop for LeaderSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

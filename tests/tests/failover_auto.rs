@@ -2,7 +2,9 @@
 //! primary: the most caught-up of two standbys promotes by itself within
 //! the ttl and a few seconds, holds an exact prefix of the committed
 //! transactions, serves as primary; the other standby follows it without a
-//! new base (0 database bytes re-sent); the old primary, restarted, is
+//! new base (0 database bytes re-sent) and shows etcd's view in its
+//! metrics; every commit whose wait (`wait-durable`'s socket) answered
+//! durable is in the promoted environment; the old primary, restarted, is
 //! refused. Real etcd, real BDB, loopback mTLS.
 
 use anyhow::{ensure, Context, Result};
@@ -44,13 +46,17 @@ fn kill_9_of_the_primary_machine_promotes_one_standby_and_the_other_follows_it()
     let mut primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &strs(&pargs))?;
     let mut standbys = Vec::new();
     let mut listens = Vec::new();
+    let mut admin = Vec::new();
     for name in ["s1", "s2"] {
         let listen = free_addr()?;
+        let metrics = free_addr()?;
         let mut args = vec![
             "--etcd".to_owned(),
             etcd.endpoints(),
             "--promote-listen".into(),
             listen.clone(),
+            "--metrics-listen".into(),
+            metrics.clone(),
             "--check-interval-secs".into(),
             "0".into(),
             "--on-promote".into(),
@@ -67,6 +73,7 @@ fn kill_9_of_the_primary_machine_promotes_one_standby_and_the_other_follows_it()
         )?;
         standbys.push(p);
         listens.push(listen);
+        admin.push(metrics);
     }
     for (i, name) in ["s1", "s2"].iter().enumerate() {
         wait_caught_up_running(&s.path(name), &env, LONG, &mut standbys[i])?;
@@ -76,7 +83,17 @@ fn kill_9_of_the_primary_machine_promotes_one_standby_and_the_other_follows_it()
             && etcd.get("/tandem/c1/members/s2")?.is_some())
     })?;
 
-    // The application commits, then the primary machine dies.
+    // The application commits, each commit waited for (`wait-durable`'s
+    // socket), then the primary machine dies right after waited commits.
+    let durable = s.path("app.durable");
+    let waited = |durable: &std::path::Path| -> u64 {
+        std::fs::read_to_string(durable)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
     let mut app = Proc::spawn(
         "workload",
         WorkloadOptions {
@@ -84,17 +101,22 @@ fn kill_9_of_the_primary_machine_promotes_one_standby_and_the_other_follows_it()
             seconds: Some(300),
             rate: 200,
             lsn_log: Some(s.path("app.lsn")),
+            wait: Some((
+                env.join(".tandem-primary").join("wait.sock"),
+                durable.clone(),
+            )),
             ..Default::default()
         }
         .command(&env),
         &s.path("app.log"),
     )?;
-    wait_while_running("some commits", Duration::from_secs(20), &mut app, || {
-        Ok(bdb::read_lsn_log(&s.path("app.lsn")).map_or(0, |v| v.len()) > 100)
+    wait_while_running("some waited commits", LONG, &mut app, || {
+        Ok(waited(&durable) > 400)
     })?;
     app.kill9()?;
     primary.proc.kill9()?;
     let killed = Instant::now();
+    let last_waited = waited(&durable);
 
     // Exactly one promotes, and serves as primary where it said it would.
     let mut winner = None;
@@ -187,12 +209,25 @@ fn kill_9_of_the_primary_machine_promotes_one_standby_and_the_other_follows_it()
         st["base_id"] == base_before && st["file_bytes_received"] == 0,
         "a new base was sent: {st}"
     );
+    // Its metrics show etcd's view: a leader, the new epoch, the failover.
+    wait_for("the etcd metrics of the new epoch", LONG, || {
+        let m = scrape_metrics(&admin[li])?;
+        Ok(metric(&m, "tandem_standby_etcd_leader_known")? == 1.0
+            && metric(&m, "tandem_standby_etcd_epoch")? == leader["epoch"].as_f64().unwrap_or(-1.0)
+            && metric(&m, "tandem_standby_etcd_last_failover_timestamp_seconds")? > 0.0
+            && metric(&m, "tandem_standby_etcd_promotion_failed")? == 0.0
+            && metric(&m, "tandem_standby_etcd_lease_remaining_seconds")? > 0.0)
+    })?;
 
     // Exact prefix: the promoted environment (a copy, the new primary runs).
     standbys[li].stop(LONG)?;
     copy_env(&new_env, &s.path("check"))?;
     let m = bdb::check(&s.path("check"))?;
-    eprintln!("promoted environment holds the exact prefix 1..={m}");
+    eprintln!("promoted environment holds the exact prefix 1..={m}; the last waited commit was {last_waited}");
+    ensure!(
+        m >= last_waited,
+        "a waited commit was lost: the wait of transaction {last_waited} answered durable, the promoted environment ends at {m}"
+    );
 
     // The old primary, restarted, is refused.
     let out = Command::new(bin("tandem-primary"))

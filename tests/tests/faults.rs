@@ -62,7 +62,7 @@ fn a_short_fault_campaign_breaks_no_promise() -> Result<()> {
 /// in order: an automatic failover after kill -9 of the application and the
 /// primary, the primary cut off from etcd until a standby promotes itself,
 /// the etcd quorum lost, one etcd member killed. Never two leaders (sampled
-/// every 200 ms), no waited commit lost, the usual copy checks.
+/// every 100 ms), no waited commit lost, the usual copy checks.
 /// `TANDEM_ETCD_FAULTS` / `TANDEM_ETCD_FAULTS_ROUNDS` change the kinds and
 /// the number of rounds.
 #[test]

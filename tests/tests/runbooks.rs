@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tandem_tests::bdb;
 use tandem_tests::harness::*;
 
@@ -181,4 +181,237 @@ fn s3_archive_runbook() -> Result<()> {
     assert!(out.contains("OK s3://"), "{out}");
     assert_eq!(bdb::check(&p.s.path("restored"))?, last);
     Ok(())
+}
+
+/// The etcd world of the switchover runbook: a primary and two standbys
+/// under `--etcd`, caught up and publishing.
+struct EtcdTrio {
+    s: Scratch,
+    primary: Primary,
+    standbys: Vec<Proc>,
+    /// Where standby i serves once promoted.
+    listens: Vec<String>,
+}
+
+fn etcd_trio(etcd: &tandem_tests::etcd::EtcdCluster) -> Result<EtcdTrio> {
+    use tandem_tests::etcd::FAST_TIMING;
+    let s = Scratch::new()?;
+    let env = s.path("env");
+    bdb::run_workload(&env, &workload(300, 100))?;
+    let mut pargs = vec![
+        "--etcd".to_owned(),
+        etcd.endpoints(),
+        "--name".into(),
+        "p1".into(),
+    ];
+    pargs.extend(FAST_TIMING.map(String::from));
+    let p: Vec<&str> = pargs.iter().map(String::as_str).collect();
+    let primary = start_primary(s.root(), &env, &s.certs, "127.0.0.1:0", &p)?;
+    let (mut standbys, mut listens) = (Vec::new(), Vec::new());
+    for name in ["s1", "s2"] {
+        let listen = free_addr()?;
+        let mut args = vec![
+            "--etcd".to_owned(),
+            etcd.endpoints(),
+            "--promote-listen".into(),
+            listen.clone(),
+            "--check-interval-secs".into(),
+            "0".into(),
+        ];
+        args.extend(FAST_TIMING.map(String::from));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dir = s.path(name);
+        standbys.push(start_standby_as(
+            s.root(),
+            &dir,
+            &primary.url(),
+            &s.certs,
+            name,
+            &a,
+        )?);
+        listens.push(listen);
+    }
+    for (i, name) in ["s1", "s2"].iter().enumerate() {
+        wait_caught_up_running(&s.path(name), &env, LONG, &mut standbys[i])?;
+    }
+    wait_for("both standbys published", LONG, || {
+        Ok(etcd.get("/tandem/c1/members/s1")?.is_some()
+            && etcd.get("/tandem/c1/members/s2")?.is_some())
+    })?;
+    Ok(EtcdTrio {
+        s,
+        primary,
+        standbys,
+        listens,
+    })
+}
+
+/// `tandem-standby switchover` with these flags: exit code and output.
+fn switchover(etcd: &str, extra: &[&str]) -> Result<(Option<i32>, String)> {
+    let out = Command::new(bin("tandem-standby"))
+        .args(["switchover", "--etcd", etcd, "--cluster", "c1"])
+        .args(extra)
+        .output()?;
+    Ok((
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Issue #20, planned switchover through etcd: refusals change nothing
+/// (etcd unreachable, a target that is not a member, an application that
+/// still has the primary's environment open); then the runbook, literally:
+/// the leader key moves to the target, never two primaries acting (sampled
+/// every 100 ms), nothing lost, the old primary stops (exit 7), the other
+/// standby follows the new primary with 0 database bytes re-sent.
+/// `TANDEM_SWITCHOVER_ROUNDS=5` repeats it for the README's figure.
+#[test]
+fn etcd_switchover_runbook() -> Result<()> {
+    if !tandem_tests::etcd::etcd_available() {
+        bail!("etcd is not installed: run scripts/setup");
+    }
+    let rounds: u32 = match std::env::var("TANDEM_SWITCHOVER_ROUNDS") {
+        Ok(s) => s.parse().context("TANDEM_SWITCHOVER_ROUNDS")?,
+        Err(_) => 1,
+    };
+    let mut times = Vec::new();
+    for round in 1..=rounds {
+        let etcd = tandem_tests::etcd::EtcdCluster::start()?;
+        let t = etcd_switchover_round(&etcd, round == 1)
+            .with_context(|| format!("round {round} of {rounds}"))?;
+        times.push(t);
+    }
+    times.sort();
+    eprintln!(
+        "etcd switchover, command start to the first commit on the new primary, {rounds} rounds: median {:?}, max {:?}, min {:?} (ttl 3 s, loop wait 500 ms)",
+        times[times.len() / 2],
+        times[times.len() - 1],
+        times[0]
+    );
+    Ok(())
+}
+
+// Long function: one switchover in the order it happens (refusals, the
+// application stops, the runbook, then every promise checked).
+fn etcd_switchover_round(
+    etcd: &tandem_tests::etcd::EtcdCluster,
+    refusals: bool,
+) -> Result<Duration> {
+    let mut t = etcd_trio(etcd)?;
+    let s = &t.s;
+    let env = s.path("env");
+    let eps = etcd.endpoints();
+    if refusals {
+        let (code, out) = switchover(&format!("http://127.0.0.1:{}", free_port()?), &[])?;
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("nothing was changed"), "{out}");
+        let (code, out) = switchover(&eps, &["--to", "nobody"])?;
+        assert_eq!(code, Some(4), "{out}");
+        assert!(
+            out.contains("nobody is not a member") && out.contains("s1, s2"),
+            "{out}"
+        );
+    }
+    // The application runs; a switchover now is refused by the primary.
+    let mut app = Proc::spawn(
+        "workload",
+        bdb::WorkloadOptions {
+            txns: 0,
+            seconds: Some(300),
+            rate: 100,
+            lsn_log: Some(s.path("app.lsn")),
+            ..Default::default()
+        }
+        .command(&env),
+        &s.path("app.log"),
+    )?;
+    wait_while_running("some commits", LONG, &mut app, || {
+        Ok(bdb::read_lsn_log(&s.path("app.lsn")).map_or(0, |v| v.len()) > 20)
+    })?;
+    if refusals {
+        let (code, out) = switchover(&eps, &["--to", "s2"])?;
+        assert_eq!(code, Some(4), "{out}");
+        assert!(
+            out.contains("s2 could not take over") && out.contains("still open by"),
+            "{out}"
+        );
+        let leader = etcd.get_json("/tandem/c1/leader")?.context("leader")?;
+        assert!(leader["name"] == "p1" && leader["epoch"] == 1, "{leader}");
+        assert!(etcd.get("/tandem/c1/switchover")?.is_none());
+    }
+    app.stop(LONG)?;
+    wait_caught_up_running(&s.path("s2"), &env, LONG, &mut t.standbys[1])?;
+    let committed = bdb::read_lsn_log(&s.path("app.lsn"))?.len() as u64 + 300;
+    let base_s2 = standby_status(&s.path("s2"))?["base_id"].clone();
+    let p = |f: &str| s.certs.dir.join(f);
+    let tls = tandem_shared::tls::TlsFiles {
+        cert: p("standby.pem"),
+        key: p("standby-key.pem"),
+        ca: p("ca.pem"),
+    };
+    let mut urls = vec![t.primary.url()];
+    urls.extend(t.listens.iter().map(|l| format!("https://{l}")));
+    let sampler = tandem_tests::etcd::LeaderSampler::start(urls, tls)?;
+
+    let started = Instant::now();
+    let out = run_runbook_with(
+        "etcd-switchover",
+        &[
+            ("ETCD", eps.clone()),
+            ("CLUSTER", "c1".into()),
+            ("TARGET", "s1".into()),
+            ("STANDBY_DIR", s.path("s1").display().to_string()),
+        ],
+    )?;
+    let new_env = s.path("s1");
+    bdb::run_workload(&new_env, &workload(1, 0))?;
+    let first_commit = started.elapsed();
+    eprintln!("switchover: {out}first commit on the new primary {first_commit:?} after the command started");
+    assert!(out.contains("switched over: s1 (epoch 2)"), "{out}");
+
+    // The old primary stops, refused by etcd.
+    let status = t.primary.proc.wait_exit(LONG)?;
+    assert_eq!(status.code(), Some(7), "{}", t.primary.proc.log_text());
+    let samples = sampler.finish()?;
+    assert!(samples.len() > 5, "{samples:?}");
+    let leader = etcd.get_json("/tandem/c1/leader")?.context("leader")?;
+    assert!(
+        leader["name"] == "s1"
+            && leader["epoch"] == 2
+            && leader["address"] == format!("https://{}", t.listens[0]),
+        "{leader}"
+    );
+    let failover = etcd.get_json("/tandem/c1/failover")?.context("failover")?;
+    assert!(
+        failover["kind"] == "switchover" && failover["name"] == "s1",
+        "{failover}"
+    );
+
+    // The other standby follows the new primary with nothing re-sent.
+    wait_while_running("s2 to follow s1", LONG, &mut t.standbys[1], || {
+        let st = standby_status(&s.path("s2"))?;
+        Ok(st["connected"] == true
+            && st["primary"] == leader["address"]
+            && st["epoch"] == 2
+            && st["lag_bytes"] == 0)
+    })?;
+    let st = standby_status(&s.path("s2"))?;
+    assert!(
+        st["base_id"] == base_s2 && st["file_bytes_received"] == 0,
+        "{st}"
+    );
+
+    // Nothing lost: all the old primary committed (at least every commit
+    // the application saw return), then the one on s1.
+    t.standbys[1].stop(LONG)?;
+    copy_env(&env, &s.path("old"))?;
+    let old = bdb::check(&s.path("old"))?;
+    assert!(old >= committed, "{old} < {committed}");
+    copy_env(&new_env, &s.path("check"))?;
+    assert_eq!(bdb::check(&s.path("check"))?, old + 1);
+    Ok(first_commit)
 }

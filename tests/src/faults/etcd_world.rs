@@ -32,7 +32,7 @@ use crate::faulty_link::FaultyLink;
 use crate::harness::free_port;
 
 /// How often the leaders are sampled while the driver waits.
-pub const SAMPLE_EVERY: Duration = Duration::from_millis(200);
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Bound on one status question.
 const ASK: Duration = Duration::from_millis(1500);
 

@@ -1,0 +1,334 @@
+//! The target's side of a planned switchover through etcd
+//! (`tandem-standby switchover`, README "Planned switchover through
+//! etcd"). The standby that `run --etcd` keeps, named in the request:
+//!
+//! 1. claims the request (a transaction on its mod revision), so the
+//!    command knows it is being carried out;
+//! 2. promotes as today's switchover, its follower still streaming: the
+//!    primary must confirm that no process has its environment open and
+//!    that this standby holds its end of log; a refusal, a timeout or an
+//!    unreachable primary ends it here with nothing changed (the request
+//!    is marked failed, with the reason, for the command);
+//! 3. once confirmed, stops its follower and moves the leader key in one
+//!    transaction (`Cluster::take_over`): it compares the epoch key's
+//!    revision, that the key is still on the primary's lease and that the
+//!    claimed request is unchanged, and puts the new epoch, the leader key
+//!    under this standby's lease and the failover record. The key is never
+//!    absent, so no election can start; the old primary's writes compare
+//!    its lease, so it can no longer renew the key or raise the durable
+//!    floor. Its lease is then revoked, so its keeper learns at once;
+//! 4. recovers and records the promotion (the directory changes only now);
+//! 5. before serving, waits until the old primary says it stopped acting
+//!    (fenced), or until its own clock must have fenced it (revoke time +
+//!    ttl − margin), so two primaries never accept commit waits at once.
+//!
+//! A take-over transaction whose answer was lost (etcd unreachable
+//! mid-request) is read back until etcd answers or the primary's clock
+//! would have fenced it; if it cannot be known, the promote stops with
+//! the directory unchanged and the error says so.
+
+use crate::failover::{Coordinator, Request};
+use crate::promote::{self, Handover, PromoteOptions, PromoteReport};
+use crate::state::StandbyDir;
+use anyhow::{anyhow, bail, Result};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem_coord::records::{
+    EpochRecord, FailoverRecord, LeaderRecord, LeaderState, SwitchoverRecord, SwitchoverState,
+};
+use tandem_coord::Cluster;
+use tandem_shared::tls::TlsFiles;
+use tokio::time::Instant;
+
+/// How often the old primary is asked whether it stopped acting.
+const STEP_DOWN_POLL: Duration = Duration::from_millis(50);
+
+/// How a switchover ended when it did not promote.
+#[derive(Debug)]
+pub struct Failed {
+    /// The leader key moved to this standby: the cluster now waits for it.
+    pub leader_moved: bool,
+    pub error: anyhow::Error,
+}
+
+/// What the old primary's follower connection needs to ask it.
+pub struct OldPrimary {
+    pub url: String,
+    pub server_name: Option<String>,
+    pub tls: TlsFiles,
+}
+
+/// The promotion, and the reason recorded for it.
+pub struct Promoted {
+    pub report: PromoteReport,
+    pub reason: String,
+}
+
+/// Carries a switchover out; `stop_follower` stops this process's follower.
+pub async fn carry_out(
+    coord: &Coordinator,
+    dir: &StandbyDir,
+    req: Request,
+    old: OldPrimary,
+    stop_follower: Box<dyn Fn() + Send + Sync>,
+) -> Result<Promoted, Failed> {
+    let cluster = coord.cluster.clone();
+    let name = coord.config().name.clone();
+    let not_moved = |error| Failed {
+        leader_moved: false,
+        error,
+    };
+    let rev = claim(&cluster, &req, &name).await.map_err(not_moved)?;
+    let reason = format!(
+        "planned switchover from {} (epoch {}) to {name}, asked at {} ms",
+        req.leader.name, req.leader.epoch, req.record.unix_ms
+    );
+    let moved: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let take = TakeOver {
+        cluster: cluster.clone(),
+        req: req.clone(),
+        rev,
+        name: name.clone(),
+        lease: coord.lease,
+        reason: reason.clone(),
+        moved: moved.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let opts = PromoteOptions {
+        catch_up_timeout: Duration::from_millis(req.record.catch_up_timeout_ms),
+        force: false,
+        full_verify: false,
+        elected: false,
+        handover: Some(Handover {
+            stop_follower,
+            take_over: Box::new(move |end| take.run(end)),
+        }),
+    };
+    // The old primary is watched from the moment the key moves, beside the
+    // recovery: it is fenced for a short while before it exits.
+    let watch_stop = tokio_util::sync::CancellationToken::new();
+    let stepped_down = Arc::new(Mutex::new(false));
+    let watcher = tokio::spawn(watch_old_primary(
+        old,
+        moved.clone(),
+        stepped_down.clone(),
+        watch_stop.clone(),
+    ));
+    let pdir = dir.clone();
+    let promoted = tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts))
+        .await
+        .map_err(|e| anyhow!(e))
+        .and_then(|r| r);
+    let leader_moved = moved.lock().map(|m| m.is_some()).unwrap_or(true);
+    let report = match promoted {
+        Ok(r) => r,
+        Err(error) => {
+            watch_stop.cancel();
+            if !leader_moved {
+                fail_request(&cluster, &req, rev, &error).await;
+            }
+            return Err(Failed {
+                leader_moved,
+                error,
+            });
+        }
+    };
+    let moved_at = moved.lock().ok().and_then(|m| *m);
+    // The old primary's own clock fences it at the latest ttl − margin after
+    // the last keepalive it sent, which was before its lease was revoked.
+    let deadline = moved_at.unwrap_or_else(Instant::now) + coord.config().timing.fence_after();
+    wait_stepped_down(&stepped_down, deadline).await;
+    watch_stop.cancel();
+    let _ = watcher.await;
+    tracing::warn!(epoch = report.epoch, %reason, "switchover: the old primary stepped down; serving");
+    Ok(Promoted { report, reason })
+}
+
+/// Until the old primary said it stepped down, or `deadline`.
+async fn wait_stepped_down(stepped_down: &Mutex<bool>, deadline: Instant) {
+    while Instant::now() < deadline && !stepped_down.lock().map(|s| *s).unwrap_or(false) {
+        tokio::time::sleep(STEP_DOWN_POLL).await;
+    }
+}
+
+/// Marks the request claimed; Err when it changed since the round read it.
+async fn claim(cluster: &Cluster, req: &Request, name: &str) -> Result<i64> {
+    let r = &req.record;
+    if r.epoch != req.my_epoch || r.from != req.leader.name || r.epoch != req.leader.epoch {
+        let why = format!(
+            "{name} has seen epoch {}, the request is for {} (epoch {}) and etcd's leader is {} (epoch {})",
+            req.my_epoch, r.from, r.epoch, req.leader.name, req.leader.epoch
+        );
+        let failed = SwitchoverRecord {
+            state: SwitchoverState::Failed,
+            error: Some(why.clone()),
+            ..r.clone()
+        };
+        let _ = cluster.update_switchover(&failed, req.rev).await;
+        bail!("switchover refused: {why}");
+    }
+    let claimed = SwitchoverRecord {
+        state: SwitchoverState::Claimed,
+        ..r.clone()
+    };
+    match cluster.update_switchover(&claimed, req.rev).await? {
+        Some(rev) => {
+            tracing::warn!(from = %r.from, epoch = r.epoch, "switchover to this standby asked: claimed; catching up");
+            Ok(rev)
+        }
+        None => bail!("the switchover request changed before this standby claimed it"),
+    }
+}
+
+/// Records why the switchover failed, for the command; nothing changed.
+async fn fail_request(cluster: &Cluster, req: &Request, rev: i64, error: &anyhow::Error) {
+    tracing::error!(error = %format!("{error:#}"), "switchover FAILED before the leader key moved: nothing changed, following the primary again");
+    let failed = SwitchoverRecord {
+        state: SwitchoverState::Failed,
+        error: Some(format!("{error:#}")),
+        ..req.record.clone()
+    };
+    if let Err(e) = cluster.update_switchover(&failed, rev).await {
+        tracing::warn!(error = %e, "cannot record the failed switchover in etcd");
+    }
+}
+
+/// The take-over transaction, run from promote's thread.
+struct TakeOver {
+    cluster: Cluster,
+    req: Request,
+    rev: i64,
+    name: String,
+    lease: i64,
+    reason: String,
+    moved: Arc<Mutex<Option<Instant>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl TakeOver {
+    fn run(&self, end: tandem_shared::LogPosition) -> Result<()> {
+        self.runtime.block_on(self.take(end))
+    }
+
+    async fn take(&self, end: tandem_shared::LogPosition) -> Result<()> {
+        let now = tandem_shared::now_unix_ms();
+        let epoch = self.req.my_epoch + 1;
+        let leader = LeaderRecord {
+            name: self.name.clone(),
+            epoch,
+            state: LeaderState::Promoting,
+            address: None,
+            env_id: self.req.env_id.clone(),
+            unix_ms: now,
+        };
+        let sent = Instant::now();
+        let answer = self
+            .cluster
+            .take_over(
+                self.req.epoch_rev,
+                self.req.leader_lease,
+                self.rev,
+                &EpochRecord {
+                    epoch,
+                    name: self.name.clone(),
+                    unix_ms: now,
+                },
+                &leader,
+                self.lease,
+                &FailoverRecord {
+                    name: self.name.clone(),
+                    epoch,
+                    kind: "switchover".into(),
+                    reason: format!("{}; the primary's end of log {end}", self.reason),
+                    unix_ms: now,
+                },
+            )
+            .await;
+        let took = match answer {
+            Ok(t) => t,
+            Err(e) => self.read_back(epoch, sent, &e).await?,
+        };
+        if !took {
+            bail!("the cluster changed during the switchover (the leader key or the epoch moved, or the request was withdrawn): the leader key did not move; nothing was changed");
+        }
+        if let Ok(mut m) = self.moved.lock() {
+            *m = Some(Instant::now());
+        }
+        tracing::warn!(epoch, from = %self.req.leader.name, "switchover: the leader key moved to this standby");
+        // The old primary's keeper learns at its next keepalive.
+        if let Err(e) = self.cluster.revoke(self.req.leader_lease).await {
+            tracing::warn!(error = %e, "cannot revoke the old primary's lease; it fences on its own clock");
+        }
+        Ok(())
+    }
+
+    /// The transaction's answer was lost: reads the leader key back until
+    /// etcd answers, while the old primary could still be acting.
+    async fn read_back(&self, epoch: u64, sent: Instant, e: &tandem_coord::Error) -> Result<bool> {
+        tracing::warn!(error = %e, "no answer to the switchover transaction: reading the leader key back");
+        let until = sent + self.cluster.timing.fence_after();
+        while Instant::now() < until {
+            if let Ok(s) = self.cluster.snapshot().await {
+                return Ok(s
+                    .view
+                    .leader
+                    .is_some_and(|l| l.name == self.name && l.epoch == epoch)
+                    && s.leader_lease == self.lease);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("etcd did not answer whether the leader key moved ({e}); the directory was not changed. If `tandem-standby switchover` reports that the leader key names this standby, promote it by hand (docs/runbooks.md)")
+    }
+}
+
+/// Sets `stepped_down` once the old primary says it no longer acts as
+/// primary (asked only after the leader key moved).
+async fn watch_old_primary(
+    old: OldPrimary,
+    moved: Arc<Mutex<Option<Instant>>>,
+    stepped_down: Arc<Mutex<bool>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut client = None;
+    while !stop.is_cancelled() {
+        if moved.lock().map(|m| m.is_some()).unwrap_or(false) {
+            if client.is_none() {
+                client = tandem_shared::client::connect(
+                    &old.url,
+                    old.server_name.as_deref(),
+                    &old.tls,
+                    Duration::from_secs(1),
+                )
+                .await
+                .ok();
+            }
+            if let Some(c) = client.as_mut() {
+                let asked = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    c.status(tandem_shared::wire::StatusRequest {}),
+                )
+                .await;
+                match asked {
+                    Ok(Ok(s)) => {
+                        let acting = s
+                            .into_inner()
+                            .coordination
+                            .is_some_and(|c| c.leading && !c.fenced && c.lease_remaining_ms > 0);
+                        if !acting {
+                            tracing::info!(old = %old.url, "the old primary says it stopped acting as primary");
+                            if let Ok(mut d) = stepped_down.lock() {
+                                *d = true;
+                            }
+                            return;
+                        }
+                    }
+                    _ => client = None,
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(STEP_DOWN_POLL) => {}
+        }
+    }
+}
