@@ -5,7 +5,7 @@ use anyhow::{ensure, Context, Result};
 use std::time::{Duration, Instant};
 use tandem_coord::policy::{decide, Candidate, Verdict};
 use tandem_coord::records::{EpochRecord, LeaderRecord, LeaderState, PositionRecord};
-use tandem_coord::{Cluster, Timing};
+use tandem_coord::{Cluster, Snapshot, Timing};
 use tandem_shared::LogPosition;
 use tandem_tests::etcd::EtcdCluster;
 use tandem_tests::faulty_link::FaultyLink;
@@ -141,8 +141,11 @@ async fn two_racing_standbys_exactly_one_wins_20_trials() -> Result<()> {
         ensure!(a.update_as_leader(old, None, Some(&pos), None).await?);
         a.revoke(old).await?;
 
-        let run = |c: Cluster, who: &'static str| async move {
-            let snap = c.snapshot().await?;
+        // Both look before either elects (under load one task could otherwise
+        // elect before the other looked, and the test would race itself).
+        let (sa, sb) = tokio::join!(a.snapshot(), b.snapshot());
+        let (sa, sb) = (sa?, sb?);
+        let run = |c: Cluster, snap: Snapshot, who: &'static str| async move {
             let me = Candidate {
                 name: who.into(),
                 epoch: 4,
@@ -168,7 +171,7 @@ async fn two_racing_standbys_exactly_one_wins_20_trials() -> Result<()> {
                 .await?;
             anyhow::Ok((who, won))
         };
-        let (ra, rb) = tokio::join!(run(a.clone(), "a"), run(b.clone(), "b"));
+        let (ra, rb) = tokio::join!(run(a.clone(), sa, "a"), run(b.clone(), sb, "b"));
         let (ra, rb) = (ra?, rb?);
         ensure!(ra.1 ^ rb.1, "trial {trial}: a won {}, b won {}", ra.1, rb.1);
         let winner = if ra.1 { ra.0 } else { rb.0 };
