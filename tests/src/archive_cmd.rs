@@ -104,11 +104,7 @@ pub fn hot_workload(s: &Scratch) -> Result<(Proc, PathBuf)> {
         rate: 3000,
         ..crate::harness::workload(20_000, 500)
     };
-    let w = Proc::spawn(
-        "workload",
-        opts.command(&s.path("env")),
-        &s.path("workload.log"),
-    )?;
+    let w = s.spawn_workload(&opts, "workload.log")?;
     wait_for("commits", LONG, || {
         Ok(bdb::read_lsn_log(&lsns).map(|v| v.len()).unwrap_or(0) >= 3000)
     })?;

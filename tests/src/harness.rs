@@ -387,6 +387,12 @@ impl Scratch {
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
+    /// The workload `opts` running on SCRATCH/env in the background, its
+    /// output in SCRATCH/`log`.
+    pub fn spawn_workload(&self, opts: &bdb::WorkloadOptions, log: &str) -> Result<Proc> {
+        Proc::spawn("workload", opts.command(&self.path("env")), &self.path(log))
+    }
+
     pub fn root(&self) -> &Path {
         self.dir.path()
     }

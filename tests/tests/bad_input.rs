@@ -243,11 +243,7 @@ fn a_full_disk_on_the_standby_is_reported_and_nothing_unwritten_is_acknowledged(
         rate: 6000,
         ..quiet_workload(3000)
     };
-    let mut w = Proc::spawn(
-        "workload",
-        more.command(&s.path("env")),
-        &s.path("workload-more.log"),
-    )?;
+    let mut w = s.spawn_workload(&more, "workload-more.log")?;
     // One refusal is logged twice (ERROR, then the WARN of the retry);
     // count the refusals.
     let refusals = |log: &str| {

@@ -25,11 +25,7 @@ fn stream_and_check(
     let mut args = vec!["--metrics-listen", &metrics];
     args.extend(primary_extra);
     let primary = start_primary(s.root(), &s.path("env"), &s.certs, "127.0.0.1:0", &args)?;
-    let mut w = Proc::spawn(
-        "workload",
-        workload(10_000, 500).command(&s.path("env")),
-        &s.path("workload.log"),
-    )?;
+    let mut w = s.spawn_workload(&workload(10_000, 500), "workload.log")?;
     let _standby = start_standby(
         s.root(),
         &s.path("standby"),

@@ -47,14 +47,12 @@ fn a_cut_network_is_noticed_on_both_sides_and_lag_grows_until_it_heals() -> Resu
     })?;
 
     // The application keeps committing through the partition.
-    let mut w = Proc::spawn(
-        "workload",
-        WorkloadOptions {
+    let mut w = s.spawn_workload(
+        &WorkloadOptions {
             rate: 400,
             ..workload(4000, 200)
-        }
-        .command(&s.path("env")),
-        &s.path("w.log"),
+        },
+        "w.log",
     )?;
     link.cut();
     let cut_at = Instant::now();
@@ -181,14 +179,12 @@ fn sigterm_ends_a_streaming_standby_promptly_and_it_resumes() -> Result<()> {
     bdb::run_workload(&s.path("env"), &workload(1000, 200))?;
     let (primary, mut standby) = start_pair(&s, &["--rebase-after-mib", "0"])?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
-    let mut w = Proc::spawn(
-        "workload",
-        WorkloadOptions {
+    let mut w = s.spawn_workload(
+        &WorkloadOptions {
             rate: 1000,
             ..workload(6000, 200)
-        }
-        .command(&s.path("env")),
-        &s.path("w.log"),
+        },
+        "w.log",
     )?;
     let before = lsn_of(&standby_status(&s.path("standby"))?["durable_lsn"]);
     wait_for("the standby to stream", LONG, || {

@@ -213,14 +213,12 @@ fn sigterm_ends_a_primary_with_a_standby_and_retention_within_seconds() -> Resul
     )?;
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     // The application keeps committing: the session is shipping log.
-    let mut w = Proc::spawn(
-        "workload",
-        WorkloadOptions {
+    let mut w = s.spawn_workload(
+        &WorkloadOptions {
             rate: 500,
             ..workload(100_000, 200)
-        }
-        .command(&s.path("env")),
-        &s.path("w.log"),
+        },
+        "w.log",
     )?;
     wait_for("log shipping under way", LONG, || {
         Ok(

@@ -235,11 +235,7 @@ fn readiness_checks_prove_recovery_without_changing_the_mirror() -> Result<()> {
     let s = Scratch::new()?;
     bdb::run_workload(&s.path("env"), &workload(3000, 500))?;
     let (_primary, mut standby) = start_pair(&s, &["--check-interval-secs", "1"])?;
-    let mut w = Proc::spawn(
-        "workload",
-        workload(20_000, 500).command(&s.path("env")),
-        &s.path("workload.log"),
-    )?;
+    let mut w = s.spawn_workload(&workload(20_000, 500), "workload.log")?;
     // Periodic checks run while the log streams in.
     wait_for("a passing periodic check", LONG, || {
         Ok(standby_status(&s.path("standby"))?["last_check"]["ok"] == true)

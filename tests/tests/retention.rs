@@ -73,14 +73,12 @@ fn retention_keeps_the_log_directory_bounded_without_losing_a_file() -> Result<(
         Ok(standby_status(&s.path("standby"))?["recoverable"] == true)
     })?;
     let first_base = base_id(&s.path("standby"))?;
-    let mut w = Proc::spawn(
-        "workload",
-        WorkloadOptions {
+    let mut w = s.spawn_workload(
+        &WorkloadOptions {
             rate: 3000,
             ..workload(36_000, 200)
-        }
-        .command(&s.path("env")),
-        &s.path("w.log"),
+        },
+        "w.log",
     )?;
     let mut most = 0;
     while w.is_running() {

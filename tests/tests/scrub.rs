@@ -319,16 +319,14 @@ fn scrubbing_under_load_and_rebases_finds_no_damage() -> Result<()> {
     ];
     let mut standby = start_standby(s.root(), &standby_dir, &primary.url(), &s.certs, &args)?;
     wait_for_passing_scrub(&standby_dir)?;
-    let mut w = Proc::spawn(
-        "workload",
-        WorkloadOptions {
+    let mut w = s.spawn_workload(
+        &WorkloadOptions {
             rate: 3000,
             txns: 30_000,
             checkpoint_every: 100,
             ..Default::default()
-        }
-        .command(&s.path("env")),
-        &s.path("w.log"),
+        },
+        "w.log",
     )?;
     let mut scrubs = std::collections::BTreeSet::new();
     while w.is_running() {
