@@ -209,7 +209,13 @@ fn a_bucket_archive_taken_while_streaming_restores_exactly_the_committed_prefix(
 
 #[test]
 fn until_from_a_bucket_is_exact_and_a_damaged_object_is_named() -> Result<()> {
-    let p = pair(1000)?;
+    // Values of 10 kB in the base: data.db and hash.db are over 8 MiB, the
+    // part size, and go up as multipart uploads.
+    let p = tandem_tests::harness::pair(&WorkloadOptions {
+        value_len: 10_000,
+        updates: 0,
+        ..workload(1000, 500)
+    })?;
     let s = &p.s;
     let s3 = start_s3(s.root())?;
     let last_a = bdb::run_workload(&s.path("env"), &workload(1500, 500))?;
@@ -221,6 +227,20 @@ fn until_from_a_bucket_is_exact_and_a_damaged_object_is_named() -> Result<()> {
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let made = archive(&s3, &s.path("standby"), "pit", &["--no-verify"])?;
     ensure!(made.ok(), "{}{}", made.stdout, made.stderr);
+    let sizes: Vec<(String, u64)> = s3
+        .keys("pit/objects")
+        .into_iter()
+        .map(|k| {
+            let n = std::fs::metadata(s3.object_path(&k)).map_or(0, |m| m.len());
+            (k, n)
+        })
+        .collect();
+    assert!(sizes.iter().any(|(_, n)| *n > 8 << 20), "{sizes:?}");
+    let multipart = s3.multipart_etags();
+    assert!(
+        multipart >= 2,
+        "data.db and hash.db went up in parts: {multipart}"
+    );
 
     let r = restore(&s3, "pit", &s.path("pit-a"), Some(&format!("@{t_a}")))?;
     ensure!(r.ok(), "restore --until failed: {}{}", r.stdout, r.stderr);

@@ -39,17 +39,22 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ProofError {
     move |source| ProofError::Io { what, source }
 }
 
-/// A directory removed when dropped (unless `keep` is set).
+/// A directory removed when dropped (unless `keep` is set), named
+/// `tandem-<tag>-<pid>-<unix ms>-<n>` and flocked (the directory itself,
+/// exclusive) while it lives, so [`sweep_dead_scratch`] can tell a dead
+/// owner's leftovers from a live one's.
 pub(crate) struct ScratchDir {
     pub(crate) path: PathBuf,
     pub(crate) keep: bool,
+    _lock: Option<fs::File>,
 }
+
+/// The tags of scratch directories (see [`ScratchDir::new`]).
+const SCRATCH_TAGS: [&str; 4] = ["follow-stage", "stage", "verify", "fetch"];
 
 impl ScratchDir {
     pub(crate) fn new(parent: Option<&Path>, tag: &str) -> Result<Self, ProofError> {
-        let parent = parent
-            .map(Path::to_path_buf)
-            .unwrap_or_else(std::env::temp_dir);
+        let parent = scratch_parent(parent);
         fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
         for i in 0..100u32 {
             let path = parent.join(format!(
@@ -58,13 +63,83 @@ impl ScratchDir {
                 tandem_shared::now_unix_ms()
             ));
             match fs::create_dir(&path) {
-                Ok(()) => return Ok(Self { path, keep: false }),
+                Ok(()) => {
+                    let lock = fs::File::open(&path).ok().filter(|d| {
+                        use rustix::fs::{flock, FlockOperation};
+                        flock(d, FlockOperation::NonBlockingLockExclusive).is_ok()
+                    });
+                    return Ok(Self {
+                        path,
+                        keep: false,
+                        _lock: lock,
+                    });
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_err(format!("creating {}", path.display()))(e)),
             }
         }
         Err(ProofError::NoScratch(parent))
     }
+}
+
+impl ScratchDir {
+    /// `path` (not created here), removed when dropped, without a lock.
+    pub(crate) fn unlocked(path: PathBuf) -> Self {
+        Self {
+            path,
+            keep: false,
+            _lock: None,
+        }
+    }
+}
+
+fn scratch_parent(parent: Option<&Path>) -> PathBuf {
+    parent
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Removes the scratch directories in `parent` (default: the temporary
+/// directory) that a killed archiver left: those whose process is gone and
+/// whose lock nobody holds (both: a pid alone may be another pid
+/// namespace's, or reused). Returns the directories removed.
+pub(crate) fn sweep_dead_scratch(parent: Option<&Path>) -> Vec<PathBuf> {
+    let parent = scratch_parent(parent);
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(&parent).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("tandem-") else {
+            continue;
+        };
+        let Some(pid) = SCRATCH_TAGS.iter().find_map(|t| {
+            let rest = rest.strip_prefix(t)?.strip_prefix('-')?;
+            let mut parts = rest.split('-');
+            let pid: u32 = parts.next()?.parse().ok()?;
+            let ms_and_n = (
+                parts.next()?.parse::<u64>().ok(),
+                parts.next()?.parse::<u32>().ok(),
+            );
+            (ms_and_n.0.is_some() && ms_and_n.1.is_some() && parts.next().is_none()).then_some(pid)
+        }) else {
+            continue;
+        };
+        let path = entry.path();
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let Ok(dir) = fs::File::open(&path) else {
+            continue;
+        };
+        use rustix::fs::{flock, FlockOperation};
+        if flock(&dir, FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue;
+        }
+        if fs::remove_dir_all(&path).is_ok() {
+            tracing::info!(dir = %path.display(), pid, "removed a scratch directory left by a process that is gone");
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 impl Drop for ScratchDir {

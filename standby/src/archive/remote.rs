@@ -224,11 +224,15 @@ pub(crate) async fn publish(
         ));
     }
     let uploaded = AtomicU64::new(0);
-    futures::stream::iter(bm.entries())
+    // After a failure no new upload starts, but those under way run to
+    // their end (completed, or failed and aborted): dropping one midway
+    // would leave its multipart upload behind.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Result<(), BucketError>> = futures::stream::iter(bm.entries())
         .map(|(f, obj, stored)| {
-            let uploaded = &uploaded;
+            let (uploaded, failed) = (&uploaded, &failed);
             async move {
-                if bucket.size(obj).await? == Some(stored) {
+                if failed.load(Ordering::SeqCst) {
                     return Ok(());
                 }
                 let rel = tandem_shared::wirepath::validate(&f.name).map_err(|e| {
@@ -237,14 +241,23 @@ pub(crate) async fn publish(
                         why: format!("refused file name: {e}"),
                     }
                 })?;
-                bucket.upload(obj, &backup.join(rel), stored).await?;
-                uploaded.fetch_add(stored, Ordering::Relaxed);
-                Ok::<(), BucketError>(())
+                match bucket.ensure(obj, &backup.join(rel), stored).await {
+                    Ok(true) => {
+                        uploaded.fetch_add(stored, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => {
+                        failed.store(true, Ordering::SeqCst);
+                        Err(e)
+                    }
+                }
             }
         })
         .buffer_unordered(TRANSFERS)
-        .try_collect::<Vec<()>>()
-        .await?;
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
     // Every object is confirmed: now the manifest, which makes the backup.
     let created = match bucket.create(&key, bm.to_bytes()).await {
         Ok(c) => c,
@@ -334,6 +347,8 @@ pub async fn follow_to_bucket(
     stop: &std::sync::atomic::AtomicBool,
     mut report: impl FnMut(&Result<ArchiveReport, ArchiveError>),
 ) -> Result<(), ArchiveError> {
+    // A killed archiver cannot remove its staging: its successor does.
+    super::proof::sweep_dead_scratch(opts.scratch.as_deref());
     let staging = ScratchDir::new(opts.scratch.as_deref(), "follow-stage").map_err(proof_err)?;
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
