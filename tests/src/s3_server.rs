@@ -159,6 +159,15 @@ impl S3Server {
         standby_cmd(args, &env)
     }
 
+    /// Starts the server again on the same port and data, after its
+    /// process died (the caller killed it): the new process, for the
+    /// caller to keep.
+    pub fn start_again(&self) -> Result<Proc> {
+        let p = spawn(&self.root, self.port, &self.log)?;
+        self.wait_ready()?;
+        Ok(p)
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same port and
     /// data.
     pub fn restart(&mut self) -> Result<()> {
