@@ -223,6 +223,16 @@ impl Bucket {
         })
     }
 
+    /// A bucket over any store (tests: `object_store::memory::InMemory`).
+    #[cfg(test)]
+    pub(crate) fn over(store: Arc<dyn ObjectStore>, url: BucketUrl) -> Self {
+        Self {
+            store,
+            url,
+            confirmed: Mutex::default(),
+        }
+    }
+
     /// The object key of `rel` (relative to PREFIX).
     pub fn key(&self, rel: &str) -> ObjectPath {
         match self.url.prefix.as_str() {
