@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Instant;
 use tandem_shared::bdb::{parse_last_valid_lsn, BdbError, BdbTools};
 use tandem_shared::envlayout::DB_CONFIG;
+use tandem_shared::ioerror::{io_err, IoError};
 use tandem_shared::LogPosition;
 
 /// Recovery gets a bigger cache (BDB-NOTES.md §5: it halved the replay time) when
@@ -26,17 +27,12 @@ const SCRATCH_CACHE: &str = "set_cachesize 0 268435456 1";
 pub enum ProofError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{what}: {source}")]
     Bdb { what: String, source: BdbError },
     #[error("cannot create a scratch directory in {}", .0.display())]
     NoScratch(PathBuf),
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ProofError {
-    let what = what.into();
-    move |source| ProofError::Io { what, source }
 }
 
 /// A directory removed when dropped (unless `keep` is set), named
@@ -75,7 +71,7 @@ impl ScratchDir {
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_err(format!("creating {}", path.display()))(e)),
+                Err(e) => return Err(io_err(format!("creating {}", path.display()))(e).into()),
             }
         }
         Err(ProofError::NoScratch(parent))
@@ -183,7 +179,7 @@ pub(crate) fn boost_cache(home: &Path) -> Result<Option<Vec<u8>>, ProofError> {
     let original = match fs::read(&cfg) {
         Ok(b) => Some(b),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io_err(format!("reading {}", cfg.display()))(e)),
+        Err(e) => return Err(io_err(format!("reading {}", cfg.display()))(e).into()),
     };
     let mut config = String::from_utf8_lossy(original.as_deref().unwrap_or_default()).into_owned();
     if !config.contains("set_cachesize") {
@@ -200,7 +196,8 @@ pub(crate) fn restore_config(home: &Path, original: Option<Vec<u8>>) -> Result<(
         Some(bytes) => fs::write(&cfg, bytes),
         None => fs::remove_file(&cfg),
     }
-    .map_err(io_err(format!("restoring {}", cfg.display())))
+    .map_err(io_err(format!("restoring {}", cfg.display())))?;
+    Ok(())
 }
 
 /// Recovery and `db_verify` in a scratch copy of a backup.

@@ -48,7 +48,6 @@ pub(crate) mod receiver;
 pub(crate) mod swap;
 pub(crate) mod write_behind;
 
-use crate::mirror::apply_error::io_err;
 pub use crate::mirror::apply_error::{Applied, ApplyError};
 use crate::mirror::dirs::{remove_if_exists, remove_tree_durably};
 pub use crate::mirror::logwriter::LogTail;
@@ -58,6 +57,7 @@ use crate::mirror::swap::{save_state, Steps};
 use crate::state::{BaseState, StandbyDir, StandbyState};
 use std::io;
 use tandem_shared::epochs::EpochStart;
+use tandem_shared::ioerror::io_err;
 use tandem_shared::wire::primary_message::Kind;
 use tandem_shared::wire::{
     BaseFilesDone, BaseStart, FileChunk, FileEnd, FileSame, FileStart, LogChunk, Welcome,
