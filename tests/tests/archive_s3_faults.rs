@@ -8,7 +8,7 @@
 use anyhow::{ensure, Result};
 use std::path::Path;
 use std::time::Duration;
-use tandem_tests::archive_cmd::{pair, Run, LONG};
+use tandem_tests::archive_cmd::{Run, LONG};
 use tandem_tests::bdb;
 use tandem_tests::harness::*;
 use tandem_tests::s3_proxy::{Fault, Rule, S3Proxy};
