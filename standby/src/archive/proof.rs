@@ -31,12 +31,10 @@ pub enum ProofError {
     Io(#[from] IoError),
     #[error("{what}: {source}")]
     Bdb { what: String, source: BdbError },
-    #[error("cannot create a scratch directory in {}", .0.display())]
-    NoScratch(PathBuf),
 }
 
 /// A directory removed when dropped (unless `keep` is set), named
-/// `tandem-<tag>-<pid>-<unix ms>-<n>` and flocked (the directory itself,
+/// `tandem-<tag>-<pid>-<random>` and flocked (the directory itself,
 /// exclusive) while it lives, so [`sweep_dead_scratch`] can tell a dead
 /// owner's leftovers from a live one's.
 pub(crate) struct ScratchDir {
@@ -52,29 +50,25 @@ impl ScratchDir {
     pub(crate) fn new(parent: Option<&Path>, tag: &str) -> Result<Self, ProofError> {
         let parent = scratch_parent(parent);
         fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
-        for i in 0..100u32 {
-            let path = parent.join(format!(
-                "tandem-{tag}-{}-{}-{i}",
-                std::process::id(),
-                tandem_shared::now_unix_ms()
-            ));
-            match fs::create_dir(&path) {
-                Ok(()) => {
-                    let lock = fs::File::open(&path).ok().filter(|d| {
-                        use rustix::fs::{flock, FlockOperation};
-                        flock(d, FlockOperation::NonBlockingLockExclusive).is_ok()
-                    });
-                    return Ok(Self {
-                        path,
-                        keep: false,
-                        _lock: lock,
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_err(format!("creating {}", path.display()))(e).into()),
-            }
-        }
-        Err(ProofError::NoScratch(parent))
+        // Removed by this type's Drop, not tempfile's (`keep`). The pid in
+        // the name is for people; the lock is what the sweep trusts.
+        let path = tempfile::Builder::new()
+            .prefix(&format!("tandem-{tag}-{}-", std::process::id()))
+            .tempdir_in(&parent)
+            .map_err(io_err(format!(
+                "creating a scratch directory in {}",
+                parent.display()
+            )))?
+            .keep();
+        let lock = fs::File::open(&path).ok().filter(|d| {
+            use rustix::fs::{flock, FlockOperation};
+            flock(d, FlockOperation::NonBlockingLockExclusive).is_ok()
+        });
+        Ok(Self {
+            path,
+            keep: false,
+            _lock: lock,
+        })
     }
 }
 
@@ -107,15 +101,11 @@ pub(crate) fn sweep_dead_scratch(parent: Option<&Path>) -> Vec<PathBuf> {
         let Some(rest) = name.strip_prefix("tandem-") else {
             continue;
         };
+        // `<tag>-<pid>-<suffix>` (tempfile's random suffix; earlier
+        // versions: `<unix ms>-<n>`).
         let Some(pid) = SCRATCH_TAGS.iter().find_map(|t| {
-            let rest = rest.strip_prefix(t)?.strip_prefix('-')?;
-            let mut parts = rest.split('-');
-            let pid: u32 = parts.next()?.parse().ok()?;
-            let ms_and_n = (
-                parts.next()?.parse::<u64>().ok(),
-                parts.next()?.parse::<u32>().ok(),
-            );
-            (ms_and_n.0.is_some() && ms_and_n.1.is_some() && parts.next().is_none()).then_some(pid)
+            let (pid, suffix) = rest.strip_prefix(t)?.strip_prefix('-')?.split_once('-')?;
+            (!suffix.is_empty()).then_some(pid.parse::<u32>().ok()?)
         }) else {
             continue;
         };

@@ -17,6 +17,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
+pub use tandem_shared::durable::remove_tree;
 use tandem_shared::envlayout::rel_name;
 use tandem_shared::ioerror::{io_err, IoError};
 use tandem_shared::wirepath::{self, PathError};
@@ -45,8 +46,6 @@ pub enum StoreError {
     /// A source file changed while it was copied.
     #[error("{0}")]
     Unstable(String),
-    #[error("cannot create a temporary directory in {}", .0.display())]
-    NoTempDir(PathBuf),
 }
 
 /// One thing wrong with a backup's files, each naming the file.
@@ -411,27 +410,16 @@ pub fn copy_backup(backup: &Path, m: &Manifest, dest: &Path) -> Result<u64, Stor
 
 /// A fresh directory `<TEMP_PREFIX><tag>-…` in the archive.
 pub fn temp_dir_in(archive: &Path, tag: &str) -> Result<PathBuf, StoreError> {
-    for i in 0..100u32 {
-        let p = archive.join(format!(
-            "{TEMP_PREFIX}{tag}-{}-{}-{i}",
-            std::process::id(),
-            tandem_shared::now_unix_ms()
-        ));
-        match fs::create_dir(&p) {
-            Ok(()) => return Ok(p),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_err(format!("creating {}", p.display()))(e).into()),
-        }
-    }
-    Err(StoreError::NoTempDir(archive.to_path_buf()))
-}
-
-/// Removes a directory tree, ignoring "already gone".
-pub fn remove_tree(p: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(p) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    // Kept: the caller publishes it by renaming, or removes it; one an
+    // interrupted writer left is removed by `clean_temps`.
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{tag}-"))
+        .tempdir_in(archive)
+        .map_err(io_err(format!(
+            "creating a temporary directory in {}",
+            archive.display()
+        )))?;
+    Ok(dir.keep())
 }
 
 /// Removes what an interrupted writer left (call with the writer lock).

@@ -25,10 +25,11 @@
 //! by `promote`.
 
 use crate::mirror::apply_error::ApplyError;
-use crate::mirror::dirs::{create_dirs_durably, remove_if_exists, remove_tree_durably};
+use crate::mirror::dirs::{create_dirs_durably, remove_if_exists};
 use crate::mirror::logwriter::{checked_log_dir, log_numbers};
 use crate::state::{StandbyDir, StandbyState};
 use std::io;
+use tandem_shared::durable::remove_tree_durably;
 use tandem_shared::durable::{fsync_dir, ControlFileError};
 use tandem_shared::ioerror::{io_err, is_disk_full};
 use tandem_shared::logfile::log_file_name;
