@@ -236,6 +236,11 @@ mod tests {
             lag_bytes: Some(4096),
             log_bytes_received: 12,
             lag_seconds: 1.5,
+            archive_drill: Some(crate::archive::drill::DrillReport {
+                ok: false,
+                last_verified_unix_ms: 1_700_000_000_500,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let text = render(&s, None);
@@ -246,6 +251,8 @@ mod tests {
             "tandem_standby_lag_seconds 1.5\n",
             "tandem_standby_recoverable 0\n",
             "tandem_standby_archive_held_log_bytes 0\n",
+            // A failed drill keeps the time the last one passed.
+            "tandem_standby_archive_last_verified_restore_timestamp_seconds 1700000000.5\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from:\n{text}");
         }

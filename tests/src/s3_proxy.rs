@@ -46,6 +46,8 @@ struct Control {
     rules: Mutex<Vec<Rule>>,
     /// "METHOD path -> fault" for every request that hit a rule.
     hits: Mutex<Vec<String>>,
+    /// "METHOD path" for every request.
+    requests: Mutex<Vec<String>>,
 }
 
 pub struct S3Proxy {
@@ -104,6 +106,15 @@ impl S3Proxy {
     pub fn hits(&self) -> Vec<String> {
         self.ctl.hits.lock().map(|h| h.clone()).unwrap_or_default()
     }
+
+    /// "METHOD path" (with the query) of every request seen, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.ctl
+            .requests
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for S3Proxy {
@@ -116,6 +127,9 @@ impl Drop for S3Proxy {
 }
 
 fn fault_for(ctl: &Control, method: &str, path: &str) -> Option<Fault> {
+    if let Ok(mut r) = ctl.requests.lock() {
+        r.push(format!("{method} {path}"));
+    }
     let mut rules = ctl.rules.lock().ok()?;
     let i = rules.iter().position(|r| {
         r.method == method && path.contains(&r.path_contains) && r.times != Some(0)

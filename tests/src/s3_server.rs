@@ -108,6 +108,36 @@ impl S3Server {
         out
     }
 
+    /// How many objects the server recorded as completed multipart uploads
+    /// (an ETag `<md5>-<parts>` in its `.internal.json` side files).
+    pub fn multipart_etags(&self) -> usize {
+        std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".internal.json"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter(|t| {
+                t.split('"').any(|w| {
+                    w.split_once('-')
+                        .is_some_and(|(h, n)| h.len() == 32 && n.parse::<u32>().is_ok())
+                })
+            })
+            .count()
+    }
+
+    /// Side files of multipart uploads begun and neither completed nor
+    /// aborted (`.upload-<id>.json`, `.upload_id-<id>.part-<n>`).
+    pub fn incomplete_uploads(&self) -> Vec<String> {
+        std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload-") || n.starts_with(".upload_id-"))
+            .collect()
+    }
+
     /// The environment a `tandem-standby` talking to this server gets.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
@@ -127,6 +157,15 @@ impl S3Server {
         let env = self.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         standby_cmd(args, &env)
+    }
+
+    /// Starts the server again on the same port and data, after its
+    /// process died (the caller killed it): the new process, for the
+    /// caller to keep.
+    pub fn start_again(&self) -> Result<Proc> {
+        let p = spawn(&self.root, self.port, &self.log)?;
+        self.wait_ready()?;
+        Ok(p)
     }
 
     /// Kills the server (SIGKILL) and starts it again on the same port and

@@ -12,6 +12,7 @@ use tandem_shared::LogPosition;
 use tandem_tests::archive_cmd::{hot_workload, pair, stop_extended_follower, Run, LONG};
 use tandem_tests::bdb::{self, WORKLOAD_DBS};
 use tandem_tests::harness::*;
+use tandem_tests::s3_proxy::S3Proxy;
 use tandem_tests::s3_server::{start_s3, S3Server};
 
 fn archive(s3: &S3Server, dir: &Path, prefix: &str, extra: &[&str]) -> Result<Run> {
@@ -193,7 +194,13 @@ fn a_bucket_archive_taken_while_streaming_restores_exactly_the_committed_prefix(
 
 #[test]
 fn until_from_a_bucket_is_exact_and_a_damaged_object_is_named() -> Result<()> {
-    let p = pair(1000)?;
+    // Values of 10 kB in the base: data.db and hash.db are over 8 MiB, the
+    // part size, and go up as multipart uploads.
+    let p = tandem_tests::harness::pair(&WorkloadOptions {
+        value_len: 10_000,
+        updates: 0,
+        ..workload(1000, 500)
+    })?;
     let s = &p.s;
     let s3 = start_s3(s.root())?;
     let last_a = bdb::run_workload(&s.path("env"), &workload(1500, 500))?;
@@ -205,6 +212,20 @@ fn until_from_a_bucket_is_exact_and_a_damaged_object_is_named() -> Result<()> {
     wait_caught_up(&s.path("standby"), &s.path("env"), LONG)?;
     let made = archive(&s3, &s.path("standby"), "pit", &["--no-verify"])?;
     ensure!(made.ok(), "{}{}", made.stdout, made.stderr);
+    let sizes: Vec<(String, u64)> = s3
+        .keys("pit/objects")
+        .into_iter()
+        .map(|k| {
+            let n = std::fs::metadata(s3.object_path(&k)).map_or(0, |m| m.len());
+            (k, n)
+        })
+        .collect();
+    assert!(sizes.iter().any(|(_, n)| *n > 8 << 20), "{sizes:?}");
+    let multipart = s3.multipart_etags();
+    assert!(
+        multipart >= 2,
+        "data.db and hash.db went up in parts: {multipart}"
+    );
 
     let r = restore(&s3, "pit", &s.path("pit-a"), Some(&format!("@{t_a}")))?;
     ensure!(r.ok(), "restore --until failed: {}{}", r.stdout, r.stderr);
@@ -294,12 +315,35 @@ fn follow_to_a_bucket_survives_the_server_dying_and_holds_log_until_confirmed() 
     let p = pair(1000)?;
     let s = &p.s;
     let mut s3 = start_s3(s.root())?;
+    // Through a proxy that only counts requests.
+    let proxy = S3Proxy::start(format!("127.0.0.1:{}", s3.port).parse()?)?;
     let url = s3.url("live");
+    // Staging left by an archiver killed earlier (its pid is gone) is
+    // swept at the start; a live process's is not.
+    let scratch = s.path("scratch");
+    let gone = {
+        let mut c = std::process::Command::new("true").spawn()?;
+        c.wait()?;
+        c.id()
+    };
+    let stale = scratch.join(format!("tandem-follow-stage-{gone}-1-0"));
+    let live = scratch.join(format!("tandem-fetch-{}-1-0", std::process::id()));
+    for d in [&stale, &live] {
+        std::fs::create_dir_all(d.join("b"))?;
+        std::fs::write(d.join("b/data.db"), b"left behind")?;
+    }
     let mut cmd = std::process::Command::new(bin("tandem-standby"));
     cmd.args(["archive", "--json", "--follow", "1", "--no-verify"])
         .args(["--s3-retry-secs", "2", "--drill-every", "2", "--dir"])
         .arg(s.path("standby"))
-        .args(["--to", &url]);
+        .args([
+            "--to",
+            &url,
+            "--s3-endpoint",
+            &proxy.endpoint(),
+            "--scratch",
+        ])
+        .arg(&scratch);
     for (k, v) in s3.env() {
         cmd.env(k, v);
     }
@@ -309,12 +353,35 @@ fn follow_to_a_bucket_survives_the_server_dying_and_holds_log_until_confirmed() 
         Ok(newest_manifest(s3, "live").is_some_and(|m| lsn_of(&m["backup"]["log_end"]) == end))
     };
     wait_for("the first backup in the bucket", LONG, || reached(&s3))?;
+    assert!(!stale.exists() && live.exists(), "{stale:?} {live:?}");
     let first = bdb::run_workload(&s.path("env"), &workload(1500, 500))?;
     wait_for("the bucket to follow", LONG, || reached(&s3))?;
     let end = primary_log_end(&s.path("env"))?;
     wait_for("the hold to follow the bucket", LONG, || {
         Ok(hold_end(&s.path("standby")) == Some(end))
     })?;
+    bdb::run_workload(&s.path("env"), &workload(300, 500))?;
+    wait_for("the bucket to follow again", LONG, || reached(&s3))?;
+    // Rounds HEAD only objects they have not confirmed: each object at
+    // most twice (before its upload and after it), however many rounds.
+    let mut heads = std::collections::BTreeMap::<String, usize>::new();
+    for q in proxy.requests() {
+        if let Some(path) = q.strip_prefix("HEAD ") {
+            *heads
+                .entry(path.split('?').next().unwrap_or(path).to_owned())
+                .or_default() += 1;
+        }
+    }
+    // (The round reports after its manifest is visible.)
+    wait_for("two extended rounds reported", LONG, || {
+        Ok(follower
+            .log_text()
+            .matches("\"action\":\"extended\"")
+            .count()
+            >= 2)
+    })?;
+    assert!(heads.values().all(|n| *n <= 2), "{heads:?}");
+    assert!(heads.keys().any(|k| k.contains("/data.db.")), "{heads:?}");
 
     // The server dies; the standby goes on receiving. The hold never moves
     // past what the bucket holds.

@@ -8,7 +8,7 @@
 use anyhow::{ensure, Result};
 use std::path::Path;
 use std::time::Duration;
-use tandem_tests::archive_cmd::{pair, Run, LONG};
+use tandem_tests::archive_cmd::{Run, LONG};
 use tandem_tests::bdb;
 use tandem_tests::harness::*;
 use tandem_tests::s3_proxy::{Fault, Rule, S3Proxy};
@@ -32,7 +32,13 @@ fn rule(method: &'static str, path: &str, fault: Fault, times: Option<usize>) ->
 
 #[test]
 fn archiving_and_restoring_through_a_failing_link() -> Result<()> {
-    let p = pair(1000)?;
+    // Values of 10 kB in the base: its databases are over 8 MiB and go up
+    // as multipart uploads.
+    let p = tandem_tests::harness::pair(&bdb::WorkloadOptions {
+        value_len: 10_000,
+        updates: 0,
+        ..workload(1000, 500)
+    })?;
     let s = &p.s;
     let s3 = start_s3(s.root())?;
     let proxy = S3Proxy::start(format!("127.0.0.1:{}", s3.port).parse()?)?;
@@ -58,6 +64,51 @@ fn archiving_and_restoring_through_a_failing_link() -> Result<()> {
         wait_caught_up(&standby, &s.path("env"), LONG)?;
         Ok(last)
     };
+
+    // A multipart upload failing midway is aborted: the store keeps no
+    // parts of it, and no backup is published.
+    proxy.add(rule("PUT", "partNumber=2", Fault::Status500, None));
+    let r = archive(&[])?;
+    assert_eq!(r.code, Some(1), "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("uploading a part") || r.stderr.contains("multipart"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        proxy
+            .requests()
+            .iter()
+            .any(|q| q.starts_with("DELETE") && q.contains("uploadId=")),
+        "no abort: {:?}",
+        proxy.requests()
+    );
+    assert_eq!(s3.incomplete_uploads(), Vec::<String>::new());
+    assert!(manifests().is_empty());
+    proxy.clear();
+
+    // The server killed in the middle of a multipart upload: the archive
+    // fails (its abort cannot reach the store either: the bucket's
+    // lifecycle rule is for that), the next one writes the backup.
+    proxy.add(rule(
+        "PUT",
+        "partNumber=1",
+        Fault::Stall(Duration::from_secs(1)),
+        Some(1),
+    ));
+    let killed = std::thread::scope(|scope| -> Result<Run> {
+        let running = scope.spawn(|| archive(&[]));
+        wait_for("a part on its way", LONG, || Ok(!proxy.hits().is_empty()))?;
+        // SAFETY: kill(2) on the server's pid; it is our child.
+        unsafe { libc::kill(s3.proc.pid() as i32, libc::SIGKILL) };
+        running
+            .join()
+            .map_err(|_| anyhow::anyhow!("archive thread panicked"))?
+    })?;
+    assert_eq!(killed.code, Some(1), "{}{}", killed.stdout, killed.stderr);
+    assert!(manifests().is_empty());
+    let _s3_again = s3.start_again()?;
+    proxy.clear();
 
     // 500s on uploads: retried, the backup is written.
     proxy.add(rule("PUT", "/f/objects/", Fault::Status500, Some(2)));

@@ -5,11 +5,19 @@
 //! Layout under PREFIX. Objects are never modified once written:
 //! - `objects/e<epoch>/<base>/<file>.<stored>.<blake3>`: one file of a
 //!   backup, named by the epoch it was first archived in, the base it
-//!   belongs to, its name in the environment (log files carry their number,
-//!   the log position's file), how many bytes the object holds (for the
-//!   backup's last log file: the log end's offset; the rest of the file is
-//!   zeros, BDB's pre-allocation) and the blake3 of the whole file. Two
-//!   writers of one key write the same bytes.
+//!   belongs to (its id's first [`KEY_BASE_CHARS`] characters), its name in
+//!   the environment (log files carry their number, the log position's
+//!   file), how many bytes the object holds (for the backup's last log
+//!   file: the log end's offset; the rest of the file is zeros, BDB's
+//!   pre-allocation) and the blake3 of the whole file, cut to
+//!   [`KEY_DIGEST_HEX`] hex digits (the manifest holds all of it and every
+//!   download is checked against that). Two writers of one key write the
+//!   same bytes. Keys stay short (about 85 bytes plus the prefix and the
+//!   file's name): s3s-fs names its side files of a multipart upload with
+//!   the base64 of the key and refuses keys over about 129 bytes
+//!   (ENAMETOOLONG). Format 1 (`tandem-bucket-backup/1`) named objects with
+//!   the padded epoch, the whole base id and the whole blake3; it is still
+//!   read.
 //! - `manifests/e<epoch>-<base>-<log end file>-<log end offset>.json`: a
 //!   [`BucketManifest`], written last, with a create-only conditional put
 //!   (`If-None-Match: *`): a second archiver reaching the same name (after
@@ -32,13 +40,21 @@ use object_store::{
     WriteMultipart,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-pub const BUCKET_MANIFEST_FORMAT: &str = "tandem-bucket-backup/1";
+pub const BUCKET_MANIFEST_FORMAT: &str = "tandem-bucket-backup/2";
+/// The first format: long object keys (see the module doc); read, never
+/// written.
+pub const BUCKET_MANIFEST_FORMAT_1: &str = "tandem-bucket-backup/1";
+/// Hex digits of a file's blake3 in its object's key (format 2).
+pub const KEY_DIGEST_HEX: usize = 32;
+/// Characters of the base id in an object's key (format 2).
+pub const KEY_BASE_CHARS: usize = 16;
 pub const MANIFESTS: &str = "manifests";
 pub const OBJECTS: &str = "objects";
 /// Objects up to this size go up in one PUT; larger ones as a multipart
@@ -158,6 +174,9 @@ fn is_loopback_endpoint(endpoint: &str) -> bool {
 pub struct Bucket {
     store: Arc<dyn ObjectStore>,
     pub url: BucketUrl,
+    /// Objects (key relative to PREFIX, length) this process uploaded or
+    /// found with that length.
+    confirmed: Mutex<HashSet<(String, u64)>>,
 }
 
 impl Bucket {
@@ -200,7 +219,18 @@ impl Bucket {
         Ok(Self {
             store: Arc::new(store),
             url: url.clone(),
+            confirmed: Mutex::default(),
         })
+    }
+
+    /// A bucket over any store (tests: `object_store::memory::InMemory`).
+    #[cfg(test)]
+    pub(crate) fn over(store: Arc<dyn ObjectStore>, url: BucketUrl) -> Self {
+        Self {
+            store,
+            url,
+            confirmed: Mutex::default(),
+        }
     }
 
     /// The object key of `rel` (relative to PREFIX).
@@ -287,20 +317,58 @@ impl Bucket {
     }
 
     pub async fn delete(&self, rel: &str) -> Result<(), BucketError> {
+        self.forget(rel);
         match self.store.delete(&self.key(rel)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.store_err(rel, "deleting")(e)),
         }
     }
 
+    /// Makes sure `rel` holds the first `len` bytes of `path`: nothing to
+    /// do when this process confirmed it before or a HEAD shows that length
+    /// (keys name their content), else [`Self::upload`]. `Ok(true)` when it
+    /// uploaded. Confirmations are remembered for the life of the [`Bucket`]
+    /// (a `--follow` round HEADs only objects it has not seen; a restarted
+    /// archiver checks them all again); [`Self::delete`] forgets them.
+    pub async fn ensure(&self, rel: &str, path: &Path, len: u64) -> Result<bool, BucketError> {
+        if self.is_confirmed(rel, len) {
+            return Ok(false);
+        }
+        if self.size(rel).await? == Some(len) {
+            self.confirm(rel, len);
+            return Ok(false);
+        }
+        self.upload(rel, path, len).await?;
+        Ok(true)
+    }
+
+    fn is_confirmed(&self, rel: &str, len: u64) -> bool {
+        self.confirmed
+            .lock()
+            .is_ok_and(|c| c.contains(&(rel.to_owned(), len)))
+    }
+
+    fn confirm(&self, rel: &str, len: u64) {
+        if let Ok(mut c) = self.confirmed.lock() {
+            c.insert((rel.to_owned(), len));
+        }
+    }
+
+    fn forget(&self, rel: &str) {
+        if let Ok(mut c) = self.confirmed.lock() {
+            c.retain(|(k, _)| k != rel);
+        }
+    }
+
     /// Uploads the first `len` bytes of `path` as `rel` (overwriting: keys
-    /// name their content), then confirms the object's length.
+    /// name their content), then confirms the object's length. A multipart
+    /// upload that fails in any way is aborted (the parts sent so far are
+    /// deleted); one that cannot be (the store is gone, the process killed)
+    /// is left to the bucket's AbortIncompleteMultipartUpload rule (README).
     pub async fn upload(&self, rel: &str, path: &Path, len: u64) -> Result<(), BucketError> {
-        let io = |what: &str| {
-            let what = format!("{what} {}", path.display());
-            move |source| BucketError::Io { what, source }
-        };
-        let mut file = tokio::fs::File::open(path).await.map_err(io("opening"))?;
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(io_at("opening", path))?;
         let key = self.key(rel);
         if len as usize <= PART {
             let mut buf = Vec::with_capacity(len as usize);
@@ -308,7 +376,7 @@ impl Bucket {
                 .take(len)
                 .read_to_end(&mut buf)
                 .await
-                .map_err(io("reading"))?;
+                .map_err(io_at("reading", path))?;
             if buf.len() as u64 != len {
                 return Err(self.short_source(rel, path, buf.len() as u64, len));
             }
@@ -323,30 +391,22 @@ impl Bucket {
                 .await
                 .map_err(self.store_err(rel, "starting a multipart upload"))?;
             let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
-            let mut reader = (&mut file).take(len);
-            let mut buf = vec![0u8; READ_BUF];
-            let mut sent = 0u64;
-            loop {
-                let n = reader.read(&mut buf).await.map_err(io("reading"))?;
-                if n == 0 {
-                    break;
+            if let Err(e) = self.send_parts(&mut w, rel, path, &mut file, len).await {
+                if let Err(abort) = w.abort().await {
+                    tracing::warn!(object = %self.show(rel), error = %abort, "could not abort the failed multipart upload; the bucket's lifecycle rule removes its parts");
                 }
-                if let Err(e) = w.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                    return Err(self.store_err(rel, "uploading a part")(e));
-                }
-                w.write(&buf[..n]);
-                sent += n as u64;
+                return Err(e);
             }
-            if sent != len {
-                w.abort().await.ok();
-                return Err(self.short_source(rel, path, sent, len));
-            }
+            // `finish` aborts the upload itself when it fails.
             w.finish()
                 .await
                 .map_err(self.store_err(rel, "completing a multipart upload"))?;
         }
         match self.size(rel).await? {
-            Some(n) if n == len => Ok(()),
+            Some(n) if n == len => {
+                self.confirm(rel, len);
+                Ok(())
+            }
             found => Err(BucketError::Object {
                 key: self.show(rel),
                 why: format!(
@@ -357,6 +417,39 @@ impl Bucket {
                 ),
             }),
         }
+    }
+
+    /// The parts of a multipart upload: the first `len` bytes of `file`,
+    /// at most [`PARTS_IN_FLIGHT`] parts on the way at once.
+    async fn send_parts(
+        &self,
+        w: &mut WriteMultipart,
+        rel: &str,
+        path: &Path,
+        file: &mut tokio::fs::File,
+        len: u64,
+    ) -> Result<(), BucketError> {
+        let mut reader = file.take(len);
+        let mut buf = vec![0u8; READ_BUF];
+        let mut sent = 0u64;
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .await
+                .map_err(io_at("reading", path))?;
+            if n == 0 {
+                break;
+            }
+            w.wait_for_capacity(PARTS_IN_FLIGHT)
+                .await
+                .map_err(self.store_err(rel, "uploading a part"))?;
+            w.write(&buf[..n]);
+            sent += n as u64;
+        }
+        if sent != len {
+            return Err(self.short_source(rel, path, sent, len));
+        }
+        Ok(())
     }
 
     fn short_source(&self, rel: &str, path: &Path, got: u64, len: u64) -> BucketError {
@@ -448,6 +541,11 @@ impl Bucket {
     }
 }
 
+fn io_at(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BucketError {
+    let what = format!("{what} {}", path.display());
+    move |source| BucketError::Io { what, source }
+}
+
 /// Keys may hold only what survives every S3 implementation unescaped.
 pub fn key_safe(s: &str) -> String {
     s.chars()
@@ -467,12 +565,20 @@ pub fn stored_len(m: &Manifest, f: &ManifestFile) -> u64 {
 }
 
 pub fn object_key(epoch: u64, base_id: &str, f: &ManifestFile, stored: u64) -> String {
+    let base: String = key_safe(base_id).chars().take(KEY_BASE_CHARS).collect();
     format!(
-        "{OBJECTS}/e{epoch:010}/{}/{}.{stored}.{}",
-        key_safe(base_id),
-        f.name,
-        f.blake3
+        "{OBJECTS}/e{epoch}/{base}/{}",
+        object_tail(BUCKET_MANIFEST_FORMAT, f, stored)
     )
+}
+
+/// How the key of `f`'s object ends in a manifest of `format`.
+fn object_tail(format: &str, f: &ManifestFile, stored: u64) -> String {
+    let digest = match format {
+        BUCKET_MANIFEST_FORMAT_1 => f.blake3.as_str(),
+        _ => f.blake3.get(..KEY_DIGEST_HEX).unwrap_or(&f.blake3),
+    };
+    format!("{}.{stored}.{digest}", f.name)
 }
 
 pub fn manifest_key(m: &Manifest) -> String {
@@ -556,9 +662,9 @@ impl BucketManifest {
         };
         let bm: BucketManifest =
             serde_json::from_slice(bytes).map_err(|e| bad(format!("damaged? {e}")))?;
-        if bm.format != BUCKET_MANIFEST_FORMAT {
+        if bm.format != BUCKET_MANIFEST_FORMAT && bm.format != BUCKET_MANIFEST_FORMAT_1 {
             return Err(bad(format!(
-                "format {:?} is not {BUCKET_MANIFEST_FORMAT:?}",
+                "format {:?} is neither {BUCKET_MANIFEST_FORMAT:?} nor {BUCKET_MANIFEST_FORMAT_1:?}",
                 bm.format
             )));
         }
@@ -575,7 +681,15 @@ impl BucketManifest {
             return Err(bad("not one object per file".into()));
         }
         for (f, k, stored) in bm.entries() {
-            let tail = format!("/{}.{stored}.{}", f.name, f.blake3);
+            let well_formed =
+                f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
+            if !well_formed {
+                return Err(bad(format!(
+                    "{}: not a blake3 digest: {:?}",
+                    f.name, f.blake3
+                )));
+            }
+            let tail = format!("/{}", object_tail(&bm.format, f, stored));
             let under = k.starts_with(&format!("{OBJECTS}/"));
             if !under || !k.ends_with(&tail) || tandem_shared::wirepath::validate(k).is_err() {
                 return Err(bad(format!(

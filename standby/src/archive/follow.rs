@@ -292,6 +292,8 @@ pub fn follow(
     stop: &AtomicBool,
     mut report: impl FnMut(&Result<ArchiveReport, ArchiveError>),
 ) {
+    // Drills and proofs of a killed archiver left their scratch behind.
+    super::proof::sweep_dead_scratch(opts.scratch.as_deref());
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         let result = follow_round(opts);

@@ -33,29 +33,99 @@ pub enum ProofError {
     Bdb { what: String, source: BdbError },
 }
 
-/// A directory removed when dropped (unless `keep` is set).
+/// A directory removed when dropped (unless `keep` is set), named
+/// `tandem-<tag>-<pid>-<random>` and flocked (the directory itself,
+/// exclusive) while it lives, so [`sweep_dead_scratch`] can tell a dead
+/// owner's leftovers from a live one's.
 pub(crate) struct ScratchDir {
     pub(crate) path: PathBuf,
     pub(crate) keep: bool,
+    _lock: Option<fs::File>,
 }
+
+/// The tags of scratch directories (see [`ScratchDir::new`]).
+const SCRATCH_TAGS: [&str; 4] = ["follow-stage", "stage", "verify", "fetch"];
 
 impl ScratchDir {
     pub(crate) fn new(parent: Option<&Path>, tag: &str) -> Result<Self, ProofError> {
-        let parent = parent
-            .map(Path::to_path_buf)
-            .unwrap_or_else(std::env::temp_dir);
+        let parent = scratch_parent(parent);
         fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
-        // Removed by this type's Drop, not tempfile's (`keep`).
+        // Removed by this type's Drop, not tempfile's (`keep`). The pid in
+        // the name is for people; the lock is what the sweep trusts.
         let path = tempfile::Builder::new()
-            .prefix(&format!("tandem-{tag}-"))
+            .prefix(&format!("tandem-{tag}-{}-", std::process::id()))
             .tempdir_in(&parent)
             .map_err(io_err(format!(
                 "creating a scratch directory in {}",
                 parent.display()
             )))?
             .keep();
-        Ok(Self { path, keep: false })
+        let lock = fs::File::open(&path).ok().filter(|d| {
+            use rustix::fs::{flock, FlockOperation};
+            flock(d, FlockOperation::NonBlockingLockExclusive).is_ok()
+        });
+        Ok(Self {
+            path,
+            keep: false,
+            _lock: lock,
+        })
     }
+}
+
+impl ScratchDir {
+    /// `path` (not created here), removed when dropped, without a lock.
+    pub(crate) fn unlocked(path: PathBuf) -> Self {
+        Self {
+            path,
+            keep: false,
+            _lock: None,
+        }
+    }
+}
+
+fn scratch_parent(parent: Option<&Path>) -> PathBuf {
+    parent
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Removes the scratch directories in `parent` (default: the temporary
+/// directory) that a killed archiver left: those whose process is gone and
+/// whose lock nobody holds (both: a pid alone may be another pid
+/// namespace's, or reused). Returns the directories removed.
+pub(crate) fn sweep_dead_scratch(parent: Option<&Path>) -> Vec<PathBuf> {
+    let parent = scratch_parent(parent);
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(&parent).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("tandem-") else {
+            continue;
+        };
+        // `<tag>-<pid>-<suffix>` (tempfile's random suffix; earlier
+        // versions: `<unix ms>-<n>`).
+        let Some(pid) = SCRATCH_TAGS.iter().find_map(|t| {
+            let (pid, suffix) = rest.strip_prefix(t)?.strip_prefix('-')?.split_once('-')?;
+            (!suffix.is_empty()).then_some(pid.parse::<u32>().ok()?)
+        }) else {
+            continue;
+        };
+        let path = entry.path();
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let Ok(dir) = fs::File::open(&path) else {
+            continue;
+        };
+        use rustix::fs::{flock, FlockOperation};
+        if flock(&dir, FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue;
+        }
+        if fs::remove_dir_all(&path).is_ok() {
+            tracing::info!(dir = %path.display(), pid, "removed a scratch directory left by a process that is gone");
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 impl Drop for ScratchDir {

@@ -224,11 +224,15 @@ pub(crate) async fn publish(
         ));
     }
     let uploaded = AtomicU64::new(0);
-    futures::stream::iter(bm.entries())
+    // After a failure no new upload starts, but those under way run to
+    // their end (completed, or failed and aborted): dropping one midway
+    // would leave its multipart upload behind.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Result<(), BucketError>> = futures::stream::iter(bm.entries())
         .map(|(f, obj, stored)| {
-            let uploaded = &uploaded;
+            let (uploaded, failed) = (&uploaded, &failed);
             async move {
-                if bucket.size(obj).await? == Some(stored) {
+                if failed.load(Ordering::SeqCst) {
                     return Ok(());
                 }
                 let rel = tandem_shared::wirepath::validate(&f.name).map_err(|e| {
@@ -237,14 +241,23 @@ pub(crate) async fn publish(
                         why: format!("refused file name: {e}"),
                     }
                 })?;
-                bucket.upload(obj, &backup.join(rel), stored).await?;
-                uploaded.fetch_add(stored, Ordering::Relaxed);
-                Ok::<(), BucketError>(())
+                match bucket.ensure(obj, &backup.join(rel), stored).await {
+                    Ok(true) => {
+                        uploaded.fetch_add(stored, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => {
+                        failed.store(true, Ordering::SeqCst);
+                        Err(e)
+                    }
+                }
             }
         })
         .buffer_unordered(TRANSFERS)
-        .try_collect::<Vec<()>>()
-        .await?;
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
     // Every object is confirmed: now the manifest, which makes the backup.
     let created = match bucket.create(&key, bm.to_bytes()).await {
         Ok(c) => c,
@@ -334,6 +347,8 @@ pub async fn follow_to_bucket(
     stop: &std::sync::atomic::AtomicBool,
     mut report: impl FnMut(&Result<ArchiveReport, ArchiveError>),
 ) -> Result<(), ArchiveError> {
+    // A killed archiver cannot remove its staging: its successor does.
+    super::proof::sweep_dead_scratch(opts.scratch.as_deref());
     let staging = ScratchDir::new(opts.scratch.as_deref(), "follow-stage").map_err(proof_err)?;
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
@@ -670,6 +685,120 @@ mod tests {
             !supersedes(&diverged, &old),
             "other database bytes: another history"
         );
+    }
+
+    /// A sealed manifest of base `base` created at `created` (unix ms) with
+    /// the log at (1, `end`) and data.db holding `data`.
+    fn sealed(base: &str, created: u64, end: u32, data: &str) -> BucketManifest {
+        use super::super::manifest::{FileKind, ManifestFile, MANIFEST_FORMAT};
+        let lsn = tandem_shared::LogPosition::new;
+        let file = |name: &str, kind, size, seed: &str| ManifestFile {
+            name: name.into(),
+            kind,
+            size,
+            blake3: blake3::hash(seed.as_bytes()).to_hex().to_string(),
+        };
+        let mut m = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            env_id: "e".into(),
+            base_id: base.into(),
+            epoch: 1,
+            source: "s".into(),
+            created_unix_ms: created,
+            updated_unix_ms: created,
+            log_dir: String::new(),
+            log_start: lsn(1, 0),
+            log_end: lsn(1, end),
+            lg_max: 1 << 20,
+            commits: 0,
+            first_commit_unix: None,
+            last_commit_unix: None,
+            earliest_checkpoint_unix: None,
+            files: vec![
+                file("data.db", FileKind::Database, 10, data),
+                file(
+                    "log.0000000001",
+                    FileKind::Log,
+                    1 << 20,
+                    &format!("{base}{end}"),
+                ),
+            ],
+            digest: String::new(),
+        };
+        m.seal();
+        BucketManifest::new(m, &[])
+    }
+
+    #[test]
+    fn bucket_retention_keeps_the_newest_and_everything_it_names() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = BucketUrl::parse("s3://b/p").unwrap().unwrap();
+        let bucket = Bucket::over(Arc::new(object_store::memory::InMemory::new()), url);
+        let day = 86_400_000u64;
+        let now = tandem_shared::now_unix_ms();
+        // Base a: two manifests (the later supersedes), base b: two sharing
+        // data.db, base c the newest, created ten days ago.
+        let all = [
+            sealed("a", now - 30 * day, 100, "a-data"),
+            sealed("a", now - 30 * day, 200, "a-data"),
+            sealed("b", now - 20 * day, 100, "b-data"),
+            sealed("b", now - 20 * day, 300, "b-data"),
+            sealed("c", now - 10 * day, 100, "c-data"),
+        ];
+        rt.block_on(async {
+            for bm in &all {
+                for (_, obj, _) in bm.entries() {
+                    bucket
+                        .create(obj, bytes::Bytes::from_static(b"x"))
+                        .await
+                        .unwrap();
+                }
+                let key = super::super::bucket::manifest_key(&bm.backup);
+                assert!(bucket.create(&key, bm.to_bytes()).await.unwrap());
+            }
+        });
+        let manifests = || rt.block_on(bucket.list(MANIFESTS)).unwrap().len();
+        let objects = || -> Vec<String> {
+            rt.block_on(bucket.list(super::super::bucket::OBJECTS))
+                .unwrap()
+                .into_iter()
+                .map(|(k, ..)| k)
+                .collect()
+        };
+        let names = |bm: &BucketManifest| -> Vec<String> { bm.objects.clone() };
+        // keep 2: base a goes (both manifests, all its objects); b's
+        // superseded manifest goes, the data.db object both name stays.
+        let removed = rt.block_on(bucket_retention(&bucket, 2, None)).unwrap();
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        assert_eq!(manifests(), 2);
+        let left = objects();
+        for k in names(&all[0]).iter().chain(&names(&all[1])) {
+            assert!(!left.contains(k), "{k} of base a kept");
+        }
+        for k in names(&all[3]).iter().chain(&names(&all[4])) {
+            assert!(left.contains(k), "{k} deleted but still named");
+        }
+        assert!(!left.contains(&all[2].objects[1]), "b's old log object");
+        // keep-days 5: b is older (goes); c is older too but the newest:
+        // never deleted, nor anything it names, even with keep 1.
+        let removed = rt
+            .block_on(bucket_retention(&bucket, 1, Some(5.0)))
+            .unwrap();
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        assert_eq!(manifests(), 1);
+        let mut left = objects();
+        left.sort();
+        let mut want = names(&all[4]);
+        want.sort();
+        assert_eq!(left, want);
+        let removed = rt
+            .block_on(bucket_retention(&bucket, 0, Some(0.0)))
+            .unwrap();
+        assert!(removed.is_empty());
+        assert_eq!(objects().len(), 2);
     }
 
     #[test]

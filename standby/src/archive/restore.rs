@@ -277,10 +277,8 @@ pub(crate) fn temp_beside(to: &Path) -> Result<ScratchDir, RestoreError> {
     })?;
     let parent = parent_of(to);
     fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
-    let temp = ScratchDir {
-        path: parent.join(format!(".{name}.tandem-restore-{}", std::process::id())),
-        keep: false,
-    };
+    let temp =
+        ScratchDir::unlocked(parent.join(format!(".{name}.tandem-restore-{}", std::process::id())));
     let _ = fs::remove_dir_all(&temp.path);
     fs::create_dir(&temp.path).map_err(io_err(format!("creating {}", temp.path.display())))?;
     Ok(temp)

@@ -10,16 +10,41 @@ struct S3Run {
     restore: f64,
     restore_recovery: f64,
     cp: f64,
+    /// Peak RSS (MiB) of the archive and restore processes, when
+    /// /usr/bin/time is there to tell.
+    archive_rss: Option<f64>,
+    restore_rss: Option<f64>,
 }
 
+const TIME: &str = "/usr/bin/time";
+
+/// Runs `tandem-standby ARGS` against `s3` (under /usr/bin/time when it
+/// exists, its peak RSS written to `log`.rss): its JSON output.
 fn standby_json(s3: &S3Server, args: &[&str], log: &Path, bytes: u64) -> Result<serde_json::Value> {
-    let mut c = Command::new(harness::bin("tandem-standby"));
+    let rss = log.with_extension("rss");
+    let _ = std::fs::remove_file(&rss);
+    let mut c = if Path::new(TIME).exists() {
+        let mut c = Command::new(TIME);
+        c.args(["-f", "%M", "-o"])
+            .arg(&rss)
+            .arg(harness::bin("tandem-standby"));
+        c
+    } else {
+        Command::new(harness::bin("tandem-standby"))
+    };
     c.args(args);
     for (k, v) in s3.env() {
         c.env(k, v);
     }
     let out = cmd_stdout("tandem-standby", c, copy_timeout(bytes), log)?;
     serde_json::from_str(&out).with_context(|| format!("output: {out}"))
+}
+
+/// The peak RSS (MiB) /usr/bin/time recorded for the run logged at `log`.
+fn peak_rss(log: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(log.with_extension("rss")).ok()?;
+    let kib: f64 = text.lines().last()?.trim().parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 impl Bench {
@@ -70,6 +95,7 @@ impl Bench {
             )?;
             sync_all();
             let archive = started.elapsed().as_secs_f64();
+            let archive_rss = peak_rss(&self.path("s3-archive.log"));
             remove_dir(&target);
             drop_caches();
             let started = Instant::now();
@@ -81,6 +107,7 @@ impl Bench {
                 bytes,
             )?;
             let restore = started.elapsed().as_secs_f64();
+            let restore_rss = peak_rss(&self.path("s3-restore.log"));
             let restore_recovery = v["recovery_seconds"].as_f64().unwrap_or(f64::NAN);
             remove_dir(&target);
             drop(s3);
@@ -103,6 +130,8 @@ impl Bench {
                 restore,
                 restore_recovery,
                 cp,
+                archive_rss,
+                restore_rss,
             });
         }
         remove_dir(&local);
@@ -140,6 +169,16 @@ impl Bench {
             median(&col(&|r| r.archive)) / median(&col(&|r| r.cp)),
             median(&col(&|r| r.restore)) / median(&col(&|r| r.cp))
         );
+        let rss = |f: &dyn Fn(&S3Run) -> Option<f64>| {
+            let v: Vec<f64> = runs.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| v.iter().cloned().fold(0.0, f64::max))
+        };
+        if let (Some(a), Some(r)) = (rss(&|r| r.archive_rss), rss(&|r| r.restore_rss)) {
+            let _ = writeln!(
+                s.md,
+                "Peak RSS (largest of the runs): archive {a:.0} MiB, restore {r:.0} MiB, for {mib:.0} MiB of backup.\n"
+            );
+        }
         Ok(s)
     }
 }
