@@ -131,9 +131,80 @@ impl Timing {
     }
 }
 
+/// The `--etcd-*` timing flags, the same on the primary and the standby
+/// (flattened into both; each is also a TOML key of the same name). The
+/// help states each default, which a test checks against the constants.
+#[derive(clap::Args, serde::Serialize, serde::Deserialize, Default, Clone, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub struct TimingArgs {
+    /// Lease time to live, in seconds: a primary that cannot renew for this
+    /// long is replaced. Must satisfy loop_wait + 2 × retry_timeout ≤ ttl
+    /// [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_ttl_secs: Option<u64>,
+    /// Pause between rounds of renewing, publishing and watching, in ms
+    /// [default: 2000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_loop_wait_ms: Option<u64>,
+    /// Bound on one etcd request, in ms [default: 3000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_retry_timeout_ms: Option<u64>,
+    /// A primary (this one, or this standby once promoted) fences this long
+    /// before etcd could expire its lease, counted from the send time of
+    /// the last renewal etcd answered, in ms [default: 1000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub etcd_fence_margin_ms: Option<u64>,
+}
+
+impl TimingArgs {
+    /// The timing these flags ask for ([`Timing::from_flags`]).
+    pub fn timing(&self) -> Result<Timing, TimingError> {
+        Timing::from_flags(
+            self.etcd_ttl_secs,
+            self.etcd_loop_wait_ms,
+            self.etcd_retry_timeout_ms,
+            self.etcd_fence_margin_ms,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timing_flags_help_states_the_defaults() {
+        use clap::{CommandFactory, Parser};
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            timing: TimingArgs,
+        }
+        let help = Cli::command().render_long_help().to_string();
+        for (flag, value) in [
+            ("--etcd-ttl-secs", DEFAULT_TTL_SECS),
+            ("--etcd-loop-wait-ms", DEFAULT_LOOP_WAIT_MS),
+            ("--etcd-retry-timeout-ms", DEFAULT_RETRY_TIMEOUT_MS),
+            ("--etcd-fence-margin-ms", DEFAULT_FENCE_MARGIN_MS),
+        ] {
+            let text: String = help
+                .lines()
+                .skip_while(|l| !l.trim_start().starts_with(flag))
+                .take_while(|l| !l.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert!(
+                text.contains(&format!("[default: {value}]")),
+                "{flag}: the help must say [default: {value}]: {text}"
+            );
+        }
+        let none = Cli::try_parse_from(["t"]).expect("no flags");
+        assert_eq!(none.timing.timing(), Ok(Timing::default()));
+    }
 
     fn t(ttl: u64, loop_ms: u64, retry_ms: u64, margin_ms: u64) -> Timing {
         Timing {

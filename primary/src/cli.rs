@@ -188,6 +188,11 @@ pub struct RunArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub etcd: EtcdArgs,
+    /// The `--etcd-*` timing, beside (not inside) `etcd`: serde cannot
+    /// refuse unknown keys through two levels of flatten.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub timing: tandem_coord::timing::TimingArgs,
 }
 
 /// Automatic failover (README "Automatic failover with etcd"). Without
@@ -215,26 +220,6 @@ pub struct EtcdArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_url: Option<String>,
-    /// Lease time to live, in seconds: a primary that cannot renew for this
-    /// long is replaced. Must satisfy loop_wait + 2 × retry_timeout ≤ ttl
-    /// [default: 10].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd_ttl_secs: Option<u64>,
-    /// Pause between rounds of renewing and publishing, in ms [default: 2000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd_loop_wait_ms: Option<u64>,
-    /// Bound on one etcd request, in ms [default: 3000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd_retry_timeout_ms: Option<u64>,
-    /// The primary fences this long before etcd could expire its lease,
-    /// counted from the send time of the last renewal etcd answered, in ms
-    /// [default: 1000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd_fence_margin_ms: Option<u64>,
     /// Shell command run when the primary fences itself (to stop the
     /// application here); TANDEM_FENCE_REASON says why. Its exit status is
     /// logged and shown in status.
@@ -293,6 +278,24 @@ mod tests {
         use clap::Parser;
         let parsed = Cli::try_parse_from(["tandem-primary", "run", "--fault-corrupt-chunk", "2"]);
         assert_eq!(parsed.is_ok(), cfg!(feature = "test-hooks"));
+    }
+
+    /// The etcd timing keys of a config file reach the flattened
+    /// `TimingArgs`; a misspelt one is refused.
+    #[test]
+    fn the_timing_keys_are_read_from_the_config_file() {
+        use super::RunArgs;
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, "etcd-ttl-secs = 4\netcd-fence-margin-ms = 300\n").unwrap();
+        let a: RunArgs =
+            tandem_shared::config::merge_with_file(&RunArgs::default(), Some(&good)).unwrap();
+        assert_eq!(a.timing.etcd_ttl_secs, Some(4));
+        assert_eq!(a.timing.etcd_fence_margin_ms, Some(300));
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "etcd-ttl-sec = 4\n").unwrap();
+        let e = tandem_shared::config::merge_with_file(&RunArgs::default(), Some(&bad));
+        assert!(e.is_err());
     }
 
     #[test]

@@ -114,7 +114,7 @@ async fn run(flags: RunArgs) -> Result<()> {
                 ),
             }),
         wait_socket: a.wait_socket,
-        etcd: etcd_config(a.etcd)?,
+        etcd: etcd_config(a.etcd, &a.timing)?,
         env,
     };
     let addr_file = a.bound_addr_file;
@@ -128,16 +128,14 @@ async fn run(flags: RunArgs) -> Result<()> {
     .await
 }
 
-fn etcd_config(a: cli::EtcdArgs) -> Result<Option<tandem_primary::leadership::EtcdConfig>> {
+fn etcd_config(
+    a: cli::EtcdArgs,
+    timing: &tandem_coord::timing::TimingArgs,
+) -> Result<Option<tandem_primary::leadership::EtcdConfig>> {
     let Some(list) = a.etcd else {
         return Ok(None);
     };
-    let timing = tandem_coord::timing::Timing::from_flags(
-        a.etcd_ttl_secs,
-        a.etcd_loop_wait_ms,
-        a.etcd_retry_timeout_ms,
-        a.etcd_fence_margin_ms,
-    )?;
+    let timing = timing.timing()?;
     let name = a.name.unwrap_or_else(tandem_shared::hostname);
     if !tandem_coord::records::valid_name(&name) {
         anyhow::bail!("bad --name {name:?}: use letters, digits, '-', '_' and '.'");

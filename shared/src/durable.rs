@@ -14,6 +14,28 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Removes a directory tree; "already gone" is done too. True if there
+/// was one to remove.
+pub fn remove_tree(dir: &Path) -> io::Result<bool> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+        Ok(()) => Ok(true),
+    }
+}
+
+/// [`remove_tree`], then fsyncs the parent so the removal is durable
+/// before anything that depends on it.
+pub fn remove_tree_durably(dir: &Path) -> io::Result<()> {
+    if !remove_tree(dir)? {
+        return Ok(());
+    }
+    match dir.parent() {
+        Some(parent) if parent.is_dir() => fsync_dir(parent),
+        _ => Ok(()),
+    }
+}
+
 /// Replaces `path` with `bytes` atomically and durably.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let partial = partial_path(path);

@@ -4,6 +4,7 @@
 //! Tandem mirrors that shape under the standby's directory, so the names it
 //! uses on the wire are paths relative to the environment home.
 
+use crate::ioerror::{io_err, IoError};
 use crate::logfile::parse_log_file_name;
 use std::fs::File;
 use std::io::{self, Read};
@@ -11,21 +12,15 @@ use std::path::{Component, Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    /// `what` is the file's path.
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("DB_CONFIG line {line}: {what}")]
     Config { line: usize, what: String },
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
     #[error("{path} cannot be shipped: {why}")]
     Unshippable { path: PathBuf, why: String },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> EnvError + '_ {
-    move |source| EnvError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Directories named by `DB_CONFIG`, relative to the home.
@@ -137,7 +132,7 @@ impl EnvLayout {
         let config = match std::fs::read_to_string(&cfg_path) {
             Ok(text) => parse_db_config(&text)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => DbConfigLayout::default(),
-            Err(e) => return Err(io_err(&cfg_path)(e)),
+            Err(e) => return Err(io_err(cfg_path.display().to_string())(e).into()),
         };
         Ok(Self {
             home: home.to_path_buf(),
@@ -171,8 +166,8 @@ impl EnvLayout {
     pub fn log_files(&self) -> Result<Vec<u32>, EnvError> {
         let dir = self.log_dir();
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let entry = entry.map_err(io_err(&dir))?;
+        for entry in std::fs::read_dir(&dir).map_err(io_err(dir.display().to_string()))? {
+            let entry = entry.map_err(io_err(dir.display().to_string()))?;
             if let Some(n) = entry.file_name().to_str().and_then(parse_log_file_name) {
                 out.push(n);
             }
@@ -209,11 +204,11 @@ impl EnvLayout {
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err(&dir)(e)),
+            Err(e) => return Err(io_err(dir.display().to_string())(e).into()),
         };
         let mut queue_extents = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(io_err(&dir))?;
+            let entry = entry.map_err(io_err(dir.display().to_string()))?;
             let Some(fname) = entry.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
@@ -231,7 +226,7 @@ impl EnvLayout {
                 // Removed between listing and reading: not part of this
                 // listing.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&path)(e)),
+                Err(e) => return Err(io_err(path.display().to_string())(e).into()),
             };
             if meta.is_dir() {
                 self.walk(&name, out)?;
@@ -260,7 +255,7 @@ impl EnvLayout {
                 }),
                 Ok(None) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&path)(e)),
+                Err(e) => return Err(io_err(path.display().to_string())(e).into()),
             }
         }
         for (name, queue) in queue_extents {
@@ -272,7 +267,7 @@ impl EnvLayout {
                 // An extent whose queue is gone is being removed with it.
                 Ok(None) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&queue)(e)),
+                Err(e) => return Err(io_err(queue.display().to_string())(e).into()),
             }
         }
         Ok(())

@@ -9,6 +9,7 @@
 //! - [`pages`]: reading database pages without shipping a torn one.
 //! - [`wirepath`]: accepting file names from the network safely.
 //! - [`durable`]: fsync discipline and checksummed control files.
+//! - [`ioerror`]: the one I/O error type (what was done, and the error).
 //! - [`tls`]: mutual TLS for both ends, and certificate generation.
 //! - [`bdb`]: the Berkeley DB command-line tools Tandem runs.
 //! - [`compress`]: per-chunk zstd of what is shipped, negotiated per session.
@@ -22,6 +23,7 @@ pub mod durable;
 pub mod envlayout;
 pub mod envusers;
 pub mod epochs;
+pub mod ioerror;
 pub mod logfile;
 pub mod logrecords;
 pub mod lsn;
@@ -32,6 +34,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod wirepath;
 
+pub use ioerror::{io_err, IoError};
 pub use lsn::LogPosition;
 pub use tandem_proto as wire;
 

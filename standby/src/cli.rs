@@ -371,6 +371,11 @@ pub struct RunArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub etcd: EtcdArgs,
+    /// The `--etcd-*` timing, beside (not inside) `etcd`: serde cannot
+    /// refuse unknown keys through two levels of flatten.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub timing: tandem_coord::timing::TimingArgs,
 }
 
 /// Automatic failover (README "Automatic failover with etcd"). Without
@@ -410,23 +415,6 @@ pub struct EtcdArgs {
     #[arg(long, value_name = "CMD")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_promote: Option<String>,
-    /// Lease time to live, in seconds; loop_wait + 2 × retry_timeout ≤ ttl
-    /// [default: 10].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd_ttl_secs: Option<u64>,
-    /// Pause between rounds, in ms [default: 2000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd_loop_wait_ms: Option<u64>,
-    /// Bound on one etcd request, in ms [default: 3000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd_retry_timeout_ms: Option<u64>,
-    /// The promoted primary's fence margin, in ms [default: 1000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd_fence_margin_ms: Option<u64>,
 }
 
 #[cfg(test)]

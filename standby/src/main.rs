@@ -308,6 +308,7 @@ async fn run(flags: RunArgs) -> ExitCode {
     };
     telemetry::init(a.log_format.unwrap_or_default());
     let etcd = a.etcd.clone();
+    let timing = a.timing.clone();
     let cfg = match config(a) {
         Ok(c) => StandbyConfig {
             start_over: flags.start_over,
@@ -319,7 +320,7 @@ async fn run(flags: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let failover = match failover_config(&etcd, &cfg) {
+    let failover = match failover_config(&etcd, &timing, &cfg) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("tandem-standby: error: {e:#}");
@@ -395,17 +396,13 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
 
 fn failover_config(
     a: &cli::EtcdArgs,
+    timing: &tandem_coord::timing::TimingArgs,
     cfg: &StandbyConfig,
 ) -> Result<Option<tandem_standby::failover::FailoverConfig>> {
     let Some(list) = &a.etcd else {
         return Ok(None);
     };
-    let timing = tandem_coord::timing::Timing::from_flags(
-        a.etcd_ttl_secs,
-        a.etcd_loop_wait_ms,
-        a.etcd_retry_timeout_ms,
-        a.etcd_fence_margin_ms,
-    )?;
+    let timing = timing.timing()?;
     if !tandem_coord::records::valid_name(&cfg.name) {
         anyhow::bail!(
             "with --etcd, --name {:?} must use letters, digits, '-', '_' and '.'",

@@ -86,10 +86,6 @@ fn log_end(env: &Path) -> Result<(LogPosition, LogPosition)> {
     ))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 #[test]
 fn every_record_reads_as_db_printlog_prints_it() -> Result<()> {
     let s = Scratch::new()?;
@@ -150,7 +146,9 @@ fn every_record_reads_as_db_printlog_prints_it() -> Result<()> {
             } => {
                 registers += 1;
                 let ok = p.fields.get("fileid") == Some(&fileid.to_string())
-                    && p.fields.get("uid").is_some_and(|u| u.ends_with(&hex(uid)))
+                    && p.fields
+                        .get("uid")
+                        .is_some_and(|u| u.ends_with(&tandem_shared::to_hex(uid)))
                     && p.fields
                         .get("name")
                         .is_some_and(|n| n.contains(name.as_str()));
@@ -191,7 +189,7 @@ fn every_record_reads_as_db_printlog_prints_it() -> Result<()> {
     // The uids registered are the meta pages' uids.
     for db in ["data.db", "meta.db", "hash.db"] {
         let page = std::fs::read(env.join(db))?;
-        let uid = hex(&file_uid(&page).context("meta page")?);
+        let uid = tandem_shared::to_hex(&file_uid(&page).context("meta page")?);
         let text = String::from_utf8(
             Command::new("db5.3_printlog")
                 .arg("-h")

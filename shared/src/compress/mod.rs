@@ -29,7 +29,6 @@ use crate::wire::{primary_message::Kind, ChunkEncoding};
 use crate::MAX_CHUNK;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -50,8 +49,9 @@ const MIN_COMPRESS: usize = 256;
 /// only chunks of at least 4 samples are judged this way.
 pub const SAMPLE: usize = 64 << 10;
 
-/// The `--compression` setting of either daemon.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The `--compression` setting of either daemon (a flag through clap, a
+/// key through serde).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// Offer (standby) or use (primary) zstd when the peer agrees.
@@ -59,18 +59,6 @@ pub enum Compression {
     Auto,
     /// Never: every chunk is sent as it is.
     Off,
-}
-
-impl FromStr for Compression {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "off" => Ok(Self::Off),
-            _ => Err(format!("compression must be auto or off, not {s:?}")),
-        }
-    }
 }
 
 impl Compression {

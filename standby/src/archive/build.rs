@@ -22,18 +22,19 @@ use super::manifest::{
 };
 use super::proof::{prove_recovers, Proof, ProofError};
 use super::store::{
-    clean_temps, copy_hashed, fsync_tree, io_err as store_io, list_backups, lock_archive,
-    remove_tree, target_exists, temp_dir_in, StoreError, PUBLISH_LOCK, TEMP_PREFIX, WRITER_LOCK,
+    clean_temps, copy_hashed, fsync_tree, list_backups, lock_archive, remove_tree, target_exists,
+    temp_dir_in, StoreError, PUBLISH_LOCK, TEMP_PREFIX, WRITER_LOCK,
 };
 use super::time::{backup_name, rfc3339};
 use crate::state::{BaseState, StandbyDir, StandbyState};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tandem_shared::durable::{fsync_dir, ControlFileError};
 use tandem_shared::envlayout::DB_CONFIG;
+use tandem_shared::ioerror::{io_err, IoError};
 use tandem_shared::logfile::log_file_name;
 use tandem_shared::wirepath::{self, PathError};
 use tandem_shared::LogPosition;
@@ -47,8 +48,8 @@ pub(crate) const COPY_ATTEMPTS: u32 = 3;
 /// was published.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -72,11 +73,6 @@ pub enum ArchiveError {
     /// The archive cannot be used as asked (where it is, what it holds).
     #[error("{0}")]
     Refused(String),
-}
-
-pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ArchiveError {
-    let what = what.into();
-    move |source| ArchiveError::Io { what, source }
 }
 
 #[derive(Debug, Clone)]
@@ -333,7 +329,8 @@ pub(crate) fn write_manifest_and_sync(temp: &Path, m: &Manifest) -> Result<(), A
         .map_err(io_err(format!("writing {}", path.display())))?;
     f.sync_all()
         .map_err(io_err(format!("fsync of {}", path.display())))?;
-    fsync_tree(temp).map_err(io_err(format!("fsync of {}", temp.display())))
+    fsync_tree(temp).map_err(io_err(format!("fsync of {}", temp.display())))?;
+    Ok(())
 }
 
 /// Seals the recovery proof into the manifest of a built, not yet
@@ -491,7 +488,8 @@ fn publish_new(
                 return Err(io_err(format!(
                     "renaming the new backup to {}",
                     candidate.display()
-                ))(e))
+                ))(e)
+                .into())
             }
         }
     }
@@ -545,9 +543,9 @@ fn apply_retention(
         }
         // Out of the listing atomically first, then deleted.
         let doomed = archive.join(format!("{TEMP_PREFIX}del-{name}"));
-        fs::rename(&path, &doomed).map_err(store_io(format!("retiring {}", path.display())))?;
-        fsync_dir(archive).map_err(store_io(format!("fsync of {}", archive.display())))?;
-        remove_tree(&doomed).map_err(store_io(format!("deleting {}", doomed.display())))?;
+        fs::rename(&path, &doomed).map_err(io_err(format!("retiring {}", path.display())))?;
+        fsync_dir(archive).map_err(io_err(format!("fsync of {}", archive.display())))?;
+        remove_tree(&doomed).map_err(io_err(format!("deleting {}", doomed.display())))?;
         tracing::info!(backup = %name, "retention: deleted an old backup");
         removed.push(name);
     }

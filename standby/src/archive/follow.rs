@@ -9,7 +9,7 @@
 //! restore windows overlap.
 
 use super::build::{
-    copy_logs, create_archive_dir, io_err, log_source, new_backup, record_report, report_from,
+    copy_logs, create_archive_dir, log_source, new_backup, record_report, report_from,
     source_unchanged, take_snapshot, write_manifest_and_sync, ArchiveError, ArchiveOptions,
     ArchiveReport, Snapshot, COPY_ATTEMPTS,
 };
@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tandem_shared::durable::fsync_dir;
+use tandem_shared::ioerror::io_err;
 use tandem_shared::logfile::PERSIST_RECORD_LEN;
 use tandem_shared::wirepath;
 use tandem_shared::LogPosition;
@@ -119,7 +120,8 @@ pub(crate) fn register_hold(
             .map_err(io_err("recording the archive's position in .tandem"))?;
     }
     crate::archive_hold::delete_held(dir, log_end.file)
-        .map_err(io_err("deleting log files held for the archive"))
+        .map_err(io_err("deleting log files held for the archive"))?;
+    Ok(())
 }
 
 /// Builds the successor of backup `b` (its files hard-linked, the last log
@@ -196,7 +198,8 @@ fn extend_backup(
                 return Err(io_err(format!(
                     "swapping the extended backup into {}",
                     b.path.display()
-                ))(e));
+                ))(e)
+                .into());
             }
         }
         let mut report = report_from("extended", &b.path, &new_m);

@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Instant;
 use tandem_shared::bdb::{parse_last_valid_lsn, BdbError, BdbTools};
 use tandem_shared::envlayout::DB_CONFIG;
+use tandem_shared::ioerror::{io_err, IoError};
 use tandem_shared::LogPosition;
 
 /// Recovery gets a bigger cache (BDB-NOTES.md §5: it halved the replay time) when
@@ -26,17 +27,10 @@ const SCRATCH_CACHE: &str = "set_cachesize 0 268435456 1";
 pub enum ProofError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{what}: {source}")]
     Bdb { what: String, source: BdbError },
-    #[error("cannot create a scratch directory in {}", .0.display())]
-    NoScratch(PathBuf),
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ProofError {
-    let what = what.into();
-    move |source| ProofError::Io { what, source }
 }
 
 /// A directory removed when dropped (unless `keep` is set).
@@ -51,19 +45,16 @@ impl ScratchDir {
             .map(Path::to_path_buf)
             .unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
-        for i in 0..100u32 {
-            let path = parent.join(format!(
-                "tandem-{tag}-{}-{}-{i}",
-                std::process::id(),
-                tandem_shared::now_unix_ms()
-            ));
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(Self { path, keep: false }),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io_err(format!("creating {}", path.display()))(e)),
-            }
-        }
-        Err(ProofError::NoScratch(parent))
+        // Removed by this type's Drop, not tempfile's (`keep`).
+        let path = tempfile::Builder::new()
+            .prefix(&format!("tandem-{tag}-"))
+            .tempdir_in(&parent)
+            .map_err(io_err(format!(
+                "creating a scratch directory in {}",
+                parent.display()
+            )))?
+            .keep();
+        Ok(Self { path, keep: false })
     }
 }
 
@@ -108,7 +99,7 @@ pub(crate) fn boost_cache(home: &Path) -> Result<Option<Vec<u8>>, ProofError> {
     let original = match fs::read(&cfg) {
         Ok(b) => Some(b),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io_err(format!("reading {}", cfg.display()))(e)),
+        Err(e) => return Err(io_err(format!("reading {}", cfg.display()))(e).into()),
     };
     let mut config = String::from_utf8_lossy(original.as_deref().unwrap_or_default()).into_owned();
     if !config.contains("set_cachesize") {
@@ -125,7 +116,8 @@ pub(crate) fn restore_config(home: &Path, original: Option<Vec<u8>>) -> Result<(
         Some(bytes) => fs::write(&cfg, bytes),
         None => fs::remove_file(&cfg),
     }
-    .map_err(io_err(format!("restoring {}", cfg.display())))
+    .map_err(io_err(format!("restoring {}", cfg.display())))?;
+    Ok(())
 }
 
 /// Recovery and `db_verify` in a scratch copy of a backup.

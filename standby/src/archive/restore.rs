@@ -49,6 +49,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tandem_shared::durable::fsync_dir;
+use tandem_shared::ioerror::{io_err, IoError};
 use tandem_shared::logfile::{log_file_name, parse_log_file_name};
 use tandem_shared::LogPosition;
 
@@ -73,8 +74,8 @@ pub enum RestoreError {
     Proof(#[from] ProofError),
     #[error(transparent)]
     Bucket(#[from] super::bucket::BucketError),
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("no backups in {} (a backup is a directory holding {MANIFEST_FILE})", .0.display())]
     NoBackups(PathBuf),
     #[error("{} exists and is not empty: restore only into a new or empty directory", .0.display())]
@@ -92,11 +93,6 @@ pub enum RestoreError {
     /// The target cannot be named, or recovery kept what it must not.
     #[error("{0}")]
     Refused(String),
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> RestoreError {
-    let what = what.into();
-    move |source| RestoreError::Io { what, source }
 }
 
 #[derive(Debug, Clone)]
@@ -137,7 +133,7 @@ pub struct RestoreReport {
 pub(crate) fn ensure_empty_target(to: &Path) -> Result<(), RestoreError> {
     match fs::symlink_metadata(to) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(format!("reading {}", to.display()))(e)),
+        Err(e) => Err(io_err(format!("reading {}", to.display()))(e).into()),
         Ok(md) if md.is_dir() => {
             let mut entries =
                 fs::read_dir(to).map_err(io_err(format!("reading {}", to.display())))?;
@@ -376,7 +372,8 @@ pub(crate) fn finish_restore(
         false => io_err(format!(
             "renaming the restored environment to {}",
             opts.to.display()
-        ))(e),
+        ))(e)
+        .into(),
     })?;
     temp.keep = true;
     let parent = parent_of(&opts.to);

@@ -17,7 +17,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
+pub use tandem_shared::durable::remove_tree;
 use tandem_shared::envlayout::rel_name;
+use tandem_shared::ioerror::{io_err, IoError};
 use tandem_shared::wirepath::{self, PathError};
 
 /// Held shared while reading a backup, exclusively while changing which
@@ -32,8 +34,8 @@ const BUF: usize = 1 << 20;
 /// A file operation on an archive or a backup that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("refused file name: {0}")]
     Path(#[from] PathError),
     #[error("{}: integrity check failed: {}", .backup.display(), .problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
@@ -44,14 +46,6 @@ pub enum StoreError {
     /// A source file changed while it was copied.
     #[error("{0}")]
     Unstable(String),
-    #[error("cannot create a temporary directory in {}", .0.display())]
-    NoTempDir(PathBuf),
-}
-
-/// Maps an `io::Error` to a [`StoreError::Io`] naming what was done.
-pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
-    let what = what.into();
-    move |source| StoreError::Io { what, source }
 }
 
 /// One thing wrong with a backup's files, each naming the file.
@@ -123,7 +117,7 @@ pub fn list_backups(archive: &Path) -> Result<Vec<BackupEntry>, StoreError> {
     let entries = match fs::read_dir(archive) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(io_err(format!("listing {}", archive.display()))(e)),
+        Err(e) => return Err(io_err(format!("listing {}", archive.display()))(e).into()),
     };
     for e in entries {
         let e = e.map_err(io_err(format!("listing {}", archive.display())))?;
@@ -188,7 +182,7 @@ pub fn lock_archive(
     let file = match file {
         Ok(f) => f,
         Err(e) if !create && e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(format!("opening {}", path.display()))(e)),
+        Err(e) => return Err(io_err(format!("opening {}", path.display()))(e).into()),
     };
     let op = if exclusive {
         FlockOperation::LockExclusive
@@ -199,7 +193,7 @@ pub fn lock_archive(
         match flock(&file, op) {
             Ok(()) => return Ok(Some(ArchiveLock { _file: file })),
             Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(io_err(format!("locking {}", path.display()))(e.into())),
+            Err(e) => return Err(io_err(format!("locking {}", path.display()))(e.into()).into()),
         }
     }
 }
@@ -239,7 +233,7 @@ pub fn copy_hashed(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(what("reading"))(e)),
+            Err(e) => return Err(io_err(what("reading"))(e).into()),
         };
         hasher.update(&buf[..n]);
         writer
@@ -436,27 +430,16 @@ pub fn copy_backup(backup: &Path, m: &Manifest, dest: &Path) -> Result<u64, Stor
 
 /// A fresh directory `<TEMP_PREFIX><tag>-…` in the archive.
 pub fn temp_dir_in(archive: &Path, tag: &str) -> Result<PathBuf, StoreError> {
-    for i in 0..100u32 {
-        let p = archive.join(format!(
-            "{TEMP_PREFIX}{tag}-{}-{}-{i}",
-            std::process::id(),
-            tandem_shared::now_unix_ms()
-        ));
-        match fs::create_dir(&p) {
-            Ok(()) => return Ok(p),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_err(format!("creating {}", p.display()))(e)),
-        }
-    }
-    Err(StoreError::NoTempDir(archive.to_path_buf()))
-}
-
-/// Removes a directory tree, ignoring "already gone".
-pub fn remove_tree(p: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(p) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    // Kept: the caller publishes it by renaming, or removes it; one an
+    // interrupted writer left is removed by `clean_temps`.
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{tag}-"))
+        .tempdir_in(archive)
+        .map_err(io_err(format!(
+            "creating a temporary directory in {}",
+            archive.display()
+        )))?;
+    Ok(dir.keep())
 }
 
 /// Removes what an interrupted writer left (call with the writer lock).

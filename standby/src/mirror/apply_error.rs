@@ -2,8 +2,8 @@
 //! it. Its own module so the mirror's parts (log writer, file receiver,
 //! swap) share one error type without importing each other.
 
-use std::io;
 use tandem_shared::durable::ControlFileError;
+use tandem_shared::ioerror::IoError;
 use tandem_shared::wirepath::PathError;
 use tandem_shared::LogPosition;
 
@@ -73,8 +73,9 @@ pub enum ApplyError {
     Protocol(String),
     #[error("disk full while {0}: nothing after the last acknowledged position was kept; free space and the standby resumes")]
     DiskFull(String),
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    /// Not a full disk: that is [`ApplyError::DiskFull`] (see the `From`).
+    #[error(transparent)]
+    Io(IoError),
     #[error(transparent)]
     State(#[from] ControlFileError),
 }
@@ -92,18 +93,14 @@ impl ApplyError {
     }
 }
 
-pub(crate) fn is_disk_full(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
-}
-
-/// Maps an I/O error to `DiskFull` when it is one, else to `Io` naming `what`.
-pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
-    let what = what.into();
-    move |source| {
-        if is_disk_full(&source) {
-            ApplyError::DiskFull(what)
+/// A full disk (ENOSPC, EDQUOT) is `DiskFull` naming what was being done,
+/// any other I/O error `Io`: `map_err(io_err(what))?` in the mirror's parts.
+impl From<IoError> for ApplyError {
+    fn from(e: IoError) -> Self {
+        if e.is_disk_full() {
+            ApplyError::DiskFull(e.what)
         } else {
-            ApplyError::Io { what, source }
+            ApplyError::Io(e)
         }
     }
 }

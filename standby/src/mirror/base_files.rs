@@ -3,7 +3,7 @@
 //! page by page for a rebase request (so the primary sends only the pages
 //! that differ).
 
-use crate::mirror::apply_error::{io_err, ApplyError};
+use crate::mirror::apply_error::ApplyError;
 use crate::state::{BaseState, StandbyDir, StandbyState};
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -11,6 +11,7 @@ use std::io;
 use std::path::PathBuf;
 use tandem_shared::durable::fsync_dir;
 use tandem_shared::envlayout::DB_CONFIG;
+use tandem_shared::ioerror::io_err;
 use tandem_shared::wirepath;
 
 /// Records the page digests of a file just placed in the mirror for the
@@ -52,7 +53,7 @@ pub fn make_durable(dir: &StandbyDir, state: &StandbyState) -> Result<(), ApplyE
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 tracing::error!(file = %name, "a file of the base is missing");
             }
-            Err(e) => return Err(io_err(format!("opening {name}"))(e)),
+            Err(e) => return Err(io_err(format!("opening {name}"))(e).into()),
         }
         if let Some(p) = path.parent() {
             parents.insert(p.to_path_buf());

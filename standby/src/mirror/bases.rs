@@ -3,13 +3,15 @@
 //! when complete (see the rules in [`super`]).
 
 use super::{Mirror, Rebase, RebaseReport};
-use crate::mirror::apply_error::{io_err, ApplyError};
-use crate::mirror::dirs::{create_dirs_durably, remove_tree_durably};
+use crate::mirror::apply_error::ApplyError;
+use crate::mirror::dirs::create_dirs_durably;
 use crate::mirror::logwriter::{checked_log_dir, LogWriter};
 use crate::mirror::swap;
 use crate::rejoin;
 use crate::state::{BaseState, StagedLog};
 use tandem_shared::durable::fsync_dir;
+use tandem_shared::durable::remove_tree_durably;
+use tandem_shared::ioerror::io_err;
 use tandem_shared::LogPosition;
 
 impl Mirror {

@@ -30,17 +30,3 @@ pub(crate) fn create_dirs_durably(root: &Path, dir: &Path) -> io::Result<()> {
     }
     Ok(())
 }
-
-/// Removes a directory tree if it exists, then fsyncs its parent so the
-/// removal is durable before anything that depends on it.
-pub(crate) fn remove_tree_durably(dir: &Path) -> io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-        Ok(()) => {}
-    }
-    match dir.parent() {
-        Some(parent) if parent.is_dir() => fsync_dir(parent),
-        _ => Ok(()),
-    }
-}

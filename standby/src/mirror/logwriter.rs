@@ -17,13 +17,14 @@
 //!   are moved out of the environment to `.tandem/broken-log/`.
 
 use crate::mirror::apply_error::Applied;
-use crate::mirror::apply_error::{io_err, ApplyError};
+use crate::mirror::apply_error::ApplyError;
 use crate::mirror::dirs::create_dirs_durably;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
+use tandem_shared::ioerror::io_err;
 use tandem_shared::logfile::{self, parse_log_file_name, walk, walk_file, WalkStop};
 use tandem_shared::wirepath::{self, PathError};
 use tandem_shared::LogPosition;

@@ -48,16 +48,17 @@ pub(crate) mod receiver;
 pub(crate) mod swap;
 pub(crate) mod write_behind;
 
-use crate::mirror::apply_error::io_err;
 pub use crate::mirror::apply_error::{Applied, ApplyError};
-use crate::mirror::dirs::{remove_if_exists, remove_tree_durably};
+use crate::mirror::dirs::remove_if_exists;
 pub use crate::mirror::logwriter::LogTail;
 use crate::mirror::logwriter::{checked_log_dir, LogWriter};
 use crate::mirror::receiver::FileReceiver;
 use crate::mirror::swap::{save_state, Steps};
 use crate::state::{BaseState, StandbyDir, StandbyState};
 use std::io;
+use tandem_shared::durable::remove_tree_durably;
 use tandem_shared::epochs::EpochStart;
+use tandem_shared::ioerror::io_err;
 use tandem_shared::wire::primary_message::Kind;
 use tandem_shared::wire::{
     BaseFilesDone, BaseStart, FileChunk, FileEnd, FileSame, FileStart, LogChunk, Welcome,

@@ -15,7 +15,7 @@
 //!   directory is fsynced. Its writeback starts while it arrives
 //!   ([`crate::mirror::write_behind`]), so that fsync finds little left to write.
 
-use crate::mirror::apply_error::{io_err, ApplyError, MAX_FILE_SIZE};
+use crate::mirror::apply_error::{ApplyError, MAX_FILE_SIZE};
 use crate::mirror::dirs::create_dirs_durably;
 use crate::mirror::write_behind::WriteBehind;
 use std::fs::{File, OpenOptions};
@@ -23,6 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
 use tandem_shared::envlayout::DB_CONFIG;
+use tandem_shared::ioerror::io_err;
 use tandem_shared::logfile::parse_log_file_name;
 use tandem_shared::pages::{page_digests, page_hashes, PAGE_DIGEST_LEN};
 use tandem_shared::wire::{FileChunk, FileEnd, FileKind, FileSame, FileStart};
@@ -134,7 +135,8 @@ impl Incoming {
         self.written += data.len() as u64;
         self.behind
             .wrote(&self.file, self.written)
-            .map_err(io_err(format!("writing {}", self.name)))
+            .map_err(io_err(format!("writing {}", self.name)))?;
+        Ok(())
     }
 }
 

@@ -24,12 +24,14 @@
 //! directory: at open, at session start, before a new base or rebase, and
 //! by `promote`.
 
-use crate::mirror::apply_error::{io_err, is_disk_full, ApplyError};
-use crate::mirror::dirs::{create_dirs_durably, remove_if_exists, remove_tree_durably};
+use crate::mirror::apply_error::ApplyError;
+use crate::mirror::dirs::{create_dirs_durably, remove_if_exists};
 use crate::mirror::logwriter::{checked_log_dir, log_numbers};
 use crate::state::{StandbyDir, StandbyState};
 use std::io;
+use tandem_shared::durable::remove_tree_durably;
 use tandem_shared::durable::{fsync_dir, ControlFileError};
+use tandem_shared::ioerror::{io_err, is_disk_full};
 use tandem_shared::logfile::log_file_name;
 use tandem_shared::wirepath;
 
@@ -46,10 +48,10 @@ impl Steps {
         #[cfg(test)]
         if let Some(left) = self.fail_after.as_mut() {
             if *left == 0 {
-                return Err(ApplyError::Io {
-                    what: format!("injected failure before {what}"),
-                    source: io::Error::other("injected by a test"),
-                });
+                return Err(ApplyError::Io(tandem_shared::IoError::new(
+                    format!("injected failure before {what}"),
+                    io::Error::other("injected by a test"),
+                )));
             }
             *left -= 1;
         }
@@ -165,7 +167,7 @@ fn remove_logs_after(
         match std::fs::remove_file(log_dir.join(log_file_name(n))) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(format!("removing old log file {n}"))(e)),
+            Err(e) => return Err(io_err(format!("removing old log file {n}"))(e).into()),
         }
     }
     if removed > 0 {

@@ -7,7 +7,7 @@
 //!   "last valid LSN", which must be the durable end the clone was cut
 //!   at) and a digest of the record before it;
 //! - which log file ids named which files (from the `__dbreg_register`
-//!   records since the last checkpoint, BDB.md §7: every open file is
+//!   records since the last checkpoint, BDB-NOTES.md §7: every open file is
 //!   registered again at each checkpoint) and the files that transactions
 //!   still open at `verified_to` wrote: the check's recovery undid those,
 //!   a later one may not;
@@ -101,10 +101,6 @@ pub struct VerifiedRecord {
     pub files: Vec<VerifiedFile>,
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn path(dir: &StandbyDir) -> std::path::PathBuf {
     dir.meta().join(RECORD_FILE)
 }
@@ -127,7 +123,7 @@ pub fn remove(dir: &StandbyDir) {
 fn uid_of(path: &Path) -> Option<String> {
     let mut head = [0u8; 128];
     let n = read_at_most(&File::open(path).ok()?, &mut head, 0).ok()?;
-    file_uid(&head[..n]).map(|u| hex(&u))
+    file_uid(&head[..n]).map(|u| tandem_shared::to_hex(&u))
 }
 
 /// What the log from the last checkpoint before `end` says: file ids,
@@ -186,7 +182,11 @@ fn read_since(log_dir: &Path, from: LogPosition, end: LogPosition) -> Result<Log
                 }
             }
             RecordKind::Register { fileid, uid, .. } => {
-                since.file_ids.entry(*fileid).or_default().insert(hex(uid));
+                since
+                    .file_ids
+                    .entry(*fileid)
+                    .or_default()
+                    .insert(tandem_shared::to_hex(uid));
             }
             RecordKind::Resolve { .. } => {
                 txns.remove(&r.txnid);
@@ -571,7 +571,10 @@ fn touched_since(
             written.insert(*fileid);
         }
         RecordKind::Register { fileid, uid, .. } => {
-            file_ids.entry(*fileid).or_default().insert(hex(uid));
+            file_ids
+                .entry(*fileid)
+                .or_default()
+                .insert(tandem_shared::to_hex(uid));
         }
         RecordKind::Doubt { why } => {
             doubt.get_or_insert_with(|| format!("{} at {}", why, r.lsn));

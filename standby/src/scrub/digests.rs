@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
+use tandem_shared::ioerror::{io_err, IoError};
 use tandem_shared::pages::{page_digests, read_at_most, PAGE_DIGEST_LEN};
 use tandem_shared::wirepath::{self, PathError};
 
@@ -33,15 +34,10 @@ pub(crate) const READ_CHUNK: usize = 1 << 20;
 pub enum DigestError {
     #[error("refused file name: {0}")]
     Path(#[from] PathError),
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{path}: not a page digest record ({why})")]
     Corrupt { path: PathBuf, why: &'static str },
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DigestError {
-    let what = what.into();
-    move |source| DigestError::Io { what, source }
 }
 
 /// What was recorded for one file of the mirror.
@@ -206,7 +202,7 @@ pub fn on_swap_in(dir: &StandbyDir, base: &BaseState) -> io::Result<()> {
 impl DigestError {
     pub fn into_io(self) -> io::Error {
         match self {
-            DigestError::Io { source, .. } => source,
+            DigestError::Io(e) => e.source,
             other => io::Error::other(other.to_string()),
         }
     }
@@ -218,10 +214,8 @@ pub fn store(dir: &StandbyDir, record: &PageRecord) -> Result<(), DigestError> {
         std::fs::create_dir_all(&pages).map_err(io_err("creating .tandem/pages"))?;
         fsync_dir(&dir.meta()).map_err(io_err("fsync of .tandem"))?;
     }
-    let meta = serde_json::to_vec(record).map_err(|e| DigestError::Io {
-        what: "encoding a page record".into(),
-        source: io::Error::other(e),
-    })?;
+    let meta = serde_json::to_vec(record)
+        .map_err(|e| IoError::new("encoding a page record", io::Error::other(e)))?;
     let mut body = meta;
     body.push(b'\n');
     body.extend_from_slice(&record.digests);
@@ -234,7 +228,8 @@ pub fn store(dir: &StandbyDir, record: &PageRecord) -> Result<(), DigestError> {
     write_durably(&record_path(dir, &record.name), &out).map_err(io_err(format!(
         "recording the page digests of {}",
         record.name
-    )))
+    )))?;
+    Ok(())
 }
 
 /// The record of `name`, `None` if none was written. A record that does not
@@ -244,7 +239,7 @@ pub fn load(dir: &StandbyDir, name: &str) -> Result<Option<PageRecord>, DigestEr
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        Err(e) => return Err(io_err(format!("reading {}", path.display()))(e).into()),
     };
     let corrupt = |why| DigestError::Corrupt {
         path: path.clone(),
