@@ -346,7 +346,8 @@ fn record_proof(temp: &Path, m: &mut Manifest, p: &Proof) -> Result<(), ArchiveE
     m.seal();
     let path = temp.join(MANIFEST_FILE);
     tandem_shared::durable::write_file_atomic(&path, &m.to_bytes())
-        .map_err(io_err(format!("writing {}", path.display())))
+        .map_err(io_err(format!("writing {}", path.display())))?;
+    Ok(())
 }
 
 pub(crate) fn report_from(action: &str, backup: &Path, m: &Manifest) -> ArchiveReport {

@@ -335,9 +335,9 @@ pub(crate) fn finish_restore(
     restore_config(&temp.path, config)?;
     report.recovered_to = rec.recovered_to;
     report.recovery_seconds = rec.seconds;
-    let proof = m
-        .proof_covering()
-        .filter(|p| until.is_none() && rec.recovered_to.is_some() && p.recovered_to == rec.recovered_to);
+    let proof = m.proof_covering().filter(|p| {
+        until.is_none() && rec.recovered_to.is_some() && p.recovered_to == rec.recovered_to
+    });
     match proof {
         Some(p) => {
             report.proven_at_archive_unix_ms = Some(p.unix_ms);

@@ -70,7 +70,10 @@ impl Bench {
             "| **`tandem-standby restore`** | {} | {} | {} |",
             spread(&col(&|r| r.restore), 2),
             spread(&col(&|r| r.restore_recovery), 2),
-            runs.iter().map(|r| r.verified.to_string()).collect::<Vec<_>>().join(", ")
+            runs.iter()
+                .map(|r| r.verified.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let _ = writeln!(
             s.md,
