@@ -330,7 +330,9 @@ fn leftovers(dir: &Path) -> Result<Vec<String>> {
 fn damaged_backups_are_named_by_verify_and_refused_by_restore() -> Result<()> {
     let p = pair(3000)?;
     let s = &p.s;
-    let made = archive(&s.path("standby"), &s.path("archive"), &["--no-verify"])?;
+    // Proven when archived: restore relies on the proof instead of running
+    // db_verify again, so each damage below must be caught by the bytes.
+    let made = archive(&s.path("standby"), &s.path("archive"), &[])?;
     let backup = PathBuf::from(made.json["backup"].as_str().context("backup")?);
     let name = backup.file_name().context("name")?.to_owned();
     let v = verify(&backup)?;
@@ -354,6 +356,17 @@ fn damaged_backups_are_named_by_verify_and_refused_by_restore() -> Result<()> {
                 Ok(std::fs::write(&p, bytes)?)
             }),
             "altered",
+        ),
+        (
+            "flipped database byte",
+            Box::new(|b: &Path| {
+                let p = b.join("data.db");
+                let mut bytes = std::fs::read(&p)?;
+                let at = bytes.len() / 2;
+                bytes[at] ^= 0x10;
+                Ok(std::fs::write(&p, bytes)?)
+            }),
+            "data.db: altered",
         ),
         (
             "missing file",
@@ -434,6 +447,11 @@ fn damaged_backups_are_named_by_verify_and_refused_by_restore() -> Result<()> {
     std::fs::create_dir_all(s.path("empty"))?;
     let r = restore(&backup, &s.path("empty"), None, &[])?;
     ensure!(r.ok(), "{}{}", r.stdout, r.stderr);
+    ensure!(
+        r.json["proven_at_archive_unix_ms"].is_u64() && r.json["databases_verified"] == 0,
+        "an intact, proven backup restores without db_verify again: {}",
+        r.stdout
+    );
     assert_eq!(bdb::check(&s.path("empty"))?, 3000);
     drop(p.standby);
     Ok(())

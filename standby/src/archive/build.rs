@@ -18,9 +18,9 @@
 
 use super::logscan::{scan_logs, ScanError};
 use super::manifest::{
-    log_rel_name, FileKind, Manifest, ManifestFile, MANIFEST_FILE, MANIFEST_FORMAT,
+    log_rel_name, FileKind, Manifest, ManifestFile, RecoveryProof, MANIFEST_FILE, MANIFEST_FORMAT,
 };
-use super::proof::{prove_recovers, ProofError};
+use super::proof::{prove_recovers, Proof, ProofError};
 use super::store::{
     clean_temps, copy_hashed, fsync_tree, list_backups, lock_archive, remove_tree, target_exists,
     temp_dir_in, StoreError, PUBLISH_LOCK, TEMP_PREFIX, WRITER_LOCK,
@@ -297,6 +297,7 @@ fn build_backup(dir: &StandbyDir, archive: &Path) -> Result<(PathBuf, Manifest),
                 last_commit_unix: summary.last_commit_unix,
                 earliest_checkpoint_unix: summary.earliest_checkpoint_unix,
                 files,
+                proven: None,
                 digest: String::new(),
             };
             m.seal();
@@ -329,6 +330,23 @@ pub(crate) fn write_manifest_and_sync(temp: &Path, m: &Manifest) -> Result<(), A
     f.sync_all()
         .map_err(io_err(format!("fsync of {}", path.display())))?;
     fsync_tree(temp).map_err(io_err(format!("fsync of {}", temp.display())))?;
+    Ok(())
+}
+
+/// Seals the recovery proof into the manifest of a built, not yet
+/// published backup (replacing its MANIFEST.json atomically), so that a
+/// restore of these bytes can rely on it ([`Manifest::proof_covering`]).
+fn record_proof(temp: &Path, m: &mut Manifest, p: &Proof) -> Result<(), ArchiveError> {
+    m.proven = Some(RecoveryProof {
+        log_end: m.log_end,
+        recovered_to: p.recovered_to,
+        databases: m.databases().map(|f| f.name.clone()).collect(),
+        unix_ms: tandem_shared::now_unix_ms(),
+    });
+    m.seal();
+    let path = temp.join(MANIFEST_FILE);
+    tandem_shared::durable::write_file_atomic(&path, &m.to_bytes())
+        .map_err(io_err(format!("writing {}", path.display())))?;
     Ok(())
 }
 
@@ -401,7 +419,7 @@ pub(crate) fn record_report(opts: &ArchiveOptions, report: &ArchiveReport) {
 pub(crate) fn new_backup(opts: &ArchiveOptions) -> Result<ArchiveReport, ArchiveError> {
     let started = Instant::now();
     let dir = StandbyDir::new(&opts.dir);
-    let (temp, m) = build_backup(&dir, &opts.archive)?;
+    let (temp, mut m) = build_backup(&dir, &opts.archive)?;
     let copy_seconds = started.elapsed().as_secs_f64();
     let mut report = report_from("created", &temp, &m);
     report.copy_seconds = copy_seconds;
@@ -411,6 +429,10 @@ pub(crate) fn new_backup(opts: &ArchiveOptions) -> Result<ArchiveReport, Archive
                 report.verified = true;
                 report.verify_seconds = p.seconds;
                 report.recovery_seconds = p.recovery_seconds;
+                if let Err(e) = record_proof(&temp, &mut m, &p) {
+                    let _ = remove_tree(&temp);
+                    return Err(e);
+                }
             }
             Err(e) => {
                 let _ = remove_tree(&temp);

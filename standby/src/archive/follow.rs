@@ -277,6 +277,8 @@ fn build_extension(
             .or(after.earliest_checkpoint_unix),
         epoch: snap.state.epoch.max(m.epoch),
         files,
+        // The proof spoke for the shorter log.
+        proven: None,
         ..m.clone()
     };
     new_m.seal();

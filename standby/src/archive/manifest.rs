@@ -69,7 +69,30 @@ pub struct Manifest {
     /// first log record: `db_recover -t` refuses earlier times.
     pub earliest_checkpoint_unix: Option<i64>,
     pub files: Vec<ManifestFile>,
+    /// What proved these files recover, when the archiver proved it
+    /// (absent in older manifests and with `--no-verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proven: Option<RecoveryProof>,
     pub digest: String,
+}
+
+/// The recovery proof a backup was published with: a scratch copy of
+/// exactly the files listed (every byte checked against their blake3 as it
+/// was copied), the log up to `log_end`, passed `db_recover -c` (which
+/// ended at `recovered_to`) and then `db_verify` of each of `databases`.
+/// Sealed into the manifest's digest with the files it speaks for, so it
+/// cannot be moved to other bytes. A restore of the same bytes to the same
+/// end (no `--until`) recovers the same environment (BDB-NOTES.md §12) and
+/// need not run `db_verify` again; a backup extended later (`--follow`)
+/// has a longer log than its proof and is verified at restore as before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryProof {
+    pub log_end: LogPosition,
+    pub recovered_to: Option<LogPosition>,
+    /// The databases `db_verify` passed, by name.
+    pub databases: Vec<String>,
+    pub unix_ms: u64,
 }
 
 impl Manifest {
@@ -90,6 +113,15 @@ impl Manifest {
     /// files and cannot be undone) and no earlier than BDB's own limit.
     pub fn earliest_restore_unix(&self) -> Option<i64> {
         window_start(self.first_commit_unix, self.earliest_checkpoint_unix)
+    }
+
+    /// The recovery proof, if it speaks for this manifest as it stands:
+    /// the same log end and the same databases.
+    pub fn proof_covering(&self) -> Option<&RecoveryProof> {
+        let p = self.proven.as_ref()?;
+        let names: Vec<&str> = self.databases().map(|f| f.name.as_str()).collect();
+        let proved: Vec<&str> = p.databases.iter().map(String::as_str).collect();
+        (p.log_end == self.log_end && names == proved).then_some(p)
     }
 
     pub fn databases(&self) -> impl Iterator<Item = &ManifestFile> {
@@ -190,4 +222,74 @@ pub fn read_manifest(backup: &Path) -> Result<Manifest, ManifestError> {
 /// A log file's name relative to the home, '/'-separated.
 pub fn log_rel_name(log_dir: &str, number: u32) -> String {
     rel_name(&Path::new(log_dir).join(log_file_name(number)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        let file = |name: &str, kind| ManifestFile {
+            name: name.into(),
+            kind,
+            size: 1,
+            blake3: String::new(),
+        };
+        let mut m = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            env_id: "e".into(),
+            base_id: "b".into(),
+            epoch: 1,
+            source: "s".into(),
+            created_unix_ms: 0,
+            updated_unix_ms: 0,
+            log_dir: String::new(),
+            log_start: LogPosition::new(1, 0),
+            log_end: LogPosition::new(1, 500),
+            lg_max: 1 << 20,
+            commits: 0,
+            first_commit_unix: None,
+            last_commit_unix: None,
+            earliest_checkpoint_unix: None,
+            files: vec![
+                file("a.db", FileKind::Database),
+                file("log.0000000001", FileKind::Log),
+            ],
+            proven: None,
+            digest: String::new(),
+        };
+        m.seal();
+        m
+    }
+
+    #[test]
+    fn a_proof_covers_only_the_log_end_and_databases_it_proved_and_is_sealed() {
+        let mut m = manifest();
+        let unproven = m.to_bytes();
+        assert!(!String::from_utf8_lossy(&unproven).contains("proven"));
+        assert!(m.proof_covering().is_none());
+        m.proven = Some(RecoveryProof {
+            log_end: m.log_end,
+            recovered_to: Some(LogPosition::new(1, 400)),
+            databases: vec!["a.db".into()],
+            unix_ms: 1,
+        });
+        m.seal();
+        assert!(m.proof_covering().is_some());
+        let parsed = Manifest::parse(&m.to_bytes(), Path::new("M")).unwrap();
+        assert_eq!(parsed, m);
+        // Moved to a longer log, or other databases: it no longer counts.
+        let mut longer = m.clone();
+        longer.log_end = LogPosition::new(1, 600);
+        assert!(longer.proof_covering().is_none());
+        let mut other = m.clone();
+        other.files[0].name = "b.db".into();
+        assert!(other.proof_covering().is_none());
+        // Added by hand without a new digest: the manifest is refused.
+        let text = String::from_utf8(m.to_bytes()).unwrap();
+        let forged = text.replace("\"unix_ms\": 1", "\"unix_ms\": 2");
+        assert!(Manifest::parse(forged.as_bytes(), Path::new("M")).is_err());
+        // A manifest written before proofs existed still parses.
+        assert!(Manifest::parse(&unproven, Path::new("M")).is_ok());
+    }
 }

@@ -669,6 +669,7 @@ mod tests {
                     blake3: (*digest).into(),
                 })
                 .collect(),
+            proven: None,
             digest: String::new(),
         };
         BucketManifest::new(m, &[])

@@ -1,12 +1,22 @@
 //! `tandem-standby restore`: turns a backup into an environment
 //! applications open, optionally as of a past time.
 //!
-//! Restore writes nothing until the backup passed every check of
-//! [`super::verify::check_backup`] and the requested time is known to lie
-//! inside the backup's window; then it copies the backup beside the
-//! target, runs catastrophic recovery and `db_verify` there, and renames
-//! the recovered environment into place, so the target appears complete or
-//! not at all.
+//! Restore checks the backup's listing against its manifest (missing,
+//! extra, resized files) before it writes anything, then copies the backup
+//! into a hidden directory beside the target, hashing every byte as it
+//! copies it (one read of each file: an altered file is named and the copy
+//! removed), walks the copied log as one verified chain, checks that the
+//! requested time lies inside the backup's window, runs catastrophic
+//! recovery and `db_verify` there, and renames the recovered environment
+//! into place, so the target appears complete or not at all.
+//!
+//! `db_verify` is skipped when the manifest carries the archiver's recovery
+//! proof for exactly these bytes and this log end
+//! ([`super::manifest::RecoveryProof`]), there is no `--until`, and this
+//! recovery ended where the proof's did: recovery of the same bytes is the
+//! same environment (BDB-NOTES.md §12), which `db_verify` already passed.
+//! Otherwise (no proof, `--follow` extended the log since, a point in
+//! time) every database is verified, as before.
 //!
 //! Point in time. `db_recover -t` keeps exactly the transactions whose
 //! commit record's timestamp (whole seconds, the primary's clock) is at or
@@ -28,10 +38,11 @@ use super::proof::{
     boost_cache, restore_config, run_recover, verify_databases, ProofError, ScratchDir,
 };
 use super::store::{
-    archive_of, copy_backup, fsync_tree, lock_archive, target_exists, StoreError, PUBLISH_LOCK,
+    archive_of, check_listing, copy_backup, fsync_tree, lock_archive, target_exists, StoreError,
+    PUBLISH_LOCK,
 };
 use super::time::{bdb_time_utc, parse_time, rfc3339, TimeError};
-use super::verify::{check_backup, resolve_backups, VerifyError};
+use super::verify::{resolve_backups, VerifyError};
 use serde::Serialize;
 use std::fs;
 use std::io;
@@ -112,6 +123,9 @@ pub struct RestoreReport {
     pub bytes: u64,
     pub recovery_seconds: f64,
     pub databases_verified: usize,
+    /// When `db_verify` was skipped: when the archiver proved these bytes
+    /// recover and verify (the manifest's `proven`).
+    pub proven_at_archive_unix_ms: Option<u64>,
     pub seconds: f64,
 }
 
@@ -222,13 +236,24 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let backup = choose_backup(&opts.from, until)?;
     let lock = lock_archive(&archive_of(&backup), PUBLISH_LOCK, false, false)?;
     let m = read_manifest(&backup)?;
-    let summary = check_backup(&backup, &m)?;
+    let problems = check_listing(&backup, &m)?;
+    if !problems.is_empty() {
+        return Err(StoreError::Integrity { backup, problems }.into());
+    }
     let mut report = new_report(&backup.display().to_string(), opts, &m, until);
-    check_until(&mut report, until, &summary, &backup)?;
-    // Everything checked: now write, beside the target, under a temp name.
+    // Beside the target, under a temp name (removed on any error below):
+    // every byte checked against the manifest as it is copied.
     let temp = temp_beside(&opts.to)?;
     copy_backup(&backup, &m, &temp.path)?;
     drop(lock);
+    let summary = scan_logs(
+        &temp.path.join(&m.log_dir),
+        m.log_start.file,
+        m.log_end.file,
+        Some(m.log_end.offset),
+        None,
+    )?;
+    check_until(&mut report, until, &summary, &backup)?;
     finish_restore(temp, &m, opts, report, started)
 }
 
@@ -292,7 +317,9 @@ fn parent_of(to: &Path) -> PathBuf {
 }
 
 /// Recovers the verified copy in `temp` (to the time asked for), checks
-/// it and renames it to the target.
+/// it and renames it to the target. The caller checked every byte in
+/// `temp` against `m` (that is what lets a recovery proof in `m` stand for
+/// this copy).
 pub(crate) fn finish_restore(
     mut temp: ScratchDir,
     m: &Manifest,
@@ -306,7 +333,16 @@ pub(crate) fn finish_restore(
     restore_config(&temp.path, config)?;
     report.recovered_to = rec.recovered_to;
     report.recovery_seconds = rec.seconds;
-    report.databases_verified = verify_databases(&temp.path, m)?;
+    let proof = m.proof_covering().filter(|p| {
+        until.is_none() && rec.recovered_to.is_some() && p.recovered_to == rec.recovered_to
+    });
+    match proof {
+        Some(p) => {
+            report.proven_at_archive_unix_ms = Some(p.unix_ms);
+            tracing::info!(databases = p.databases.len(), "db_verify skipped: the archiver's recovery proof covers these bytes and this log end");
+        }
+        None => report.databases_verified = verify_databases(&temp.path, m)?,
+    }
     if let Some(t) = until {
         let kept = restored_log_summary(&temp.path, m)?;
         if let Some(last) = kept.last_commit_unix.filter(|last| *last > t) {
@@ -376,12 +412,15 @@ impl std::fmt::Display for RestoreReport {
         let r = self;
         write!(
             f,
-            "restored {} into {}{}: recovered to {}, {} databases verified, recovery {:.2} s, total {:.2} s\nApplications can now open {} as their environment home.",
+            "restored {} into {}{}: recovered to {}, {}, recovery {:.2} s, total {:.2} s\nApplications can now open {} as their environment home.",
             r.backup,
             r.target,
             r.until.as_deref().map(|u| format!(" as of {u} (last commit kept: {})", r.last_commit_kept.as_deref().unwrap_or("-"))).unwrap_or_default(),
             r.recovered_to.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
-            r.databases_verified,
+            match r.proven_at_archive_unix_ms {
+                Some(_) => "db_verify not repeated (the archive proved these bytes recover and verify)".to_owned(),
+                None => format!("{} databases verified", r.databases_verified),
+            },
             r.recovery_seconds,
             r.seconds,
             r.target
