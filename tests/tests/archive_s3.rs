@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 use tandem_shared::LogPosition;
 use tandem_tests::archive_cmd::{hot_workload, pair, stop_extended_follower, Run, LONG};
-use tandem_tests::bdb::{self, WORKLOAD_DBS};
+use tandem_tests::bdb::{self, WorkloadOptions, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 use tandem_tests::s3_proxy::S3Proxy;
 use tandem_tests::s3_server::{start_s3, S3Server};

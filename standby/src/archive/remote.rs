@@ -724,6 +724,7 @@ mod tests {
                     &format!("{base}{end}"),
                 ),
             ],
+            proven: None,
             digest: String::new(),
         };
         m.seal();
