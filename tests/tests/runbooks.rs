@@ -415,3 +415,82 @@ fn etcd_switchover_round(
     assert_eq!(bdb::check(&s.path("check"))?, old + 1);
     Ok(first_commit)
 }
+
+/// Breaking the switchover: the target is killed -9 right after the
+/// leader key moved to it. The old primary still stops (its lease was
+/// revoked); the target, restarted, either takes its epoch again and
+/// serves (its promotion had not recorded) or is refused as a promoted
+/// directory (then the runbook's recovery applies). Ignored: an
+/// experiment (`cargo test --test runbooks -- --ignored kill_9`).
+#[test]
+#[ignore]
+fn kill_9_of_the_target_after_the_leader_key_moved() -> Result<()> {
+    let etcd = tandem_tests::etcd::EtcdCluster::start()?;
+    let mut t = etcd_trio(&etcd)?;
+    let s = &t.s;
+    let mut cmd = Command::new(bin("tandem-standby"));
+    cmd.args([
+        "switchover",
+        "--etcd",
+        &etcd.endpoints(),
+        "--cluster",
+        "c1",
+        "--to",
+        "s1",
+    ]);
+    let mut sw = Proc::spawn("switchover", cmd, &s.path("switchover.log"))?;
+    wait_for("the leader key to move", LONG, || {
+        Ok(etcd
+            .get_json("/tandem/c1/leader")?
+            .is_some_and(|l| l["name"] == "s1"))
+    })?;
+    t.standbys[0].kill9()?;
+    let killed = Instant::now();
+    let code = t.primary.proc.wait_exit(LONG)?.code();
+    eprintln!(
+        "old primary exit {code:?} {:?} after the kill",
+        killed.elapsed()
+    );
+    let promoted = standby_status(&s.path("s1"))?["role"].clone();
+    eprintln!("s1 role after the kill: {promoted}");
+    let mut args = vec![
+        "--etcd".to_owned(),
+        etcd.endpoints(),
+        "--promote-listen".into(),
+        t.listens[0].clone(),
+        "--check-interval-secs".into(),
+        "0".into(),
+    ];
+    args.extend(tandem_tests::etcd::FAST_TIMING.map(String::from));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut again = start_standby_as(
+        s.root(),
+        &s.path("s1"),
+        &t.primary.url(),
+        &s.certs,
+        "s1",
+        &a,
+    )?;
+    let served = wait_for("s1 to serve again", Duration::from_secs(30), || {
+        Ok(etcd
+            .get_json("/tandem/c1/leader")?
+            .is_some_and(|l| l["name"] == "s1" && l["state"] == "primary"))
+    });
+    eprintln!(
+        "restarted s1: {served:?}; running {}; switchover command: {}",
+        again.is_running(),
+        sw.log_text()
+    );
+    served?;
+    let out = sw.wait_exit(LONG)?;
+    eprintln!("switchover command: {out:?}: {}", sw.log_text());
+    let leader = etcd.get_json("/tandem/c1/leader")?.context("leader")?;
+    assert_eq!(leader["epoch"], 2, "{leader}");
+    wait_while_running("s2 to follow s1", LONG, &mut t.standbys[1], || {
+        let st = standby_status(&s.path("s2"))?;
+        Ok(st["connected"] == true && st["primary"] == leader["address"] && st["epoch"] == 2)
+    })?;
+    assert_eq!(standby_status(&s.path("s2"))?["file_bytes_received"], 0);
+    drop(again);
+    Ok(())
+}
