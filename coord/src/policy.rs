@@ -218,15 +218,20 @@ mod retake_tests {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::records::LeaderState;
 
-    fn p(file: u32, offset: u32) -> LogPosition {
+    pub(crate) fn p(file: u32, offset: u32) -> LogPosition {
         LogPosition::new(file, offset)
     }
 
-    fn member(name: &str, epoch: u64, durable: LogPosition, recoverable: bool) -> MemberRecord {
+    pub(crate) fn member(
+        name: &str,
+        epoch: u64,
+        durable: LogPosition,
+        recoverable: bool,
+    ) -> MemberRecord {
         MemberRecord {
             name: name.into(),
             epoch,

@@ -145,22 +145,8 @@ pub fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::tests::{member, p};
     use crate::records::{EpochRecord, PositionRecord, SwitchoverState};
-    use tandem_shared::LogPosition;
-
-    fn p(file: u32, offset: u32) -> LogPosition {
-        LogPosition::new(file, offset)
-    }
-
-    fn member(name: &str, epoch: u64, durable: LogPosition, recoverable: bool) -> MemberRecord {
-        MemberRecord {
-            name: name.into(),
-            epoch,
-            durable,
-            recoverable,
-            unix_ms: 0,
-        }
-    }
 
     fn view() -> ClusterView {
         ClusterView {
