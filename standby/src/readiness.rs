@@ -487,7 +487,14 @@ fn clone_file(from: &Path, to: &Path, limit: Option<u64>) -> std::io::Result<()>
     std::io::copy(&mut reader, &mut writer)?;
     writer.flush()?;
     drop(writer);
-    dst.set_len(size)
+    dst.set_len(size)?;
+    // On disk before the recovery runs: otherwise the recovery's own fsync
+    // of each database writes back the whole clone, and its wall and CPU
+    // time (what the promotion estimate is made of) grow with the size of
+    // the environment instead of with the log (measured: 0.55 s and 0.06 s
+    // of CPU for 0.4 MiB of log on a 1 GiB clone; promote's recovery of the
+    // same log on the clean mirror took 0.02 s).
+    dst.sync_data()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use crate::state::{StandbyDir, StandbyState};
 use serde::{Deserialize, Serialize};
 use tandem_shared::LogPosition;
 
-mod estimate;
+pub mod estimate;
 pub mod etcd;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -67,13 +67,18 @@ pub struct StandbyStatus {
     pub last_rebase: Option<crate::mirror::RebaseReport>,
     /// Estimated recovery time of a promotion now, from the median replay
     /// rate of the last few checks (or 100 MB/s, BDB-NOTES.md §5, before the
-    /// first check).
+    /// first check; when the checks' recoveries were too short to time a
+    /// rate, the last one's own time for its log), and never below the
+    /// least a recovery takes.
     pub replay_estimate_seconds: f64,
     /// Estimated time of a whole `promote` now: the replay above, the last
     /// check's `db_verify` time, and promote's own steps (stop, ask,
     /// record).
     #[serde(default)]
     pub promotion_estimate_seconds: f64,
+    /// What that estimate is made of.
+    #[serde(default)]
+    pub promotion_estimate_parts: Option<estimate::EstimateParts>,
     /// A base copy (or rebase) under way, and its progress: bytes received
     /// or reused of the files the primary listed.
     #[serde(default)]

@@ -1,16 +1,35 @@
 //! The status's promotion estimate: how long a `promote` now would take,
 //! from the log it would replay and what the last readiness checks measured.
+//!
+//! A promote is its own steps, the recovery and the `db_verify` of what
+//! changed since the last verified check ([`EstimateParts`]). Each part
+//! comes from a measurement: the recovery from the checks' replay rates (or,
+//! for a log too short to time a rate, from the last check's own recovery
+//! of that log), the verify from the check's `db_verify` time and the share
+//! promote repeats, and promote's own steps from promote's phases.
 
 use super::StandbyStatus;
+use serde::{Deserialize, Serialize};
 
 /// Catastrophic recovery's replay rate before any check measured one.
 const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
-/// What a promote spends besides recovery and verify: process start,
-/// asking the primary, stopping the standby, recording. Its wall time
-/// exceeded recovery plus verify by 15–50 ms in the benchmark's promote
-/// section (2 cores, loaded). A primary host that drops packets instead of
-/// refusing adds up to promote's 5 s connect timeout, not counted here.
-const PROMOTE_OWN_SECONDS: f64 = 0.05;
+/// What a promote spends besides recovery and verify: the process's start
+/// (its binary paged in from disk after a failover's cold start), asking
+/// the primary (refused at once when its machine is down; one that drops
+/// packets instead adds up to promote's 5 s connect timeout, not counted),
+/// stopping the standby, reading the log's tail, choosing what to verify
+/// again (reading the pages the check's recovery changed), and recording
+/// the promotion. Measured as promote's wall time less its recovery and
+/// verify phases, failover of a 1 GiB mirror with the page cache dropped
+/// (2026-12-07, idle machine): 0.024–0.034 s; 0.015–0.05 s in the
+/// benchmark's promote section (warm, loaded). It was 0.05 s, which made
+/// small promotes look up to 2× slower than they are.
+const PROMOTE_OWN_SECONDS: f64 = 0.03;
+/// The least a catastrophic recovery takes, however little log it replays:
+/// `db_recover`'s start, its cache region, its checkpoint and fsyncs.
+/// Measured 0.01 s (warm, a check's clone) to 0.024 s (promote, page cache
+/// dropped) for 0.4 MiB of log.
+const RECOVERY_LEAST_SECONDS: f64 = 0.015;
 
 /// Wall seconds per CPU second of an urgent recovery (its own session at
 /// niceness -10), against the check's CPU seconds for the same log:
@@ -18,6 +37,17 @@ const PROMOTE_OWN_SECONDS: f64 = 0.05;
 /// 2 cores at load 6–9; the rest is reading and fsync). At the normal
 /// priority the same recovery took 1.1–3.7× its CPU time there.
 const URGENT_WALL_PER_CPU: f64 = 1.10;
+
+/// What the promotion estimate is made of, seconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct EstimateParts {
+    /// Promote's own steps ([`PROMOTE_OWN_SECONDS`]).
+    pub own: f64,
+    /// Catastrophic recovery of the log a promotion would replay now.
+    pub recovery: f64,
+    /// `db_verify` of the databases promote would verify again.
+    pub verify: f64,
+}
 
 /// Whether promote's recovery will run ahead of other work
 /// ([`tandem_shared::bdb::BdbTools::urgent`]): asked once per process.
@@ -85,24 +115,43 @@ impl StandbyStatus {
     /// The promotion estimates, from the replay bytes and the last checks;
     /// `urgent`: promote's recovery will run ahead of other work.
     pub(super) fn estimate_promotion(&mut self, urgent: bool) {
-        let rate = self
-            .last_check
-            .as_ref()
-            .and_then(|c| replay_rate(c, urgent))
-            .unwrap_or(DEFAULT_REPLAY_BYTES_PER_SEC);
-        self.replay_estimate_seconds = self.replay_log_bytes as f64 / rate;
-        let verify = match &self.last_check {
+        let check = self.last_check.as_ref().filter(|c| c.ok);
+        let replay = self.replay_log_bytes as f64;
+        let recovery = match check {
+            Some(c) => match replay_rate(c, urgent) {
+                Some(rate) => replay / rate,
+                // The checks' recoveries were too short to time a rate:
+                // the last one's own time for its log, the rest at the
+                // default rate.
+                None => {
+                    let own = match c.recovery_cpu_seconds {
+                        Some(cpu) if urgent => cpu * URGENT_WALL_PER_CPU,
+                        _ => c.recovery_seconds,
+                    };
+                    own + (replay - c.log_bytes as f64).max(0.0) / DEFAULT_REPLAY_BYTES_PER_SEC
+                }
+            },
+            None => replay / DEFAULT_REPLAY_BYTES_PER_SEC,
+        }
+        .max(RECOVERY_LEAST_SECONDS);
+        self.replay_estimate_seconds = recovery;
+        let verify = match check {
             // Urgent, the databases verify in parallel at full speed: at
             // most their CPU seconds together, where the check's wall time
             // also counts its waits for a CPU.
-            Some(c) if c.ok && urgent => c
+            Some(c) if urgent => c
                 .verify_cpu_seconds
                 .map_or(c.verify_seconds, |cpu| cpu.min(c.verify_seconds)),
-            Some(c) if c.ok => c.verify_seconds,
-            _ => 0.0,
+            Some(c) => c.verify_seconds,
+            None => 0.0,
         } * self.verify_share();
-        self.promotion_estimate_seconds =
-            self.replay_estimate_seconds + verify + PROMOTE_OWN_SECONDS;
+        let parts = EstimateParts {
+            own: PROMOTE_OWN_SECONDS,
+            recovery,
+            verify,
+        };
+        self.promotion_estimate_seconds = parts.recovery + parts.verify + parts.own;
+        self.promotion_estimate_parts = Some(parts);
     }
 }
 
@@ -239,6 +288,54 @@ mod tests {
         assert_eq!(
             s.promotion_estimate_seconds,
             4.0 + 10.0 + PROMOTE_OWN_SECONDS
+        );
+    }
+
+    #[test]
+    fn a_recovery_too_short_to_time_a_rate_is_estimated_from_its_own_time() {
+        // The large bench's mirror after a check: 0.4 MiB of log, recovered
+        // in 0.012 s (0.010 s CPU), too short for a rate.
+        let check = crate::readiness::CheckReport {
+            ok: true,
+            recovery_seconds: 0.012,
+            recovery_cpu_seconds: Some(0.010),
+            log_bytes: 400_000_000,
+            verified_to: Some(LogPosition::new(5, 0)),
+            verify_share_idle: Some(0.0),
+            verify_seconds: 4.5,
+            ..Default::default()
+        };
+        let mut s = estimated(Some(check.clone()));
+        assert_eq!(s.replay_estimate_seconds, RECOVERY_LEAST_SECONDS);
+        // Urgent: its CPU time, still not below the least.
+        s.estimate_promotion(true);
+        assert_eq!(s.replay_estimate_seconds, RECOVERY_LEAST_SECONDS);
+        let parts = s.promotion_estimate_parts.unwrap();
+        assert_eq!(parts.own, PROMOTE_OWN_SECONDS);
+        assert_eq!(parts.verify, 0.0);
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            PROMOTE_OWN_SECONDS + RECOVERY_LEAST_SECONDS
+        );
+        // A longer one (still untimed as a rate): its own time, and the log
+        // since at the default rate; the wall time when not urgent.
+        let check = crate::readiness::CheckReport {
+            recovery_seconds: 0.045,
+            recovery_cpu_seconds: Some(0.040),
+            log_bytes: 300_000_000,
+            ..check
+        };
+        let mut s = estimated(Some(check));
+        assert_eq!(s.replay_estimate_seconds, 0.045 + 1.0);
+        s.estimate_promotion(true);
+        assert_eq!(
+            s.replay_estimate_seconds,
+            0.040 * URGENT_WALL_PER_CPU + 1.0
+        );
+        let parts = s.promotion_estimate_parts.unwrap();
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            parts.recovery + parts.verify + parts.own
         );
     }
 
