@@ -328,10 +328,7 @@ mod tests {
         let mut s = estimated(Some(check));
         assert_eq!(s.replay_estimate_seconds, 0.045 + 1.0);
         s.estimate_promotion(true);
-        assert_eq!(
-            s.replay_estimate_seconds,
-            0.040 * URGENT_WALL_PER_CPU + 1.0
-        );
+        assert_eq!(s.replay_estimate_seconds, 0.040 * URGENT_WALL_PER_CPU + 1.0);
         let parts = s.promotion_estimate_parts.unwrap();
         assert_eq!(
             s.promotion_estimate_seconds,
