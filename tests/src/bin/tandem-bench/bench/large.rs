@@ -66,12 +66,12 @@ impl Bench {
     /// the free space; an error (before anything is written) when even the
     /// steps without the rebase do not fit.
     ///
-    /// The peaks: copying (environment + one copy), base copy (environment
-    /// + mirror), rebase (environment + mirror + staged base). The
+    /// The peaks: copying (the environment and one copy), base copy (the
+    /// environment and the mirror), rebase (both and a staged base). The
     /// environment is removed once the primary is killed, so the readiness
-    /// check (mirror + its clone), promote (the mirror in place) and the
-    /// baseline (`db_recover -c` + `db_verify` of the promoted mirror, which
-    /// holds the same files and log) need at most 2×.
+    /// check (the mirror and its clone), promote (the mirror in place) and
+    /// the baseline (`db_recover -c` and `db_verify` of the promoted mirror,
+    /// which holds the same files and log) need at most 2×.
     fn large_plan(&self) -> Result<Plan> {
         let size_mb = (self.cfg.large_gb * 1024.0) as u64;
         let size = size_mb << 20;
