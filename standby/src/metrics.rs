@@ -259,7 +259,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let text = render(&s, None);
+        let text = render(&s, None, &FollowTiming::default());
         for line in [
             "tandem_standby_connected 1\n",
             "tandem_standby_lag_bytes 4096.0\n",
