@@ -48,6 +48,8 @@ pub struct Shared {
     pub registry: Arc<StandbyRegistry>,
     /// Figures of the commit waits served on the wait socket.
     pub waits: Arc<crate::wait::WaitStats>,
+    /// Where commit → durable spends its time, stage by stage.
+    pub timing: Arc<crate::timing::LogTiming>,
     /// Cancelled when the primary shuts down: sessions end their streams
     /// (so the server's graceful shutdown does not wait on them forever),
     /// retention and the log watcher stop.

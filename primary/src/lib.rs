@@ -18,6 +18,7 @@
 //! - [`context`]: what all of the above share.
 //! - [`registry`]: the standbys the primary knows (one owner of their records).
 //! - [`log_watch`]: follows the end of the verified log.
+//! - [`timing`]: where commit → durable spends its time, for the metrics.
 //! - [`identity`]: the environment identity and epoch, and the lock that
 //!   keeps a second primary off the same environment.
 
@@ -35,4 +36,5 @@ pub mod retention;
 pub mod server;
 pub mod session;
 pub mod switchover;
+pub mod timing;
 pub mod wait;

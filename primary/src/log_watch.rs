@@ -3,8 +3,10 @@
 //! watcher per primary publishes the end on a `watch` channel; sessions wake
 //! on it instead of polling the disk themselves.
 
+use crate::timing::LogTiming;
 use std::fs::File;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tandem_shared::envlayout::EnvLayout;
 use tandem_shared::logfile::{read_verified, walk_file, walk_from};
 use tandem_shared::LogPosition;
@@ -50,11 +52,12 @@ fn open_tail(layout: &EnvLayout, file_no: u32, prev: Option<u32>) -> std::io::Re
 
 /// Starts the watcher; it stops when `stop` is cancelled (within a poll
 /// interval) and the handle joins it. The channel holds `LogEnd::default()`
-/// until a log file exists.
+/// until a log file exists. Each new end is stamped in `timing.noticed`.
 pub fn spawn(
     layout: EnvLayout,
     poll: Duration,
     stop: CancellationToken,
+    timing: Arc<LogTiming>,
 ) -> std::io::Result<(watch::Receiver<LogEnd>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = watch::channel(LogEnd::default());
     let handle = std::thread::Builder::new()
@@ -68,6 +71,9 @@ pub fn spawn(
             while !tx.is_closed() && !stop.is_cancelled() {
                 match step(&layout, &mut tail, &tx) {
                     Ok(moved) => {
+                        if moved {
+                            timing.noticed.stamp(tx.borrow().end, Instant::now());
+                        }
                         warned = false;
                         idle_polls = if moved { 0 } else { idle_polls.saturating_add(1) };
                     }
@@ -80,7 +86,13 @@ pub fn spawn(
                     }
                 }
                 let factor = if idle_polls > IDLE_AFTER_POLLS { IDLE_FACTOR } else { 1 };
-                std::thread::sleep(poll * factor);
+                let asked = poll * factor;
+                let slept = Instant::now();
+                std::thread::sleep(asked);
+                if factor == 1 {
+                    let late = slept.elapsed().saturating_sub(asked);
+                    timing.watch_late.observe(late.as_secs_f64());
+                }
             }
         })?;
     Ok((rx, handle))

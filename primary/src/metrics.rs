@@ -84,7 +84,33 @@ pub fn render(shared: &Shared) -> String {
         .counter("tandem_primary_commit_waits_total", "Waits for a commit to be durable on standbys (wait socket).", shared.waits.waits.load(Ordering::Relaxed))
         .counter("tandem_primary_commit_wait_timeouts_total", "Of those, waits that timed out.", shared.waits.timeouts.load(Ordering::Relaxed))
         .counter("tandem_primary_commit_wait_bad_requests_total", "Malformed or oversized requests refused on the wait socket.", shared.waits.bad_requests.load(Ordering::Relaxed))
-        .histogram("tandem_primary_commit_wait_seconds", "Time from request to answer of the waits that ended durable.", &shared.waits.latency);
+        .histogram("tandem_primary_commit_wait_seconds", "Time from request to answer of the waits that ended durable.", &shared.waits.latency)
+        .histogram(
+            "tandem_primary_commit_wait_ack_to_answer_seconds",
+            "Of the waits answered by an ack that arrived while they waited: from the ack's arrival to the answer (the waiter's wake-up).",
+            &shared.waits.ack_to_answer,
+        );
+    let t = &shared.timing;
+    page.histogram(
+            "tandem_primary_log_watch_late_seconds",
+            "How much later than --poll-interval-ms the log watcher woke for its next look (the scheduler's delay), while the log moves.",
+            &t.watch_late,
+        )
+        .histogram(
+            "tandem_primary_log_notice_to_send_seconds",
+            "From the log watcher seeing a new end of log to a session sending the chunk that reaches it.",
+            &t.notice_to_send,
+        )
+        .histogram(
+            "tandem_primary_log_send_to_ack_seconds",
+            "From a log chunk's send to the standby's ack covering it (network both ways, the standby's write, fsync and ack).",
+            &t.send_to_ack,
+        )
+        .histogram(
+            "tandem_primary_log_notice_to_ack_seconds",
+            "From the log watcher seeing a new end of log to the first standby ack covering it (commit → durable after the commit reached the log file; a standby's catch-up counts too).",
+            &t.notice_to_ack,
+        );
     if let Some(c) = &status.coordination {
         page.gauge_int(
             "tandem_primary_etcd_leading",

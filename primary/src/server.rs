@@ -135,8 +135,14 @@ pub async fn serve(
     // Every way out of this function, early errors included, stops the
     // tasks started below.
     let _stop_on_return = stop.clone().drop_guard();
-    let (log_end, watcher) = log_watch::spawn(layout.clone(), cfg.poll_interval, stop.clone())
-        .context("starting the log watcher")?;
+    let timing = Arc::new(crate::timing::LogTiming::default());
+    let (log_end, watcher) = log_watch::spawn(
+        layout.clone(),
+        cfg.poll_interval,
+        stop.clone(),
+        timing.clone(),
+    )
+    .context("starting the log watcher")?;
     let tools = BdbTools::default();
     let registry = Arc::new(StandbyRegistry::open(&cfg.state_dir));
     // After the state directory's lock: a second primary on this
@@ -166,6 +172,7 @@ pub async fn serve(
         wire: Default::default(),
         registry: registry.clone(),
         waits: waits.clone(),
+        timing,
         stop: stop.clone(),
     });
     let coordination = leadership

@@ -24,7 +24,8 @@ use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tandem_shared::latency::Stamps;
 use tandem_shared::logfile::read_verified;
 use tandem_shared::wire::{
     primary_message::Kind, standby_message, BaseStart, Heartbeat, Hello, LogChunk, StandbyMessage,
@@ -121,7 +122,7 @@ pub async fn run(
     match started {
         Ok(duties) => {
             let fenced = tokio::select! {
-                _ = follow_acks(&shared, &guard, &mut inbound, &duties.commands) => None,
+                _ = follow_acks(&shared, &guard, &mut inbound, &duties) => None,
                 _ = shared.until_fenced() => shared.fenced(),
             };
             duties.join().await;
@@ -156,6 +157,9 @@ struct Duties {
     /// Stops the base copy between chunks (it runs on a blocking thread,
     /// which `abort` cannot stop).
     stop: CancellationToken,
+    /// Ends of the log chunks sent, when they went out, for the time until
+    /// the standby's ack covers them.
+    sent: Arc<Stamps>,
 }
 
 impl Duties {
@@ -366,10 +370,11 @@ fn spawn_duties(
     } = start;
     let (commands, base_commands) = std::sync::mpsc::channel();
     let stop = shared.stop.child_token();
+    let sent = Arc::new(Stamps::default());
     let log = {
-        let (shared, tx) = (shared.clone(), tx.clone());
+        let (shared, tx, sent) = (shared.clone(), tx.clone(), sent.clone());
         tokio::spawn(async move {
-            if let Err(status) = ship_log(&shared, &tx, from, prev).await {
+            if let Err(status) = ship_log(&shared, &tx, from, prev, &sent).await {
                 let _ = tx.send(Err(status)).await;
             }
         })
@@ -402,6 +407,7 @@ fn spawn_duties(
         base,
         commands,
         stop,
+        sent,
     }
 }
 
@@ -424,8 +430,9 @@ async fn follow_acks(
     shared: &Shared,
     guard: &SessionGuard,
     inbound: &mut Streaming<StandbyMessage>,
-    commands: &std::sync::mpsc::Sender<BaseCommand>,
+    duties: &Duties,
 ) {
+    let commands = &duties.commands;
     let name = guard.name();
     loop {
         let next = tokio::select! {
@@ -437,7 +444,10 @@ async fn follow_acks(
                 kind: Some(standby_message::Kind::Ack(ack)),
             })) => {
                 if let Some(p) = ack.durable {
-                    guard.acked(p.into(), ack.archived.map(Into::into), ack.promotable);
+                    let now = Instant::now();
+                    let p: LogPosition = p.into();
+                    guard.acked(p, ack.archived.map(Into::into), ack.promotable);
+                    note_ack(shared, &duties.sent, p, now);
                 }
             }
             Ok(Some(StandbyMessage {
@@ -463,14 +473,25 @@ async fn follow_acks(
     }
 }
 
+/// Times an ack that covers `p`, received at `now`: from the sends it
+/// covers, and (first ack of any standby) from the watcher's stamps.
+fn note_ack(shared: &Shared, sent: &Stamps, p: LogPosition, now: Instant) {
+    let t = &shared.timing;
+    sent.reached(p, now, &t.send_to_ack);
+    t.noticed.reached(p, now, &t.notice_to_ack);
+    shared.waits.acked.set(p, now);
+}
+
 /// Ships the log from `pos` on, following the live tail: reads verified
 /// records, sends them, waits for the watcher; its position and last
-/// record are the loop's state.
+/// record are the loop's state. Each chunk's end goes into `sent` as it
+/// goes out.
 async fn ship_log(
     shared: &Shared,
     tx: &Outbox,
     mut pos: LogPosition,
     mut prev: Option<u32>,
+    sent: &Stamps,
 ) -> Result<(), Status> {
     let mut ends = shared.log_end.clone();
     let mut open: Option<(u32, File, u64)> = None;
@@ -512,6 +533,10 @@ async fn ship_log(
                 ..Default::default()
             };
             send(tx, Kind::LogChunk(chunk)).await?;
+            let (now, end) = (Instant::now(), LogPosition::new(pos.file, r.walk.end));
+            let t = &shared.timing;
+            t.noticed.observe_between(pos, end, now, &t.notice_to_send);
+            sent.stamp(end, now);
             pos.offset = r.walk.end;
             prev = r.walk.last_record;
             // Caught up with the watcher: a read now would mostly find the

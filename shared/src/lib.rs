@@ -10,6 +10,7 @@
 //! - [`wirepath`]: accepting file names from the network safely.
 //! - [`durable`]: fsync discipline and checksummed control files.
 //! - [`ioerror`]: the one I/O error type (what was done, and the error).
+//! - [`latency`]: timing the log's path stage by stage, for the metrics.
 //! - [`tls`]: mutual TLS for both ends, and certificate generation.
 //! - [`bdb`]: the Berkeley DB command-line tools Tandem runs.
 //! - [`compress`]: per-chunk zstd of what is shipped, negotiated per session.
@@ -24,6 +25,7 @@ pub mod envlayout;
 pub mod envusers;
 pub mod epochs;
 pub mod ioerror;
+pub mod latency;
 pub mod logfile;
 pub mod logrecords;
 pub mod lsn;

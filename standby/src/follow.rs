@@ -153,16 +153,19 @@ pub async fn run(
     initial.fill_from_state(&mirror.state);
     let status: StatusTx = Arc::new(watch::Sender::new(initial));
     let (stop_tx, stop) = watch::channel(false);
+    let timing = Arc::new(crate::timing::FollowTiming::default());
 
     let mut admin = None;
     if let Some(addr) = cfg.metrics_listen {
         let (for_metrics, for_status) = (status.subscribe(), status.subscribe());
         let etcd_dir = dir.clone();
+        let timing = timing.clone();
         let pages = tandem_shared::metrics::AdminPages {
             metrics: Box::new(move || {
                 crate::metrics::render(
                     &snapshot(&for_metrics),
                     crate::status::etcd::read_status(&etcd_dir).as_ref(),
+                    &timing,
                 )
             }),
             status_json: Box::new(move || {
@@ -200,7 +203,7 @@ pub async fn run(
 
     let follower = {
         let (cfg, status, stop) = (cfg.clone(), status.clone(), stop.clone());
-        tokio::spawn(async move { follow(cfg, mirror, status, stop).await })
+        tokio::spawn(async move { follow(cfg, mirror, status, stop, timing).await })
     };
     tokio::pin!(follower);
     tokio::pin!(shutdown);
@@ -313,10 +316,11 @@ async fn follow(
     mut mirror: Mirror,
     status: StatusTx,
     mut stop: watch::Receiver<bool>,
+    timing: Arc<crate::timing::FollowTiming>,
 ) -> (Mirror, Result<(), FollowError>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let (back, outcome) = session::run(&cfg, mirror, &status, stop.clone()).await;
+        let (back, outcome) = session::run(&cfg, mirror, &status, stop.clone(), &timing).await;
         mirror = back;
         status.send_modify(|s| s.connected = false);
         if *stop.borrow() {

@@ -23,6 +23,7 @@
 //!   parts (log writer, file receiver, swap, ...) live under `mirror/`.
 //! - [`metrics`]: the metrics page of a running standby.
 //! - [`rejoin`]: what `run --rejoin` discards, set aside before the swap.
+//! - [`timing`]: where the standby's part of commit → durable goes.
 
 pub mod archive;
 pub mod archive_hold;
@@ -38,3 +39,4 @@ pub mod scrub;
 pub mod state;
 pub mod status;
 pub mod switchover;
+pub(crate) mod timing;

@@ -5,6 +5,7 @@
 
 use crate::status::etcd::RoundStatus;
 use crate::status::StandbyStatus;
+use crate::timing::FollowTiming;
 use tandem_shared::metrics::MetricsPage;
 
 /// A byte count or epoch as a gauge value (they stay far below 2^63).
@@ -14,8 +15,23 @@ fn int(v: u64) -> i64 {
 
 /// The metrics page of a running standby (lag already computed).
 // Long function: a table: one metric per call of the page builder.
-pub fn render(s: &StandbyStatus, etcd: Option<&RoundStatus>) -> String {
+pub fn render(s: &StandbyStatus, etcd: Option<&RoundStatus>, timing: &FollowTiming) -> String {
     let mut page = MetricsPage::default();
+    page.histogram(
+        "tandem_standby_log_receive_to_durable_seconds",
+        "From reading a log chunk off the stream to the fsync that made it durable returning.",
+        &timing.receive_to_durable,
+    )
+    .histogram(
+        "tandem_standby_log_fsync_seconds",
+        "One fsync of the log, per batch of chunks written.",
+        &timing.log_fsync,
+    )
+    .histogram(
+        "tandem_standby_log_durable_to_ack_seconds",
+        "From a log fsync returning to the ack covering it being handed to the stream.",
+        &timing.durable_to_ack,
+    );
     page.counter(
             "tandem_standby_log_bytes_received_total",
             "Log bytes received, verified and written.",
@@ -243,7 +259,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let text = render(&s, None);
+        let text = render(&s, None, &FollowTiming::default());
         for line in [
             "tandem_standby_connected 1\n",
             "tandem_standby_lag_bytes 4096.0\n",

@@ -443,3 +443,72 @@ fn a_standby_still_copying_its_base_holds_nothing_for_a_waiter() -> Result<()> {
     standby.stop(LONG)?;
     Ok(())
 }
+
+/// Issue #21: both daemons time the stages of commit → durable
+/// (`*_seconds` histograms): a second of waited commits moves every one.
+#[test]
+fn the_stages_of_commit_to_durable_are_timed_on_both_daemons() -> Result<()> {
+    let s = Scratch::new()?;
+    let env = s.path("env");
+    // tandem-waitbench creates the environment and its database.
+    let bench = |secs: &str, socket: Option<&Path>| -> Result<String> {
+        let mut cmd = Command::new(bdb::waitbench_bin());
+        cmd.arg("-h")
+            .arg(&env)
+            .args(["-T", secs, "-t", "2", "-r", "200"]);
+        if let Some(sock) = socket {
+            cmd.arg("-W").arg(sock);
+        }
+        let out = cmd.output()?;
+        ensure!(
+            out.status.success(),
+            "tandem-waitbench: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    bench("1", None)?;
+    let (pm, sm) = (free_addr()?, free_addr()?);
+    let primary = start_primary(
+        s.root(),
+        &env,
+        &s.certs,
+        "127.0.0.1:0",
+        &["--metrics-listen", &pm],
+    )?;
+    let dir = s.path("standby");
+    let mut standby = start_standby(
+        s.root(),
+        &dir,
+        &primary.url(),
+        &s.certs,
+        &["--check-interval-secs", "0", "--metrics-listen", &sm],
+    )?;
+    wait_caught_up_running(&dir, &env, LONG, &mut standby)?;
+    let out = bench("1", Some(&socket_of(&env)))?;
+    ensure!(out.contains(" timeouts=0 "), "{out}");
+    let (p, sb) = (scrape_metrics(&pm)?, scrape_metrics(&sm)?);
+    for (page, name) in [
+        (&p, "tandem_primary_log_watch_late_seconds"),
+        (&p, "tandem_primary_log_notice_to_send_seconds"),
+        (&p, "tandem_primary_log_send_to_ack_seconds"),
+        (&p, "tandem_primary_log_notice_to_ack_seconds"),
+        (&p, "tandem_primary_commit_wait_ack_to_answer_seconds"),
+        (&sb, "tandem_standby_log_receive_to_durable_seconds"),
+        (&sb, "tandem_standby_log_fsync_seconds"),
+        (&sb, "tandem_standby_log_durable_to_ack_seconds"),
+    ] {
+        let n = metric(page, &format!("{name}_count"))?;
+        assert!(n > 0.0, "{name} timed nothing");
+        // The 1.5× buckets reach from 100 µs to seconds.
+        assert!(
+            page.contains_key(&format!("{name}_bucket{{le=\"0.0001\"}}")),
+            "{name}"
+        );
+    }
+    // Only waits that an ack answered while they waited time the wake-up.
+    let waited = metric(&p, "tandem_primary_commit_wait_seconds_count")?;
+    assert!(metric(&p, "tandem_primary_commit_wait_ack_to_answer_seconds_count")? <= waited);
+    drop(primary);
+    Ok(())
+}

@@ -40,6 +40,7 @@ use crate::registry::DurableAcks;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tandem_shared::latency::{stage_histogram, LastEvent};
 use tandem_shared::metrics::{exponential_buckets, Histogram};
 use tandem_shared::LogPosition;
 use tokio::sync::watch;
@@ -204,6 +205,11 @@ pub struct WaitStats {
     pub bad_requests: AtomicU64,
     /// Seconds from request to answer of the waits that ended durable.
     pub latency: Histogram,
+    /// The last ack from any standby, and when it arrived.
+    pub acked: LastEvent,
+    /// Of the waits answered by an ack that came while they waited: from
+    /// that ack's arrival to the answer (the waiter's wake-up).
+    pub ack_to_answer: Histogram,
 }
 
 impl Default for WaitStats {
@@ -214,6 +220,8 @@ impl Default for WaitStats {
             bad_requests: AtomicU64::new(0),
             // 100 µs .. ~26 s.
             latency: Histogram::new(exponential_buckets(0.0001, 2.0, 19)),
+            acked: LastEvent::default(),
+            ack_to_answer: stage_histogram(),
         }
     }
 }
@@ -231,7 +239,15 @@ pub async fn wait(
         .ok()
         .and_then(|r| r.ok().and_then(|a| judge(&a, &req)));
     if let Some(o) = found {
-        stats.latency.observe(started.elapsed().as_secs_f64());
+        let now = Instant::now();
+        stats.latency.observe((now - started).as_secs_f64());
+        if let Some(at) = stats
+            .acked
+            .at_or_beyond(req.lsn)
+            .filter(|at| *at >= started)
+        {
+            stats.ack_to_answer.observe((now - at).as_secs_f64());
+        }
         return o;
     }
     stats.timeouts.fetch_add(1, Ordering::Relaxed);

@@ -10,6 +10,7 @@ use super::session_error::{retry, SessionError};
 use super::{StandbyConfig, StatusTx};
 use crate::mirror::{ApplyError, Mirror};
 use crate::status::StandbyStatus;
+use crate::timing::FollowTiming;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +41,8 @@ pub(super) struct Applier {
     pub reader_done: Arc<AtomicBool>,
     /// What this session's Hello asked for (`Hello.new_base_request`).
     pub asked_new_base: String,
+    /// The stages' histograms (the reader stamps what it received).
+    pub timing: Arc<FollowTiming>,
 }
 
 impl Applier {
@@ -76,7 +79,12 @@ impl Applier {
             // A staged base is swapped in before the ack that reaches its
             // consistent point goes out: until the swap is recorded, a
             // promotion recovers the old mirror, which lacks that log.
+            let fsync = Instant::now();
             mirror.sync().map_err(|e| self.rejected(e, mirror))?;
+            if pending > 0 {
+                let took = fsync.elapsed().as_secs_f64();
+                self.timing.log_fsync.observe(took);
+            }
             let swapped = mirror
                 .finish_rebase()
                 .map_err(|e| self.rejected(e, mirror))?;
@@ -153,6 +161,10 @@ impl Applier {
             s.fill_from_state(&mirror.state);
             s.note_progress();
         });
+        let now = Instant::now();
+        let t = &self.timing;
+        t.received.reached(durable, now, &t.receive_to_durable);
+        t.published.set(durable, now);
         self.durable
             .send_replace(Some((durable, mirror.promotable())));
         Ok(durable)

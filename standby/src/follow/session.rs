@@ -18,9 +18,10 @@ use super::applier::{self, Applier};
 use super::session_error::{classify, retry, SessionError};
 use super::{StandbyConfig, StatusTx};
 use crate::mirror::Mirror;
+use crate::timing::FollowTiming;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tandem_shared::wire::{
     primary_message::Kind, standby_message, Ack, PrimaryMessage, StandbyMessage,
 };
@@ -44,6 +45,7 @@ pub(super) async fn run(
     mut mirror: Mirror,
     status: &StatusTx,
     mut stop: watch::Receiver<bool>,
+    timing: &Arc<FollowTiming>,
 ) -> (Mirror, Result<(), SessionError>) {
     let connect = tandem_shared::client::connect(
         &cfg.primary,
@@ -119,6 +121,7 @@ pub(super) async fn run(
         durable: durable_tx,
         reader_done: reader_done.clone(),
         asked_new_base,
+        timing: timing.clone(),
     };
     let applying = tokio::task::spawn_blocking(move || applier.run(mirror, queued));
     let acker = tokio::spawn(acknowledge(
@@ -126,9 +129,12 @@ pub(super) async fn run(
         (said_durable, said_promotable),
         durable_rx,
         status.subscribe(),
+        timing.clone(),
     ));
 
-    let read = read(cfg.primary_silence, inbound, &queue, status, stop).await;
+    let read = read(cfg.primary_silence, inbound, &queue, status, stop, timing).await;
+    // What was read and not made durable in this session is never acked.
+    timing.received.clear();
     reader_done.store(true, Ordering::SeqCst);
     drop(queue);
     let (mirror, applied) = match applying.await {
@@ -191,6 +197,7 @@ async fn read(
     queue: &mpsc::Sender<Kind>,
     status: &StatusTx,
     mut stop: watch::Receiver<bool>,
+    timing: &FollowTiming,
 ) -> Result<(), SessionError> {
     loop {
         let next = tokio::select! {
@@ -212,6 +219,16 @@ async fn read(
             Ok(Err(status)) => return Err(classify(status)),
         };
         let Some(kind) = kind else { continue };
+        if let Kind::LogChunk(c) = &kind {
+            // An encoded chunk says how many log bytes it holds.
+            let len = if c.raw_len > 0 {
+                c.raw_len
+            } else {
+                c.data.len() as u64
+            };
+            let end = LogPosition::new(c.file, c.offset.saturating_add(len as u32));
+            timing.received.stamp(end, Instant::now());
+        }
         status.send_modify(|s| applier::note_contact(s, &kind));
         tokio::select! {
             r = queue.send(kind) => if r.is_err() { return Ok(()) },
@@ -229,6 +246,7 @@ async fn acknowledge(
     said_in_hello: (LogPosition, bool),
     mut durable: watch::Receiver<Option<(LogPosition, bool)>>,
     mut status: watch::Receiver<crate::status::StandbyStatus>,
+    timing: Arc<FollowTiming>,
 ) {
     // The Hello already told the primary what is durable: acknowledging it
     // again says nothing (and to a primary that sends nothing valid, the
@@ -260,6 +278,11 @@ async fn acknowledge(
         };
         if out.send(msg).await.is_err() {
             return;
+        }
+        if sent.is_none_or(|(was, _, _)| was < at) {
+            if let Some(t) = timing.published.at_or_beyond(at) {
+                timing.durable_to_ack.observe(t.elapsed().as_secs_f64());
+            }
         }
         sent = now;
     }

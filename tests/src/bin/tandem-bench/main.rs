@@ -26,6 +26,16 @@ fn main() -> ExitCode {
             }
         };
     }
+    // The background load (BENCH_LOAD) is copies of this program.
+    match (args.first().map(String::as_str), args.get(1)) {
+        (Some("load-cpu"), _) => bench::load::cpu_main(),
+        (Some("load-fsync"), Some(file)) => {
+            let e = bench::load::fsync_main(std::path::Path::new(file));
+            eprintln!("tandem-bench load-fsync: {e:?}");
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
     match run() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -137,9 +147,13 @@ fn run() -> Result<bool> {
             record("2. lag", load, r, &mut md);
         }
         if cfg.wants("cost") {
-            let load = loadavg();
-            let r = bench.section_cost(seed);
-            record("3. cost", load, r, &mut md);
+            for &mode in &cfg.load_modes {
+                let load = loadavg();
+                let r = bench
+                    .with_load(mode, "cost", || bench.section_cost(seed, mode))
+                    .map(|(s, probe)| s.with_probe(&probe));
+                record(&format!("3. cost ({})", mode.name()), load, r, &mut md);
+            }
         }
         if cfg.wants("promote") {
             let load = loadavg();
@@ -166,9 +180,13 @@ fn run() -> Result<bool> {
         record("8. slow links", load, r, &mut md);
     }
     if cfg.wants("wait") {
-        let load = loadavg();
-        let r = bench.section_wait();
-        record("9. wait", load, r, &mut md);
+        for &mode in &cfg.load_modes {
+            let load = loadavg();
+            let r = bench
+                .with_load(mode, "wait", || bench.section_wait(mode))
+                .map(|(s, probe)| s.with_probe(&probe));
+            record(&format!("9. wait ({})", mode.name()), load, r, &mut md);
+        }
     }
     md.push_str(&targets_md(&targets));
     let _ = writeln!(

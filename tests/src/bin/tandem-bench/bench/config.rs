@@ -37,6 +37,11 @@ pub(crate) struct Config {
     pub(crate) slow_mb: u64,
     pub(crate) slow_log_mb: u64,
     pub(crate) sections: Vec<String>,
+    /// `BENCH_LOAD`: the cost and wait sections idle, under the
+    /// background load, or both (in that order).
+    pub(crate) load_modes: Vec<LoadMode>,
+    /// `BENCH_LOAD_CPU`, `BENCH_LOAD_FSYNC`: the background load.
+    pub(crate) load: LoadSpec,
     pub(crate) work_parent: PathBuf,
     pub(crate) out: Option<PathBuf>,
     pub(crate) keep: bool,
@@ -104,8 +109,21 @@ impl Config {
                 list
             }
         };
+        let load_modes = match env_str("BENCH_LOAD").as_deref().unwrap_or("both") {
+            "idle" => vec![LoadMode::Idle],
+            "loaded" => vec![LoadMode::Loaded],
+            "both" => vec![LoadMode::Idle, LoadMode::Loaded],
+            other => bail!("BENCH_LOAD={other:?}: expected idle, loaded or both"),
+        };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
+        let load = LoadSpec {
+            cpu: env_u64("BENCH_LOAD_CPU", 4 * cores)? as usize,
+            fsync: env_u64("BENCH_LOAD_FSYNC", 2)? as usize,
+        };
         let cfg = Config {
             quick,
+            load_modes,
+            load,
             size_mb: env_u64("BENCH_SIZE_MB", if quick { 128 } else { 1024 })?,
             runs: env_u64("BENCH_RUNS", if quick { 1 } else { 3 })?.max(1) as usize,
             caches,

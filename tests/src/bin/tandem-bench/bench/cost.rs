@@ -179,7 +179,7 @@ impl Bench {
         Ok(r)
     }
 
-    pub(crate) fn section_cost(&self, seed: &Seed) -> Result<Section> {
+    pub(crate) fn section_cost(&self, seed: &Seed, mode: LoadMode) -> Result<Section> {
         let cfg = &self.cfg;
         let mut variants = vec![Attach::Nothing, Attach::Standby, Attach::PrimaryOnly];
         let tmpfs_ok = tmpfs_dir().is_some();
@@ -196,7 +196,8 @@ impl Bench {
                 let vi = (i + run) % variants.len();
                 let r = self.cost_once(seed, variants[vi], &format!("cost-{vi}-{run}"))?;
                 progress(format!(
-                    "cost run {}/{} {}: {:.0} commits/s",
+                    "cost ({}) run {}/{} {}: {:.0} commits/s",
+                    mode.name(),
                     run + 1,
                     cfg.runs,
                     variants[vi].label().replace("**", ""),
@@ -217,10 +218,13 @@ impl Bench {
         let mut s = Section::default();
         let _ = writeln!(
             s.md,
-            "## 3. Cost on the primary\n\nThe same unthrottled workload ({} s, fresh copy of a seed environment each run) alone and with Tandem attached \
+            "## 3. Cost on the primary ({})\n\n{}The same unthrottled workload ({} s, fresh copy of a seed environment each run) alone and with Tandem attached \
              (standby caught up before the load starts); variants rotated, {} run(s). CPU from /proc/PID/stat (utime + stime) while the \
              workload runs, peak RSS = VmHWM; lag = the primary's end of log minus the standby's acknowledged position (Status RPC every 100 ms).\n",
-            cfg.cost_secs, cfg.runs
+            mode.name(),
+            load_note(mode, cfg.load),
+            cfg.cost_secs,
+            cfg.runs
         );
         let _ = writeln!(
             s.md,
@@ -266,7 +270,7 @@ impl Bench {
         let _ = writeln!(s.md);
         let ratio = rate(1) / base;
         s.targets.push(Target {
-            what: "commit rate with Tandem attached".into(),
+            what: format!("commit rate with Tandem attached ({})", mode.name()),
             goal: "≥ 95% of without".into(),
             measured: format!(
                 "{:.1}% ({:.0} vs {:.0} commits/s)",

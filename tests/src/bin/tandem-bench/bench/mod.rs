@@ -62,6 +62,7 @@ pub(crate) mod copy;
 pub(crate) mod cost;
 pub(crate) mod lag;
 pub(crate) mod large;
+pub(crate) mod load;
 pub(crate) mod netns;
 pub(crate) mod promote;
 pub(crate) mod report;
@@ -77,6 +78,7 @@ pub(crate) use config::*;
 pub(crate) use copy::*;
 pub(crate) use cost::*;
 pub(crate) use lag::*;
+pub(crate) use load::*;
 pub(crate) use report::*;
 pub(crate) use stats::*;
 pub(crate) use system::*;
@@ -129,6 +131,18 @@ pub(crate) struct Target {
     pub(crate) goal: String,
     pub(crate) measured: String,
     pub(crate) met: Option<bool>,
+}
+
+impl Section {
+    /// Notes what the load probe saw while the section ran.
+    pub(crate) fn with_probe(mut self, probe: &ProbeReport) -> Self {
+        let _ = writeln!(
+            self.md,
+            "_Scheduler probe over this section: {}._\n",
+            probe.describe()
+        );
+        self
+    }
 }
 
 impl Bench {

@@ -76,7 +76,7 @@ pub(crate) fn machine_md(cfg: &Config, work: &Path) -> String {
     format!(
         "Machine: {cores} cores ({cpu}), {mem} RAM, kernel {kernel}; work dir {} on {fs}; load average {} at the start. Tandem {commit}.\n\
          Tools: {}.\n\
-         Settings: {}size {} MiB, {} run(s), cache {}, lag {} s at {} commits/s, cost {} s, promote after {:?} MiB, resume step {} MiB, large environment {} GiB.\n",
+         Settings: {}size {} MiB, {} run(s), cache {}, lag {} s at {} commits/s, cost {} s, promote after {:?} MiB, resume step {} MiB, large environment {} GiB; cost and wait {} (background load: {}).\n",
         work.display(),
         loadavg(),
         tools.join("; "),
@@ -89,7 +89,9 @@ pub(crate) fn machine_md(cfg: &Config, work: &Path) -> String {
         cfg.cost_secs,
         cfg.promote_mb,
         cfg.resume_mb,
-        cfg.large_gb
+        cfg.large_gb,
+        cfg.load_modes.iter().map(|m| m.name()).collect::<Vec<_>>().join(" and "),
+        cfg.load.describe()
     )
 }
 

@@ -157,3 +157,109 @@ mod tests {
         assert_eq!(unmatched, 1);
     }
 }
+
+/// One histogram of a daemon's metrics page, as the change between two
+/// scrapes: the observations in between.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HistDelta {
+    pub(crate) count: f64,
+    /// `(upper bound, cumulative count)`, ascending; the last is +Inf.
+    pub(crate) buckets: Vec<(f64, f64)>,
+}
+
+impl HistDelta {
+    /// The histogram `name` (OpenMetrics `_bucket{le=...}` samples) of
+    /// `after` minus `before`; `None` if the page has no such histogram.
+    pub(crate) fn between(
+        before: &BTreeMap<String, f64>,
+        after: &BTreeMap<String, f64>,
+        name: &str,
+    ) -> Option<Self> {
+        let prefix = format!("{name}_bucket{{le=\"");
+        let mut buckets: Vec<(f64, f64)> = after
+            .iter()
+            .filter_map(|(k, v)| {
+                let le = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+                let le: f64 = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, v - before.get(k).copied().unwrap_or(0.0)))
+            })
+            .collect();
+        if buckets.is_empty() {
+            return None;
+        }
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let count = buckets.last().map_or(0.0, |b| b.1);
+        Some(HistDelta { count, buckets })
+    }
+
+    /// The `p`-th percentile, linear inside its bucket; the bucket above
+    /// the largest finite bound reads as that bound. NaN when empty.
+    pub(crate) fn quantile(&self, p: f64) -> f64 {
+        if self.count <= 0.0 {
+            return f64::NAN;
+        }
+        let target = self.count * p / 100.0;
+        let mut lower = (0.0, 0.0);
+        for &(le, cum) in &self.buckets {
+            if cum >= target {
+                if le.is_infinite() {
+                    return lower.0;
+                }
+                let width = cum - lower.1;
+                let frac = if width > 0.0 {
+                    (target - lower.1) / width
+                } else {
+                    1.0
+                };
+                return lower.0 + (le - lower.0) * frac;
+            }
+            lower = (le, cum);
+        }
+        lower.0
+    }
+
+    /// The upper bound of the highest bucket with an observation: the
+    /// largest value is at most this.
+    pub(crate) fn max_bound(&self) -> f64 {
+        if self.count <= 0.0 {
+            return f64::NAN;
+        }
+        self.buckets
+            .iter()
+            .find(|(_, cum)| *cum >= self.count)
+            .map_or(f64::NAN, |(le, _)| *le)
+    }
+}
+
+#[cfg(test)]
+mod hist_tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_delta_gives_its_quantiles() {
+        let page = |v: [f64; 4]| -> BTreeMap<String, f64> {
+            ["0.001", "0.002", "0.004", "+Inf"]
+                .iter()
+                .zip(v)
+                .map(|(le, n)| (format!("h_bucket{{le=\"{le}\"}}"), n))
+                .collect()
+        };
+        let before = page([1.0, 1.0, 1.0, 1.0]);
+        // 10 new observations: 4 ≤ 1 ms, 4 in (1, 2] ms, 2 in (2, 4] ms.
+        let after = page([5.0, 9.0, 11.0, 11.0]);
+        let d = HistDelta::between(&before, &after, "h").unwrap();
+        assert_eq!(d.count, 10.0);
+        assert!(
+            (d.quantile(50.0) - 0.00125).abs() < 1e-9,
+            "{}",
+            d.quantile(50.0)
+        );
+        assert!((d.quantile(100.0) - 0.004).abs() < 1e-9);
+        assert_eq!(d.max_bound(), 0.004);
+        assert!(HistDelta::between(&before, &after, "other").is_none());
+    }
+}

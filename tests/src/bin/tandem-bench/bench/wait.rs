@@ -39,6 +39,80 @@ fn parse_result(out: &str) -> Result<WaitRun> {
     })
 }
 
+/// The stages of commit → durable the daemons time (`*_seconds`
+/// histograms on their metrics pages), in the order a commit meets them:
+/// (daemon, metric, what it times).
+pub(crate) const STAGES: [(&str, &str, &str); 9] = [
+    (
+        "primary",
+        "tandem_primary_log_watch_late_seconds",
+        "log watcher's wake-up, later than its 2 ms poll by",
+    ),
+    (
+        "primary",
+        "tandem_primary_log_notice_to_send_seconds",
+        "watcher saw the record → its chunk sent",
+    ),
+    (
+        "standby",
+        "tandem_standby_log_receive_to_durable_seconds",
+        "standby read the chunk → fsync returned",
+    ),
+    (
+        "standby",
+        "tandem_standby_log_fsync_seconds",
+        "of which the fsync (one per batch)",
+    ),
+    (
+        "standby",
+        "tandem_standby_log_durable_to_ack_seconds",
+        "fsync returned → ack handed to the stream",
+    ),
+    (
+        "primary",
+        "tandem_primary_log_send_to_ack_seconds",
+        "chunk sent → its ack read by the primary",
+    ),
+    (
+        "primary",
+        "tandem_primary_log_notice_to_ack_seconds",
+        "watcher saw the record → ack read (the primary's whole part)",
+    ),
+    (
+        "primary",
+        "tandem_primary_commit_wait_ack_to_answer_seconds",
+        "ack read → the waiter answered",
+    ),
+    (
+        "primary",
+        "tandem_primary_commit_wait_seconds",
+        "wait request → answer (the wait socket's view)",
+    ),
+];
+
+/// p50, p99 and the bound of the largest, ms, of each stage over one
+/// run's fixed-rate variant (NaN where a stage saw nothing).
+pub(crate) type StageRun = Vec<(f64, f64, f64)>;
+
+fn stage_run(before: &[BTreeMap<String, f64>; 2], after: &[BTreeMap<String, f64>; 2]) -> StageRun {
+    STAGES
+        .iter()
+        .map(|(daemon, name, _)| {
+            let i = usize::from(*daemon == "standby");
+            HistDelta::between(&before[i], &after[i], name).map_or(
+                (f64::NAN, f64::NAN, f64::NAN),
+                |d| {
+                    (
+                        d.quantile(50.0) * 1000.0,
+                        d.quantile(99.0) * 1000.0,
+                        d.max_bound() * 1000.0,
+                    )
+                },
+            )
+        })
+        .collect()
+}
+
 /// The variants measured, in the order of the table.
 const VARIANTS: [(&str, usize, Option<u64>, bool); 4] = [
     // One thread cannot wait serially at this rate (each wait is a
@@ -93,23 +167,38 @@ impl Bench {
         parse_result(&w.log_text())
     }
 
-    fn wait_once(&self, run: usize) -> Result<Vec<WaitRun>> {
-        let dir = self.path(&format!("wait-{run}"));
+    fn wait_once(&self, run: usize, mode: LoadMode) -> Result<(Vec<WaitRun>, StageRun)> {
+        let dir = self.path(&format!("wait-{}-{run}", mode.name()));
         remove_dir(&dir);
         std::fs::create_dir_all(&dir)?;
         let env = dir.join("env");
         // Creates the environment and its database before Tandem starts.
         self.waitbench(&dir, &env, None, 1, Some(100), 1)?;
-        let (primary, mut standby) = start_caught_up(
+        let (pm, sm) = (free_addr()?, free_addr()?);
+        let primary = start_primary(
             &dir,
             &env,
-            &dir.join("standby"),
             &self.certs,
-            Duration::from_secs(120),
+            "127.0.0.1:0",
+            &["--metrics-listen", &pm],
         )?;
+        let standby_dir = dir.join("standby");
+        let mut standby = start_standby(
+            &dir,
+            &standby_dir,
+            &primary.url(),
+            &self.certs,
+            &["--metrics-listen", &sm],
+        )?;
+        wait_caught_up_running(&standby_dir, &env, Duration::from_secs(120), &mut standby)?;
+        let scrape = || -> Result<[BTreeMap<String, f64>; 2]> {
+            Ok([scrape_metrics(&pm)?, scrape_metrics(&sm)?])
+        };
         let socket = env.join(".tandem-primary").join("wait.sock");
         let mut out = Vec::new();
-        for (label, threads, rate, waits) in VARIANTS {
+        let mut stages = StageRun::new();
+        for (i, (label, threads, rate, waits)) in VARIANTS.into_iter().enumerate() {
+            let before = scrape()?;
             let r = self.waitbench(
                 &dir,
                 &env,
@@ -118,8 +207,12 @@ impl Bench {
                 rate,
                 self.cfg.wait_secs,
             )?;
+            if i == 0 {
+                stages = stage_run(&before, &scrape()?);
+            }
             progress(format!(
-                "wait run {}: {label}: {:.0} commits/s, wait p50 {:.2} ms p99 {:.2} ms, {} timeouts",
+                "wait ({}) run {}: {label}: {:.0} commits/s, wait p50 {:.2} ms p99 {:.2} ms, {} timeouts",
+                mode.name(),
                 run + 1,
                 r.commits_per_sec,
                 r.p50_ms,
@@ -131,27 +224,33 @@ impl Bench {
         standby.stop(Duration::from_secs(30))?;
         drop(primary);
         remove_dir(&dir);
-        Ok(out)
+        Ok((out, stages))
     }
 
-    pub(crate) fn section_wait(&self) -> Result<Section> {
+    pub(crate) fn section_wait(&self, mode: LoadMode) -> Result<Section> {
         let cfg = &self.cfg;
         let mut runs: Vec<Vec<WaitRun>> = vec![Vec::new(); VARIANTS.len()];
+        let mut stage_runs: Vec<StageRun> = Vec::new();
         for run in 0..cfg.runs {
-            for (i, r) in self.wait_once(run)?.into_iter().enumerate() {
+            let (variants, stages) = self.wait_once(run, mode)?;
+            for (i, r) in variants.into_iter().enumerate() {
                 runs[i].push(r);
             }
+            stage_runs.push(stages);
         }
         let col =
             |i: usize, f: &dyn Fn(&WaitRun) -> f64| runs[i].iter().map(f).collect::<Vec<f64>>();
         let mut s = Section::default();
         let _ = writeln!(
             s.md,
-            "## 6. Waiting until a commit is durable on the standby\n\n`tandem-waitbench` (one 100-byte put per transaction, \
+            "## 9. Waiting until a commit is durable on the standby ({})\n\n{}`tandem-waitbench` (one 100-byte put per transaction, \
              `DB_TXN_WRITE_NOSYNC`, commit token set) with tandem-primary and a caught-up standby on the same disk, {} s per \
              variant, {} run(s); a waiting thread calls `tandem_wait_token(socket, &token, 1, 10000)` (contrib/c) after each \
              commit. Latency: from the call to its return.\n",
-            cfg.wait_secs, cfg.runs
+            mode.name(),
+            load_note(mode, cfg.load),
+            cfg.wait_secs,
+            cfg.runs
         );
         let _ = writeln!(s.md, "| variant | commits/s | waits returned durable | wait p50 ms | wait p99 ms | wait max ms | timeouts |\n|---|---|---|---|---|---|---|");
         for (i, (label, _, _, waits)) in VARIANTS.iter().enumerate() {
@@ -176,9 +275,13 @@ impl Bench {
             rate(2) / rate(1),
             rate(2) / rate(3)
         );
+        stages_md(&mut s.md, &stage_runs);
         let p99 = median(&col(0, &|r| r.p99_ms));
         s.targets.push(Target {
-            what: "wait for durable after each commit, 1,000 commits/s".into(),
+            what: format!(
+                "wait for durable after each commit, 1,000 commits/s ({})",
+                mode.name()
+            ),
             goal: "p99 < 10 ms".into(),
             measured: format!(
                 "p50 {:.2} ms, p99 {p99:.2} ms",
@@ -188,6 +291,41 @@ impl Bench {
         });
         Ok(s)
     }
+}
+
+/// The table of where the fixed-rate variant's time went, stage by stage.
+fn stages_md(md: &mut String, runs: &[StageRun]) {
+    let _ = writeln!(
+        md,
+        "Where the time of the 1,000 commits/s variant went, from the daemons' stage histograms (`*_seconds` on their metrics pages,          scraped before and after; quantiles interpolated inside buckets 1.5× wide, \"max ≤\" is the bound of the highest bucket          reached), medians (min–max) over runs:\n"
+    );
+    let _ = writeln!(
+        md,
+        "| stage | metric | p50 ms | p99 ms | max ≤ ms |\n|---|---|---|---|---|"
+    );
+    for (i, (_, name, what)) in STAGES.iter().enumerate() {
+        let col = |f: &dyn Fn(&(f64, f64, f64)) -> f64| -> Vec<f64> {
+            runs.iter()
+                .filter_map(|r| r.get(i).map(f))
+                .filter(|v| v.is_finite())
+                .collect()
+        };
+        let show = |v: Vec<f64>| {
+            if v.is_empty() {
+                "-".into()
+            } else {
+                spread(&v, 2)
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {what} | `{name}` | {} | {} | {} |",
+            show(col(&|t| t.0)),
+            show(col(&|t| t.1)),
+            show(col(&|t| t.2)),
+        );
+    }
+    let _ = writeln!(md);
 }
 
 #[cfg(test)]
