@@ -13,7 +13,10 @@
 //! if a [`SAMPLE`]-byte slice of it saves 1/8. Pages that will not compress
 //! (random values, already compressed data) then cost a sixteenth of an
 //! attempt instead of a whole one: measured, the failed attempts were a third
-//! of the primary's CPU in a base copy of such pages (bench section 1).
+//! of the primary's CPU in a base copy of such pages (bench section 1). And
+//! once [`MISSES_BEFORE_BACKOFF`] samples in a row of one file have not
+//! compressed, only every [`SAMPLE_EVERY`]th chunk of it is sampled until
+//! one does (the samples were still 5 % of the primary's CPU on such a file).
 //!
 //! The zstd level follows the link, judged by the session's send queue: a
 //! full queue means the network is the bottleneck (spend more CPU, send
@@ -29,7 +32,7 @@ use crate::wire::{primary_message::Kind, ChunkEncoding};
 use crate::MAX_CHUNK;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The name of zstd in Hello and Welcome.
@@ -48,6 +51,14 @@ const MIN_COMPRESS: usize = 256;
 /// Bytes of a chunk compressed to judge whether the whole is worth trying;
 /// only chunks of at least 4 samples are judged this way.
 pub const SAMPLE: usize = 64 << 10;
+/// Samples in a row of one file that must fail before the file's chunks
+/// are sampled only now and then: a few, so a file's compressible start
+/// (metadata, empty pages) or a stretch of random values does not decide.
+pub const MISSES_BEFORE_BACKOFF: u32 = 4;
+/// Then one chunk in this many is sampled; a sample that compresses brings
+/// back sampling every chunk. The cost: up to this many chunks less one
+/// (15 MiB) sent as they are where a file turns compressible.
+pub const SAMPLE_EVERY: u32 = 16;
 
 /// The `--compression` setting of either daemon (a flag through clap, a
 /// key through serde).
@@ -95,6 +106,8 @@ pub struct WireStats {
     /// zstd runs over a whole chunk (samples not counted): with
     /// `zstd_chunks`, how many were wasted.
     pub zstd_attempts: AtomicU64,
+    /// Samples taken (chunks of at least four samples, judged by one).
+    pub zstd_samples: AtomicU64,
 }
 
 /// How full the session's send queue is when a chunk is encoded.
@@ -125,6 +138,47 @@ pub struct Encoder {
     zstd: bool,
     level: AtomicI32,
     stats: Arc<WireStats>,
+    /// Sampling of the base copy's file chunks (one thread sends them; log
+    /// chunks sample every chunk).
+    file_samples: Backoff,
+}
+
+/// Which chunks of the file being sent are sampled: after
+/// [`MISSES_BEFORE_BACKOFF`] failed samples in a row, one in
+/// [`SAMPLE_EVERY`]; every one again after a sample compresses, and from
+/// each FileStart on.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Samples in a row of this file that did not compress.
+    misses: AtomicU32,
+    /// Chunks to send as they are before the next sample.
+    skip: AtomicU32,
+}
+
+impl Backoff {
+    fn new_file(&self) {
+        self.misses.store(0, Ordering::Relaxed);
+        self.skip.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether this chunk is sampled (false: it goes as it is, as the
+    /// file's last samples did).
+    fn sample_this(&self) -> bool {
+        self.skip
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(1))
+            .is_err()
+    }
+
+    fn sampled(&self, compresses: bool) {
+        if compresses {
+            self.misses.store(0, Ordering::Relaxed);
+            return;
+        }
+        let misses = self.misses.fetch_add(1, Ordering::Relaxed) + 1;
+        if misses >= MISSES_BEFORE_BACKOFF {
+            self.skip.store(SAMPLE_EVERY - 1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A chunk payload ready to send.
@@ -143,6 +197,7 @@ impl Encoder {
             zstd: encoding == ZSTD,
             level: AtomicI32::new(START_LEVEL),
             stats,
+            file_samples: Backoff::default(),
         }
     }
 
@@ -167,8 +222,14 @@ impl Encoder {
     /// Encodes one payload: zstd when agreed and it saves at least 1/8,
     /// otherwise the bytes as they are.
     pub fn encode(&self, data: Bytes) -> Encoded {
+        self.encode_sampled(data, None)
+    }
+
+    /// As [`Self::encode`]; `backoff`: the sampling state of the file the
+    /// chunk is part of.
+    fn encode_sampled(&self, data: Bytes, backoff: Option<&Backoff>) -> Encoded {
         let raw = data.len() as u64;
-        let out = if self.zstd && data.len() >= MIN_COMPRESS && self.worth_trying(&data) {
+        let out = if self.zstd && data.len() >= MIN_COMPRESS && self.worth_trying(&data, backoff) {
             self.stats.zstd_attempts.fetch_add(1, Ordering::Relaxed);
             match zstd::bulk::compress(&data, self.level()) {
                 Ok(z) if saves_enough(z.len(), data.len()) => Encoded {
@@ -197,10 +258,24 @@ impl Encoder {
     /// Whether a zstd attempt on `data` may save 1/8: a large chunk's
     /// sample, from its middle (a database file's first pages, its metadata
     /// and empty pages, say little about the rest), must.
-    fn worth_trying(&self, data: &[u8]) -> bool {
+    fn worth_trying(&self, data: &[u8], backoff: Option<&Backoff>) -> bool {
         if data.len() < 4 * SAMPLE {
             return true;
         }
+        if backoff.is_some_and(|b| !b.sample_this()) {
+            return false;
+        }
+        self.stats.zstd_samples.fetch_add(1, Ordering::Relaxed);
+        let compresses = Self::sample_compresses(data);
+        if let Some(b) = backoff {
+            b.sampled(compresses);
+        }
+        compresses
+    }
+
+    /// Whether the [`SAMPLE`] bytes in the middle of `data` save 1/8 at
+    /// zstd's lowest level.
+    fn sample_compresses(data: &[u8]) -> bool {
         let from = (data.len() / 2 - SAMPLE / 2) & !4095;
         let sample = &data[from..from + SAMPLE];
         // At the lowest level, whatever the link deserves: the question is
@@ -225,6 +300,9 @@ impl Encoder {
 
     /// Encodes the payload of a file or log chunk; other messages pass.
     pub fn encode_kind(&self, kind: Kind, fill: QueueFill) -> Kind {
+        if matches!(kind, Kind::FileStart(_)) {
+            self.file_samples.new_file();
+        }
         if !matches!(kind, Kind::FileChunk(_) | Kind::LogChunk(_)) {
             return kind;
         }
@@ -233,7 +311,7 @@ impl Encoder {
         }
         match kind {
             Kind::FileChunk(mut c) => {
-                let e = self.encode(std::mem::take(&mut c.data));
+                let e = self.encode_sampled(std::mem::take(&mut c.data), Some(&self.file_samples));
                 c.encoding = e.encoding as i32;
                 c.data = e.data;
                 c.raw_len = e.raw_len;

@@ -225,3 +225,91 @@ fn a_chunk_whose_sample_will_not_compress_is_not_tried_whole() {
     assert_eq!(stats.zstd_attempts.load(Ordering::Relaxed), 2);
     assert_eq!(stats.plain_chunks.load(Ordering::Relaxed), 2);
 }
+
+fn file_chunk(data: Bytes) -> Kind {
+    Kind::FileChunk(FileChunk {
+        name: "data.db".into(),
+        data,
+        ..Default::default()
+    })
+}
+
+fn file_start() -> Kind {
+    Kind::FileStart(crate::wire::FileStart {
+        name: "data.db".into(),
+        ..Default::default()
+    })
+}
+
+fn sent_as(kind: Kind) -> ChunkEncoding {
+    match kind {
+        Kind::FileChunk(c) => ChunkEncoding::try_from(c.encoding).unwrap(),
+        Kind::LogChunk(c) => ChunkEncoding::try_from(c.encoding).unwrap(),
+        other => panic!("not a chunk: {other:?}"),
+    }
+}
+
+/// After a few samples in a row of one file fail, only every
+/// SAMPLE_EVERY-th chunk of it is sampled; a sample that compresses brings
+/// back sampling every chunk, and so does the next file. Log chunks are
+/// always sampled.
+#[test]
+fn a_file_whose_samples_keep_failing_is_sampled_now_and_then() {
+    let (enc, stats) = encoder(ZSTD);
+    let samples = || stats.zstd_samples.load(Ordering::Relaxed);
+    let send = |data: Bytes| sent_as(enc.encode_kind(file_chunk(data), QueueFill::Partly));
+    let big = 16 * SAMPLE;
+    enc.encode_kind(file_start(), QueueFill::Partly);
+    for n in 1..=MISSES_BEFORE_BACKOFF {
+        assert_eq!(send(incompressible(big)), ChunkEncoding::None);
+        assert_eq!(
+            samples(),
+            n as u64,
+            "the first samples of a file are all taken"
+        );
+    }
+    // Backed off: the next SAMPLE_EVERY - 1 chunks go unsampled, even a
+    // compressible one (the price of the backoff), then one is sampled.
+    assert_eq!(send(compressible(big)), ChunkEncoding::None);
+    for _ in 2..SAMPLE_EVERY {
+        assert_eq!(send(incompressible(big)), ChunkEncoding::None);
+    }
+    let before = samples();
+    assert_eq!(before, MISSES_BEFORE_BACKOFF as u64);
+    assert_eq!(send(incompressible(big)), ChunkEncoding::None);
+    assert_eq!(
+        samples(),
+        before + 1,
+        "one chunk in SAMPLE_EVERY is sampled"
+    );
+    // Still failing: backed off again at once.
+    assert_eq!(send(compressible(big)), ChunkEncoding::None);
+    assert_eq!(samples(), before + 1);
+    // Log chunks are not affected.
+    let log = Kind::LogChunk(LogChunk {
+        data: compressible(big),
+        ..Default::default()
+    });
+    assert_eq!(
+        sent_as(enc.encode_kind(log, QueueFill::Partly)),
+        ChunkEncoding::Zstd
+    );
+    // A new file samples every chunk again.
+    enc.encode_kind(file_start(), QueueFill::Partly);
+    let at = samples();
+    assert_eq!(send(compressible(big)), ChunkEncoding::Zstd);
+    assert_eq!(samples(), at + 1);
+    // A compressing sample ends a backoff's count: misses start again.
+    for _ in 1..MISSES_BEFORE_BACKOFF {
+        assert_eq!(send(incompressible(big)), ChunkEncoding::None);
+    }
+    assert_eq!(send(compressible(big)), ChunkEncoding::Zstd);
+    for _ in 1..MISSES_BEFORE_BACKOFF {
+        assert_eq!(send(incompressible(big)), ChunkEncoding::None);
+    }
+    assert_eq!(
+        send(compressible(big)),
+        ChunkEncoding::Zstd,
+        "not backed off yet"
+    );
+}

@@ -10,6 +10,8 @@ pub(crate) struct CopyFigures {
     pub(crate) primary_cpu: Vec<f64>,
     pub(crate) standby_cpu: Vec<f64>,
     pub(crate) bytes: Vec<f64>,
+    /// `cp` only: its CPU seconds (user + system).
+    pub(crate) cpu: Vec<f64>,
 }
 
 pub(crate) const COPY_METHODS: [&str; 8] = [
@@ -268,10 +270,12 @@ impl Bench {
             "tandem" => return self.tandem_copy(big, dest, fig),
             "cp" => {
                 std::fs::create_dir_all(dest)?;
+                let cpu = children_cpu_secs();
                 let started = Instant::now();
                 let mut c = Command::new("cp");
                 c.current_dir(&big.env).arg("-r").args(&names).arg(dest);
                 run_cmd("cp", c, timeout, &log)?;
+                fig.cpu.push(children_cpu_secs() - cpu);
                 sync_all();
                 started.elapsed()
             }
@@ -343,6 +347,7 @@ impl Bench {
             &[],
         )?);
         let mut figs: BTreeMap<(usize, &str), CopyFigures> = BTreeMap::new();
+        let mut floors: Vec<BTreeMap<&str, f64>> = Vec::new();
         let caches: Vec<Cache> = cfg
             .caches
             .iter()
@@ -395,6 +400,8 @@ impl Bench {
                     }
                 }
             }
+            floors.push(measure_floor(&big.env, &big.files, big.bytes)?);
+            progress(format!("copy run {}/{} floor measured", run + 1, cfg.runs));
         }
         big.copy_secs = caches
             .len()
@@ -481,6 +488,7 @@ impl Bench {
             s.md,
             "\nPeak RSS (VmHWM) of tandem-primary after all copies: {primary_hwm:.0} MiB.\n"
         );
+        floor_table(&mut s, &floors, &figs, &caches, big.bytes);
 
         for (ci, &cache) in caches.iter().enumerate() {
             let (Some(t), Some(cp)) = (figs.get(&(ci, "tandem")), figs.get(&(ci, "cp"))) else {

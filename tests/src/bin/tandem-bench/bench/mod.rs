@@ -60,6 +60,7 @@ use tandem_tests::harness::{
 pub(crate) mod config;
 pub(crate) mod copy;
 pub(crate) mod cost;
+pub(crate) mod floor;
 pub(crate) mod lag;
 pub(crate) mod large;
 pub(crate) mod load;
@@ -77,6 +78,7 @@ pub(crate) mod wait;
 pub(crate) use config::*;
 pub(crate) use copy::*;
 pub(crate) use cost::*;
+pub(crate) use floor::*;
 pub(crate) use lag::*;
 pub(crate) use load::*;
 pub(crate) use report::*;
