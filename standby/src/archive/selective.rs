@@ -15,8 +15,8 @@
 //!   their outcome, are the proof's, so the recovered file is the one the
 //!   proof verified (BDB-NOTES.md §12; the same log analysis as promote's,
 //!   [`crate::readiness::verified`]);
-//! - recovery ended at the log's last record (and, to a time, kept every
-//!   commit before the proof's end).
+//! - recovery ended at the log's end (and, to a time, kept every commit
+//!   before the proof's end).
 //!
 //! To a time T: only when every commit before the proof's end is stamped
 //! at or before T (`db_recover -t` keeps those, so the log it truncates
@@ -28,13 +28,14 @@
 //! without its files, partitions or queue extents, a record the reader does
 //! not know, an unregistered file id) means every database is verified.
 
-use super::logscan::scan_logs;
+use super::logscan::{inspect_record, LogSummary};
 use super::manifest::{log_rel_name, FileKind, Manifest, ManifestFile, RecoveryProof};
 use super::store::hash_file;
 use crate::readiness::verified::{last_checkpoint, read_since, uid_of, uids, writes_between};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use tandem_shared::envlayout::is_database_part;
+use tandem_shared::logfile::RECORD_HEADER_LEN;
 use tandem_shared::logrecords::{read_range, RecordKind};
 use tandem_shared::LogPosition;
 
@@ -49,9 +50,10 @@ pub(crate) struct Plan {
     pub(crate) unchanged: Vec<String>,
     /// Why every database is verified, when they are.
     pub(crate) everything_because: Option<String>,
-    /// Where the last record before the log's end starts: BDB's "last
-    /// valid LSN", where this recovery must end.
-    last_record: Option<LogPosition>,
+    /// The end of the log, which BDB's "last valid LSN" must report for
+    /// this recovery (as the readiness check requires of its own,
+    /// [`crate::readiness::verified::record`]).
+    log_end: Option<LogPosition>,
     /// Commit records before the proof's end (a recovery to a time must
     /// keep them all).
     commits_before: u64,
@@ -83,12 +85,12 @@ impl Plan {
             all.sort();
             all
         };
-        if recovered_to.is_none() || recovered_to != self.last_record {
+        if recovered_to.is_none() || recovered_to != self.log_end {
             return Self::everything(
                 all(),
                 format!(
-                    "recovery ended at {recovered_to:?}, not at the log's last record {:?}",
-                    self.last_record
+                    "recovery ended at {recovered_to:?}, not at the log's end {:?}",
+                    self.log_end
                 ),
             );
         }
@@ -138,14 +140,7 @@ fn plan_for(
     touched.extend(uids(&since.file_ids, &since.open)?);
     let mut commits_before = 0;
     if let Some(t) = until {
-        let before = scan_logs(
-            &log_dir,
-            m.log_start.file,
-            p.log_end.file,
-            Some(p.log_end.offset),
-            None,
-        )
-        .map_err(|e| e.to_string())?;
+        let before = commits_until(&log_dir, m.log_start.file, p.log_end)?;
         if let Some(last) = before.last_commit_unix.filter(|last| *last > t) {
             return Err(format!(
                 "the time is before the last commit the proof recovered (unix {last}): another environment than the proven one"
@@ -160,7 +155,7 @@ fn plan_for(
         commits_before = before.commits;
     }
     let mut plan = Plan {
-        last_record: after.last_record.or(since.last_record.map(|r| r.0)),
+        log_end: Some(m.log_end),
         commits_before,
         ..Default::default()
     };
@@ -174,6 +169,19 @@ fn plan_for(
         }
     }
     Ok(plan)
+}
+
+/// The commits in the log from file `first` up to `end`, and their times.
+fn commits_until(log_dir: &Path, first: u32, end: LogPosition) -> Result<LogSummary, String> {
+    let mut s = LogSummary::default();
+    let start = LogPosition::new(first, 0);
+    read_range(log_dir, start, end, |_, bytes| {
+        if let Some(body) = bytes.get(RECORD_HEADER_LEN as usize..) {
+            inspect_record(body, start, &mut s);
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(s)
 }
 
 /// Where the last commit record before `end` starts, looking back no
@@ -334,7 +342,7 @@ mod tests {
         let plan = Plan {
             verify: vec!["b.db".into()],
             unchanged: vec!["a.db".into()],
-            last_record: Some(LogPosition::new(3, 100)),
+            log_end: Some(LogPosition::new(3, 100)),
             commits_before: 10,
             ..Default::default()
         };

@@ -582,8 +582,6 @@ fn touched_since(
 pub(crate) struct Writes {
     /// The log file ids of the pages its records change.
     pub(crate) written: BTreeSet<i32>,
-    /// Where its last record starts.
-    pub(crate) last_record: Option<LogPosition>,
 }
 
 /// The file ids the records from `from` to `to` write, adding the ids they
@@ -597,26 +595,22 @@ pub(crate) fn writes_between(
 ) -> Result<Writes, String> {
     let mut w = Writes {
         written: BTreeSet::new(),
-        last_record: None,
     };
     let mut doubt = None;
-    read_range(log_dir, from, to, |r, _| {
-        w.last_record = Some(r.lsn);
-        match &r.kind {
-            RecordKind::Page { fileid } => {
-                w.written.insert(*fileid);
-            }
-            RecordKind::Register { fileid, uid, .. } => {
-                file_ids
-                    .entry(*fileid)
-                    .or_default()
-                    .insert(tandem_shared::to_hex(uid));
-            }
-            RecordKind::Doubt { why } => {
-                doubt.get_or_insert_with(|| format!("{} at {}", why, r.lsn));
-            }
-            _ => {}
+    read_range(log_dir, from, to, |r, _| match &r.kind {
+        RecordKind::Page { fileid } => {
+            w.written.insert(*fileid);
         }
+        RecordKind::Register { fileid, uid, .. } => {
+            file_ids
+                .entry(*fileid)
+                .or_default()
+                .insert(tandem_shared::to_hex(uid));
+        }
+        RecordKind::Doubt { why } => {
+            doubt.get_or_insert_with(|| format!("{} at {}", why, r.lsn));
+        }
+        _ => {}
     })
     .map_err(|e| e.to_string())?;
     match doubt {
