@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use tandem_shared::LogPosition;
-use tandem_tests::archive_cmd::{archive, hot_workload, pair, restore, verify, LONG};
+use tandem_tests::archive_cmd::{
+    archive, hot_workload, pair, restore, stop_extended_follower, verify, LONG,
+};
 use tandem_tests::bdb::{self, WORKLOAD_DBS};
 use tandem_tests::harness::*;
 
@@ -454,5 +456,148 @@ fn damaged_backups_are_named_by_verify_and_refused_by_restore() -> Result<()> {
     );
     assert_eq!(bdb::check(&s.path("empty"))?, 3000);
     drop(p.standby);
+    Ok(())
+}
+
+/// Loads a small btree database `extra.db` into the environment at `env`
+/// (transactionally: `db5.3_load` joins the environment), which the test
+/// workload never writes.
+fn load_extra(env: &Path) -> Result<()> {
+    use std::io::Write;
+    let mut load = Command::new("db5.3_load")
+        .args(["-T", "-t", "btree", "-h"])
+        .arg(env)
+        .arg("extra.db")
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    let mut input = load.stdin.take().context("stdin")?;
+    for i in 0..200 {
+        writeln!(input, "key{i:04}\nvalue {i} {}", "x".repeat(100))?;
+    }
+    drop(input);
+    ensure!(load.wait()?.success(), "db5.3_load failed");
+    Ok(())
+}
+
+/// Issue 21: a backup `--follow` extended after its proof verifies, at
+/// restore, only the databases the log after the proof touched: extra.db,
+/// loaded before the base and never written since, is not verified again,
+/// yet a byte flipped in it is still refused (its blake3); the workload's
+/// databases, which the log after the proof writes, are verified; a restore
+/// to a time after the proof's last commit the same; to a time before it,
+/// every database.
+#[test]
+fn an_extended_backup_verifies_only_what_the_log_after_its_proof_touched() -> Result<()> {
+    let s = Scratch::new()?;
+    let (env, mirror) = (s.path("env"), s.path("standby"));
+    bdb::run_workload(&env, &workload(1000, 500))?;
+    load_extra(&env)?;
+    let (_primary, mut standby) = start_pair(&s, &["--check-interval-secs", "0"])?;
+    let last_a1 = bdb::run_workload(&env, &workload(1000, 500))?;
+    let t_mid = now_unix();
+    wait_past_second(t_mid)?;
+    let last_a2 = bdb::run_workload(&env, &workload(1000, 500))?;
+    wait_caught_up_running(&mirror, &env, LONG, &mut standby)?;
+    let made = archive(&mirror, &s.path("archive"), &[])?;
+    ensure!(
+        made.json["verified"] == true,
+        "{}{}",
+        made.stdout,
+        made.stderr
+    );
+    let backup = PathBuf::from(made.json["backup"].as_str().context("backup")?);
+    let t_proof = now_unix();
+    wait_past_second(t_proof)?;
+    let last_b = bdb::run_workload(&env, &workload(1000, 500))?;
+    wait_caught_up_running(&mirror, &env, LONG, &mut standby)?;
+    let end = primary_log_end(&env)?;
+    let mut cmd = Command::new(bin("tandem-standby"));
+    cmd.args(["archive", "--json", "--follow", "1", "--dir"])
+        .arg(&mirror)
+        .arg("--to")
+        .arg(s.path("archive"));
+    let mut follower = Proc::spawn("archive --follow", cmd, &s.path("follow.log"))?;
+    let manifest = || -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(
+            backup.join("MANIFEST.json"),
+        )?)?)
+    };
+    wait_for("the backup to reach the primary's end", LONG, || {
+        Ok(lsn_of(&manifest()?["log_end"]) == end)
+    })?;
+    stop_extended_follower(&mut follower, Duration::from_secs(30))?;
+    let m = manifest()?;
+    ensure!(
+        m["proven"]["log_end"] == made.json["log_end"],
+        "the extended backup keeps the proof of its shorter log: {m}"
+    );
+
+    let unchanged = serde_json::json!(["extra.db"]);
+    for (name, until, expected) in [
+        ("whole", None, last_b),
+        ("after-proof", Some(format!("@{t_proof}")), last_a2),
+    ] {
+        let to = s.path(name);
+        let r = restore(&backup, &to, until.as_deref(), &[])?;
+        ensure!(r.ok(), "{name}: {}{}", r.stdout, r.stderr);
+        ensure!(
+            r.json["databases_verified"] == 3 && r.json["databases_unchanged"] == unchanged,
+            "{name}: the log after the proof writes the three workload databases only: {}",
+            r.stdout
+        );
+        assert_eq!(bdb::check(&to)?, expected, "{name}");
+        assert_eq!(
+            bdb::db_dump_all(&env, &["extra.db"])?,
+            bdb::db_dump_all(&to, &["extra.db"])?,
+            "{name}"
+        );
+        bdb::verify(&to, &["extra.db"])?;
+    }
+    let to = s.path("before-proof");
+    let r = restore(&backup, &to, Some(&format!("@{t_mid}")), &[])?;
+    ensure!(r.ok(), "{}{}", r.stdout, r.stderr);
+    ensure!(
+        r.json["databases_verified"] == 4
+            && r.json["verified_everything_because"]
+                .as_str()
+                .is_some_and(|w| w.contains("before the last commit the proof recovered")),
+        "a time before the proof's end is another environment: {}",
+        r.stdout
+    );
+    assert_eq!(bdb::check(&to)?, last_a1);
+
+    // A byte flipped in the database nobody wrote since the proof, or in
+    // one the log writes: refused by its blake3, nothing written.
+    let name = backup.file_name().context("name")?.to_owned();
+    for db in ["extra.db", "data.db"] {
+        let copy = s.path(&format!("damaged-{db}")).join(&name);
+        std::fs::create_dir_all(copy.parent().context("parent")?)?;
+        ensure!(Command::new("cp")
+            .arg("-a")
+            .arg(&backup)
+            .arg(&copy)
+            .status()?
+            .success());
+        let path = copy.join(db);
+        let mut bytes = std::fs::read(&path)?;
+        let at = bytes.len() - 100;
+        bytes[at] ^= 0x04;
+        std::fs::write(&path, bytes)?;
+        let to = s.path(&format!("restored-{db}"));
+        let r = restore(&copy, &to, None, &[])?;
+        assert_eq!(
+            r.code,
+            Some(1),
+            "{db}: restore was not refused: {}",
+            r.stdout
+        );
+        assert!(
+            r.stderr.contains(&format!("{db}: altered")),
+            "{db}: {}",
+            r.stderr
+        );
+        assert!(!to.exists());
+    }
+    assert!(leftovers(s.root())?.is_empty());
     Ok(())
 }

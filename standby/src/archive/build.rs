@@ -337,11 +337,20 @@ pub(crate) fn write_manifest_and_sync(temp: &Path, m: &Manifest) -> Result<(), A
 /// published backup (replacing its MANIFEST.json atomically), so that a
 /// restore of these bytes can rely on it ([`Manifest::proof_covering`]).
 fn record_proof(temp: &Path, m: &mut Manifest, p: &Proof) -> Result<(), ArchiveError> {
+    let last_log = m.log_path(temp, m.log_end.file);
+    let (_, prefix) = super::store::hash_file(&last_log, Some(u64::from(m.log_end.offset)))
+        .map_err(io_err(format!("reading {}", last_log.display())))?;
     m.proven = Some(RecoveryProof {
         log_end: m.log_end,
         recovered_to: p.recovered_to,
         databases: m.databases().map(|f| f.name.clone()).collect(),
         unix_ms: tandem_shared::now_unix_ms(),
+        files: m
+            .files
+            .iter()
+            .map(|f| (f.name.clone(), f.blake3.clone()))
+            .collect(),
+        log_prefix_blake3: Some(prefix.to_hex().to_string()),
     });
     m.seal();
     let path = temp.join(MANIFEST_FILE);

@@ -277,8 +277,10 @@ fn build_extension(
             .or(after.earliest_checkpoint_unix),
         epoch: snap.state.epoch.max(m.epoch),
         files,
-        // The proof spoke for the shorter log.
-        proven: None,
+        // Kept: it speaks for the shorter log only (its `log_end`), so a
+        // restore relies on it only for the databases the longer log does
+        // not touch (`selective`).
+        proven: m.proven.clone(),
         ..m.clone()
     };
     new_m.seal();

@@ -163,7 +163,9 @@ pub fn scan_log_chain(
     Ok(s)
 }
 
-fn inspect_record(body: &[u8], floor: LogPosition, s: &mut LogSummary) {
+/// Counts a commit (and its time) or notes a checkpoint's time, from a
+/// record's body (after its header).
+pub(crate) fn inspect_record(body: &[u8], floor: LogPosition, s: &mut LogSummary) {
     match u32_at(body, 0) {
         Some(REC_TXN_REGOP) => {
             if let (Some(TXN_COMMIT), Some(ts)) = (u32_at(body, 16), u32_at(body, 20)) {

@@ -4,7 +4,7 @@
 //! Parsing checks everything a reader relies on before any file is opened.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use tandem_shared::envlayout::rel_name;
@@ -83,8 +83,9 @@ pub struct Manifest {
 /// Sealed into the manifest's digest with the files it speaks for, so it
 /// cannot be moved to other bytes. A restore of the same bytes to the same
 /// end (no `--until`) recovers the same environment (BDB-NOTES.md §12) and
-/// need not run `db_verify` again; a backup extended later (`--follow`)
-/// has a longer log than its proof and is verified at restore as before.
+/// need not run `db_verify` again. A backup extended later (`--follow`)
+/// keeps the proof for its shorter log: a restore then verifies only the
+/// databases the log after `log_end` touches ([`super::selective`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecoveryProof {
@@ -93,6 +94,15 @@ pub struct RecoveryProof {
     /// The databases `db_verify` passed, by name.
     pub databases: Vec<String>,
     pub unix_ms: u64,
+    /// The blake3 of every file the proof recovered, by name, as the
+    /// manifest listed them then (absent in older proofs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
+    /// The blake3 of the first `log_end.offset` bytes of the last log file:
+    /// the part of it the proof recovered, which an extended backup's
+    /// longer file must still start with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_prefix_blake3: Option<String>,
 }
 
 impl Manifest {
@@ -126,6 +136,21 @@ impl Manifest {
 
     pub fn databases(&self) -> impl Iterator<Item = &ManifestFile> {
         self.files.iter().filter(|f| f.kind == FileKind::Database)
+    }
+
+    /// The log of a copy of this backup in `home`, walked as one verified
+    /// record chain that must end where the manifest says.
+    pub fn scan_log(
+        &self,
+        home: &Path,
+    ) -> Result<super::logscan::LogSummary, super::logscan::ScanError> {
+        super::logscan::scan_logs(
+            &home.join(&self.log_dir),
+            self.log_start.file,
+            self.log_end.file,
+            Some(self.log_end.offset),
+            None,
+        )
     }
 
     pub fn log_path(&self, home: &Path, number: u32) -> PathBuf {
@@ -224,42 +249,67 @@ pub fn log_rel_name(log_dir: &str, number: u32) -> String {
     rel_name(&Path::new(log_dir).join(log_file_name(number)))
 }
 
+/// A manifest for unit tests: environment `e`, base `base`, created (and
+/// updated) at `created` unix ms, epoch 1, the log from (1, 0) to
+/// (1, `end`) in the home, holding `files`; sealed.
+#[cfg(test)]
+pub(crate) fn test_manifest(
+    base: &str,
+    created: u64,
+    end: u32,
+    files: Vec<ManifestFile>,
+) -> Manifest {
+    let mut m = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        env_id: "e".into(),
+        base_id: base.into(),
+        epoch: 1,
+        source: "s".into(),
+        created_unix_ms: created,
+        updated_unix_ms: created,
+        log_dir: String::new(),
+        log_start: LogPosition::new(1, 0),
+        log_end: LogPosition::new(1, end),
+        lg_max: 1 << 20,
+        commits: 0,
+        first_commit_unix: None,
+        last_commit_unix: None,
+        earliest_checkpoint_unix: None,
+        files,
+        proven: None,
+        digest: String::new(),
+    };
+    m.seal();
+    m
+}
+
+/// A test manifest of base `b` with the log at (1, 500) and two files of 1
+/// byte with no blake3: `a.db` and `log.0000000001`.
+#[cfg(test)]
+pub(crate) fn small_test_manifest() -> Manifest {
+    let file = |name: &str, kind| ManifestFile {
+        name: name.into(),
+        kind,
+        size: 1,
+        blake3: String::new(),
+    };
+    test_manifest(
+        "b",
+        0,
+        500,
+        vec![
+            file("a.db", FileKind::Database),
+            file("log.0000000001", FileKind::Log),
+        ],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn manifest() -> Manifest {
-        let file = |name: &str, kind| ManifestFile {
-            name: name.into(),
-            kind,
-            size: 1,
-            blake3: String::new(),
-        };
-        let mut m = Manifest {
-            format: MANIFEST_FORMAT.into(),
-            env_id: "e".into(),
-            base_id: "b".into(),
-            epoch: 1,
-            source: "s".into(),
-            created_unix_ms: 0,
-            updated_unix_ms: 0,
-            log_dir: String::new(),
-            log_start: LogPosition::new(1, 0),
-            log_end: LogPosition::new(1, 500),
-            lg_max: 1 << 20,
-            commits: 0,
-            first_commit_unix: None,
-            last_commit_unix: None,
-            earliest_checkpoint_unix: None,
-            files: vec![
-                file("a.db", FileKind::Database),
-                file("log.0000000001", FileKind::Log),
-            ],
-            proven: None,
-            digest: String::new(),
-        };
-        m.seal();
-        m
+        small_test_manifest()
     }
 
     #[test]
@@ -273,6 +323,8 @@ mod tests {
             recovered_to: Some(LogPosition::new(1, 400)),
             databases: vec!["a.db".into()],
             unix_ms: 1,
+            files: BTreeMap::new(),
+            log_prefix_blake3: None,
         });
         m.seal();
         assert!(m.proof_covering().is_some());

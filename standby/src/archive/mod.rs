@@ -41,6 +41,7 @@ pub mod manifest;
 pub mod proof;
 pub mod remote;
 pub mod restore;
+pub(crate) mod selective;
 pub mod store;
 pub mod time;
 pub mod verify;

@@ -250,16 +250,18 @@ pub(crate) fn run_recover(home: &Path, until: Option<i64>) -> Result<Recovered, 
 
 /// `db_verify` of every database the manifest lists.
 pub(crate) fn verify_databases(home: &Path, m: &Manifest) -> Result<usize, ProofError> {
+    let names: Vec<String> = m.databases().map(|f| f.name.clone()).collect();
+    verify_named(home, &names)
+}
+
+/// `db_verify` of each of `databases`, one after another.
+pub(crate) fn verify_named(home: &Path, databases: &[String]) -> Result<usize, ProofError> {
     let tools = BdbTools::default();
-    let mut n = 0;
-    for f in m.databases() {
-        tools
-            .verify(home, &f.name)
-            .map_err(|source| ProofError::Bdb {
-                what: format!("db_verify of {}", f.name),
-                source,
-            })?;
-        n += 1;
+    for name in databases {
+        tools.verify(home, name).map_err(|source| ProofError::Bdb {
+            what: format!("db_verify of {name}"),
+            source,
+        })?;
     }
-    Ok(n)
+    Ok(databases.len())
 }

@@ -13,12 +13,11 @@
 
 use super::bucket::{Bucket, BucketError, BucketManifest, BucketUrl, MANIFESTS, TRANSFERS};
 use super::build::{archive_once, record_report, ArchiveError, ArchiveOptions, ArchiveReport};
-use super::logscan::scan_logs;
 use super::manifest::{read_manifest, Manifest, MANIFEST_FILE};
 use super::proof::{ProofError, ScratchDir};
 use super::restore::{
-    check_until, ensure_empty_target, finish_restore, new_report, temp_beside, window_of,
-    RestoreError, RestoreOptions, RestoreReport,
+    ensure_empty_target, finish_copied, new_report, temp_beside, window_of, RestoreError,
+    RestoreOptions, RestoreReport,
 };
 use super::time::{parse_time, rfc3339};
 use super::verify::{verify_backup, VerifyError, VerifyReport};
@@ -587,17 +586,7 @@ pub async fn restore_from_bucket(
     download_backup(bucket, &bm, &temp.path).await?;
     let opts = opts.clone();
     tokio::task::spawn_blocking(move || {
-        let m = &bm.backup;
-        let summary = scan_logs(
-            &temp.path.join(&m.log_dir),
-            m.log_start.file,
-            m.log_end.file,
-            Some(m.log_end.offset),
-            None,
-        )?;
-        let mut report = report;
-        check_until(&mut report, until, &summary, Path::new(&shown))?;
-        finish_restore(temp, m, &opts, report, started)
+        finish_copied(temp, &bm.backup, &opts, report, Path::new(&shown), started)
     })
     .await
     .map_err(|e| RestoreError::Refused(format!("the restore task failed: {e}")))?
@@ -638,41 +627,21 @@ mod tests {
     use super::*;
 
     fn manifest(end: u32, files: &[(&str, &str)]) -> BucketManifest {
-        use super::super::manifest::{FileKind, ManifestFile, MANIFEST_FORMAT};
-        let lsn = tandem_shared::LogPosition::new;
-        let m = Manifest {
-            format: MANIFEST_FORMAT.into(),
-            env_id: "e".into(),
-            base_id: "b".into(),
-            epoch: 1,
-            source: "s".into(),
-            created_unix_ms: 0,
-            updated_unix_ms: 0,
-            log_dir: String::new(),
-            log_start: lsn(1, 0),
-            log_end: lsn(1, end),
-            lg_max: 1 << 20,
-            commits: 0,
-            first_commit_unix: None,
-            last_commit_unix: None,
-            earliest_checkpoint_unix: None,
-            files: files
-                .iter()
-                .map(|(name, digest)| ManifestFile {
-                    name: (*name).into(),
-                    kind: if name.starts_with("log.") {
-                        FileKind::Log
-                    } else {
-                        FileKind::Database
-                    },
-                    size: 10,
-                    blake3: (*digest).into(),
-                })
-                .collect(),
-            proven: None,
-            digest: String::new(),
-        };
-        BucketManifest::new(m, &[])
+        use super::super::manifest::{test_manifest, FileKind, ManifestFile};
+        let files = files
+            .iter()
+            .map(|(name, digest)| ManifestFile {
+                name: (*name).into(),
+                kind: if name.starts_with("log.") {
+                    FileKind::Log
+                } else {
+                    FileKind::Database
+                },
+                size: 10,
+                blake3: (*digest).into(),
+            })
+            .collect();
+        BucketManifest::new(test_manifest("b", 0, end, files), &[])
     }
 
     #[test]
@@ -691,44 +660,23 @@ mod tests {
     /// A sealed manifest of base `base` created at `created` (unix ms) with
     /// the log at (1, `end`) and data.db holding `data`.
     fn sealed(base: &str, created: u64, end: u32, data: &str) -> BucketManifest {
-        use super::super::manifest::{FileKind, ManifestFile, MANIFEST_FORMAT};
-        let lsn = tandem_shared::LogPosition::new;
+        use super::super::manifest::{test_manifest, FileKind, ManifestFile};
         let file = |name: &str, kind, size, seed: &str| ManifestFile {
             name: name.into(),
             kind,
             size,
             blake3: blake3::hash(seed.as_bytes()).to_hex().to_string(),
         };
-        let mut m = Manifest {
-            format: MANIFEST_FORMAT.into(),
-            env_id: "e".into(),
-            base_id: base.into(),
-            epoch: 1,
-            source: "s".into(),
-            created_unix_ms: created,
-            updated_unix_ms: created,
-            log_dir: String::new(),
-            log_start: lsn(1, 0),
-            log_end: lsn(1, end),
-            lg_max: 1 << 20,
-            commits: 0,
-            first_commit_unix: None,
-            last_commit_unix: None,
-            earliest_checkpoint_unix: None,
-            files: vec![
-                file("data.db", FileKind::Database, 10, data),
-                file(
-                    "log.0000000001",
-                    FileKind::Log,
-                    1 << 20,
-                    &format!("{base}{end}"),
-                ),
-            ],
-            proven: None,
-            digest: String::new(),
-        };
-        m.seal();
-        BucketManifest::new(m, &[])
+        let files = vec![
+            file("data.db", FileKind::Database, 10, data),
+            file(
+                "log.0000000001",
+                FileKind::Log,
+                1 << 20,
+                &format!("{base}{end}"),
+            ),
+        ];
+        BucketManifest::new(test_manifest(base, created, end, files), &[])
     }
 
     #[test]

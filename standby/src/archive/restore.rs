@@ -15,8 +15,11 @@
 //! ([`super::manifest::RecoveryProof`]), there is no `--until`, and this
 //! recovery ended where the proof's did: recovery of the same bytes is the
 //! same environment (BDB-NOTES.md §12), which `db_verify` already passed.
-//! Otherwise (no proof, `--follow` extended the log since, a point in
-//! time) every database is verified, as before.
+//! When the proof was made for a shorter log (`--follow` extended the
+//! backup since) or the restore is to a point in time, only the databases
+//! the log after the proof touches are verified ([`super::selective`]:
+//! every database whenever in doubt, and for a time before the proof's
+//! last commit); without a proof, every database, as before.
 //!
 //! Point in time. `db_recover -t` keeps exactly the transactions whose
 //! commit record's timestamp (whole seconds, the primary's clock) is at or
@@ -35,8 +38,10 @@ use super::manifest::{
     log_rel_name, read_manifest, window_start, Manifest, ManifestError, MANIFEST_FILE,
 };
 use super::proof::{
-    boost_cache, restore_config, run_recover, verify_databases, ProofError, ScratchDir,
+    boost_cache, restore_config, run_recover, verify_databases, verify_named, ProofError,
+    ScratchDir,
 };
+use super::selective;
 use super::store::{
     archive_of, check_listing, copy_backup, fsync_tree, lock_archive, target_exists, StoreError,
     PUBLISH_LOCK,
@@ -123,6 +128,13 @@ pub struct RestoreReport {
     pub bytes: u64,
     pub recovery_seconds: f64,
     pub databases_verified: usize,
+    /// Databases not verified again: they recover to what the archiver's
+    /// proof verified, which the log after it does not touch
+    /// ([`super::selective`]).
+    pub databases_unchanged: Vec<String>,
+    /// Why every database was verified, when the backup carries a proof
+    /// that does not cover this restore.
+    pub verified_everything_because: Option<String>,
     /// When `db_verify` was skipped: when the archiver proved these bytes
     /// recover and verify (the manifest's `proven`).
     pub proven_at_archive_unix_ms: Option<u64>,
@@ -240,21 +252,30 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     if !problems.is_empty() {
         return Err(StoreError::Integrity { backup, problems }.into());
     }
-    let mut report = new_report(&backup.display().to_string(), opts, &m, until);
+    let report = new_report(&backup.display().to_string(), opts, &m, until);
     // Beside the target, under a temp name (removed on any error below):
     // every byte checked against the manifest as it is copied.
     let temp = temp_beside(&opts.to)?;
     copy_backup(&backup, &m, &temp.path)?;
     drop(lock);
-    let summary = scan_logs(
-        &temp.path.join(&m.log_dir),
-        m.log_start.file,
-        m.log_end.file,
-        Some(m.log_end.offset),
-        None,
-    )?;
-    check_until(&mut report, until, &summary, &backup)?;
-    finish_restore(temp, &m, opts, report, started)
+    finish_copied(temp, &m, opts, report, &backup, started)
+}
+
+/// The copy in `temp` holds every byte of `backup` checked against `m`:
+/// walks its log, checks the time asked for against its window and
+/// [`finish_restore`]s it.
+pub(crate) fn finish_copied(
+    temp: ScratchDir,
+    m: &Manifest,
+    opts: &RestoreOptions,
+    mut report: RestoreReport,
+    backup: &Path,
+    started: Instant,
+) -> Result<RestoreReport, RestoreError> {
+    let summary = m.scan_log(&temp.path)?;
+    let until = report.until_unix;
+    check_until(&mut report, until, &summary, backup)?;
+    finish_restore(temp, m, opts, report, started)
 }
 
 /// The report's fields known before anything is written.
@@ -328,23 +349,36 @@ pub(crate) fn finish_restore(
     started: Instant,
 ) -> Result<RestoreReport, RestoreError> {
     let until = report.until_unix;
+    // Which databases the log after a proof for a shorter log touches:
+    // read before recovery writes into the copy.
+    let exact = until.is_none() && m.proof_covering().is_some();
+    let plan = (!exact).then(|| selective::plan(&temp.path, m, until));
     let config = boost_cache(&temp.path)?;
     let rec = run_recover(&temp.path, until)?;
     restore_config(&temp.path, config)?;
     report.recovered_to = rec.recovered_to;
     report.recovery_seconds = rec.seconds;
+    let kept = until
+        .map(|_| restored_log_summary(&temp.path, m))
+        .transpose()?;
     let proof = m.proof_covering().filter(|p| {
         until.is_none() && rec.recovered_to.is_some() && p.recovered_to == rec.recovered_to
     });
-    match proof {
-        Some(p) => {
+    match (proof, plan) {
+        (Some(p), _) => {
             report.proven_at_archive_unix_ms = Some(p.unix_ms);
             tracing::info!(databases = p.databases.len(), "db_verify skipped: the archiver's recovery proof covers these bytes and this log end");
         }
-        None => report.databases_verified = verify_databases(&temp.path, m)?,
+        (None, Some(plan)) => {
+            let plan = plan.after_recovery(rec.recovered_to, kept.as_ref().map(|k| k.commits));
+            tracing::info!(verify = ?plan.verify, unchanged = ?plan.unchanged, everything_because = ?plan.everything_because, "db_verify of the databases the log after the archiver's proof touches");
+            report.databases_verified = verify_named(&temp.path, &plan.verify)?;
+            report.databases_unchanged = plan.unchanged;
+            report.verified_everything_because = plan.everything_because;
+        }
+        (None, None) => report.databases_verified = verify_databases(&temp.path, m)?,
     }
-    if let Some(t) = until {
-        let kept = restored_log_summary(&temp.path, m)?;
+    if let (Some(t), Some(kept)) = (until, kept) {
         if let Some(last) = kept.last_commit_unix.filter(|last| *last > t) {
             return Err(RestoreError::Refused(format!(
                 "recovery to {} kept a commit stamped {}: refusing the result",
@@ -419,6 +453,12 @@ impl std::fmt::Display for RestoreReport {
             r.recovered_to.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
             match r.proven_at_archive_unix_ms {
                 Some(_) => "db_verify not repeated (the archive proved these bytes recover and verify)".to_owned(),
+                None if !r.databases_unchanged.is_empty() => format!(
+                    "{} databases verified ({} unchanged since the archive's proof: {})",
+                    r.databases_verified,
+                    r.databases_unchanged.len(),
+                    r.databases_unchanged.join(", ")
+                ),
                 None => format!("{} databases verified", r.databases_verified),
             },
             r.recovery_seconds,

@@ -404,26 +404,47 @@ fn check_files_as(
 }
 
 /// Copies a checked backup into `dest` (which must not hold its files),
-/// comparing every file's blake3 with the manifest again on the way.
+/// comparing every file's blake3 with the manifest on the way: the first
+/// altered file is an error naming it.
 pub fn copy_backup(backup: &Path, m: &Manifest, dest: &Path) -> Result<u64, StoreError> {
-    let mut bytes = 0;
+    let (bytes, problems) = copy_checked(backup, m, dest, true)?;
+    if !problems.is_empty() {
+        return Err(StoreError::Integrity {
+            backup: backup.to_path_buf(),
+            problems,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Copies every file of a backup into `dest`, hashing each as it is copied
+/// (one read), and names each one whose blake3 or size is not the
+/// manifest's (only the first with `first_only`). The listing is checked
+/// before ([`check_listing`]).
+pub fn copy_checked(
+    backup: &Path,
+    m: &Manifest,
+    dest: &Path,
+    first_only: bool,
+) -> Result<(u64, Vec<Problem>), StoreError> {
+    let (mut bytes, mut problems) = (0, Vec::new());
     for f in &m.files {
         let rel = wirepath::validate(&f.name)?;
         let (size, hash) = copy_hashed(&backup.join(&rel), &dest.join(&rel), None, false)?;
         let found = hash.to_hex().to_string();
         if size != f.size || found != f.blake3 {
-            return Err(StoreError::Integrity {
-                backup: backup.to_path_buf(),
-                problems: vec![Problem::Altered {
-                    file: f.name.clone(),
-                    expected: f.blake3.clone(),
-                    found,
-                }],
+            problems.push(Problem::Altered {
+                file: f.name.clone(),
+                expected: f.blake3.clone(),
+                found,
             });
+            if first_only {
+                break;
+            }
         }
         bytes += size;
     }
-    Ok(bytes)
+    Ok((bytes, problems))
 }
 
 // ---------------------------------------------------------------- directories

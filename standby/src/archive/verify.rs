@@ -1,14 +1,16 @@
 //! `tandem-standby verify-archive`: proves a backup intact and recoverable
-//! without writing to it. Every file is checked against the manifest
-//! (missing, extra, resized, altered files and a manifest whose digest does
-//! not match are each named), the log is walked as one verified record
-//! chain, then a scratch copy is recovered and `db_verify`ed.
+//! without writing to it. The listing is checked against the manifest
+//! (missing, extra, resized files and a manifest whose digest does not
+//! match are each named), then every file is copied into a scratch
+//! directory and hashed as it is copied (each file read once; every altered
+//! file is named), the copy's log is walked as one verified record chain,
+//! and the copy is recovered and `db_verify`ed.
 
-use super::logscan::{scan_logs, LogSummary, ScanError};
-use super::manifest::{read_manifest, Manifest, ManifestError, MANIFEST_FILE};
+use super::logscan::ScanError;
+use super::manifest::{read_manifest, ManifestError, MANIFEST_FILE};
 use super::proof::{recover_scratch, ProofError, ScratchDir};
 use super::store::{
-    archive_of, check_files, copy_backup, list_backups, lock_archive, StoreError, PUBLISH_LOCK,
+    archive_of, check_listing, copy_checked, list_backups, lock_archive, StoreError, PUBLISH_LOCK,
 };
 use super::time::rfc3339;
 use serde::Serialize;
@@ -124,8 +126,21 @@ fn verify_inner(
     r.first_commit = m.first_commit_unix.map(rfc3339);
     r.last_commit = m.last_commit_unix.map(rfc3339);
     r.earliest_restore = m.earliest_restore_unix().map(rfc3339);
-    let summary = check_backup(backup, &m)?;
+    // Every file read once: hashed as it is copied into the scratch
+    // directory, whose log is then walked (the bytes just checked).
+    let problems = check_listing(backup, &m)?;
+    if !problems.is_empty() {
+        return Err(integrity(backup, problems));
+    }
     r.bytes = m.bytes();
+    let started = Instant::now();
+    let dir = ScratchDir::new(scratch, "verify")?;
+    let (_, problems) = copy_checked(backup, &m, &dir.path, false)?;
+    drop(lock);
+    if !problems.is_empty() {
+        return Err(integrity(backup, problems));
+    }
+    let summary = m.scan_log(&dir.path)?;
     if summary.commits != m.commits
         || summary.first_commit_unix != m.first_commit_unix
         || summary.last_commit_unix != m.last_commit_unix
@@ -138,10 +153,6 @@ fn verify_inner(
             summary.last_commit_unix
         )));
     }
-    let started = Instant::now();
-    let dir = ScratchDir::new(scratch, "verify")?;
-    copy_backup(backup, &m, &dir.path)?;
-    drop(lock);
     let proof = recover_scratch(&dir.path, &m)?;
     r.recovered_to = proof.recovered_to;
     r.recovery_seconds = proof.recovery_seconds;
@@ -150,24 +161,12 @@ fn verify_inner(
     Ok(())
 }
 
-/// Every file against the manifest, then the log as one verified chain
-/// that ends where the manifest says. Writes nothing.
-pub fn check_backup(backup: &Path, m: &Manifest) -> Result<LogSummary, VerifyError> {
-    let (problems, _) = check_files(backup, m)?;
-    if !problems.is_empty() {
-        return Err(StoreError::Integrity {
-            backup: backup.to_path_buf(),
-            problems,
-        }
-        .into());
+fn integrity(backup: &Path, problems: Vec<Problem>) -> VerifyError {
+    StoreError::Integrity {
+        backup: backup.to_path_buf(),
+        problems,
     }
-    Ok(scan_logs(
-        &backup.join(&m.log_dir),
-        m.log_start.file,
-        m.log_end.file,
-        Some(m.log_end.offset),
-        None,
-    )?)
+    .into()
 }
 
 impl std::fmt::Display for VerifyReport {

@@ -120,7 +120,7 @@ pub fn remove(dir: &StandbyDir) {
 }
 
 /// The uid in the meta page of the database file at `path`.
-fn uid_of(path: &Path) -> Option<String> {
+pub(crate) fn uid_of(path: &Path) -> Option<String> {
     let mut head = [0u8; 128];
     let n = read_at_most(&File::open(path).ok()?, &mut head, 0).ok()?;
     file_uid(&head[..n]).map(|u| tandem_shared::to_hex(&u))
@@ -128,16 +128,20 @@ fn uid_of(path: &Path) -> Option<String> {
 
 /// What the log from the last checkpoint before `end` says: file ids,
 /// files written, and the files of transactions still open at `end`.
-struct LogSince {
-    file_ids: BTreeMap<i32, BTreeSet<String>>,
-    written: BTreeSet<i32>,
-    open: BTreeSet<i32>,
-    last_record: Option<(LogPosition, String)>,
+pub(crate) struct LogSince {
+    pub(crate) file_ids: BTreeMap<i32, BTreeSet<String>>,
+    pub(crate) written: BTreeSet<i32>,
+    pub(crate) open: BTreeSet<i32>,
+    pub(crate) last_record: Option<(LogPosition, String)>,
 }
 
 /// The `ckp_lsn` of the last checkpoint record before `end`, looking back
 /// no further than log file `first`.
-fn last_checkpoint(log_dir: &Path, first: u32, end: LogPosition) -> Result<LogPosition, String> {
+pub(crate) fn last_checkpoint(
+    log_dir: &Path,
+    first: u32,
+    end: LogPosition,
+) -> Result<LogPosition, String> {
     for file in (first..=end.file).rev() {
         let to = if file == end.file {
             end
@@ -163,7 +167,11 @@ fn last_checkpoint(log_dir: &Path, first: u32, end: LogPosition) -> Result<LogPo
     Err("no checkpoint in the mirror's log".into())
 }
 
-fn read_since(log_dir: &Path, from: LogPosition, end: LogPosition) -> Result<LogSince, String> {
+pub(crate) fn read_since(
+    log_dir: &Path,
+    from: LogPosition,
+    end: LogPosition,
+) -> Result<LogSince, String> {
     let mut since = LogSince {
         file_ids: BTreeMap::new(),
         written: BTreeSet::new(),
@@ -211,7 +219,7 @@ fn read_since(log_dir: &Path, from: LogPosition, end: LogPosition) -> Result<Log
 }
 
 /// The uids a set of log file ids names, or why it cannot tell.
-fn uids(
+pub(crate) fn uids(
     map: &BTreeMap<i32, BTreeSet<String>>,
     ids: &BTreeSet<i32>,
 ) -> Result<BTreeSet<String>, String> {
@@ -564,11 +572,34 @@ fn touched_since(
         return Err("the log before the verified end changed".into());
     }
     let mut file_ids = record.file_ids.clone();
-    let mut written = BTreeSet::new();
+    let after = writes_between(log_dir, &mut file_ids, record.verified_to, end)?;
+    let mut touched = uids(&file_ids, &after.written)?;
+    touched.extend(record.open_uids.iter().cloned());
+    Ok(touched)
+}
+
+/// What the log from `from` to `to` writes.
+pub(crate) struct Writes {
+    /// The log file ids of the pages its records change.
+    pub(crate) written: BTreeSet<i32>,
+}
+
+/// The file ids the records from `from` to `to` write, adding the ids they
+/// register to `file_ids`; an error for a record the reader cannot rule
+/// out writing anything (a file operation, an unknown type).
+pub(crate) fn writes_between(
+    log_dir: &Path,
+    file_ids: &mut BTreeMap<i32, BTreeSet<String>>,
+    from: LogPosition,
+    to: LogPosition,
+) -> Result<Writes, String> {
+    let mut w = Writes {
+        written: BTreeSet::new(),
+    };
     let mut doubt = None;
-    read_range(log_dir, record.verified_to, end, |r, _| match &r.kind {
+    read_range(log_dir, from, to, |r, _| match &r.kind {
         RecordKind::Page { fileid } => {
-            written.insert(*fileid);
+            w.written.insert(*fileid);
         }
         RecordKind::Register { fileid, uid, .. } => {
             file_ids
@@ -582,12 +613,10 @@ fn touched_since(
         _ => {}
     })
     .map_err(|e| e.to_string())?;
-    if let Some(why) = doubt {
-        return Err(why);
+    match doubt {
+        Some(why) => Err(why),
+        None => Ok(w),
     }
-    let mut touched = uids(&file_ids, &written)?;
-    touched.extend(record.open_uids.iter().cloned());
-    Ok(touched)
 }
 
 /// Whether the file after promote's recovery has the size and the changed
