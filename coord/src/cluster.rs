@@ -225,20 +225,28 @@ impl Cluster {
 
     /// Asks for a planned switchover: writes `request` under `lease` if and
     /// only if the leader key is still on `leader_lease`, the epoch key is
-    /// unchanged since `epoch_rev` and no other switchover is under way.
+    /// unchanged since `epoch_rev` and no other switchover is under way:
+    /// the request key is absent (`replace_rev` 0) or still the expired
+    /// request read at mod revision `replace_rev`.
     pub async fn request_switchover(
         &self,
         request: &SwitchoverRecord,
         leader_lease: i64,
         epoch_rev: i64,
         lease: i64,
+        replace_rev: i64,
     ) -> Result<bool, Error> {
         let k = &self.keys;
+        let request_cmp = if replace_rev == 0 {
+            Compare::create_revision(k.switchover(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(k.switchover(), CompareOp::Equal, replace_rev)
+        };
         let txn = Txn::new()
             .when(vec![
                 Compare::lease(k.leader(), CompareOp::Equal, leader_lease),
                 Compare::mod_revision(k.epoch(), CompareOp::Equal, epoch_rev),
-                Compare::create_revision(k.switchover(), CompareOp::Equal, 0),
+                request_cmp,
             ])
             .and_then(vec![TxnOp::put(
                 k.switchover(),

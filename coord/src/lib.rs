@@ -11,14 +11,19 @@
 //!   transaction, leader-only updates, member records.
 //! - [`lease`]: the lease keeper and the fencing clock.
 //! - [`switchover`]: who a planned switchover goes to, and its refusals.
+//! - [`resume`]: when a promotion etcd made but the standby did not
+//!   finish may go on and serve.
 //! - [`hook`]: running the operator's `--on-fence` and `--on-promote`.
+//! - [`test_hook`]: pause points for the failover tests (feature `test-hooks`).
 
 pub mod cluster;
 pub mod hook;
 pub mod lease;
 pub mod policy;
 pub mod records;
+pub mod resume;
 pub mod switchover;
+pub mod test_hook;
 pub mod timing;
 
 pub use cluster::{parse_endpoints, Cluster, Snapshot};

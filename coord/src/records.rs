@@ -151,6 +151,14 @@ pub struct FailoverRecord {
     pub kind: String,
     pub reason: String,
     pub unix_ms: u64,
+    /// A switchover's old primary: the lease its leader key was on (the
+    /// new primary revokes it, also when it finishes the switchover after
+    /// a restart) and the address it served at (asked whether it stopped
+    /// acting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_lease: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_address: Option<String>,
 }
 
 /// Where a planned switchover is.
@@ -182,6 +190,23 @@ pub struct SwitchoverRecord {
     #[serde(default)]
     pub error: Option<String>,
     pub unix_ms: u64,
+    /// Wall-clock time (unix ms) after which the request counts as failed
+    /// for everyone: the target claims it only before, and moves the
+    /// leader key only before the deadline its claim sets; after it anyone
+    /// may remove the record. Safety does not rest on clocks: the
+    /// take-over compares the record's mod revision, so a removal and a
+    /// take-over can never both succeed; the deadline only says when to
+    /// stop waiting. None: no deadline (a record of an older Tandem).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<u64>,
+}
+
+impl SwitchoverRecord {
+    /// Past its deadline at `now_unix_ms`: failed, whatever its state says.
+    pub fn expired(&self, now_unix_ms: u64) -> bool {
+        self.state == SwitchoverState::Failed
+            || self.deadline_unix_ms.is_some_and(|d| now_unix_ms >= d)
+    }
 }
 
 /// Parses a record, naming the key in the error.

@@ -68,18 +68,21 @@ fn fitness(
     Ok(lag)
 }
 
-/// Chooses the target (`to`, or the most caught-up standby).
+/// Chooses the target (`to`, or the most caught-up standby). A request
+/// past its deadline at `now_unix_ms` (or failed) is not under way: it
+/// counts as failed for everyone, and a new request replaces it.
 pub fn choose(
     view: &ClusterView,
     under_way: Option<&SwitchoverRecord>,
     to: Option<&str>,
     max_lag_bytes: u64,
+    now_unix_ms: u64,
 ) -> Result<Target, Refusal> {
     let leader = view.leader.clone().ok_or(Refusal::NoLeader)?;
     if leader.state != LeaderState::Primary {
         return Err(Refusal::LeaderNotServing { name: leader.name });
     }
-    if let Some(r) = under_way {
+    if let Some(r) = under_way.filter(|r| !r.expired(now_unix_ms)) {
         return Err(Refusal::UnderWay {
             to: r.to.clone(),
             state: format!("{:?}", r.state).to_lowercase(),
@@ -148,6 +151,8 @@ mod tests {
     use crate::policy::tests::{member, p};
     use crate::records::{EpochRecord, PositionRecord, SwitchoverState};
 
+    const NOW: u64 = 1_000;
+
     fn view() -> ClusterView {
         ClusterView {
             leader: Some(LeaderRecord {
@@ -180,44 +185,46 @@ mod tests {
 
     #[test]
     fn without_a_name_the_most_caught_up_goes_and_ties_go_to_the_smaller_name() {
-        let t = choose(&view(), None, None, 500).unwrap();
+        let t = choose(&view(), None, None, 500, NOW).unwrap();
         assert_eq!(t.member.name, "a");
         let mut v = view();
         v.members[2].durable = p(3, 1001);
-        assert_eq!(choose(&v, None, None, 500).unwrap().member.name, "c");
+        assert_eq!(choose(&v, None, None, 500, NOW).unwrap().member.name, "c");
         // The best is unfit: the next one goes.
         v.members[2].recoverable = false;
-        assert_eq!(choose(&v, None, None, 500).unwrap().member.name, "a");
+        assert_eq!(choose(&v, None, None, 500, NOW).unwrap().member.name, "a");
     }
 
     #[test]
     fn a_named_target_must_be_a_fit_member() {
         assert_eq!(
-            choose(&view(), None, Some("c"), 500).unwrap().lag_bytes,
+            choose(&view(), None, Some("c"), 500, NOW)
+                .unwrap()
+                .lag_bytes,
             100
         );
-        let e = choose(&view(), None, Some("zz"), 500).unwrap_err();
+        let e = choose(&view(), None, Some("zz"), 500, NOW).unwrap_err();
         assert!(
             matches!(&e, Refusal::NotAMember { members, .. } if members == "b, a, c"),
             "{e}"
         );
-        let e = choose(&view(), None, Some("c"), 50).unwrap_err();
+        let e = choose(&view(), None, Some("c"), 50, NOW).unwrap_err();
         assert!(
             e.to_string()
                 .contains("c is not caught up: 100 bytes behind"),
             "{e}"
         );
         assert!(matches!(
-            choose(&view(), None, Some("p"), 500),
+            choose(&view(), None, Some("p"), 500, NOW),
             Err(Refusal::TargetIsLeader { .. })
         ));
         let mut v = view();
         v.members[2].epoch = 1;
-        let e = choose(&v, None, Some("c"), u64::MAX).unwrap_err();
+        let e = choose(&v, None, Some("c"), u64::MAX, NOW).unwrap_err();
         assert!(e.to_string().contains("epoch 1"), "{e}");
         v.position = None;
         assert!(matches!(
-            choose(&v, None, Some("a"), 500),
+            choose(&v, None, Some("a"), 500, NOW),
             Err(Refusal::NotCaughtUp { .. })
         ));
     }
@@ -227,11 +234,11 @@ mod tests {
         let mut v = view();
         v.leader.as_mut().unwrap().state = LeaderState::Promoting;
         assert!(matches!(
-            choose(&v, None, None, 500),
+            choose(&v, None, None, 500, NOW),
             Err(Refusal::LeaderNotServing { .. })
         ));
         v.leader = None;
-        assert_eq!(choose(&v, None, None, 500), Err(Refusal::NoLeader));
+        assert_eq!(choose(&v, None, None, 500, NOW), Err(Refusal::NoLeader));
         let r = SwitchoverRecord {
             id: "x".into(),
             from: "p".into(),
@@ -241,16 +248,35 @@ mod tests {
             state: SwitchoverState::Claimed,
             error: None,
             unix_ms: 0,
+            deadline_unix_ms: Some(NOW + 1),
         };
-        let e = choose(&view(), Some(&r), None, 500).unwrap_err();
+        let e = choose(&view(), Some(&r), None, 500, NOW).unwrap_err();
         assert_eq!(
             e.to_string(),
             "a switchover to b is already under way (claimed)"
         );
+        // Past its deadline, or failed, it counts as failed for everyone.
+        let stale = SwitchoverRecord {
+            deadline_unix_ms: Some(NOW),
+            ..r.clone()
+        };
+        assert_eq!(
+            choose(&view(), Some(&stale), None, 500, NOW)
+                .unwrap()
+                .member
+                .name,
+            "a"
+        );
+        let failed = SwitchoverRecord {
+            state: SwitchoverState::Failed,
+            deadline_unix_ms: None,
+            ..r
+        };
+        assert!(choose(&view(), Some(&failed), None, 500, NOW).is_ok());
         let mut v = view();
         v.members.clear();
         assert!(matches!(
-            choose(&v, None, None, 500),
+            choose(&v, None, None, 500, NOW),
             Err(Refusal::NoCandidate(_))
         ));
     }

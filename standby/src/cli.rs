@@ -272,9 +272,12 @@ pub struct SwitchoverArgs {
     /// log before it gives up (nothing changed), in seconds.
     #[arg(long, default_value_t = 30)]
     pub catch_up_timeout_secs: u64,
-    /// How long to wait for the target to pick the request up (a request
-    /// nobody claimed is then withdrawn), and then for it to finish, in
-    /// seconds.
+    /// The request's deadline, in seconds: the target must pick it up and
+    /// move the leader key within it (its claim can only shorten it, to the
+    /// catch-up timeout + 10 s); after it the request counts as failed for
+    /// everyone and is withdrawn, nothing changed. Once the key moved, how
+    /// long to wait for the new primary to serve. If etcd does not answer
+    /// by the deadline the outcome is unknown (exit 8).
     #[arg(long, default_value_t = 60)]
     pub timeout_secs: u64,
     /// Most bytes the target may be behind the primary's published end of

@@ -51,6 +51,15 @@ pub enum Event {
     /// A planned switchover to this standby was asked for
     /// (`tandem-standby switchover`): carry it out ([`crate::handover`]).
     Switchover(Box<Request>),
+    /// etcd shows that a take-over this standby sent succeeded after all
+    /// (its answer was lost and the switchover given up with nothing
+    /// changed): finish it ([`crate::handover::finish`]).
+    TakenOver {
+        epoch: u64,
+        /// The old primary's lease and address, from the failover record.
+        from_lease: Option<i64>,
+        from_address: Option<String>,
+    },
 }
 
 /// A planned switchover addressed to this standby, as its round saw it
@@ -177,6 +186,30 @@ impl Coordinator {
         };
         if let Some(l) = &snap.view.leader {
             self.last_leader = Some(l.clone());
+            if me.promotion.is_none()
+                && tandem_coord::resume::taken_over(
+                    &snap.view,
+                    snap.leader_lease,
+                    &self.cfg.name,
+                    me.epoch,
+                    self.lease,
+                )
+            {
+                let from = status.last_failover.clone().filter(|f| {
+                    f.kind == "switchover" && f.name == self.cfg.name && f.epoch == l.epoch
+                });
+                tracing::warn!(
+                    epoch = l.epoch,
+                    "etcd shows this standby's lost take-over succeeded: finishing the switchover"
+                );
+                status.verdict = format!("finishing the switchover to epoch {}", l.epoch);
+                self.write_status(dir, status);
+                return Ok(Some(Event::TakenOver {
+                    epoch: l.epoch,
+                    from_lease: from.as_ref().and_then(|f| f.from_lease),
+                    from_address: from.and_then(|f| f.from_address),
+                }));
+            }
             status.verdict = "following".into();
             self.write_status(dir, status);
             if let (LeaderState::Primary, Some(addr)) = (l.state, &l.address) {
@@ -187,6 +220,7 @@ impl Coordinator {
             if let Some(r) = snap.switchover.as_ref().filter(|r| {
                 r.to == self.cfg.name
                     && r.state == tandem_coord::records::SwitchoverState::Requested
+                    && !r.expired(tandem_shared::now_unix_ms())
             }) {
                 return Ok(Some(Event::Switchover(Box::new(Request {
                     record: r.clone(),
@@ -258,6 +292,8 @@ impl Coordinator {
                     kind: "failover".into(),
                     reason: reason.clone(),
                     unix_ms: now,
+                    from_lease: None,
+                    from_address: None,
                 }),
             )
             .await?;

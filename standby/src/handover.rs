@@ -22,10 +22,18 @@
 //!    (fenced), or until its own clock must have fenced it (revoke time +
 //!    ttl − margin), so two primaries never accept commit waits at once.
 //!
+//! The claim carries a deadline (the request's, or the catch-up timeout +
+//! [`CLAIM_SLACK`] if earlier): no take-over is sent after it, and past it
+//! the request counts as failed for everyone.
+//!
 //! A take-over transaction whose answer was lost (etcd unreachable
 //! mid-request) is read back until etcd answers or the primary's clock
 //! would have fenced it; if it cannot be known, the promote stops with
-//! the directory unchanged and the error says so.
+//! the directory unchanged and the standby follows again. If etcd later
+//! shows the key on this standby's own lease at the next epoch, the round
+//! says so ([`crate::failover::Event::TakenOver`]) and [`finish`] completes
+//! the switchover; [`finish`] also serves a promoted directory restarted
+//! before it served, when etcd still holds its epoch for it.
 
 use crate::failover::{Coordinator, Request};
 use crate::promote::{self, Handover, PromoteOptions, PromoteReport};
@@ -42,6 +50,12 @@ use tokio::time::Instant;
 
 /// How often the old primary is asked whether it stopped acting.
 const STEP_DOWN_POLL: Duration = Duration::from_millis(50);
+
+/// A claim's deadline is the catch-up timeout plus this (or the request's
+/// own deadline, if earlier): time for the primary's two answers, stopping
+/// the follower and the take-over request. After it the target moves no
+/// key, and the request counts as failed.
+pub const CLAIM_SLACK: Duration = Duration::from_secs(10);
 
 /// How a switchover ended when it did not promote.
 #[derive(Debug)]
@@ -78,7 +92,7 @@ pub async fn carry_out(
         leader_moved: false,
         error,
     };
-    let rev = claim(&cluster, &req, &name).await.map_err(not_moved)?;
+    let (rev, deadline_unix_ms) = claim(&cluster, &req, &name).await.map_err(not_moved)?;
     let reason = format!(
         "planned switchover from {} (epoch {}) to {name}, asked at {} ms",
         req.leader.name, req.leader.epoch, req.record.unix_ms
@@ -91,6 +105,7 @@ pub async fn carry_out(
         name: name.clone(),
         lease: coord.lease,
         reason: reason.clone(),
+        deadline_unix_ms,
         moved: moved.clone(),
         runtime: tokio::runtime::Handle::current(),
     };
@@ -144,6 +159,61 @@ pub async fn carry_out(
     Ok(Promoted { report, reason })
 }
 
+/// Finishes a promotion etcd already made for this standby
+/// ([`tandem_coord::resume`]): a take-over whose answer was lost, or a
+/// promoted directory restarted before it served. The old primary's lease
+/// (`from_lease`, from the failover record) is revoked again, the
+/// directory promoted from what is durable (already promoted: nothing to
+/// do), and serving waits until the old primary says it stopped acting or
+/// its clock must have fenced it (revoke + ttl − margin).
+pub async fn finish(
+    cluster: &Cluster,
+    dir: &StandbyDir,
+    from_lease: Option<i64>,
+    old: OldPrimary,
+    reason: String,
+) -> Result<Promoted> {
+    if let Some(lease) = from_lease {
+        if let Err(e) = cluster.revoke(lease).await {
+            // Gone already (revoked, expired) is the usual case.
+            tracing::info!(lease, error = %e, "revoking the old primary's lease again");
+        }
+    }
+    let revoked = Instant::now();
+    let watch_stop = tokio_util::sync::CancellationToken::new();
+    let stepped_down = Arc::new(Mutex::new(false));
+    let watcher = tokio::spawn(watch_old_primary(
+        old,
+        Arc::new(Mutex::new(Some(revoked))),
+        stepped_down.clone(),
+        watch_stop.clone(),
+    ));
+    let opts = PromoteOptions {
+        catch_up_timeout: Duration::from_secs(5),
+        force: true,
+        full_verify: false,
+        elected: true,
+        handover: None,
+    };
+    let pdir = dir.clone();
+    let promoted = tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts))
+        .await
+        .map_err(|e| anyhow!(e))
+        .and_then(|r| r);
+    let report = match promoted {
+        Ok(r) => r,
+        Err(e) => {
+            watch_stop.cancel();
+            return Err(e);
+        }
+    };
+    wait_stepped_down(&stepped_down, revoked + cluster.timing.fence_after()).await;
+    watch_stop.cancel();
+    let _ = watcher.await;
+    tracing::warn!(epoch = report.epoch, %reason, "the old primary stepped down; serving");
+    Ok(Promoted { report, reason })
+}
+
 /// Until the old primary said it stepped down, or `deadline`.
 async fn wait_stepped_down(stepped_down: &Mutex<bool>, deadline: Instant) {
     while Instant::now() < deadline && !stepped_down.lock().map(|s| *s).unwrap_or(false) {
@@ -151,9 +221,15 @@ async fn wait_stepped_down(stepped_down: &Mutex<bool>, deadline: Instant) {
     }
 }
 
-/// Marks the request claimed; Err when it changed since the round read it.
-async fn claim(cluster: &Cluster, req: &Request, name: &str) -> Result<i64> {
+/// Marks the request claimed, with the claim's deadline: its new mod
+/// revision and the deadline. Err when it changed since the round read it
+/// or its deadline passed.
+async fn claim(cluster: &Cluster, req: &Request, name: &str) -> Result<(i64, u64)> {
     let r = &req.record;
+    let now = tandem_shared::now_unix_ms();
+    if r.expired(now) {
+        bail!("the switchover request's deadline passed before this standby claimed it");
+    }
     if r.epoch != req.my_epoch || r.from != req.leader.name || r.epoch != req.leader.epoch {
         let why = format!(
             "{name} has seen epoch {}, the request is for {} (epoch {}) and etcd's leader is {} (epoch {})",
@@ -167,14 +243,20 @@ async fn claim(cluster: &Cluster, req: &Request, name: &str) -> Result<i64> {
         let _ = cluster.update_switchover(&failed, req.rev).await;
         bail!("switchover refused: {why}");
     }
+    // The claim can only shorten the command's deadline, so a command
+    // that never saw the claim still knows when the request ends.
+    let mine =
+        now + (Duration::from_millis(r.catch_up_timeout_ms) + CLAIM_SLACK).as_millis() as u64;
+    let deadline = r.deadline_unix_ms.map_or(mine, |d| d.min(mine));
     let claimed = SwitchoverRecord {
         state: SwitchoverState::Claimed,
+        deadline_unix_ms: Some(deadline),
         ..r.clone()
     };
     match cluster.update_switchover(&claimed, req.rev).await? {
         Some(rev) => {
-            tracing::warn!(from = %r.from, epoch = r.epoch, "switchover to this standby asked: claimed; catching up");
-            Ok(rev)
+            tracing::warn!(from = %r.from, epoch = r.epoch, deadline_unix_ms = deadline, "switchover to this standby asked: claimed; catching up");
+            Ok((rev, deadline))
         }
         None => bail!("the switchover request changed before this standby claimed it"),
     }
@@ -201,6 +283,8 @@ struct TakeOver {
     name: String,
     lease: i64,
     reason: String,
+    /// The claim's deadline: no take-over is sent after it.
+    deadline_unix_ms: u64,
     moved: Arc<Mutex<Option<Instant>>>,
     runtime: tokio::runtime::Handle,
 }
@@ -211,7 +295,11 @@ impl TakeOver {
     }
 
     async fn take(&self, end: tandem_shared::LogPosition) -> Result<()> {
+        tandem_coord::test_hook::pause("before-take-over").await;
         let now = tandem_shared::now_unix_ms();
+        if now >= self.deadline_unix_ms {
+            bail!("the switchover claim's deadline passed before the leader key could move (the catch-up and the primary's answers took longer than --catch-up-timeout-secs + {} s): the leader key did not move; nothing was changed", CLAIM_SLACK.as_secs());
+        }
         let epoch = self.req.my_epoch + 1;
         let leader = LeaderRecord {
             name: self.name.clone(),
@@ -241,9 +329,20 @@ impl TakeOver {
                     kind: "switchover".into(),
                     reason: format!("{}; the primary's end of log {end}", self.reason),
                     unix_ms: now,
+                    from_lease: Some(self.req.leader_lease),
+                    from_address: self.req.leader.address.clone(),
                 },
             )
             .await;
+        let answer = match answer {
+            Ok(true) if tandem_coord::test_hook::armed("lose-take-over-answer") => {
+                tandem_coord::test_hook::pause("lose-take-over-answer").await;
+                Err(tandem_coord::Error::Etcd(
+                    "TEST HOOK: the answer was lost".into(),
+                ))
+            }
+            a => a,
+        };
         let took = match answer {
             Ok(t) => t,
             Err(e) => self.read_back(epoch, sent, &e).await?,
@@ -277,7 +376,7 @@ impl TakeOver {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("etcd did not answer whether the leader key moved ({e}); the directory was not changed. If `tandem-standby switchover` reports that the leader key names this standby, promote it by hand (docs/runbooks.md)")
+        bail!("etcd did not answer whether the leader key moved ({e}); the directory was not changed. This standby follows again; if etcd shows later that the key did move to it, it finishes the switchover by itself")
     }
 }
 

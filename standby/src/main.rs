@@ -4,7 +4,9 @@
 //! 3 refused for good (another environment, a newer primary, a promoted
 //! directory, a directory already in use); 4 `promote` refused for now (the
 //! primary is reachable and an application still has its environment
-//! open, or the standby could not catch up with it): nothing was changed.
+//! open, or the standby could not catch up with it): nothing was changed;
+//! 8 `switchover`: the outcome is unknown, etcd did not answer (the message
+//! says what to check).
 
 mod cli;
 
@@ -33,6 +35,8 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_REFUSED: u8 = 3;
 /// `promote` refused, nothing changed; it can succeed once the cause is gone.
 const EXIT_REFUSED_FOR_NOW: u8 = 4;
+/// `switchover` cannot tell whether the leader key moved: etcd did not answer.
+const EXIT_OUTCOME_UNKNOWN: u8 = 8;
 
 fn main() -> ExitCode {
     tandem_shared::keep_freed_memory();
@@ -160,7 +164,8 @@ fn check(dir: &Path, json: bool) -> Result<()> {
 }
 
 /// `switchover`: exits [`EXIT_REFUSED_FOR_NOW`] when it refused and
-/// changed nothing, [`EXIT_USAGE`] for bad flags or config.
+/// changed nothing, [`EXIT_OUTCOME_UNKNOWN`] when etcd did not answer in
+/// time to tell, [`EXIT_USAGE`] for bad flags or config.
 async fn switchover_cmd(a: cli::SwitchoverArgs) -> ExitCode {
     let from_file = match &a.config {
         None => RunArgs::default(),
@@ -204,6 +209,13 @@ async fn switchover_cmd(a: cli::SwitchoverArgs) -> ExitCode {
         {
             eprintln!("tandem-standby: {e:#}");
             ExitCode::from(EXIT_REFUSED_FOR_NOW)
+        }
+        Err(e)
+            if e.downcast_ref::<tandem_standby::switchover::Unknown>()
+                .is_some() =>
+        {
+            eprintln!("tandem-standby: {e:#}");
+            ExitCode::from(EXIT_OUTCOME_UNKNOWN)
         }
         Err(e) => exit_with(Err(e)),
     }
@@ -495,6 +507,9 @@ async fn run_with_etcd(
             return ExitCode::FAILURE;
         }
     };
+    if let Ok(Some(p)) = dir.load_state().map(|s| s.promoted) {
+        return resume_promoted(&coord, &cfg, &f, &dir, p).await;
+    }
     let signal = tandem_shared::shutdown_signal();
     tokio::pin!(signal);
     loop {
@@ -507,6 +522,56 @@ async fn run_with_etcd(
             Next::Again => {}
             Next::Serve(p) => return serve_promoted(&coord, &cfg, &f, *p).await,
         }
+    }
+}
+
+/// `run --etcd` on a directory promoted through etcd that died before it
+/// served: it finishes and serves only while etcd still holds its epoch,
+/// taken by itself, with nobody else on the leader key
+/// ([`tandem_coord::resume::may_serve`]); otherwise it refuses (exit 3),
+/// nothing changed.
+async fn resume_promoted(
+    coord: &tandem_standby::failover::Coordinator,
+    cfg: &StandbyConfig,
+    f: &tandem_standby::failover::FailoverConfig,
+    dir: &StandbyDir,
+    p: tandem_standby::state::Promotion,
+) -> ExitCode {
+    let snap = match coord.cluster.snapshot().await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tandem-standby: error: this directory was promoted (epoch {}); cannot reach etcd to learn whether it may serve: {e}", p.epoch);
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(why) = tandem_coord::resume::may_serve(&snap.view, &f.name, p.epoch) {
+        eprintln!("tandem-standby: refused: this directory was promoted ({}, epoch {}) and does not follow a primary again; it may not serve either: {why}", p.kind, p.epoch);
+        return ExitCode::from(EXIT_REFUSED);
+    }
+    let from = coord
+        .cluster
+        .last_failover()
+        .await
+        .ok()
+        .flatten()
+        .filter(|r| r.kind == "switchover" && r.name == f.name && r.epoch == p.epoch);
+    tracing::warn!(epoch = p.epoch, kind = %p.kind, "this directory was promoted and etcd still holds its epoch for it: finishing and serving");
+    let reason = format!(
+        "{} to epoch {} recorded at {} ms, finished after a restart",
+        p.kind, p.epoch, p.unix_ms
+    );
+    let old = old_primary(cfg, from.as_ref().and_then(|r| r.from_address.clone()));
+    match tandem_standby::handover::finish(
+        &coord.cluster,
+        dir,
+        from.and_then(|r| r.from_lease),
+        old,
+        reason,
+    )
+    .await
+    {
+        Ok(done) => serve_promoted(coord, cfg, f, done).await,
+        Err(e) => promotion_failed(coord, dir, &p.kind, &e).await,
     }
 }
 
@@ -559,12 +624,30 @@ async fn follow_until_event(
                 Err(code) => Next::Exit(code),
             };
         }
-        Some(Event::Switchover(req)) => {
-            let old = tandem_standby::handover::OldPrimary {
-                url: cfg.primary.clone(),
-                server_name: cfg.server_name.clone(),
-                tls: cfg.tls.clone(),
+        Some(Event::TakenOver {
+            epoch,
+            from_lease,
+            from_address,
+        }) => {
+            stop_follower();
+            let _ = (&mut follower).await;
+            let old = old_primary(cfg, from_address);
+            let reason = format!("planned switchover to epoch {epoch}, finished after its take-over's answer was lost");
+            return match tandem_standby::handover::finish(
+                &coord.cluster,
+                dir,
+                from_lease,
+                old,
+                reason,
+            )
+            .await
+            {
+                Ok(p) => Next::Serve(Box::new(p)),
+                Err(e) => Next::Exit(promotion_failed(coord, dir, "switchover", &e).await),
             };
+        }
+        Some(Event::Switchover(req)) => {
+            let old = old_primary(cfg, None);
             let stopper = stop_follower.clone();
             let done =
                 tandem_standby::handover::carry_out(coord, dir, *req, old, Box::new(stopper)).await;
@@ -581,6 +664,19 @@ async fn follow_until_event(
     stop_follower();
     let _ = follower.await;
     next
+}
+
+/// How to ask the old primary whether it stopped acting: at `address`
+/// (from etcd), or the primary this standby follows.
+fn old_primary(
+    cfg: &StandbyConfig,
+    address: Option<String>,
+) -> tandem_standby::handover::OldPrimary {
+    tandem_standby::handover::OldPrimary {
+        url: address.unwrap_or_else(|| cfg.primary.clone()),
+        server_name: cfg.server_name.clone(),
+        tls: cfg.tls.clone(),
+    }
 }
 
 fn follower_exit(r: Result<Result<(), FollowError>, tokio::task::JoinError>) -> ExitCode {
@@ -655,6 +751,7 @@ async fn serve_promoted(
 ) -> ExitCode {
     let report = &p.report;
     tracing::warn!(epoch = report.epoch, kind = %report.kind, reason = %p.reason, "promoted through etcd");
+    tandem_coord::test_hook::pause("before-serve").await;
     if let Some(cmd) = &f.on_promote {
         tandem_coord::hook::run(
             "on-promote",

@@ -312,3 +312,44 @@ impl Drop for LeaderSampler {
         }
     }
 }
+
+/// The time of day (seconds since midnight, UTC) of the first log line
+/// containing `needle`, read from the line's tracing timestamp
+/// (`2026-12-07T11:37:39.123456Z ...`). For latency figures taken from
+/// two processes' logs on the same machine.
+pub fn log_time(log: &str, needle: &str) -> Option<f64> {
+    let line = log.lines().find(|l| l.contains(needle))?;
+    let stamp = line.split_whitespace().next()?;
+    let time = stamp.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// How long the old primary took to stop acting after a switchover's
+/// leader-key move, from the logs: (to its fence, to its stop as
+/// superseded), in milliseconds.
+pub fn fence_latency_ms(target_log: &str, old_primary_log: &str) -> Option<(f64, f64)> {
+    let moved = log_time(
+        target_log,
+        "switchover: the leader key moved to this standby",
+    )?;
+    let fenced = log_time(old_primary_log, "FENCED: this primary stopped")?;
+    let stopped = log_time(old_primary_log, "etcd moved past this primary")?;
+    Some(((fenced - moved) * 1000.0, (stopped - moved) * 1000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn log_times_come_from_the_tracing_timestamp() {
+        let log = "2026-12-07T11:37:39.250000Z  WARN x: a\n2026-12-07T11:37:40.000000Z ERROR y: FENCED: z\n";
+        assert_eq!(
+            super::log_time(log, "FENCED"),
+            Some(11.0 * 3600.0 + 37.0 * 60.0 + 40.0)
+        );
+        assert_eq!(super::log_time(log, "nothing"), None);
+    }
+}

@@ -247,6 +247,20 @@ pub fn start_standby_as(
     name: &str,
     extra: &[&str],
 ) -> Result<Proc> {
+    start_standby_env(work, dir, url, certs, name, extra, &[])
+}
+
+/// [`start_standby_as`] with these environment variables set (the test
+/// hooks' `TANDEM_TEST_PAUSE_AT`, ...).
+pub fn start_standby_env(
+    work: &Path,
+    dir: &Path,
+    url: &str,
+    certs: &Certs,
+    name: &str,
+    extra: &[&str],
+    envs: &[(&str, String)],
+) -> Result<Proc> {
     let exe = bin("tandem-standby");
     check_bin(&exe)?;
     let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
@@ -256,7 +270,8 @@ pub fn start_standby_as(
         .arg(dir)
         .args(["--primary", url, "--name", name])
         .args(certs.args("standby"))
-        .args(extra);
+        .args(extra)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
     Proc::spawn(
         &format!("tandem-standby {name}"),
         cmd,
