@@ -188,19 +188,7 @@ pub async fn finish(
         stepped_down.clone(),
         watch_stop.clone(),
     ));
-    let opts = PromoteOptions {
-        catch_up_timeout: Duration::from_secs(5),
-        force: true,
-        full_verify: false,
-        elected: true,
-        handover: None,
-    };
-    let pdir = dir.clone();
-    let promoted = tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts))
-        .await
-        .map_err(|e| anyhow!(e))
-        .and_then(|r| r);
-    let report = match promoted {
+    let report = match promote_from_durable(dir).await {
         Ok(r) => r,
         Err(e) => {
             watch_stop.cancel();
@@ -212,6 +200,24 @@ pub async fn finish(
     let _ = watcher.await;
     tracing::warn!(epoch = report.epoch, %reason, "the old primary stepped down; serving");
     Ok(Promoted { report, reason })
+}
+
+/// Promotes from what is durable, as after an election: the old primary
+/// is fenced (or gone), so it is not asked (`PromoteOptions::elected`).
+/// A directory promoted already reports that promotion.
+pub async fn promote_from_durable(dir: &StandbyDir) -> Result<PromoteReport> {
+    let opts = PromoteOptions {
+        catch_up_timeout: Duration::from_secs(5),
+        force: true,
+        full_verify: false,
+        elected: true,
+        handover: None,
+    };
+    let pdir = dir.clone();
+    tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts))
+        .await
+        .map_err(|e| anyhow!(e))
+        .and_then(|r| r)
 }
 
 /// Until the old primary said it stepped down, or `deadline`.
