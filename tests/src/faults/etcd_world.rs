@@ -267,15 +267,21 @@ impl EtcdWorld {
         }
         for url in urls {
             let (send, recv, st) = self.ask(url, tls);
-            let Some(st) = st else { continue };
+            let Some(st) = st else {
+                // Nothing listens there any more: the process is gone
+                // (an old primary exits 7 the moment it sees the new
+                // epoch), and a dead process answers no commit wait.
+                if gone(url) {
+                    self.end_span(url, Instant::now());
+                }
+                continue;
+            };
             let Some(c) = &st.coordination else { continue };
             if !(c.leading && !c.fenced && c.lease_remaining_ms > 0) {
                 // It said it no longer acts (it checks before answering
                 // any commit wait): its span ends by this answer at the
                 // latest, as a switchover's target waits for exactly this.
-                if let Some(a) = self.acting.get_mut(url) {
-                    a.remaining = a.remaining.min(recv.saturating_duration_since(a.send));
-                }
+                self.end_span(url, recv);
                 continue;
             }
             let me = Acting {
@@ -321,6 +327,13 @@ impl EtcdWorld {
         Look { violations, leader }
     }
 
+    /// The process at `url` no longer acts after `at`.
+    fn end_span(&mut self, url: &str, at: Instant) {
+        if let Some(a) = self.acting.get_mut(url) {
+            a.remaining = a.remaining.min(at.saturating_duration_since(a.send));
+        }
+    }
+
     /// Cuts the primary off from every etcd member (or heals it).
     pub fn isolate_primary(&self, cut: bool) {
         for l in &self.links {
@@ -338,6 +351,20 @@ impl EtcdWorld {
             .map(|s| s.lines().count())
             .unwrap_or(0)
     }
+}
+
+/// Nothing listens at `url` (`https://IP:PORT`): the connection is refused.
+fn gone(url: &str) -> bool {
+    let Some(addr) = url
+        .strip_prefix("https://")
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+    else {
+        return false;
+    };
+    matches!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// The primary's name in etcd (every generation's cluster is new).
