@@ -387,7 +387,9 @@ impl TakeOver {
 }
 
 /// Sets `stepped_down` once the old primary says it no longer acts as
-/// primary (asked only after the leader key moved).
+/// primary, or nothing listens at its address any more (it exited: it
+/// stops the moment it sees the new epoch); asked only after the leader
+/// key moved.
 async fn watch_old_primary(
     old: OldPrimary,
     moved: Arc<Mutex<Option<Instant>>>,
@@ -429,6 +431,13 @@ async fn watch_old_primary(
                     }
                     _ => client = None,
                 }
+            }
+            if client.is_none() && tandem_shared::client::nothing_listens(&old.url, Duration::from_millis(500)) {
+                tracing::info!(old = %old.url, "nothing listens at the old primary's address any more: it exited");
+                if let Ok(mut d) = stepped_down.lock() {
+                    *d = true;
+                }
+                return;
             }
         }
         tokio::select! {

@@ -271,7 +271,7 @@ impl EtcdWorld {
                 // Nothing listens there any more: the process is gone
                 // (an old primary exits 7 the moment it sees the new
                 // epoch), and a dead process answers no commit wait.
-                if gone(url) {
+                if tandem_shared::client::nothing_listens(url, Duration::from_millis(200)) {
                     self.end_span(url, Instant::now());
                 }
                 continue;
@@ -351,20 +351,6 @@ impl EtcdWorld {
             .map(|s| s.lines().count())
             .unwrap_or(0)
     }
-}
-
-/// Nothing listens at `url` (`https://IP:PORT`): the connection is refused.
-fn gone(url: &str) -> bool {
-    let Some(addr) = url
-        .strip_prefix("https://")
-        .and_then(|a| a.parse::<SocketAddr>().ok())
-    else {
-        return false;
-    };
-    matches!(
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-    )
 }
 
 /// The primary's name in etcd (every generation's cluster is new).
