@@ -432,7 +432,14 @@ async fn watch_old_primary(
                     _ => client = None,
                 }
             }
-            if client.is_none() && tandem_shared::client::nothing_listens(&old.url, Duration::from_millis(500)) {
+            let url = old.url.clone();
+            let gone = client.is_none()
+                && tokio::task::spawn_blocking(move || {
+                    tandem_shared::client::nothing_listens(&url, Duration::from_millis(500))
+                })
+                .await
+                .unwrap_or(false);
+            if gone {
                 tracing::info!(old = %old.url, "nothing listens at the old primary's address any more: it exited");
                 if let Ok(mut d) = stepped_down.lock() {
                     *d = true;
