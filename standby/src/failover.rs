@@ -216,7 +216,10 @@ impl Coordinator {
             let from = status.last_failover.clone().filter(|f| {
                 f.kind == "switchover" && f.name == self.cfg.name && f.epoch == l.epoch
             });
-            tracing::warn!(epoch = l.epoch, "etcd shows this standby's lost take-over succeeded: finishing the switchover");
+            tracing::warn!(
+                epoch = l.epoch,
+                "etcd shows this standby's lost take-over succeeded: finishing the switchover"
+            );
             status.verdict = format!("finishing the switchover to epoch {}", l.epoch);
             self.write_status(dir, status);
             return Some(Event::TakenOver {

@@ -27,7 +27,14 @@ impl World {
         let to = self.standbys[i].name.clone();
         let live = self.switchovers.is_multiple_of(2);
         self.switchovers += 1;
-        self.detail(format!("-> {to}{}", if live { ", first while the application runs" } else { "" }));
+        self.detail(format!(
+            "-> {to}{}",
+            if live {
+                ", first while the application runs"
+            } else {
+                ""
+            }
+        ));
         if live {
             let (code, out) = self.run_switchover(&to)?;
             self.count("switchovers refused while the application ran (exit 4)");
@@ -74,7 +81,14 @@ impl World {
         let mut cmd = Command::new(bin("tandem-standby"));
         cmd.args(["switchover", "--etcd", &e.cluster.endpoints(), "--cluster"])
             .arg(e.cluster_name())
-            .args(["--to", to, "--timeout-secs", "60", "--catch-up-timeout-secs", "30"]);
+            .args([
+                "--to",
+                to,
+                "--timeout-secs",
+                "60",
+                "--catch-up-timeout-secs",
+                "30",
+            ]);
         let log = self.logs.join(format!("switchover-r{}.log", self.round));
         let mut p = Proc::spawn("switchover", cmd, &log)?;
         let mut code = None;
