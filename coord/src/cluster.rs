@@ -12,7 +12,10 @@ use crate::records::{
 };
 use crate::timing::Timing;
 use crate::Error;
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnResponse, WatchOptions,
+};
 use std::future::Future;
 
 /// What etcd holds for a cluster, with the revisions the transactions
@@ -126,6 +129,19 @@ impl Cluster {
         Ok(s)
     }
 
+    /// Sends one transaction, bounded by the retry timeout: every write
+    /// Tandem makes under a condition goes through here.
+    async fn send(&self, txn: Txn) -> Result<TxnResponse, Error> {
+        let mut kv = self.client.kv_client();
+        bounded(self.timing, kv.txn(txn)).await
+    }
+
+    /// [`Cluster::send`]: whether the transaction's conditions held (and
+    /// its writes were made).
+    async fn commit(&self, txn: Txn) -> Result<bool, Error> {
+        Ok(self.send(txn).await?.succeeded())
+    }
+
     /// Grants a lease of the configured ttl.
     pub async fn grant(&self) -> Result<i64, Error> {
         let mut lease = self.client.lease_client();
@@ -185,9 +201,7 @@ impl Cluster {
                 Compare::create_revision(k.leader(), CompareOp::Equal, 0),
             ])
             .and_then(ops);
-        let mut kv = self.client.kv_client();
-        let r = bounded(self.timing, kv.txn(txn)).await?;
-        Ok(r.succeeded())
+        self.commit(txn).await
     }
 
     /// Rewrites the leader key (and optionally the position and floor)
@@ -218,9 +232,7 @@ impl Cluster {
         let txn = Txn::new()
             .when(vec![Compare::lease(k.leader(), CompareOp::Equal, lease)])
             .and_then(ops);
-        let mut kv = self.client.kv_client();
-        let r = bounded(self.timing, kv.txn(txn)).await?;
-        Ok(r.succeeded())
+        self.commit(txn).await
     }
 
     /// Asks for a planned switchover: writes `request` under `lease` if and
@@ -253,8 +265,7 @@ impl Cluster {
                 encode(request),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let mut kv = self.client.kv_client();
-        Ok(bounded(self.timing, kv.txn(txn)).await?.succeeded())
+        self.commit(txn).await
     }
 
     /// Rewrites the switchover record (its state) only if nobody changed
@@ -276,8 +287,7 @@ impl Cluster {
                 encode(record),
                 Some(PutOptions::new().with_ignore_lease()),
             )]);
-        let mut kv = self.client.kv_client();
-        let r = bounded(self.timing, kv.txn(txn)).await?;
+        let r = self.send(txn).await?;
         Ok(r.succeeded()
             .then(|| r.header().map_or(0, |h| h.revision())))
     }
@@ -292,8 +302,7 @@ impl Cluster {
                 rev,
             )])
             .and_then(vec![TxnOp::delete(k.switchover(), None)]);
-        let mut kv = self.client.kv_client();
-        Ok(bounded(self.timing, kv.txn(txn)).await?.succeeded())
+        self.commit(txn).await
     }
 
     /// The planned switchover's one step: the leader key moves from the
@@ -331,8 +340,60 @@ impl Cluster {
                 TxnOp::put(k.failover(), encode(failover), None),
                 TxnOp::delete(k.switchover(), None),
             ]);
+        self.commit(txn).await
+    }
+
+    /// Waits until the leader key is no longer attached to `lease`: it was
+    /// deleted (the lease expired or was revoked) or rewritten under
+    /// another lease (a switchover's take-over). Returns what happened.
+    /// Reads the key once, then watches it from the next revision, so a
+    /// move between the two is not missed. Err when etcd cannot be asked
+    /// or the watch breaks: the caller retries, and its lease clock stays
+    /// the backstop.
+    pub async fn leader_left(&self, lease: i64) -> Result<String, Error> {
+        let key = self.keys.leader();
         let mut kv = self.client.kv_client();
-        Ok(bounded(self.timing, kv.txn(txn)).await?.succeeded())
+        let now = bounded(self.timing, kv.get(key.as_bytes(), None)).await?;
+        if let Some(why) = now.kvs().first().map_or_else(
+            || Some("the leader key is gone (its lease expired or was revoked)".to_owned()),
+            |item| left(&key, item.lease(), item.value(), lease),
+        ) {
+            return Ok(why);
+        }
+        let from = now.header().map_or(0, |h| h.revision()) + 1;
+        let mut w = self.client.watch_client();
+        let mut stream = bounded(
+            self.timing,
+            w.watch(
+                key.as_bytes(),
+                Some(WatchOptions::new().with_start_revision(from)),
+            ),
+        )
+        .await?;
+        loop {
+            let msg = stream
+                .message()
+                .await
+                .map_err(|e| Error::Etcd(e.to_string()))?
+                .ok_or_else(|| Error::Etcd("the watch of the leader key ended".into()))?;
+            if msg.canceled() {
+                return Err(Error::Etcd(format!(
+                    "the watch of the leader key was cancelled: {}",
+                    msg.cancel_reason()
+                )));
+            }
+            for ev in msg.events() {
+                let why = match (ev.event_type(), ev.kv()) {
+                    (EventType::Delete, _) | (_, None) => Some(
+                        "the leader key was deleted (its lease expired or was revoked)".to_owned(),
+                    ),
+                    (EventType::Put, Some(item)) => left(&key, item.lease(), item.value(), lease),
+                };
+                if let Some(why) = why {
+                    return Ok(why);
+                }
+            }
+        }
     }
 
     /// Grants a lease of `ttl_secs` (for a request that must go by itself).
@@ -367,6 +428,21 @@ impl Cluster {
             .map(|item| decode(&key, item.value()))
             .transpose()
     }
+}
+
+/// Why the leader key at `key`, on `on_lease` holding `value`, is no
+/// longer `lease`'s; None while it is.
+fn left(key: &str, on_lease: i64, value: &[u8], lease: i64) -> Option<String> {
+    if on_lease == lease {
+        return None;
+    }
+    Some(match decode::<LeaderRecord>(key, value) {
+        Ok(l) => format!(
+            "the leader key moved to {} (epoch {}) under another lease",
+            l.name, l.epoch
+        ),
+        Err(_) => "the leader key was rewritten under another lease".into(),
+    })
 }
 
 /// Bounds one etcd request by the retry timeout.

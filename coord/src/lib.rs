@@ -2,6 +2,8 @@
 //! what lives in etcd and the rules around it. The primary and standby
 //! binaries wire it in; nothing here touches an environment.
 //!
+//! - [`args`]: the `--etcd`, `--cluster` and `--advertise-url` flags both
+//!   daemons share.
 //! - [`records`]: the key layout under `/tandem/CLUSTER/` and the JSON
 //!   records stored there.
 //! - [`timing`]: the ttl, loop wait, retry timeout and fence margin, and
@@ -16,6 +18,7 @@
 //! - [`hook`]: running the operator's `--on-fence` and `--on-promote`.
 //! - [`test_hook`]: pause points for the failover tests (feature `test-hooks`).
 
+pub mod args;
 pub mod cluster;
 pub mod hook;
 pub mod lease;

@@ -187,6 +187,9 @@ pub struct RunArgs {
     pub bound_addr_file: Option<PathBuf>,
     #[command(flatten)]
     #[serde(flatten)]
+    pub cluster: tandem_coord::args::ClusterArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub etcd: EtcdArgs,
     /// The `--etcd-*` timing, beside (not inside) `etcd`: serde cannot
     /// refuse unknown keys through two levels of flatten.
@@ -195,31 +198,16 @@ pub struct RunArgs {
     pub timing: tandem_coord::timing::TimingArgs,
 }
 
-/// Automatic failover (README "Automatic failover with etcd"). Without
-/// --etcd the primary behaves as if etcd did not exist.
+/// The primary's own etcd flags, beside the shared
+/// [`tandem_coord::args::ClusterArgs`] (`--etcd`, `--cluster`,
+/// `--advertise-url`).
 #[derive(Args, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub struct EtcdArgs {
-    /// etcd endpoints, comma-separated (e.g. http://10.0.0.1:2379,...): hold
-    /// the cluster's leader key under a lease, publish this primary's
-    /// address, epoch and end of log, and fence when the lease cannot be
-    /// renewed in time. Requires --cluster.
-    #[arg(long, value_name = "URL,URL,...", requires = "cluster")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd: Option<String>,
-    /// The cluster's name in etcd (its keys live under /tandem/NAME/).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<String>,
     /// This primary's name in etcd [default: the host name].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// The URL standbys reach this primary at, published in etcd
-    /// [default: https://BOUND_ADDRESS].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub advertise_url: Option<String>,
     /// Shell command run when the primary fences itself (to stop the
     /// application here); TANDEM_FENCE_REASON says why. Its exit status is
     /// logged and shown in status.

@@ -11,6 +11,10 @@
 //! - It never serves under an epoch etcd no longer holds: a newer epoch in
 //!   etcd means a standby was promoted; the primary refuses to start, or
 //!   stops (exit [`EXIT_SUPERSEDED`] in the binary).
+//! - It watches the leader key: the moment the key leaves its lease (a
+//!   switchover's take-over, or the lease's end) it fences, and asks etcd
+//!   at once whether it was superseded. The lease clock stays the backstop
+//!   when the watch cannot be kept (etcd unreachable).
 //! - A fenced primary whose epoch etcd still holds, with nobody holding the
 //!   leader key, takes it back and resumes (etcd came back before anyone
 //!   was promoted: no one else can have been, the epoch did not move).
@@ -201,6 +205,7 @@ impl Leadership {
     /// Cancels `stop` itself if etcd moved past this primary's epoch.
     pub async fn run(self: Arc<Self>, log_end: watch::Receiver<LogEnd>, stop: CancellationToken) {
         let timing = self.cfg.timing;
+        let mut ask_now = false;
         loop {
             let lease = self.standing.borrow().lease;
             if self.standing.borrow().leading {
@@ -220,13 +225,20 @@ impl Leadership {
                 // retry timeout, and the fence must not wait for it.
                 keeper_stop.cancel();
                 keeper.abort();
-                let Some(why) = why else { return };
-                self.fence(&why).await;
+                let Some(fence) = why else { return };
+                self.fence(&fence.why).await;
+                ask_now = fence.ask_now;
             }
-            // Fenced: try to lead again, every loop wait.
+            // Fenced: try to lead again, every loop wait (at once after the
+            // key moved: etcd answers, and a newer epoch means exit 7 now).
+            let pause = if std::mem::take(&mut ask_now) {
+                std::time::Duration::ZERO
+            } else {
+                timing.loop_wait
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(timing.loop_wait) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
             match self.try_lead().await {
                 Ok(Some(lease)) => {
@@ -251,14 +263,14 @@ impl Leadership {
         }
     }
 
-    /// While leading: publishes every loop wait and watches the clock.
-    /// Returns why it fenced, or None on stop.
+    /// While leading: publishes every loop wait, watches the leader key
+    /// and the clock. Returns why it fenced, or None on stop.
     async fn keep(
         &self,
         mut lease: watch::Receiver<tandem_coord::lease::LeaseState>,
         log_end: &watch::Receiver<LogEnd>,
         stop: &CancellationToken,
-    ) -> Option<String> {
+    ) -> Option<Fence> {
         let timing = self.cfg.timing;
         // Publishing runs beside the clock: a request hanging on a cut
         // network must not delay the fence.
@@ -277,26 +289,47 @@ impl Leadership {
             }
         };
         tokio::pin!(publisher);
+        // The leader key watched: a switchover's take-over (or the lease's
+        // end) fences at once instead of at the next publish or keepalive.
+        // The lease clock below stays the backstop when the watch breaks.
+        let moved = async {
+            loop {
+                match self.cluster.leader_left(lease_id).await {
+                    Ok(why) => return why,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot watch the leader key; retrying");
+                        tokio::time::sleep(tandem_coord::lease::RETRY_AFTER_FAILURE).await;
+                    }
+                }
+            }
+        };
+        tokio::pin!(moved);
         loop {
             let l = *lease.borrow_and_update();
             self.standing
                 .send_modify(|s| s.valid_until = Some(l.valid_until));
             if l.lost {
-                return Some("etcd expired or revoked this primary's lease".into());
+                return Some(Fence::at_once(
+                    "etcd expired or revoked this primary's lease".into(),
+                ));
             }
             if !l.valid(Instant::now()) {
-                return Some(format!(
-                    "could not renew the lease within {} ms of the last renewal etcd answered",
-                    timing.fence_after().as_millis()
-                ));
+                return Some(Fence {
+                    why: format!(
+                        "could not renew the lease within {} ms of the last renewal etcd answered",
+                        timing.fence_after().as_millis()
+                    ),
+                    ask_now: false,
+                });
             }
             tokio::select! {
                 _ = stop.cancelled() => return None,
                 _ = tokio::time::sleep_until(l.valid_until) => {}
                 _ = lease.changed() => {}
                 _ = &mut publisher => {
-                    return Some("the leader key is no longer attached to this primary's lease".into());
+                    return Some(Fence::at_once("the leader key is no longer attached to this primary's lease".into()));
                 }
+                why = &mut moved => return Some(Fence::at_once(why)),
             }
         }
     }
@@ -469,6 +502,20 @@ impl Leadership {
 enum Attempt {
     Refused(Refusal),
     Unreachable(tandem_coord::Error),
+}
+
+/// Why the primary fenced, and whether etcd is worth asking again at once
+/// (it answered: the key moved or the lease ended) rather than after a
+/// loop wait (it did not answer in time).
+struct Fence {
+    why: String,
+    ask_now: bool,
+}
+
+impl Fence {
+    fn at_once(why: String) -> Self {
+        Self { why, ask_now: true }
+    }
 }
 
 impl Standing {

@@ -114,7 +114,7 @@ async fn run(flags: RunArgs) -> Result<()> {
                 ),
             }),
         wait_socket: a.wait_socket,
-        etcd: etcd_config(a.etcd, &a.timing)?,
+        etcd: etcd_config(a.cluster, a.etcd, &a.timing)?,
         env,
     };
     let addr_file = a.bound_addr_file;
@@ -129,10 +129,11 @@ async fn run(flags: RunArgs) -> Result<()> {
 }
 
 fn etcd_config(
+    c: tandem_coord::args::ClusterArgs,
     a: cli::EtcdArgs,
     timing: &tandem_coord::timing::TimingArgs,
 ) -> Result<Option<tandem_primary::leadership::EtcdConfig>> {
-    let Some(list) = a.etcd else {
+    let Some(list) = c.etcd else {
         return Ok(None);
     };
     let timing = timing.timing()?;
@@ -142,11 +143,11 @@ fn etcd_config(
     }
     Ok(Some(tandem_primary::leadership::EtcdConfig {
         endpoints: tandem_coord::parse_endpoints(&list)?,
-        cluster: a
+        cluster: c
             .cluster
             .context("--etcd needs --cluster (or `cluster` in the config file)")?,
         name,
-        advertise: a.advertise_url,
+        advertise: c.advertise_url,
         timing,
         on_fence: a.on_fence,
     }))

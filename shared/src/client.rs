@@ -113,3 +113,43 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// Nothing listens at `url` (`https://HOST:PORT`): every address it
+/// resolves to refuses the connection. A Tandem daemon answers on its
+/// address for as long as it runs, so this says its process is gone
+/// (an old primary exits 7 the moment it sees a newer epoch). False when
+/// it cannot tell (no answer in time, a bad URL, no address).
+pub fn nothing_listens(url: &str, timeout: Duration) -> bool {
+    use std::net::ToSocketAddrs;
+    let Some(host_port) = url
+        .strip_prefix("https://")
+        .map(|r| r.split('/').next().unwrap_or(r))
+    else {
+        return false;
+    };
+    let Ok(addrs) = host_port.to_socket_addrs() else {
+        return false;
+    };
+    let addrs: Vec<_> = addrs.collect();
+    !addrs.is_empty()
+        && addrs.iter().all(|a| {
+            matches!(
+                std::net::TcpStream::connect_timeout(a, timeout),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            )
+        })
+}
+
+#[cfg(test)]
+mod listen_tests {
+    #[test]
+    fn a_closed_port_is_seen_as_gone_and_an_open_one_is_not() {
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", open.local_addr().unwrap());
+        let t = std::time::Duration::from_millis(500);
+        assert!(!super::nothing_listens(&url, t));
+        drop(open);
+        assert!(super::nothing_listens(&url, t));
+        assert!(!super::nothing_listens("http://127.0.0.1:1", t));
+    }
+}

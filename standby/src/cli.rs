@@ -423,6 +423,9 @@ pub struct RunArgs {
     pub rejoin: bool,
     #[command(flatten)]
     #[serde(flatten)]
+    pub cluster: tandem_coord::args::ClusterArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub etcd: EtcdArgs,
     /// The `--etcd-*` timing, beside (not inside) `etcd`: serde cannot
     /// refuse unknown keys through two levels of flatten.
@@ -431,33 +434,18 @@ pub struct RunArgs {
     pub timing: tandem_coord::timing::TimingArgs,
 }
 
-/// Automatic failover (README "Automatic failover with etcd"). Without
-/// --etcd the standby never promotes by itself.
+/// The standby's own etcd flags, beside the shared
+/// [`tandem_coord::args::ClusterArgs`] (`--etcd`, `--cluster`,
+/// `--advertise-url`). Without --etcd the standby never promotes by itself.
 #[derive(Args, Serialize, Deserialize, Default, Clone)]
 #[serde(rename_all = "kebab-case")]
 pub struct EtcdArgs {
-    /// etcd endpoints, comma-separated: publish this standby's durable
-    /// position, follow the primary etcd names, and promote by itself when
-    /// the leader key is gone and it is the most caught-up standby (ties by
-    /// name) within --failover-max-lag-bytes and wins the election. Requires
-    /// --cluster and --promote-listen.
-    #[arg(long, value_name = "URL,URL,...", requires_all = ["cluster", "promote_listen"])]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub etcd: Option<String>,
-    /// The cluster's name in etcd (its keys live under /tandem/NAME/).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<String>,
     /// After promoting, serve as primary on this address (tandem-primary
-    /// run, with this standby's certificates and --name).
+    /// run, with this standby's certificates and --name). Required with
+    /// --etcd.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub promote_listen: Option<std::net::SocketAddr>,
-    /// The URL standbys will reach the promoted primary at
-    /// [default: https://PROMOTE_LISTEN].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub advertise_url: Option<String>,
     /// Most bytes of log behind the primary's last published end of log
     /// that a standby may lack and still promote by itself [default: 16777216].
     #[arg(long)]

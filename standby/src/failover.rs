@@ -145,29 +145,15 @@ impl Coordinator {
         }
     }
 
-    // Long function: one election round in the order the policy decides
-    // (read status, publish, read the cluster, campaign, promote); to be
-    // split into steps.
+    /// One round, in the order the policy decides: read this standby's
+    /// status, publish it, read the cluster, then follow (or answer a
+    /// switchover) while a leader holds the key, or campaign when none does.
     async fn round(&mut self, dir: &StandbyDir, following: &str) -> anyhow::Result<Option<Event>> {
         // The running follower's own status file: what it published after
         // fsync (no lock needed to read it).
         let me: crate::status::StandbyStatus =
             serde_json::from_slice(&std::fs::read(dir.status_path())?)?;
-        let lease = *self.state.borrow();
-        if lease.lost {
-            // A new lease for the member record; the old one is gone for good.
-            let sent = Instant::now();
-            self.stop.cancel();
-            self.lease = self.cluster.grant().await?;
-            self.stop = CancellationToken::new();
-            let (state, _task) = tandem_coord::lease::spawn(
-                self.cluster.clone(),
-                self.lease,
-                sent,
-                self.stop.clone(),
-            );
-            self.state = state;
-        }
+        self.renew_lost_lease().await?;
         let record = MemberRecord {
             name: self.cfg.name.clone(),
             epoch: me.epoch,
@@ -177,63 +163,103 @@ impl Coordinator {
         };
         self.cluster.publish_member(&record, self.lease).await?;
         let snap = self.cluster.snapshot().await?;
-        let mut status = RoundStatus {
+        let status = RoundStatus {
             leader: snap.view.leader.as_ref().map(|l| l.name.clone()),
             leader_address: snap.view.leader.as_ref().and_then(|l| l.address.clone()),
             etcd_epoch: snap.view.epoch.as_ref().map_or(0, |e| e.epoch),
             last_failover: self.cluster.last_failover().await.ok().flatten(),
             ..self.base_status()
         };
-        if let Some(l) = &snap.view.leader {
+        if let Some(l) = snap.view.leader.clone() {
             self.last_leader = Some(l.clone());
-            if me.promotion.is_none()
-                && tandem_coord::resume::taken_over(
-                    &snap.view,
-                    snap.leader_lease,
-                    &self.cfg.name,
-                    me.epoch,
-                    self.lease,
-                )
-            {
-                let from = status.last_failover.clone().filter(|f| {
-                    f.kind == "switchover" && f.name == self.cfg.name && f.epoch == l.epoch
-                });
-                tracing::warn!(
-                    epoch = l.epoch,
-                    "etcd shows this standby's lost take-over succeeded: finishing the switchover"
-                );
-                status.verdict = format!("finishing the switchover to epoch {}", l.epoch);
-                self.write_status(dir, status);
-                return Ok(Some(Event::TakenOver {
-                    epoch: l.epoch,
-                    from_lease: from.as_ref().and_then(|f| f.from_lease),
-                    from_address: from.and_then(|f| f.from_address),
-                }));
-            }
-            status.verdict = "following".into();
-            self.write_status(dir, status);
-            if let (LeaderState::Primary, Some(addr)) = (l.state, &l.address) {
-                if addr != following && l.name != self.cfg.name {
-                    return Ok(Some(Event::Follow(addr.clone())));
-                }
-            }
-            if let Some(r) = snap.switchover.as_ref().filter(|r| {
-                r.to == self.cfg.name
-                    && r.state == tandem_coord::records::SwitchoverState::Requested
-                    && !r.expired(tandem_shared::now_unix_ms())
-            }) {
-                return Ok(Some(Event::Switchover(Box::new(Request {
-                    record: r.clone(),
-                    rev: snap.switchover_rev,
-                    leader: l.clone(),
-                    leader_lease: snap.leader_lease,
-                    epoch_rev: snap.epoch_rev,
-                    my_epoch: me.epoch,
-                    env_id: me.env_id.clone(),
-                }))));
-            }
-            return Ok(None);
+            return Ok(self.with_leader(dir, following, &me, &snap, &l, status));
         }
+        self.campaign(dir, &me, &snap, status).await
+    }
+
+    /// The member record's lease is gone for good: a new one.
+    async fn renew_lost_lease(&mut self) -> anyhow::Result<()> {
+        if !self.state.borrow().lost {
+            return Ok(());
+        }
+        let sent = Instant::now();
+        self.stop.cancel();
+        self.lease = self.cluster.grant().await?;
+        self.stop = CancellationToken::new();
+        let (state, _task) =
+            tandem_coord::lease::spawn(self.cluster.clone(), self.lease, sent, self.stop.clone());
+        self.state = state;
+        Ok(())
+    }
+
+    /// A leader holds the key: finish a take-over that turned out to have
+    /// succeeded, follow a new primary, or answer a switchover asked of
+    /// this standby.
+    fn with_leader(
+        &mut self,
+        dir: &StandbyDir,
+        following: &str,
+        me: &crate::status::StandbyStatus,
+        snap: &tandem_coord::Snapshot,
+        l: &LeaderRecord,
+        mut status: RoundStatus,
+    ) -> Option<Event> {
+        if me.promotion.is_none()
+            && tandem_coord::resume::taken_over(
+                &snap.view,
+                snap.leader_lease,
+                &self.cfg.name,
+                me.epoch,
+                self.lease,
+            )
+        {
+            let from = status.last_failover.clone().filter(|f| {
+                f.kind == "switchover" && f.name == self.cfg.name && f.epoch == l.epoch
+            });
+            tracing::warn!(
+                epoch = l.epoch,
+                "etcd shows this standby's lost take-over succeeded: finishing the switchover"
+            );
+            status.verdict = format!("finishing the switchover to epoch {}", l.epoch);
+            self.write_status(dir, status);
+            return Some(Event::TakenOver {
+                epoch: l.epoch,
+                from_lease: from.as_ref().and_then(|f| f.from_lease),
+                from_address: from.and_then(|f| f.from_address),
+            });
+        }
+        status.verdict = "following".into();
+        self.write_status(dir, status);
+        if let (LeaderState::Primary, Some(addr)) = (l.state, &l.address) {
+            if addr != following && l.name != self.cfg.name {
+                return Some(Event::Follow(addr.clone()));
+            }
+        }
+        let r = snap.switchover.as_ref().filter(|r| {
+            r.to == self.cfg.name
+                && r.state == tandem_coord::records::SwitchoverState::Requested
+                && !r.expired(tandem_shared::now_unix_ms())
+        })?;
+        Some(Event::Switchover(Box::new(Request {
+            record: r.clone(),
+            rev: snap.switchover_rev,
+            leader: l.clone(),
+            leader_lease: snap.leader_lease,
+            epoch_rev: snap.epoch_rev,
+            my_epoch: me.epoch,
+            env_id: me.env_id.clone(),
+        })))
+    }
+
+    /// Nobody holds the leader key: campaign if the policy lets this
+    /// standby, and say whether it won.
+    async fn campaign(
+        &mut self,
+        dir: &StandbyDir,
+        me: &crate::status::StandbyStatus,
+        snap: &tandem_coord::Snapshot,
+        mut status: RoundStatus,
+    ) -> anyhow::Result<Option<Event>> {
         let candidate = Candidate {
             name: self.cfg.name.clone(),
             epoch: me.epoch,

@@ -188,19 +188,7 @@ pub async fn finish(
         stepped_down.clone(),
         watch_stop.clone(),
     ));
-    let opts = PromoteOptions {
-        catch_up_timeout: Duration::from_secs(5),
-        force: true,
-        full_verify: false,
-        elected: true,
-        handover: None,
-    };
-    let pdir = dir.clone();
-    let promoted = tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts))
-        .await
-        .map_err(|e| anyhow!(e))
-        .and_then(|r| r);
-    let report = match promoted {
+    let report = match promote_from_durable(dir).await {
         Ok(r) => r,
         Err(e) => {
             watch_stop.cancel();
@@ -212,6 +200,24 @@ pub async fn finish(
     let _ = watcher.await;
     tracing::warn!(epoch = report.epoch, %reason, "the old primary stepped down; serving");
     Ok(Promoted { report, reason })
+}
+
+/// Promotes from what is durable, as after an election: the old primary
+/// is fenced (or gone), so it is not asked (`PromoteOptions::elected`).
+/// A directory promoted already reports that promotion.
+pub async fn promote_from_durable(dir: &StandbyDir) -> Result<PromoteReport> {
+    let opts = PromoteOptions {
+        catch_up_timeout: Duration::from_secs(5),
+        force: true,
+        full_verify: false,
+        elected: true,
+        handover: None,
+    };
+    let pdir = dir.clone();
+    tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts))
+        .await
+        .map_err(|e| anyhow!(e))
+        .and_then(|r| r)
 }
 
 /// Until the old primary said it stepped down, or `deadline`.
@@ -381,7 +387,9 @@ impl TakeOver {
 }
 
 /// Sets `stepped_down` once the old primary says it no longer acts as
-/// primary (asked only after the leader key moved).
+/// primary, or nothing listens at its address any more (it exited: it
+/// stops the moment it sees the new epoch); asked only after the leader
+/// key moved.
 async fn watch_old_primary(
     old: OldPrimary,
     moved: Arc<Mutex<Option<Instant>>>,
@@ -423,6 +431,20 @@ async fn watch_old_primary(
                     }
                     _ => client = None,
                 }
+            }
+            let url = old.url.clone();
+            let gone = client.is_none()
+                && tokio::task::spawn_blocking(move || {
+                    tandem_shared::client::nothing_listens(&url, Duration::from_millis(500))
+                })
+                .await
+                .unwrap_or(false);
+            if gone {
+                tracing::info!(old = %old.url, "nothing listens at the old primary's address any more: it exited");
+                if let Ok(mut d) = stepped_down.lock() {
+                    *d = true;
+                }
+                return;
             }
         }
         tokio::select! {

@@ -174,7 +174,7 @@ async fn switchover_cmd(a: cli::SwitchoverArgs) -> ExitCode {
             Err(e) => return usage_error(e),
         },
     };
-    let e = from_file.etcd.clone();
+    let e = from_file.cluster.clone();
     let Some(list) = a.etcd.or(e.etcd) else {
         return usage_error("--etcd is required (or `etcd` in --config)");
     };
@@ -374,7 +374,7 @@ async fn run(flags: RunArgs) -> ExitCode {
         }
     };
     telemetry::init(a.log_format.unwrap_or_default());
-    let etcd = a.etcd.clone();
+    let etcd = (a.cluster.clone(), a.etcd.clone());
     let timing = a.timing.clone();
     let cfg = match config(a) {
         Ok(c) => StandbyConfig {
@@ -387,7 +387,7 @@ async fn run(flags: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let failover = match failover_config(&etcd, &timing, &cfg) {
+    let failover = match failover_config(&etcd.0, &etcd.1, &timing, &cfg) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("tandem-standby: error: {e:#}");
@@ -462,11 +462,12 @@ fn config(a: RunArgs) -> Result<StandbyConfig> {
 }
 
 fn failover_config(
+    c: &tandem_coord::args::ClusterArgs,
     a: &cli::EtcdArgs,
     timing: &tandem_coord::timing::TimingArgs,
     cfg: &StandbyConfig,
 ) -> Result<Option<tandem_standby::failover::FailoverConfig>> {
-    let Some(list) = &a.etcd else {
+    let Some(list) = &c.etcd else {
         return Ok(None);
     };
     let timing = timing.timing()?;
@@ -478,7 +479,7 @@ fn failover_config(
     }
     Ok(Some(tandem_standby::failover::FailoverConfig {
         endpoints: tandem_coord::parse_endpoints(list)?,
-        cluster: a.cluster.clone().context("--etcd needs --cluster")?,
+        cluster: c.cluster.clone().context("--etcd needs --cluster")?,
         name: cfg.name.clone(),
         timing,
         max_lag_bytes: a
@@ -486,7 +487,7 @@ fn failover_config(
             .unwrap_or(tandem_standby::failover::DEFAULT_MAX_LAG_BYTES),
         on_promote: a.on_promote.clone(),
         promote_listen: a.promote_listen.context("--etcd needs --promote-listen")?,
-        advertise: a.advertise_url.clone(),
+        advertise: c.advertise_url.clone(),
     }))
 }
 
@@ -704,18 +705,9 @@ async fn promote_elected(
     epoch: u64,
     reason: String,
 ) -> Result<tandem_standby::handover::Promoted, ExitCode> {
-    let opts = PromoteOptions {
-        catch_up_timeout: Duration::from_secs(5),
-        force: true,
-        full_verify: false,
-        elected: true,
-        handover: None,
-    };
-    let pdir = dir.clone();
-    let report = match tokio::task::spawn_blocking(move || promote::promote(&pdir, &opts)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(promotion_failed(coord, dir, "election", &e).await),
-        Err(e) => return Err(promotion_failed(coord, dir, "election", &anyhow::anyhow!(e)).await),
+    let report = match tandem_standby::handover::promote_from_durable(dir).await {
+        Ok(r) => r,
+        Err(e) => return Err(promotion_failed(coord, dir, "election", &e).await),
     };
     if report.epoch != epoch {
         tracing::error!(

@@ -28,7 +28,7 @@ impl World {
     }
 
     /// The leader key now (None: nobody, or etcd did not answer).
-    fn leader(&self) -> Option<LeaderRecord> {
+    pub(super) fn leader(&self) -> Option<LeaderRecord> {
         self.etcd.as_ref()?.view()?.leader
     }
 
@@ -71,7 +71,7 @@ impl World {
     }
 
     /// Every standby's floor raised to what it acknowledged so far.
-    fn record_floors(&mut self) -> Result<()> {
+    pub(super) fn record_floors(&mut self) -> Result<()> {
         self.lineage.poll()?;
         for i in 0..self.standbys.len() {
             if let Ok(st) = standby_status(&self.standbys[i].dir) {
@@ -191,7 +191,7 @@ impl World {
     }
 
     /// After a fault that must not cause a failover: the same primary leads.
-    fn expect_same_primary(&mut self, what: &str) -> Result<()> {
+    pub(super) fn expect_same_primary(&mut self, what: &str) -> Result<()> {
         let Some(l) = self.wait_serving(LONG)? else {
             self.violation(format!(
                 "liveness: no primary served for {LONG:?} after {what}"
@@ -332,7 +332,7 @@ impl World {
 
     /// The fenced old primary, its links to etcd healed, must see the new
     /// epoch and exit 7 by itself.
-    fn await_old_primary_exit(&mut self) -> Result<()> {
+    pub(super) fn await_old_primary_exit(&mut self) -> Result<()> {
         let Some(mut p) = self.primary.take() else {
             return Ok(());
         };
@@ -374,7 +374,7 @@ impl World {
     /// stopped): a standby must promote itself; then everything the round
     /// promises about it is checked and the world re-formed from it.
     /// `killed`: when the primary's machine died (for the failover time).
-    fn take_over(&mut self, killed: Option<Instant>) -> Result<()> {
+    pub(super) fn take_over(&mut self, killed: Option<Instant>) -> Result<()> {
         let limit = self.ttl() * 2 + Duration::from_secs(60);
         let Some(leader) = self.wait_standby_leads(limit)? else {
             let states: Vec<String> = (0..self.standbys.len())
@@ -423,6 +423,12 @@ impl World {
             ));
         }
         self.count("waited commits checked at an automatic promotion");
+        if let Some(all) = self.must_hold_all.filter(|all| m0 < *all) {
+            self.violation(format!(
+                "a switchover lost committed transactions: the application had committed 1..{all} and stopped, \
+                 and {name} took over holding 1..{m0}"
+            ));
+        }
         if m0 < waited {
             self.violation(format!(
                 "a waited commit was lost: the commit wait of transaction {waited} answered durable, and {name} \

@@ -8,10 +8,13 @@
 //! - **never two leaders**: every process that can be a primary (the
 //!   primary, and each standby's promote address) is asked for its status;
 //!   one that says it leads, unfenced, with lease time left, accepts commit
-//!   waits until at least the moment it was asked plus that time. Another
-//!   process seen acting entirely inside that span is a violation; so is a
-//!   primary seen acting after etcd moved to a newer epoch, and one epoch
-//!   whose leader key names two members.
+//!   waits until at least the moment it was asked plus that time, or until
+//!   it answers that it no longer acts. Another process seen acting
+//!   entirely inside that span is a violation; so is a primary seen acting
+//!   after etcd moved to a newer epoch (after a planned switchover, which
+//!   moves the epoch under a live lease: later than one loop wait and one
+//!   retry timeout after), and one epoch whose leader key names two
+//!   members.
 //! - **no waited commit lost** is checked at each automatic promotion
 //!   (`auto.rs`): the promoted environment holds every transaction whose
 //!   commit wait answered durable.
@@ -63,6 +66,8 @@ pub struct EtcdWorld {
     epochs: BTreeMap<u64, String>,
     /// The newest epoch etcd held, and when it was read.
     etcd_epoch: Option<(u64, Instant)>,
+    /// That epoch, when a planned switchover took it.
+    switchover_epoch: Option<u64>,
     pub last_sample: Instant,
     /// Where standby i serves once it promoted itself.
     pub promote_listen: Vec<SocketAddr>,
@@ -115,6 +120,7 @@ impl EtcdWorld {
             acting: BTreeMap::new(),
             epochs: BTreeMap::new(),
             etcd_epoch: None,
+            switchover_epoch: None,
             last_sample: Instant::now(),
             promote_listen,
             failover_times: Vec::new(),
@@ -144,6 +150,7 @@ impl EtcdWorld {
         self.acting.clear();
         self.epochs.clear();
         self.etcd_epoch = None;
+        self.switchover_epoch = None;
         self.clients.clear();
         Ok(())
     }
@@ -251,14 +258,30 @@ impl EtcdWorld {
                     .is_none_or(|(had, _)| e.epoch > *had)
                 {
                     self.etcd_epoch = Some((e.epoch, read));
+                    self.switchover_epoch = self
+                        .last_failover()
+                        .filter(|f| f.kind == "switchover" && f.epoch == e.epoch)
+                        .map(|f| f.epoch);
                 }
             }
         }
         for url in urls {
             let (send, recv, st) = self.ask(url, tls);
-            let Some(st) = st else { continue };
+            let Some(st) = st else {
+                // Nothing listens there any more: the process is gone
+                // (an old primary exits 7 the moment it sees the new
+                // epoch), and a dead process answers no commit wait.
+                if tandem_shared::client::nothing_listens(url, Duration::from_millis(200)) {
+                    self.end_span(url, Instant::now());
+                }
+                continue;
+            };
             let Some(c) = &st.coordination else { continue };
             if !(c.leading && !c.fenced && c.lease_remaining_ms > 0) {
+                // It said it no longer acts (it checks before answering
+                // any commit wait): its span ends by this answer at the
+                // latest, as a switchover's target waits for exactly this.
+                self.end_span(url, recv);
                 continue;
             }
             let me = Acting {
@@ -283,7 +306,16 @@ impl EtcdWorld {
                 }
             }
             if let Some((e, read)) = self.etcd_epoch {
-                if me.epoch < e && send >= read {
+                // A switchover moves the epoch while the old primary's
+                // lease still runs; from that instant its commit waits fail
+                // (its floor writes compare its lease) and it fences once
+                // it sees the key move (watch, or next publish at worst).
+                let grace = if self.switchover_epoch == Some(e) {
+                    self.timing.loop_wait + self.timing.retry_timeout
+                } else {
+                    Duration::ZERO
+                };
+                if me.epoch < e && send >= read + grace {
                     violations.push(format!(
                         "{} (epoch {}, {url}) acts as primary after etcd moved to epoch {e}",
                         me.name, me.epoch
@@ -293,6 +325,13 @@ impl EtcdWorld {
             self.acting.insert(url.clone(), me);
         }
         Look { violations, leader }
+    }
+
+    /// The process at `url` no longer acts after `at`.
+    fn end_span(&mut self, url: &str, at: Instant) {
+        if let Some(a) = self.acting.get_mut(url) {
+            a.remaining = a.remaining.min(at.saturating_duration_since(a.send));
+        }
     }
 
     /// Cuts the primary off from every etcd member (or heals it).

@@ -100,6 +100,7 @@ impl World {
             Fault::EtcdIsolate => self.etcd_isolate(),
             Fault::EtcdBlip => self.etcd_blip(),
             Fault::AutoFailover => self.auto_failover(),
+            Fault::EtcdSwitchover => self.etcd_switchover(),
         }
     }
 

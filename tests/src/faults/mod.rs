@@ -30,6 +30,7 @@ mod etcd_world;
 mod history;
 mod inject;
 mod promote;
+mod switchover;
 mod tmpfs;
 mod world;
 
@@ -93,6 +94,11 @@ pub enum Fault {
     /// must promote itself, the application continues on it, the other
     /// standby follows it, the old primary restarted exits 7.
     AutoFailover,
+    /// `--etcd` only: `tandem-standby switchover` to one of the standbys
+    /// mid-load (every other time first while the application runs: it
+    /// must be refused); the same promises as an automatic failover, and
+    /// nothing committed may be lost.
+    EtcdSwitchover,
 }
 
 impl Fault {
@@ -118,7 +124,7 @@ impl Fault {
     /// promote themselves. Left out: the operator's `promote` (an operator
     /// does not promote behind etcd's back), a rolled-back primary (its
     /// remedy is such a promote) and the full disk (needs root).
-    pub const ETCD_ALL: [Fault; 14] = [
+    pub const ETCD_ALL: [Fault; 15] = [
         Fault::KillStandby,
         Fault::KillPrimary,
         Fault::KillApp,
@@ -133,6 +139,7 @@ impl Fault {
         Fault::EtcdIsolate,
         Fault::EtcdBlip,
         Fault::AutoFailover,
+        Fault::EtcdSwitchover,
     ];
 
     /// Needs the etcd world (`--etcd`).
@@ -144,6 +151,7 @@ impl Fault {
                 | Fault::EtcdIsolate
                 | Fault::EtcdBlip
                 | Fault::AutoFailover
+                | Fault::EtcdSwitchover
         )
     }
 
@@ -168,6 +176,7 @@ impl Fault {
             Fault::EtcdIsolate => "etcd-isolate",
             Fault::EtcdBlip => "etcd-blip",
             Fault::AutoFailover => "auto-failover",
+            Fault::EtcdSwitchover => "etcd-switchover",
         }
     }
 
@@ -285,6 +294,7 @@ LIST is comma-separated fault kinds, or all (default):
 --etcd-default-timing: ttl 10 s); all then means
   kill-standby kill-primary kill-app link-cut link-stall link-delay link-lossy
   flip-db flip-log etcd-member etcd-quorum etcd-isolate etcd-blip auto-failover
+  etcd-switchover
 Exit status: 0 no violations, 1 violations or a driver error, 2 bad usage.";
 
 impl Config {

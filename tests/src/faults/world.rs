@@ -98,6 +98,12 @@ pub struct World {
     /// etcd-isolate rounds so far (every other one lets the standbys fall
     /// behind first).
     pub isolations: u64,
+    /// etcd-switchover rounds so far (every other one is asked first while
+    /// the application runs).
+    pub switchovers: u64,
+    /// During a switchover's checks: everything the stopped application
+    /// committed, which the new primary must hold.
+    pub must_hold_all: Option<u64>,
     // Dropped last, in this order: processes are gone before the tmpfs is
     // unmounted and the work directory removed.
     tmpfs: Option<Tmpfs>,
@@ -194,6 +200,8 @@ impl World {
             waited: 0,
             waited_file: None,
             isolations: 0,
+            switchovers: 0,
+            must_hold_all: None,
             tmpfs,
             scratch,
         };
