@@ -397,12 +397,7 @@ fn damaged_backups_are_named_by_verify_and_refused_by_restore() -> Result<()> {
         let copy_dir = s.path(&format!("damaged-{i}"));
         std::fs::create_dir_all(&copy_dir)?;
         let copy = copy_dir.join(&name);
-        ensure!(Command::new("cp")
-            .arg("-a")
-            .arg(&backup)
-            .arg(&copy)
-            .status()?
-            .success());
+        copy_backup(&backup, &copy)?;
         damage(&copy)?;
         let v = verify(&copy)?;
         assert_eq!(
@@ -572,12 +567,7 @@ fn an_extended_backup_verifies_only_what_the_log_after_its_proof_touched() -> Re
     for db in ["extra.db", "data.db"] {
         let copy = s.path(&format!("damaged-{db}")).join(&name);
         std::fs::create_dir_all(copy.parent().context("parent")?)?;
-        ensure!(Command::new("cp")
-            .arg("-a")
-            .arg(&backup)
-            .arg(&copy)
-            .status()?
-            .success());
+        copy_backup(&backup, &copy)?;
         let path = copy.join(db);
         let mut bytes = std::fs::read(&path)?;
         let at = bytes.len() - 100;
@@ -599,5 +589,17 @@ fn an_extended_backup_verifies_only_what_the_log_after_its_proof_touched() -> Re
         assert!(!to.exists());
     }
     assert!(leftovers(s.root())?.is_empty());
+    Ok(())
+}
+
+/// `cp -a` of a whole backup directory to `to` (which must not exist yet),
+/// hidden files included: the damage cases work on such a copy.
+fn copy_backup(backup: &Path, to: &Path) -> Result<()> {
+    ensure!(Command::new("cp")
+        .arg("-a")
+        .arg(backup)
+        .arg(to)
+        .status()?
+        .success());
     Ok(())
 }

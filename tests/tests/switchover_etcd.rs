@@ -53,6 +53,26 @@ fn committed(t: &Trio, env: &std::path::Path, copy: &str) -> Result<u64> {
     bdb::check(&t.s.path(copy))
 }
 
+/// The end of every switchover here: the other standby follows the new
+/// primary at epoch 2, the sampler never saw two primaries acting, and the
+/// new primary (directory `new`) holds exactly the old primary's commits.
+fn follows_and_holds_the_prefix(
+    t: &mut Trio,
+    etcd: &EtcdCluster,
+    follower: usize,
+    new: &str,
+    sampler: tandem_tests::etcd::LeaderSampler,
+) -> Result<()> {
+    let mut f = t.standbys.remove(follower);
+    t.wait_follows(follower, &mut f, etcd, 2)?;
+    sampler.finish()?;
+    assert_eq!(
+        committed(t, &t.s.path(new), "new")?,
+        committed(t, &t.s.path("env"), "old")?
+    );
+    Ok(())
+}
+
 #[test]
 fn etcd_lost_between_the_claim_and_the_key_move_changes_nothing() -> Result<()> {
     let mut etcd = etcd()?;
@@ -101,15 +121,7 @@ fn etcd_lost_between_the_claim_and_the_key_move_changes_nothing() -> Result<()> 
     assert!(out.contains("switched over: s2 (epoch 2)"), "{out}");
     let status = t.primary.proc.wait_exit(LONG)?;
     assert_eq!(status.code(), Some(7), "{}", t.primary.proc.log_text());
-    let mut s1 = t.standbys.remove(0);
-    t.wait_follows(0, &mut s1, &etcd, 2)?;
-    sampler.finish()?;
-    let env = t.s.path("env");
-    assert_eq!(
-        committed(&t, &t.s.path("s2"), "new")?,
-        committed(&t, &env, "old")?
-    );
-    Ok(())
+    follows_and_holds_the_prefix(&mut t, &etcd, 0, "s2", sampler)
 }
 
 #[test]
@@ -150,15 +162,7 @@ fn a_take_over_whose_answer_was_lost_is_finished_when_etcd_returns() -> Result<(
         "{}",
         t.standbys[0].log_text()
     );
-    let mut s2 = t.standbys.remove(1);
-    t.wait_follows(1, &mut s2, &etcd, 2)?;
-    sampler.finish()?;
-    let env = t.s.path("env");
-    assert_eq!(
-        committed(&t, &t.s.path("s1"), "new")?,
-        committed(&t, &env, "old")?
-    );
-    Ok(())
+    follows_and_holds_the_prefix(&mut t, &etcd, 1, "s1", sampler)
 }
 
 #[test]
@@ -191,10 +195,5 @@ fn a_target_killed_after_it_promoted_finishes_on_restart_under_its_own_name_only
     assert_eq!(code, Some(0), "{out}\n{}", again.log_text());
     assert!(out.contains("switched over: s1 (epoch 2)"), "{out}");
     assert!(again.is_running(), "{}", again.log_text());
-    let mut s2 = t.standbys.remove(1);
-    t.wait_follows(1, &mut s2, &etcd, 2)?;
-    sampler.finish()?;
-    let env = t.s.path("env");
-    assert_eq!(committed(&t, &dir, "new")?, committed(&t, &env, "old")?);
-    Ok(())
+    follows_and_holds_the_prefix(&mut t, &etcd, 1, "s1", sampler)
 }

@@ -130,20 +130,27 @@ pub(crate) fn keygen(path: &Path) -> Command {
     c
 }
 
+/// One loopback TCP run: wall time, and each thread's CPU seconds.
+pub(crate) struct LoopbackRun {
+    pub took: Duration,
+    pub send_cpu: f64,
+    pub recv_cpu: f64,
+}
+
 /// Sends `bytes` over one loopback TCP connection, 1 MiB writes, from one
 /// thread to another that reads and discards.
-pub(crate) fn tcp_loopback(bytes: u64) -> Result<Duration> {
+pub(crate) fn tcp_loopback(bytes: u64) -> Result<LoopbackRun> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let receiver = std::thread::spawn(move || -> Result<u64> {
+    let receiver = std::thread::spawn(move || -> Result<(u64, f64)> {
         let (mut s, _) = listener.accept()?;
         s.set_read_timeout(Some(Duration::from_secs(60)))?;
         let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0u64;
+        let (mut got, started) = (0u64, floor::thread_cpu_secs());
         loop {
             let n = s.read(&mut buf)?;
             if n == 0 {
-                return Ok(got);
+                return Ok((got, floor::thread_cpu_secs() - started));
             }
             got += n as u64;
         }
@@ -152,6 +159,7 @@ pub(crate) fn tcp_loopback(bytes: u64) -> Result<Duration> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     let buf = vec![0x5au8; 1 << 20];
+    let cpu_started = floor::thread_cpu_secs();
     let mut left = bytes;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
@@ -159,14 +167,19 @@ pub(crate) fn tcp_loopback(bytes: u64) -> Result<Duration> {
         left -= n as u64;
     }
     drop(s);
-    let got = receiver
+    let send_cpu = floor::thread_cpu_secs() - cpu_started;
+    let (got, recv_cpu) = receiver
         .join()
         .map_err(|_| anyhow!("receiver panicked"))??;
     let took = started.elapsed();
     if got != bytes {
         bail!("loopback receiver got {got} of {bytes} bytes");
     }
-    Ok(took)
+    Ok(LoopbackRun {
+        took,
+        send_cpu,
+        recv_cpu,
+    })
 }
 
 pub(crate) fn blake3_one_core(bytes: u64) -> Duration {
@@ -303,7 +316,7 @@ impl Bench {
                 sync_all();
                 started.elapsed()
             }
-            "tcp-loopback" => tcp_loopback(big.bytes)?,
+            "tcp-loopback" => tcp_loopback(big.bytes)?.took,
             "disk-write" => {
                 std::fs::create_dir_all(dest)?;
                 let mut c = Command::new("dd");

@@ -121,41 +121,9 @@ fn aead_per_gib(bytes: u64, alg: &'static aead::Algorithm, open: bool) -> Result
 
 /// Loopback TCP: (sender's, receiver's) CPU seconds per GiB.
 fn tcp_per_gib(bytes: u64) -> Result<(f64, f64)> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let receiver = std::thread::spawn(move || -> Result<(u64, f64)> {
-        let (mut s, _) = listener.accept()?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let (mut got, started) = (0u64, thread_cpu_secs());
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok((got, thread_cpu_secs() - started));
-            }
-            got += n as u64;
-        }
-    });
-    let mut s = TcpStream::connect(addr)?;
-    s.set_nodelay(true)?;
-    let buf = pseudo_random(1 << 20);
-    let started = thread_cpu_secs();
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    drop(s);
-    let send = thread_cpu_secs() - started;
-    let (got, recv) = receiver
-        .join()
-        .map_err(|_| anyhow!("receiver panicked"))??;
-    if got != bytes {
-        bail!("loopback receiver got {got} of {bytes} bytes");
-    }
+    let run = super::copy::tcp_loopback(bytes)?;
     let gib = bytes as f64 / GIB;
-    Ok((send / gib, recv / gib))
+    Ok((run.send_cpu / gib, run.recv_cpu / gib))
 }
 
 /// Every step of [`FLOOR_STEPS`] once, over `bytes` bytes (the warm read
