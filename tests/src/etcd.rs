@@ -6,7 +6,7 @@
 //! Elections inside etcd are made fast (heartbeat 50 ms, election timeout
 //! 500 ms) so a killed member's leadership moves in well under a second.
 
-use crate::harness::{free_port, wait_for, Proc};
+use crate::harness::{wait_for, Proc};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,14 +43,33 @@ pub struct EtcdCluster {
     initial: String,
 }
 
-/// A free port that is not one of etcd's defaults.
+/// A port for an etcd member, picked below the kernel's ephemeral range.
+/// A port from `bind(:0)` is ephemeral: between our pick and etcd's bind,
+/// an outgoing connection (etcdctl's, a member's to its peers, another
+/// test's) may take it, and the member exits "address already in use".
+/// Never etcd's defaults 2379/2380, never one this process handed out.
 fn etcd_port() -> Result<u16> {
-    loop {
-        let p = free_port()?;
-        if p != 2379 && p != 2380 {
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(10_001);
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..10_000 {
+        let p = rand::random_range(10_000..low);
+        if p == 2379 || p == 2380 || handed_out.contains(&p) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            handed_out.insert(p);
             return Ok(p);
         }
     }
+    bail!("no free port below {low} for an etcd member")
 }
 
 /// `etcd` is Debian's etcd-server (scripts/setup installs it).
@@ -62,11 +81,47 @@ pub fn etcd_available() -> bool {
 }
 
 impl EtcdCluster {
-    /// Starts three members and waits until the cluster answers.
+    /// Starts three members and waits until the cluster answers. A member
+    /// that exits during start (a port taken after all) costs one more try
+    /// on fresh ports; the error names each member's log.
     pub fn start() -> Result<Self> {
         if !etcd_available() {
             bail!("etcd is not installed: run scripts/setup (Debian's etcd-server)");
         }
+        let mut last = None;
+        for _ in 0..3 {
+            let mut c = Self::spawn_all()?;
+            let mut exited = 0;
+            let healthy = wait_for("etcd to be healthy", Duration::from_secs(30), || {
+                exited = c
+                    .members
+                    .iter_mut()
+                    .map(|m| m.proc.as_mut().is_some_and(|p| !p.is_running()))
+                    .filter(|&gone| gone)
+                    .count();
+                Ok(exited > 0 || c.etcdctl(&["endpoint", "health"])?.status.success())
+            });
+            if healthy.is_ok() && exited == 0 {
+                return Ok(c);
+            }
+            let logs: String = (0..MEMBERS)
+                .map(|i| format!("\n--- {} ---\n{}", c.members[i].name, c.log_of(i)))
+                .collect();
+            let err = healthy
+                .err()
+                .unwrap_or_else(|| anyhow::anyhow!("etcd did not start"))
+                .context(format!(
+                    "{exited} member(s) exited; the members' logs:{logs}"
+                ));
+            if exited == 0 {
+                return Err(err);
+            }
+            last = Some(err);
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
+    }
+
+    fn spawn_all() -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("tandem-etcd-").tempdir()?;
         let mut members = Vec::new();
         for i in 0..MEMBERS {
@@ -90,7 +145,6 @@ impl EtcdCluster {
         for i in 0..MEMBERS {
             c.spawn(i)?;
         }
-        c.wait_healthy(Duration::from_secs(30))?;
         Ok(c)
     }
 
