@@ -6,7 +6,7 @@
 //! Elections inside etcd are made fast (heartbeat 50 ms, election timeout
 //! 500 ms) so a killed member's leadership moves in well under a second.
 
-use crate::harness::{wait_for, Proc};
+use crate::harness::{free_port, wait_for, Proc};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,33 +43,14 @@ pub struct EtcdCluster {
     initial: String,
 }
 
-/// A port for an etcd member, picked below the kernel's ephemeral range.
-/// A port from `bind(:0)` is ephemeral: between our pick and etcd's bind,
-/// an outgoing connection (etcdctl's, a member's to its peers, another
-/// test's) may take it, and the member exits "address already in use".
-/// Never etcd's defaults 2379/2380, never one this process handed out.
+/// A [`free_port`] that is not one of etcd's defaults 2379/2380.
 fn etcd_port() -> Result<u16> {
-    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-        std::sync::Mutex::new(std::collections::BTreeSet::new());
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768)
-        .max(10_001);
-    let mut handed_out = HANDED_OUT
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for _ in 0..10_000 {
-        let p = rand::random_range(10_000..low);
-        if p == 2379 || p == 2380 || handed_out.contains(&p) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            handed_out.insert(p);
+    loop {
+        let p = free_port()?;
+        if p != 2379 && p != 2380 {
             return Ok(p);
         }
     }
-    bail!("no free port below {low} for an etcd member")
 }
 
 /// `etcd` is Debian's etcd-server (scripts/setup installs it).

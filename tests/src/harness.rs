@@ -471,11 +471,30 @@ pub fn pair(initial: &bdb::WorkloadOptions) -> Result<Pair> {
 // ------------------------------------------- shared with the benchmark driver
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound, then
-/// released: pass it to a process that binds it at once).
+/// released: pass it to a process that binds it at once). It is picked
+/// below the kernel's ephemeral range: a port from `bind(:0)` is
+/// ephemeral, and between the pick and the child's bind an outgoing
+/// connection (etcdctl's, an etcd member's to its peers, another test's)
+/// may take it. Never one this process handed out before.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(10_001);
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..10_000 {
+        let p = rand::random_range(10_000..low);
+        if !handed_out.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            handed_out.insert(p);
+            return Ok(p);
+        }
+    }
+    anyhow::bail!("no free port on 127.0.0.1 between 10000 and {low}")
 }
 
 /// `127.0.0.1:PORT` with a [`free_port`].
