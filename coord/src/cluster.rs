@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub epoch_rev: i64,
     /// Lease the leader key is attached to (0: absent).
     pub leader_lease: i64,
+    /// Mod revision of the leader key (0: absent).
+    pub leader_rev: i64,
     /// The cluster's revision when read.
     pub revision: i64,
     /// A planned switchover under way, and its key's mod revision.
@@ -102,6 +104,7 @@ impl Cluster {
             if key == k.leader() {
                 s.view.leader = Some(decode(&key, value)?);
                 s.leader_lease = item.lease();
+                s.leader_rev = item.mod_revision();
             } else if key == k.epoch() {
                 s.view.epoch = Some(decode(&key, value)?);
                 s.epoch_rev = item.mod_revision();

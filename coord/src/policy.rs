@@ -14,7 +14,16 @@
 //!    durable is missing from it);
 //! 5. the primary's last published end of log is known for that epoch and
 //!    the candidate's lag behind it is within the maximum;
-//! 6. no other publishing standby of the same epoch is further ahead, or as
+//! 6. the positions compared are final: its own and every recoverable
+//!    peer's of the same epoch were read after etcd showed the leader key
+//!    gone (a record's `leaderless_since` later than the last leader key
+//!    the candidate saw). A position read before may still grow: the old
+//!    primary ships until it fences, just before its lease expires, and a
+//!    peer's record lags its durable end by up to a loop wait. Without
+//!    this a peer further ahead could publish a stale, shorter position
+//!    and lose the election to a standby behind it (fault campaign,
+//!    2026-12-07: 18,612 bytes of log set aside as diverged);
+//! 7. no other publishing standby of the same epoch is further ahead, or as
 //!    far and with a smaller name.
 //!
 //! Campaigning is not winning: the election transaction (compare the
@@ -42,6 +51,12 @@ pub struct Candidate {
     pub durable: LogPosition,
     pub recoverable: bool,
     pub max_lag_bytes: u64,
+    /// The revision at which this standby first found the leader key gone,
+    /// in a round before the one that read `durable` (None: it has not, or
+    /// a leader was seen since).
+    pub leaderless_since: Option<i64>,
+    /// The mod revision of the last leader key this standby saw (0: none).
+    pub last_leader_rev: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -80,6 +95,12 @@ pub enum WaitReason {
         peer: String,
         durable: LogPosition,
     },
+    /// This standby's position was read before it saw the leader key gone.
+    Settling,
+    /// A peer's published position predates the vacancy.
+    PeerNotSettled {
+        peer: String,
+    },
 }
 
 impl std::fmt::Display for WaitReason {
@@ -104,6 +125,14 @@ impl std::fmt::Display for WaitReason {
             Self::BehindPeer { peer, durable } => {
                 write!(f, "standby {peer} is further ahead or first by name (durable {durable})")
             }
+            Self::Settling => write!(
+                f,
+                "the leader key just went: reading this standby's final position first"
+            ),
+            Self::PeerNotSettled { peer } => write!(
+                f,
+                "standby {peer} has not published its position since the leader key went (it may be further ahead)"
+            ),
         }
     }
 }
@@ -150,15 +179,24 @@ pub fn decide(view: &ClusterView, me: &Candidate) -> Verdict {
             max_bytes: me.max_lag_bytes,
         });
     }
+    let settled = |since: Option<i64>| since.is_some_and(|r| r > me.last_leader_rev);
+    if !settled(me.leaderless_since) {
+        return wait(Settling);
+    }
+    let peers = || {
+        view.members
+            .iter()
+            .filter(|m| m.name != me.name && m.epoch == me.epoch && m.recoverable)
+    };
+    if let Some(peer) = peers().find(|m| !settled(m.leaderless_since)) {
+        return wait(PeerNotSettled {
+            peer: peer.name.clone(),
+        });
+    }
     // Ahead = further durable end, then the smaller name.
     let rank = |durable: LogPosition, name: &str| (durable, std::cmp::Reverse(name.to_owned()));
     let mine = rank(me.durable, &me.name);
-    if let Some(peer) = view
-        .members
-        .iter()
-        .filter(|m| m.name != me.name && m.epoch == me.epoch && m.recoverable)
-        .find(|m| rank(m.durable, &m.name) > mine)
-    {
+    if let Some(peer) = peers().find(|m| rank(m.durable, &m.name) > mine) {
         return wait(BehindPeer {
             peer: peer.name.clone(),
             durable: peer.durable,
@@ -196,6 +234,8 @@ mod retake_tests {
             durable: LogPosition::new(3, 1000),
             recoverable: true,
             max_lag_bytes: 0,
+            leaderless_since: Some(1),
+            last_leader_rev: 0,
         };
         assert_eq!(
             decide(&v, &me("a")),
@@ -238,8 +278,13 @@ pub(crate) mod tests {
             durable,
             recoverable,
             unix_ms: 0,
+            leaderless_since: Some(SETTLED),
         }
     }
+
+    /// A vacancy seen after the last leader key of these tests ([`LAST_LEADER`]).
+    pub(crate) const SETTLED: i64 = 20;
+    pub(crate) const LAST_LEADER: i64 = 10;
 
     fn view() -> ClusterView {
         ClusterView {
@@ -267,6 +312,8 @@ pub(crate) mod tests {
             durable,
             recoverable: true,
             max_lag_bytes: 500,
+            leaderless_since: Some(SETTLED),
+            last_leader_rev: LAST_LEADER,
         }
     }
 
@@ -450,6 +497,64 @@ pub(crate) mod tests {
         v.members = vec![member("a", 2, p(3, 999), true)];
         assert!(matches!(
             decide(&v, &me("a", p(3, 900))),
+            Verdict::Campaign { .. }
+        ));
+    }
+
+    #[test]
+    fn a_position_read_before_the_leader_key_went_waits_a_round() {
+        for since in [None, Some(LAST_LEADER - 1), Some(LAST_LEADER)] {
+            let c = Candidate {
+                leaderless_since: since,
+                ..me("a", p(3, 1000))
+            };
+            assert_eq!(
+                reason(decide(&view(), &c)),
+                WaitReason::Settling,
+                "{since:?}"
+            );
+        }
+    }
+
+    /// The fault campaign's case: the peer further ahead last published
+    /// while the old primary still shipped, so its record shows less than
+    /// it holds. It must not lose to a standby behind it.
+    #[test]
+    fn a_peer_whose_record_predates_the_vacancy_blocks_until_it_publishes_again() {
+        let mut v = view();
+        for stale in [None, Some(LAST_LEADER - 5)] {
+            v.members = vec![MemberRecord {
+                leaderless_since: stale,
+                ..member("b", 2, p(3, 900), true)
+            }];
+            assert_eq!(
+                reason(decide(&v, &me("a", p(3, 950)))),
+                WaitReason::PeerNotSettled { peer: "b".into() }
+            );
+        }
+        // b publishes its final position: ahead, so it goes and a waits.
+        v.members = vec![member("b", 2, p(3, 990), true)];
+        assert!(matches!(
+            reason(decide(&v, &me("a", p(3, 950)))),
+            WaitReason::BehindPeer { .. }
+        ));
+        assert!(matches!(
+            decide(
+                &v,
+                &Candidate {
+                    leaderless_since: Some(SETTLED),
+                    ..me("b", p(3, 990))
+                }
+            ),
+            Verdict::Campaign { .. }
+        ));
+        // A peer that could not win anyway does not need to settle.
+        v.members = vec![MemberRecord {
+            leaderless_since: None,
+            ..member("b", 2, p(3, 990), false)
+        }];
+        assert!(matches!(
+            decide(&v, &me("a", p(3, 950))),
             Verdict::Campaign { .. }
         ));
     }

@@ -140,6 +140,13 @@ pub struct MemberRecord {
     /// Whether it holds a recoverable base (one that is not may not win).
     pub recoverable: bool,
     pub unix_ms: u64,
+    /// The cluster revision at which this standby read etcd and found no
+    /// leader key, when it has seen none since: `durable` was read after
+    /// that, so it is final for the vacancy (the old primary fenced before
+    /// its lease expired and ships nothing more). Absent while a leader is
+    /// seen, and in records of standbys older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaderless_since: Option<i64>,
 }
 
 /// The value of `failover`.

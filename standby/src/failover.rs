@@ -86,6 +86,10 @@ pub struct Coordinator {
     stop: CancellationToken,
     /// Why the leader key was last seen gone (for the failover record).
     last_leader: Option<LeaderRecord>,
+    /// The leader key's mod revision when last seen, and the revision at
+    /// which it was first seen gone since (the policy's "settled" rule).
+    last_leader_rev: i64,
+    leaderless_since: Option<i64>,
     /// A failed promotion an earlier run recorded: shown until an operator
     /// removes `.tandem/etcd.json`.
     promotion_failed: Option<String>,
@@ -105,6 +109,8 @@ impl Coordinator {
             state,
             stop,
             last_leader: None,
+            last_leader_rev: 0,
+            leaderless_since: None,
             promotion_failed: read_status(dir).and_then(|s| s.promotion_failed),
         })
     }
@@ -116,8 +122,12 @@ impl Coordinator {
     /// Rounds every loop wait until there is something to do.
     pub async fn next_event(&mut self, dir: &StandbyDir, following: &str) -> Event {
         loop {
+            let vacant_before = self.leaderless_since.is_some();
             match self.round(dir, following).await {
                 Ok(Some(e)) => return e,
+                // The leader key just went: publish the final position at
+                // once, the other standbys' elections wait for it.
+                Ok(None) if !vacant_before && self.leaderless_since.is_some() => continue,
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "etcd round failed");
@@ -160,9 +170,19 @@ impl Coordinator {
             durable: me.durable_lsn,
             recoverable: me.recoverable,
             unix_ms: tandem_shared::now_unix_ms(),
+            leaderless_since: self.leaderless_since,
         };
         self.cluster.publish_member(&record, self.lease).await?;
         let snap = self.cluster.snapshot().await?;
+        // `me` was read after the previous round's snapshot: its position
+        // is final for a vacancy that snapshot showed.
+        let settled_since = self.leaderless_since;
+        if snap.view.leader.is_some() {
+            self.leaderless_since = None;
+            self.last_leader_rev = snap.leader_rev;
+        } else {
+            self.leaderless_since.get_or_insert(snap.revision);
+        }
         let status = RoundStatus {
             leader: snap.view.leader.as_ref().map(|l| l.name.clone()),
             leader_address: snap.view.leader.as_ref().and_then(|l| l.address.clone()),
@@ -174,7 +194,7 @@ impl Coordinator {
             self.last_leader = Some(l.clone());
             return Ok(self.with_leader(dir, following, &me, &snap, &l, status));
         }
-        self.campaign(dir, &me, &snap, status).await
+        self.campaign(dir, &me, settled_since, &snap, status).await
     }
 
     /// The member record's lease is gone for good: a new one.
@@ -257,6 +277,7 @@ impl Coordinator {
         &mut self,
         dir: &StandbyDir,
         me: &crate::status::StandbyStatus,
+        leaderless_since: Option<i64>,
         snap: &tandem_coord::Snapshot,
         mut status: RoundStatus,
     ) -> anyhow::Result<Option<Event>> {
@@ -266,6 +287,8 @@ impl Coordinator {
             durable: me.durable_lsn,
             recoverable: me.recoverable && me.promotion.is_none(),
             max_lag_bytes: self.cfg.max_lag_bytes,
+            leaderless_since,
+            last_leader_rev: self.last_leader_rev,
         };
         let verdict = decide(&snap.view, &candidate);
         status.verdict = match &verdict {

@@ -152,6 +152,9 @@ async fn two_racing_standbys_exactly_one_wins_20_trials() -> Result<()> {
                 durable: LogPosition::new(2, 100),
                 recoverable: true,
                 max_lag_bytes: 0,
+                // Both read their positions after the key went.
+                leaderless_since: Some(snap.revision),
+                last_leader_rev: 0,
             };
             let Verdict::Campaign { new_epoch, .. } = decide(&snap.view, &me) else {
                 anyhow::bail!("{who} may not campaign: {:?}", decide(&snap.view, &me));

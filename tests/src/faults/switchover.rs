@@ -35,6 +35,17 @@ impl World {
                 ""
             }
         ));
+        // As an operator would: ask only once etcd shows the target as a
+        // candidate (its member record, published every loop_wait, still
+        // says "no recoverable base" for a moment after a standby that just
+        // took a new base caught up). The refusal itself is right: it
+        // changes nothing (switchover_etcd.rs tests it).
+        if !self.wait_until(LONG, |w| Ok(w.ready_to_take_over(&to)))? {
+            self.violation(format!(
+                "liveness: {to} did not publish a recoverable base in the leader's epoch within {LONG:?}"
+            ));
+            return Ok(());
+        }
         if live {
             let (code, out) = self.run_switchover(&to)?;
             self.count("switchovers refused while the application ran (exit 4)");
@@ -70,6 +81,20 @@ impl World {
         let r = self.take_over(None);
         self.must_hold_all = None;
         r
+    }
+
+    /// Whether etcd's view shows `name` publishing a recoverable base in
+    /// the serving leader's epoch.
+    fn ready_to_take_over(&self, name: &str) -> bool {
+        let Some(view) = self.etcd.as_ref().and_then(|e| e.view()) else {
+            return false;
+        };
+        let Some(leader) = view.leader else {
+            return false;
+        };
+        view.members
+            .iter()
+            .any(|m| m.name == name && m.epoch == leader.epoch && m.recoverable)
     }
 
     /// Runs `tandem-standby switchover --to TO`, sampling the leaders
