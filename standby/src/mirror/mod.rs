@@ -5,8 +5,9 @@
 //! - [`logwriter`]: appends verified log records, fsyncs them, and is the
 //!   only one that says how far the log is durable;
 //! - [`receiver`]: receives database files into a destination (the mirror,
-//!   or the staging area), with [`write_behind`] starting their writeback
-//!   early and [`base_files`] recording what a base's files hold;
+//!   or the staging area), with [`file_writer`] writing them on a thread of
+//!   their own around the page cache ([`write_behind`] for what goes
+//!   through it) and [`base_files`] recording what a base's files hold;
 //! - [`swap`]: swaps a complete staged base in, crash-safely;
 //! - [`bases`]: how a base is started, staged and swapped in;
 //! - [`apply_error`]: what applying a message can fail with;
@@ -43,6 +44,7 @@ pub(crate) mod apply_error;
 pub(crate) mod base_files;
 mod bases;
 pub(crate) mod dirs;
+pub(crate) mod file_writer;
 pub(crate) mod logwriter;
 pub(crate) mod receiver;
 pub(crate) mod swap;

@@ -12,13 +12,15 @@
 //!   at FileStart against the mirror and again when placed, against the
 //!   destination: a symlink may have appeared meanwhile);
 //! - a file appears under its name only when complete and fsynced, then its
-//!   directory is fsynced. Its writeback starts while it arrives
-//!   ([`crate::mirror::write_behind`]), so that fsync finds little left to write.
+//!   directory is fsynced. Its bytes are written while the next chunks
+//!   arrive, by a thread of its own and around the page cache where the file
+//!   system allows ([`crate::mirror::file_writer`]), so that fsync finds
+//!   little left to write.
 
 use crate::mirror::apply_error::{ApplyError, MAX_FILE_SIZE};
 use crate::mirror::dirs::create_dirs_durably;
-use crate::mirror::write_behind::WriteBehind;
-use std::fs::{File, OpenOptions};
+use crate::mirror::file_writer::FileWriter;
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use tandem_shared::durable::fsync_dir;
@@ -38,10 +40,9 @@ const DEFAULT_PAGE_SIZE: u32 = 4096;
 struct Incoming {
     name: String,
     temp: PathBuf,
-    file: File,
+    writer: FileWriter,
     size: u64,
     written: u64,
-    behind: WriteBehind,
     pages: PageDigester,
 }
 
@@ -129,13 +130,10 @@ impl Incoming {
     }
 
     fn write(&mut self, data: &[u8]) -> Result<(), ApplyError> {
-        self.file
-            .write_all_at(data, self.written)
+        self.writer
+            .write(data)
             .map_err(io_err(format!("writing {}", self.name)))?;
         self.written += data.len() as u64;
-        self.behind
-            .wrote(&self.file, self.written)
-            .map_err(io_err(format!("writing {}", self.name)))?;
         Ok(())
     }
 }
@@ -150,7 +148,9 @@ impl FileReceiver {
     /// start) and removes its partial copy.
     pub fn forget(&mut self) {
         if let Some(inc) = self.incoming.take() {
-            let _ = std::fs::remove_file(&inc.temp);
+            let temp = inc.temp.clone();
+            drop(inc); // its writing thread stops first
+            let _ = std::fs::remove_file(&temp);
         }
     }
 
@@ -191,19 +191,14 @@ impl FileReceiver {
             });
         }
         let temp = scratch.join(&blake3::hash(f.name.as_bytes()).to_hex()[..24]);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp)
+        let writer = FileWriter::create(&temp, f.size)
             .map_err(io_err(format!("creating {}", temp.display())))?;
         self.incoming = Some(Incoming {
             name: f.name,
             temp,
-            file,
+            writer,
             size: f.size,
             written: 0,
-            behind: WriteBehind::default(),
             pages: PageDigester::new(if f.page_size == 0 {
                 DEFAULT_PAGE_SIZE
             } else {
@@ -313,10 +308,32 @@ impl FileReceiver {
                 e.name, e.size, inc.written
             )));
         }
-        inc.file
-            .sync_all()
-            .map_err(io_err(format!("fsync of {}", inc.name)))?;
-        drop(inc.file);
+        // Every write done (or its error, such as a full disk), then the
+        // fsync that makes them durable, direct writes included.
+        // Refused before the last bytes are written (they wait in the
+        // writer's buffer): a refused FileEnd changes nothing.
+        wirepath::resolve_under(dest, &inc.name)?;
+        // A failed write (a full disk) or fsync leaves nothing behind: the
+        // partial copy would hold the space until the next start.
+        let synced = inc
+            .writer
+            .finish()
+            .map_err(io_err(format!("writing {}", inc.name)))
+            .and_then(|done| {
+                done.file
+                    .sync_all()
+                    .map_err(io_err(format!("fsync of {}", inc.name)))?;
+                Ok(done)
+            });
+        let done = match synced {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = std::fs::remove_file(&inc.temp);
+                return Err(e.into());
+            }
+        };
+        tracing::debug!(file = %inc.name, bytes = inc.written, direct = done.direct_bytes, "file received");
+        drop(done);
         // Resolve again: a symlink may have appeared since FileStart.
         let path = wirepath::resolve_under(dest, &inc.name)?;
         let parent = path.parent().unwrap_or(dest).to_path_buf();
