@@ -191,18 +191,22 @@ impl FileWriter {
     pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
         self.collect()?;
         while !data.is_empty() {
+            // A full buffer goes to the thread only once more bytes follow:
+            // the last buffer of a file waits for `finish`, so a FileEnd
+            // refused before it (a planted symlink) leaves the last bytes
+            // unwritten, whatever the file's size.
             let mut buf = match self.filling.take() {
-                Some(b) => b,
+                Some(b) if b.len < b.cap => b,
+                Some(full) => {
+                    self.hand_over(full)?;
+                    self.free_buffer()?
+                }
                 None => self.free_buffer()?,
             };
             let n = buf.fill(data);
             data = &data[n..];
             self.written += n as u64;
-            if buf.len == buf.cap {
-                self.hand_over(buf)?;
-            } else {
-                self.filling = Some(buf);
-            }
+            self.filling = Some(buf);
         }
         Ok(())
     }
