@@ -271,6 +271,24 @@ impl Coordinator {
         })))
     }
 
+    /// This standby as the policy sees it; `leaderless_since`: the vacancy
+    /// its status `me` was read after.
+    fn candidate(
+        &self,
+        me: &crate::status::StandbyStatus,
+        leaderless_since: Option<i64>,
+    ) -> Candidate {
+        Candidate {
+            name: self.cfg.name.clone(),
+            epoch: me.epoch,
+            durable: me.durable_lsn,
+            recoverable: me.recoverable && me.promotion.is_none(),
+            max_lag_bytes: self.cfg.max_lag_bytes,
+            leaderless_since,
+            last_leader_rev: self.last_leader_rev,
+        }
+    }
+
     /// Nobody holds the leader key: campaign if the policy lets this
     /// standby, and say whether it won.
     async fn campaign(
@@ -281,16 +299,7 @@ impl Coordinator {
         snap: &tandem_coord::Snapshot,
         mut status: RoundStatus,
     ) -> anyhow::Result<Option<Event>> {
-        let candidate = Candidate {
-            name: self.cfg.name.clone(),
-            epoch: me.epoch,
-            durable: me.durable_lsn,
-            recoverable: me.recoverable && me.promotion.is_none(),
-            max_lag_bytes: self.cfg.max_lag_bytes,
-            leaderless_since,
-            last_leader_rev: self.last_leader_rev,
-        };
-        let verdict = decide(&snap.view, &candidate);
+        let verdict = decide(&snap.view, &self.candidate(me, leaderless_since));
         status.verdict = match &verdict {
             Verdict::Wait(why) => format!("waiting: {why}"),
             Verdict::Campaign { new_epoch, .. } => format!("campaigning for epoch {new_epoch}"),
