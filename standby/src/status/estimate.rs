@@ -31,6 +31,13 @@ const PROMOTE_OWN_SECONDS: f64 = 0.03;
 /// dropped) for 0.4 MiB of log.
 const RECOVERY_LEAST_SECONDS: f64 = 0.015;
 
+/// Durable writes in promote's verify phase: the saved `DB_CONFIG` and the
+/// recovery's, before it; the original put back (or removed, and the
+/// directory fsynced), after. With 10–20 ms each under other writers' load
+/// (measured 2026-12-07, load 8–17: verify phases of 0.03–0.08 s that
+/// verified nothing), they are most of that phase.
+const DB_CONFIG_WRITES: f64 = 3.0;
+
 /// Wall seconds per CPU second of an urgent recovery (its own session at
 /// niceness -10), against the check's CPU seconds for the same log:
 /// 1.07–1.13 in the benchmark's promote section (105 and 504 MiB of log,
@@ -45,8 +52,18 @@ pub struct EstimateParts {
     pub own: f64,
     /// Catastrophic recovery of the log a promotion would replay now.
     pub recovery: f64,
-    /// `db_verify` of the databases promote would verify again.
+    /// `db_verify` of the databases promote would verify again, and its
+    /// proof that the others hold what the last check verified.
     pub verify: f64,
+    /// Reading from disk what recovery reads, when the page cache holds
+    /// none of the mirror (a failover after the standby's machine
+    /// restarted, or after its cache went to other work): the checks'
+    /// recoveries run on a clone just written, all in the cache, so their
+    /// times leave it out. Counted in the estimate, so that it bounds a
+    /// cold promote; a promote with the mirror in the cache takes up to
+    /// this much less.
+    #[serde(default)]
+    pub cold_reads: f64,
 }
 
 /// Whether promote's recovery will run ahead of other work
@@ -144,15 +161,63 @@ impl StandbyStatus {
                 .map_or(c.verify_seconds, |cpu| cpu.min(c.verify_seconds)),
             Some(c) => c.verify_seconds,
             None => 0.0,
-        } * self.verify_share();
+        } * self.verify_share()
+            + self.selection_seconds();
         let parts = EstimateParts {
             own: PROMOTE_OWN_SECONDS,
             recovery,
             verify,
+            cold_reads: check.map_or(0.0, |c| cold_reads(c, replay)),
         };
-        self.promotion_estimate_seconds = parts.recovery + parts.verify + parts.own;
+        self.promotion_estimate_seconds =
+            parts.recovery + parts.verify + parts.own + parts.cold_reads;
         self.promotion_estimate_parts = Some(parts);
     }
+
+    /// What promote's verify phase spends besides `db_verify`, as the last
+    /// check measured it: the proof that the databases it skips are
+    /// unchanged (rehearsed on the check's clone; only with a verified
+    /// record: without one promote verifies everything and proves
+    /// nothing), and the durable writes of the recovery's `DB_CONFIG`
+    /// ([`DB_CONFIG_WRITES`], at the check's own durable write time).
+    fn selection_seconds(&self) -> f64 {
+        let Some(c) = self.last_check.as_ref().filter(|c| c.ok) else {
+            return 0.0;
+        };
+        let proof = c
+            .selection_seconds
+            .filter(|_| c.verified_to.is_some())
+            .unwrap_or(0.0);
+        proof + DB_CONFIG_WRITES * c.durable_write_seconds.unwrap_or(0.0)
+    }
+}
+
+/// What a cold promote's recovery spends reading, from what the check read
+/// bypassing the cache: the log at the rate the check read it (the log
+/// since the check too: recovery reads every log file), and the pages the
+/// log names, in proportion to the log (the log since the check names
+/// pages of its own; in proportion is the bound for a log that writes new
+/// pages). Recovery reads synchronously: catastrophic recovery's first pass
+/// over the log does little else, and BDB reads a page when a record needs
+/// it, so the reads add to the replay rather than overlap it. Measured
+/// (2026-12-07, a 4.1 GiB mirror after a check, 0.8 MiB of log naming 209
+/// pages): promote's recovery took 0.034 s with the mirror evicted from
+/// the cache, 0.013 s with it cached.
+fn cold_reads(c: &crate::readiness::CheckReport, replay: f64) -> f64 {
+    let log_bytes = c.log_bytes as f64;
+    let since = (replay - log_bytes).max(0.0);
+    let log = match c.cold_log_seconds {
+        Some(secs) if c.cold_log_bytes > 0 => {
+            secs * (c.cold_log_bytes as f64 + since) / c.cold_log_bytes as f64
+        }
+        _ => 0.0,
+    };
+    let pages = match c.cold_page_seconds {
+        Some(secs) if log_bytes > 0.0 => secs * (log_bytes + since) / log_bytes,
+        Some(secs) => secs,
+        None => 0.0,
+    };
+    log + pages
 }
 
 #[cfg(test)]
@@ -334,6 +399,71 @@ mod tests {
             s.promotion_estimate_seconds,
             parts.recovery + parts.verify + parts.own
         );
+    }
+
+    #[test]
+    fn a_cold_promote_adds_the_reads_the_check_timed_bypassing_the_cache() {
+        let check = crate::readiness::CheckReport {
+            ok: true,
+            recovery_seconds: 0.012,
+            log_bytes: 200_000_000,
+            cold_log_bytes: 200_000_000,
+            cold_log_seconds: Some(0.2),
+            cold_pages: 209,
+            cold_page_seconds: Some(0.05),
+            ..Default::default()
+        };
+        // 400 MB of log now, 200 MB at the check: the log since is read at
+        // the check's rate, its pages in proportion.
+        let s = estimated(Some(check.clone()));
+        let parts = s.promotion_estimate_parts.unwrap();
+        assert!((parts.cold_reads - (0.4 + 0.1)).abs() < 1e-12, "{parts:?}");
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            parts.own + parts.recovery + parts.verify + parts.cold_reads
+        );
+        // No log since the check: what it read, as it read it.
+        let s = estimated(Some(crate::readiness::CheckReport {
+            log_bytes: 400_000_000,
+            cold_log_bytes: 400_000_000,
+            ..check.clone()
+        }));
+        let parts = s.promotion_estimate_parts.unwrap();
+        assert!((parts.cold_reads - 0.25).abs() < 1e-12, "{parts:?}");
+        // A file system that refused uncached reads: nothing known, none
+        // counted.
+        let s = estimated(Some(crate::readiness::CheckReport {
+            cold_log_seconds: None,
+            cold_page_seconds: None,
+            ..check
+        }));
+        assert_eq!(s.promotion_estimate_parts.unwrap().cold_reads, 0.0);
+    }
+
+    #[test]
+    fn the_verify_part_counts_the_unchanged_file_proof_and_the_config_writes() {
+        let check = crate::readiness::CheckReport {
+            ok: true,
+            recovery_seconds: 0.012,
+            log_bytes: 400_000_000,
+            verify_seconds: 4.5,
+            verified_to: Some(LogPosition::new(5, 0)),
+            verify_share_idle: Some(0.0),
+            selection_seconds: Some(0.004),
+            durable_write_seconds: Some(0.002),
+            ..Default::default()
+        };
+        let s = estimated(Some(check.clone()));
+        let verify = s.promotion_estimate_parts.unwrap().verify;
+        assert!((verify - (0.004 + DB_CONFIG_WRITES * 0.002)).abs() < 1e-12);
+        // Without a verified record promote verifies everything and
+        // proves nothing unchanged: the writes only, besides db_verify.
+        let s = estimated(Some(crate::readiness::CheckReport {
+            verified_to: None,
+            ..check
+        }));
+        let verify = s.promotion_estimate_parts.unwrap().verify;
+        assert!((verify - (4.5 + DB_CONFIG_WRITES * 0.002)).abs() < 1e-12);
     }
 
     #[test]
