@@ -161,11 +161,14 @@ fn scaled(took: Duration, total: u64, done: u64) -> Duration {
 }
 
 /// The pages the log from `from` to `to` in `log_dir` names, per database
-/// file (`files`: uid in hex → path and page size), each once, in the
-/// order it first appears: what a recovery of that log reads (the first
-/// page of each page-changing record, [`tandem_shared::logrecords::Record::pgno`];
+/// file (`files`: uid in hex → path, page size and length), each once, in
+/// the order it first appears: what a recovery of that log reads (the
+/// first page of each page-changing record, [`tandem_shared::logrecords::Record::pgno`];
 /// a split's other pages are left out, as are pages beyond a file's end).
-/// A record of a file id no registration in the range names is left out.
+/// File ids are resolved with every registration in the range, also those
+/// after the record: the records before a checkpoint name files the
+/// checkpoint registers again (recovery finds them the same way). A file
+/// id registered for several files, or for none, is left out.
 pub fn pages_named(
     log_dir: &Path,
     from: tandem_shared::LogPosition,
@@ -173,32 +176,44 @@ pub fn pages_named(
     files: &HashMap<String, (PathBuf, u32, u64)>,
 ) -> Result<Vec<(PathBuf, u32, Vec<u64>)>, String> {
     use tandem_shared::logrecords::{read_range, RecordKind};
-    let mut ids: HashMap<i32, String> = HashMap::new();
-    let mut seen: HashSet<(String, u64)> = HashSet::new();
-    let mut out: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut ids: HashMap<i32, HashSet<String>> = HashMap::new();
+    let mut named: Vec<(i32, u32)> = Vec::new();
+    let mut seen: HashSet<(i32, u32)> = HashSet::new();
     read_range(log_dir, from, to, |r, _| match &r.kind {
         RecordKind::Register { fileid, uid, .. } => {
-            ids.insert(*fileid, tandem_shared::to_hex(uid));
+            ids.entry(*fileid)
+                .or_default()
+                .insert(tandem_shared::to_hex(uid));
         }
         RecordKind::Page { fileid } => {
-            let (Some(uid), Some(pgno)) = (ids.get(fileid), r.pgno) else {
-                return;
-            };
-            let Some((_, page_size, len)) = files.get(uid) else {
-                return;
-            };
-            let pgno = u64::from(pgno);
-            if (pgno + 1) * u64::from(*page_size) <= *len && seen.insert((uid.clone(), pgno)) {
-                out.entry(uid.clone()).or_default().push(pgno);
+            if let Some(pgno) = r.pgno.filter(|&p| seen.insert((*fileid, p))) {
+                named.push((*fileid, pgno));
             }
         }
         _ => {}
     })
     .map_err(|e| e.to_string())?;
+    let mut out: HashMap<&str, Vec<u64>> = HashMap::new();
+    for (fileid, pgno) in named {
+        let Some(uid) = ids
+            .get(&fileid)
+            .filter(|u| u.len() == 1)
+            .and_then(|u| u.iter().next())
+        else {
+            continue;
+        };
+        let Some((_, page_size, len)) = files.get(uid) else {
+            continue;
+        };
+        let pgno = u64::from(pgno);
+        if (pgno + 1) * u64::from(*page_size) <= *len {
+            out.entry(uid.as_str()).or_default().push(pgno);
+        }
+    }
     let mut pages: Vec<(PathBuf, u32, Vec<u64>)> = out
         .into_iter()
         .filter_map(|(uid, numbers)| {
-            let (path, page_size, _) = files.get(&uid)?;
+            let (path, page_size, _) = files.get(uid)?;
             Some((path.clone(), *page_size, numbers))
         })
         .collect();
@@ -209,6 +224,64 @@ pub fn pages_named(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_shared::logfile::{log_file_name, synth, PERSIST_RECORD_LEN, RECORD_HEADER_LEN};
+    use tandem_shared::LogPosition;
+
+    fn body(rectype: u32, fields: &[u32]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [rectype, 1, 0, 0].iter().chain(fields) {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn the_pages_a_log_names_resolve_through_registrations_before_and_after() {
+        let dir = tempfile::tempdir().unwrap();
+        // __db_addrem: opcode, fileid, pgno.
+        let addrem = |fileid: u32, pgno: u32| body(41, &[1, fileid, pgno]);
+        // __dbreg_register: opcode, name, uid, fileid.
+        let uid = [0xabu8; 20];
+        let mut register = body(2, &[1, 4]);
+        register.extend_from_slice(b"a.db");
+        register.extend_from_slice(&20u32.to_le_bytes());
+        register.extend_from_slice(&uid);
+        register.extend_from_slice(&3i32.to_le_bytes());
+        let bodies = [
+            addrem(3, 7),
+            register,
+            addrem(3, 7),
+            addrem(3, 2),
+            addrem(9, 1),
+            addrem(3, 50),
+        ];
+        let refs: Vec<&[u8]> = bodies.iter().map(|b| b.as_slice()).collect();
+        std::fs::write(
+            dir.path().join(log_file_name(1)),
+            synth::file(0, 1 << 16, &refs, 8192),
+        )
+        .unwrap();
+        let end = PERSIST_RECORD_LEN
+            + bodies
+                .iter()
+                .map(|b| RECORD_HEADER_LEN + b.len() as u32)
+                .sum::<u32>();
+        let db = dir.path().join("a.db");
+        let files = HashMap::from([(
+            tandem_shared::to_hex(&uid),
+            (db.clone(), 4096u32, 10 * 4096u64),
+        )]);
+        let pages = pages_named(
+            dir.path(),
+            LogPosition::new(1, 0),
+            LogPosition::new(1, end),
+            &files,
+        )
+        .unwrap();
+        // Page 7 once (named before its file's registration too), page 2;
+        // not file id 9 (never registered) nor page 50 (past the end).
+        assert_eq!(pages, vec![(db, 4096, vec![7, 2])]);
+    }
 
     #[test]
     fn uncached_reads_cover_the_ranges_and_stop_at_the_end() {
