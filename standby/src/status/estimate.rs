@@ -13,18 +13,23 @@ use serde::{Deserialize, Serialize};
 
 /// Catastrophic recovery's replay rate before any check measured one.
 const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
-/// What a promote spends besides recovery and verify: the process's start
-/// (its binary paged in from disk after a failover's cold start), asking
-/// the primary (refused at once when its machine is down; one that drops
-/// packets instead adds up to promote's 5 s connect timeout, not counted),
-/// stopping the standby, reading the log's tail, choosing what to verify
-/// again (reading the pages the check's recovery changed), and recording
-/// the promotion. Measured as promote's wall time less its recovery and
-/// verify phases, failover of a 1 GiB mirror with the page cache dropped
-/// (2026-12-07, idle machine): 0.024–0.034 s; 0.015–0.05 s in the
-/// benchmark's promote section (warm, loaded). It was 0.05 s, which made
-/// small promotes look up to 2× slower than they are.
-const PROMOTE_OWN_SECONDS: f64 = 0.03;
+/// What a promote spends besides recovery and verify, its binaries in the
+/// page cache: asking the primary (refused at once when its machine is
+/// down; one that drops packets instead adds up to promote's 5 s connect
+/// timeout, not counted), stopping the standby, reading the log's tail,
+/// choosing what to verify again, and recording the promotion. Measured as
+/// promote's wall time less its recovery and verify phases, failover of a
+/// 4.1 GiB mirror with it cached (2026-12-07, load 2.6): 0.012 s. What the
+/// same steps add with the page cache cold is [`COLD_START_SECONDS`].
+const PROMOTE_OWN_SECONDS: f64 = 0.015;
+/// What a cold page cache adds to a promote besides the reads the check
+/// times ([`cold_reads`]): `tandem-standby` (118 MB with its debug
+/// information), `db_recover` and libdb paged in from disk, the
+/// directories' inodes read again. Measured as a cold promote's excess
+/// over a warm one beyond those reads (2026-12-07, page cache dropped, 1.0
+/// and 4.0 GiB mirrors, load 2–4): 0.025–0.04 s, of which 0.02–0.03 s
+/// before promote's own clock starts.
+const COLD_START_SECONDS: f64 = 0.03;
 /// The least a catastrophic recovery takes, however little log it replays:
 /// `db_recover`'s start, its cache region, its checkpoint and fsyncs.
 /// Measured 0.01 s (warm, a check's clone) to 0.024 s (promote, page cache
@@ -167,7 +172,7 @@ impl StandbyStatus {
             own: PROMOTE_OWN_SECONDS,
             recovery,
             verify,
-            cold_reads: check.map_or(0.0, |c| cold_reads(c, replay)),
+            cold_reads: COLD_START_SECONDS + check.map_or(0.0, |c| cold_reads(c, replay)),
         };
         self.promotion_estimate_seconds =
             parts.recovery + parts.verify + parts.own + parts.cold_reads;
@@ -266,7 +271,7 @@ mod tests {
         assert_eq!(s.replay_estimate_seconds, 2.0);
         assert_eq!(
             s.promotion_estimate_seconds,
-            2.0 + 0.5 + PROMOTE_OWN_SECONDS
+            2.0 + 0.5 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
         // An even count: the middle two.
         let s = estimated(Some(check(1.0, &[100e6, 300e6, 50e6, 200e6])));
@@ -300,7 +305,7 @@ mod tests {
         // Without a verify CPU time: the check's verify wall time.
         assert_eq!(
             s.promotion_estimate_seconds,
-            s.replay_estimate_seconds + 0.5 + PROMOTE_OWN_SECONDS
+            s.replay_estimate_seconds + 0.5 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
         let mut s = estimated(Some(crate::readiness::CheckReport {
             verify_cpu_seconds: Some(0.2),
@@ -309,7 +314,7 @@ mod tests {
         s.estimate_promotion(true);
         assert_eq!(
             s.promotion_estimate_seconds,
-            s.replay_estimate_seconds + 0.2 + PROMOTE_OWN_SECONDS
+            s.replay_estimate_seconds + 0.2 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
         // A check that could not measure CPU time: the wall rates.
         let mut s = estimated(Some(crate::readiness::CheckReport {
@@ -335,7 +340,10 @@ mod tests {
         };
         // No log since the check: nothing to verify again.
         let s = estimated(Some(check.clone()));
-        assert_eq!(s.promotion_estimate_seconds, 4.0 + PROMOTE_OWN_SECONDS);
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            4.0 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
+        );
         // Log since: the databases the log has been writing.
         let s = estimated(Some(crate::readiness::CheckReport {
             verified_to: Some(LogPosition::new(4, 0)),
@@ -343,7 +351,7 @@ mod tests {
         }));
         assert_eq!(
             s.promotion_estimate_seconds,
-            4.0 + 2.5 + PROMOTE_OWN_SECONDS
+            4.0 + 2.5 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
         // No record: all of it, as before.
         let s = estimated(Some(crate::readiness::CheckReport {
@@ -352,7 +360,7 @@ mod tests {
         }));
         assert_eq!(
             s.promotion_estimate_seconds,
-            4.0 + 10.0 + PROMOTE_OWN_SECONDS
+            4.0 + 10.0 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
     }
 
@@ -380,7 +388,7 @@ mod tests {
         assert_eq!(parts.verify, 0.0);
         assert_eq!(
             s.promotion_estimate_seconds,
-            PROMOTE_OWN_SECONDS + RECOVERY_LEAST_SECONDS
+            PROMOTE_OWN_SECONDS + RECOVERY_LEAST_SECONDS + COLD_START_SECONDS
         );
         // A longer one (still untimed as a rate): its own time, and the log
         // since at the default rate; the wall time when not urgent.
@@ -397,7 +405,7 @@ mod tests {
         let parts = s.promotion_estimate_parts.unwrap();
         assert_eq!(
             s.promotion_estimate_seconds,
-            parts.recovery + parts.verify + parts.own
+            parts.recovery + parts.verify + parts.own + parts.cold_reads
         );
     }
 
@@ -417,10 +425,11 @@ mod tests {
         // the check's rate, its pages in proportion.
         let s = estimated(Some(check.clone()));
         let parts = s.promotion_estimate_parts.unwrap();
-        assert!((parts.cold_reads - (0.4 + 0.1)).abs() < 1e-12, "{parts:?}");
+        let cold = parts.cold_reads - COLD_START_SECONDS;
+        assert!((cold - (0.4 + 0.1)).abs() < 1e-12, "{parts:?}");
         assert_eq!(
             s.promotion_estimate_seconds,
-            parts.own + parts.recovery + parts.verify + parts.cold_reads
+            parts.recovery + parts.verify + parts.own + parts.cold_reads
         );
         // No log since the check: what it read, as it read it.
         let s = estimated(Some(crate::readiness::CheckReport {
@@ -429,15 +438,18 @@ mod tests {
             ..check.clone()
         }));
         let parts = s.promotion_estimate_parts.unwrap();
-        assert!((parts.cold_reads - 0.25).abs() < 1e-12, "{parts:?}");
-        // A file system that refused uncached reads: nothing known, none
-        // counted.
+        assert!((parts.cold_reads - COLD_START_SECONDS - 0.25).abs() < 1e-12);
+        // A file system that refused uncached reads: no reads known, the
+        // start only.
         let s = estimated(Some(crate::readiness::CheckReport {
             cold_log_seconds: None,
             cold_page_seconds: None,
             ..check
         }));
-        assert_eq!(s.promotion_estimate_parts.unwrap().cold_reads, 0.0);
+        assert_eq!(
+            s.promotion_estimate_parts.unwrap().cold_reads,
+            COLD_START_SECONDS
+        );
     }
 
     #[test]
@@ -484,7 +496,7 @@ mod tests {
             );
             assert_eq!(
                 s.promotion_estimate_seconds,
-                s.replay_estimate_seconds + PROMOTE_OWN_SECONDS
+                s.replay_estimate_seconds + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
             );
         }
     }
