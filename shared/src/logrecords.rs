@@ -64,6 +64,13 @@ pub struct Record {
     pub txnid: u32,
     pub prev_lsn: LogPosition,
     pub kind: RecordKind,
+    /// For a page-changing record, the field after its file id: the page
+    /// it changes for the common types (`__db_addrem`, `__db_big`, the
+    /// btree split, adj, cdel, repl and the hash insdel, newpage records
+    /// carry it there), something else for a few (an LSN, a mode). What a
+    /// recovery reads, give or take those: for estimates only, never for
+    /// a decision about what to verify.
+    pub pgno: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +128,7 @@ pub fn decode(lsn: LogPosition, len: u32, body: &[u8]) -> Result<Record, String>
     let doubt = |why: &str| RecordKind::Doubt {
         why: format!("{why} (record type {rectype})"),
     };
+    let pgno = fileid_field(rectype).and_then(|at| u32_at(fields, at + 4));
     let kind = if rectype & 0x8000_0000 != 0 {
         doubt("a debug-only record")
     } else if let Some(at) = fileid_field(rectype) {
@@ -175,6 +183,7 @@ pub fn decode(lsn: LogPosition, len: u32, body: &[u8]) -> Result<Record, String>
         txnid,
         prev_lsn: LogPosition::new(pf, po),
         kind,
+        pgno,
     })
 }
 
@@ -308,12 +317,14 @@ mod tests {
             decode(at, 0, &repl).unwrap().kind,
             RecordKind::Page { fileid: 5 }
         );
+        // No page number after the file id: none.
+        assert_eq!(decode(at, 0, &repl).unwrap().pgno, None);
         let mut f = 1u32.to_le_bytes().to_vec();
         f.extend_from_slice(&3i32.to_le_bytes());
-        assert_eq!(
-            decode(at, 0, &body(41, 7, &f)).unwrap().kind,
-            RecordKind::Page { fileid: 3 }
-        );
+        f.extend_from_slice(&77u32.to_le_bytes());
+        let addrem = decode(at, 0, &body(41, 7, &f)).unwrap();
+        assert_eq!(addrem.kind, RecordKind::Page { fileid: 3 });
+        assert_eq!(addrem.pgno, Some(77));
         assert!(matches!(
             decode(at, 0, &body(146, 7, &[0; 16])).unwrap().kind,
             RecordKind::Doubt { .. }

@@ -13,6 +13,7 @@
 //! consistent even while `run` keeps streaming; a base that changes under
 //! the clone (a rebase swap) makes it start over.
 
+pub mod cold;
 pub mod verified;
 
 use crate::state::{StandbyDir, META_DIR};
@@ -101,6 +102,33 @@ pub struct CheckReport {
     /// replaced).
     #[serde(default)]
     pub base_id: Option<String>,
+    /// What a promote's recovery reads from disk when the page cache holds
+    /// none of the mirror, read once more bypassing the cache ([`cold`]):
+    /// the log it replays (bytes, seconds), and the pages that log names
+    /// (how many, seconds). `None` when the file system refuses uncached
+    /// reads, or the log could not be read for its pages.
+    #[serde(default)]
+    pub cold_log_bytes: u64,
+    #[serde(default)]
+    pub cold_log_seconds: Option<f64>,
+    #[serde(default)]
+    pub cold_pages: u64,
+    #[serde(default)]
+    pub cold_page_seconds: Option<f64>,
+    /// Promote's proof that the databases it does not verify again hold
+    /// what this check verified ([`verified::BeforeRecovery::select`]: the
+    /// log after the check, the pages recovery changed), rehearsed on the
+    /// recovered clone: the verify phase of a promote that verifies
+    /// nothing again.
+    #[serde(default)]
+    pub selection_seconds: Option<f64>,
+    /// One small file written durably (written, fsynced, renamed, its
+    /// directory fsynced), as this check wrote its verified record:
+    /// promote makes a few such writes (the recovery's `DB_CONFIG` and its
+    /// saved original, put back after), and under other writers' load each
+    /// waits for the file system's journal.
+    #[serde(default)]
+    pub durable_write_seconds: Option<f64>,
 }
 
 /// What [`recover_and_verify`] proved.
@@ -189,18 +217,27 @@ pub fn last_check(dir: &StandbyDir) -> Option<CheckReport> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-fn check(dir: &StandbyDir) -> Result<CheckReport> {
-    let clone = dir.meta().join(CHECK_DIR);
+/// The mirror cloned into `clone` while no rebase swapped its base: the
+/// state and tail it was cloned at, and the signatures of the database
+/// files nothing wrote meanwhile.
+fn clone_settled(
+    dir: &StandbyDir,
+    clone: &Path,
+) -> Result<(
+    crate::state::StandbyState,
+    crate::mirror::logwriter::LogTail,
+    std::collections::BTreeMap<String, verified::Signature>,
+)> {
     let mut tries = 0;
-    let (state, tail, signatures) = loop {
+    loop {
         let state = dir.load_state()?;
         let tail = dir.scan_tail(&state)?;
         if !state.is_recoverable(tail.durable) {
             bail!("the standby is not recoverable yet (its base copy or the log it needs is incomplete)");
         }
         let before = mirror_signatures(&dir.root);
-        let _ = std::fs::remove_dir_all(&clone);
-        clone_environment(&dir.root, Path::new(&state.log_dir), tail.durable, &clone)?;
+        let _ = std::fs::remove_dir_all(clone);
+        clone_environment(&dir.root, Path::new(&state.log_dir), tail.durable, clone)?;
         let after = dir.load_state()?;
         if after.base == state.base && after.pending_swap == state.pending_swap {
             // Only files nothing wrote while they were cloned count as
@@ -213,13 +250,18 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
                 .into_iter()
                 .filter(|(n, s)| now.get(n) == Some(s) && s.ctime_ns < settled)
                 .collect();
-            break (state, tail, signatures);
+            return Ok((state, tail, signatures));
         }
         tries += 1;
         if tries >= CLONE_TRIES {
             bail!("the base changed {tries} times while it was being cloned (rebases under way); try again");
         }
-    };
+    }
+}
+
+fn check(dir: &StandbyDir) -> Result<CheckReport> {
+    let clone = dir.meta().join(CHECK_DIR);
+    let (state, tail, signatures) = clone_settled(dir, &clone)?;
     let base = state.base.as_ref().context("no base")?;
     // At the normal priority: the check must not take the CPU from the
     // machine's other work. Its CPU seconds tell what an urgent promote
@@ -247,8 +289,12 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
         &signatures,
     )
     .and_then(|r| {
+        let started = Instant::now();
         verified::store(dir, &r)
-            .map(|()| r)
+            .map(|()| {
+                report.durable_write_seconds = Some(started.elapsed().as_secs_f64());
+                r
+            })
             .map_err(|e| e.to_string())
     });
     match recorded {
@@ -256,6 +302,14 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
             report.verified_to = Some(r.verified_to);
             report.verify_share_idle = Some(r.verify_share(true));
             report.verify_share_writing = Some(r.verify_share(false));
+            report.selection_seconds = verified::rehearse_selection(
+                &r,
+                &clone,
+                &clone.join(&state.log_dir),
+                proof.recovery.recovered_to,
+            )
+            .ok()
+            .map(|d| d.as_secs_f64());
         }
         Err(why) => {
             tracing::info!(%why, "the check recorded nothing for promote to skip: promote verifies every database");
@@ -263,7 +317,80 @@ fn check(dir: &StandbyDir) -> Result<CheckReport> {
             report.unverified_because = Some(why);
         }
     }
+    measure_cold_reads(&mut report, dir, &state, tail.durable);
     Ok(report)
+}
+
+/// Reads what a cold promote's recovery would read from the mirror,
+/// bypassing the page cache ([`cold`]), into `report`: the log files the
+/// clone held (recovery reads every one of them) and the pages the log
+/// from the base's start names. A file system that refuses uncached reads
+/// leaves the figures unknown.
+fn measure_cold_reads(
+    report: &mut CheckReport,
+    dir: &StandbyDir,
+    state: &crate::state::StandbyState,
+    durable: LogPosition,
+) {
+    let log_dir = dir.log_dir(state);
+    let log: Vec<(std::path::PathBuf, u64)> = EnvLayout::open(&dir.root)
+        .and_then(|l| l.log_files())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&n| n <= durable.file)
+        .filter_map(|n| {
+            let path = log_dir.join(tandem_shared::logfile::log_file_name(n));
+            let len = if n == durable.file {
+                u64::from(durable.offset)
+            } else {
+                std::fs::metadata(&path).ok()?.len()
+            };
+            Some((path, len))
+        })
+        .collect();
+    match cold::log_reads(&log) {
+        Ok((bytes, took)) => {
+            report.cold_log_bytes = bytes;
+            report.cold_log_seconds = Some(took.as_secs_f64());
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "uncached reads refused: the estimate counts no cold reads");
+            return;
+        }
+    }
+    // From the start of the base's first log file, as the check's record
+    // reads it (a file's start is a record boundary).
+    let Some(start) = state
+        .base
+        .as_ref()
+        .map(|b| LogPosition::new(b.log_start.file, 0))
+    else {
+        return;
+    };
+    let files: std::collections::HashMap<String, (std::path::PathBuf, u32, u64)> =
+        database_names(&dir.root)
+            .map(|(names, _)| names)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|name| {
+                let path = dir.root.join(&name);
+                let uid = verified::uid_of(&path)?;
+                let page_size = crate::scrub::digests::page_size_of(&path).ok()?;
+                let len = std::fs::metadata(&path).ok()?.len();
+                Some((uid, (path, page_size, len)))
+            })
+            .collect();
+    let pages = match cold::pages_named(&log_dir, start, durable, &files) {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::info!(%why, "the log's pages are unknown: the estimate counts no cold page reads");
+            return;
+        }
+    };
+    if let Ok((count, took)) = cold::page_reads(&pages) {
+        report.cold_pages = count;
+        report.cold_page_seconds = Some(took.as_secs_f64());
+    }
 }
 
 /// Signatures of the database files in the mirror at `root` (none if it

@@ -72,8 +72,12 @@ pub struct StandbyStatus {
     /// least a recovery takes.
     pub replay_estimate_seconds: f64,
     /// Estimated time of a whole `promote` now: the replay above, the last
-    /// check's `db_verify` time, and promote's own steps (stop, ask,
-    /// record).
+    /// check's `db_verify` time (of what promote would verify again) and
+    /// its proof that the rest is unchanged, promote's own steps (stop,
+    /// ask, record), and what reading from disk adds when the page cache
+    /// holds none of the mirror (`cold_reads`: the estimate bounds a cold
+    /// failover; with the mirror cached, promote takes up to that less).
+    /// Within 20 %, or 0.1 s where that is more (bench/README.md).
     #[serde(default)]
     pub promotion_estimate_seconds: f64,
     /// What that estimate is made of.
@@ -327,9 +331,10 @@ pub fn render(s: &StandbyStatus) -> String {
     for d in &s.discarded {
         out.push_str(&format!("discarded:    {d}\n"));
     }
+    let cold = s.promotion_estimate_parts.map_or(0.0, |p| p.cold_reads);
     out.push_str(&format!(
-        "promotion:    would replay {} bytes of log, about {:.1} s; promote about {:.1} s\n",
-        s.replay_log_bytes, s.replay_estimate_seconds, s.promotion_estimate_seconds
+        "promotion:    would replay {} bytes of log, about {:.1} s; promote about {:.2} s with the page cache cold ({:.2} s of it reading from disk)\n",
+        s.replay_log_bytes, s.replay_estimate_seconds, s.promotion_estimate_seconds, cold
     ));
     match &s.last_check {
         Some(c) if c.ok => out.push_str(&format!(

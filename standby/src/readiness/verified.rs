@@ -541,6 +541,26 @@ impl BeforeRecovery {
     }
 }
 
+/// Times the reads promote's selection makes after its recovery
+/// ([`BeforeRecovery::select`]: the log after the verified end, the pages
+/// recovery changed in every file), on `home`, an environment recovered to
+/// `recovered_to` as the record says (the check's clone): what a promote
+/// that verifies nothing again spends in its verify phase besides
+/// `db_verify`. An error where promote would verify everything.
+pub fn rehearse_selection(
+    record: &VerifiedRecord,
+    home: &Path,
+    log_dir: &Path,
+    recovered_to: Option<LogPosition>,
+) -> Result<std::time::Duration, String> {
+    let started = std::time::Instant::now();
+    touched_since(record, log_dir, recovered_to)?;
+    for f in &record.files {
+        holds_what_was_verified(home, f);
+    }
+    Ok(started.elapsed())
+}
+
 /// uids of the files recovery may have treated otherwise than the check's:
 /// those the log after `verified_to` names, and those of the transactions
 /// open there.

@@ -13,23 +13,35 @@ use serde::{Deserialize, Serialize};
 
 /// Catastrophic recovery's replay rate before any check measured one.
 const DEFAULT_REPLAY_BYTES_PER_SEC: f64 = 100e6;
-/// What a promote spends besides recovery and verify: the process's start
-/// (its binary paged in from disk after a failover's cold start), asking
-/// the primary (refused at once when its machine is down; one that drops
-/// packets instead adds up to promote's 5 s connect timeout, not counted),
-/// stopping the standby, reading the log's tail, choosing what to verify
-/// again (reading the pages the check's recovery changed), and recording
-/// the promotion. Measured as promote's wall time less its recovery and
-/// verify phases, failover of a 1 GiB mirror with the page cache dropped
-/// (2026-12-07, idle machine): 0.024–0.034 s; 0.015–0.05 s in the
-/// benchmark's promote section (warm, loaded). It was 0.05 s, which made
-/// small promotes look up to 2× slower than they are.
-const PROMOTE_OWN_SECONDS: f64 = 0.03;
+/// What a promote spends besides recovery and verify, its binaries in the
+/// page cache: asking the primary (refused at once when its machine is
+/// down; one that drops packets instead adds up to promote's 5 s connect
+/// timeout, not counted), stopping the standby, reading the log's tail,
+/// choosing what to verify again, and recording the promotion. Measured as
+/// promote's wall time less its recovery and verify phases, failover of a
+/// 4.1 GiB mirror with it cached (2026-12-07, load 2.6): 0.012 s. What the
+/// same steps add with the page cache cold is [`COLD_START_SECONDS`].
+const PROMOTE_OWN_SECONDS: f64 = 0.015;
+/// What a cold page cache adds to a promote besides the reads the check
+/// times ([`cold_reads`]): `tandem-standby` (118 MB with its debug
+/// information), `db_recover` and libdb paged in from disk, the
+/// directories' inodes read again. Measured as a cold promote's excess
+/// over a warm one beyond those reads (2026-12-07, page cache dropped, 1.0
+/// and 4.0 GiB mirrors, load 2–4): 0.025–0.04 s, of which 0.02–0.03 s
+/// before promote's own clock starts.
+const COLD_START_SECONDS: f64 = 0.03;
 /// The least a catastrophic recovery takes, however little log it replays:
 /// `db_recover`'s start, its cache region, its checkpoint and fsyncs.
 /// Measured 0.01 s (warm, a check's clone) to 0.024 s (promote, page cache
 /// dropped) for 0.4 MiB of log.
 const RECOVERY_LEAST_SECONDS: f64 = 0.015;
+
+/// Durable writes in promote's verify phase: the saved `DB_CONFIG` and the
+/// recovery's, before it; the original put back (or removed, and the
+/// directory fsynced), after. With 10–20 ms each under other writers' load
+/// (measured 2026-12-07, load 8–17: verify phases of 0.03–0.08 s that
+/// verified nothing), they are most of that phase.
+const DB_CONFIG_WRITES: f64 = 3.0;
 
 /// Wall seconds per CPU second of an urgent recovery (its own session at
 /// niceness -10), against the check's CPU seconds for the same log:
@@ -45,8 +57,18 @@ pub struct EstimateParts {
     pub own: f64,
     /// Catastrophic recovery of the log a promotion would replay now.
     pub recovery: f64,
-    /// `db_verify` of the databases promote would verify again.
+    /// `db_verify` of the databases promote would verify again, and its
+    /// proof that the others hold what the last check verified.
     pub verify: f64,
+    /// Reading from disk what recovery reads, when the page cache holds
+    /// none of the mirror (a failover after the standby's machine
+    /// restarted, or after its cache went to other work): the checks'
+    /// recoveries run on a clone just written, all in the cache, so their
+    /// times leave it out. Counted in the estimate, so that it bounds a
+    /// cold promote; a promote with the mirror in the cache takes up to
+    /// this much less.
+    #[serde(default)]
+    pub cold_reads: f64,
 }
 
 /// Whether promote's recovery will run ahead of other work
@@ -144,15 +166,63 @@ impl StandbyStatus {
                 .map_or(c.verify_seconds, |cpu| cpu.min(c.verify_seconds)),
             Some(c) => c.verify_seconds,
             None => 0.0,
-        } * self.verify_share();
+        } * self.verify_share()
+            + self.selection_seconds();
         let parts = EstimateParts {
             own: PROMOTE_OWN_SECONDS,
             recovery,
             verify,
+            cold_reads: COLD_START_SECONDS + check.map_or(0.0, |c| cold_reads(c, replay)),
         };
-        self.promotion_estimate_seconds = parts.recovery + parts.verify + parts.own;
+        self.promotion_estimate_seconds =
+            parts.recovery + parts.verify + parts.own + parts.cold_reads;
         self.promotion_estimate_parts = Some(parts);
     }
+
+    /// What promote's verify phase spends besides `db_verify`, as the last
+    /// check measured it: the proof that the databases it skips are
+    /// unchanged (rehearsed on the check's clone; only with a verified
+    /// record: without one promote verifies everything and proves
+    /// nothing), and the durable writes of the recovery's `DB_CONFIG`
+    /// ([`DB_CONFIG_WRITES`], at the check's own durable write time).
+    fn selection_seconds(&self) -> f64 {
+        let Some(c) = self.last_check.as_ref().filter(|c| c.ok) else {
+            return 0.0;
+        };
+        let proof = c
+            .selection_seconds
+            .filter(|_| c.verified_to.is_some())
+            .unwrap_or(0.0);
+        proof + DB_CONFIG_WRITES * c.durable_write_seconds.unwrap_or(0.0)
+    }
+}
+
+/// What a cold promote's recovery spends reading, from what the check read
+/// bypassing the cache: the log at the rate the check read it (the log
+/// since the check too: recovery reads every log file), and the pages the
+/// log names, in proportion to the log (the log since the check names
+/// pages of its own; in proportion is the bound for a log that writes new
+/// pages). Recovery reads synchronously: catastrophic recovery's first pass
+/// over the log does little else, and BDB reads a page when a record needs
+/// it, so the reads add to the replay rather than overlap it. Measured
+/// (2026-12-07, a 4.1 GiB mirror after a check, 0.8 MiB of log naming 209
+/// pages): promote's recovery took 0.034 s with the mirror evicted from
+/// the cache, 0.013 s with it cached.
+fn cold_reads(c: &crate::readiness::CheckReport, replay: f64) -> f64 {
+    let log_bytes = c.log_bytes as f64;
+    let since = (replay - log_bytes).max(0.0);
+    let log = match c.cold_log_seconds {
+        Some(secs) if c.cold_log_bytes > 0 => {
+            secs * (c.cold_log_bytes as f64 + since) / c.cold_log_bytes as f64
+        }
+        _ => 0.0,
+    };
+    let pages = match c.cold_page_seconds {
+        Some(secs) if log_bytes > 0.0 => secs * (log_bytes + since) / log_bytes,
+        Some(secs) => secs,
+        None => 0.0,
+    };
+    log + pages
 }
 
 #[cfg(test)]
@@ -201,7 +271,7 @@ mod tests {
         assert_eq!(s.replay_estimate_seconds, 2.0);
         assert_eq!(
             s.promotion_estimate_seconds,
-            2.0 + 0.5 + PROMOTE_OWN_SECONDS
+            2.0 + 0.5 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
         // An even count: the middle two.
         let s = estimated(Some(check(1.0, &[100e6, 300e6, 50e6, 200e6])));
@@ -235,7 +305,7 @@ mod tests {
         // Without a verify CPU time: the check's verify wall time.
         assert_eq!(
             s.promotion_estimate_seconds,
-            s.replay_estimate_seconds + 0.5 + PROMOTE_OWN_SECONDS
+            s.replay_estimate_seconds + 0.5 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
         let mut s = estimated(Some(crate::readiness::CheckReport {
             verify_cpu_seconds: Some(0.2),
@@ -244,7 +314,7 @@ mod tests {
         s.estimate_promotion(true);
         assert_eq!(
             s.promotion_estimate_seconds,
-            s.replay_estimate_seconds + 0.2 + PROMOTE_OWN_SECONDS
+            s.replay_estimate_seconds + 0.2 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
         // A check that could not measure CPU time: the wall rates.
         let mut s = estimated(Some(crate::readiness::CheckReport {
@@ -270,7 +340,10 @@ mod tests {
         };
         // No log since the check: nothing to verify again.
         let s = estimated(Some(check.clone()));
-        assert_eq!(s.promotion_estimate_seconds, 4.0 + PROMOTE_OWN_SECONDS);
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            4.0 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
+        );
         // Log since: the databases the log has been writing.
         let s = estimated(Some(crate::readiness::CheckReport {
             verified_to: Some(LogPosition::new(4, 0)),
@@ -278,7 +351,7 @@ mod tests {
         }));
         assert_eq!(
             s.promotion_estimate_seconds,
-            4.0 + 2.5 + PROMOTE_OWN_SECONDS
+            4.0 + 2.5 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
         // No record: all of it, as before.
         let s = estimated(Some(crate::readiness::CheckReport {
@@ -287,7 +360,7 @@ mod tests {
         }));
         assert_eq!(
             s.promotion_estimate_seconds,
-            4.0 + 10.0 + PROMOTE_OWN_SECONDS
+            4.0 + 10.0 + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
         );
     }
 
@@ -315,7 +388,7 @@ mod tests {
         assert_eq!(parts.verify, 0.0);
         assert_eq!(
             s.promotion_estimate_seconds,
-            PROMOTE_OWN_SECONDS + RECOVERY_LEAST_SECONDS
+            PROMOTE_OWN_SECONDS + RECOVERY_LEAST_SECONDS + COLD_START_SECONDS
         );
         // A longer one (still untimed as a rate): its own time, and the log
         // since at the default rate; the wall time when not urgent.
@@ -332,8 +405,77 @@ mod tests {
         let parts = s.promotion_estimate_parts.unwrap();
         assert_eq!(
             s.promotion_estimate_seconds,
-            parts.recovery + parts.verify + parts.own
+            parts.recovery + parts.verify + parts.own + parts.cold_reads
         );
+    }
+
+    #[test]
+    fn a_cold_promote_adds_the_reads_the_check_timed_bypassing_the_cache() {
+        let check = crate::readiness::CheckReport {
+            ok: true,
+            recovery_seconds: 0.012,
+            log_bytes: 200_000_000,
+            cold_log_bytes: 200_000_000,
+            cold_log_seconds: Some(0.2),
+            cold_pages: 209,
+            cold_page_seconds: Some(0.05),
+            ..Default::default()
+        };
+        // 400 MB of log now, 200 MB at the check: the log since is read at
+        // the check's rate, its pages in proportion.
+        let s = estimated(Some(check.clone()));
+        let parts = s.promotion_estimate_parts.unwrap();
+        let cold = parts.cold_reads - COLD_START_SECONDS;
+        assert!((cold - (0.4 + 0.1)).abs() < 1e-12, "{parts:?}");
+        assert_eq!(
+            s.promotion_estimate_seconds,
+            parts.recovery + parts.verify + parts.own + parts.cold_reads
+        );
+        // No log since the check: what it read, as it read it.
+        let s = estimated(Some(crate::readiness::CheckReport {
+            log_bytes: 400_000_000,
+            cold_log_bytes: 400_000_000,
+            ..check.clone()
+        }));
+        let parts = s.promotion_estimate_parts.unwrap();
+        assert!((parts.cold_reads - COLD_START_SECONDS - 0.25).abs() < 1e-12);
+        // A file system that refused uncached reads: no reads known, the
+        // start only.
+        let s = estimated(Some(crate::readiness::CheckReport {
+            cold_log_seconds: None,
+            cold_page_seconds: None,
+            ..check
+        }));
+        assert_eq!(
+            s.promotion_estimate_parts.unwrap().cold_reads,
+            COLD_START_SECONDS
+        );
+    }
+
+    #[test]
+    fn the_verify_part_counts_the_unchanged_file_proof_and_the_config_writes() {
+        let check = crate::readiness::CheckReport {
+            ok: true,
+            recovery_seconds: 0.012,
+            log_bytes: 400_000_000,
+            verify_seconds: 4.5,
+            verified_to: Some(LogPosition::new(5, 0)),
+            verify_share_idle: Some(0.0),
+            selection_seconds: Some(0.004),
+            durable_write_seconds: Some(0.002),
+            ..Default::default()
+        };
+        let s = estimated(Some(check.clone()));
+        let verify = s.promotion_estimate_parts.unwrap().verify;
+        assert!((verify - (0.004 + DB_CONFIG_WRITES * 0.002)).abs() < 1e-12);
+        // Without a verified record promote verifies everything and
+        // proves nothing unchanged: the writes only, besides db_verify.
+        let s = estimated(Some(crate::readiness::CheckReport {
+            verified_to: None,
+            ..check
+        }));
+        let verify = s.promotion_estimate_parts.unwrap().verify;
+        assert!((verify - (4.5 + DB_CONFIG_WRITES * 0.002)).abs() < 1e-12);
     }
 
     #[test]
@@ -354,7 +496,7 @@ mod tests {
             );
             assert_eq!(
                 s.promotion_estimate_seconds,
-                s.replay_estimate_seconds + PROMOTE_OWN_SECONDS
+                s.replay_estimate_seconds + PROMOTE_OWN_SECONDS + COLD_START_SECONDS
             );
         }
     }
