@@ -82,12 +82,12 @@ pub(super) fn promote_is_urgent() -> bool {
 /// with an `urgent` promote, their median rate per CPU second (the work,
 /// whatever else ran beside the checks) slowed by what an urgent recovery
 /// still waits; otherwise their median wall rate (one check's wall time
-/// carries the CPU contention of its moment, BDB-NOTES.md §5). A check an older
-/// version wrote, without history, counts alone. `None` when the last
-/// check did not pass or measured nothing.
+/// carries the CPU contention of its moment, BDB-NOTES.md §5). The history
+/// holds on through checks of too little log to time (the last one
+/// counts only when it could be timed); a check an older version wrote,
+/// without history, counts alone. `None` when no check could be timed.
 fn replay_rate(check: &crate::readiness::CheckReport, urgent: bool) -> Option<f64> {
-    let last = check.replay_rate()?;
-    let wall = median(&check.replay_rates).unwrap_or(last);
+    let wall = median(&check.replay_rates).or_else(|| check.replay_rate())?;
     if !urgent {
         return Some(wall);
     }
@@ -279,6 +279,19 @@ mod tests {
         // A report an older version wrote: its own rate alone.
         let s = estimated(Some(check(1.0, &[])));
         assert_eq!(s.replay_estimate_seconds, 2.0);
+        // The last check replayed too little log to time (its 0.5 s are
+        // fixed costs): the rates of the checks before it.
+        let short = |rates: &[f64]| crate::readiness::CheckReport {
+            log_bytes: 1 << 20,
+            ..check(0.5, rates)
+        };
+        let s = estimated(Some(short(&[200e6])));
+        assert_eq!(s.replay_estimate_seconds, 2.0);
+        // None could be timed: its own time for its log, the rest at the
+        // default rate.
+        let s = estimated(Some(short(&[])));
+        let rest = (400e6 - f64::from(1 << 20)) / DEFAULT_REPLAY_BYTES_PER_SEC;
+        assert_eq!(s.replay_estimate_seconds, 0.5 + rest);
     }
 
     #[test]
