@@ -399,6 +399,47 @@ impl Cluster {
         }
     }
 
+    /// Resolves when etcd shows, after `revision` (a snapshot's), a change
+    /// a standby's round must answer at once rather than at its next loop
+    /// wait: the leader, epoch or switchover key written or deleted, or
+    /// another member's record deleted or published after a vacancy it had
+    /// not published after before ([`wakes_a_standby`]). Returns the key.
+    /// Err when etcd cannot be asked, the revision was compacted or the
+    /// watch breaks: the caller then waits its loop wait.
+    pub async fn standby_wake(&self, revision: i64, me: &str) -> Result<String, Error> {
+        let mut w = self.client.watch_client();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(revision + 1);
+        let mut stream = bounded(self.timing, w.watch(self.keys.prefix(), Some(options))).await?;
+        loop {
+            let msg = stream
+                .message()
+                .await
+                .map_err(|e| Error::Etcd(e.to_string()))?
+                .ok_or_else(|| Error::Etcd("the watch of the cluster ended".into()))?;
+            if msg.canceled() {
+                return Err(Error::Etcd(format!(
+                    "the watch of the cluster was cancelled: {}",
+                    msg.cancel_reason()
+                )));
+            }
+            for ev in msg.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let now = match ev.event_type() {
+                    EventType::Delete => None,
+                    EventType::Put => Some((kv.value(), kv.lease())),
+                };
+                let before = ev.prev_kv().map(|p| (p.value(), p.lease()));
+                if wakes_a_standby(&self.keys, me, &key, now, before) {
+                    return Ok(key);
+                }
+            }
+        }
+    }
+
     /// Grants a lease of `ttl_secs` (for a request that must go by itself).
     pub async fn grant_secs(&self, ttl_secs: i64) -> Result<i64, Error> {
         let mut lease = self.client.lease_client();
@@ -448,6 +489,53 @@ fn left(key: &str, on_lease: i64, value: &[u8], lease: i64) -> Option<String> {
     })
 }
 
+/// A key's value and the lease it is under, as a watch event carries it.
+type Held<'a> = (&'a [u8], i64);
+
+/// Whether a change of `key` (`now`: the value put, None for a delete;
+/// `before`: what it replaced) wakes standby `me` before its loop wait.
+/// The leader key going is the vacancy every standby must publish its
+/// final position for, and the records they then publish are what each
+/// election waits for (policy rule 6): answering them at once takes up to
+/// two loop waits out of a failover. What the daemons republish every
+/// loop wait wakes nobody: the leader's record with a new time, members'
+/// records whose `leaderless_since` did not change (so two standbys that
+/// wake each other converge after one publication each), the position and
+/// the floor.
+fn wakes_a_standby(
+    keys: &Keys,
+    me: &str,
+    key: &str,
+    now: Option<Held<'_>>,
+    before: Option<Held<'_>>,
+) -> bool {
+    if key == keys.leader() {
+        let leader = |(v, lease): Held<'_>| {
+            let record = serde_json::from_slice::<LeaderRecord>(v).ok();
+            (record.map(|r| LeaderRecord { unix_ms: 0, ..r }), lease)
+        };
+        return now.map(leader) != before.map(leader);
+    }
+    if key == keys.epoch() || key == keys.switchover() {
+        return true;
+    }
+    let Some(name) = key.strip_prefix(&keys.members()) else {
+        return false;
+    };
+    if name == me {
+        return false;
+    }
+    let since = |(v, _): Held<'_>| {
+        serde_json::from_slice::<MemberRecord>(v)
+            .ok()
+            .and_then(|m| m.leaderless_since)
+    };
+    match now.map(since) {
+        None => true,
+        Some(now) => now.is_some() && now != before.and_then(since),
+    }
+}
+
 /// Bounds one etcd request by the retry timeout.
 pub async fn bounded<T>(
     timing: Timing,
@@ -457,5 +545,73 @@ pub async fn bounded<T>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::Etcd(e.to_string())),
         Err(_) => Err(Error::Timeout(timing.retry_timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_wakes_for_the_vacancy_and_the_records_published_after_it() {
+        let keys = Keys::new("c").unwrap();
+        let member = |name: &str, since: Option<i64>| {
+            encode(&MemberRecord {
+                name: name.into(),
+                epoch: 1,
+                durable: tandem_shared::LogPosition::new(1, 100),
+                recoverable: true,
+                unix_ms: 1,
+                leaderless_since: since,
+            })
+        };
+        let leader = |epoch: u64, unix_ms: u64| {
+            encode(&LeaderRecord {
+                name: "p".into(),
+                epoch,
+                state: crate::records::LeaderState::Primary,
+                address: Some("https://127.0.0.1:1".into()),
+                env_id: None,
+                unix_ms,
+            })
+        };
+        let wakes = |key: &str, now: Option<&[u8]>, before: Option<&[u8]>| {
+            wakes_a_standby(&keys, "a", key, now.map(|v| (v, 5)), before.map(|v| (v, 5)))
+        };
+        // The leader key: gone, new, another leader or lease, not the
+        // leader's own republishing with a new time.
+        let l = keys.leader();
+        let (l1, l1_later, l2) = (leader(1, 10), leader(1, 20), leader(2, 30));
+        assert!(wakes(&l, None, Some(&l1)));
+        assert!(wakes(&l, Some(&l1), None));
+        assert!(wakes(&l, Some(&l2), Some(&l1)));
+        assert!(wakes_a_standby(
+            &keys,
+            "a",
+            &l,
+            Some((&l1, 6)),
+            Some((&l1, 5))
+        ));
+        assert!(!wakes(&l, Some(&l1_later), Some(&l1)));
+        // The epoch and a switchover, whatever they hold.
+        assert!(wakes(&keys.epoch(), Some(b"x"), None));
+        assert!(wakes(&keys.switchover(), Some(b"x"), Some(b"y")));
+        // A peer's first record after the vacancy, and a peer gone.
+        let (b_held, b_vacant) = (member("b", None), member("b", Some(7)));
+        let b = keys.member("b");
+        assert!(wakes(&b, Some(&b_vacant), Some(&b_held)));
+        assert!(wakes(&b, Some(&b_vacant), None));
+        assert!(wakes(&b, None, Some(&b_vacant)));
+        // Not: the rounds' republished records, with or without a vacancy
+        // (two standbys would wake each other for ever), nor this
+        // standby's own, nor the primary's position and floor.
+        assert!(!wakes(&b, Some(&b_vacant), Some(&b_vacant)));
+        assert!(!wakes(&b, Some(&b_held), Some(&b_held)));
+        assert!(!wakes(&b, Some(&b_held), Some(&b_vacant)));
+        assert!(!wakes(&keys.member("a"), Some(&member("a", Some(7))), None));
+        assert!(!wakes(&keys.position(), Some(b"x"), None));
+        assert!(!wakes(&keys.floor(), Some(b"x"), None));
+        // A record that does not parse wakes nobody.
+        assert!(!wakes(&b, Some(b"garbage"), None));
     }
 }

@@ -90,6 +90,10 @@ pub struct Coordinator {
     /// which it was first seen gone since (the policy's "settled" rule).
     last_leader_rev: i64,
     leaderless_since: Option<i64>,
+    /// The cluster's revision at the last round's snapshot: the round
+    /// after it comes at the loop wait, or as soon as etcd shows a change
+    /// after it that the standby must answer ([`Cluster::standby_wake`]).
+    seen_revision: Option<i64>,
     /// A failed promotion an earlier run recorded: shown until an operator
     /// removes `.tandem/etcd.json`.
     promotion_failed: Option<String>,
@@ -111,6 +115,7 @@ impl Coordinator {
             last_leader: None,
             last_leader_rev: 0,
             leaderless_since: None,
+            seen_revision: None,
             promotion_failed: read_status(dir).and_then(|s| s.promotion_failed),
         })
     }
@@ -140,7 +145,30 @@ impl Coordinator {
                     );
                 }
             }
-            tokio::time::sleep(self.cfg.timing.loop_wait).await;
+            self.until_next_round().await;
+        }
+    }
+
+    /// The loop wait, cut short by a change in etcd the round must answer
+    /// (the leader key gone, a peer's final position, a switchover): a
+    /// failover then waits for etcd's lease expiry and the standbys'
+    /// round trips, not for their loop waits. A watch that cannot be made
+    /// leaves the loop wait.
+    async fn until_next_round(&self) {
+        let wait = tokio::time::sleep(self.cfg.timing.loop_wait);
+        let Some(revision) = self.seen_revision else {
+            return wait.await;
+        };
+        tokio::pin!(wait);
+        tokio::select! {
+            () = &mut wait => {}
+            woken = self.cluster.standby_wake(revision, &self.cfg.name) => match woken {
+                Ok(key) => tracing::debug!(key, "etcd changed: a round now"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no watch of the cluster: the loop wait");
+                    wait.await;
+                }
+            },
         }
     }
 
@@ -174,6 +202,7 @@ impl Coordinator {
         };
         self.cluster.publish_member(&record, self.lease).await?;
         let snap = self.cluster.snapshot().await?;
+        self.seen_revision = Some(snap.revision);
         // `me` was read after the previous round's snapshot: its position
         // is final for a vacancy that snapshot showed.
         let settled_since = self.leaderless_since;
