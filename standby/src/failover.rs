@@ -94,6 +94,9 @@ pub struct Coordinator {
     /// after it comes at the loop wait, or as soon as etcd shows a change
     /// after it that the standby must answer ([`Cluster::standby_wake`]).
     seen_revision: Option<i64>,
+    /// The last round's verdict while no leader held the key (logged
+    /// when it changes).
+    last_verdict: String,
     /// A failed promotion an earlier run recorded: shown until an operator
     /// removes `.tandem/etcd.json`.
     promotion_failed: Option<String>,
@@ -116,6 +119,7 @@ impl Coordinator {
             last_leader_rev: 0,
             leaderless_since: None,
             seen_revision: None,
+            last_verdict: String::new(),
             promotion_failed: read_status(dir).and_then(|s| s.promotion_failed),
         })
     }
@@ -163,7 +167,7 @@ impl Coordinator {
         tokio::select! {
             () = &mut wait => {}
             woken = self.cluster.standby_wake(revision, &self.cfg.name) => match woken {
-                Ok(key) => tracing::debug!(key, "etcd changed: a round now"),
+                Ok(key) => tracing::info!(key, "etcd changed: a round now"),
                 Err(e) => {
                     tracing::debug!(error = %e, "no watch of the cluster: the loop wait");
                     wait.await;
@@ -333,6 +337,10 @@ impl Coordinator {
             Verdict::Wait(why) => format!("waiting: {why}"),
             Verdict::Campaign { new_epoch, .. } => format!("campaigning for epoch {new_epoch}"),
         };
+        if status.verdict != self.last_verdict {
+            tracing::info!(verdict = %status.verdict, revision = snap.revision, "no leader");
+            self.last_verdict.clone_from(&status.verdict);
+        }
         self.write_status(dir, status);
         let Verdict::Campaign {
             new_epoch,

@@ -187,22 +187,76 @@ impl EtcdCluster {
 
     /// etcdctl against the members that run, with a short timeout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.etcdctl_command(args)
+            .output()
+            .context("running etcdctl (Debian's etcd-client)")
+    }
+
+    fn etcdctl_command(&self, args: &[&str]) -> Command {
         let eps: Vec<String> = self
             .members
             .iter()
             .filter(|m| m.proc.is_some())
             .map(|m| format!("http://127.0.0.1:{}", m.client_port))
             .collect();
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", eps.join(",")))
             .args(["--command-timeout=2s", "--dial-timeout=1s"])
-            .args(args)
-            .output()
-            .context("running etcdctl (Debian's etcd-client)")
+            .args(args);
+        c
+    }
+
+    /// Watches every key under `prefix` (`etcdctl watch --prefix`) and
+    /// notes when each change arrived: for timing what the daemons do
+    /// between two changes more closely than polling can (a vacancy the
+    /// standbys answer lasts tens of milliseconds). Returns once the watch
+    /// is known to be running (it saw a probe key under the prefix).
+    pub fn watch_events(&self, prefix: &str) -> Result<KeyEvents> {
+        use std::io::BufRead;
+        let mut child = self
+            .etcdctl_command(&["watch", "--prefix", prefix])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("running etcdctl watch")?;
+        let out = child.stdout.take().context("etcdctl's stdout")?;
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = events.clone();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(out).lines().map_while(|l| l.ok());
+            while let Some(op) = lines.next() {
+                let at = std::time::Instant::now();
+                let Some(key) = lines.next() else { break };
+                if op == "PUT" {
+                    lines.next(); // its value
+                }
+                if let Ok(mut v) = seen.lock() {
+                    v.push(KeyEvent { at, op, key });
+                }
+            }
+        });
+        let events = KeyEvents { child, events };
+        let probe = format!("{prefix}test-watch-probe");
+        wait_for("the etcd watch to run", Duration::from_secs(10), || {
+            self.put(&probe, "x")?;
+            Ok(events.first(&probe, "PUT").is_some())
+        })?;
+        Ok(events)
     }
 
     /// The value at `key`, or None when absent.
+    pub fn put(&self, key: &str, value: &str) -> Result<()> {
+        let out = self.etcdctl(&["put", key, value])?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl put {key}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     pub fn get(&self, key: &str) -> Result<Option<String>> {
         let out = self.etcdctl(&["get", "--print-value-only", key])?;
         if !out.status.success() {
@@ -386,5 +440,39 @@ mod tests {
             Some(11.0 * 3600.0 + 37.0 * 60.0 + 40.0)
         );
         assert_eq!(super::log_time(log, "nothing"), None);
+    }
+}
+
+/// One change an [`EtcdCluster::watch_events`] watch saw.
+#[derive(Debug, Clone)]
+pub struct KeyEvent {
+    pub at: std::time::Instant,
+    /// `PUT` or `DELETE`.
+    pub op: String,
+    pub key: String,
+}
+
+/// The changes a running `etcdctl watch` has seen so far; the watch ends
+/// when this is dropped.
+pub struct KeyEvents {
+    child: std::process::Child,
+    events: std::sync::Arc<std::sync::Mutex<Vec<KeyEvent>>>,
+}
+
+impl KeyEvents {
+    pub fn all(&self) -> Vec<KeyEvent> {
+        self.events.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// The first `op` of `key` seen.
+    pub fn first(&self, key: &str, op: &str) -> Option<KeyEvent> {
+        self.all().into_iter().find(|e| e.key == key && e.op == op)
+    }
+}
+
+impl Drop for KeyEvents {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
