@@ -29,7 +29,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let outcome = runtime.block_on(dispatch(cli.command));
+    runtime.shutdown_timeout(tandem_shared::EXIT_GRACE);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e)
             if e.downcast_ref::<tandem_primary::leadership::Refusal>()

@@ -52,6 +52,16 @@ pub const MAX_FRAME: u32 = 256 << 10;
 /// Largest payload of one file or log chunk.
 pub const MAX_CHUNK: usize = 1 << 20;
 
+/// How long a daemon's exit waits for blocking work still running after its
+/// own shutdown stages ended (they bound what must finish first). The
+/// runtime's drop would wait for every blocking task, and one may never
+/// return: in the etcd fault campaign (2026-12-07, round 23) a fenced
+/// primary printed "stopped" and its refusal, then kept running, its
+/// retention pass's `db_archive` stuck in the environment the killed
+/// application had left. Leaving such a task is a crash's effect, which
+/// every write path is built to survive.
+pub const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Keeps freed chunk-sized buffers in the process for reuse. By default
 /// glibc serves megabyte allocations with fresh mappings or gives freed
 /// memory back to the kernel (madvise), so every 1 MiB chunk of a base copy

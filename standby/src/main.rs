@@ -51,7 +51,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(dispatch(cli.command))
+    let code = runtime.block_on(dispatch(cli.command));
+    runtime.shutdown_timeout(tandem_shared::EXIT_GRACE);
+    code
 }
 
 /// One call per subcommand; each says how it ends (an exit code).
