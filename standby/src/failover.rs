@@ -100,6 +100,9 @@ pub struct Coordinator {
     /// A failed promotion an earlier run recorded: shown until an operator
     /// removes `.tandem/etcd.json`.
     promotion_failed: Option<String>,
+    /// Whether the member record out is of a recoverable base (test hook
+    /// `hold-member-record`).
+    published_recoverable: bool,
 }
 
 impl Coordinator {
@@ -121,6 +124,7 @@ impl Coordinator {
             seen_revision: None,
             last_verdict: String::new(),
             promotion_failed: read_status(dir).and_then(|s| s.promotion_failed),
+            published_recoverable: false,
         })
     }
 
@@ -204,7 +208,10 @@ impl Coordinator {
             unix_ms: tandem_shared::now_unix_ms(),
             leaderless_since: self.leaderless_since,
         };
-        self.cluster.publish_member(&record, self.lease).await?;
+        if !self.hold_member_record() {
+            self.cluster.publish_member(&record, self.lease).await?;
+            self.published_recoverable = record.recoverable;
+        }
         let snap = self.cluster.snapshot().await?;
         self.seen_revision = Some(snap.revision);
         // `me` was read after the previous round's snapshot: its position
@@ -230,6 +237,16 @@ impl Coordinator {
         self.campaign(dir, &me, settled_since, &snap, status).await
     }
 
+    /// Test hook `hold-member-record` ([`tandem_coord::test_hook`]): once
+    /// a recoverable record is out, keep it (stale) while the last
+    /// snapshot showed a leader. The publish after the vacancy is never held back: it is
+    /// what the policy's rule 6 waits for.
+    fn hold_member_record(&self) -> bool {
+        self.published_recoverable
+            && self.leaderless_since.is_none()
+            && tandem_coord::test_hook::armed("hold-member-record")
+    }
+
     /// The member record's lease is gone for good: a new one.
     async fn renew_lost_lease(&mut self) -> anyhow::Result<()> {
         if !self.state.borrow().lost {
@@ -242,6 +259,8 @@ impl Coordinator {
         let (state, _task) =
             tandem_coord::lease::spawn(self.cluster.clone(), self.lease, sent, self.stop.clone());
         self.state = state;
+        // The old lease took the record with it.
+        self.published_recoverable = false;
         Ok(())
     }
 
