@@ -486,7 +486,8 @@ fn note_ack(shared: &Shared, sent: &Stamps, p: LogPosition, now: Instant) {
 /// Ships the log from `pos` on to standby `name`, following the live
 /// tail: reads verified records, sends them, waits for the watcher; its
 /// position and last record are the loop's state. Each chunk's end goes
-/// into `sent` as it goes out.
+/// into `sent` as it goes out. The tests' hold point `hold-ship` cuts the
+/// link to one standby before a chunk (nothing without `test-hooks`).
 async fn ship_log(
     shared: &Shared,
     tx: &Outbox,
@@ -534,8 +535,6 @@ async fn ship_log(
                 file_size: *size,
                 ..Default::default()
             };
-            // The tests' link to one standby cut (nothing without the
-            // feature `test-hooks`).
             tandem_coord::test_hook::hold("hold-ship", name, pos).await;
             send(tx, Kind::LogChunk(chunk)).await?;
             let (now, end) = (Instant::now(), LogPosition::new(pos.file, r.walk.end));

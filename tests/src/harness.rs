@@ -190,12 +190,12 @@ pub fn start_primary(
     listen: &str,
     extra: &[&str],
 ) -> Result<Primary> {
-    start_primary_env(work, env, certs, listen, extra, &[])
+    start_primary_with_env(work, env, certs, listen, extra, &[])
 }
 
 /// [`start_primary`] with these environment variables set (the test
 /// hooks' `TANDEM_TEST_PAUSE_AT`, ...).
-pub fn start_primary_env(
+pub fn start_primary_with_env(
     work: &Path,
     env: &Path,
     certs: &Certs,

@@ -82,7 +82,7 @@ impl World {
                 ("TANDEM_TEST_PAUSE_DIR", hooks.display().to_string()),
             ]
         };
-        let primary = start_primary_env(
+        let primary = start_primary_with_env(
             s.root(),
             &env,
             &s.certs,
@@ -92,11 +92,18 @@ impl World {
         )?;
         let mut standbys = Vec::new();
         for name in NAMES {
-            let mut args = vec!["--etcd".to_owned(), etcd.endpoints(), "--promote-listen".into()];
+            let mut args = vec![
+                "--etcd".to_owned(),
+                etcd.endpoints(),
+                "--promote-listen".into(),
+            ];
             args.push(free_addr()?);
             args.extend(["--check-interval-secs".into(), "0".into()]);
             args.push("--on-promote".into());
-            args.push(format!("touch {}", s.path(&format!("{name}.promoted")).display()));
+            args.push(format!(
+                "touch {}",
+                s.path(&format!("{name}.promoted")).display()
+            ));
             let mut timing = FAST_TIMING.map(String::from);
             let pause = if name == "a" {
                 // FAST_TIMING's "--etcd-ttl-secs", "3".
@@ -108,7 +115,15 @@ impl World {
             args.extend(timing);
             let dir = s.path(name);
             let (url, certs) = (primary.url(), &s.certs);
-            let p = start_standby_env(s.root(), &dir, &url, certs, name, &strs(&args), &envs(pause))?;
+            let p = start_standby_env(
+                s.root(),
+                &dir,
+                &url,
+                certs,
+                name,
+                &strs(&args),
+                &envs(pause),
+            )?;
             standbys.push(p);
         }
         let mut w = Self {
@@ -234,7 +249,10 @@ fn vacancy(etcd: &EtcdCluster, lo: i64) -> Result<i64> {
             .is_some_and(|l| l.contains("\"name\":\"p\"")))
     };
     let (mut lo, mut hi) = (lo, revision(etcd)?);
-    ensure!(p_leads(lo)? && !p_leads(hi)?, "p led at {lo}, or still at {hi}");
+    ensure!(
+        p_leads(lo)? && !p_leads(hi)?,
+        "p led at {lo}, or still at {hi}"
+    );
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
         if p_leads(mid)? {
@@ -331,7 +349,11 @@ fn make_a_stale(w: &World, etcd: &EtcdCluster, app: &mut Proc) -> Result<Stale> 
     let mut z = y;
     wait_while_running("a to hold 20 commits past Y", LONG, app, || {
         z = w.durable("a")?;
-        Ok(w.commits().iter().filter(|(_, e)| *e > y && *e <= z).count() >= 20)
+        Ok(w.commits()
+            .iter()
+            .filter(|(_, e)| *e > y && *e <= z)
+            .count()
+            >= 20)
     })?;
     let a = record(etcd, "a")?.context("a's record")?;
     ensure!(a.durable == x, "a published again: {a:?} (held at {x})");
@@ -397,28 +419,32 @@ fn the_standby_ahead_wins_although_its_record_in_etcd_was_stale() -> Result<()> 
         "a held X {x} in etcd, b Y {y}, a Z {z}: a promoted, serving {serving:?} after kill -9; \
          holds 1..={m}, a had 1..={a_held:?} durable; the rule before would have lost {lost} commits"
     );
-    ensure!(m >= a_held.unwrap_or(0), "promoted holds 1..={m}, a had {a_held:?}");
+    ensure!(
+        m >= a_held.unwrap_or(0),
+        "promoted holds 1..={m}, a had {a_held:?}"
+    );
     Ok(())
 }
 
 /// Standby `name` follows the primary of `leader` at its epoch, caught
 /// up, as a standby, with the base it had (no new base: not diverged).
-fn follows_without_a_new_base(
-    w: &mut World,
-    leader: &serde_json::Value,
-    name: &str,
-) -> Result<()> {
+fn follows_without_a_new_base(w: &mut World, leader: &serde_json::Value, name: &str) -> Result<()> {
     let dir = w.s.path(name);
     let base = standby_status(&dir)?["base_id"].clone();
     let i = World::index(name);
-    wait_while_running("the other standby to follow", LONG, &mut w.standbys[i], || {
-        let st = standby_status(&dir)?;
-        Ok(st["connected"] == true
-            && st["running"] == true
-            && st["primary"] == leader["address"]
-            && st["epoch"] == leader["epoch"]
-            && st["lag_bytes"] == 0)
-    })
+    wait_while_running(
+        "the other standby to follow",
+        LONG,
+        &mut w.standbys[i],
+        || {
+            let st = standby_status(&dir)?;
+            Ok(st["connected"] == true
+                && st["running"] == true
+                && st["primary"] == leader["address"]
+                && st["epoch"] == leader["epoch"]
+                && st["lag_bytes"] == 0)
+        },
+    )
     .with_context(|| format!("{leader}: {}", standby_status(&dir).unwrap_or_default()))?;
     let st = standby_status(&dir)?;
     ensure!(
@@ -471,7 +497,9 @@ fn a_peer_killed_with_the_primary_blocks_only_until_its_lease_expires() -> Resul
     };
     let mut w = World::start(&etcd, &arm)?;
     let mut app = w.application()?;
-    wait_while_running("some commits", LONG, &mut app, || Ok(w.commits().len() > 100))?;
+    wait_while_running("some commits", LONG, &mut app, || {
+        Ok(w.commits().len() > 100)
+    })?;
     let before = revision(&etcd)?;
     let killed_ms = tandem_shared::now_unix_ms();
     let killed = Instant::now();
@@ -482,7 +510,10 @@ fn a_peer_killed_with_the_primary_blocks_only_until_its_lease_expires() -> Resul
 
     let (leader, seen) = watch_b(&w, &etcd, killed)?;
     let serving = killed.elapsed();
-    eprintln!("b's verdicts after the kill: {:?}; a's record seen gone {:?}", seen.verdicts, seen.a_gone);
+    eprintln!(
+        "b's verdicts after the kill: {:?}; a's record seen gone {:?}",
+        seen.verdicts, seen.a_gone
+    );
     ensure!(leader["name"] == "b", "{leader}");
     w.only_winner_promoted(&etcd, "b")?;
     let unsettled = "waiting: standby a has not published its position since the leader key went";
@@ -494,10 +525,14 @@ fn a_peer_killed_with_the_primary_blocks_only_until_its_lease_expires() -> Resul
     // etcd's history: a's record was there when p's key went, and gone
     // when b took the epoch.
     let gone = vacancy(&etcd, before)?;
-    ensure!(member(&view_at(&etcd, gone)?, "a")?.leaderless_since.is_none());
+    ensure!(member(&view_at(&etcd, gone)?, "a")?
+        .leaderless_since
+        .is_none());
     let out = etcd.etcdctl(&["get", "-w", "json", &format!("{PREFIX}epoch")])?;
     let epoch: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let elected_rev = epoch["kvs"][0]["mod_revision"].as_i64().context("epoch rev")?;
+    let elected_rev = epoch["kvs"][0]["mod_revision"]
+        .as_i64()
+        .context("epoch rev")?;
     let at_election = view_at(&etcd, elected_rev - 1)?;
     ensure!(
         at_election.members.iter().all(|m| m.name != "a"),
@@ -507,18 +542,35 @@ fn a_peer_killed_with_the_primary_blocks_only_until_its_lease_expires() -> Resul
         .get_json(&format!("{PREFIX}failover"))?
         .context("failover record")?;
     let elected = Duration::from_millis(
-        failover["unix_ms"].as_u64().context("unix_ms")?.saturating_sub(killed_ms),
+        failover["unix_ms"]
+            .as_u64()
+            .context("unix_ms")?
+            .saturating_sub(killed_ms),
     );
     eprintln!("b elected {elected:?} and serving {serving:?} after kill -9 (p's ttl 3 s, a's 6 s)");
     // a's lease was renewed at most a keepalive interval (500 ms) before
     // the kill; etcd expires within about a second of the ttl.
     let keepalive = Duration::from_millis(500);
-    ensure!(elected >= A_TTL - 2 * keepalive, "elected only {elected:?} after the kill");
-    ensure!(elected <= A_TTL + Duration::from_secs(4), "elected {elected:?} after the kill");
+    ensure!(
+        elected >= A_TTL - 2 * keepalive,
+        "elected only {elected:?} after the kill"
+    );
+    ensure!(
+        elected <= A_TTL + Duration::from_secs(4),
+        "elected {elected:?} after the kill"
+    );
 
     // b holds every commit it had durable.
-    let had = w.commits().iter().filter(|(_, e)| *e <= b_durable).map(|c| c.0).max();
+    let had = w
+        .commits()
+        .iter()
+        .filter(|(_, e)| *e <= b_durable)
+        .map(|c| c.0)
+        .max();
     let m = w.committed("b")?;
-    ensure!(m >= had.unwrap_or(0), "promoted holds 1..={m}, b had {had:?}");
+    ensure!(
+        m >= had.unwrap_or(0),
+        "promoted holds 1..={m}, b had {had:?}"
+    );
     Ok(())
 }
