@@ -92,27 +92,12 @@ impl World {
         )?;
         let mut standbys = Vec::new();
         for name in NAMES {
-            let mut args = vec![
-                "--etcd".to_owned(),
-                etcd.endpoints(),
-                "--promote-listen".into(),
-            ];
-            args.push(free_addr()?);
-            args.extend(["--check-interval-secs".into(), "0".into()]);
-            args.push("--on-promote".into());
-            args.push(format!(
-                "touch {}",
-                s.path(&format!("{name}.promoted")).display()
-            ));
-            let mut timing = FAST_TIMING.map(String::from);
-            let pause = if name == "a" {
-                // FAST_TIMING's "--etcd-ttl-secs", "3".
-                timing[3] = arm.a_ttl.into();
-                arm.a
+            let (ttl, pause) = if name == "a" {
+                (arm.a_ttl, arm.a)
             } else {
-                ""
+                ("3", "")
             };
-            args.extend(timing);
+            let args = standby_args(etcd, &s, name, ttl)?;
             let dir = s.path(name);
             let (url, certs) = (primary.url(), &s.certs);
             let p = start_standby_env(
@@ -207,6 +192,26 @@ impl World {
         copy_env(&self.s.path(name), &copy)?;
         bdb::check(&copy)
     }
+}
+
+/// `run` flags of standby `name` (member lease ttl `ttl` seconds).
+fn standby_args(etcd: &EtcdCluster, s: &Scratch, name: &str, ttl: &str) -> Result<Vec<String>> {
+    let promoted = s.path(&format!("{name}.promoted"));
+    let mut args = vec![
+        "--etcd".to_owned(),
+        etcd.endpoints(),
+        "--promote-listen".into(),
+        free_addr()?,
+        "--check-interval-secs".into(),
+        "0".into(),
+        "--on-promote".into(),
+        format!("touch {}", promoted.display()),
+    ];
+    let mut timing = FAST_TIMING.map(String::from);
+    // FAST_TIMING's "--etcd-ttl-secs", "3".
+    timing[3] = ttl.into();
+    args.extend(timing);
+    Ok(args)
 }
 
 /// Standby `name`'s member record in etcd now.
