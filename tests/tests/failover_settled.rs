@@ -37,6 +37,7 @@ use tandem_coord::records::{decode, MemberRecord};
 use tandem_shared::LogPosition;
 use tandem_tests::bdb::{self, WorkloadOptions};
 use tandem_tests::etcd::{EtcdCluster, FAST_TIMING};
+use tandem_tests::faulty_link::FaultyLink;
 use tandem_tests::harness::*;
 
 const LONG: Duration = Duration::from_secs(120);
@@ -58,12 +59,45 @@ struct World {
 }
 
 /// How a world is armed.
-struct Arming {
+struct Arming<'a> {
     /// The primary's hold points (`TANDEM_TEST_PAUSE_AT`, empty: none).
     primary: &'static str,
-    /// a's hook points and member lease ttl.
+    /// a's and b's hook points, a's member lease ttl.
     a: &'static str,
+    b: &'static str,
     a_ttl: &'static str,
+    /// The network between p and the rest (None: loopback, direct).
+    links: Option<&'a Links>,
+}
+
+/// p reaches etcd through `etcd` and listens on `listen`, where `standbys`
+/// forwards; it advertises `standbys`, which both standbys follow.
+struct Links {
+    etcd: Vec<FaultyLink>,
+    listen: String,
+    standbys: FaultyLink,
+}
+
+impl Links {
+    fn start(etcd: &EtcdCluster) -> Result<Self> {
+        let listen = free_addr()?;
+        Ok(Self {
+            etcd: (0..tandem_tests::etcd::MEMBERS)
+                .map(|i| FaultyLink::start(etcd.client_addr(i)))
+                .collect::<Result<_>>()?,
+            standbys: FaultyLink::start(listen.parse()?)?,
+            listen,
+        })
+    }
+
+    fn endpoints(&self) -> String {
+        let urls: Vec<String> = self
+            .etcd
+            .iter()
+            .map(|l| format!("http://{}", l.addr()))
+            .collect();
+        urls.join(",")
+    }
 }
 
 impl World {
@@ -73,9 +107,13 @@ impl World {
         let hooks = s.path("hooks");
         std::fs::create_dir_all(&hooks)?;
         bdb::run_workload(&env, &workload(300, 100))?;
-        let mut pargs = vec!["--etcd".to_owned(), etcd.endpoints(), "--name".into()];
-        pargs.push("p".into());
+        let endpoints = arm.links.map_or(etcd.endpoints(), Links::endpoints);
+        let mut pargs = vec!["--etcd".to_owned(), endpoints, "--name".into(), "p".into()];
         pargs.extend(FAST_TIMING.map(String::from));
+        if let Some(l) = arm.links {
+            pargs.extend(["--advertise-url".into(), l.standbys.url()]);
+        }
+        let listen = arm.links.map_or("127.0.0.1:0", |l| l.listen.as_str());
         let envs = |pause: &str| {
             [
                 ("TANDEM_TEST_PAUSE_AT", pause.to_owned()),
@@ -86,7 +124,7 @@ impl World {
             s.root(),
             &env,
             &s.certs,
-            "127.0.0.1:0",
+            listen,
             &strs(&pargs),
             &envs(arm.primary),
         )?;
@@ -95,11 +133,12 @@ impl World {
             let (ttl, pause) = if name == "a" {
                 (arm.a_ttl, arm.a)
             } else {
-                ("3", "")
+                ("3", arm.b)
             };
             let args = standby_args(etcd, &s, name, ttl)?;
             let dir = s.path(name);
-            let (url, certs) = (primary.url(), &s.certs);
+            let url = arm.links.map_or(primary.url(), |l| l.standbys.url());
+            let certs = &s.certs;
             let p = start_standby_env(
                 s.root(),
                 &dir,
@@ -372,7 +411,9 @@ fn the_standby_ahead_wins_although_its_record_in_etcd_was_stale() -> Result<()> 
     let arm = Arming {
         primary: "hold-ship",
         a: "hold-member-record",
+        b: "",
         a_ttl: "3",
+        links: None,
     };
     let mut w = World::start(&etcd, &arm)?;
     let mut app = w.application()?;
@@ -498,7 +539,9 @@ fn a_peer_killed_with_the_primary_blocks_only_until_its_lease_expires() -> Resul
     let arm = Arming {
         primary: "",
         a: "",
+        b: "",
         a_ttl: "6",
+        links: None,
     };
     let mut w = World::start(&etcd, &arm)?;
     let mut app = w.application()?;
@@ -576,6 +619,56 @@ fn a_peer_killed_with_the_primary_blocks_only_until_its_lease_expires() -> Resul
     ensure!(
         m >= had.unwrap_or(0),
         "promoted holds 1..={m}, b had {had:?}"
+    );
+    Ok(())
+}
+
+/// Test 3: the network between p and everything else goes for longer than
+/// the ttl, then comes back during the winner's promotion, with all the
+/// log p sent before it fenced still held in it.
+#[test]
+fn log_in_flight_from_the_fenced_primary_lands_on_no_standby_after_the_vacancy() -> Result<()> {
+    let etcd = EtcdCluster::start()?;
+    let links = Links::start(&etcd)?;
+    let arm = Arming {
+        primary: "",
+        a: "before-serve",
+        b: "before-serve",
+        a_ttl: "3",
+        links: Some(&links),
+    };
+    let mut w = World::start(&etcd, &arm)?;
+    let mut app = w.application()?;
+    wait_while_running("some commits", LONG, &mut app, || {
+        Ok(w.commits().len() > 100)
+    })?;
+    links.standbys.cut();
+    links.etcd.iter().for_each(FaultyLink::cut);
+    let paused = w.hooks.join("before-serve.paused");
+    wait_for("the winner to promote", LONG, || Ok(paused.exists()))?;
+    app.kill9()?;
+    let leader = etcd
+        .get_json(&format!("{PREFIX}leader"))?
+        .context("leader")?;
+    let winner = leader["name"].as_str().context("leader name")?.to_owned();
+    let loser = if winner == "a" { "b" } else { "a" };
+    let promoted = w.durable(&winner)?;
+    let at_vacancy = w.durable(loser)?;
+    // The old log arrives while the winner has not served yet (in
+    // milliseconds; the winner's primary takes longer to start).
+    links.standbys.heal();
+    std::fs::write(w.hooks.join("before-serve.resume"), b"")?;
+    let leader = w.new_primary(&etcd)?;
+    ensure!(leader["name"] == winner.as_str(), "{leader}");
+    follows_without_a_new_base(&mut w, &leader, loser)?;
+    let log = w.standbys[World::index(loser)].log_text();
+    ensure!(!log.contains("diverged"), "{loser} was refused: {log}");
+    eprintln!(
+        "{winner} promoted at {promoted}; {loser} held {at_vacancy} at the vacancy, and followed"
+    );
+    ensure!(
+        at_vacancy <= promoted,
+        "{loser} {at_vacancy}, {winner} {promoted}"
     );
     Ok(())
 }
