@@ -27,6 +27,20 @@
 //!    went and gone at b's election, which came 5 to 10 s after the kill
 //!    (a's ttl, minus a keepalive interval, plus etcd's expiry granularity
 //!    and two rounds).
+//! 3. **Log in flight from the fenced primary lands on no standby after
+//!    the vacancy.** The network between p and everything else (etcd and
+//!    the address both standbys follow) goes; p fences, its key expires,
+//!    one standby wins and is held before it serves (`before-serve`); then
+//!    the network returns with everything p sent before it fenced. Before
+//!    the fix that went with this test, the standby that lost applied it
+//!    (its position "final" by rule 6 was read after the vacancy, but was
+//!    not the one it kept), ended up to 1.4 MB past the winner's end and
+//!    was refused as diverged (3 runs of 3); now a standby stops following
+//!    the old primary when it sees the leader key gone, and follows the
+//!    winner.
+//! 4. **That stop undone**: the key went while a dead peer's record kept b
+//!    from campaigning, and p, cut off from etcd only, leads again at its
+//!    epoch: b follows it again at the same address and receives its log.
 
 use anyhow::{ensure, Context, Result};
 use std::collections::BTreeMap;
@@ -670,5 +684,52 @@ fn log_in_flight_from_the_fenced_primary_lands_on_no_standby_after_the_vacancy()
         at_vacancy <= promoted,
         "{loser} {at_vacancy}, {winner} {promoted}"
     );
+    Ok(())
+}
+
+/// The stop at a vacancy (test 3) undone: the leader key went while a
+/// dead peer's record (ttl 20 s) kept b from campaigning, and p, cut off
+/// from etcd only, comes back at its epoch: b follows it again (the same
+/// address as before) and receives its new log.
+#[test]
+fn a_standby_stopped_at_a_vacancy_follows_the_old_primary_when_it_leads_again() -> Result<()> {
+    let etcd = EtcdCluster::start()?;
+    let links = Links::start(&etcd)?;
+    let arm = Arming {
+        primary: "",
+        a: "",
+        b: "",
+        a_ttl: "20",
+        links: Some(&links),
+    };
+    let mut w = World::start(&etcd, &arm)?;
+    w.standbys[0].kill9()?;
+    links.etcd.iter().for_each(FaultyLink::cut);
+    let log = w.standbys[1].log.clone();
+    wait_while_running("b to stop following", LONG, &mut w.standbys[1], || {
+        Ok(std::fs::read_to_string(&log)?.contains("stopped following the old primary"))
+    })?;
+    let st = standby_status(&w.s.path("b"))?;
+    let verdict = st["etcd"]["verdict"].as_str().unwrap_or_default();
+    ensure!(verdict.contains("standby a has not published"), "{verdict}");
+    links.etcd.iter().for_each(FaultyLink::heal);
+    wait_for("p to lead again", LONG, || {
+        Ok(etcd
+            .get_json(&format!("{PREFIX}leader"))?
+            .is_some_and(|l| l["name"] == "p" && l["epoch"] == 1))
+    })?;
+    // New log from p reaches b again.
+    bdb::run_workload(&w.s.path("env"), &workload(50, 0))?;
+    let env = w.s.path("env");
+    wait_caught_up_running(&w.s.path("b"), &env, LONG, &mut w.standbys[1])?;
+    let st = standby_status(&w.s.path("b"))?;
+    ensure!(
+        st["connected"] == true
+            && st["epoch"] == 1
+            && st["role"] == "standby"
+            && st["primary"] == links.standbys.url().as_str(),
+        "{st}"
+    );
+    ensure!(!w.s.path("b.promoted").exists(), "b promoted");
     Ok(())
 }
