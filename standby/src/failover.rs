@@ -163,8 +163,11 @@ impl Coordinator {
                 // The leader key just went: stop following, then publish
                 // the final position at once (the caller calls again
                 // without delay), the other standbys' elections wait for it.
+                // A standby that never saw a leader in this run has no log
+                // of one on its way (a fenced primary refuses new sessions):
+                // it goes on following what it follows.
                 Ok(None) if !vacant_before && self.leaderless_since.is_some() => {
-                    if following.is_empty() {
+                    if following.is_empty() || self.last_leader.is_none() {
                         continue;
                     }
                     return Event::Vacant;
