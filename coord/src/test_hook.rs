@@ -13,10 +13,10 @@
 //!
 //! One point does not pause but changes behaviour while armed:
 //! `hold-member-record` (a standby under `--etcd`, once a member record
-//! of a recoverable base is out, does not publish its position again while its
-//! last look at etcd showed a leader key, so its record goes stale while
-//! it keeps receiving log; the publish after it first sees the key gone
-//! goes out as always). tests/tests/failover_settled.rs uses it to make
+//! of a recoverable base is out, does not publish its position again
+//! while its last look at etcd showed a leader key, so its record goes
+//! stale while it keeps receiving log; the publish after it first sees
+//! the key gone goes out as always). tests/tests/failover_settled.rs uses it to make
 //! the standby further ahead show etcd a shorter position than a peer's.
 //!
 //! Hold points ([`hold`]) stop one subject while the test keeps

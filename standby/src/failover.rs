@@ -270,8 +270,8 @@ impl Coordinator {
 
     /// Test hook `hold-member-record` ([`tandem_coord::test_hook`]): once
     /// a recoverable record is out, keep it (stale) while the last
-    /// snapshot showed a leader. The publish after the vacancy is never held back: it is
-    /// what the policy's rule 6 waits for.
+    /// snapshot showed a leader. The publish after the vacancy is never
+    /// held back: it is what the policy's rule 6 waits for.
     fn hold_member_record(&self) -> bool {
         self.published_recoverable
             && self.leaderless_since.is_none()
