@@ -22,7 +22,11 @@
 //!    peer's record lags its durable end by up to a loop wait. Without
 //!    this a peer further ahead could publish a stale, shorter position
 //!    and lose the election to a standby behind it (fault campaign,
-//!    2026-12-07: 18,612 bytes of log set aside as diverged);
+//!    2026-12-07: 18,612 bytes of log set aside as diverged). A standby
+//!    stops following the old primary when it sees the key gone, before it
+//!    reads its final position: log still in flight could otherwise land
+//!    after the election and carry a loser past the winner
+//!    (tests/tests/failover_settled.rs);
 //! 7. no other publishing standby of the same epoch is further ahead, or as
 //!    far and with a smaller name.
 //!

@@ -373,8 +373,9 @@ fn spawn_duties(
     let sent = Arc::new(Stamps::default());
     let log = {
         let (shared, tx, sent) = (shared.clone(), tx.clone(), sent.clone());
+        let name = guard.name().to_owned();
         tokio::spawn(async move {
-            if let Err(status) = ship_log(&shared, &tx, from, prev, &sent).await {
+            if let Err(status) = ship_log(&shared, &tx, &name, from, prev, &sent).await {
                 let _ = tx.send(Err(status)).await;
             }
         })
@@ -482,13 +483,15 @@ fn note_ack(shared: &Shared, sent: &Stamps, p: LogPosition, now: Instant) {
     shared.waits.acked.set(p, now);
 }
 
-/// Ships the log from `pos` on, following the live tail: reads verified
-/// records, sends them, waits for the watcher; its position and last
-/// record are the loop's state. Each chunk's end goes into `sent` as it
-/// goes out.
+/// Ships the log from `pos` on to standby `name`, following the live
+/// tail: reads verified records, sends them, waits for the watcher; its
+/// position and last record are the loop's state. Each chunk's end goes
+/// into `sent` as it goes out. The tests' hold point `hold-ship` cuts the
+/// link to one standby before a chunk (nothing without `test-hooks`).
 async fn ship_log(
     shared: &Shared,
     tx: &Outbox,
+    name: &str,
     mut pos: LogPosition,
     mut prev: Option<u32>,
     sent: &Stamps,
@@ -532,6 +535,7 @@ async fn ship_log(
                 file_size: *size,
                 ..Default::default()
             };
+            tandem_coord::test_hook::hold("hold-ship", name, pos).await;
             send(tx, Kind::LogChunk(chunk)).await?;
             let (now, end) = (Instant::now(), LogPosition::new(pos.file, r.walk.end));
             let t = &shared.timing;

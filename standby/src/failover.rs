@@ -48,6 +48,14 @@ pub enum Event {
     Won { epoch: u64, reason: String },
     /// etcd names another primary address: follow it.
     Follow(String),
+    /// The leader key just went: stop following the old primary before
+    /// the next round, so the position this standby then publishes as
+    /// final is the one it keeps. Log the old primary sent before it
+    /// fenced may still be on its way (a link that stalled, then healed);
+    /// applied after the election, it could carry a standby that lost past
+    /// the winner's end, and the winner would refuse it as diverged. Then
+    /// call [`Coordinator::next_event`] again with `following` empty.
+    Vacant,
     /// A planned switchover to this standby was asked for
     /// (`tandem-standby switchover`): carry it out ([`crate::handover`]).
     Switchover(Box<Request>),
@@ -100,6 +108,21 @@ pub struct Coordinator {
     /// A failed promotion an earlier run recorded: shown until an operator
     /// removes `.tandem/etcd.json`.
     promotion_failed: Option<String>,
+    /// Whether the member record out is of a recoverable base (test hook
+    /// `hold-member-record`).
+    published_recoverable: bool,
+}
+
+/// The primary to follow while `l` holds the leader key: one that serves,
+/// is not this standby, and is not followed already (`following`; empty
+/// when this standby follows none: it stopped at a vacancy, and follows
+/// the old primary again should it come back at its old address).
+fn follow_target(l: &LeaderRecord, me: &str, following: &str) -> Option<String> {
+    let addr = l
+        .address
+        .as_ref()
+        .filter(|_| l.state == LeaderState::Primary)?;
+    (addr != following && l.name != me).then(|| addr.clone())
 }
 
 impl Coordinator {
@@ -121,6 +144,7 @@ impl Coordinator {
             seen_revision: None,
             last_verdict: String::new(),
             promotion_failed: read_status(dir).and_then(|s| s.promotion_failed),
+            published_recoverable: false,
         })
     }
 
@@ -128,15 +152,26 @@ impl Coordinator {
         &self.cfg
     }
 
-    /// Rounds every loop wait until there is something to do.
+    /// Rounds every loop wait until there is something to do. `following`:
+    /// the primary this standby follows, empty when it follows none (it
+    /// stopped at a vacancy: [`Event::Vacant`]).
     pub async fn next_event(&mut self, dir: &StandbyDir, following: &str) -> Event {
         loop {
             let vacant_before = self.leaderless_since.is_some();
             match self.round(dir, following).await {
                 Ok(Some(e)) => return e,
-                // The leader key just went: publish the final position at
-                // once, the other standbys' elections wait for it.
-                Ok(None) if !vacant_before && self.leaderless_since.is_some() => continue,
+                // The leader key just went: stop following, then publish
+                // the final position at once (the caller calls again
+                // without delay), the other standbys' elections wait for it.
+                // A standby that never saw a leader in this run has no log
+                // of one on its way (a fenced primary refuses new sessions):
+                // it goes on following what it follows.
+                Ok(None) if !vacant_before && self.leaderless_since.is_some() => {
+                    if following.is_empty() || self.last_leader.is_none() {
+                        continue;
+                    }
+                    return Event::Vacant;
+                }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "etcd round failed");
@@ -204,7 +239,10 @@ impl Coordinator {
             unix_ms: tandem_shared::now_unix_ms(),
             leaderless_since: self.leaderless_since,
         };
-        self.cluster.publish_member(&record, self.lease).await?;
+        if !self.hold_member_record() {
+            self.cluster.publish_member(&record, self.lease).await?;
+            self.published_recoverable = record.recoverable;
+        }
         let snap = self.cluster.snapshot().await?;
         self.seen_revision = Some(snap.revision);
         // `me` was read after the previous round's snapshot: its position
@@ -230,6 +268,16 @@ impl Coordinator {
         self.campaign(dir, &me, settled_since, &snap, status).await
     }
 
+    /// Test hook `hold-member-record` ([`tandem_coord::test_hook`]): once
+    /// a recoverable record is out, keep it (stale) while the last
+    /// snapshot showed a leader. The publish after the vacancy is never
+    /// held back: it is what the policy's rule 6 waits for.
+    fn hold_member_record(&self) -> bool {
+        self.published_recoverable
+            && self.leaderless_since.is_none()
+            && tandem_coord::test_hook::armed("hold-member-record")
+    }
+
     /// The member record's lease is gone for good: a new one.
     async fn renew_lost_lease(&mut self) -> anyhow::Result<()> {
         if !self.state.borrow().lost {
@@ -242,6 +290,8 @@ impl Coordinator {
         let (state, _task) =
             tandem_coord::lease::spawn(self.cluster.clone(), self.lease, sent, self.stop.clone());
         self.state = state;
+        // The old lease took the record with it.
+        self.published_recoverable = false;
         Ok(())
     }
 
@@ -283,10 +333,8 @@ impl Coordinator {
         }
         status.verdict = "following".into();
         self.write_status(dir, status);
-        if let (LeaderState::Primary, Some(addr)) = (l.state, &l.address) {
-            if addr != following && l.name != self.cfg.name {
-                return Some(Event::Follow(addr.clone()));
-            }
+        if let Some(addr) = follow_target(l, &self.cfg.name, following) {
+            return Some(Event::Follow(addr));
         }
         let r = snap.switchover.as_ref().filter(|r| {
             r.to == self.cfg.name
@@ -444,5 +492,47 @@ impl Coordinator {
                 tracing::debug!(error = %e, "cannot write {}", path.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leader(name: &str, state: LeaderState, address: Option<&str>) -> LeaderRecord {
+        LeaderRecord {
+            name: name.into(),
+            epoch: 2,
+            state,
+            address: address.map(Into::into),
+            env_id: None,
+            unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_standby_that_stopped_at_a_vacancy_follows_whoever_serves_next() {
+        use LeaderState::*;
+        let old = leader("p", Primary, Some("https://p:1"));
+        // Following p already: nothing to do; another address: follow it.
+        assert_eq!(follow_target(&old, "s1", "https://p:1"), None);
+        assert_eq!(
+            follow_target(&old, "s1", "https://q:1"),
+            Some("https://p:1".into())
+        );
+        // Stopped at the vacancy (following none): the old primary back at
+        // its old address is followed again, as is a new one.
+        assert_eq!(follow_target(&old, "s1", ""), Some("https://p:1".into()));
+        let new = leader("s2", Primary, Some("https://s2:1"));
+        assert_eq!(follow_target(&new, "s1", ""), Some("https://s2:1".into()));
+        // Not yet serving, or this standby itself: nobody to follow.
+        assert_eq!(
+            follow_target(&leader("s2", Promoting, None), "s1", ""),
+            None
+        );
+        assert_eq!(
+            follow_target(&leader("s1", Primary, Some("https://s1:1")), "s1", ""),
+            None
+        );
     }
 }

@@ -519,7 +519,7 @@ async fn run_with_etcd(
         match follow_until_event(&mut coord, &cfg, &dir, &mut signal).await {
             Next::Exit(code) => return code,
             Next::Follow(url) => {
-                tracing::warn!(from = %cfg.primary, to = %url, "etcd names another primary: following it");
+                tracing::warn!(from = %cfg.primary, to = %url, "etcd names the primary that serves: following it");
                 cfg.primary = url;
             }
             Next::Again => {}
@@ -617,15 +617,17 @@ async fn follow_until_event(
     let next = match event {
         None => Next::Exit(ExitCode::SUCCESS),
         Some(Event::Follow(url)) => Next::Follow(url),
+        Some(Event::Vacant) => {
+            stop_follower();
+            let _ = (&mut follower).await;
+            return unfollowed_until_event(coord, dir, signal).await;
+        }
         Some(Event::Won { epoch, reason }) => {
             // The follower must have released the directory first; it is
             // awaited here once, so this arm returns.
             stop_follower();
             let _ = (&mut follower).await;
-            return match promote_elected(coord, dir, epoch, reason).await {
-                Ok(p) => Next::Serve(Box::new(p)),
-                Err(code) => Next::Exit(code),
-            };
+            return won(coord, dir, epoch, reason).await;
         }
         Some(Event::TakenOver {
             epoch,
@@ -635,19 +637,7 @@ async fn follow_until_event(
             stop_follower();
             let _ = (&mut follower).await;
             let old = old_primary(cfg, from_address);
-            let reason = format!("planned switchover to epoch {epoch}, finished after its take-over's answer was lost");
-            return match tandem_standby::handover::finish(
-                &coord.cluster,
-                dir,
-                from_lease,
-                old,
-                reason,
-            )
-            .await
-            {
-                Ok(p) => Next::Serve(Box::new(p)),
-                Err(e) => Next::Exit(promotion_failed(coord, dir, "switchover", &e).await),
-            };
+            return taken_over(coord, dir, epoch, from_lease, old).await;
         }
         Some(Event::Switchover(req)) => {
             let old = old_primary(cfg, None);
@@ -667,6 +657,63 @@ async fn follow_until_event(
     stop_follower();
     let _ = follower.await;
     next
+}
+
+/// This standby won the election (its follower stopped): promote, serve.
+async fn won(
+    coord: &tandem_standby::failover::Coordinator,
+    dir: &StandbyDir,
+    epoch: u64,
+    reason: String,
+) -> Next {
+    match promote_elected(coord, dir, epoch, reason).await {
+        Ok(p) => Next::Serve(Box::new(p)),
+        Err(code) => Next::Exit(code),
+    }
+}
+
+/// A take-over whose answer was lost succeeded after all (its follower
+/// stopped): finish the switchover from `old`, serve.
+async fn taken_over(
+    coord: &tandem_standby::failover::Coordinator,
+    dir: &StandbyDir,
+    epoch: u64,
+    from_lease: Option<i64>,
+    old: tandem_standby::handover::OldPrimary,
+) -> Next {
+    let reason = format!(
+        "planned switchover to epoch {epoch}, finished after its take-over's answer was lost"
+    );
+    match tandem_standby::handover::finish(&coord.cluster, dir, from_lease, old, reason).await {
+        Ok(p) => Next::Serve(Box::new(p)),
+        Err(e) => Next::Exit(promotion_failed(coord, dir, "switchover", &e).await),
+    }
+}
+
+/// The leader key went and this standby stopped following the old
+/// primary ([`tandem_standby::failover::Event::Vacant`]): rounds until it
+/// wins or etcd names a primary that serves (the old one back too), then
+/// follows it. A switchover or a lost take-over's answer (both need a
+/// leader) are answered while following again.
+async fn unfollowed_until_event(
+    coord: &mut tandem_standby::failover::Coordinator,
+    dir: &StandbyDir,
+    signal: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Next {
+    use tandem_standby::failover::Event;
+    tracing::info!("the leader key went: stopped following the old primary");
+    loop {
+        let event = tokio::select! {
+            _ = signal.as_mut() => return Next::Exit(ExitCode::SUCCESS),
+            e = coord.next_event(dir, "") => e,
+        };
+        return match event {
+            Event::Vacant => continue,
+            Event::Follow(url) => Next::Follow(url),
+            Event::Won { epoch, reason } => won(coord, dir, epoch, reason).await,
+            Event::Switchover(_) | Event::TakenOver { .. } => Next::Again,
+        };
+    }
 }
 
 /// How to ask the old primary whether it stopped acting: at `address`

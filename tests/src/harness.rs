@@ -190,6 +190,19 @@ pub fn start_primary(
     listen: &str,
     extra: &[&str],
 ) -> Result<Primary> {
+    start_primary_with_env(work, env, certs, listen, extra, &[])
+}
+
+/// [`start_primary`] with these environment variables set (the test
+/// hooks' `TANDEM_TEST_PAUSE_AT`, ...).
+pub fn start_primary_with_env(
+    work: &Path,
+    env: &Path,
+    certs: &Certs,
+    listen: &str,
+    extra: &[&str],
+    envs: &[(&str, String)],
+) -> Result<Primary> {
     let exe = bin("tandem-primary");
     check_bin(&exe)?;
     let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
@@ -202,7 +215,8 @@ pub fn start_primary(
         .args(certs.args("primary"))
         .arg("--bound-addr-file")
         .arg(&addr_file)
-        .args(extra);
+        .args(extra)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())));
     let mut proc = Proc::spawn(
         "tandem-primary",
         cmd,
