@@ -12,7 +12,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 use tandem_shared::envlayout::DB_CONFIG;
 use tandem_shared::logfile::walk_file;
-use tandem_shared::pages::read_stable_pages;
+use tandem_shared::pages::{PageProof, StablePageReader};
 use tandem_shared::wire::{
     primary_message::Kind, BaseFilesDone, BaseStart, FileChunk, FileEnd, FileKind, FileSame,
     FileStart, PageDigests,
@@ -142,10 +142,10 @@ pub fn ship_base(
         if tx.is_closed() || stop.is_cancelled() {
             return Ok(());
         }
-        for (name, kind, page_size) in list_unsent(shared, &sent)? {
-            tracing::info!(file = %name, "new database file; shipping it");
-            ship_file(shared, tx, stop, &name, kind, page_size, None, None)?;
-            sent.insert(name);
+        for file in list_unsent(shared, &sent)? {
+            tracing::info!(file = %file.name, "new database file; shipping it");
+            ship_file(shared, tx, stop, &file, None, None)?;
+            sent.insert(file.name);
         }
     }
 }
@@ -160,14 +160,24 @@ pub fn merge_digests(theirs: &mut BTreeMap<String, Vec<u8>>, d: PageDigests) {
     v[at..at + d.digests.len()].copy_from_slice(&d.digests);
 }
 
+/// A file a base copy ships, and how its pages are read.
+struct ToShip {
+    name: String,
+    kind: FileKind,
+    page_size: u32,
+    proof: PageProof,
+}
+
 /// Database files (and DB_CONFIG) not in `sent`.
-fn list_unsent(
-    shared: &Shared,
-    sent: &BTreeSet<String>,
-) -> Result<Vec<(String, FileKind, u32)>, Status> {
+fn list_unsent(shared: &Shared, sent: &BTreeSet<String>) -> Result<Vec<ToShip>, Status> {
     let mut out = Vec::new();
     if shared.layout.home.join(DB_CONFIG).is_file() && !sent.contains(DB_CONFIG) {
-        out.push((DB_CONFIG.to_owned(), FileKind::Config, 4096));
+        out.push(ToShip {
+            name: DB_CONFIG.to_owned(),
+            kind: FileKind::Config,
+            page_size: 4096,
+            proof: PageProof::TwoReads,
+        });
     }
     for f in shared
         .layout
@@ -175,7 +185,12 @@ fn list_unsent(
         .map_err(|e| Status::internal(e.to_string()))?
     {
         if !sent.contains(&f.name) {
-            out.push((f.name, FileKind::Database, f.page_size));
+            out.push(ToShip {
+                name: f.name,
+                kind: FileKind::Database,
+                page_size: f.page_size,
+                proof: f.proof,
+            });
         }
     }
     Ok(out)
@@ -194,23 +209,15 @@ fn ship_files(
     let files = list_unsent(shared, sent)?;
     let sizes: Vec<u64> = files
         .iter()
-        .map(|(name, _, _)| std::fs::metadata(shared.layout.home.join(name)).map_or(0, |m| m.len()))
+        .map(|f| std::fs::metadata(shared.layout.home.join(&f.name)).map_or(0, |m| m.len()))
         .collect();
-    for (i, (name, kind, page_size)) in files.into_iter().enumerate() {
+    for (i, file) in files.into_iter().enumerate() {
         let after: u64 = sizes[i + 1..].iter().sum();
-        let (b, s) = ship_file(
-            shared,
-            tx,
-            stop,
-            &name,
-            kind,
-            page_size,
-            theirs.get(&name).map(Vec::as_slice),
-            Some(after),
-        )?;
+        let theirs = theirs.get(&file.name).map(Vec::as_slice);
+        let (b, s) = ship_file(shared, tx, stop, &file, theirs, Some(after))?;
         bytes += b;
         skipped += s;
-        sent.insert(name);
+        sent.insert(file.name);
     }
     // Read after the copy: WAL puts every copied page's log record
     // before this point.
@@ -229,19 +236,23 @@ fn ship_files(
 /// FileSame instead of bytes. `after`: bytes of the files that follow it in
 /// this base copy (for the standby's progress); `None` for a file that
 /// appeared after the copy. Returns (bytes sent, skipped).
-#[allow(clippy::too_many_arguments)]
 // Long function: one loop over a file's chunks (stable read, skip as FileSame or send,
 // progress); its position and counts are the loop's state.
 fn ship_file(
     shared: &Shared,
     tx: &Outbox,
     stop: &CancellationToken,
-    name: &str,
-    kind: FileKind,
-    page_size: u32,
+    to_ship: &ToShip,
     theirs: Option<&[u8]>,
     after: Option<u64>,
 ) -> Result<(u64, u64), Status> {
+    let ToShip {
+        name,
+        kind,
+        page_size,
+        proof,
+    } = to_ship;
+    let (name, kind, page_size) = (name.as_str(), *kind, *page_size);
     let (in_base, after) = (after.is_some(), after.unwrap_or(0));
     let path = shared.layout.home.join(name);
     let file = match File::open(&path) {
@@ -265,15 +276,22 @@ fn ship_file(
     let page = page_size.max(512) as usize;
     let chunk_len = (MAX_CHUNK / page).max(1) * page;
     let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);
-    let mut second_read = Vec::new();
+    let mut reader = StablePageReader::new(page, *proof);
     let mut ahead = ReadAhead::default();
     while offset < size {
         if stop.is_cancelled() {
             return Err(Status::cancelled("the session is ending"));
         }
         let want = chunk_len.min((size - offset) as usize);
-        let data = read_stable_pages(&file, offset, want, page, &mut second_read)
+        let data = reader
+            .read(&file, offset, want)
             .map_err(|e| io_status(&format!("read {name}"), e))?;
+        let (once, again) = reader.take_counts();
+        let counters = &shared.counters;
+        counters.pages_read_once.fetch_add(once, Ordering::Relaxed);
+        counters
+            .pages_read_again
+            .fetch_add(again, Ordering::Relaxed);
         ahead.advise(&file, offset + data.len() as u64, size);
         // Owned by the message from here on: runs are slices of it, not copies.
         let data = bytes::Bytes::from(data);

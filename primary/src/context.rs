@@ -23,6 +23,10 @@ pub struct Counters {
     pub file_bytes: AtomicU64,
     pub log_bytes: AtomicU64,
     pub chunks: AtomicU64,
+    /// Database pages proven whole by BDB's page checksum after one read,
+    /// and pages read until two reads agreed.
+    pub pages_read_once: AtomicU64,
+    pub pages_read_again: AtomicU64,
     pub sessions: AtomicU64,
     /// Hellos from standbys that had seen a newer epoch than this primary's.
     pub fenced_hellos: AtomicU64,

@@ -53,6 +53,8 @@ pub fn render(shared: &Shared) -> String {
         .counter("tandem_primary_chunks_zstd_total", "Chunks sent zstd-compressed (the others went as they were).", shared.wire.zstd_chunks.load(Ordering::Relaxed))
         .counter("tandem_primary_zstd_attempts_total", "Whole chunks zstd was run on (a chunk whose sample did not compress is not tried); minus chunks_zstd: attempts wasted.", shared.wire.zstd_attempts.load(Ordering::Relaxed))
         .counter("tandem_primary_zstd_samples_total", "Chunks of 256 KiB or more judged by a 64 KiB sample (after four failed samples in a row, one chunk in 16 of that file).", shared.wire.zstd_samples.load(Ordering::Relaxed))
+        .counter("tandem_primary_pages_read_once_total", "Database pages shipped after one read, proven whole by BDB's own page checksum (databases created with DB_CHKSUM).", c.pages_read_once.load(Ordering::Relaxed))
+        .counter("tandem_primary_pages_read_again_total", "Database pages read until two reads agreed (databases without DB_CHKSUM, meta pages, pages a read caught mid-write).", c.pages_read_again.load(Ordering::Relaxed))
         .counter("tandem_primary_sessions_total", "Standby sessions started (connects and reconnects).", c.sessions.load(Ordering::Relaxed))
         .gauge_int("tandem_primary_log_end_file", "Log file number of the primary's end of verified log.", i64::from(end.file))
         .gauge_int("tandem_primary_log_end_offset_bytes", "Offset of the primary's end of verified log.", i64::from(end.offset))

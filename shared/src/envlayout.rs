@@ -6,6 +6,7 @@
 
 use crate::ioerror::{io_err, IoError};
 use crate::logfile::parse_log_file_name;
+use crate::pages::PageProof;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
@@ -78,15 +79,21 @@ pub fn parse_db_config(text: &str) -> Result<DbConfigLayout, EnvError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DbMeta {
     pub page_size: u32,
+    /// How one read of its pages is proven whole: by BDB's page checksum
+    /// when the database has one in this host's byte order.
+    pub proof: PageProof,
 }
 
 const DB_MAGICS: [u32; 4] = [0x0005_3162, 0x0006_1561, 0x0004_2253, 0x0007_4582];
 
 /// Reads the meta page header (BDB-NOTES.md §2): magic at byte 12, page size at
-/// byte 20. Accepts either byte order, since the order is the creating
-/// host's. `None` if the file is not a BDB database.
+/// byte 20, `encrypt_alg` and `metaflags` at 24 and 26. Accepts either byte
+/// order, since the order is the creating host's. `None` if the file is not a
+/// BDB database. One read, not proven stable: the header's fields do not
+/// change after creation, and a wrong `proof` costs only speed (a page the
+/// checksum does not prove is read again).
 pub fn read_db_meta(path: &Path) -> io::Result<Option<DbMeta>> {
-    let mut head = [0u8; 24];
+    let mut head = [0u8; 27];
     let mut f = File::open(path)?;
     if f.read(&mut head)? < head.len() {
         return Ok(None);
@@ -103,7 +110,15 @@ pub fn read_db_meta(path: &Path) -> io::Result<Option<DbMeta>> {
     if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
         return Ok(None);
     }
-    Ok(Some(DbMeta { page_size }))
+    let host_order = DB_MAGICS.contains(&u32::from_ne_bytes([
+        head[12], head[13], head[14], head[15],
+    ]));
+    let proof = if host_order {
+        PageProof::for_meta_page(&head)
+    } else {
+        PageProof::TwoReads
+    };
+    Ok(Some(DbMeta { page_size, proof }))
 }
 
 /// A database file of the environment.
@@ -112,6 +127,7 @@ pub struct DatabaseFile {
     /// Path relative to the home, '/'-separated: the name used on the wire.
     pub name: String,
     pub page_size: u32,
+    pub proof: PageProof,
 }
 
 /// An environment home and the directories its `DB_CONFIG` names.
@@ -252,6 +268,7 @@ impl EnvLayout {
                 Ok(Some(meta)) => out.push(DatabaseFile {
                     name: rel_name(&name),
                     page_size: meta.page_size,
+                    proof: meta.proof,
                 }),
                 Ok(None) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -263,6 +280,7 @@ impl EnvLayout {
                 Ok(Some(meta)) => out.push(DatabaseFile {
                     name: rel_name(&name),
                     page_size: meta.page_size,
+                    proof: meta.proof,
                 }),
                 // An extent whose queue is gone is being removed with it.
                 Ok(None) => {}
@@ -350,7 +368,8 @@ mod tests {
             env.database_files().unwrap(),
             vec![DatabaseFile {
                 name: "a.db".into(),
-                page_size: 4096
+                page_size: 4096,
+                proof: PageProof::TwoReads,
             }]
         );
         assert_eq!(env.log_files().unwrap(), vec![1]);

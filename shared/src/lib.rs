@@ -7,6 +7,7 @@
 //! - [`epochs`]: the epoch history promotions write and standbys follow.
 //! - [`envusers`]: which processes have an environment open.
 //! - [`pages`]: reading database pages without shipping a torn one.
+//! - [`page_checksum`]: BDB's own page checksum, the one-read proof.
 //! - [`wirepath`]: accepting file names from the network safely.
 //! - [`durable`]: fsync discipline and checksummed control files.
 //! - [`ioerror`]: the one I/O error type (what was done, and the error).
@@ -30,6 +31,7 @@ pub mod logfile;
 pub mod logrecords;
 pub mod lsn;
 pub mod metrics;
+pub mod page_checksum;
 pub mod pages;
 pub mod sdnotify;
 pub mod telemetry;
