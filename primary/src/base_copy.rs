@@ -196,6 +196,19 @@ fn list_unsent(shared: &Shared, sent: &BTreeSet<String>) -> Result<Vec<ToShip>, 
     Ok(out)
 }
 
+/// Warns when some databases' pages have only the two-read proof on a file
+/// system where two reads can both be torn (BDB-NOTES.md §13).
+fn warn_of_unproven_pages(shared: &Shared, files: &[ToShip]) {
+    let weak: Vec<&str> = files
+        .iter()
+        .filter(|f| f.kind == FileKind::Database && f.proof == PageProof::TwoReads)
+        .map(|f| f.name.as_str())
+        .collect();
+    if !weak.is_empty() && !tandem_shared::pages::write_barrier_holds(&shared.layout.home) {
+        tracing::warn!(databases = ?weak, "these databases have no page checksums and this file system (not ext4, btrfs or tmpfs) cannot make a page being written wait for the copy: a page can be copied torn if the application is descheduled while writing it; create databases with DB_CHKSUM (DB->set_flags) so that every page is proven by its checksum");
+    }
+}
+
 /// A base's file copy: every file not yet sent, then BaseFilesDone.
 fn ship_files(
     shared: &Shared,
@@ -207,6 +220,7 @@ fn ship_files(
     let started = std::time::Instant::now();
     let (mut bytes, mut skipped) = (0, 0);
     let files = list_unsent(shared, sent)?;
+    warn_of_unproven_pages(shared, &files);
     let sizes: Vec<u64> = files
         .iter()
         .map(|f| std::fs::metadata(shared.layout.home.join(&f.name)).map_or(0, |m| m.len()))

@@ -170,6 +170,28 @@ fn wait_for_writes_in_progress(file: &File) {
     unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
 }
 
+/// Whether the file system holding `path` is one whose `SEEK_DATA` waits
+/// for buffered writes under way (see [`wait_for_writes_in_progress`]):
+/// ext4, btrfs, tmpfs. Elsewhere two equal reads of a page without a
+/// checksum can still both be torn by a writer descheduled mid-copy.
+pub fn write_barrier_holds(path: &std::path::Path) -> bool {
+    const EXT4: i64 = 0xEF53;
+    const BTRFS: i64 = 0x9123_683E;
+    const TMPFS: i64 = 0x0102_1994;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: statfs fills `st` when it returns 0, and only then is it read.
+    if unsafe { libc::statfs(c_path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // f_type is an i64 here, a u32 or i32 on other targets.
+    #[allow(clippy::unnecessary_cast)]
+    let kind = unsafe { st.assume_init() }.f_type as i64;
+    [EXT4, BTRFS, TMPFS].contains(&kind)
+}
+
 /// Appends to `buf` what the file holds from `offset + buf.len()` on,
 /// until `buf` is `upto` bytes long or the file ends, without zero-filling
 /// the new part first (`offset` is the file offset of `buf[0]`).
@@ -408,6 +430,21 @@ mod tests {
         for (i, (a, b)) in before.chunks(32).zip(after.chunks(32)).enumerate() {
             assert_eq!(a == b, i != 17, "page {i}");
         }
+    }
+
+    #[test]
+    fn knows_the_file_systems_whose_seek_data_is_a_barrier() {
+        // The tests run on ext4 here (BDB-NOTES.md §13); /proc is procfs.
+        let dir = tempfile::tempdir().unwrap();
+        let on_ext4 = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/") && l.contains(" - ext4 "));
+        if on_ext4 && dir.path().starts_with("/tmp") {
+            assert!(write_barrier_holds(dir.path()));
+        }
+        assert!(!write_barrier_holds(std::path::Path::new("/proc/self")));
+        assert!(!write_barrier_holds(std::path::Path::new("/no/such/dir")));
     }
 
     #[test]
