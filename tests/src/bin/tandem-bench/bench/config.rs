@@ -21,6 +21,9 @@ impl Cache {
 pub(crate) struct Config {
     pub(crate) quick: bool,
     pub(crate) size_mb: u64,
+    /// `BENCH_CHECKSUM=1`: the base-copy environment's databases are
+    /// created with DB_CHKSUM (pages proven by one read).
+    pub(crate) checksum: bool,
     pub(crate) runs: usize,
     pub(crate) caches: Vec<Cache>,
     pub(crate) lag_secs: u64,
@@ -125,6 +128,7 @@ impl Config {
             load_modes,
             load,
             size_mb: env_u64("BENCH_SIZE_MB", if quick { 128 } else { 1024 })?,
+            checksum: env_u64("BENCH_CHECKSUM", 0)? != 0,
             runs: env_u64("BENCH_RUNS", if quick { 1 } else { 3 })?.max(1) as usize,
             caches,
             lag_secs: env_u64("BENCH_LAG_SECS", if quick { 4 } else { 10 })?.max(1),

@@ -220,7 +220,11 @@ impl Bench {
         let env = self.path("big-env");
         let txns = (self.cfg.size_mb << 20) / (3 * 4096);
         let started = Instant::now();
-        bdb::run_workload(&env, &big_values(txns))?;
+        let opts = WorkloadOptions {
+            checksum: self.cfg.checksum,
+            ..big_values(txns)
+        };
+        bdb::run_workload(&env, &opts)?;
         self.checkpoint_and_archive(&env)?;
         sync_all();
         let layout = EnvLayout::open(&env)?;
@@ -239,9 +243,10 @@ impl Bench {
         }
         let bytes = files.iter().map(|f| f.1).sum();
         progress(format!(
-            "built a {:.0} MiB environment ({} files, {txns} transactions) in {:.1} s",
+            "built a {:.0} MiB environment ({} files, {txns} transactions{}) in {:.1} s",
             bytes as f64 / MIB,
             files.len(),
+            if self.cfg.checksum { ", DB_CHKSUM" } else { "" },
             started.elapsed().as_secs_f64()
         ));
         Ok(BigEnv {

@@ -76,12 +76,13 @@ pub(crate) fn machine_md(cfg: &Config, work: &Path) -> String {
     format!(
         "Machine: {cores} cores ({cpu}), {mem} RAM, kernel {kernel}; work dir {} on {fs}; load average {} at the start. Tandem {commit}.\n\
          Tools: {}.\n\
-         Settings: {}size {} MiB, {} run(s), cache {}, lag {} s at {} commits/s, cost {} s, promote after {:?} MiB, resume step {} MiB, large environment {} GiB; cost and wait {} (background load: {}).\n",
+         Settings: {}size {} MiB{}, {} run(s), cache {}, lag {} s at {} commits/s, cost {} s, promote after {:?} MiB, resume step {} MiB, large environment {} GiB; cost and wait {} (background load: {}).\n",
         work.display(),
         loadavg(),
         tools.join("; "),
         if cfg.quick { "QUICK mode; " } else { "" },
         cfg.size_mb,
+        if cfg.checksum { " (DB_CHKSUM)" } else { "" },
         cfg.runs,
         cfg.caches.iter().map(|c| c.name()).collect::<Vec<_>>().join("+"),
         cfg.lag_secs,
