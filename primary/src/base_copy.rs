@@ -204,8 +204,8 @@ fn warn_of_unproven_pages(shared: &Shared, files: &[ToShip]) {
         .filter(|f| f.kind == FileKind::Database && f.proof == PageProof::TwoReads)
         .map(|f| f.name.as_str())
         .collect();
-    if !weak.is_empty() && !tandem_shared::pages::write_barrier_holds(&shared.layout.home) {
-        tracing::warn!(databases = ?weak, "these databases have no page checksums and this file system (not ext4, btrfs or tmpfs) cannot make a page being written wait for the copy: a page can be copied torn if the application is descheduled while writing it; create databases with DB_CHKSUM (DB->set_flags) so that every page is proven by its checksum");
+    if !weak.is_empty() && !tandem_shared::pages::two_reads_prove_pages(&shared.layout.home) {
+        tracing::warn!(databases = ?weak, "these databases have no page checksums and this file system (not ext4, btrfs, tmpfs or XFS) cannot make a page being written wait for the copy: a page can be copied torn if the application is descheduled while writing it; create databases with DB_CHKSUM (DB->set_flags) so that every page is proven by its checksum");
     }
 }
 
