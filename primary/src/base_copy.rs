@@ -260,13 +260,7 @@ fn ship_file(
     theirs: Option<&[u8]>,
     after: Option<u64>,
 ) -> Result<(u64, u64), Status> {
-    let ToShip {
-        name,
-        kind,
-        page_size,
-        proof,
-    } = to_ship;
-    let (name, kind, page_size) = (name.as_str(), *kind, *page_size);
+    let (name, kind, page_size) = (to_ship.name.as_str(), to_ship.kind, to_ship.page_size);
     let (in_base, after) = (after.is_some(), after.unwrap_or(0));
     let path = shared.layout.home.join(name);
     let file = match File::open(&path) {
@@ -290,7 +284,7 @@ fn ship_file(
     let page = page_size.max(512) as usize;
     let chunk_len = (MAX_CHUNK / page).max(1) * page;
     let (mut offset, mut sent, mut skipped) = (0u64, 0u64, 0u64);
-    let mut reader = StablePageReader::new(page, *proof);
+    let mut reader = StablePageReader::new(page, to_ship.proof);
     let mut ahead = ReadAhead::default();
     while offset < size {
         if stop.is_cancelled() {

@@ -113,8 +113,8 @@ pub fn read_db_meta(path: &Path) -> io::Result<Option<DbMeta>> {
     let host_order = DB_MAGICS.contains(&u32::from_ne_bytes([
         head[12], head[13], head[14], head[15],
     ]));
-    let proof = if host_order {
-        PageProof::for_meta_page(&head)
+    let proof = if host_order && crate::page_checksum::meta_says_checksummed(&head) {
+        PageProof::Checksum
     } else {
         PageProof::TwoReads
     };

@@ -112,18 +112,13 @@ fn dot_lanes(data: &[u8], weights: &[u32]) -> u32 {
     acc.iter().fold(tail, |a, &b| a.wrapping_add(b))
 }
 
+/// What this crate's tests need to write pages as BDB does.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_pages {
+    use super::CHECKSUM_AT;
 
-    /// BDB's `__ham_func4`, byte after byte, as its source writes it.
-    fn ham_func4(data: &[u8]) -> u32 {
-        data.iter().fold(0u32, |h, &c| {
-            (h << 5).wrapping_add(h).wrapping_add(u32::from(c))
-        })
-    }
-
-    fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    /// Deterministic pseudo-random bytes (xorshift).
+    pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..len)
             .map(|_| {
@@ -135,14 +130,32 @@ mod tests {
             .collect()
     }
 
-    /// A page of type `kind` whose checksum field holds func4 of the page
-    /// with that field zeroed, the way BDB writes it.
+    /// BDB's `__ham_func4`, byte after byte, as its source writes it.
+    pub fn ham_func4(data: &[u8]) -> u32 {
+        data.iter().fold(0u32, |h, &c| {
+            (h << 5).wrapping_add(h).wrapping_add(u32::from(c))
+        })
+    }
+
+    /// Fills in the checksum of a non-meta page the way BDB writes it:
+    /// func4 of the page with the checksum field zeroed.
+    pub fn seal(page: &mut [u8]) {
+        page[CHECKSUM_AT..CHECKSUM_AT + 4].fill(0);
+        let sum = ham_func4(page);
+        page[CHECKSUM_AT..CHECKSUM_AT + 4].copy_from_slice(&sum.to_ne_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_pages::{ham_func4, random_bytes, seal};
+    use super::*;
+
+    /// A page of type `kind` with random contents, sealed.
     fn checksummed(len: usize, kind: u8, seed: u64) -> Vec<u8> {
         let mut page = random_bytes(len, seed);
         page[25] = kind;
-        page[CHECKSUM_AT..CHECKSUM_AT + 4].fill(0);
-        let sum = ham_func4(&page);
-        page[CHECKSUM_AT..CHECKSUM_AT + 4].copy_from_slice(&sum.to_ne_bytes());
+        seal(&mut page);
         page
     }
 
@@ -182,9 +195,7 @@ mod tests {
         // The new version: a changed LSN and a changed record in the body.
         new[..8].copy_from_slice(&random_bytes(8, 2));
         new[1000..1100].copy_from_slice(&random_bytes(100, 3));
-        new[CHECKSUM_AT..CHECKSUM_AT + 4].fill(0);
-        let sum = ham_func4(&new);
-        new[CHECKSUM_AT..CHECKSUM_AT + 4].copy_from_slice(&sum.to_ne_bytes());
+        seal(&mut new);
         assert!(page_checksum_matches(&new));
         for cut in (1..4096).step_by(7) {
             let mut torn = new[..cut].to_vec();

@@ -21,19 +21,8 @@ pub enum PageProof {
     /// BDB's own page checksum ([`crate::page_checksum`]), for a database
     /// created with `DB_CHKSUM`: one read of a page that passes it; a page
     /// that does not (a meta page, a torn read, an unchecksummed page) is
-    /// read again until two reads agree.
+    /// read again until a read passes or two reads agree.
     Checksum,
-}
-
-impl PageProof {
-    /// The proof a database file's pages allow, from its meta page.
-    pub fn for_meta_page(meta: &[u8]) -> Self {
-        if crate::page_checksum::meta_says_checksummed(meta) {
-            PageProof::Checksum
-        } else {
-            PageProof::TwoReads
-        }
-    }
 }
 
 /// Reads a file in whole, aligned pages and returns bytes in which every
@@ -354,19 +343,7 @@ pub fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic pseudo-random bytes (xorshift).
-    fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
+    use crate::page_checksum::test_pages::{random_bytes, seal};
 
     fn by_blake3_hash(data: &[u8], page: usize) -> Vec<u8> {
         data.chunks(page)
@@ -483,11 +460,7 @@ mod tests {
         for seed in 0..4u64 {
             let mut page = random_bytes(4096, seed + 10);
             page[25] = 5; // a btree leaf
-            page[28..32].fill(0);
-            let sum = page
-                .iter()
-                .fold(0u32, |h, &c| h.wrapping_mul(33).wrapping_add(u32::from(c)));
-            page[28..32].copy_from_slice(&sum.to_ne_bytes());
+            seal(&mut page);
             data.extend_from_slice(&page);
         }
         data[2 * 4096 + 100] ^= 1;
@@ -509,6 +482,7 @@ mod tests {
 #[cfg(test)]
 mod race {
     use super::*;
+    use crate::page_checksum::test_pages::ham_func4;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -522,11 +496,6 @@ mod race {
         sums: [u32; 2],
     }
 
-    fn func4(data: &[u8]) -> u32 {
-        data.iter()
-            .fold(0u32, |h, &c| h.wrapping_mul(33).wrapping_add(u32::from(c)))
-    }
-
     impl Versions {
         fn new(len: usize) -> Self {
             let body = |seed: u8| {
@@ -537,7 +506,7 @@ mod race {
                 page
             };
             let bodies = [body(3), body(7)];
-            let sums = [func4(&bodies[0]), func4(&bodies[1])];
+            let sums = [ham_func4(&bodies[0]), ham_func4(&bodies[1])];
             Versions { bodies, sums }
         }
 
